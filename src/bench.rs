@@ -1,0 +1,223 @@
+//! `dvmd bench`: benchmarks that print figures. Nothing here asserts on time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nostr_sdk::{Event, Keys};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, FileConfig, Overrides, RelaysFile};
+use crate::customer::{self, Customer, Reply};
+use crate::daemon::{Daemon, Parts};
+use crate::infer::instant::InstantBackend;
+use crate::infer::llama::{LlamaBackend, LlamaConfig};
+use crate::infer::{self, Backend, ChatMessage, GenerateRequest, Sampling};
+use crate::job::{Book, Pipeline, Screening};
+use crate::metrics::Metrics;
+use crate::nip90::{JobStatus, Verified};
+use crate::relay::{Outbox, Relays};
+use crate::store::Store;
+use crate::wallet::dev::DevWallet;
+
+/// Errors of a benchmark run.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn requests(n: usize) -> Result<Vec<Event>, BenchError> {
+    let customers: Vec<Keys> = (0..16).map(|_| Keys::generate()).collect();
+    let mut events = Vec::with_capacity(n);
+    for i in 0..n {
+        let prompt = format!("Benchmark prompt number {i}: say hello.");
+        let event = customer::text_request(&prompt, &[("max_tokens", "16")], Some(1_000_000), None)
+            .sign_with_keys(&customers[i % customers.len()])?;
+        events.push(event);
+    }
+    Ok(events)
+}
+
+/// Verified and deduplicated requests per second next to the raw signature check.
+pub async fn intake(n: usize) -> Result<(), BenchError> {
+    let events = requests(n)?;
+    println!("bench intake: {n} signed kind 5050 requests, one core each pass");
+
+    let started = Instant::now();
+    for event in &events {
+        event.verify()?;
+    }
+    let raw = n as f64 / started.elapsed().as_secs_f64();
+    println!("  raw id+signature verification : {raw:>9.0} events/s");
+
+    let store = Store::temporary()?;
+    let keys = Keys::generate();
+    let cancel = CancellationToken::new();
+    let relays = Relays::connect(&keys, &[]).await?;
+    let config = Config::build(
+        FileConfig::default(),
+        RelaysFile::default(),
+        Overrides {
+            dev: true,
+            ..Overrides::default()
+        },
+    )?;
+    let (pipeline, _queue) = Pipeline::new(
+        config.jobs,
+        keys,
+        Book::new(store.clone()),
+        Arc::new(DevWallet::open(store)?),
+        Arc::new(InstantBackend::new("hello")),
+        Outbox::new(relays, cancel.clone()),
+        Arc::new(Metrics::default()),
+    );
+    let mut admitted = 0usize;
+    let started = Instant::now();
+    for event in events.iter().chain(events.iter().take(n / 10)) {
+        let verified = Verified::check(event.clone())?;
+        if let Screening::New(..) = pipeline.screen(&verified, Some("ws://bench"))? {
+            admitted += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let total = n + n / 10;
+    let rate = total as f64 / elapsed;
+    println!(
+        "  verify + screen + dedup (sled) : {rate:>9.0} events/s  ({admitted} new, {} duplicates)",
+        total - admitted
+    );
+    println!("  intake / raw                   : {:>9.1} %", 100.0 * rate / raw);
+    Ok(())
+}
+
+/// Request -> payment-required -> pay -> result, over the loopback relay with an instant backend.
+pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
+    let data = tempdir()?;
+    let config = Config::build(
+        FileConfig::default(),
+        RelaysFile::default(),
+        Overrides {
+            dev: true,
+            data_dir: Some(data.clone()),
+            relay_listen: Some("127.0.0.1:0".into()),
+            http_listen: Some("127.0.0.1:0".into()),
+            model_path: None,
+        },
+    )?;
+    let backend = Arc::new(InstantBackend::new("Hello from the instant backend."));
+    let daemon = Daemon::start(config, Parts { backend: Some(backend) }).await?;
+    let wallet = daemon.dev_wallet().ok_or("dev wallet missing")?.clone();
+    let mut customer = Customer::connect(&daemon.ready().relay_url).await?;
+    let service = daemon.ready().pubkey;
+
+    let mut to_invoice = Vec::with_capacity(jobs);
+    let mut pay_to_result = Vec::with_capacity(jobs);
+    let mut total = Vec::with_capacity(jobs);
+    let warmup = (jobs / 20).max(5);
+    for i in 0..jobs + warmup {
+        let request = customer::text_request(
+            &format!("roundtrip {i}"),
+            &[("max_tokens", "8")],
+            Some(1_000_000),
+            Some(service),
+        )
+        .sign_with_keys(customer.keys())?;
+        let t0 = Instant::now();
+        customer.send(&request).await?;
+        let bolt11 = match customer
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { status: Some(JobStatus::PaymentRequired | JobStatus::Error), .. }))
+            .await?
+        {
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount: Some(amount),
+                ..
+            } => amount.bolt11.ok_or("no invoice")?,
+            other => return Err(format!("unexpected reply {other:?}").into()),
+        };
+        let t1 = Instant::now();
+        wallet.settle(&bolt11).await?;
+        customer
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Result(_)))
+            .await?;
+        let t2 = Instant::now();
+        if i >= warmup {
+            to_invoice.push(t1 - t0);
+            pay_to_result.push(t2 - t1);
+            total.push(t2 - t0);
+        }
+    }
+    println!("bench roundtrip: {jobs} sequential paid jobs over the embedded relay (instant backend, dev wallet, fsync on)");
+    report("request -> payment-required", &mut to_invoice);
+    report("pay -> result", &mut pay_to_result);
+    report("request -> result (total)", &mut total);
+    let secs: f64 = total.iter().map(Duration::as_secs_f64).sum();
+    println!("  throughput                   : {:>8.0} jobs/s sequential", jobs as f64 / secs);
+    customer.shutdown().await;
+    daemon.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+/// Prompt and generation tokens per second of the embedded model.
+pub async fn model(path: PathBuf, tokens: u32, runs: u32) -> Result<(), BenchError> {
+    let config = LlamaConfig {
+        model_path: path.clone(),
+        threads: None,
+        context_tokens: 2048,
+    };
+    let started = Instant::now();
+    let backend = tokio::task::spawn_blocking(move || LlamaBackend::load(&config)).await??;
+    println!("bench model: {} (load {:.0} ms)", path.display(), started.elapsed().as_secs_f64() * 1e3);
+    let prompt = "Explain, in plain words and in some detail, how a Lightning Network payment \
+        travels from a payer to a payee through a route of channels, what an invoice contains, \
+        why the payment hash and preimage matter, and what happens when a hop along the route \
+        fails. Then say how a Nostr relay differs from a web server, and why signatures on \
+        events let clients trust data that arrives through relays they do not control. Keep \
+        the answer friendly and concrete, with one short example for each part.";
+    let request = GenerateRequest {
+        model: None,
+        messages: vec![ChatMessage::user(prompt)],
+        sampling: Sampling {
+            temperature: Some(0.0),
+            seed: Some(1),
+            ..Sampling::default()
+        },
+    };
+    for run in 1..=runs {
+        // Prompt rate: a one-token generation is almost all prompt processing.
+        let t = Instant::now();
+        let (_, usage, _) = infer::collect(backend.generate(request.clone(), 1).await?).await?;
+        let prompt_rate = f64::from(usage.prompt_tokens) / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let (_, usage, _) = infer::collect(backend.generate(request.clone(), tokens).await?).await?;
+        let total = t.elapsed().as_secs_f64();
+        let prompt_secs = f64::from(usage.prompt_tokens) / prompt_rate;
+        let gen_rate = f64::from(usage.completion_tokens) / (total - prompt_secs).max(1e-9);
+        println!(
+            "  run {run}: prompt {} tok at {prompt_rate:.0} tok/s, generated {} tok at {gen_rate:.0} tok/s",
+            usage.prompt_tokens, usage.completion_tokens
+        );
+    }
+    Ok(())
+}
+
+fn report(label: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let pick = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(i).map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
+    };
+    println!(
+        "  {label:<29}: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        pick(0.5),
+        pick(0.9),
+        pick(0.99),
+        pick(1.0)
+    );
+}
+
+fn tempdir() -> Result<PathBuf, BenchError> {
+    let dir = std::env::temp_dir().join(format!("dvmd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,296 @@
+//! Wiring and lifecycle: build every part from the [`Config`], start the tasks, stop them.
+//!
+//! The daemon owns one `CancellationToken`. Every long-running loop takes a child of it and
+//! ends when it fires; [`Daemon::stop`] fires it, waits for the loops (bounded), then flushes
+//! the store. Jobs cut short stay in their persisted state and resume on the next start.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nostr_sdk::PublicKey;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendChoice, Config, WalletChoice};
+use crate::http::{self, HttpState};
+use crate::identity::{self, IdentityError};
+use crate::infer::llama::{LlamaBackend, LlamaConfig};
+use crate::infer::openai::OpenAiBackend;
+use crate::infer::{Backend, InferError};
+use crate::job::{Book, Pipeline};
+use crate::metrics::Metrics;
+use crate::relay::{intake, EmbeddedRelay, Outbox, RelayError, RelayRole, Relays};
+use crate::store::{Store, StoreError};
+use crate::wallet::dev::DevWallet;
+use crate::wallet::{Wallet, WalletError};
+
+/// How long `stop` waits for the tasks before giving up on them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long start waits for the relays before going on (the pool keeps retrying).
+const RELAY_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The service key is missing or unreadable.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The wallet cannot be opened.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    /// The model or inference server cannot be set up.
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    /// The relays cannot be set up.
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where a started daemon can be reached.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The embedded relay (dev mode) or the first read relay.
+    pub relay_url: String,
+    /// The HTTP listener.
+    pub http_url: String,
+    /// The service's public key.
+    pub pubkey: PublicKey,
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dvmd ready relay={} http={} pubkey={}",
+            self.relay_url,
+            self.http_url,
+            self.pubkey.to_hex()
+        )
+    }
+}
+
+/// Parts a caller may supply instead of building them from the configuration (benchmarks and
+/// tests use an instant backend).
+#[derive(Default, Clone)]
+pub struct Parts {
+    /// Use this backend instead of the configured one.
+    pub backend: Option<Arc<dyn Backend>>,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    ready: Ready,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    pipeline: Pipeline,
+    relays: Relays,
+    store: Store,
+    dev_wallet: Option<Arc<DevWallet>>,
+}
+
+impl Daemon {
+    /// Build every part and start the tasks; returns once the daemon is ready.
+    pub async fn start(config: Config, parts: Parts) -> Result<Self, DaemonError> {
+        let cancel = CancellationToken::new();
+        let store = Store::open(&config.data_dir.join("store"))?;
+        let keys = if config.dev {
+            identity::init(&config.data_dir)?.0
+        } else {
+            identity::load(&config.data_dir)?
+        };
+        tracing::info!(pubkey = %keys.public_key(), data_dir = %config.data_dir.display(), dev = config.dev, "starting");
+
+        let (wallet, dev_wallet): (Arc<dyn Wallet>, Option<Arc<DevWallet>>) = match config.wallet {
+            WalletChoice::Dev => {
+                let dev = Arc::new(DevWallet::open(store.clone())?);
+                tracing::warn!("using the dev wallet: regtest invoices, simulated settlement, not money");
+                (dev.clone(), Some(dev))
+            }
+        };
+        let backend = match parts.backend {
+            Some(backend) => backend,
+            None => build_backend(&config.backend).await?,
+        };
+
+        let mut tasks = JoinSet::new();
+        let (roles, relay_url) = if config.dev {
+            let relay = EmbeddedRelay::bind(config.relay_listen)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    addr: config.relay_listen,
+                    source,
+                })?;
+            let url = relay.url();
+            tasks.spawn(relay.run(cancel.child_token()));
+            let role = RelayRole {
+                url: url.clone(),
+                read: true,
+                write: true,
+            };
+            (vec![role], url)
+        } else {
+            let first = config
+                .relays
+                .iter()
+                .find(|r| r.read)
+                .map(|r| r.url.clone())
+                .unwrap_or_default();
+            (config.relays.clone(), first)
+        };
+        let relays = Relays::connect(&keys, &roles).await?;
+        relays.wait_connected(RELAY_CONNECT_WAIT).await;
+
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::new(relays.clone(), cancel.child_token());
+        let (pipeline, queue) = Pipeline::new(
+            config.jobs.clone(),
+            keys.clone(),
+            Book::new(store.clone()),
+            wallet,
+            backend,
+            outbox,
+            metrics.clone(),
+        );
+
+        let listener = TcpListener::bind(config.http_listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: config.http_listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| DaemonError::Listen {
+            addr: config.http_listen,
+            source,
+        })?;
+        let router = http::router(HttpState {
+            metrics,
+            dev_wallet: if config.dev { dev_wallet.clone() } else { None },
+            pubkey: keys.public_key().to_hex(),
+        });
+        tasks.spawn(http::serve(listener, router, cancel.child_token()));
+
+        pipeline.recover().await;
+        tasks.spawn(pipeline.clone().run_workers(queue, cancel.child_token()));
+        tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
+        tasks.spawn(pipeline.clone().reconcile(cancel.child_token()));
+        tasks.spawn(intake::run(
+            relays.clone(),
+            pipeline.clone(),
+            config.jobs.kinds.clone(),
+            config.jobs.max_age_secs,
+            cancel.child_token(),
+        ));
+
+        let ready = Ready {
+            relay_url,
+            http_url: format!("http://{http_addr}"),
+            pubkey: keys.public_key(),
+        };
+        Ok(Self {
+            ready,
+            cancel,
+            tasks,
+            pipeline,
+            relays,
+            store,
+            dev_wallet,
+        })
+    }
+
+    /// Where the daemon can be reached.
+    pub fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    /// The job pipeline (tests inspect the book and metrics through it).
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// The dev wallet, in dev mode.
+    pub fn dev_wallet(&self) -> Option<&Arc<DevWallet>> {
+        self.dev_wallet.as_ref()
+    }
+
+    /// Run until Ctrl-C or SIGTERM, then stop gracefully.
+    pub async fn run_until_signal(self) {
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        self.stop().await;
+    }
+
+    /// Stop every task (bounded by a timeout), disconnect, flush.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let drain = async {
+            while self.tasks.join_next().await.is_some() {}
+            self.pipeline.wait().await;
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, drain).await.is_err() {
+            tracing::warn!("tasks did not stop in time; their jobs resume on the next start");
+            self.tasks.abort_all();
+        }
+        self.relays.shutdown().await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+async fn build_backend(choice: &BackendChoice) -> Result<Arc<dyn Backend>, DaemonError> {
+    Ok(match choice {
+        BackendChoice::Llama {
+            model_path,
+            threads,
+            context_tokens,
+        } => {
+            let config = LlamaConfig {
+                model_path: model_path.clone(),
+                threads: *threads,
+                context_tokens: *context_tokens,
+            };
+            let backend = tokio::task::spawn_blocking(move || LlamaBackend::load(&config))
+                .await
+                .map_err(|e| InferError::Backend(format!("model loader panicked: {e}")))??;
+            Arc::new(backend)
+        }
+        BackendChoice::OpenAi(config) => Arc::new(OpenAiBackend::new(config.clone())?),
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

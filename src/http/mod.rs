@@ -1,0 +1,87 @@
+//! The HTTP listener: `/healthz`, `/metrics` (Prometheus text), and in dev mode `/dev/pay`.
+
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use self::error::ApiError;
+use crate::metrics::Metrics;
+use crate::wallet::dev::DevWallet;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Metrics to render.
+    pub metrics: Arc<Metrics>,
+    /// The dev wallet, only in dev mode (enables `/dev/pay`).
+    pub dev_wallet: Option<Arc<DevWallet>>,
+    /// Our public key (hex), reported by `/healthz`.
+    pub pubkey: String,
+}
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics));
+    if state.dev_wallet.is_some() {
+        router = router.route("/dev/pay", post(dev_pay));
+    }
+    router.with_state(state)
+}
+
+/// Serve `router` on `listener` until `cancel` fires.
+pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationToken) {
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "http listener failed");
+    }
+}
+
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(json!({
+        "status": "ok",
+        "pubkey": state.pubkey,
+        "version": env!("CARGO_PKG_VERSION"),
+        "dev": state.dev_wallet.is_some(),
+    }))
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+#[derive(Deserialize)]
+struct DevPay {
+    bolt11: String,
+}
+
+/// Simulate paying one of the dev wallet's invoices.
+async fn dev_pay(
+    State(state): State<HttpState>,
+    body: Result<Json<DevPay>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("expected {{\"bolt11\": \"...\"}}: {e}")))?;
+    let wallet = state
+        .dev_wallet
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("not in dev mode"))?;
+    let preimage = wallet.settle(&body.bolt11).await?;
+    Ok(Json(json!({ "preimage": hex::encode(preimage) })))
+}

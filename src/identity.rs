@@ -1,0 +1,135 @@
+//! The service's Nostr key: created by `dvmd init` in the data directory with mode 0600,
+//! loaded by `dvmd run`. The secret never reaches a log or an error message.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nostr_sdk::{Keys, SecretKey};
+
+/// File name of the key inside the data directory.
+pub const KEY_FILE: &str = "service.key";
+
+/// Errors of key handling (never carrying the key).
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No key file.
+    #[error("no service key at {0}; run `dvmd init` first")]
+    Missing(PathBuf),
+    /// The file could not be read or written.
+    #[error("service key {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not hold a key.
+    #[error("service key {0} is not a hex or nsec secret key")]
+    Invalid(PathBuf),
+    /// The file is readable by others.
+    #[error("service key {0} is readable by group or others; chmod 600 it")]
+    Permissions(PathBuf),
+}
+
+/// The key file path in `data_dir`.
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(KEY_FILE)
+}
+
+/// Create `data_dir` and a new key file in it, unless one exists. Returns the keys and whether
+/// they were created.
+pub fn init(data_dir: &Path) -> Result<(Keys, bool), IdentityError> {
+    let path = key_path(data_dir);
+    if path.exists() {
+        return Ok((load(data_dir)?, false));
+    }
+    let io = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let keys = Keys::generate();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&path).map_err(io)?;
+    writeln!(file, "{}", keys.secret_key().to_secret_hex()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok((keys, true))
+}
+
+/// Load the key from `data_dir`.
+pub fn load(data_dir: &Path) -> Result<Keys, IdentityError> {
+    let path = key_path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(IdentityError::Missing(path))
+        }
+        Err(source) => return Err(IdentityError::Io { path, source }),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .map_err(|source| IdentityError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::Permissions(path));
+        }
+    }
+    let secret = SecretKey::parse(text.trim()).map_err(|_| IdentityError::Invalid(path))?;
+    Ok(Keys::new(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_creates_a_private_key_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let (keys, created) = init(&data).expect("init");
+        assert!(created);
+        let (again, created) = init(&data).expect("init again");
+        assert!(!created);
+        assert_eq!(keys.public_key(), again.public_key());
+        assert_eq!(load(&data).expect("load").public_key(), keys.public_key());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(key_path(&data)).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            std::fs::set_permissions(key_path(&data), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+            assert!(matches!(load(&data), Err(IdentityError::Permissions(_))));
+        }
+    }
+
+    #[test]
+    fn errors_never_show_the_secret() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (keys, _) = init(dir.path()).expect("init");
+        let secret = keys.secret_key().to_secret_hex();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(key_path(dir.path()), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+        }
+        if let Err(e) = load(dir.path()) {
+            assert!(!e.to_string().contains(&secret));
+            assert!(!format!("{e:?}").contains(&secret));
+        }
+        assert!(matches!(load(&dir.path().join("none")), Err(IdentityError::Missing(_))));
+    }
+}

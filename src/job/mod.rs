@@ -1,0 +1,23 @@
+//! Jobs: the record, the state machine, the book that persists them with their money, and the
+//! pipeline that drives a request from intake to settlement.
+//!
+//! - [`state`]: `JobState` and the one transition table.
+//! - [`record`]: the persisted `Job`.
+//! - [`book`]: sled transactions that move a job and the ledger together.
+//! - [`pipeline`]: screening and quoting a request, asking for payment.
+//! - [`payment`]: settlement hints and the reconciler; only a wallet lookup moves a job to `Paid`.
+//! - [`worker`]: the bounded worker pool that runs paid jobs, delivers and settles them.
+//! - [`recovery`]: resuming every unfinished job on start.
+
+pub mod book;
+pub mod payment;
+pub mod pipeline;
+pub mod record;
+pub mod recovery;
+pub mod state;
+pub mod worker;
+
+pub use book::{Admission, Book, BookError, PaymentOutcome};
+pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};
+pub use record::{Job, JobInvoice};
+pub use state::{IllegalTransition, JobState};

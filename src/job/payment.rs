@@ -1,0 +1,139 @@
+//! Payments in: settlement hints from the wallet and the reconciler that looks up every open
+//! invoice, so a missed hint or a restart loses nothing.
+//!
+//! A hint is only a reason to ask. The job moves to `Paid` only on our own wallet's
+//! `lookup` answer, booked by `Book::confirm_payment`, which consumes the payment hash in the
+//! same transaction: two hints, a hint racing the reconciler, or a replayed hint all book once.
+
+use std::time::{Duration, Instant};
+
+use nostr_sdk::{Event, EventId};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::book::PaymentOutcome;
+use super::pipeline::{Pipeline, FEEDBACK_ATTEMPTS};
+use super::state::JobState;
+use crate::nip90::{self, JobStatus};
+use crate::wallet::{PaymentHash, PaymentStatus};
+
+impl Pipeline {
+    /// Follow the wallet's settlement hints until `cancel` fires.
+    pub async fn watch_settlements(self, cancel: CancellationToken) {
+        let mut hints = self.inner.wallet.settlements();
+        loop {
+            let hint = tokio::select! {
+                _ = cancel.cancelled() => break,
+                hint = hints.recv() => hint,
+            };
+            match hint {
+                Ok(hash) => {
+                    let pipeline = self.clone();
+                    self.inner
+                        .tasks
+                        .spawn(async move { pipeline.check_payment(&hash).await });
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "settlement hints lagged; reconciling now");
+                    self.reconcile_once().await;
+                }
+                Err(RecvError::Closed) => break,
+            }
+        }
+    }
+
+    /// Look up every open invoice every `reconcile_interval_secs` until `cancel` fires.
+    pub async fn reconcile(self, cancel: CancellationToken) {
+        let every = Duration::from_secs(self.inner.config.reconcile_interval_secs.max(1));
+        loop {
+            self.reconcile_once().await;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// One pass over the open invoices.
+    pub async fn reconcile_once(&self) {
+        let open = match self.inner.book.open_payments() {
+            Ok(open) => open,
+            Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
+        };
+        for (hash, _) in open {
+            self.check_payment(&hash).await;
+        }
+    }
+
+    /// Ask our wallet about `hash` and book what it says.
+    pub async fn check_payment(&self, hash: &PaymentHash) {
+        let inner = &self.inner;
+        let record = match inner.book.payment(hash) {
+            Ok(Some(record)) if !record.consumed => record,
+            Ok(_) => return tracing::debug!(payment_hash = %hash, "hint for an unknown or consumed payment hash"),
+            Err(e) => return tracing::error!(payment_hash = %hash, error = %e, "cannot read payment"),
+        };
+        let status = match inner.wallet.lookup(hash).await {
+            Ok(status) => status,
+            Err(e) => {
+                return tracing::warn!(payment_hash = %hash, error = %e, "wallet lookup failed; the reconciler retries")
+            }
+        };
+        match status {
+            PaymentStatus::Paid { amount_msat } => self.book_payment(hash, amount_msat).await,
+            PaymentStatus::Expired => self.expire(&record.job).await,
+            PaymentStatus::Pending => {}
+            PaymentStatus::Unknown => {
+                tracing::warn!(payment_hash = %hash, job = %record.job, "the wallet does not know an invoice it issued")
+            }
+        }
+    }
+
+    async fn book_payment(&self, hash: &PaymentHash, amount_msat: u64) {
+        let inner = &self.inner;
+        let confirmed_at = Instant::now();
+        match inner.book.confirm_payment(hash, amount_msat).await {
+            Ok(PaymentOutcome::Paid(job)) => {
+                inner.metrics.payment_confirmed(amount_msat);
+                inner.metrics.entered(JobState::Paid);
+                tracing::info!(job = %job.id, msat = amount_msat, payment_hash = %hash, "invoice paid");
+                self.enqueue(job.id, Some(confirmed_at));
+            }
+            Ok(PaymentOutcome::Credited(job)) => {
+                inner.metrics.payment_confirmed(amount_msat);
+                tracing::warn!(job = %job.id, state = ?job.state, msat = amount_msat, "payment arrived after the job ended; credited to the customer");
+            }
+            Ok(PaymentOutcome::Underpaid(job)) => {
+                inner.metrics.payment_confirmed(amount_msat);
+                tracing::warn!(job = %job.id, msat = amount_msat, "payment below the invoice amount; credited to the customer");
+            }
+            Ok(PaymentOutcome::AlreadyConsumed | PaymentOutcome::Unknown) => {}
+            Err(e) => tracing::error!(payment_hash = %hash, error = %e, "cannot book payment"),
+        }
+    }
+
+    /// `AwaitingPayment -> Expired`, with an `error` feedback saying so.
+    async fn expire(&self, id: &EventId) {
+        let expired = self.inner.book.transition(id, JobState::Expired, |_| {});
+        match expired {
+            Ok(job) => {
+                self.inner.metrics.entered(JobState::Expired);
+                tracing::info!(job = %id, "invoice expired unpaid");
+                if let Ok(event) = job.request_event() {
+                    self.expired_feedback(&job, &event).await;
+                }
+            }
+            Err(e) => tracing::debug!(job = %id, error = %e, "not expiring"),
+        }
+    }
+
+    async fn expired_feedback(&self, job: &super::Job, event: &Event) {
+        let feedback = nip90::feedback(
+            event,
+            JobStatus::Error,
+            "the invoice expired unpaid; post the request again for a new one",
+            None,
+        );
+        self.send_feedback(job, feedback, FEEDBACK_ATTEMPTS).await;
+    }
+}

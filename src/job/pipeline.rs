@@ -1,0 +1,399 @@
+//! The front of the pipeline: screen a verified request, quote it, ask for payment.
+//!
+//! Screening is synchronous and cheap (parse, targeting, age, dedup insert) so the intake loop
+//! never waits on anything slow; quoting and invoicing run in tracked tasks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nostr_sdk::{Event, EventId, JsonUtil, Keys, Timestamp};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::task::TaskTracker;
+
+use super::book::{Admission, Book, BookError};
+use super::record::{Job, JobInvoice};
+use super::state::JobState;
+use crate::infer::Backend;
+use crate::metrics::{Dropped, Metrics};
+use crate::nip90::{
+    self, JobRequest, JobStatus, PaymentAmount, RequestError, Targeting, TextGeneration,
+    TextGenerationLimits, Verified,
+};
+use crate::pricing::{self, RateCard};
+use crate::relay::outbox::Persistence;
+use crate::relay::Outbox;
+use crate::wallet::{InvoiceDescription, InvoiceRequest, Wallet};
+
+/// How long quoting may spend asking the backend to count prompt tokens.
+const COUNT_TOKENS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts for courtesy feedback (`processing`, `success`, `error`).
+pub(crate) const FEEDBACK_ATTEMPTS: u32 = 5;
+/// Attempts for `payment-required`: about a minute of retries, well inside the invoice expiry.
+const INVOICE_FEEDBACK_ATTEMPTS: u32 = 9;
+
+/// What the pipeline needs to know from the operator's configuration.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Request kinds served.
+    pub kinds: Vec<u16>,
+    /// Prices.
+    pub rate_card: RateCard,
+    /// Kind 5050 limits.
+    pub limits: TextGenerationLimits,
+    /// Largest request event accepted, bytes of JSON.
+    pub max_request_bytes: usize,
+    /// Requests older than this are ignored, seconds.
+    pub max_age_secs: u64,
+    /// Invoice lifetime, seconds.
+    pub invoice_expiry_secs: u64,
+    /// Concurrent jobs on the model.
+    pub workers: usize,
+    /// Longest a job may run on the model, seconds.
+    pub job_timeout_secs: u64,
+    /// How often open invoices are looked up in the wallet, seconds.
+    pub reconcile_interval_secs: u64,
+}
+
+/// A job ready for a worker, with when its payment was confirmed (for the latency metric).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkItem {
+    /// The job.
+    pub job: EventId,
+    /// When our wallet confirmed the payment, if this run follows one.
+    pub paid_at: Option<Instant>,
+}
+
+/// The receiving end of the run queue, shared by the workers.
+pub type WorkQueue = Arc<Mutex<mpsc::UnboundedReceiver<WorkItem>>>;
+
+/// The outcome of screening one event.
+#[derive(Debug)]
+pub enum Screening {
+    /// A new job, now `Received`.
+    New(Box<Job>, Box<JobRequest>),
+    /// Seen before.
+    Duplicate(Box<Job>),
+    /// Not made into a job.
+    Dropped(Dropped),
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: JobConfig,
+    pub(crate) keys: Keys,
+    pub(crate) book: Book,
+    pub(crate) wallet: Arc<dyn Wallet>,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) outbox: Outbox,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) queue: mpsc::UnboundedSender<WorkItem>,
+    pub(crate) tasks: TaskTracker,
+}
+
+/// The job pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Pipeline {
+    /// Build the pipeline; the returned queue feeds [`Pipeline::run_workers`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: JobConfig,
+        keys: Keys,
+        book: Book,
+        wallet: Arc<dyn Wallet>,
+        backend: Arc<dyn Backend>,
+        outbox: Outbox,
+        metrics: Arc<Metrics>,
+    ) -> (Self, WorkQueue) {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let inner = Inner {
+            config,
+            keys,
+            book,
+            wallet,
+            backend,
+            outbox,
+            metrics,
+            queue,
+            tasks: TaskTracker::new(),
+        };
+        (
+            Self {
+                inner: Arc::new(inner),
+            },
+            Arc::new(Mutex::new(rx)),
+        )
+    }
+
+    /// The job book.
+    pub fn book(&self) -> &Book {
+        &self.inner.book
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Wait for every task the pipeline spawned (call after cancelling).
+    pub async fn wait(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// Screen a verified event: kind, targeting, age, then the persisted dedup insert.
+    pub fn screen(&self, event: &Verified, source: Option<&str>) -> Result<Screening, BookError> {
+        let inner = &self.inner;
+        let event = event.event();
+        let kind = event.kind.as_u16();
+        if !inner.config.kinds.contains(&kind) {
+            return Ok(Screening::Dropped(Dropped::WrongKind));
+        }
+        let Some(request) = JobRequest::parse(event) else {
+            return Ok(Screening::Dropped(Dropped::WrongKind));
+        };
+        if request.targeting(&inner.keys.public_key()) == Targeting::Others {
+            return Ok(Screening::Dropped(Dropped::NotForUs));
+        }
+        if request.is_stale(Timestamp::now(), inner.config.max_age_secs) {
+            return Ok(Screening::Dropped(Dropped::Stale));
+        }
+        let mut reply_relays = request.relays.clone();
+        if let Some(source) = source {
+            if !reply_relays.iter().any(|r| r == source) {
+                reply_relays.push(source.to_owned());
+            }
+        }
+        let job = Job::received(event, reply_relays, unix_now());
+        Ok(match inner.book.admit(&job)? {
+            Admission::New => Screening::New(Box::new(job), Box::new(request)),
+            Admission::Duplicate(existing) => Screening::Duplicate(existing),
+        })
+    }
+
+    /// Take a verified event from intake: screen it now, quote and invoice in the background.
+    pub fn handle(&self, event: Verified, source: Option<&str>) {
+        let metrics = &self.inner.metrics;
+        match self.screen(&event, source) {
+            Ok(Screening::New(job, request)) => {
+                metrics.entered(JobState::Received);
+                tracing::info!(job = %job.id, customer = %job.customer, kind = job.kind, "job received");
+                let pipeline = self.clone();
+                let event = event.into_event();
+                self.inner.tasks.spawn(async move {
+                    pipeline.process(*job, event, *request).await;
+                });
+            }
+            Ok(Screening::Duplicate(job)) => {
+                metrics.dropped(Dropped::Duplicate);
+                let pipeline = self.clone();
+                let source = source.map(str::to_owned);
+                self.inner.tasks.spawn(async move { pipeline.replay(&job, source).await });
+            }
+            Ok(Screening::Dropped(why)) => {
+                metrics.dropped(why);
+                tracing::debug!(event = %event.event().id, reason = ?why, "event dropped");
+            }
+            Err(e) => tracing::error!(event = %event.event().id, error = %e, "cannot record job"),
+        }
+    }
+
+    /// Quote a received job and ask for payment, or refuse it with an `error` feedback.
+    pub(crate) async fn process(&self, job: Job, event: Event, request: JobRequest) {
+        let started = Instant::now();
+        let quote = match self.quote(&job, &request).await {
+            Ok(quote) => quote,
+            Err(reason) => return self.reject(&job.id, &event, reason.to_string()).await,
+        };
+        let quoted = self
+            .inner
+            .book
+            .transition(&job.id, JobState::Quoted, |job| job.quote_msat = Some(quote));
+        match quoted {
+            Ok(job) => {
+                self.inner.metrics.entered(JobState::Quoted);
+                self.ask_payment(job, &event, Some(started)).await;
+            }
+            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record quote"),
+        }
+    }
+
+    /// The price of `request`, or why it cannot run.
+    async fn quote(&self, job: &Job, request: &JobRequest) -> Result<u64, RequestError> {
+        let config = &self.inner.config;
+        if job.request.len() > config.max_request_bytes {
+            return Err(RequestError::TooLarge {
+                size: job.request.len(),
+                limit: config.max_request_bytes,
+            });
+        }
+        let generation = TextGeneration::from_request(request, &config.limits)?;
+        let counted = tokio::time::timeout(
+            COUNT_TOKENS_TIMEOUT,
+            self.inner.backend.count_prompt_tokens(&generation.request),
+        )
+        .await;
+        let prompt_tokens = match counted {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) | Err(_) => {
+                let bytes = generation.request.messages.iter().map(|m| m.content.len()).sum();
+                pricing::estimate_prompt_tokens(bytes)
+            }
+            Ok(Err(e)) => {
+                return Err(RequestError::BadParam {
+                    name: "input".to_owned(),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let quote = config.rate_card.quote(prompt_tokens, generation.max_tokens);
+        if let Some(bid) = request.bid_msat {
+            if bid < quote {
+                return Err(RequestError::BadParam {
+                    name: "bid".to_owned(),
+                    reason: format!(
+                        "bid {bid} msat is below the quote of {quote} msat ({prompt_tokens} prompt tokens, up to {} completion tokens)",
+                        generation.max_tokens
+                    ),
+                });
+            }
+        }
+        Ok(quote)
+    }
+
+    /// Issue an invoice for a `Quoted` job, persist it, then show it to the customer.
+    pub(crate) async fn ask_payment(&self, job: Job, event: &Event, started: Option<Instant>) {
+        let inner = &self.inner;
+        let Some(quote) = job.quote_msat else {
+            return tracing::error!(job = %job.id, "quoted job without a quote");
+        };
+        if quote == 0 {
+            // Free jobs skip the wallet entirely.
+            return self.enqueue(job.id, None);
+        }
+        let request = InvoiceRequest {
+            amount_msat: quote,
+            description: InvoiceDescription::Memo(format!("dvmd job {}", &job.id.to_hex()[..16])),
+            expiry_secs: inner.config.invoice_expiry_secs,
+        };
+        let invoice = match inner.wallet.create_invoice(request).await {
+            Ok(invoice) => invoice,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "cannot issue invoice");
+                let reason = format!("this service cannot issue an invoice right now ({e}); nothing was charged");
+                return self.reject(&job.id, event, reason).await;
+            }
+        };
+        let invoice = JobInvoice {
+            bolt11: invoice.bolt11,
+            payment_hash: invoice.payment_hash,
+            amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
+        };
+        let job = match inner.book.await_payment(&job.id, invoice.clone()).await {
+            Ok(job) => job,
+            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record invoice"),
+        };
+        inner.metrics.entered(JobState::AwaitingPayment);
+        tracing::info!(job = %job.id, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "invoice issued");
+        let amount = PaymentAmount {
+            msat: invoice.amount_msat,
+            bolt11: Some(invoice.bolt11),
+        };
+        let info = format!("pay {} msat to run this job", amount.msat);
+        let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
+        if self
+            .send_feedback(&job, feedback, INVOICE_FEEDBACK_ATTEMPTS)
+            .await
+            .is_some()
+        {
+            if let Some(started) = started {
+                inner.metrics.request_to_invoice.observe(started.elapsed());
+            }
+        }
+    }
+
+    /// Refuse a job before any money moved: persist `Rejected`, then say why.
+    pub(crate) async fn reject(&self, id: &EventId, event: &Event, reason: String) {
+        tracing::info!(job = %id, reason = %reason, "job rejected");
+        let rejected = self.inner.book.transition(id, JobState::Rejected, |job| {
+            job.reason = Some(reason.clone());
+        });
+        match rejected {
+            Ok(job) => {
+                self.inner.metrics.entered(JobState::Rejected);
+                let feedback = nip90::feedback(event, JobStatus::Error, &reason, None);
+                self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
+            }
+            Err(e) => tracing::error!(job = %id, error = %e, "cannot record rejection"),
+        }
+    }
+
+    /// Sign a feedback event, store it as the job's latest (for duplicates), publish it.
+    /// Returns the signed event if a relay accepted it.
+    pub(crate) async fn send_feedback(
+        &self,
+        job: &Job,
+        feedback: nostr_sdk::EventBuilder,
+        attempts: u32,
+    ) -> Option<Event> {
+        let inner = &self.inner;
+        let event = match feedback.sign_with_keys(&inner.keys) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cannot sign feedback");
+                return None;
+            }
+        };
+        let json = event.as_json();
+        if let Err(e) = inner.book.update(&job.id, |stored, _| {
+            stored.last_feedback = Some(json.clone());
+            Ok(())
+        }) {
+            tracing::warn!(job = %job.id, error = %e, "cannot store feedback");
+        }
+        match inner
+            .outbox
+            .publish(&event, &job.reply_relays, Persistence::Attempts(attempts))
+            .await
+        {
+            Ok(_) => Some(event),
+            Err(e) => {
+                inner.metrics.publish_failed();
+                tracing::warn!(job = %job.id, error = %e, "feedback not published");
+                None
+            }
+        }
+    }
+
+    /// Answer a duplicate request with what we already said: the stored feedback and result,
+    /// the same signed events, so relays see them as duplicates too.
+    async fn replay(&self, job: &Job, source: Option<String>) {
+        let relays: Vec<String> = source.into_iter().collect();
+        for json in [&job.last_feedback, &job.result_event].into_iter().flatten() {
+            if let Ok(event) = Event::from_json(json) {
+                let _ = self
+                    .inner
+                    .outbox
+                    .publish(&event, &relays, Persistence::Attempts(1))
+                    .await;
+            }
+        }
+    }
+
+    /// Queue a job for the workers.
+    pub(crate) fn enqueue(&self, job: EventId, paid_at: Option<Instant>) {
+        if self.inner.queue.send(WorkItem { job, paid_at }).is_err() {
+            tracing::warn!(job = %job, "workers stopped; the job resumes on restart");
+        }
+    }
+}

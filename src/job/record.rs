@@ -1,0 +1,97 @@
+//! The persisted job record.
+
+use nostr_sdk::{Event, EventId, JsonUtil, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use super::state::{IllegalTransition, JobState};
+use crate::infer::Usage;
+use crate::wallet::PaymentHash;
+
+/// The invoice a job waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInvoice {
+    /// BOLT11 string.
+    pub bolt11: String,
+    /// Its payment hash.
+    pub payment_hash: PaymentHash,
+    /// Amount asked, msat.
+    pub amount_msat: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+/// One job, from request to settlement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The request event id.
+    pub id: EventId,
+    /// The customer.
+    pub customer: PublicKey,
+    /// Request kind.
+    pub kind: u16,
+    /// The request event JSON exactly as received (the result's `request` tag; re-parsed on
+    /// recovery).
+    pub request: String,
+    /// Current state.
+    pub state: JobState,
+    /// Why it was rejected or failed.
+    pub reason: Option<String>,
+    /// Unix seconds when first seen.
+    pub received_at: u64,
+    /// Unix seconds of the last transition.
+    pub updated_at: u64,
+    /// Relays to answer on besides our write relays: the request's `relays` tag and the relay
+    /// it arrived from.
+    pub reply_relays: Vec<String>,
+    /// The price asked, msat.
+    pub quote_msat: Option<u64>,
+    /// The invoice, once issued.
+    pub invoice: Option<JobInvoice>,
+    /// What the wallet confirmed as paid, msat.
+    pub paid_msat: u64,
+    /// What the job was charged, msat (after it ran).
+    pub charge_msat: Option<u64>,
+    /// Exact token usage.
+    pub usage: Option<Usage>,
+    /// The signed result event, persisted before it is published.
+    pub result_event: Option<String>,
+    /// The latest signed feedback event, replayed to duplicates of the request.
+    pub last_feedback: Option<String>,
+}
+
+impl Job {
+    /// A freshly received job.
+    pub fn received(request: &Event, reply_relays: Vec<String>, now: u64) -> Self {
+        Self {
+            id: request.id,
+            customer: request.pubkey,
+            kind: request.kind.as_u16(),
+            request: request.as_json(),
+            state: JobState::Received,
+            reason: None,
+            received_at: now,
+            updated_at: now,
+            reply_relays,
+            quote_msat: None,
+            invoice: None,
+            paid_msat: 0,
+            charge_msat: None,
+            usage: None,
+            result_event: None,
+            last_feedback: None,
+        }
+    }
+
+    /// Move to `next` if the transition table allows it.
+    pub fn transition(&mut self, next: JobState, now: u64) -> Result<(), IllegalTransition> {
+        self.state.check_transition(next)?;
+        self.state = next;
+        self.updated_at = now;
+        Ok(())
+    }
+
+    /// The request event, re-parsed from the stored JSON.
+    pub fn request_event(&self) -> Result<Event, nostr_sdk::event::Error> {
+        Event::from_json(&self.request)
+    }
+}

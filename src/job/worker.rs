@@ -1,0 +1,233 @@
+//! The worker pool: run paid jobs on the model, publish the result, settle the ledger.
+//!
+//! Workers are the only place inference runs, so intake and settlement never wait on the model.
+//! The result event is signed and persisted before it is published; a restart re-publishes the
+//! same event instead of running the model again.
+
+use std::time::{Duration, Instant};
+
+use nostr_sdk::{Event, JsonUtil};
+use tokio_util::sync::CancellationToken;
+
+use super::pipeline::{Pipeline, WorkItem, WorkQueue, FEEDBACK_ATTEMPTS};
+use super::record::Job;
+use super::state::JobState;
+use crate::infer::{self, Usage};
+use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, TextGeneration};
+use crate::relay::outbox::Persistence;
+
+impl Pipeline {
+    /// Run `config.workers` workers over `queue` until `cancel` fires.
+    pub async fn run_workers(self, queue: WorkQueue, cancel: CancellationToken) {
+        let workers = self.inner.config.workers.max(1);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let pipeline = self.clone();
+            let queue = queue.clone();
+            let cancel = cancel.clone();
+            set.spawn(async move {
+                loop {
+                    let item = {
+                        let mut rx = queue.lock().await;
+                        tokio::select! {
+                            _ = cancel.cancelled() => None,
+                            item = rx.recv() => item,
+                        }
+                    };
+                    let Some(item) = item else { break };
+                    tokio::select! {
+                        // A job cut short stays `Running` and resumes on restart.
+                        _ = cancel.cancelled() => break,
+                        _ = pipeline.run(item) => {}
+                    }
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    /// Take one job as far as it can go from its stored state.
+    async fn run(&self, item: WorkItem) {
+        let inner = &self.inner;
+        let job = match inner.book.get(&item.job) {
+            Ok(Some(job)) => job,
+            Ok(None) => return tracing::error!(job = %item.job, "queued job not found"),
+            Err(e) => return tracing::error!(job = %item.job, error = %e, "cannot read job"),
+        };
+        let free = job.state == JobState::Quoted && job.quote_msat == Some(0);
+        let job = match job.state {
+            JobState::Paid => self.start(&job).await,
+            JobState::Quoted if free => self.start(&job).await,
+            JobState::Running => Some(job),
+            JobState::Delivered | JobState::Failed => {
+                return self.settle(&job, job.charge_msat.unwrap_or(0)).await
+            }
+            _ => return tracing::debug!(job = %job.id, state = ?job.state, "nothing to run"),
+        };
+        let Some(job) = job else { return };
+        let event = match job.request_event() {
+            Ok(event) => event,
+            Err(e) => return self.fail(&job, None, format!("stored request is unreadable: {e}")).await,
+        };
+        if let Some(result) = job.result_event.as_deref().and_then(|json| Event::from_json(json).ok()) {
+            return self.deliver(&job, &event, &result).await;
+        }
+
+        let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
+        let pipeline = self.clone();
+        let announced = job.clone();
+        inner.tasks.spawn(async move {
+            if pipeline
+                .send_feedback(&announced, processing, FEEDBACK_ATTEMPTS)
+                .await
+                .is_some()
+            {
+                if let Some(paid_at) = item.paid_at {
+                    pipeline.inner.metrics.settlement_to_processing.observe(paid_at.elapsed());
+                }
+            }
+        });
+
+        let started = Instant::now();
+        let generated = self.generate(&event).await;
+        inner.metrics.inference.observe(started.elapsed());
+        match generated {
+            Ok((text, usage)) => self.complete(&job, &event, text, usage).await,
+            Err(reason) => self.fail(&job, Some(&event), reason).await,
+        }
+    }
+
+    /// `Paid | Quoted(free) -> Running`.
+    async fn start(&self, job: &Job) -> Option<Job> {
+        match self.inner.book.transition(&job.id, JobState::Running, |_| {}) {
+            Ok(job) => {
+                self.inner.metrics.entered(JobState::Running);
+                Some(job)
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cannot start job");
+                None
+            }
+        }
+    }
+
+    async fn generate(&self, event: &Event) -> Result<(String, Usage), String> {
+        let inner = &self.inner;
+        let request = JobRequest::parse(event).ok_or("not a job request")?;
+        let generation = TextGeneration::from_request(&request, &inner.config.limits)
+            .map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(inner.config.job_timeout_secs);
+        let run = async {
+            let stream = inner
+                .backend
+                .generate(generation.request, generation.max_tokens)
+                .await?;
+            infer::collect(stream).await
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok((text, usage, _))) => Ok((text, usage)),
+            Ok(Err(e)) => Err(format!("inference failed: {e}")),
+            Err(_) => Err(format!("inference took longer than {} s", timeout.as_secs())),
+        }
+    }
+
+    /// Price the exact usage, persist the signed result, then deliver it.
+    async fn complete(&self, job: &Job, event: &Event, text: String, usage: Usage) {
+        let inner = &self.inner;
+        let charge = inner.config.rate_card.charge(usage).min(job.paid_msat);
+        let amount = PaymentAmount {
+            msat: charge,
+            bolt11: None,
+        };
+        let result = match nip90::result(event, &text, Some(&amount)).sign_with_keys(&inner.keys) {
+            Ok(result) => result,
+            Err(e) => return self.fail(job, Some(event), format!("cannot sign result: {e}")).await,
+        };
+        let json = result.as_json();
+        let stored = inner.book.update(&job.id, |stored, _| {
+            stored.result_event = Some(json.clone());
+            stored.usage = Some(usage);
+            stored.charge_msat = Some(charge);
+            Ok(())
+        });
+        let job = match stored {
+            Ok(job) => job,
+            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot store result"),
+        };
+        if let Err(e) = inner.book.store().flush().await {
+            return tracing::error!(job = %job.id, error = %e, "cannot persist result");
+        }
+        tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "job generated");
+        self.deliver(&job, event, &result).await;
+    }
+
+    /// Publish the stored result until a relay acks it, then `Delivered`, `success`, settle.
+    async fn deliver(&self, job: &Job, event: &Event, result: &Event) {
+        let inner = &self.inner;
+        if let Err(e) = inner
+            .outbox
+            .publish(result, &job.reply_relays, Persistence::UntilAcked)
+            .await
+        {
+            // Only cancellation ends an UntilAcked publish: the job stays Running with its
+            // result stored, and recovery publishes it on the next start.
+            return tracing::warn!(job = %job.id, error = %e, "result not delivered yet");
+        }
+        let delivered = inner.book.transition(&job.id, JobState::Delivered, |_| {});
+        let job = match delivered {
+            Ok(job) => job,
+            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),
+        };
+        inner.metrics.entered(JobState::Delivered);
+        let charge = job.charge_msat.unwrap_or(0);
+        let amount = PaymentAmount {
+            msat: charge,
+            bolt11: None,
+        };
+        let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
+        self.send_feedback(&job, success, FEEDBACK_ATTEMPTS).await;
+        self.settle(&job, charge).await;
+    }
+
+    /// `Running -> Failed`, say why, settle with no charge: everything paid stays with the
+    /// customer as credit.
+    async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
+        let inner = &self.inner;
+        tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, "job failed; the payment is credited to the customer");
+        let failed = inner.book.transition(&job.id, JobState::Failed, |job| {
+            job.reason = Some(reason.clone());
+            job.charge_msat = Some(0);
+        });
+        let job = match failed {
+            Ok(job) => job,
+            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record failure"),
+        };
+        inner.metrics.entered(JobState::Failed);
+        if let Some(event) = event {
+            let info = format!(
+                "{reason}; the {} msat you paid are credited to your account",
+                job.paid_msat
+            );
+            let feedback = nip90::feedback(event, JobStatus::Error, &info, None);
+            self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
+        }
+        self.settle(&job, 0).await;
+    }
+
+    /// Book the charge and the remainder.
+    async fn settle(&self, job: &Job, charge_msat: u64) {
+        let inner = &self.inner;
+        match inner.book.settle(&job.id, charge_msat).await {
+            Ok(job) => {
+                inner.metrics.entered(JobState::Settled);
+                let usage = job.usage.unwrap_or_default();
+                let charged = job.charge_msat.unwrap_or(0);
+                inner
+                    .metrics
+                    .charged(charged, usage.prompt_tokens, usage.completion_tokens);
+                tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.paid_msat - charged, "job settled");
+            }
+            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot settle job"),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The ledger: one account per customer npub, append-only entries, and the invariant check.
+//!
+//! Amounts are msat. An entry moves money into or out of a customer's balance:
+//! `payment_in` (+), `charge` (-), `payout` (-), `expiry` (-); `refund_credit` is a memo that
+//! records what a settled job left on the balance. The invariant, checked by `dvmd ledger check`
+//! and by the tests after every scenario:
+//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances)`,
+//! and every account's balance equals the sum of its own entries.
+//!
+//! Writes happen only inside the multi-tree transactions of `job::book`, so a balance never
+//! changes without the job transition that explains it.
+
+use nostr_sdk::{EventId, PublicKey};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+
+use crate::store::{self, be_u64, Store, StoreError};
+
+/// What an entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A confirmed payment credited to the customer.
+    PaymentIn,
+    /// What a job cost, taken from the customer's balance.
+    Charge,
+    /// Memo: what a settled job left on the balance (paid - charged).
+    RefundCredit,
+    /// Money sent back to the customer over Lightning.
+    Payout,
+    /// An unclaimed balance that lapsed to the operator.
+    Expiry,
+}
+
+impl EntryKind {
+    /// The effect on the account balance: +1, -1, or 0 for memos.
+    fn sign(self) -> i8 {
+        match self {
+            Self::PaymentIn => 1,
+            Self::Charge | Self::Payout | Self::Expiry => -1,
+            Self::RefundCredit => 0,
+        }
+    }
+}
+
+/// One ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// What happened.
+    pub kind: EntryKind,
+    /// The customer.
+    pub account: PublicKey,
+    /// Amount in msat (always positive; [`EntryKind`] gives the direction).
+    pub msat: u64,
+    /// The job it belongs to.
+    pub job: Option<EventId>,
+    /// The payment hash (hex), for payments in and out.
+    pub payment_hash: Option<String>,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// Errors of the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A debit larger than the balance: a bug upstream, refused rather than going negative.
+    #[error("ledger: {account} has {balance_msat} msat, cannot debit {msat} msat")]
+    Overdraft {
+        /// The account.
+        account: PublicKey,
+        /// Its balance.
+        balance_msat: u64,
+        /// The refused debit.
+        msat: u64,
+    },
+    /// The invariant does not hold.
+    #[error("ledger invariant violated: {0}")]
+    Invariant(String),
+}
+
+/// Post `entry` (with sequence number `seq`) and update the account balance, inside a
+/// transaction over the `accounts` and `entries` trees.
+pub fn post(
+    accounts: &TransactionalTree,
+    entries: &TransactionalTree,
+    seq: u64,
+    entry: &Entry,
+) -> Result<(), ConflictableTransactionError<LedgerError>> {
+    let key = entry.account.to_bytes();
+    let balance = accounts.get(key)?.and_then(|raw| be_u64(&raw)).unwrap_or(0);
+    let next = match entry.kind.sign() {
+        1 => balance.saturating_add(entry.msat),
+        -1 => balance.checked_sub(entry.msat).ok_or(ConflictableTransactionError::Abort(
+            LedgerError::Overdraft {
+                account: entry.account,
+                balance_msat: balance,
+                msat: entry.msat,
+            },
+        ))?,
+        _ => balance,
+    };
+    accounts.insert(&key, &next.to_be_bytes())?;
+    let raw = store::encode("entries", entry)
+        .map_err(|e| ConflictableTransactionError::Abort(LedgerError::Store(e)))?;
+    entries.insert(&seq.to_be_bytes(), raw)?;
+    Ok(())
+}
+
+/// The balance of `account` in msat.
+pub fn balance(store: &Store, account: &PublicKey) -> Result<u64, LedgerError> {
+    Ok(store
+        .accounts
+        .get(account.to_bytes())
+        .map_err(StoreError::from)?
+        .and_then(|raw| be_u64(&raw))
+        .unwrap_or(0))
+}
+
+/// Totals by entry kind and over balances, as the invariant check computed them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Sum of `payment_in`.
+    pub payment_in_msat: u64,
+    /// Sum of `charge`.
+    pub charge_msat: u64,
+    /// Sum of `refund_credit` memos.
+    pub refund_credit_msat: u64,
+    /// Sum of `payout`.
+    pub payout_msat: u64,
+    /// Sum of `expiry`.
+    pub expiry_msat: u64,
+    /// Sum of account balances.
+    pub balances_msat: u64,
+    /// Number of entries.
+    pub entries: u64,
+    /// Number of accounts.
+    pub accounts: u64,
+}
+
+/// Check the invariant over the whole ledger.
+pub fn check(store: &Store) -> Result<Totals, LedgerError> {
+    use std::collections::HashMap;
+    let mut totals = Totals::default();
+    let mut by_account: HashMap<PublicKey, i128> = HashMap::new();
+    for item in store.entries.iter() {
+        let (_, raw) = item.map_err(StoreError::from)?;
+        let entry: Entry = store::decode("entries", &raw)?;
+        totals.entries += 1;
+        let slot = match entry.kind {
+            EntryKind::PaymentIn => &mut totals.payment_in_msat,
+            EntryKind::Charge => &mut totals.charge_msat,
+            EntryKind::RefundCredit => &mut totals.refund_credit_msat,
+            EntryKind::Payout => &mut totals.payout_msat,
+            EntryKind::Expiry => &mut totals.expiry_msat,
+        };
+        *slot = slot.saturating_add(entry.msat);
+        *by_account.entry(entry.account).or_default() +=
+            i128::from(entry.kind.sign()) * i128::from(entry.msat);
+    }
+    for item in store.accounts.iter() {
+        let (key, raw) = item.map_err(StoreError::from)?;
+        let account = PublicKey::from_slice(&key)
+            .map_err(|e| LedgerError::Invariant(format!("bad account key: {e}")))?;
+        let balance = be_u64(&raw)
+            .ok_or_else(|| LedgerError::Invariant(format!("bad balance for {account}")))?;
+        totals.accounts += 1;
+        totals.balances_msat = totals.balances_msat.saturating_add(balance);
+        let from_entries = by_account.remove(&account).unwrap_or(0);
+        if from_entries != i128::from(balance) {
+            return Err(LedgerError::Invariant(format!(
+                "{account}: balance {balance} msat, entries sum to {from_entries} msat"
+            )));
+        }
+    }
+    if let Some((account, sum)) = by_account.into_iter().find(|(_, sum)| *sum != 0) {
+        return Err(LedgerError::Invariant(format!(
+            "{account}: entries sum to {sum} msat but the account has no balance record"
+        )));
+    }
+    let out = u128::from(totals.charge_msat)
+        + u128::from(totals.payout_msat)
+        + u128::from(totals.expiry_msat)
+        + u128::from(totals.balances_msat);
+    if u128::from(totals.payment_in_msat) != out {
+        return Err(LedgerError::Invariant(format!(
+            "payments in {} msat != charges {} + payouts {} + expiries {} + balances {}",
+            totals.payment_in_msat,
+            totals.charge_msat,
+            totals.payout_msat,
+            totals.expiry_msat,
+            totals.balances_msat
+        )));
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use nostr_sdk::Keys;
+    use sled::Transactional;
+
+    use super::*;
+
+    fn apply(store: &Store, entry: Entry) -> Result<(), LedgerError> {
+        let seq = store.next_id()?;
+        (&store.accounts, &store.entries)
+            .transaction(|(accounts, entries)| post(accounts, entries, seq, &entry))
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Abort(e) => e,
+                sled::transaction::TransactionError::Storage(e) => StoreError::from(e).into(),
+            })
+    }
+
+    fn entry(kind: EntryKind, account: PublicKey, msat: u64) -> Entry {
+        Entry {
+            kind,
+            account,
+            msat,
+            job: None,
+            payment_hash: None,
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn invariant_holds_through_a_job() -> Result<(), LedgerError> {
+        let store = Store::temporary()?;
+        let alice = Keys::generate().public_key();
+        apply(&store, entry(EntryKind::PaymentIn, alice, 10_000))?;
+        apply(&store, entry(EntryKind::Charge, alice, 7_000))?;
+        apply(&store, entry(EntryKind::RefundCredit, alice, 3_000))?;
+        assert_eq!(balance(&store, &alice)?, 3_000);
+        let totals = check(&store)?;
+        assert_eq!(totals.payment_in_msat, 10_000);
+        assert_eq!(totals.balances_msat, 3_000);
+        Ok(())
+    }
+
+    #[test]
+    fn overdraft_is_refused_and_changes_nothing() -> Result<(), LedgerError> {
+        let store = Store::temporary()?;
+        let alice = Keys::generate().public_key();
+        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000))?;
+        let err = apply(&store, entry(EntryKind::Charge, alice, 1_001));
+        assert!(matches!(err, Err(LedgerError::Overdraft { .. })));
+        assert_eq!(balance(&store, &alice)?, 1_000);
+        check(&store)?;
+        Ok(())
+    }
+
+    #[test]
+    fn check_detects_a_tampered_balance() -> Result<(), LedgerError> {
+        let store = Store::temporary()?;
+        let alice = Keys::generate().public_key();
+        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000))?;
+        store
+            .accounts
+            .insert(alice.to_bytes(), &5_000u64.to_be_bytes())
+            .map_err(StoreError::from)?;
+        assert!(matches!(check(&store), Err(LedgerError::Invariant(_))));
+        Ok(())
+    }
+}

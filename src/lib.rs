@@ -1,0 +1,45 @@
+//! dvmd sells AI inference on Nostr for Lightning payments (NIP-90 data vending machine).
+//!
+//! # How a job flows
+//! ```text
+//! relay::intake   verify id+sig (nip90::Verified) -> job::Pipeline::screen
+//!                 (kind, p-targeting, age, dedup insert into the job book)
+//! job::pipeline   quote (pricing) -> invoice (wallet) -> persist AwaitingPayment
+//!                 -> `payment-required` feedback (relay::outbox)
+//! job::payment    wallet settlement hint or reconciler -> wallet.lookup(hash)
+//!                 -> book.confirm_payment: consume hash + ledger payment_in + Paid, one tx
+//! job::worker     Running -> infer::Backend (bounded pool) -> persist signed result
+//!                 -> publish until acked -> Delivered -> `success`
+//!                 -> book.settle: charge exact usage, remainder credited, Settled
+//! job::recovery   on start, every unfinished job resumes from its persisted state
+//! ```
+//! Every state change goes through the one transition table in [`job::state`] and is persisted
+//! before the side effect it allows. Money is msat everywhere; the [`ledger`] invariant is
+//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances)`.
+//!
+//! # Where things live
+//! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`pricing`], [`job::state`].
+//! - External systems behind traits: [`wallet::Wallet`] (dev now; LNbits, NWC next),
+//!   [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
+//! - IO: [`relay`] (pool, outbox, embedded relay, intake), [`store`] (sled), [`http`].
+//! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/main.rs`.
+//!
+//! See `DESIGN.md` for the architecture and `nips/` for the protocol texts dvmd follows.
+
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod config;
+pub mod customer;
+pub mod daemon;
+pub mod http;
+pub mod identity;
+pub mod infer;
+pub mod job;
+pub mod ledger;
+pub mod metrics;
+pub mod nip90;
+pub mod pricing;
+pub mod relay;
+pub mod store;
+pub mod wallet;

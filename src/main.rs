@@ -1,0 +1,254 @@
+//! The `dvmd` command line: parse arguments, load configuration, start logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use dvmd::config::{self, Config, FileConfig, Overrides, RelaysFile};
+use dvmd::daemon::{Daemon, Parts};
+use dvmd::job::Book;
+use dvmd::store::Store;
+use dvmd::{bench, identity, ledger};
+
+#[derive(Parser)]
+#[command(name = "dvmd", version, about = "Sell AI inference on Nostr (NIP-90) for Lightning payments")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Files {
+    /// dvmd.toml (optional: defaults apply when it does not exist).
+    #[arg(long, default_value = "dvmd.toml")]
+    config: PathBuf,
+    /// relays.toml (required without --dev).
+    #[arg(long, default_value = "relays.toml")]
+    relays: PathBuf,
+    /// Data directory (store and service key).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data directory and the service key (mode 0600).
+    Init {
+        #[command(flatten)]
+        files: Files,
+    },
+    /// Run the daemon.
+    Run {
+        #[command(flatten)]
+        files: Files,
+        /// Embedded relay, dev wallet and bundled model: no setup needed.
+        #[arg(long)]
+        dev: bool,
+        /// Embedded relay listen address (dev mode); port 0 picks one.
+        #[arg(long)]
+        relay_listen: Option<String>,
+        /// HTTP listen address; port 0 picks one.
+        #[arg(long)]
+        http_listen: Option<String>,
+        /// GGUF model for the embedded backend.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Dev-mode helpers.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Ledger tools.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// List jobs with their state and money.
+    Jobs {
+        #[command(flatten)]
+        files: Files,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Pay a dev-wallet invoice through a running `dvmd run --dev`.
+    Pay {
+        /// The BOLT11 invoice (lnbcrt...).
+        bolt11: String,
+        /// The daemon's HTTP URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        http: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Check the ledger invariant (stop the daemon first: the store is locked while it runs).
+    Check {
+        #[command(flatten)]
+        files: Files,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Verified + deduplicated requests per second next to raw signature verification.
+    Intake {
+        /// Number of requests.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+    },
+    /// Request -> payment-required -> result over the loopback relay, instant backend.
+    Roundtrip {
+        /// Number of sequential jobs.
+        #[arg(long, default_value_t = 2_000)]
+        jobs: usize,
+    },
+    /// Embedded model throughput: prompt and generation tokens per second.
+    Model {
+        /// GGUF model (default: the bundled dev model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 128)]
+        tokens: u32,
+        /// Runs.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+}
+
+fn load(files: &Files, flags: Overrides) -> anyhow::Result<Config> {
+    let file: FileConfig = config::read_toml(&files.config, false)?;
+    let relays: RelaysFile = if flags.dev {
+        RelaysFile::default()
+    } else {
+        config::read_toml(&files.relays, true)?
+    };
+    let flags = Overrides {
+        data_dir: files.data_dir.clone().or(flags.data_dir),
+        ..flags
+    };
+    Ok(Config::build(file, relays, flags)?)
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("DVMD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,nostr_relay_pool=warn,nostr_sdk=warn,nostr_relay_builder=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dvmd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { files } => {
+            let config = load(&files, Overrides { dev: true, ..Overrides::default() })?;
+            let (keys, created) = identity::init(&config.data_dir)?;
+            let verb = if created { "created" } else { "kept existing" };
+            println!(
+                "{verb} service key in {} (pubkey {})",
+                config.data_dir.display(),
+                keys.public_key().to_hex()
+            );
+        }
+        Command::Run {
+            files,
+            dev,
+            relay_listen,
+            http_listen,
+            model,
+        } => {
+            let config = load(
+                &files,
+                Overrides {
+                    dev,
+                    data_dir: None,
+                    relay_listen,
+                    http_listen,
+                    model_path: model,
+                },
+            )?;
+            let daemon = Daemon::start(config, Parts::default()).await?;
+            // The one line scripts wait for; everything else goes to the log on stderr.
+            println!("{}", daemon.ready());
+            daemon.run_until_signal().await;
+        }
+        Command::Dev {
+            command: DevCommand::Pay { bolt11, http },
+        } => {
+            let url = format!("{}/dev/pay", http.trim_end_matches('/'));
+            let response = reqwest::Client::new()
+                .post(&url)
+                .json(&serde_json::json!({ "bolt11": bolt11 }))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}: is `dvmd run --dev` running?"))?;
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            if !status.is_success() {
+                anyhow::bail!("{status}: {}", body["error"].as_str().unwrap_or("no reason given"));
+            }
+            println!("paid; preimage {}", body["preimage"].as_str().unwrap_or("?"));
+        }
+        Command::Ledger {
+            command: LedgerCommand::Check { files },
+        } => {
+            let config = load(&files, Overrides { dev: true, ..Overrides::default() })?;
+            let store = Store::open(&config.data_dir.join("store"))?;
+            let totals = ledger::check(&store)?;
+            println!("ledger ok: {}", serde_json::to_string_pretty(&totals)?);
+        }
+        Command::Jobs { files } => {
+            let config = load(&files, Overrides { dev: true, ..Overrides::default() })?;
+            let store = Store::open(&config.data_dir.join("store"))?;
+            for job in Book::new(store).all()? {
+                println!(
+                    "{} {:<16} customer={} quote={} paid={} charged={} {}",
+                    job.id,
+                    format!("{:?}", job.state),
+                    job.customer,
+                    job.quote_msat.unwrap_or(0),
+                    job.paid_msat,
+                    job.charge_msat.unwrap_or(0),
+                    job.reason.unwrap_or_default()
+                );
+            }
+        }
+        Command::Bench { command } => match command {
+            BenchCommand::Intake { requests } => bench::intake(requests).await.map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Roundtrip { jobs } => bench::roundtrip(jobs).await.map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Model {
+                model,
+                tokens,
+                runs,
+            } => bench::model(model.unwrap_or_else(config::dev_model_path), tokens, runs)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?,
+        },
+    }
+    Ok(())
+}

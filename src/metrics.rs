@@ -1,0 +1,263 @@
+//! Prometheus metrics: a fixed set of counters and histograms, rendered in the text format.
+//!
+//! Hand-rolled on atomics: the set is small and known, and recording sits on the intake and
+//! settlement paths, where a lock or a registry lookup per event would show.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::job::JobState;
+
+/// Why an incoming event was not made into a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Id or signature did not verify.
+    BadSignature,
+    /// Not a kind we serve.
+    WrongKind,
+    /// Addressed to other services.
+    NotForUs,
+    /// Expired or older than the maximum age.
+    Stale,
+    /// Already seen.
+    Duplicate,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 5] = [
+        Self::BadSignature,
+        Self::WrongKind,
+        Self::NotForUs,
+        Self::Stale,
+        Self::Duplicate,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::BadSignature => "bad_signature",
+            Self::WrongKind => "wrong_kind",
+            Self::NotForUs => "not_for_us",
+            Self::Stale => "stale",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Latency buckets in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// A cumulative histogram.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Record one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Every metric dvmd exports.
+#[derive(Default)]
+pub struct Metrics {
+    events_received: AtomicU64,
+    dropped: [AtomicU64; Dropped::ALL.len()],
+    transitions: [AtomicU64; JobState::ALL.len()],
+    payments_confirmed: AtomicU64,
+    msat_received: AtomicU64,
+    msat_charged: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    publish_failures: AtomicU64,
+    /// Wallet-confirmed payment to `processing` feedback sent.
+    pub settlement_to_processing: Histogram,
+    /// Request received to `payment-required` feedback acknowledged.
+    pub request_to_invoice: Histogram,
+    /// Model time per job.
+    pub inference: Histogram,
+}
+
+impl Metrics {
+    /// An event arrived from a relay.
+    pub fn event_received(&self) {
+        self.events_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An event was not made into a job.
+    pub fn dropped(&self, why: Dropped) {
+        if let Some(i) = Dropped::ALL.iter().position(|d| *d == why) {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A job entered `state`.
+    pub fn entered(&self, state: JobState) {
+        if let Some(i) = JobState::ALL.iter().position(|s| *s == state) {
+            self.transitions[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Our wallet confirmed a payment of `msat`.
+    pub fn payment_confirmed(&self, msat: u64) {
+        self.payments_confirmed.fetch_add(1, Ordering::Relaxed);
+        self.msat_received.fetch_add(msat, Ordering::Relaxed);
+    }
+
+    /// A job was charged `msat` for `prompt` + `completion` tokens.
+    pub fn charged(&self, msat: u64, prompt: u32, completion: u32) {
+        self.msat_charged.fetch_add(msat, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(u64::from(prompt), Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(u64::from(completion), Ordering::Relaxed);
+    }
+
+    /// A publish gave up without any relay accepting.
+    pub fn publish_failed(&self) {
+        self.publish_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        counter(
+            &mut out,
+            "dvmd_events_received_total",
+            "Job request events received from relays.",
+            self.events_received.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_events_dropped_total Events not made into jobs, by reason.\n# TYPE dvmd_events_dropped_total counter"
+        );
+        for (why, n) in Dropped::ALL.iter().zip(&self.dropped) {
+            let _ = writeln!(
+                out,
+                "dvmd_events_dropped_total{{reason=\"{}\"}} {}",
+                why.label(),
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_job_transitions_total Jobs entering each state.\n# TYPE dvmd_job_transitions_total counter"
+        );
+        for (state, n) in JobState::ALL.iter().zip(&self.transitions) {
+            let _ = writeln!(
+                out,
+                "dvmd_job_transitions_total{{state=\"{}\"}} {}",
+                state.as_str(),
+                n.load(Ordering::Relaxed)
+            );
+        }
+        counter(
+            &mut out,
+            "dvmd_payments_confirmed_total",
+            "Payments confirmed by our wallet.",
+            self.payments_confirmed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_received_msat_total",
+            "Msat received in confirmed payments.",
+            self.msat_received.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_charged_msat_total",
+            "Msat charged for completed jobs.",
+            self.msat_charged.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_prompt_tokens_total",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_completion_tokens_total",
+            "Completion tokens generated.",
+            self.completion_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_publish_failures_total",
+            "Events no relay accepted after all retries.",
+            self.publish_failures.load(Ordering::Relaxed),
+        );
+        self.settlement_to_processing.render(
+            &mut out,
+            "dvmd_settlement_to_processing_seconds",
+            "From wallet-confirmed payment to processing feedback.",
+        );
+        self.request_to_invoice.render(
+            &mut out,
+            "dvmd_request_to_invoice_seconds",
+            "From request received to payment-required acknowledged by a relay.",
+        );
+        self.inference.render(
+            &mut out,
+            "dvmd_inference_seconds",
+            "Model time per job.",
+        );
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.event_received();
+        m.dropped(Dropped::Stale);
+        m.entered(JobState::Paid);
+        m.payment_confirmed(21_000);
+        m.settlement_to_processing.observe(Duration::from_millis(3));
+        let text = m.render();
+        assert!(text.contains("dvmd_events_received_total 1\n"));
+        assert!(text.contains("dvmd_events_dropped_total{reason=\"stale\"} 1\n"));
+        assert!(text.contains("dvmd_job_transitions_total{state=\"paid\"} 1\n"));
+        assert!(text.contains("dvmd_received_msat_total 21000\n"));
+        assert!(text.contains("dvmd_settlement_to_processing_seconds_bucket{le=\"0.002\"} 0\n"));
+        assert!(text.contains("dvmd_settlement_to_processing_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("dvmd_settlement_to_processing_seconds_count 1\n"));
+    }
+}

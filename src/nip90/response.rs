@@ -1,0 +1,117 @@
+//! Building kind 7000 feedback and kind 6xxx result events.
+
+use nostr_sdk::{Event, EventBuilder, JsonUtil, Kind, Tag, TagKind};
+
+use super::{result_kind, JobStatus, FEEDBACK_KIND};
+
+/// An `["amount", msat, bolt11?]` tag: what the job costs and how to pay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentAmount {
+    /// Amount in msat.
+    pub msat: u64,
+    /// The invoice to pay, if any.
+    pub bolt11: Option<String>,
+}
+
+impl PaymentAmount {
+    fn tag(&self) -> Tag {
+        let mut values = vec![self.msat.to_string()];
+        values.extend(self.bolt11.clone());
+        Tag::custom(TagKind::custom("amount"), values)
+    }
+}
+
+/// A kind 7000 feedback event answering `request`, with `["status", status, info]`, `e`, `p`
+/// and an optional `amount`.
+pub fn feedback(
+    request: &Event,
+    status: JobStatus,
+    info: &str,
+    amount: Option<&PaymentAmount>,
+) -> EventBuilder {
+    let mut tags = vec![
+        Tag::custom(TagKind::custom("status"), [status.as_str(), info]),
+        Tag::event(request.id),
+        Tag::public_key(request.pubkey),
+    ];
+    tags.extend(amount.map(PaymentAmount::tag));
+    EventBuilder::new(Kind::from(FEEDBACK_KIND), "").tags(tags)
+}
+
+/// The result event answering `request`: kind + 1000, with `request` (the request JSON), `e`,
+/// `p`, the request's `i` tags, and the `amount` charged.
+pub fn result(request: &Event, content: &str, amount: Option<&PaymentAmount>) -> EventBuilder {
+    let mut tags = vec![
+        Tag::custom(TagKind::custom("request"), [request.as_json()]),
+        Tag::event(request.id),
+        Tag::public_key(request.pubkey),
+    ];
+    tags.extend(
+        request
+            .tags
+            .iter()
+            .filter(|tag| tag.as_slice().first().is_some_and(|name| name == "i"))
+            .cloned(),
+    );
+    tags.extend(amount.map(PaymentAmount::tag));
+    EventBuilder::new(Kind::from(result_kind(request.kind.as_u16())), content).tags(tags)
+}
+
+#[cfg(test)]
+mod tests {
+    use nostr_sdk::Keys;
+
+    use super::*;
+
+    fn request() -> Event {
+        EventBuilder::new(Kind::from(5050), "")
+            .tags([Tag::parse(["i", "hello", "text"]).expect("tag")])
+            .sign_with_keys(&Keys::generate())
+            .expect("sign")
+    }
+
+    fn values(event: &Event, name: &str) -> Vec<Vec<String>> {
+        event
+            .tags
+            .iter()
+            .filter(|t| t.as_slice()[0] == name)
+            .map(|t| t.as_slice()[1..].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn payment_required_feedback() {
+        let req = request();
+        let amount = PaymentAmount {
+            msat: 21_000,
+            bolt11: Some("lnbcrt210n1...".to_owned()),
+        };
+        let fb = feedback(&req, JobStatus::PaymentRequired, "pay", Some(&amount))
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        assert_eq!(fb.kind.as_u16(), 7000);
+        assert_eq!(values(&fb, "status"), vec![vec!["payment-required", "pay"]]);
+        assert_eq!(values(&fb, "amount"), vec![vec!["21000", "lnbcrt210n1..."]]);
+        assert_eq!(values(&fb, "e"), vec![vec![req.id.to_hex()]]);
+        assert_eq!(values(&fb, "p"), vec![vec![req.pubkey.to_hex()]]);
+    }
+
+    #[test]
+    fn result_carries_request_and_inputs() {
+        let req = request();
+        let amount = PaymentAmount {
+            msat: 1_500,
+            bolt11: None,
+        };
+        let res = result(&req, "hi there", Some(&amount))
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        assert_eq!(res.kind.as_u16(), 6050);
+        assert_eq!(res.content, "hi there");
+        let embedded = &values(&res, "request")[0][0];
+        assert_eq!(Event::from_json(embedded).expect("request json"), req);
+        assert_eq!(values(&res, "i"), vec![vec!["hello", "text"]]);
+        assert_eq!(values(&res, "amount"), vec![vec!["1500"]]);
+        assert_eq!(values(&res, "e"), vec![vec![req.id.to_hex()]]);
+    }
+}

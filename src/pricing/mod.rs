@@ -1,0 +1,122 @@
+//! Pricing: the operator's rate card, the quote asked before a job runs, and the exact charge
+//! after it ran. Pure.
+//!
+//! The quote assumes the whole `max_tokens` budget is used; the charge uses the exact usage the
+//! backend reported, so `charge <= quote` whenever the prompt count was exact, and the
+//! difference stays with the customer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::infer::Usage;
+
+/// Prices in msat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateCard {
+    /// Flat fee per job.
+    pub base_fee_msat: u64,
+    /// Per 1000 prompt tokens.
+    pub prompt_msat_per_1k_tokens: u64,
+    /// Per 1000 completion tokens.
+    pub completion_msat_per_1k_tokens: u64,
+}
+
+impl Default for RateCard {
+    fn default() -> Self {
+        Self {
+            base_fee_msat: 1_000,
+            prompt_msat_per_1k_tokens: 2_000,
+            completion_msat_per_1k_tokens: 10_000,
+        }
+    }
+}
+
+impl RateCard {
+    /// The price of a job with `prompt_tokens` that may generate up to `max_tokens`.
+    pub fn quote(&self, prompt_tokens: u32, max_tokens: u32) -> u64 {
+        self.charge(Usage {
+            prompt_tokens,
+            completion_tokens: max_tokens,
+        })
+    }
+
+    /// The price of exactly `usage`.
+    pub fn charge(&self, usage: Usage) -> u64 {
+        self.base_fee_msat
+            .saturating_add(per_1k(usage.prompt_tokens, self.prompt_msat_per_1k_tokens))
+            .saturating_add(per_1k(
+                usage.completion_tokens,
+                self.completion_msat_per_1k_tokens,
+            ))
+    }
+}
+
+/// `tokens * rate / 1000`, rounded up so a job is never charged less than its tokens cost.
+fn per_1k(tokens: u32, msat_per_1k: u64) -> u64 {
+    u64::from(tokens).saturating_mul(msat_per_1k).div_ceil(1000)
+}
+
+/// A conservative prompt token count for backends that cannot tokenize before running: about
+/// one token per 3 bytes plus room for the chat template. Overestimating only means a larger
+/// remainder returned to the customer.
+pub fn estimate_prompt_tokens(prompt_bytes: usize) -> u32 {
+    u32::try_from(prompt_bytes.div_ceil(3).saturating_add(32)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CARD: RateCard = RateCard {
+        base_fee_msat: 1_000,
+        prompt_msat_per_1k_tokens: 2_000,
+        completion_msat_per_1k_tokens: 10_000,
+    };
+
+    #[test]
+    fn quote_is_base_plus_tokens() {
+        assert_eq!(CARD.quote(0, 0), 1_000);
+        assert_eq!(CARD.quote(1_000, 1_000), 1_000 + 2_000 + 10_000);
+        // 1 prompt token costs 2 msat, 1 completion token 10 msat.
+        assert_eq!(CARD.quote(1, 1), 1_000 + 2 + 10);
+    }
+
+    #[test]
+    fn fractions_round_up() {
+        let card = RateCard {
+            base_fee_msat: 0,
+            prompt_msat_per_1k_tokens: 1,
+            completion_msat_per_1k_tokens: 0,
+        };
+        assert_eq!(card.quote(1, 0), 1);
+        assert_eq!(card.quote(1000, 0), 1);
+        assert_eq!(card.quote(1001, 0), 2);
+    }
+
+    #[test]
+    fn charge_never_exceeds_quote_for_the_same_prompt() {
+        for completion in 0..=300 {
+            let charge = CARD.charge(Usage {
+                prompt_tokens: 57,
+                completion_tokens: completion,
+            });
+            assert!(charge <= CARD.quote(57, 300));
+        }
+    }
+
+    #[test]
+    fn saturates_instead_of_overflowing() {
+        let card = RateCard {
+            base_fee_msat: u64::MAX,
+            prompt_msat_per_1k_tokens: u64::MAX,
+            completion_msat_per_1k_tokens: u64::MAX,
+        };
+        assert_eq!(card.quote(u32::MAX, u32::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn estimate_overestimates_english() {
+        let prompt = "The quick brown fox jumps over the lazy dog.";
+        assert!(estimate_prompt_tokens(prompt.len()) >= 10 + 20);
+    }
+}

@@ -1,0 +1,64 @@
+//! Intake: job requests from the relay pool into the pipeline.
+//!
+//! Every event is verified here (id and signature) before anything else looks at it. The loop
+//! only screens and hands off, so it keeps up with the pool; if it still falls behind, it
+//! catches up by fetching recent requests again (the job book drops the duplicates).
+
+use nostr_sdk::{RelayPoolNotification, Timestamp};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::Relays;
+use crate::job::Pipeline;
+use crate::metrics::Dropped;
+use crate::nip90::Verified;
+
+/// Subscribe to `kinds` and feed verified requests to `pipeline` until `cancel` fires.
+pub async fn run(
+    relays: Relays,
+    pipeline: Pipeline,
+    kinds: Vec<u16>,
+    max_age_secs: u64,
+    cancel: CancellationToken,
+) {
+    let mut notifications = relays.notifications();
+    let since = Timestamp::from_secs(Timestamp::now().as_secs().saturating_sub(max_age_secs));
+    if let Err(e) = relays.subscribe_requests(&kinds, since).await {
+        tracing::error!(error = %e, "cannot subscribe to job requests");
+    }
+    loop {
+        let notification = tokio::select! {
+            _ = cancel.cancelled() => break,
+            n = notifications.recv() => n,
+        };
+        match notification {
+            Ok(RelayPoolNotification::Event {
+                relay_url, event, ..
+            }) => {
+                pipeline.metrics().event_received();
+                match Verified::check(*event) {
+                    Ok(verified) => pipeline.handle(verified, Some(relay_url.as_str())),
+                    Err(_) => pipeline.metrics().dropped(Dropped::BadSignature),
+                }
+            }
+            Ok(RelayPoolNotification::Shutdown) => break,
+            Ok(_) => {}
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "intake fell behind; fetching recent requests again");
+                let since =
+                    Timestamp::from_secs(Timestamp::now().as_secs().saturating_sub(max_age_secs));
+                match relays.fetch_requests(&kinds, since).await {
+                    Ok(events) => {
+                        for event in events {
+                            if let Ok(verified) = Verified::check(event) {
+                                pipeline.handle(verified, None);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "catch-up fetch failed"),
+                }
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+}

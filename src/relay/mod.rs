@@ -1,0 +1,34 @@
+//! Relays: the pool dvmd reads requests from and publishes to, the outbox that retries until a
+//! relay acknowledges, and the embedded relay for dev mode and tests.
+
+pub mod embedded;
+pub mod intake;
+pub mod outbox;
+pub mod pool;
+pub mod transport;
+
+pub use embedded::EmbeddedRelay;
+pub use outbox::Outbox;
+pub use pool::{RelayRole, Relays};
+
+/// Errors of the relay layer.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Socket IO failed.
+    #[error("relay io: {0}")]
+    Io(#[from] std::io::Error),
+    /// A websocket handshake was refused.
+    #[error("relay handshake: {0}")]
+    Handshake(String),
+    /// The nostr-sdk pool failed.
+    #[error("relay pool: {0}")]
+    Pool(String),
+    /// No relay acknowledged an event.
+    #[error("no relay accepted event {event}: {reasons}")]
+    NotAccepted {
+        /// The event id.
+        event: String,
+        /// What the relays said.
+        reasons: String,
+    },
+}

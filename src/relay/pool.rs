@@ -1,0 +1,193 @@
+//! The relays dvmd talks to: a nostr-sdk `Client` with our nodelay transport, the operator's
+//! relays by role, and reply relays that requests name in their `relays` tag.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nostr_sdk::{
+    Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions, RelayPoolNotification,
+    RelayPoolOptions, RelayUrl, SubscriptionId, Timestamp,
+};
+use nostr_sdk::prelude::Events;
+use tokio::sync::{broadcast, Mutex};
+
+use super::transport::NoDelayTransport;
+use super::RelayError;
+
+/// At most this many relays learned from requests are kept in the pool, so customers cannot
+/// make the daemon hold an unbounded number of connections.
+pub const MAX_REPLY_RELAYS_IN_POOL: usize = 64;
+
+/// Room for bursts between the pool and the intake loop; intake only screens (no IO but a
+/// sled insert), so it drains this quickly.
+const NOTIFICATION_CHANNEL_SIZE: usize = 65_536;
+
+/// Sent events wait this long for the relay's `OK` before the outbox tries again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One configured relay and what dvmd uses it for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRole {
+    /// ws:// or wss:// URL.
+    pub url: String,
+    /// Read job requests from it.
+    pub read: bool,
+    /// Publish feedback and results to it.
+    pub write: bool,
+}
+
+/// The relay pool.
+#[derive(Clone)]
+pub struct Relays {
+    client: Client,
+    write: Arc<Vec<RelayUrl>>,
+    reply: Arc<Mutex<HashSet<RelayUrl>>>,
+}
+
+impl Relays {
+    /// Add the configured relays and start connecting (in the background: an unreachable relay
+    /// does not stop the daemon, the pool keeps retrying).
+    pub async fn connect(keys: &Keys, roles: &[RelayRole]) -> Result<Self, RelayError> {
+        let client = Client::builder()
+            .signer(keys.clone())
+            .websocket_transport(NoDelayTransport)
+            .opts(
+                ClientOptions::new()
+                    .automatic_authentication(true)
+                    .pool(RelayPoolOptions::new().notification_channel_size(NOTIFICATION_CHANNEL_SIZE)),
+            )
+            .build();
+        let mut write = Vec::new();
+        for role in roles {
+            let url = RelayUrl::parse(&role.url)
+                .map_err(|e| RelayError::Pool(format!("{}: {e}", role.url)))?;
+            let opts = RelayOptions::new().read(role.read).write(role.write);
+            client
+                .pool()
+                .add_relay(url.clone(), opts)
+                .await
+                .map_err(|e| RelayError::Pool(e.to_string()))?;
+            if role.write {
+                write.push(url);
+            }
+        }
+        client.connect().await;
+        Ok(Self {
+            client,
+            write: Arc::new(write),
+            reply: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    /// Wait until every configured relay is connected, or `timeout` passes.
+    pub async fn wait_connected(&self, timeout: Duration) {
+        let _ = self.client.try_connect(timeout).await;
+    }
+
+    /// The underlying client (examples and benchmarks publish through it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Subscribe to job requests of `kinds` since `since` on every read relay.
+    pub async fn subscribe_requests(
+        &self,
+        kinds: &[u16],
+        since: Timestamp,
+    ) -> Result<SubscriptionId, RelayError> {
+        let filter = Filter::new()
+            .kinds(kinds.iter().map(|k| Kind::from(*k)))
+            .since(since);
+        let output = self
+            .client
+            .subscribe(filter, None)
+            .await
+            .map_err(|e| RelayError::Pool(e.to_string()))?;
+        for (url, why) in &output.failed {
+            tracing::warn!(relay = %url, error = %why, "subscription not sent yet; the pool resends it on connect");
+        }
+        Ok(output.val)
+    }
+
+    /// Fetch stored job requests since `since` from every read relay (catch-up after a gap).
+    pub async fn fetch_requests(&self, kinds: &[u16], since: Timestamp) -> Result<Events, RelayError> {
+        let filter = Filter::new()
+            .kinds(kinds.iter().map(|k| Kind::from(*k)))
+            .since(since);
+        self.client
+            .fetch_events(filter, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| RelayError::Pool(e.to_string()))
+    }
+
+    /// Events and relay messages as they arrive.
+    pub fn notifications(&self) -> broadcast::Receiver<RelayPoolNotification> {
+        self.client.notifications()
+    }
+
+    /// Send `event` once to our write relays plus `reply_relays`, waiting for each relay's `OK`.
+    /// Returns the relays that accepted it; an error if none did.
+    pub async fn send(&self, event: &Event, reply_relays: &[String]) -> Result<Vec<RelayUrl>, RelayError> {
+        let mut targets: HashSet<RelayUrl> = self.write.iter().cloned().collect();
+        for raw in reply_relays {
+            if let Some(url) = self.reply_relay(raw).await {
+                targets.insert(url);
+            }
+        }
+        if targets.is_empty() {
+            return Err(RelayError::NotAccepted {
+                event: event.id.to_hex(),
+                reasons: "no write relays configured".to_owned(),
+            });
+        }
+        let output = self
+            .client
+            .send_event_to(targets, event)
+            .await
+            .map_err(|e| RelayError::Pool(e.to_string()))?;
+        if output.success.is_empty() {
+            let reasons = output
+                .failed
+                .iter()
+                .map(|(url, why)| format!("{url}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(RelayError::NotAccepted {
+                event: event.id.to_hex(),
+                reasons,
+            });
+        }
+        Ok(output.success.into_iter().collect())
+    }
+
+    /// Make sure a customer-named relay is in the pool (write only), within the cap.
+    async fn reply_relay(&self, raw: &str) -> Option<RelayUrl> {
+        let url = RelayUrl::parse(raw).ok()?;
+        if self.write.contains(&url) {
+            return Some(url);
+        }
+        let mut reply = self.reply.lock().await;
+        if reply.contains(&url) {
+            return Some(url);
+        }
+        if reply.len() >= MAX_REPLY_RELAYS_IN_POOL {
+            tracing::debug!(relay = %url, "reply relay cap reached; not adding");
+            return None;
+        }
+        let opts = RelayOptions::new().read(false).write(true);
+        if let Err(e) = self.client.pool().add_relay(url.clone(), opts).await {
+            tracing::debug!(relay = %url, error = %e, "cannot add reply relay");
+            return None;
+        }
+        // Connect before the first send, so the first publish is not lost to a cold socket.
+        let _ = self.client.pool().try_connect_relay(url.clone(), CONNECT_TIMEOUT).await;
+        reply.insert(url.clone());
+        Some(url)
+    }
+
+    /// Disconnect every relay.
+    pub async fn shutdown(&self) {
+        self.client.shutdown().await;
+    }
+}

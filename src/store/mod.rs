@@ -1,0 +1,165 @@
+//! Persistent state in sled: the trees dvmd keeps, their keys, and the schema version.
+//!
+//! Every record is JSON (small, inspectable with `dvmd jobs`); keys are raw bytes (32-byte event
+//! ids and payment hashes, 8-byte big-endian sequence numbers). Modules that own a record type do
+//! their reads and writes through the trees opened here, and money-moving changes go through one
+//! multi-tree sled transaction followed by [`Store::flush`] before any side effect they allow.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The schema this build reads and writes. Bump with a migration when a record changes shape.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META_SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (IO, corruption).
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be (de)serialized.
+    #[error("store: bad record in {tree}: {source}")]
+    Codec {
+        /// The tree holding the record.
+        tree: &'static str,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// The data directory was written by another schema version.
+    #[error("store: schema version {found} on disk, this build reads {SCHEMA_VERSION}")]
+    Schema {
+        /// The version found on disk.
+        found: u64,
+    },
+    /// The data directory is locked by another process.
+    #[error("store: {0} is in use by another dvmd process")]
+    Locked(String),
+}
+
+/// The sled database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    /// Job records by request event id.
+    pub jobs: sled::Tree,
+    /// Invoices we issued, by payment hash: which job each pays, and whether it was consumed.
+    pub payments: sled::Tree,
+    /// Ledger balances by customer pubkey.
+    pub accounts: sled::Tree,
+    /// Ledger entries by sequence number.
+    pub entries: sled::Tree,
+    /// The dev wallet's invoices and preimages.
+    pub dev_wallet: sled::Tree,
+    /// Schema version, keys and checkpoints.
+    pub meta: sled::Tree,
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                sled::Error::Io(io) if io.to_string().contains("lock") => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                other => StoreError::Sled(other),
+            })?;
+        let store = Self {
+            jobs: db.open_tree("jobs")?,
+            payments: db.open_tree("payments")?,
+            accounts: db.open_tree("accounts")?,
+            entries: db.open_tree("entries")?,
+            dev_wallet: db.open_tree("dev_wallet")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// Open a throwaway store in a temporary directory (tests and benchmarks).
+    pub fn temporary() -> Result<Self, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        let store = Self {
+            jobs: db.open_tree("jobs")?,
+            payments: db.open_tree("payments")?,
+            accounts: db.open_tree("accounts")?,
+            entries: db.open_tree("entries")?,
+            dev_wallet: db.open_tree("dev_wallet")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match self.meta.get(META_SCHEMA_KEY)? {
+            None => {
+                self.meta
+                    .insert(META_SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                Ok(())
+            }
+            Some(raw) => {
+                let found = be_u64(&raw).unwrap_or(0);
+                if found == SCHEMA_VERSION {
+                    Ok(())
+                } else {
+                    Err(StoreError::Schema { found })
+                }
+            }
+        }
+    }
+
+    /// Make everything written so far durable. Call before acting on a money-moving change.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// A fresh monotonic id (ledger sequence numbers).
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+}
+
+/// Serialize a record for a tree.
+pub fn encode<T: Serialize>(tree: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Codec { tree, source })
+}
+
+/// Deserialize a record read from a tree.
+pub fn decode<T: DeserializeOwned>(tree: &'static str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|source| StoreError::Codec { tree, source })
+}
+
+/// Read a big-endian u64 (sequence numbers, versions).
+pub fn be_u64(raw: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(raw.try_into().ok()?))
+}
+
+/// Serialize inside a sled transaction, aborting it on failure.
+pub fn tx_encode<T: Serialize>(
+    tree: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, sled::transaction::ConflictableTransactionError<StoreError>> {
+    encode(tree, value).map_err(sled::transaction::ConflictableTransactionError::Abort)
+}
+
+/// Deserialize inside a sled transaction, aborting it on failure.
+pub fn tx_decode<T: DeserializeOwned>(
+    tree: &'static str,
+    raw: &[u8],
+) -> Result<T, sled::transaction::ConflictableTransactionError<StoreError>> {
+    decode(tree, raw).map_err(sled::transaction::ConflictableTransactionError::Abort)
+}

@@ -1,0 +1,332 @@
+//! The embedded dev wallet: real BOLT11 invoices on the regtest prefix (`lnbcrt`), signed by a
+//! dev node key kept in the store, with settlement simulated by `dvmd dev pay` / `POST /dev/pay`.
+//!
+//! Nothing here is money. The regtest prefix makes any invoice it issues unpayable on mainnet
+//! and obvious to a human, which is why the daemon only offers this wallet in `--dev` mode or
+//! when the operator names it explicitly.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bitcoin::hashes::{sha256, Hash};
+use bitcoin::secp256k1::{Secp256k1, SecretKey, SignOnly};
+use lightning_invoice::{Bolt11Invoice, Currency, InvoiceBuilder, PaymentSecret};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::{
+    Invoice, InvoiceDescription, InvoiceRequest, PaymentHash, PaymentSent, PaymentStatus, Wallet,
+    WalletError,
+};
+use crate::store::{self, Store, StoreError};
+
+const NODE_KEY: &[u8] = b"dev_wallet_node_key";
+const SETTLEMENT_HINTS: usize = 4096;
+const MIN_FINAL_CLTV_EXPIRY_DELTA: u64 = 144;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DevInvoice {
+    bolt11: String,
+    preimage: String,
+    amount_msat: u64,
+    expires_at: u64,
+    paid_at: Option<u64>,
+}
+
+/// The dev wallet.
+pub struct DevWallet {
+    store: Store,
+    node_key: SecretKey,
+    secp: Secp256k1<SignOnly>,
+    hints: broadcast::Sender<PaymentHash>,
+}
+
+impl DevWallet {
+    /// Open the dev wallet in `store`, creating its node key on first use.
+    pub fn open(store: Store) -> Result<Self, WalletError> {
+        let node_key = match store.meta.get(NODE_KEY).map_err(StoreError::from)? {
+            Some(raw) => SecretKey::from_slice(&raw)
+                .map_err(|e| WalletError::Unavailable(format!("corrupt dev node key: {e}")))?,
+            None => {
+                let key = SecretKey::new(&mut rand::thread_rng());
+                store
+                    .meta
+                    .insert(NODE_KEY, &key.secret_bytes())
+                    .map_err(StoreError::from)?;
+                key
+            }
+        };
+        let (hints, _) = broadcast::channel(SETTLEMENT_HINTS);
+        Ok(Self {
+            store,
+            node_key,
+            secp: Secp256k1::signing_only(),
+            hints,
+        })
+    }
+
+    /// Simulate a customer paying `bolt11`, one of this wallet's own invoices. Returns the
+    /// preimage. Paying twice, an expired invoice or a foreign invoice is refused.
+    pub async fn settle(&self, bolt11: &str) -> Result<[u8; 32], WalletError> {
+        let invoice = Bolt11Invoice::from_str(bolt11.trim())
+            .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
+        let hash = PaymentHash(invoice.payment_hash().to_byte_array());
+        let now = unix_now();
+        let mut refusal = None;
+        let updated = self
+            .store
+            .dev_wallet
+            .update_and_fetch(hash.0, |raw| {
+                let raw = raw?;
+                let mut record: DevInvoice = match store::decode("dev_wallet", raw) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        refusal = Some(WalletError::Store(e));
+                        return Some(raw.to_vec());
+                    }
+                };
+                if record.paid_at.is_some() {
+                    refusal = Some(WalletError::Refused("invoice already paid".to_owned()));
+                } else if record.expires_at <= now {
+                    refusal = Some(WalletError::Refused("invoice expired".to_owned()));
+                } else {
+                    refusal = None;
+                    record.paid_at = Some(now);
+                }
+                serde_json::to_vec(&record).ok()
+            })
+            .map_err(StoreError::from)?;
+        if let Some(refusal) = refusal {
+            return Err(refusal);
+        }
+        let record: DevInvoice = match updated {
+            Some(raw) => store::decode("dev_wallet", &raw)?,
+            None => {
+                return Err(WalletError::Refused(
+                    "not an invoice of this dev wallet".to_owned(),
+                ))
+            }
+        };
+        // The payment must be durable before anyone is told it happened.
+        self.store.flush().await?;
+        let mut preimage = [0u8; 32];
+        hex::decode_to_slice(&record.preimage, &mut preimage)
+            .map_err(|e| WalletError::Unavailable(format!("corrupt preimage: {e}")))?;
+        tracing::info!(payment_hash = %hash, msat = record.amount_msat, "dev wallet: invoice settled (simulated)");
+        // No receiver just means nobody listens yet; the reconciler finds the payment later.
+        let _ = self.hints.send(hash);
+        Ok(preimage)
+    }
+
+    fn record(&self, hash: &PaymentHash) -> Result<Option<DevInvoice>, WalletError> {
+        match self.store.dev_wallet.get(hash.0).map_err(StoreError::from)? {
+            Some(raw) => Ok(Some(store::decode("dev_wallet", &raw)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Wallet for DevWallet {
+    fn name(&self) -> &'static str {
+        "dev"
+    }
+
+    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
+        if request.amount_msat == 0 {
+            return Err(WalletError::Refused("amount must be positive".to_owned()));
+        }
+        let mut preimage = [0u8; 32];
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut preimage);
+        rand::thread_rng().fill_bytes(&mut secret);
+        let payment_hash = sha256::Hash::hash(&preimage);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| WalletError::Unavailable(e.to_string()))?;
+        let builder = InvoiceBuilder::new(Currency::Regtest)
+            .amount_milli_satoshis(request.amount_msat)
+            .payment_hash(payment_hash)
+            .payment_secret(PaymentSecret(secret))
+            .duration_since_epoch(now)
+            .expiry_time(Duration::from_secs(request.expiry_secs))
+            .min_final_cltv_expiry_delta(MIN_FINAL_CLTV_EXPIRY_DELTA);
+        let sign = |msg: &bitcoin::secp256k1::Message| {
+            self.secp.sign_ecdsa_recoverable(msg, &self.node_key)
+        };
+        let invoice = match request.description {
+            InvoiceDescription::Memo(memo) => builder.description(memo).build_signed(sign),
+            InvoiceDescription::Hash(hash) => builder
+                .description_hash(sha256::Hash::from_byte_array(hash))
+                .build_signed(sign),
+        }
+        .map_err(|e| WalletError::Refused(format!("cannot build invoice: {e}")))?;
+
+        let hash = PaymentHash(payment_hash.to_byte_array());
+        let expires_at = now.as_secs().saturating_add(request.expiry_secs);
+        let record = DevInvoice {
+            bolt11: invoice.to_string(),
+            preimage: hex::encode(preimage),
+            amount_msat: request.amount_msat,
+            expires_at,
+            paid_at: None,
+        };
+        self.store
+            .dev_wallet
+            .insert(hash.0, store::encode("dev_wallet", &record)?)
+            .map_err(StoreError::from)?;
+        Ok(Invoice {
+            bolt11: record.bolt11,
+            payment_hash: hash,
+            amount_msat: request.amount_msat,
+            expires_at,
+        })
+    }
+
+    async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
+        Ok(match self.record(payment_hash)? {
+            None => PaymentStatus::Unknown,
+            Some(DevInvoice {
+                paid_at: Some(_),
+                amount_msat,
+                ..
+            }) => PaymentStatus::Paid { amount_msat },
+            Some(record) if record.expires_at <= unix_now() => PaymentStatus::Expired,
+            Some(_) => PaymentStatus::Pending,
+        })
+    }
+
+    async fn pay(&self, bolt11: &str, _max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
+        // Only its own invoices: anything else would pretend money left the machine.
+        let invoice = Bolt11Invoice::from_str(bolt11.trim())
+            .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
+        let hash = PaymentHash(invoice.payment_hash().to_byte_array());
+        if self.record(&hash)?.is_none() {
+            return Err(WalletError::Refused(
+                "the dev wallet pays only its own invoices".to_owned(),
+            ));
+        }
+        let preimage = self.settle(bolt11).await?;
+        Ok(PaymentSent {
+            preimage,
+            fee_msat: 0,
+        })
+    }
+
+    async fn balance(&self) -> Result<u64, WalletError> {
+        let mut total = 0u64;
+        for item in self.store.dev_wallet.iter() {
+            let (_, raw) = item.map_err(StoreError::from)?;
+            let record: DevInvoice = store::decode("dev_wallet", &raw)?;
+            if record.paid_at.is_some() {
+                total = total.saturating_add(record.amount_msat);
+            }
+        }
+        Ok(total)
+    }
+
+    fn settlements(&self) -> broadcast::Receiver<PaymentHash> {
+        self.hints.subscribe()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wallet() -> DevWallet {
+        DevWallet::open(Store::temporary().expect("store")).expect("wallet")
+    }
+
+    fn request(msat: u64) -> InvoiceRequest {
+        InvoiceRequest {
+            amount_msat: msat,
+            description: InvoiceDescription::Memo("dvmd test".to_owned()),
+            expiry_secs: 600,
+        }
+    }
+
+    #[tokio::test]
+    async fn issues_real_regtest_invoices() {
+        let wallet = wallet();
+        let invoice = wallet.create_invoice(request(21_000)).await.expect("invoice");
+        assert!(invoice.bolt11.starts_with("lnbcrt210n1"), "{}", invoice.bolt11);
+        let parsed = Bolt11Invoice::from_str(&invoice.bolt11).expect("valid BOLT11");
+        assert_eq!(parsed.amount_milli_satoshis(), Some(21_000));
+        assert_eq!(parsed.payment_hash().to_byte_array(), invoice.payment_hash.0);
+        assert!(parsed.check_signature().is_ok());
+        assert_eq!(
+            wallet.lookup(&invoice.payment_hash).await.expect("lookup"),
+            PaymentStatus::Pending
+        );
+    }
+
+    #[tokio::test]
+    async fn settles_once_and_hints() {
+        let wallet = wallet();
+        let mut hints = wallet.settlements();
+        let invoice = wallet.create_invoice(request(5_000)).await.expect("invoice");
+        let preimage = wallet.settle(&invoice.bolt11).await.expect("settle");
+        assert_eq!(sha256::Hash::hash(&preimage).to_byte_array(), invoice.payment_hash.0);
+        assert_eq!(hints.recv().await.expect("hint"), invoice.payment_hash);
+        assert_eq!(
+            wallet.lookup(&invoice.payment_hash).await.expect("lookup"),
+            PaymentStatus::Paid { amount_msat: 5_000 }
+        );
+        assert!(matches!(
+            wallet.settle(&invoice.bolt11).await,
+            Err(WalletError::Refused(_))
+        ));
+        assert_eq!(wallet.balance().await.expect("balance"), 5_000);
+    }
+
+    #[tokio::test]
+    async fn refuses_foreign_and_expired_invoices() {
+        let wallet = wallet();
+        let other = self::wallet();
+        let foreign = other.create_invoice(request(1_000)).await.expect("invoice");
+        assert!(matches!(wallet.settle(&foreign.bolt11).await, Err(WalletError::Refused(_))));
+        assert!(matches!(wallet.pay(&foreign.bolt11, 0).await, Err(WalletError::Refused(_))));
+        assert!(matches!(wallet.settle("lnbc1garbage").await, Err(WalletError::InvalidInvoice(_))));
+
+        let mut expired = request(1_000);
+        expired.expiry_secs = 0;
+        let invoice = wallet.create_invoice(expired).await.expect("invoice");
+        assert_eq!(
+            wallet.lookup(&invoice.payment_hash).await.expect("lookup"),
+            PaymentStatus::Expired
+        );
+        assert!(matches!(wallet.settle(&invoice.bolt11).await, Err(WalletError::Refused(_))));
+        let unknown = PaymentHash([7; 32]);
+        assert_eq!(wallet.lookup(&unknown).await.expect("lookup"), PaymentStatus::Unknown);
+    }
+
+    #[tokio::test]
+    async fn description_hash_invoices() {
+        let wallet = wallet();
+        let hash = sha256::Hash::hash(b"zap request").to_byte_array();
+        let invoice = wallet
+            .create_invoice(InvoiceRequest {
+                amount_msat: 1_000,
+                description: InvoiceDescription::Hash(hash),
+                expiry_secs: 60,
+            })
+            .await
+            .expect("invoice");
+        let parsed = Bolt11Invoice::from_str(&invoice.bolt11).expect("valid");
+        match parsed.description() {
+            lightning_invoice::Bolt11InvoiceDescriptionRef::Hash(h) => {
+                assert_eq!(h.0.to_byte_array(), hash)
+            }
+            other => panic!("expected a description hash, got {other:?}"),
+        }
+    }
+}

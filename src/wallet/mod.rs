@@ -1,0 +1,163 @@
+//! Lightning wallets behind one [`Wallet`] trait: the embedded dev wallet now; LNbits and NWC
+//! plug in beside it.
+//!
+//! A wallet's settlement stream carries hints only. Nothing moves on a hint: the pipeline asks
+//! [`Wallet::lookup`] for the payment hash and acts on that answer.
+
+pub mod dev;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// A payment hash (sha256 of the preimage).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PaymentHash(pub [u8; 32]);
+
+impl PaymentHash {
+    /// Parse 64 hex characters.
+    pub fn from_hex(s: &str) -> Result<Self, WalletError> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(s, &mut bytes)
+            .map_err(|_| WalletError::InvalidInvoice(format!("`{s}` is not a payment hash")))?;
+        Ok(Self(bytes))
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for PaymentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for PaymentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PaymentHash({})", self.to_hex())
+    }
+}
+
+impl TryFrom<String> for PaymentHash {
+    type Error = WalletError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::from_hex(&s)
+    }
+}
+
+impl From<PaymentHash> for String {
+    fn from(hash: PaymentHash) -> Self {
+        hash.to_hex()
+    }
+}
+
+/// What an invoice commits to in its description field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvoiceDescription {
+    /// A short memo shown by the payer's wallet.
+    Memo(String),
+    /// sha256 of a longer description (NIP-57 zap requests, LNURL metadata).
+    Hash([u8; 32]),
+}
+
+/// An invoice to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceRequest {
+    /// Amount in msat; backends that work in whole sats round up.
+    pub amount_msat: u64,
+    /// Description or its hash.
+    pub description: InvoiceDescription,
+    /// Seconds until it expires.
+    pub expiry_secs: u64,
+}
+
+/// An invoice the wallet issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invoice {
+    /// BOLT11 string.
+    pub bolt11: String,
+    /// Its payment hash.
+    pub payment_hash: PaymentHash,
+    /// The amount it asks for, in msat (after any rounding to whole sats).
+    pub amount_msat: u64,
+    /// Unix seconds after which it cannot be paid.
+    pub expires_at: u64,
+}
+
+/// What the wallet knows of a payment hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    /// Issued, not paid, not expired.
+    Pending,
+    /// Paid; the amount actually received in msat.
+    Paid {
+        /// Received amount in msat.
+        amount_msat: u64,
+    },
+    /// Expired unpaid.
+    Expired,
+    /// The wallet never issued it (or forgot it).
+    Unknown,
+}
+
+/// An outgoing payment that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentSent {
+    /// The preimage proving payment.
+    pub preimage: [u8; 32],
+    /// Routing fee paid, msat.
+    pub fee_msat: u64,
+}
+
+/// Errors of a wallet backend. Never carries secrets (keys, connection strings).
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    /// The backend cannot be reached or failed; try again later.
+    #[error("wallet unavailable: {0}")]
+    Unavailable(String),
+    /// The invoice cannot be parsed or is not usable.
+    #[error("invalid invoice: {0}")]
+    InvalidInvoice(String),
+    /// Not enough funds.
+    #[error("insufficient balance: have {balance_msat} msat, need {needed_msat} msat")]
+    InsufficientBalance {
+        /// Spendable balance.
+        balance_msat: u64,
+        /// What the payment needs.
+        needed_msat: u64,
+    },
+    /// The backend refused the operation.
+    #[error("wallet refused: {0}")]
+    Refused(String),
+    /// The store behind the wallet failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A Lightning wallet. One conformance suite (tests/) runs against every backend.
+#[async_trait::async_trait]
+pub trait Wallet: Send + Sync + 'static {
+    /// A short name for logs and metrics (`dev`, `lnbits`, `nwc`).
+    fn name(&self) -> &'static str;
+
+    /// Issue an invoice.
+    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError>;
+
+    /// Ask the wallet itself whether `payment_hash` was paid: the only answer money moves on.
+    async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError>;
+
+    /// Pay a BOLT11 invoice, spending at most `max_fee_msat` on routing.
+    async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError>;
+
+    /// Spendable balance in msat.
+    async fn balance(&self) -> Result<u64, WalletError>;
+
+    /// Hints that a payment hash may have been paid. Lossy: a lagging receiver misses hints,
+    /// so the pipeline also reconciles open invoices by lookup.
+    fn settlements(&self) -> broadcast::Receiver<PaymentHash>;
+}

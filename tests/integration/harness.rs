@@ -1,0 +1,166 @@
+//! Shared test harness: real parts on loopback (embedded relay, dev wallet, the real model,
+//! llama-server, the daemon binary), plus the checks every scenario ends with.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dvmd::config::{Config, FileConfig, Overrides, RelaysFile};
+use dvmd::daemon::{Daemon, Parts};
+use dvmd::infer::Backend;
+use dvmd::job::{Book, Job};
+use dvmd::ledger::{self, Totals};
+use dvmd::store::Store;
+
+/// How long a test waits for any single reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The bundled model; `make test` downloads it. Missing is a failure, not a skip.
+pub fn model_path() -> PathBuf {
+    let path = dvmd::config::dev_model_path();
+    assert!(
+        path.exists(),
+        "model {} missing: run `make model` (or `make test`, which does)",
+        path.display()
+    );
+    path
+}
+
+/// A fresh data directory, removed on drop.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// A dev-mode configuration on free ports in `data`.
+pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
+    let mut file = FileConfig::default();
+    file.wallet.reconcile_interval_secs = 1;
+    edit(&mut file);
+    Config::build(
+        file,
+        RelaysFile::default(),
+        Overrides {
+            dev: true,
+            data_dir: Some(data.to_owned()),
+            relay_listen: Some("127.0.0.1:0".into()),
+            http_listen: Some("127.0.0.1:0".into()),
+            model_path: Some(model_path()),
+        },
+    )
+    .expect("valid config")
+}
+
+/// Start a daemon in this process, optionally with a backend of the test's choosing.
+pub async fn start(config: Config, backend: Option<Arc<dyn Backend>>) -> Daemon {
+    Daemon::start(config, Parts { backend }).await.expect("daemon starts")
+}
+
+/// Open the store of a stopped daemon.
+pub fn open_store(data: &Path) -> Store {
+    Store::open(&data.join("store")).expect("store opens")
+}
+
+/// Every job in the store.
+pub fn jobs(store: &Store) -> Vec<Job> {
+    Book::new(store.clone()).all().expect("jobs")
+}
+
+/// The ledger invariant must hold after every scenario.
+pub fn ledger_ok(store: &Store) -> Totals {
+    ledger::check(store).expect("ledger invariant holds")
+}
+
+/// A loopback port that was free a moment ago (for daemons restarted on the same address).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The daemon binary running as a child process (for kill -9 tests and peer clients).
+pub struct DaemonProcess {
+    child: Child,
+    /// The `dvmd ready` line's fields.
+    pub relay_url: String,
+    /// HTTP base URL.
+    pub http_url: String,
+    /// Service pubkey, hex.
+    pub pubkey: String,
+}
+
+impl DaemonProcess {
+    /// `dvmd run --dev` on the given ports in `data`; waits for the ready line.
+    pub fn spawn(data: &Path, relay_port: u16, http_port: u16, extra_config: &str) -> Self {
+        let config = data.join("dvmd.toml");
+        std::fs::write(&config, format!("[wallet]\nreconcile_interval_secs = 1\n{extra_config}"))
+            .expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dvmd"))
+            .args(["run", "--dev", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--relay-listen", &format!("127.0.0.1:{relay_port}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .arg("--model")
+            .arg(model_path())
+            .env("DVMD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dvmd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("ready line");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in ready line {line:?}"))
+                .to_owned()
+        };
+        assert!(line.starts_with("dvmd ready "), "unexpected first line {line:?}");
+        Self {
+            relay_url: field("relay"),
+            http_url: field("http"),
+            pubkey: field("pubkey"),
+            child,
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "dvmd exited with {status}");
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pay a dev invoice through the daemon's HTTP endpoint, as `dvmd dev pay` does.
+pub async fn dev_pay(http_url: &str, bolt11: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{http_url}/dev/pay"))
+        .json(&serde_json::json!({ "bolt11": bolt11 }))
+        .send()
+        .await
+        .expect("POST /dev/pay");
+    assert!(response.status().is_success(), "dev pay: {}", response.status());
+    let body: serde_json::Value = response.json().await.expect("json");
+    body["preimage"].as_str().expect("preimage").to_owned()
+}

@@ -1,0 +1,8 @@
+//! Integration tests: real relay, real model, real wallet code, real peers, all on loopback.
+
+mod harness;
+
+mod bad_input;
+mod paid_job;
+mod restart;
+mod two_relays;

@@ -1,0 +1,114 @@
+//! The same request seen through two relays runs once and is paid once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dvmd::config::{Config, FileConfig, Overrides, RelayEntry, RelaysFile};
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::infer::instant::InstantBackend;
+use dvmd::job::JobState;
+use dvmd::nip90::JobStatus;
+use dvmd::relay::EmbeddedRelay;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{self, REPLY_TIMEOUT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_on_two_relays_runs_once() {
+    let cancel = CancellationToken::new();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let relay = EmbeddedRelay::bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        urls.push(relay.url());
+        tokio::spawn(relay.run(cancel.child_token()));
+    }
+    let data = harness::data_dir();
+    dvmd::identity::init(data.path()).expect("init");
+    let mut file = FileConfig::default();
+    file.wallet.reconcile_interval_secs = 1;
+    let relays = RelaysFile {
+        relay: urls
+            .iter()
+            .map(|url| RelayEntry { url: url.clone(), read: true, write: true })
+            .collect(),
+    };
+    let config = Config::build(
+        file,
+        relays,
+        Overrides {
+            dev: false,
+            data_dir: Some(data.path().to_owned()),
+            http_listen: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        },
+    )
+    .expect("config");
+    let backend = Arc::new(InstantBackend::new("Mars is a planet."));
+    let daemon = harness::start(config, Some(backend)).await;
+    let service = daemon.ready().pubkey;
+
+    let mut on_a = Customer::connect(&urls[0]).await.expect("connect a");
+    let mut on_b = Customer::connect_with(&urls[1], on_a.keys().clone()).await.expect("connect b");
+    let request = customer::text_request("Name a planet", &[("max_tokens", "8")], None, Some(service))
+        .sign_with_keys(on_a.keys())
+        .expect("sign");
+    on_a.send(&request).await.expect("post on a");
+    on_b.send(&request).await.expect("post on b");
+
+    // Both relays carry the one payment-required feedback (the same event).
+    let mut invoices = HashSet::new();
+    for customer in [&mut on_a, &mut on_b] {
+        match customer
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+            .await
+            .expect("feedback")
+        {
+            Reply::Feedback { status: Some(JobStatus::PaymentRequired), amount: Some(amount), event, .. } => {
+                invoices.insert((event.id, amount.bolt11.expect("bolt11")));
+            }
+            other => panic!("expected payment-required, got {other:?}"),
+        }
+    }
+    assert_eq!(invoices.len(), 1, "one feedback event, one invoice: {invoices:?}");
+    let bolt11 = invoices.into_iter().next().expect("invoice").1;
+    daemon.dev_wallet().expect("dev wallet").settle(&bolt11).await.expect("pay");
+
+    let mut results = HashSet::new();
+    for customer in [&mut on_a, &mut on_b] {
+        if let Reply::Result(event) = customer
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Result(_)))
+            .await
+            .expect("result")
+        {
+            results.insert(event.id);
+        }
+    }
+    assert_eq!(results.len(), 1, "exactly one result event");
+    // Sending the request again (as a relay replaying it after a reconnect would) changes
+    // nothing: no second invoice, no second run.
+    on_a.send(&request).await.ok();
+    let extra = on_a
+        .wait_for(&request.id, Duration::from_millis(500), |r| matches!(r, Reply::Result(_)))
+        .await;
+    if let Ok(Reply::Result(event)) = extra {
+        assert!(results.contains(&event.id), "a replayed result is the same event");
+    }
+
+    let book = daemon.pipeline().book();
+    assert_eq!(book.all().expect("jobs").len(), 1);
+    for _ in 0..100 {
+        if book.get(&request.id).expect("read").expect("job").state == JobState::Settled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(book.get(&request.id).expect("read").expect("job").state, JobState::Settled);
+    on_a.shutdown().await;
+    on_b.shutdown().await;
+    daemon.stop().await;
+    cancel.cancel();
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.entries, 3, "payment_in, charge, refund_credit: {totals:?}");
+}
