@@ -65,7 +65,7 @@ bench: deps $(MODEL) llama-server
 	cargo build --release --bin dvmd
 	./target/release/dvmd bench intake
 	./target/release/dvmd bench roundtrip
-	./target/release/dvmd bench model --model $(MODEL)
+	./target/release/dvmd bench model --model $(MODEL) --llama-server $$(bash .ci/llama-server.sh)
 
 clean-cache:
 	rm -rf $(CACHE)

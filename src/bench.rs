@@ -158,25 +158,37 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Prompt and generation tokens per second of the embedded model.
-pub async fn model(path: PathBuf, tokens: u32, runs: u32) -> Result<(), BenchError> {
+const MODEL_BENCH_PROMPT: &str = "Explain, in plain words and in some detail, how a \
+    Lightning Network payment travels from a payer to a payee through a route of channels, what \
+    an invoice contains, why the payment hash and preimage matter, and what happens when a hop \
+    along the route fails. Then say how a Nostr relay differs from a web server, and why \
+    signatures on events let clients trust data that arrives through relays they do not \
+    control. Keep the answer friendly and concrete, with one short example for each part.";
+
+/// Prompt and generation tokens per second of the embedded model, and of `llama_server` (an
+/// upstream llama-server binary) on the same GGUF and thread count when given.
+pub async fn model(
+    path: PathBuf,
+    tokens: u32,
+    runs: u32,
+    llama_server: Option<PathBuf>,
+) -> Result<(), BenchError> {
+    let threads = crate::infer::llama::default_threads();
     let config = LlamaConfig {
         model_path: path.clone(),
-        threads: None,
+        threads: Some(threads),
         context_tokens: 2048,
     };
     let started = Instant::now();
     let backend = tokio::task::spawn_blocking(move || LlamaBackend::load(&config)).await??;
-    println!("bench model: {} (load {:.0} ms)", path.display(), started.elapsed().as_secs_f64() * 1e3);
-    let prompt = "Explain, in plain words and in some detail, how a Lightning Network payment \
-        travels from a payer to a payee through a route of channels, what an invoice contains, \
-        why the payment hash and preimage matter, and what happens when a hop along the route \
-        fails. Then say how a Nostr relay differs from a web server, and why signatures on \
-        events let clients trust data that arrives through relays they do not control. Keep \
-        the answer friendly and concrete, with one short example for each part.";
+    println!(
+        "bench model: {} ({threads} threads, load {:.0} ms)",
+        path.display(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let request = GenerateRequest {
         model: None,
-        messages: vec![ChatMessage::user(prompt)],
+        messages: vec![ChatMessage::user(MODEL_BENCH_PROMPT)],
         sampling: Sampling {
             temperature: Some(0.0),
             seed: Some(1),
@@ -194,10 +206,75 @@ pub async fn model(path: PathBuf, tokens: u32, runs: u32) -> Result<(), BenchErr
         let prompt_secs = f64::from(usage.prompt_tokens) / prompt_rate;
         let gen_rate = f64::from(usage.completion_tokens) / (total - prompt_secs).max(1e-9);
         println!(
-            "  run {run}: prompt {} tok at {prompt_rate:.0} tok/s, generated {} tok at {gen_rate:.0} tok/s",
+            "  dvmd llama   run {run}: prompt {} tok at {prompt_rate:>5.0} tok/s, generated {} tok at {gen_rate:>5.0} tok/s",
             usage.prompt_tokens, usage.completion_tokens
         );
     }
+    drop(backend);
+    if let Some(binary) = llama_server {
+        llama_server_figures(&binary, &path, threads, tokens, runs).await?;
+    }
+    Ok(())
+}
+
+/// The same measurement on upstream llama-server, from the `timings` it reports.
+async fn llama_server_figures(
+    binary: &std::path::Path,
+    model: &std::path::Path,
+    threads: u32,
+    tokens: u32,
+    runs: u32,
+) -> Result<(), BenchError> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = tokio::process::Command::new(binary)
+        .arg("-m")
+        .arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-t", &threads.to_string(), "-c", "2048", "-np", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        if Instant::now() > deadline {
+            return Err("llama-server did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for run in 1..=runs {
+        let body = serde_json::json!({
+            "messages": [{"role": "user", "content": MODEL_BENCH_PROMPT}],
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "seed": 1,
+            // Every run processes the whole prompt, as dvmd does.
+            "cache_prompt": false,
+        });
+        let reply: serde_json::Value = http
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let t = &reply["timings"];
+        println!(
+            "  llama-server run {run}: prompt {} tok at {:>5.0} tok/s, generated {} tok at {:>5.0} tok/s",
+            t["prompt_n"],
+            t["prompt_per_second"].as_f64().unwrap_or(f64::NAN),
+            t["predicted_n"],
+            t["predicted_per_second"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let _ = child.kill().await;
     Ok(())
 }
 

@@ -67,6 +67,10 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSection {
+    /// Name shown in the NIP-89 announcement.
+    pub name: String,
+    /// Description shown in the NIP-89 announcement.
+    pub about: String,
     /// Where the store and key live.
     pub data_dir: Option<PathBuf>,
     /// Request kinds served.
@@ -84,6 +88,8 @@ pub struct ServiceSection {
 impl Default for ServiceSection {
     fn default() -> Self {
         Self {
+            name: "dvmd".to_owned(),
+            about: "Text generation (NIP-90 kind 5050), paid over Lightning.".to_owned(),
             data_dir: None,
             kinds: vec![KIND_TEXT_GENERATION],
             max_request_age_secs: 600,
@@ -334,6 +340,8 @@ pub struct Config {
     pub backend: BackendChoice,
     /// Wallet backend.
     pub wallet: WalletChoice,
+    /// Name and description for the NIP-89 announcement.
+    pub profile: (String, String),
 }
 
 /// Overrides from the command line (flags win over everything).
@@ -547,6 +555,7 @@ impl Config {
             jobs,
             backend,
             wallet,
+            profile: (service.name.clone(), service.about.clone()),
         })
     }
 }

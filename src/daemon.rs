@@ -182,6 +182,7 @@ impl Daemon {
         });
         tasks.spawn(http::serve(listener, router, cancel.child_token()));
 
+        announce(&relays, &keys, &config, &mut tasks);
         pipeline.recover().await;
         tasks.spawn(pipeline.clone().run_workers(queue, cancel.child_token()));
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
@@ -249,6 +250,23 @@ impl Daemon {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Publish the NIP-89 announcement in the background (a few attempts; it is re-sent on every
+/// start, and clients only need one copy).
+fn announce(relays: &Relays, keys: &nostr_sdk::Keys, config: &Config, tasks: &mut JoinSet<()>) {
+    let (name, about) = &config.profile;
+    let event = match crate::nip89::announcement(&config.jobs.kinds, name, about).sign_with_keys(keys) {
+        Ok(event) => event,
+        Err(e) => return tracing::warn!(error = %e, "cannot sign the NIP-89 announcement"),
+    };
+    let relays = relays.clone();
+    tasks.spawn(async move {
+        match relays.send(&event, &[]).await {
+            Ok(acked) => tracing::info!(relays = acked.len(), "NIP-89 announcement published"),
+            Err(e) => tracing::warn!(error = %e, "NIP-89 announcement not published"),
+        }
+    });
 }
 
 async fn build_backend(choice: &BackendChoice) -> Result<Arc<dyn Backend>, DaemonError> {

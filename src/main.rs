@@ -125,6 +125,9 @@ enum BenchCommand {
         /// Runs.
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// Also measure this upstream llama-server binary on the same model and threads.
+        #[arg(long, env = "DVMD_LLAMA_SERVER")]
+        llama_server: Option<PathBuf>,
     },
 }
 
@@ -142,9 +145,10 @@ fn load(files: &Files, flags: Overrides) -> anyhow::Result<Config> {
     Ok(Config::build(file, relays, flags)?)
 }
 
-fn init_tracing() {
-    let filter = EnvFilter::try_from_env("DVMD_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,nostr_relay_pool=warn,nostr_sdk=warn,nostr_relay_builder=warn"));
+/// Logs go to stderr, filtered by `DVMD_LOG` (tracing's env-filter syntax). Benchmarks default
+/// to warnings only, so their figures are not buried.
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_env("DVMD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -153,8 +157,12 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    init_tracing(match cli.command {
+        Command::Bench { .. } => "warn,nostr_relay_pool=error",
+        _ => "info,nostr_relay_pool=warn,nostr_sdk=warn,nostr_relay_builder=warn",
+    });
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dvmd: {e:#}");
@@ -245,7 +253,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 model,
                 tokens,
                 runs,
-            } => bench::model(model.unwrap_or_else(config::dev_model_path), tokens, runs)
+                llama_server,
+            } => bench::model(
+                model.unwrap_or_else(config::dev_model_path),
+                tokens,
+                runs,
+                llama_server,
+            )
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?,
         },

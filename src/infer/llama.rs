@@ -36,3 +36,7 @@ impl Backend for LlamaBackend {
         Err(InferError::Backend("stub".into()))
     }
 }
+/// Stub.
+pub fn default_threads() -> u32 {
+    1
+}

@@ -3,6 +3,9 @@
 mod harness;
 
 mod bad_input;
+mod conformance;
+mod interop;
+mod openai_job;
 mod paid_job;
 mod restart;
 mod two_relays;

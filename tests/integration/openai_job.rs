@@ -1,0 +1,57 @@
+//! A full paid job served by the `openai` backend against llama-server.
+
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::nip90::JobStatus;
+
+use crate::conformance::LlamaServer;
+use crate::harness::{self, REPLY_TIMEOUT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_job_through_an_openai_compatible_server() {
+    let server = LlamaServer::start().await;
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.infer.backend = "openai".into();
+        file.infer.openai.base_url = server.base_url.clone();
+        file.infer.openai.model = "smollm2".into();
+    });
+    let daemon = harness::start(config, None).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "What colour is the sky?",
+            &[("max_tokens", "16"), ("temperature", "0")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let bolt11 = match alice
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .await
+        .expect("feedback")
+    {
+        Reply::Feedback { status: Some(JobStatus::PaymentRequired), amount: Some(a), .. } => {
+            a.bolt11.expect("bolt11")
+        }
+        other => panic!("expected payment-required, got {other:?}"),
+    };
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    match alice
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Result(_) | Reply::Feedback { status: Some(JobStatus::Error), .. })
+        })
+        .await
+        .expect("result")
+    {
+        Reply::Result(event) => assert!(!event.content.trim().is_empty()),
+        other => panic!("expected a result, got {other:?}"),
+    }
+    let job = daemon.pipeline().book().get(&request.id).expect("read").expect("job");
+    let usage = job.usage.expect("usage from the server's stream");
+    assert!(usage.prompt_tokens > 0 && (1..=16).contains(&usage.completion_tokens));
+    alice.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
