@@ -68,7 +68,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             service,
         ))
         .await?;
-    println!("posted job {} as {}", request.id, customer.keys().public_key());
+    println!(
+        "posted job {} as {}",
+        request.id,
+        customer.keys().public_key()
+    );
 
     loop {
         let reply = customer
@@ -76,9 +80,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("no answer from any service")?;
         match reply {
-            Reply::Feedback { status: Some(JobStatus::PaymentRequired), amount, info, .. } => {
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount,
+                info,
+                ..
+            } => {
                 let amount = amount.context("payment-required without an amount tag")?;
-                let bolt11 = amount.bolt11.context("payment-required without an invoice")?;
+                let bolt11 = amount
+                    .bolt11
+                    .context("payment-required without an invoice")?;
                 println!("payment-required: {} msat ({info})", amount.msat);
                 match &args.dev_pay {
                     Some(http) => {
@@ -96,9 +107,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     None => println!("pay this invoice from your wallet:\n{bolt11}"),
                 }
             }
-            Reply::Feedback { status: Some(JobStatus::Error), info, .. } => bail!("error: {info}"),
+            Reply::Feedback {
+                status: Some(JobStatus::Error),
+                info,
+                ..
+            } => bail!("error: {info}"),
             Reply::Feedback { status, info, .. } => {
-                println!("{}: {info}", status.map(|s| s.as_str()).unwrap_or("unknown status"))
+                println!(
+                    "{}: {info}",
+                    status.map(|s| s.as_str()).unwrap_or("unknown status")
+                )
             }
             Reply::Result(event) => {
                 let charged = event

@@ -85,7 +85,10 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
         "  verify + screen + dedup (sled) : {rate:>9.0} events/s  ({admitted} new, {} duplicates)",
         total - admitted
     );
-    println!("  intake / raw                   : {:>9.1} %", 100.0 * rate / raw);
+    println!(
+        "  intake / raw                   : {:>9.1} %",
+        100.0 * rate / raw
+    );
     Ok(())
 }
 
@@ -104,7 +107,13 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
         },
     )?;
     let backend = Arc::new(InstantBackend::new("Hello from the instant backend."));
-    let daemon = Daemon::start(config, Parts { backend: Some(backend) }).await?;
+    let daemon = Daemon::start(
+        config,
+        Parts {
+            backend: Some(backend),
+        },
+    )
+    .await?;
     let wallet = daemon.dev_wallet().ok_or("dev wallet missing")?.clone();
     let mut customer = Customer::connect(&daemon.ready().relay_url).await?;
     let service = daemon.ready().pubkey;
@@ -124,7 +133,15 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
         let t0 = Instant::now();
         customer.send(&request).await?;
         let bolt11 = match customer
-            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { status: Some(JobStatus::PaymentRequired | JobStatus::Error), .. }))
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+                matches!(
+                    r,
+                    Reply::Feedback {
+                        status: Some(JobStatus::PaymentRequired | JobStatus::Error),
+                        ..
+                    }
+                )
+            })
             .await?
         {
             Reply::Feedback {
@@ -137,7 +154,9 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
         let t1 = Instant::now();
         wallet.settle(&bolt11).await?;
         customer
-            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Result(_)))
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+                matches!(r, Reply::Result(_))
+            })
             .await?;
         let t2 = Instant::now();
         if i >= warmup {
@@ -151,7 +170,10 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
     report("pay -> result", &mut pay_to_result);
     report("request -> result (total)", &mut total);
     let secs: f64 = total.iter().map(Duration::as_secs_f64).sum();
-    println!("  throughput                   : {:>8.0} jobs/s sequential", jobs as f64 / secs);
+    println!(
+        "  throughput                   : {:>8.0} jobs/s sequential",
+        jobs as f64 / secs
+    );
     customer.shutdown().await;
     daemon.stop().await;
     let _ = std::fs::remove_dir_all(&data);
@@ -201,7 +223,8 @@ pub async fn model(
         let (_, usage, _) = infer::collect(backend.generate(request.clone(), 1).await?).await?;
         let prompt_rate = f64::from(usage.prompt_tokens) / t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let (_, usage, _) = infer::collect(backend.generate(request.clone(), tokens).await?).await?;
+        let (_, usage, _) =
+            infer::collect(backend.generate(request.clone(), tokens).await?).await?;
         let total = t.elapsed().as_secs_f64();
         let prompt_secs = f64::from(usage.prompt_tokens) / prompt_rate;
         let gen_rate = f64::from(usage.completion_tokens) / (total - prompt_secs).max(1e-9);
@@ -225,7 +248,9 @@ async fn llama_server_figures(
     tokens: u32,
     runs: u32,
 ) -> Result<(), BenchError> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut child = tokio::process::Command::new(binary)
         .arg("-m")
         .arg(model)
@@ -282,7 +307,10 @@ fn report(label: &str, samples: &mut [Duration]) {
     samples.sort();
     let pick = |q: f64| {
         let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples.get(i).map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
+        samples
+            .get(i)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(f64::NAN)
     };
     println!(
         "  {label:<29}: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",

@@ -437,7 +437,9 @@ impl Config {
             ));
         }
         if file.pricing.invoice_expiry_secs < 60 {
-            return Err(invalid("pricing.invoice_expiry_secs must be at least 60".into()));
+            return Err(invalid(
+                "pricing.invoice_expiry_secs must be at least 60".into(),
+            ));
         }
 
         let data_dir = flags
@@ -446,8 +448,11 @@ impl Config {
             .or(service.data_dir.clone())
             .unwrap_or_else(default_data_dir);
         let parse_addr = |what: &str, raw: &str| -> Result<SocketAddr, ConfigError> {
-            raw.parse()
-                .map_err(|_| invalid(format!("{what}: `{raw}` is not an address like 127.0.0.1:8080")))
+            raw.parse().map_err(|_| {
+                invalid(format!(
+                    "{what}: `{raw}` is not an address like 127.0.0.1:8080"
+                ))
+            })
         };
         let http_listen = parse_addr(
             "http listen",
@@ -464,10 +469,16 @@ impl Config {
         let mut roles = Vec::new();
         for entry in relays.relay {
             if !(entry.url.starts_with("ws://") || entry.url.starts_with("wss://")) {
-                return Err(invalid(format!("relays.toml: `{}` is not a ws(s) URL", entry.url)));
+                return Err(invalid(format!(
+                    "relays.toml: `{}` is not a ws(s) URL",
+                    entry.url
+                )));
             }
             if !entry.read && !entry.write {
-                return Err(invalid(format!("relays.toml: `{}` is neither read nor write", entry.url)));
+                return Err(invalid(format!(
+                    "relays.toml: `{}` is neither read nor write",
+                    entry.url
+                )));
             }
             roles.push(RelayRole {
                 url: entry.url,
@@ -475,12 +486,11 @@ impl Config {
                 write: entry.write,
             });
         }
-        if !flags.dev {
-            if !roles.iter().any(|r| r.read) || !roles.iter().any(|r| r.write) {
-                return Err(invalid(
-                    "relays.toml needs at least one read and one write relay (or run with --dev)".into(),
-                ));
-            }
+        if !flags.dev && (!roles.iter().any(|r| r.read) || !roles.iter().any(|r| r.write)) {
+            return Err(invalid(
+                "relays.toml needs at least one read and one write relay (or run with --dev)"
+                    .into(),
+            ));
         }
 
         let backend = match file.infer.backend.as_str() {
@@ -524,7 +534,11 @@ impl Config {
         };
         let wallet = match file.wallet.backend.as_str() {
             "dev" => WalletChoice::Dev,
-            other => return Err(invalid(format!("wallet.backend: `{other}` is not one of dev"))),
+            other => {
+                return Err(invalid(format!(
+                    "wallet.backend: `{other}` is not one of dev"
+                )))
+            }
         };
 
         let jobs = JobConfig {
@@ -575,14 +589,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        let err = toml::from_str::<FileConfig>("[pricing]\nbase_fee_sats = 1\n").expect_err("unknown key");
+        let err = toml::from_str::<FileConfig>("[pricing]\nbase_fee_sats = 1\n")
+            .expect_err("unknown key");
         assert!(err.to_string().contains("base_fee_sats"), "{err}");
     }
 
     #[test]
     fn non_dev_needs_relays() {
-        let err = Config::build(FileConfig::default(), RelaysFile::default(), Overrides::default())
-            .expect_err("no relays");
+        let err = Config::build(
+            FileConfig::default(),
+            RelaysFile::default(),
+            Overrides::default(),
+        )
+        .expect_err("no relays");
         assert!(err.to_string().contains("relays.toml"), "{err}");
         let dev = Overrides {
             dev: true,

@@ -62,12 +62,21 @@ pub fn text_request(
     bid_msat: Option<u64>,
     service: Option<PublicKey>,
 ) -> EventBuilder {
-    let mut tags = vec![Tag::custom(nostr_sdk::TagKind::custom("i"), [prompt, "text"])];
+    let mut tags = vec![Tag::custom(
+        nostr_sdk::TagKind::custom("i"),
+        [prompt, "text"],
+    )];
     for (name, value) in params {
-        tags.push(Tag::custom(nostr_sdk::TagKind::custom("param"), [*name, *value]));
+        tags.push(Tag::custom(
+            nostr_sdk::TagKind::custom("param"),
+            [*name, *value],
+        ));
     }
     if let Some(bid) = bid_msat {
-        tags.push(Tag::custom(nostr_sdk::TagKind::custom("bid"), [bid.to_string()]));
+        tags.push(Tag::custom(
+            nostr_sdk::TagKind::custom("bid"),
+            [bid.to_string()],
+        ));
     }
     if let Some(service) = service {
         tags.push(Tag::public_key(service));
@@ -101,8 +110,13 @@ impl Customer {
             .chain((6000..=6999).map(Kind::from));
         let filter = Filter::new()
             .kinds(kinds)
-            .custom_tag(SingleLetterTag::lowercase(Alphabet::P), keys.public_key().to_hex())
-            .since(Timestamp::from_secs(Timestamp::now().as_secs().saturating_sub(60)));
+            .custom_tag(
+                SingleLetterTag::lowercase(Alphabet::P),
+                keys.public_key().to_hex(),
+            )
+            .since(Timestamp::from_secs(
+                Timestamp::now().as_secs().saturating_sub(60),
+            ));
         client
             .subscribe(filter, None)
             .await
@@ -142,13 +156,20 @@ impl Customer {
             .await
             .map_err(|e| CustomerError::Relay(e.to_string()))?;
         if output.success.is_empty() {
-            return Err(CustomerError::Relay(format!("not accepted: {:?}", output.failed)));
+            return Err(CustomerError::Relay(format!(
+                "not accepted: {:?}",
+                output.failed
+            )));
         }
         Ok(())
     }
 
     /// The next reply about `job`, waiting at most `timeout`.
-    pub async fn next_reply(&mut self, job: &EventId, timeout: Duration) -> Result<Reply, CustomerError> {
+    pub async fn next_reply(
+        &mut self,
+        job: &EventId,
+        timeout: Duration,
+    ) -> Result<Reply, CustomerError> {
         if let Some(pos) = self.stash.iter().position(|e| refers_to(e, job)) {
             if let Some(event) = self.stash.remove(pos) {
                 return Ok(reply(event));
@@ -178,7 +199,12 @@ impl Customer {
     }
 
     /// Wait for the reply about `job` that satisfies `want`, skipping others.
-    pub async fn wait_for<F>(&mut self, job: &EventId, timeout: Duration, mut want: F) -> Result<Reply, CustomerError>
+    pub async fn wait_for<F>(
+        &mut self,
+        job: &EventId,
+        timeout: Duration,
+        mut want: F,
+    ) -> Result<Reply, CustomerError>
     where
         F: FnMut(&Reply) -> bool,
     {

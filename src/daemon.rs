@@ -116,7 +116,9 @@ impl Daemon {
         let (wallet, dev_wallet): (Arc<dyn Wallet>, Option<Arc<DevWallet>>) = match config.wallet {
             WalletChoice::Dev => {
                 let dev = Arc::new(DevWallet::open(store.clone())?);
-                tracing::warn!("using the dev wallet: regtest invoices, simulated settlement, not money");
+                tracing::warn!(
+                    "using the dev wallet: regtest invoices, simulated settlement, not money"
+                );
                 (dev.clone(), Some(dev))
             }
         };
@@ -171,10 +173,12 @@ impl Daemon {
                 addr: config.http_listen,
                 source,
             })?;
-        let http_addr = listener.local_addr().map_err(|source| DaemonError::Listen {
-            addr: config.http_listen,
-            source,
-        })?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen {
+                addr: config.http_listen,
+                source,
+            })?;
         let router = http::router(HttpState {
             metrics,
             dev_wallet: if config.dev { dev_wallet.clone() } else { None },
@@ -256,10 +260,11 @@ impl Daemon {
 /// start, and clients only need one copy).
 fn announce(relays: &Relays, keys: &nostr_sdk::Keys, config: &Config, tasks: &mut JoinSet<()>) {
     let (name, about) = &config.profile;
-    let event = match crate::nip89::announcement(&config.jobs.kinds, name, about).sign_with_keys(keys) {
-        Ok(event) => event,
-        Err(e) => return tracing::warn!(error = %e, "cannot sign the NIP-89 announcement"),
-    };
+    let event =
+        match crate::nip89::announcement(&config.jobs.kinds, name, about).sign_with_keys(keys) {
+            Ok(event) => event,
+            Err(e) => return tracing::warn!(error = %e, "cannot sign the NIP-89 announcement"),
+        };
     let relays = relays.clone();
     tasks.spawn(async move {
         match relays.send(&event, &[]).await {

@@ -107,7 +107,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(key_path(&data)).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(key_path(&data))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
             std::fs::set_permissions(key_path(&data), std::fs::Permissions::from_mode(0o644))
                 .expect("chmod");
@@ -130,6 +133,9 @@ mod tests {
             assert!(!e.to_string().contains(&secret));
             assert!(!format!("{e:?}").contains(&secret));
         }
-        assert!(matches!(load(&dir.path().join("none")), Err(IdentityError::Missing(_))));
+        assert!(matches!(
+            load(&dir.path().join("none")),
+            Err(IdentityError::Missing(_))
+        ));
     }
 }

@@ -14,7 +14,11 @@ use dvmd::store::Store;
 use dvmd::{bench, identity, ledger};
 
 #[derive(Parser)]
-#[command(name = "dvmd", version, about = "Sell AI inference on Nostr (NIP-90) for Lightning payments")]
+#[command(
+    name = "dvmd",
+    version,
+    about = "Sell AI inference on Nostr (NIP-90) for Lightning payments"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,8 +163,8 @@ fn init_tracing(default: &str) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(match cli.command {
-        Command::Bench { .. } => "warn,nostr_relay_pool=error",
-        _ => "info,nostr_relay_pool=warn,nostr_sdk=warn,nostr_relay_builder=warn",
+        Command::Bench { .. } => "warn,nostr_relay_pool=error,llama-cpp-2=warn,llama_cpp_2=error",
+        _ => "info,nostr_relay_pool=warn,nostr_sdk=warn,nostr_relay_builder=warn,llama-cpp-2=warn,llama_cpp_2=error",
     });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,7 +178,13 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { files } => {
-            let config = load(&files, Overrides { dev: true, ..Overrides::default() })?;
+            let config = load(
+                &files,
+                Overrides {
+                    dev: true,
+                    ..Overrides::default()
+                },
+            )?;
             let (keys, created) = identity::init(&config.data_dir)?;
             let verb = if created { "created" } else { "kept existing" };
             println!(
@@ -218,20 +228,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let status = response.status();
             let body: serde_json::Value = response.json().await.unwrap_or_default();
             if !status.is_success() {
-                anyhow::bail!("{status}: {}", body["error"].as_str().unwrap_or("no reason given"));
+                anyhow::bail!(
+                    "{status}: {}",
+                    body["error"].as_str().unwrap_or("no reason given")
+                );
             }
-            println!("paid; preimage {}", body["preimage"].as_str().unwrap_or("?"));
+            println!(
+                "paid; preimage {}",
+                body["preimage"].as_str().unwrap_or("?")
+            );
         }
         Command::Ledger {
             command: LedgerCommand::Check { files },
         } => {
-            let config = load(&files, Overrides { dev: true, ..Overrides::default() })?;
+            let config = load(
+                &files,
+                Overrides {
+                    dev: true,
+                    ..Overrides::default()
+                },
+            )?;
             let store = Store::open(&config.data_dir.join("store"))?;
             let totals = ledger::check(&store)?;
             println!("ledger ok: {}", serde_json::to_string_pretty(&totals)?);
         }
         Command::Jobs { files } => {
-            let config = load(&files, Overrides { dev: true, ..Overrides::default() })?;
+            let config = load(
+                &files,
+                Overrides {
+                    dev: true,
+                    ..Overrides::default()
+                },
+            )?;
             let store = Store::open(&config.data_dir.join("store"))?;
             for job in Book::new(store).all()? {
                 println!(
@@ -247,8 +275,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Bench { command } => match command {
-            BenchCommand::Intake { requests } => bench::intake(requests).await.map_err(|e| anyhow::anyhow!(e))?,
-            BenchCommand::Roundtrip { jobs } => bench::roundtrip(jobs).await.map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Intake { requests } => bench::intake(requests)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Roundtrip { jobs } => bench::roundtrip(jobs)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?,
             BenchCommand::Model {
                 model,
                 tokens,
@@ -260,8 +292,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runs,
                 llama_server,
             )
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?,
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?,
         },
     }
     Ok(())

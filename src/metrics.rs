@@ -226,17 +226,17 @@ impl Metrics {
             "dvmd_request_to_invoice_seconds",
             "From request received to payment-required acknowledged by a relay.",
         );
-        self.inference.render(
-            &mut out,
-            "dvmd_inference_seconds",
-            "Model time per job.",
-        );
+        self.inference
+            .render(&mut out, "dvmd_inference_seconds", "Model time per job.");
         out
     }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
 
 #[cfg(test)]

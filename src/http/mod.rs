@@ -77,7 +77,8 @@ async fn dev_pay(
     State(state): State<HttpState>,
     body: Result<Json<DevPay>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("expected {{\"bolt11\": \"...\"}}: {e}")))?;
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request(format!("expected {{\"bolt11\": \"...\"}}: {e}")))?;
     let wallet = state
         .dev_wallet
         .as_ref()

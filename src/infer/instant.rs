@@ -39,7 +39,10 @@ impl Backend for InstantBackend {
         "instant"
     }
 
-    async fn count_prompt_tokens(&self, request: &GenerateRequest) -> Result<Option<u32>, InferError> {
+    async fn count_prompt_tokens(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Option<u32>, InferError> {
         Ok(Some(self.usage(request, 0).prompt_tokens))
     }
 

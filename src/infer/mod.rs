@@ -111,7 +111,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Exact number of prompt tokens `request` will use, when the backend can tell before
     /// running (the quote uses it); `None` when it cannot (the quote then estimates).
-    async fn count_prompt_tokens(&self, request: &GenerateRequest) -> Result<Option<u32>, InferError>;
+    async fn count_prompt_tokens(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Option<u32>, InferError>;
 
     /// Start generating at most `max_tokens` completion tokens. The stream yields text pieces
     /// and ends with exactly one [`GenerateEvent::Done`] carrying exact usage.
@@ -123,7 +126,9 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// Drain a generation stream into the full completion text and its usage.
-pub async fn collect(mut stream: GenerateStream) -> Result<(String, Usage, FinishReason), InferError> {
+pub async fn collect(
+    mut stream: GenerateStream,
+) -> Result<(String, Usage, FinishReason), InferError> {
     use futures::StreamExt;
     let mut text = String::new();
     while let Some(event) = stream.next().await {
@@ -132,5 +137,7 @@ pub async fn collect(mut stream: GenerateStream) -> Result<(String, Usage, Finis
             GenerateEvent::Done { usage, finish } => return Ok((text, usage, finish)),
         }
     }
-    Err(InferError::Backend("generation stream ended without usage".to_owned()))
+    Err(InferError::Backend(
+        "generation stream ended without usage".to_owned(),
+    ))
 }

@@ -122,7 +122,10 @@ impl Backend for OpenAiBackend {
         "openai"
     }
 
-    async fn count_prompt_tokens(&self, _request: &GenerateRequest) -> Result<Option<u32>, InferError> {
+    async fn count_prompt_tokens(
+        &self,
+        _request: &GenerateRequest,
+    ) -> Result<Option<u32>, InferError> {
         // The OpenAI API has no tokenize endpoint; the quote estimates instead.
         Ok(None)
     }
@@ -153,7 +156,10 @@ impl Backend for OpenAiBackend {
         if let Some(seed) = sampling.seed {
             body["seed"] = json!(seed);
         }
-        let url = format!("{}/chat/completions", self.config.base_url.trim_end_matches('/'));
+        let url = format!(
+            "{}/chat/completions",
+            self.config.base_url.trim_end_matches('/')
+        );
         let mut call = self.http.post(&url).json(&body);
         if let Some(key) = &self.config.api_key {
             call = call.bearer_auth(key);
@@ -180,7 +186,12 @@ impl Backend for OpenAiBackend {
 
         let bytes = response.bytes_stream();
         let stream = futures::stream::unfold(
-            (bytes, SseState::default(), std::collections::VecDeque::new(), false),
+            (
+                bytes,
+                SseState::default(),
+                std::collections::VecDeque::new(),
+                false,
+            ),
             move |(mut bytes, mut state, mut queue, finished)| async move {
                 loop {
                     if let Some(item) = queue.pop_front() {

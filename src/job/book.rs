@@ -126,11 +126,11 @@ impl Book {
     /// Record a first sighting, or return the job already stored under that id.
     pub fn admit(&self, job: &Job) -> Result<Admission, BookError> {
         let raw = store::encode("jobs", job)?;
-        match self
-            .store
-            .jobs
-            .compare_and_swap(job.id.as_bytes(), None as Option<&[u8]>, Some(raw))?
-        {
+        match self.store.jobs.compare_and_swap(
+            job.id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(raw),
+        )? {
             Ok(()) => Ok(Admission::New),
             Err(existing) => match existing.current {
                 Some(raw) => Ok(Admission::Duplicate(Box::new(store::decode("jobs", &raw)?))),
@@ -157,7 +157,9 @@ impl Book {
         self.store
             .jobs
             .transaction(|jobs| {
-                let raw = jobs.get(id.as_bytes())?.ok_or_else(|| abort(BookError::NoJob(*id)))?;
+                let raw = jobs
+                    .get(id.as_bytes())?
+                    .ok_or_else(|| abort(BookError::NoJob(*id)))?;
                 let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
                 change(&mut job, at).map_err(TxError::Abort)?;
                 jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
@@ -190,15 +192,21 @@ impl Book {
         };
         let job = (&self.store.jobs, &self.store.payments)
             .transaction(|(jobs, payments)| {
-                let raw = jobs.get(id.as_bytes())?.ok_or_else(|| abort(BookError::NoJob(*id)))?;
+                let raw = jobs
+                    .get(id.as_bytes())?
+                    .ok_or_else(|| abort(BookError::NoJob(*id)))?;
                 let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
-                job.transition(JobState::AwaitingPayment, at).map_err(abort)?;
+                job.transition(JobState::AwaitingPayment, at)
+                    .map_err(abort)?;
                 job.invoice = Some(invoice.clone());
                 if payments.get(invoice.payment_hash.0)?.is_some() {
                     // A wallet reusing a payment hash would let one payment pay twice.
                     return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
                 }
-                payments.insert(&invoice.payment_hash.0, store::encode("payments", &record).map_err(abort)?)?;
+                payments.insert(
+                    &invoice.payment_hash.0,
+                    store::encode("payments", &record).map_err(abort)?,
+                )?;
                 jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
                 Ok(job)
             })
@@ -241,7 +249,12 @@ impl Book {
         let at = now();
         let seq = self.store.next_id()?;
         let store = &self.store;
-        let outcome = (&store.jobs, &store.payments, &store.accounts, &store.entries)
+        let outcome = (
+            &store.jobs,
+            &store.payments,
+            &store.accounts,
+            &store.entries,
+        )
             .transaction(|(jobs, payments, accounts, entries)| {
                 let Some(raw) = payments.get(hash.0)? else {
                     return Ok(PaymentOutcome::Unknown);
@@ -274,7 +287,10 @@ impl Book {
                     job.paid_msat = paid_msat;
                     PaymentOutcome::Paid(Box::new(job.clone()))
                 };
-                jobs.insert(record.job.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
+                jobs.insert(
+                    record.job.as_bytes(),
+                    store::encode("jobs", &job).map_err(abort)?,
+                )?;
                 Ok(outcome)
             })
             .map_err(unwrap_tx)?;
@@ -291,7 +307,9 @@ impl Book {
         let store = &self.store;
         let job = (&store.jobs, &store.accounts, &store.entries)
             .transaction(|(jobs, accounts, entries)| {
-                let raw = jobs.get(id.as_bytes())?.ok_or_else(|| abort(BookError::NoJob(*id)))?;
+                let raw = jobs
+                    .get(id.as_bytes())?
+                    .ok_or_else(|| abort(BookError::NoJob(*id)))?;
                 let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
                 job.transition(JobState::Settled, at).map_err(abort)?;
                 let charge = charge_msat.min(job.paid_msat);

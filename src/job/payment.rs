@@ -70,8 +70,12 @@ impl Pipeline {
         let inner = &self.inner;
         let record = match inner.book.payment(hash) {
             Ok(Some(record)) if !record.consumed => record,
-            Ok(_) => return tracing::debug!(payment_hash = %hash, "hint for an unknown or consumed payment hash"),
-            Err(e) => return tracing::error!(payment_hash = %hash, error = %e, "cannot read payment"),
+            Ok(_) => {
+                return tracing::debug!(payment_hash = %hash, "hint for an unknown or consumed payment hash")
+            }
+            Err(e) => {
+                return tracing::error!(payment_hash = %hash, error = %e, "cannot read payment")
+            }
         };
         let status = match inner.wallet.lookup(hash).await {
             Ok(status) => status,

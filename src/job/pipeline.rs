@@ -197,7 +197,9 @@ impl Pipeline {
                 metrics.dropped(Dropped::Duplicate);
                 let pipeline = self.clone();
                 let source = source.map(str::to_owned);
-                self.inner.tasks.spawn(async move { pipeline.replay(&job, source).await });
+                self.inner
+                    .tasks
+                    .spawn(async move { pipeline.replay(&job, source).await });
             }
             Ok(Screening::Dropped(why)) => {
                 metrics.dropped(why);
@@ -217,7 +219,9 @@ impl Pipeline {
         let quoted = self
             .inner
             .book
-            .transition(&job.id, JobState::Quoted, |job| job.quote_msat = Some(quote));
+            .transition(&job.id, JobState::Quoted, |job| {
+                job.quote_msat = Some(quote)
+            });
         match quoted {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Quoted);
@@ -245,7 +249,12 @@ impl Pipeline {
         let prompt_tokens = match counted {
             Ok(Ok(Some(n))) => n,
             Ok(Ok(None)) | Err(_) => {
-                let bytes = generation.request.messages.iter().map(|m| m.content.len()).sum();
+                let bytes = generation
+                    .request
+                    .messages
+                    .iter()
+                    .map(|m| m.content.len())
+                    .sum();
                 pricing::estimate_prompt_tokens(bytes)
             }
             Ok(Err(e)) => {
@@ -289,7 +298,9 @@ impl Pipeline {
             Ok(invoice) => invoice,
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "cannot issue invoice");
-                let reason = format!("this service cannot issue an invoice right now ({e}); nothing was charged");
+                let reason = format!(
+                    "this service cannot issue an invoice right now ({e}); nothing was charged"
+                );
                 return self.reject(&job.id, event, reason).await;
             }
         };
@@ -379,7 +390,10 @@ impl Pipeline {
     /// the same signed events, so relays see them as duplicates too.
     async fn replay(&self, job: &Job, source: Option<String>) {
         let relays: Vec<String> = source.into_iter().collect();
-        for json in [&job.last_feedback, &job.result_event].into_iter().flatten() {
+        for json in [&job.last_feedback, &job.result_event]
+            .into_iter()
+            .flatten()
+        {
             if let Ok(event) = Event::from_json(json) {
                 let _ = self
                     .inner

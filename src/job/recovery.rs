@@ -36,7 +36,9 @@ impl Pipeline {
             };
             match job.state {
                 JobState::Received => {
-                    let Some(request) = JobRequest::parse(&event) else { continue };
+                    let Some(request) = JobRequest::parse(&event) else {
+                        continue;
+                    };
                     report.requoted += 1;
                     let pipeline = self.clone();
                     self.inner
@@ -68,10 +70,18 @@ impl Pipeline {
                     report.queued += 1;
                     self.enqueue(job.id, None);
                 }
-                JobState::Rejected | JobState::Settled | JobState::Expired | JobState::Cancelled => {}
+                JobState::Rejected
+                | JobState::Settled
+                | JobState::Expired
+                | JobState::Cancelled => {}
             }
         }
-        tracing::info!(requoted = report.requoted, awaiting_payment = report.awaiting_payment, queued = report.queued, "recovered unfinished jobs");
+        tracing::info!(
+            requoted = report.requoted,
+            awaiting_payment = report.awaiting_payment,
+            queued = report.queued,
+            "recovered unfinished jobs"
+        );
         report
     }
 

@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn terminal_states() {
-        let terminal: Vec<_> = JobState::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = JobState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(terminal, vec![Rejected, Settled, Expired, Cancelled]);
     }
 

@@ -67,9 +67,17 @@ impl Pipeline {
         let Some(job) = job else { return };
         let event = match job.request_event() {
             Ok(event) => event,
-            Err(e) => return self.fail(&job, None, format!("stored request is unreadable: {e}")).await,
+            Err(e) => {
+                return self
+                    .fail(&job, None, format!("stored request is unreadable: {e}"))
+                    .await
+            }
         };
-        if let Some(result) = job.result_event.as_deref().and_then(|json| Event::from_json(json).ok()) {
+        if let Some(result) = job
+            .result_event
+            .as_deref()
+            .and_then(|json| Event::from_json(json).ok())
+        {
             return self.deliver(&job, &event, &result).await;
         }
 
@@ -83,7 +91,11 @@ impl Pipeline {
                 .is_some()
             {
                 if let Some(paid_at) = item.paid_at {
-                    pipeline.inner.metrics.settlement_to_processing.observe(paid_at.elapsed());
+                    pipeline
+                        .inner
+                        .metrics
+                        .settlement_to_processing
+                        .observe(paid_at.elapsed());
                 }
             }
         });
@@ -99,7 +111,11 @@ impl Pipeline {
 
     /// `Paid | Quoted(free) -> Running`.
     async fn start(&self, job: &Job) -> Option<Job> {
-        match self.inner.book.transition(&job.id, JobState::Running, |_| {}) {
+        match self
+            .inner
+            .book
+            .transition(&job.id, JobState::Running, |_| {})
+        {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Running);
                 Some(job)
@@ -127,7 +143,10 @@ impl Pipeline {
         match tokio::time::timeout(timeout, run).await {
             Ok(Ok((text, usage, _))) => Ok((text, usage)),
             Ok(Err(e)) => Err(format!("inference failed: {e}")),
-            Err(_) => Err(format!("inference took longer than {} s", timeout.as_secs())),
+            Err(_) => Err(format!(
+                "inference took longer than {} s",
+                timeout.as_secs()
+            )),
         }
     }
 
@@ -141,7 +160,11 @@ impl Pipeline {
         };
         let result = match nip90::result(event, &text, Some(&amount)).sign_with_keys(&inner.keys) {
             Ok(result) => result,
-            Err(e) => return self.fail(job, Some(event), format!("cannot sign result: {e}")).await,
+            Err(e) => {
+                return self
+                    .fail(job, Some(event), format!("cannot sign result: {e}"))
+                    .await
+            }
         };
         let json = result.as_json();
         let stored = inner.book.update(&job.id, |stored, _| {

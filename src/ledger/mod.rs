@@ -93,13 +93,15 @@ pub fn post(
     let balance = accounts.get(key)?.and_then(|raw| be_u64(&raw)).unwrap_or(0);
     let next = match entry.kind.sign() {
         1 => balance.saturating_add(entry.msat),
-        -1 => balance.checked_sub(entry.msat).ok_or(ConflictableTransactionError::Abort(
-            LedgerError::Overdraft {
-                account: entry.account,
-                balance_msat: balance,
-                msat: entry.msat,
-            },
-        ))?,
+        -1 => balance
+            .checked_sub(entry.msat)
+            .ok_or(ConflictableTransactionError::Abort(
+                LedgerError::Overdraft {
+                    account: entry.account,
+                    balance_msat: balance,
+                    msat: entry.msat,
+                },
+            ))?,
         _ => balance,
     };
     accounts.insert(&key, &next.to_be_bytes())?;

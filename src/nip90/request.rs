@@ -188,7 +188,9 @@ impl JobRequest {
         match name.as_str() {
             "i" => {
                 let value = values.first().ok_or_else(|| malformed("i", "no value"))?;
-                let input_type = values.get(1).ok_or_else(|| malformed("i", "no input type"))?;
+                let input_type = values
+                    .get(1)
+                    .ok_or_else(|| malformed("i", "no input type"))?;
                 self.inputs.push(JobInput {
                     value: value.clone(),
                     input_type: InputType::parse(input_type),
@@ -204,7 +206,9 @@ impl JobRequest {
             }
             "output" => self.output = values.first().cloned(),
             "bid" => {
-                let raw = values.first().ok_or_else(|| malformed("bid", "no amount"))?;
+                let raw = values
+                    .first()
+                    .ok_or_else(|| malformed("bid", "no amount"))?;
                 let msat = raw
                     .trim()
                     .parse::<u64>()
@@ -217,7 +221,8 @@ impl JobRequest {
                     if !(url.starts_with("ws://") || url.starts_with("wss://")) {
                         return Err(malformed("relays", format!("`{url}` is not a ws(s) URL")));
                     }
-                    if self.relays.len() < MAX_REPLY_RELAYS && !self.relays.iter().any(|r| r == url) {
+                    if self.relays.len() < MAX_REPLY_RELAYS && !self.relays.iter().any(|r| r == url)
+                    {
                         self.relays.push(url.to_owned());
                     }
                 }
@@ -229,7 +234,9 @@ impl JobRequest {
                 }
             }
             "expiration" => {
-                let raw = values.first().ok_or_else(|| malformed("expiration", "no timestamp"))?;
+                let raw = values
+                    .first()
+                    .ok_or_else(|| malformed("expiration", "no timestamp"))?;
                 let secs = raw
                     .parse::<u64>()
                     .map_err(|_| malformed("expiration", format!("`{raw}` is not a unix time")))?;
@@ -306,7 +313,12 @@ mod tests {
                 vec!["param", "max_tokens", "64"],
                 vec!["param", "temperature", "0.2"],
                 vec!["bid", "5000"],
-                vec!["relays", "wss://a.example", "ws://b.example", "wss://a.example"],
+                vec![
+                    "relays",
+                    "wss://a.example",
+                    "ws://b.example",
+                    "wss://a.example",
+                ],
                 vec!["output", "text/plain"],
                 vec!["p", &service.to_hex()],
                 vec!["expiration", "4000000000"],
@@ -325,7 +337,10 @@ mod tests {
         assert_eq!(req.relays, vec!["wss://a.example", "ws://b.example"]);
         assert_eq!(req.output.as_deref(), Some("text/plain"));
         assert_eq!(req.targeting(&service), Targeting::Us);
-        assert_eq!(req.targeting(&Keys::generate().public_key()), Targeting::Others);
+        assert_eq!(
+            req.targeting(&Keys::generate().public_key()),
+            Targeting::Others
+        );
         assert_eq!(req.expiration, Some(Timestamp::from_secs(4_000_000_000)));
     }
 
@@ -340,7 +355,10 @@ mod tests {
     #[test]
     fn untargeted_requests_are_open() {
         let req = JobRequest::parse(&event(5050, vec![vec!["i", "x", "text"]])).expect("req");
-        assert_eq!(req.targeting(&Keys::generate().public_key()), Targeting::Open);
+        assert_eq!(
+            req.targeting(&Keys::generate().public_key()),
+            Targeting::Open
+        );
     }
 
     #[test]

@@ -186,11 +186,20 @@ mod tests {
         let long = "x".repeat(101);
         let cases: Vec<(Vec<Vec<&str>>, &str)> = vec![
             (vec![], "no `i` input"),
-            (vec![vec!["i", "https://x", "url"]], "`url` is not supported"),
-            (vec![vec!["i", "abc", "event"]], "`event` is not supported"),
-            (vec![vec!["i", "x", "telepathy"]], "`telepathy` is not supported"),
             (
-                vec![vec!["i", "x", "text"], vec!["param", "max_tokens", "999999999"]],
+                vec![vec!["i", "https://x", "url"]],
+                "`url` is not supported",
+            ),
+            (vec![vec!["i", "abc", "event"]], "`event` is not supported"),
+            (
+                vec![vec!["i", "x", "telepathy"]],
+                "`telepathy` is not supported",
+            ),
+            (
+                vec![
+                    vec!["i", "x", "text"],
+                    vec!["param", "max_tokens", "999999999"],
+                ],
                 "outside 1..=1024",
             ),
             (
@@ -209,10 +218,19 @@ mod tests {
                 vec![vec!["i", "x", "text"], vec!["param", "temperature", "9"]],
                 "outside 0..=2",
             ),
-            (vec![vec!["i", "x", "text"], vec!["param", "top_k", "0"]], "at least 1"),
-            (vec![vec!["i", "x", "text"], vec!["param", "seed", "-1"]], "seed"),
+            (
+                vec![vec!["i", "x", "text"], vec!["param", "top_k", "0"]],
+                "at least 1",
+            ),
+            (
+                vec![vec!["i", "x", "text"], vec!["param", "seed", "-1"]],
+                "seed",
+            ),
             (vec![vec!["i", &long, "text"]], "at most 100"),
-            (vec![vec!["i", "x", "text"], vec!["bid", "x"]], "malformed `bid`"),
+            (
+                vec![vec!["i", "x", "text"], vec!["bid", "x"]],
+                "malformed `bid`",
+            ),
         ];
         for (tags, why) in cases {
             let err = job(tags.clone()).expect_err("refused").to_string();

@@ -77,7 +77,11 @@ impl EmbeddedRelay {
     }
 }
 
-async fn serve(relay: LocalRelay, mut stream: TcpStream, peer: SocketAddr) -> Result<(), RelayError> {
+async fn serve(
+    relay: LocalRelay,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), RelayError> {
     stream.set_nodelay(true)?;
     upgrade(&mut stream).await?;
     relay
@@ -106,7 +110,9 @@ async fn upgrade(stream: &mut TcpStream) -> Result<(), RelayError> {
         }
     };
     if header_end != buf.len() {
-        return Err(RelayError::Handshake("data after the upgrade request".into()));
+        return Err(RelayError::Handshake(
+            "data after the upgrade request".into(),
+        ));
     }
     let request = std::str::from_utf8(&buf[..header_end])
         .map_err(|_| RelayError::Handshake("request is not UTF-8".into()))?;

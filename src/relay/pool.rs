@@ -5,11 +5,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nostr_sdk::prelude::Events;
 use nostr_sdk::{
     Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions, RelayPoolNotification,
     RelayPoolOptions, RelayUrl, SubscriptionId, Timestamp,
 };
-use nostr_sdk::prelude::Events;
 use tokio::sync::{broadcast, Mutex};
 
 use super::transport::NoDelayTransport;
@@ -49,15 +49,14 @@ impl Relays {
     /// Add the configured relays and start connecting (in the background: an unreachable relay
     /// does not stop the daemon, the pool keeps retrying).
     pub async fn connect(keys: &Keys, roles: &[RelayRole]) -> Result<Self, RelayError> {
-        let client = Client::builder()
-            .signer(keys.clone())
-            .websocket_transport(NoDelayTransport)
-            .opts(
-                ClientOptions::new()
-                    .automatic_authentication(true)
-                    .pool(RelayPoolOptions::new().notification_channel_size(NOTIFICATION_CHANNEL_SIZE)),
-            )
-            .build();
+        let client =
+            Client::builder()
+                .signer(keys.clone())
+                .websocket_transport(NoDelayTransport)
+                .opts(ClientOptions::new().automatic_authentication(true).pool(
+                    RelayPoolOptions::new().notification_channel_size(NOTIFICATION_CHANNEL_SIZE),
+                ))
+                .build();
         let mut write = Vec::new();
         for role in roles {
             let url = RelayUrl::parse(&role.url)
@@ -111,7 +110,11 @@ impl Relays {
     }
 
     /// Fetch stored job requests since `since` from every read relay (catch-up after a gap).
-    pub async fn fetch_requests(&self, kinds: &[u16], since: Timestamp) -> Result<Events, RelayError> {
+    pub async fn fetch_requests(
+        &self,
+        kinds: &[u16],
+        since: Timestamp,
+    ) -> Result<Events, RelayError> {
         let filter = Filter::new()
             .kinds(kinds.iter().map(|k| Kind::from(*k)))
             .since(since);
@@ -128,7 +131,11 @@ impl Relays {
 
     /// Send `event` once to our write relays plus `reply_relays`, waiting for each relay's `OK`.
     /// Returns the relays that accepted it; an error if none did.
-    pub async fn send(&self, event: &Event, reply_relays: &[String]) -> Result<Vec<RelayUrl>, RelayError> {
+    pub async fn send(
+        &self,
+        event: &Event,
+        reply_relays: &[String],
+    ) -> Result<Vec<RelayUrl>, RelayError> {
         let mut targets: HashSet<RelayUrl> = self.write.iter().cloned().collect();
         for raw in reply_relays {
             if let Some(url) = self.reply_relay(raw).await {
@@ -181,7 +188,11 @@ impl Relays {
             return None;
         }
         // Connect before the first send, so the first publish is not lost to a cold socket.
-        let _ = self.client.pool().try_connect_relay(url.clone(), CONNECT_TIMEOUT).await;
+        let _ = self
+            .client
+            .pool()
+            .try_connect_relay(url.clone(), CONNECT_TIMEOUT)
+            .await;
         reply.insert(url.clone());
         Some(url)
     }

@@ -41,11 +41,13 @@ impl WebSocketTransport for NoDelayTransport {
         Box::pin(async move {
             let host = url
                 .host_str()
-                .ok_or_else(|| TransportError::backend(ConnectError("relay URL has no host".into())))?
+                .ok_or_else(|| {
+                    TransportError::backend(ConnectError("relay URL has no host".into()))
+                })?
                 .to_owned();
-            let port = url
-                .port_or_known_default()
-                .ok_or_else(|| TransportError::backend(ConnectError("relay URL has no port".into())))?;
+            let port = url.port_or_known_default().ok_or_else(|| {
+                TransportError::backend(ConnectError("relay URL has no port".into()))
+            })?;
             let connect = async {
                 let tcp = TcpStream::connect((host.as_str(), port))
                     .await
@@ -116,10 +118,12 @@ fn from_tungstenite(msg: WsMessage) -> Option<Message> {
         WsMessage::Binary(data) => Message::Binary(data.to_vec()),
         WsMessage::Ping(data) => Message::Ping(data.to_vec()),
         WsMessage::Pong(data) => Message::Pong(data.to_vec()),
-        WsMessage::Close(frame) => Message::Close(frame.map(|f| async_wsocket::message::CloseFrame {
-            code: f.code.into(),
-            reason: f.reason.to_string(),
-        })),
+        WsMessage::Close(frame) => {
+            Message::Close(frame.map(|f| async_wsocket::message::CloseFrame {
+                code: f.code.into(),
+                reason: f.reason.to_string(),
+            }))
+        }
         // Raw frames are never yielded while reading.
         WsMessage::Frame(_) => return None,
     })

@@ -120,7 +120,12 @@ impl DevWallet {
     }
 
     fn record(&self, hash: &PaymentHash) -> Result<Option<DevInvoice>, WalletError> {
-        match self.store.dev_wallet.get(hash.0).map_err(StoreError::from)? {
+        match self
+            .store
+            .dev_wallet
+            .get(hash.0)
+            .map_err(StoreError::from)?
+        {
             Some(raw) => Ok(Some(store::decode("dev_wallet", &raw)?)),
             None => Ok(None),
         }
@@ -257,11 +262,21 @@ mod tests {
     #[tokio::test]
     async fn issues_real_regtest_invoices() {
         let wallet = wallet();
-        let invoice = wallet.create_invoice(request(21_000)).await.expect("invoice");
-        assert!(invoice.bolt11.starts_with("lnbcrt210n1"), "{}", invoice.bolt11);
+        let invoice = wallet
+            .create_invoice(request(21_000))
+            .await
+            .expect("invoice");
+        assert!(
+            invoice.bolt11.starts_with("lnbcrt210n1"),
+            "{}",
+            invoice.bolt11
+        );
         let parsed = Bolt11Invoice::from_str(&invoice.bolt11).expect("valid BOLT11");
         assert_eq!(parsed.amount_milli_satoshis(), Some(21_000));
-        assert_eq!(parsed.payment_hash().to_byte_array(), invoice.payment_hash.0);
+        assert_eq!(
+            parsed.payment_hash().to_byte_array(),
+            invoice.payment_hash.0
+        );
         assert!(parsed.check_signature().is_ok());
         assert_eq!(
             wallet.lookup(&invoice.payment_hash).await.expect("lookup"),
@@ -273,9 +288,15 @@ mod tests {
     async fn settles_once_and_hints() {
         let wallet = wallet();
         let mut hints = wallet.settlements();
-        let invoice = wallet.create_invoice(request(5_000)).await.expect("invoice");
+        let invoice = wallet
+            .create_invoice(request(5_000))
+            .await
+            .expect("invoice");
         let preimage = wallet.settle(&invoice.bolt11).await.expect("settle");
-        assert_eq!(sha256::Hash::hash(&preimage).to_byte_array(), invoice.payment_hash.0);
+        assert_eq!(
+            sha256::Hash::hash(&preimage).to_byte_array(),
+            invoice.payment_hash.0
+        );
         assert_eq!(hints.recv().await.expect("hint"), invoice.payment_hash);
         assert_eq!(
             wallet.lookup(&invoice.payment_hash).await.expect("lookup"),
@@ -293,9 +314,18 @@ mod tests {
         let wallet = wallet();
         let other = self::wallet();
         let foreign = other.create_invoice(request(1_000)).await.expect("invoice");
-        assert!(matches!(wallet.settle(&foreign.bolt11).await, Err(WalletError::Refused(_))));
-        assert!(matches!(wallet.pay(&foreign.bolt11, 0).await, Err(WalletError::Refused(_))));
-        assert!(matches!(wallet.settle("lnbc1garbage").await, Err(WalletError::InvalidInvoice(_))));
+        assert!(matches!(
+            wallet.settle(&foreign.bolt11).await,
+            Err(WalletError::Refused(_))
+        ));
+        assert!(matches!(
+            wallet.pay(&foreign.bolt11, 0).await,
+            Err(WalletError::Refused(_))
+        ));
+        assert!(matches!(
+            wallet.settle("lnbc1garbage").await,
+            Err(WalletError::InvalidInvoice(_))
+        ));
 
         let mut expired = request(1_000);
         expired.expiry_secs = 0;
@@ -304,9 +334,15 @@ mod tests {
             wallet.lookup(&invoice.payment_hash).await.expect("lookup"),
             PaymentStatus::Expired
         );
-        assert!(matches!(wallet.settle(&invoice.bolt11).await, Err(WalletError::Refused(_))));
+        assert!(matches!(
+            wallet.settle(&invoice.bolt11).await,
+            Err(WalletError::Refused(_))
+        ));
         let unknown = PaymentHash([7; 32]);
-        assert_eq!(wallet.lookup(&unknown).await.expect("lookup"), PaymentStatus::Unknown);
+        assert_eq!(
+            wallet.lookup(&unknown).await.expect("lookup"),
+            PaymentStatus::Unknown
+        );
     }
 
     #[tokio::test]

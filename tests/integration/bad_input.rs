@@ -12,7 +12,9 @@ use crate::harness::{self, REPLY_TIMEOUT};
 
 async fn error_info(alice: &mut Customer, request: &nostr_sdk::Event) -> String {
     match alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Feedback { .. })
+        })
         .await
         .expect("feedback")
     {
@@ -34,7 +36,12 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
     let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
 
     let request = alice
-        .post(customer::text_request("Hello", &[("max_tokens", "100")], Some(1), None))
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "100")],
+            Some(1),
+            None,
+        ))
         .await
         .expect("post");
     let info = error_info(&mut alice, &request).await;
@@ -48,7 +55,12 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
         .expect("the quote is named");
     assert!(quote > 2_000, "{info}");
 
-    let job = daemon.pipeline().book().get(&request.id).expect("read").expect("job");
+    let job = daemon
+        .pipeline()
+        .book()
+        .get(&request.id)
+        .expect("read")
+        .expect("job");
     assert_eq!(job.state, JobState::Rejected);
     assert!(job.invoice.is_none(), "no invoice for a refused job");
     alice.shutdown().await;
@@ -74,19 +86,39 @@ async fn malformed_and_foreign_requests() {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
     let cases: Vec<(Vec<Vec<String>>, &str)> = vec![
-        (vec![s(&["i", "https://example.com/a.txt", "url"])], "input type `url` is not supported"),
-        (vec![s(&["i", "hi", "text"]), s(&["param", "max_tokens", "1000000000"])], "outside 1..=1024"),
-        (vec![s(&["i", "hi", "text"]), s(&["bid", "a lot"])], "malformed `bid` tag"),
+        (
+            vec![s(&["i", "https://example.com/a.txt", "url"])],
+            "input type `url` is not supported",
+        ),
+        (
+            vec![
+                s(&["i", "hi", "text"]),
+                s(&["param", "max_tokens", "1000000000"]),
+            ],
+            "outside 1..=1024",
+        ),
+        (
+            vec![s(&["i", "hi", "text"]), s(&["bid", "a lot"])],
+            "malformed `bid` tag",
+        ),
         (vec![s(&["i", "hi"])], "no input type"),
         (vec![s(&["param", "max_tokens", "5"])], "no `i` input"),
         (vec![s(&["i", &"x".repeat(5000), "text"])], "at most 4096"),
-        (vec![s(&["i", "hi", "text"]), s(&["encrypted"])], "encrypted requests are not supported"),
+        (
+            vec![s(&["i", "hi", "text"]), s(&["encrypted"])],
+            "encrypted requests are not supported",
+        ),
     ];
     for (tags, why) in cases {
         let request = alice.post(text_job(tags)).await.expect("post");
         let info = error_info(&mut alice, &request).await;
         assert!(info.contains(why), "expected `{why}` in `{info}`");
-        let job = daemon.pipeline().book().get(&request.id).expect("read").expect("job");
+        let job = daemon
+            .pipeline()
+            .book()
+            .get(&request.id)
+            .expect("read")
+            .expect("job");
         assert_eq!(job.state, JobState::Rejected);
     }
 
@@ -95,21 +127,47 @@ async fn malformed_and_foreign_requests() {
     // seen and ignored.
     let other = Keys::generate().public_key();
     let foreign = alice
-        .post(customer::text_request("not for you", &[], None, Some(other)))
+        .post(customer::text_request(
+            "not for you",
+            &[],
+            None,
+            Some(other),
+        ))
         .await
         .expect("post");
     let ours = alice
-        .post(customer::text_request("for you", &[("max_tokens", "4")], None, Some(ready.pubkey)))
+        .post(customer::text_request(
+            "for you",
+            &[("max_tokens", "4")],
+            None,
+            Some(ready.pubkey),
+        ))
         .await
         .expect("post");
     let reply = alice
-        .wait_for(&ours.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .wait_for(&ours.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Feedback { .. })
+        })
         .await
         .expect("feedback");
-    assert!(matches!(reply, Reply::Feedback { status: Some(JobStatus::PaymentRequired), .. }));
-    assert!(daemon.pipeline().book().get(&foreign.id).expect("read").is_none());
+    assert!(matches!(
+        reply,
+        Reply::Feedback {
+            status: Some(JobStatus::PaymentRequired),
+            ..
+        }
+    ));
+    assert!(daemon
+        .pipeline()
+        .book()
+        .get(&foreign.id)
+        .expect("read")
+        .is_none());
     assert!(
-        alice.next_reply(&foreign.id, std::time::Duration::from_millis(200)).await.is_err(),
+        alice
+            .next_reply(&foreign.id, std::time::Duration::from_millis(200))
+            .await
+            .is_err(),
         "no reply to a request for another service"
     );
 
@@ -118,20 +176,33 @@ async fn malformed_and_foreign_requests() {
     // and the sdk already drop expired events before intake sees them).
     let stale = alice
         .post(
-            customer::text_request("stale", &[("max_tokens", "4")], None, None)
-                .custom_created_at(nostr_sdk::Timestamp::from_secs(nostr_sdk::Timestamp::now().as_secs() - 3_600)),
+            customer::text_request("stale", &[("max_tokens", "4")], None, None).custom_created_at(
+                nostr_sdk::Timestamp::from_secs(nostr_sdk::Timestamp::now().as_secs() - 3_600),
+            ),
         )
         .await
         .expect("post");
     let marker = alice
-        .post(customer::text_request("marker", &[("max_tokens", "4")], None, None))
+        .post(customer::text_request(
+            "marker",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
         .await
         .expect("post");
     alice
-        .wait_for(&marker.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .wait_for(&marker.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Feedback { .. })
+        })
         .await
         .expect("feedback");
-    assert!(daemon.pipeline().book().get(&stale.id).expect("read").is_none());
+    assert!(daemon
+        .pipeline()
+        .book()
+        .get(&stale.id)
+        .expect("read")
+        .is_none());
 
     alice.shutdown().await;
     daemon.stop().await;

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use dvmd::infer::llama::{LlamaBackend, LlamaConfig};
 use dvmd::infer::openai::{OpenAiBackend, OpenAiConfig};
-use dvmd::infer::{self, Backend, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Sampling};
+use dvmd::infer::{
+    self, Backend, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Sampling,
+};
 use futures::StreamExt;
 
 use crate::harness;
@@ -48,20 +50,31 @@ pub async fn conformance(backend: &dyn Backend) {
     assert!(usage.prompt_tokens > 5, "prompt tokens counted: {usage:?}");
     assert!((1..=12).contains(&usage.completion_tokens), "{usage:?}");
     if finish == FinishReason::Length {
-        assert_eq!(usage.completion_tokens, 12, "Length means the budget was used");
+        assert_eq!(
+            usage.completion_tokens, 12,
+            "Length means the budget was used"
+        );
     }
 
     // The budget is a hard limit and Length says so.
     let long = "Count from one to one hundred in words, separated by commas.";
-    let (text, usage, finish) = infer::collect(backend.generate(request(long), 3).await.expect("generate"))
-        .await
-        .expect("collect");
+    let (text, usage, finish) =
+        infer::collect(backend.generate(request(long), 3).await.expect("generate"))
+            .await
+            .expect("collect");
     assert_eq!(usage.completion_tokens, 3, "{usage:?} {text:?}");
     assert_eq!(finish, FinishReason::Length);
 
     // When a backend counts prompt tokens up front, its count is exact.
-    if let Some(counted) = backend.count_prompt_tokens(&request(long)).await.expect("count") {
-        assert_eq!(counted, usage.prompt_tokens, "quote count equals charged count");
+    if let Some(counted) = backend
+        .count_prompt_tokens(&request(long))
+        .await
+        .expect("count")
+    {
+        assert_eq!(
+            counted, usage.prompt_tokens,
+            "quote count equals charged count"
+        );
     }
 
     // Same seed, greedy: the same text.
@@ -71,7 +84,10 @@ pub async fn conformance(backend: &dyn Backend) {
     assert_eq!(again, text, "greedy decoding is deterministic");
 
     // Dropping a stream mid-way cancels it, and the backend stays usable.
-    let mut stream = backend.generate(request(long), 200).await.expect("generate");
+    let mut stream = backend
+        .generate(request(long), 200)
+        .await
+        .expect("generate");
     let _ = stream.next().await;
     drop(stream);
     let (_, usage, _) = infer::collect(backend.generate(request("Hi"), 2).await.expect("generate"))
@@ -99,7 +115,9 @@ async fn llama_backend_conforms() {
         Err(e) => e,
         Ok(_) => match backend.generate(request(&huge), 10).await {
             Err(e) => e,
-            Ok(stream) => infer::collect(stream).await.expect_err("too long for the context"),
+            Ok(stream) => infer::collect(stream)
+                .await
+                .expect_err("too long for the context"),
         },
     };
     assert!(matches!(err, infer::InferError::InvalidRequest(_)), "{err}");
@@ -139,7 +157,10 @@ impl LlamaServer {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "llama-server did not become healthy");
+            assert!(
+                Instant::now() < deadline,
+                "llama-server did not become healthy"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         server

@@ -54,7 +54,9 @@ pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
 
 /// Start a daemon in this process, optionally with a backend of the test's choosing.
 pub async fn start(config: Config, backend: Option<Arc<dyn Backend>>) -> Daemon {
-    Daemon::start(config, Parts { backend }).await.expect("daemon starts")
+    Daemon::start(config, Parts { backend })
+        .await
+        .expect("daemon starts")
 }
 
 /// Open the store of a stopped daemon.
@@ -95,8 +97,11 @@ impl DaemonProcess {
     /// `dvmd run --dev` on the given ports in `data`; waits for the ready line.
     pub fn spawn(data: &Path, relay_port: u16, http_port: u16, extra_config: &str) -> Self {
         let config = data.join("dvmd.toml");
-        std::fs::write(&config, format!("[wallet]\nreconcile_interval_secs = 1\n{extra_config}"))
-            .expect("write config");
+        std::fs::write(
+            &config,
+            format!("[wallet]\nreconcile_interval_secs = 1\n{extra_config}"),
+        )
+        .expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_dvmd"))
             .args(["run", "--dev", "--config"])
             .arg(&config)
@@ -121,7 +126,10 @@ impl DaemonProcess {
                 .unwrap_or_else(|| panic!("no {name}= in ready line {line:?}"))
                 .to_owned()
         };
-        assert!(line.starts_with("dvmd ready "), "unexpected first line {line:?}");
+        assert!(
+            line.starts_with("dvmd ready "),
+            "unexpected first line {line:?}"
+        );
         Self {
             relay_url: field("relay"),
             http_url: field("http"),
@@ -139,7 +147,10 @@ impl DaemonProcess {
     /// SIGTERM and wait for a graceful exit.
     pub fn terminate(mut self) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         let status = self.child.wait().expect("wait");
         assert!(status.success(), "dvmd exited with {status}");
     }
@@ -160,7 +171,11 @@ pub async fn dev_pay(http_url: &str, bolt11: &str) -> String {
         .send()
         .await
         .expect("POST /dev/pay");
-    assert!(response.status().is_success(), "dev pay: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "dev pay: {}",
+        response.status()
+    );
     let body: serde_json::Value = response.json().await.expect("json");
     body["preimage"].as_str().expect("preimage").to_owned()
 }

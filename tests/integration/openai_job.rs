@@ -28,19 +28,30 @@ async fn paid_job_through_an_openai_compatible_server() {
         .await
         .expect("post");
     let bolt11 = match alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Feedback { .. })
+        })
         .await
         .expect("feedback")
     {
-        Reply::Feedback { status: Some(JobStatus::PaymentRequired), amount: Some(a), .. } => {
-            a.bolt11.expect("bolt11")
-        }
+        Reply::Feedback {
+            status: Some(JobStatus::PaymentRequired),
+            amount: Some(a),
+            ..
+        } => a.bolt11.expect("bolt11"),
         other => panic!("expected payment-required, got {other:?}"),
     };
     harness::dev_pay(&ready.http_url, &bolt11).await;
     match alice
         .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(r, Reply::Result(_) | Reply::Feedback { status: Some(JobStatus::Error), .. })
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(JobStatus::Error),
+                        ..
+                    }
+            )
         })
         .await
         .expect("result")
@@ -48,7 +59,12 @@ async fn paid_job_through_an_openai_compatible_server() {
         Reply::Result(event) => assert!(!event.content.trim().is_empty()),
         other => panic!("expected a result, got {other:?}"),
     }
-    let job = daemon.pipeline().book().get(&request.id).expect("read").expect("job");
+    let job = daemon
+        .pipeline()
+        .book()
+        .get(&request.id)
+        .expect("read")
+        .expect("job");
     let usage = job.usage.expect("usage from the server's stream");
     assert!(usage.prompt_tokens > 0 && (1..=16).contains(&usage.completion_tokens));
     alice.shutdown().await;

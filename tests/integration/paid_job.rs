@@ -33,22 +33,47 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
         .expect("post");
 
     let reply = alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Feedback { .. })
+        })
         .await
         .expect("feedback");
-    let Reply::Feedback { status, amount, event, .. } = reply else { unreachable!() };
-    assert_eq!(status, Some(JobStatus::PaymentRequired), "{:?}", event.as_json());
+    let Reply::Feedback {
+        status,
+        amount,
+        event,
+        ..
+    } = reply
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        status,
+        Some(JobStatus::PaymentRequired),
+        "{:?}",
+        event.as_json()
+    );
     assert_eq!(event.pubkey, ready.pubkey);
     let amount = amount.expect("amount tag");
     let bolt11 = amount.bolt11.clone().expect("invoice in amount tag");
-    assert!(bolt11.starts_with("lnbcrt"), "dev invoices use the regtest prefix: {bolt11}");
+    assert!(
+        bolt11.starts_with("lnbcrt"),
+        "dev invoices use the regtest prefix: {bolt11}"
+    );
     let quote = amount.msat;
 
     harness::dev_pay(&ready.http_url, &bolt11).await;
 
     let result = match alice
         .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(r, Reply::Result(_) | Reply::Feedback { status: Some(JobStatus::Error), .. })
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(JobStatus::Error),
+                        ..
+                    }
+            )
         })
         .await
         .expect("result")
@@ -59,24 +84,49 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
     assert_eq!(result.kind.as_u16(), 6050);
     assert_eq!(result.pubkey, ready.pubkey);
     result.verify().expect("result is signed by the service");
-    assert!(!result.content.trim().is_empty(), "the model said something");
+    assert!(
+        !result.content.trim().is_empty(),
+        "the model said something"
+    );
     let embedded = tag(&result, "request").expect("request tag")[1].clone();
     assert_eq!(Event::from_json(embedded).expect("request json"), request);
     assert_eq!(tag(&result, "e").expect("e tag")[1], request.id.to_hex());
-    assert_eq!(tag(&result, "p").expect("p tag")[1], alice.keys().public_key().to_hex());
-    assert_eq!(tag(&result, "i").expect("i tag")[1], "Name one planet of the solar system.");
-    let charged: u64 = tag(&result, "amount").expect("amount tag")[1].parse().expect("msat");
-    assert!(charged > 0 && charged <= quote, "charged {charged} of quote {quote}");
+    assert_eq!(
+        tag(&result, "p").expect("p tag")[1],
+        alice.keys().public_key().to_hex()
+    );
+    assert_eq!(
+        tag(&result, "i").expect("i tag")[1],
+        "Name one planet of the solar system."
+    );
+    let charged: u64 = tag(&result, "amount").expect("amount tag")[1]
+        .parse()
+        .expect("msat");
+    assert!(
+        charged > 0 && charged <= quote,
+        "charged {charged} of quote {quote}"
+    );
 
     let success = alice
         .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(r, Reply::Feedback { status: Some(JobStatus::Success), .. })
+            matches!(
+                r,
+                Reply::Feedback {
+                    status: Some(JobStatus::Success),
+                    ..
+                }
+            )
         })
         .await;
     assert!(success.is_ok(), "success feedback after the result");
 
     // The book agrees with what the customer saw, and the ledger balances.
-    let job = daemon.pipeline().book().get(&request.id).expect("read").expect("job");
+    let job = daemon
+        .pipeline()
+        .book()
+        .get(&request.id)
+        .expect("read")
+        .expect("job");
     let usage = job.usage.expect("usage recorded");
     assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 24);
     assert_eq!(job.paid_msat, quote);
@@ -84,7 +134,13 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
     // Settled is the last step and happens right after `success`; wait for it briefly.
     let mut state = job.state;
     for _ in 0..100 {
-        state = daemon.pipeline().book().get(&request.id).expect("read").expect("job").state;
+        state = daemon
+            .pipeline()
+            .book()
+            .get(&request.id)
+            .expect("read")
+            .expect("job")
+            .state;
         if state == JobState::Settled {
             break;
         }
@@ -98,5 +154,9 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
     let totals = harness::ledger_ok(&store);
     assert_eq!(totals.payment_in_msat, quote);
     assert_eq!(totals.charge_msat, charged);
-    assert_eq!(totals.balances_msat, quote - charged, "the unused part stays with the customer");
+    assert_eq!(
+        totals.balances_msat,
+        quote - charged,
+        "the unused part stays with the customer"
+    );
 }

@@ -12,10 +12,18 @@ use crate::harness::{self, DaemonProcess, REPLY_TIMEOUT};
 
 /// Collect the distinct result event ids seen for `job`: wait up to `first` for one, then
 /// until `quiet` passes without another.
-async fn result_ids(customer: &mut Customer, job: &EventId, first: Duration, quiet: Duration) -> HashSet<EventId> {
+async fn result_ids(
+    customer: &mut Customer,
+    job: &EventId,
+    first: Duration,
+    quiet: Duration,
+) -> HashSet<EventId> {
     let mut ids = HashSet::new();
     let mut wait = first;
-    while let Ok(reply) = customer.wait_for(job, wait, |r| matches!(r, Reply::Result(_))).await {
+    while let Ok(reply) = customer
+        .wait_for(job, wait, |r| matches!(r, Reply::Result(_)))
+        .await
+    {
         wait = quiet;
         if let Reply::Result(event) = reply {
             ids.insert(event.id);
@@ -27,14 +35,22 @@ async fn result_ids(customer: &mut Customer, job: &EventId, first: Duration, qui
 async fn payment_required(customer: &mut Customer, job: &EventId) -> (u64, String) {
     match customer
         .wait_for(job, REPLY_TIMEOUT, |r| {
-            matches!(r, Reply::Feedback { status: Some(JobStatus::PaymentRequired | JobStatus::Error), .. })
+            matches!(
+                r,
+                Reply::Feedback {
+                    status: Some(JobStatus::PaymentRequired | JobStatus::Error),
+                    ..
+                }
+            )
         })
         .await
         .expect("payment-required")
     {
-        Reply::Feedback { status: Some(JobStatus::PaymentRequired), amount: Some(amount), .. } => {
-            (amount.msat, amount.bolt11.expect("bolt11"))
-        }
+        Reply::Feedback {
+            status: Some(JobStatus::PaymentRequired),
+            amount: Some(amount),
+            ..
+        } => (amount.msat, amount.bolt11.expect("bolt11")),
         other => panic!("expected payment-required, got {other:?}"),
     }
 }
@@ -50,7 +66,9 @@ async fn killed_while_awaiting_payment_then_paid_after_restart() {
     let keys = Keys::generate();
 
     let first = DaemonProcess::spawn(data.path(), relay_port, http_port, "");
-    let mut alice = Customer::connect_with(&first.relay_url, keys.clone()).await.expect("connect");
+    let mut alice = Customer::connect_with(&first.relay_url, keys.clone())
+        .await
+        .expect("connect");
     let request: Event = alice
         .post(customer::text_request(
             "Say hello.",
@@ -66,9 +84,17 @@ async fn killed_while_awaiting_payment_then_paid_after_restart() {
 
     // The embedded relay died with the daemon; the job lives on in the store.
     let second = DaemonProcess::spawn(data.path(), relay_port, http_port, "");
-    let mut alice = Customer::connect_with(&second.relay_url, keys.clone()).await.expect("reconnect");
+    let mut alice = Customer::connect_with(&second.relay_url, keys.clone())
+        .await
+        .expect("reconnect");
     harness::dev_pay(&second.http_url, &bolt11).await;
-    let results = result_ids(&mut alice, &request.id, REPLY_TIMEOUT, Duration::from_secs(1)).await;
+    let results = result_ids(
+        &mut alice,
+        &request.id,
+        REPLY_TIMEOUT,
+        Duration::from_secs(1),
+    )
+    .await;
     assert_eq!(results.len(), 1, "exactly one result after the restart");
     second.terminate();
     alice.shutdown().await;
@@ -86,10 +112,21 @@ async fn killed_while_awaiting_payment_then_paid_after_restart() {
     // A delivered job is never rerun: a third start leaves it alone, and a duplicate of the
     // request gets the stored result again (the same event).
     let third = DaemonProcess::spawn(data.path(), relay_port, http_port, "");
-    let mut alice = Customer::connect_with(&third.relay_url, keys).await.expect("reconnect");
+    let mut alice = Customer::connect_with(&third.relay_url, keys)
+        .await
+        .expect("reconnect");
     alice.send(&request).await.expect("resend");
-    let replayed = result_ids(&mut alice, &request.id, Duration::from_secs(10), Duration::from_secs(1)).await;
-    assert_eq!(replayed, results, "the duplicate gets the stored result, not a new run");
+    let replayed = result_ids(
+        &mut alice,
+        &request.id,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(
+        replayed, results,
+        "the duplicate gets the stored result, not a new run"
+    );
     third.terminate();
     alice.shutdown().await;
     let store = harness::open_store(data.path());
@@ -104,7 +141,9 @@ async fn killed_after_payment_runs_the_job_exactly_once() {
     let keys = Keys::generate();
 
     let first = DaemonProcess::spawn(data.path(), relay_port, http_port, "");
-    let mut alice = Customer::connect_with(&first.relay_url, keys.clone()).await.expect("connect");
+    let mut alice = Customer::connect_with(&first.relay_url, keys.clone())
+        .await
+        .expect("connect");
     let request = alice
         .post(customer::text_request(
             "Count from one to two hundred in words, separated by commas.",
@@ -120,17 +159,43 @@ async fn killed_after_payment_runs_the_job_exactly_once() {
     // Paid or Running, as soon as it says it started.
     let _ = alice
         .wait_for(&request.id, Duration::from_secs(5), |r| {
-            matches!(r, Reply::Feedback { status: Some(JobStatus::Processing), .. })
+            matches!(
+                r,
+                Reply::Feedback {
+                    status: Some(JobStatus::Processing),
+                    ..
+                }
+            )
         })
         .await;
     first.kill();
-    let mut seen = result_ids(&mut alice, &request.id, Duration::from_millis(200), Duration::from_millis(200)).await;
+    let mut seen = result_ids(
+        &mut alice,
+        &request.id,
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+    )
+    .await;
     alice.shutdown().await;
 
     let second = DaemonProcess::spawn(data.path(), relay_port, http_port, "");
-    let mut alice = Customer::connect_with(&second.relay_url, keys).await.expect("reconnect");
-    seen.extend(result_ids(&mut alice, &request.id, REPLY_TIMEOUT, Duration::from_secs(1)).await);
-    assert_eq!(seen.len(), 1, "one result across the crash, never two runs: {seen:?}");
+    let mut alice = Customer::connect_with(&second.relay_url, keys)
+        .await
+        .expect("reconnect");
+    seen.extend(
+        result_ids(
+            &mut alice,
+            &request.id,
+            REPLY_TIMEOUT,
+            Duration::from_secs(1),
+        )
+        .await,
+    );
+    assert_eq!(
+        seen.len(),
+        1,
+        "one result across the crash, never two runs: {seen:?}"
+    );
     second.terminate();
     alice.shutdown().await;
 

@@ -19,7 +19,9 @@ async fn one_request_on_two_relays_runs_once() {
     let cancel = CancellationToken::new();
     let mut urls = Vec::new();
     for _ in 0..2 {
-        let relay = EmbeddedRelay::bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        let relay = EmbeddedRelay::bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
         urls.push(relay.url());
         tokio::spawn(relay.run(cancel.child_token()));
     }
@@ -30,7 +32,11 @@ async fn one_request_on_two_relays_runs_once() {
     let relays = RelaysFile {
         relay: urls
             .iter()
-            .map(|url| RelayEntry { url: url.clone(), read: true, write: true })
+            .map(|url| RelayEntry {
+                url: url.clone(),
+                read: true,
+                write: true,
+            })
             .collect(),
     };
     let config = Config::build(
@@ -49,10 +55,13 @@ async fn one_request_on_two_relays_runs_once() {
     let service = daemon.ready().pubkey;
 
     let mut on_a = Customer::connect(&urls[0]).await.expect("connect a");
-    let mut on_b = Customer::connect_with(&urls[1], on_a.keys().clone()).await.expect("connect b");
-    let request = customer::text_request("Name a planet", &[("max_tokens", "8")], None, Some(service))
-        .sign_with_keys(on_a.keys())
-        .expect("sign");
+    let mut on_b = Customer::connect_with(&urls[1], on_a.keys().clone())
+        .await
+        .expect("connect b");
+    let request =
+        customer::text_request("Name a planet", &[("max_tokens", "8")], None, Some(service))
+            .sign_with_keys(on_a.keys())
+            .expect("sign");
     on_a.send(&request).await.expect("post on a");
     on_b.send(&request).await.expect("post on b");
 
@@ -60,24 +69,42 @@ async fn one_request_on_two_relays_runs_once() {
     let mut invoices = HashSet::new();
     for customer in [&mut on_a, &mut on_b] {
         match customer
-            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+                matches!(r, Reply::Feedback { .. })
+            })
             .await
             .expect("feedback")
         {
-            Reply::Feedback { status: Some(JobStatus::PaymentRequired), amount: Some(amount), event, .. } => {
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount: Some(amount),
+                event,
+                ..
+            } => {
                 invoices.insert((event.id, amount.bolt11.expect("bolt11")));
             }
             other => panic!("expected payment-required, got {other:?}"),
         }
     }
-    assert_eq!(invoices.len(), 1, "one feedback event, one invoice: {invoices:?}");
+    assert_eq!(
+        invoices.len(),
+        1,
+        "one feedback event, one invoice: {invoices:?}"
+    );
     let bolt11 = invoices.into_iter().next().expect("invoice").1;
-    daemon.dev_wallet().expect("dev wallet").settle(&bolt11).await.expect("pay");
+    daemon
+        .dev_wallet()
+        .expect("dev wallet")
+        .settle(&bolt11)
+        .await
+        .expect("pay");
 
     let mut results = HashSet::new();
     for customer in [&mut on_a, &mut on_b] {
         if let Reply::Result(event) = customer
-            .wait_for(&request.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Result(_)))
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+                matches!(r, Reply::Result(_))
+            })
             .await
             .expect("result")
         {
@@ -89,10 +116,15 @@ async fn one_request_on_two_relays_runs_once() {
     // nothing: no second invoice, no second run.
     on_a.send(&request).await.ok();
     let extra = on_a
-        .wait_for(&request.id, Duration::from_millis(500), |r| matches!(r, Reply::Result(_)))
+        .wait_for(&request.id, Duration::from_millis(500), |r| {
+            matches!(r, Reply::Result(_))
+        })
         .await;
     if let Ok(Reply::Result(event)) = extra {
-        assert!(results.contains(&event.id), "a replayed result is the same event");
+        assert!(
+            results.contains(&event.id),
+            "a replayed result is the same event"
+        );
     }
 
     let book = daemon.pipeline().book();
@@ -103,12 +135,18 @@ async fn one_request_on_two_relays_runs_once() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(book.get(&request.id).expect("read").expect("job").state, JobState::Settled);
+    assert_eq!(
+        book.get(&request.id).expect("read").expect("job").state,
+        JobState::Settled
+    );
     on_a.shutdown().await;
     on_b.shutdown().await;
     daemon.stop().await;
     cancel.cancel();
     let store = harness::open_store(data.path());
     let totals = harness::ledger_ok(&store);
-    assert_eq!(totals.entries, 3, "payment_in, charge, refund_credit: {totals:?}");
+    assert_eq!(
+        totals.entries, 3,
+        "payment_in, charge, refund_credit: {totals:?}"
+    );
 }
