@@ -99,6 +99,7 @@ pub struct Daemon {
     relays: Relays,
     store: Store,
     dev_wallet: Option<Arc<DevWallet>>,
+    embedded: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl Daemon {
@@ -128,6 +129,7 @@ impl Daemon {
         };
 
         let mut tasks = JoinSet::new();
+        let mut embedded = None;
         let (roles, relay_url) = if config.dev {
             let relay = EmbeddedRelay::bind(config.relay_listen)
                 .await
@@ -136,7 +138,10 @@ impl Daemon {
                     source,
                 })?;
             let url = relay.url();
-            tasks.spawn(relay.run(cancel.child_token()));
+            // Stopped last, after our own client disconnected from it.
+            let relay_cancel = CancellationToken::new();
+            let handle = tokio::spawn(relay.run(relay_cancel.clone()));
+            embedded = Some((relay_cancel, handle));
             let role = RelayRole {
                 url: url.clone(),
                 read: true,
@@ -212,6 +217,7 @@ impl Daemon {
             relays,
             store,
             dev_wallet,
+            embedded,
         })
     }
 
@@ -249,6 +255,10 @@ impl Daemon {
             self.tasks.abort_all();
         }
         self.relays.shutdown().await;
+        if let Some((cancel, handle)) = self.embedded.take() {
+            cancel.cancel();
+            let _ = tokio::time::timeout(STOP_TIMEOUT, handle).await;
+        }
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }

@@ -52,9 +52,14 @@ pub struct PaymentRecord {
     pub job: EventId,
     /// Amount asked, msat.
     pub amount_msat: u64,
+    /// When the invoice expires (unix seconds).
+    pub expires_at: u64,
     /// Whether a confirmed payment was already booked.
     pub consumed: bool,
 }
+
+/// How long after expiry an unpaid invoice is still looked up.
+pub const LATE_PAYMENT_GRACE_SECS: u64 = 24 * 60 * 60;
 
 /// Result of inserting a newly received job.
 #[derive(Debug)]
@@ -181,13 +186,19 @@ impl Book {
         })
     }
 
-    /// `Quoted -> AwaitingPayment`: record the invoice and index its payment hash, then flush.
-    /// Only after this returns may the invoice be shown to the customer.
-    pub async fn await_payment(&self, id: &EventId, invoice: JobInvoice) -> Result<Job, BookError> {
+    /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
+    /// index its payment hash, then flush. Only after this returns may the invoice be shown.
+    pub async fn await_payment(
+        &self,
+        id: &EventId,
+        invoice: JobInvoice,
+        feedback: String,
+    ) -> Result<Job, BookError> {
         let at = now();
         let record = PaymentRecord {
             job: *id,
             amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
             consumed: false,
         };
         let job = (&self.store.jobs, &self.store.payments)
@@ -199,6 +210,7 @@ impl Book {
                 job.transition(JobState::AwaitingPayment, at)
                     .map_err(abort)?;
                 job.invoice = Some(invoice.clone());
+                job.last_feedback = Some(feedback.clone());
                 if payments.get(invoice.payment_hash.0)?.is_some() {
                     // A wallet reusing a payment hash would let one payment pay twice.
                     return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
@@ -223,13 +235,16 @@ impl Book {
         }
     }
 
-    /// Payment hashes issued and not yet consumed (for the reconciler).
+    /// Payment hashes issued and not yet consumed (for the reconciler), including expired ones
+    /// for [`LATE_PAYMENT_GRACE_SECS`]: some wallets (LNbits) still accept an expired invoice,
+    /// and that money must be credited, not lost.
     pub fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
         let mut open = Vec::new();
+        let horizon = now().saturating_sub(LATE_PAYMENT_GRACE_SECS);
         for item in self.store.payments.iter() {
             let (key, raw) = item?;
             let record: PaymentRecord = store::decode("payments", &raw)?;
-            if record.consumed {
+            if record.consumed || record.expires_at < horizon {
                 continue;
             }
             if let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) {
@@ -361,5 +376,204 @@ impl Book {
         }
         jobs.sort_by_key(|job| job.received_at);
         Ok(jobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nostr_sdk::{EventBuilder, Keys, Kind};
+
+    use super::*;
+
+    fn book() -> Book {
+        Book::new(Store::temporary().expect("store"))
+    }
+
+    fn quoted_job(book: &Book, quote: u64) -> Job {
+        let request = EventBuilder::new(Kind::from(5050), "")
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        let job = Job::received(&request, vec![], now());
+        assert!(matches!(book.admit(&job).expect("admit"), Admission::New));
+        book.transition(&job.id, JobState::Quoted, |j| j.quote_msat = Some(quote))
+            .expect("quoted")
+    }
+
+    fn invoice(hash: u8, msat: u64) -> JobInvoice {
+        JobInvoice {
+            bolt11: format!("lnbcrt-test-{hash}"),
+            payment_hash: PaymentHash([hash; 32]),
+            amount_msat: msat,
+            expires_at: now() + 600,
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_admitted_once() {
+        let book = book();
+        let job = quoted_job(&book, 1_000);
+        match book
+            .admit(&Job {
+                state: JobState::Received,
+                ..job.clone()
+            })
+            .expect("admit")
+        {
+            Admission::Duplicate(stored) => assert_eq!(stored.state, JobState::Quoted),
+            Admission::New => panic!("a second sighting must not be new"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payment_hash_pays_once() {
+        let book = book();
+        let job = quoted_job(&book, 5_000);
+        book.await_payment(&job.id, invoice(1, 5_000), "{}".into())
+            .await
+            .expect("await");
+        let hash = PaymentHash([1; 32]);
+        assert!(matches!(
+            book.confirm_payment(&hash, 5_000).await.expect("confirm"),
+            PaymentOutcome::Paid(_)
+        ));
+        // A second hint, a replay, the reconciler racing the hint: all book nothing.
+        assert_eq!(
+            book.confirm_payment(&hash, 5_000).await.expect("confirm"),
+            PaymentOutcome::AlreadyConsumed
+        );
+        assert_eq!(
+            book.confirm_payment(&PaymentHash([9; 32]), 5_000)
+                .await
+                .expect("confirm"),
+            PaymentOutcome::Unknown
+        );
+        let totals = ledger::check(book.store()).expect("ledger");
+        assert_eq!(totals.payment_in_msat, 5_000);
+        assert_eq!(
+            book.get(&job.id).expect("get").expect("job").state,
+            JobState::Paid
+        );
+    }
+
+    #[tokio::test]
+    async fn one_invoice_cannot_be_attached_to_two_jobs() {
+        let book = book();
+        let first = quoted_job(&book, 1_000);
+        let second = quoted_job(&book, 1_000);
+        book.await_payment(&first.id, invoice(2, 1_000), "{}".into())
+            .await
+            .expect("first");
+        let err = book
+            .await_payment(&second.id, invoice(2, 1_000), "{}".into())
+            .await;
+        assert!(
+            matches!(err, Err(BookError::PaymentHashReused(_))),
+            "{err:?}"
+        );
+        assert_eq!(
+            book.get(&second.id).expect("get").expect("job").state,
+            JobState::Quoted
+        );
+        assert_eq!(
+            book.payment(&PaymentHash([2; 32]))
+                .expect("get")
+                .expect("record")
+                .job,
+            first.id
+        );
+    }
+
+    #[tokio::test]
+    async fn late_and_short_payments_are_credited_not_lost() {
+        let book = book();
+        let late = quoted_job(&book, 1_000);
+        book.await_payment(&late.id, invoice(3, 1_000), "{}".into())
+            .await
+            .expect("await");
+        book.transition(&late.id, JobState::Expired, |_| {})
+            .expect("expire");
+        assert!(matches!(
+            book.confirm_payment(&PaymentHash([3; 32]), 1_000)
+                .await
+                .expect("confirm"),
+            PaymentOutcome::Credited(_)
+        ));
+        assert_eq!(
+            book.get(&late.id).expect("get").expect("job").state,
+            JobState::Expired
+        );
+
+        let short = quoted_job(&book, 2_000);
+        book.await_payment(&short.id, invoice(4, 2_000), "{}".into())
+            .await
+            .expect("await");
+        assert!(matches!(
+            book.confirm_payment(&PaymentHash([4; 32]), 1_500)
+                .await
+                .expect("confirm"),
+            PaymentOutcome::Underpaid(_)
+        ));
+        assert_eq!(
+            book.get(&short.id).expect("get").expect("job").state,
+            JobState::AwaitingPayment
+        );
+
+        let customer_balance = ledger::balance(book.store(), &late.customer).expect("balance");
+        assert_eq!(customer_balance, 1_000);
+        let totals = ledger::check(book.store()).expect("ledger");
+        assert_eq!(totals.payment_in_msat, 2_500);
+        assert_eq!(totals.balances_msat, 2_500);
+    }
+
+    #[tokio::test]
+    async fn settling_charges_at_most_what_was_paid() {
+        let book = book();
+        let job = quoted_job(&book, 3_000);
+        book.await_payment(&job.id, invoice(5, 3_000), "{}".into())
+            .await
+            .expect("await");
+        book.confirm_payment(&PaymentHash([5; 32]), 3_000)
+            .await
+            .expect("confirm");
+        // Settling before the job ran is refused by the transition table.
+        assert!(matches!(
+            book.settle(&job.id, 1).await,
+            Err(BookError::Transition(_))
+        ));
+        book.transition(&job.id, JobState::Running, |_| {})
+            .expect("run");
+        book.transition(&job.id, JobState::Delivered, |_| {})
+            .expect("deliver");
+        let settled = book.settle(&job.id, 9_999).await.expect("settle");
+        assert_eq!(settled.charge_msat, Some(3_000));
+        // A second settlement of the same job is refused: it is terminal.
+        assert!(book.settle(&job.id, 1).await.is_err());
+        let totals = ledger::check(book.store()).expect("ledger");
+        assert_eq!(totals.charge_msat, 3_000);
+        assert_eq!(totals.balances_msat, 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_leaves_the_payment_as_credit() {
+        let book = book();
+        let job = quoted_job(&book, 4_000);
+        book.await_payment(&job.id, invoice(6, 4_000), "{}".into())
+            .await
+            .expect("await");
+        book.confirm_payment(&PaymentHash([6; 32]), 4_000)
+            .await
+            .expect("confirm");
+        book.transition(&job.id, JobState::Running, |_| {})
+            .expect("run");
+        book.transition(&job.id, JobState::Failed, |_| {})
+            .expect("fail");
+        book.settle(&job.id, 0).await.expect("settle");
+        assert_eq!(
+            ledger::balance(book.store(), &job.customer).expect("balance"),
+            4_000
+        );
+        let totals = ledger::check(book.store()).expect("ledger");
+        assert_eq!(totals.refund_credit_msat, 4_000);
+        assert_eq!(totals.charge_msat, 0);
     }
 }

@@ -310,22 +310,29 @@ impl Pipeline {
             amount_msat: invoice.amount_msat,
             expires_at: invoice.expires_at,
         };
-        let job = match inner.book.await_payment(&job.id, invoice.clone()).await {
+        // The feedback that shows the invoice is signed first and stored with it, so a restart
+        // can always show the customer the same invoice again.
+        let amount = PaymentAmount {
+            msat: invoice.amount_msat,
+            bolt11: Some(invoice.bolt11.clone()),
+        };
+        let info = format!("pay {} msat to run this job", amount.msat);
+        let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
+        let Some(feedback) = self.sign(&job.id, feedback) else {
+            return;
+        };
+        let stored = inner
+            .book
+            .await_payment(&job.id, invoice.clone(), feedback.as_json());
+        let job = match stored.await {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record invoice"),
         };
         inner.metrics.entered(JobState::AwaitingPayment);
         tracing::info!(job = %job.id, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "invoice issued");
-        let amount = PaymentAmount {
-            msat: invoice.amount_msat,
-            bolt11: Some(invoice.bolt11),
-        };
-        let info = format!("pay {} msat to run this job", amount.msat);
-        let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
         if self
-            .send_feedback(&job, feedback, INVOICE_FEEDBACK_ATTEMPTS)
+            .publish_feedback(&job, &feedback, INVOICE_FEEDBACK_ATTEMPTS)
             .await
-            .is_some()
         {
             if let Some(started) = started {
                 inner.metrics.request_to_invoice.observe(started.elapsed());
@@ -349,6 +356,17 @@ impl Pipeline {
         }
     }
 
+    /// Sign an event with the service key.
+    pub(crate) fn sign(&self, job: &EventId, builder: nostr_sdk::EventBuilder) -> Option<Event> {
+        match builder.sign_with_keys(&self.inner.keys) {
+            Ok(event) => Some(event),
+            Err(e) => {
+                tracing::error!(job = %job, error = %e, "cannot sign event");
+                None
+            }
+        }
+    }
+
     /// Sign a feedback event, store it as the job's latest (for duplicates), publish it.
     /// Returns the signed event if a relay accepted it.
     pub(crate) async fn send_feedback(
@@ -357,31 +375,32 @@ impl Pipeline {
         feedback: nostr_sdk::EventBuilder,
         attempts: u32,
     ) -> Option<Event> {
-        let inner = &self.inner;
-        let event = match feedback.sign_with_keys(&inner.keys) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::error!(job = %job.id, error = %e, "cannot sign feedback");
-                return None;
-            }
-        };
+        let event = self.sign(&job.id, feedback)?;
         let json = event.as_json();
-        if let Err(e) = inner.book.update(&job.id, |stored, _| {
+        if let Err(e) = self.inner.book.update(&job.id, |stored, _| {
             stored.last_feedback = Some(json.clone());
             Ok(())
         }) {
             tracing::warn!(job = %job.id, error = %e, "cannot store feedback");
         }
+        self.publish_feedback(job, &event, attempts)
+            .await
+            .then_some(event)
+    }
+
+    /// Publish a signed feedback event; `true` if a relay accepted it.
+    pub(crate) async fn publish_feedback(&self, job: &Job, event: &Event, attempts: u32) -> bool {
+        let inner = &self.inner;
         match inner
             .outbox
-            .publish(&event, &job.reply_relays, Persistence::Attempts(attempts))
+            .publish(event, &job.reply_relays, Persistence::Attempts(attempts))
             .await
         {
-            Ok(_) => Some(event),
+            Ok(_) => true,
             Err(e) => {
                 inner.metrics.publish_failed();
                 tracing::warn!(job = %job.id, error = %e, "feedback not published");
-                None
+                false
             }
         }
     }

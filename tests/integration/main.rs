@@ -7,5 +7,6 @@ mod conformance;
 mod interop;
 mod openai_job;
 mod paid_job;
+mod payment;
 mod restart;
 mod two_relays;

@@ -1,0 +1,174 @@
+//! Payments: a hint is not a payment, and a job that fails after payment owes the customer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::infer::instant::InstantBackend;
+use dvmd::infer::{Backend, GenerateRequest, GenerateStream, InferError};
+use dvmd::job::JobState;
+use dvmd::nip90::JobStatus;
+use dvmd::wallet::PaymentHash;
+
+use crate::harness::{self, REPLY_TIMEOUT};
+
+async fn invoice_for(alice: &mut Customer, job: &nostr_sdk::EventId) -> (u64, String) {
+    match alice
+        .wait_for(job, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .await
+        .expect("feedback")
+    {
+        Reply::Feedback {
+            status: Some(JobStatus::PaymentRequired),
+            amount: Some(a),
+            ..
+        } => (a.msat, a.bolt11.expect("bolt11")),
+        other => panic!("expected payment-required, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_hints_without_payment_move_nothing() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("never sent"));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11) = invoice_for(&mut alice, &request.id).await;
+    let job = daemon
+        .pipeline()
+        .book()
+        .get(&request.id)
+        .expect("read")
+        .expect("job");
+    let hash = job.invoice.expect("invoice").payment_hash;
+
+    // Hints for the unpaid invoice and for a hash we never issued, as a forged webhook or
+    // websocket push would deliver them: the wallet says "not paid", so nothing moves.
+    daemon.pipeline().check_payment(&hash).await;
+    daemon
+        .pipeline()
+        .check_payment(&PaymentHash([0xab; 32]))
+        .await;
+    daemon.pipeline().reconcile_once().await;
+    let job = daemon
+        .pipeline()
+        .book()
+        .get(&request.id)
+        .expect("read")
+        .expect("job");
+    assert_eq!(job.state, JobState::AwaitingPayment);
+    assert!(alice
+        .wait_for(&request.id, Duration::from_millis(300), |r| matches!(
+            r,
+            Reply::Result(_)
+        ))
+        .await
+        .is_err());
+
+    // Paying it once works; paying it again is refused by the wallet and books nothing.
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    alice
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Result(_))
+        })
+        .await
+        .expect("result");
+    let again = reqwest::Client::new()
+        .post(format!("{}/dev/pay", ready.http_url))
+        .json(&serde_json::json!({ "bolt11": bolt11 }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(again.status(), 422, "an invoice is paid once");
+    daemon.pipeline().check_payment(&hash).await;
+    alice.shutdown().await;
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!(totals.payment_in_msat, job.quote_msat.expect("quote"));
+}
+
+/// A backend that fails every generation: the fault injected next to the real backends.
+struct BrokenBackend;
+
+#[async_trait::async_trait]
+impl Backend for BrokenBackend {
+    fn name(&self) -> &str {
+        "broken"
+    }
+    async fn count_prompt_tokens(&self, _: &GenerateRequest) -> Result<Option<u32>, InferError> {
+        Ok(Some(10))
+    }
+    async fn generate(&self, _: GenerateRequest, _: u32) -> Result<GenerateStream, InferError> {
+        Err(InferError::Backend("GPU on fire".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_after_payment_is_reported_and_credited() {
+    let data = harness::data_dir();
+    let daemon = harness::start(
+        harness::dev_config(data.path(), |_| {}),
+        Some(Arc::new(BrokenBackend)),
+    )
+    .await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (quote, bolt11) = invoice_for(&mut alice, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let info = match alice
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Feedback {
+                    status: Some(JobStatus::Error),
+                    ..
+                } | Reply::Result(_)
+            )
+        })
+        .await
+        .expect("error feedback")
+    {
+        Reply::Feedback { info, .. } => info,
+        Reply::Result(_) => panic!("a broken backend cannot produce a result"),
+    };
+    assert!(info.contains("GPU on fire"), "{info}");
+    assert!(
+        info.contains(&format!("{quote} msat you paid are credited")),
+        "{info}"
+    );
+    alice.shutdown().await;
+    daemon.stop().await;
+
+    let store = harness::open_store(data.path());
+    let job = &harness::jobs(&store)[0];
+    assert_eq!(job.state, JobState::Settled);
+    assert_eq!(job.charge_msat, Some(0));
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(
+        totals.balances_msat, quote,
+        "the customer is owed everything paid"
+    );
+    assert_eq!(
+        dvmd::ledger::balance(&store, &request.pubkey).expect("balance"),
+        quote
+    );
+}
