@@ -160,19 +160,28 @@ impl Backend for OpenAiBackend {
             "{}/chat/completions",
             self.config.base_url.trim_end_matches('/')
         );
-        let mut call = self.http.post(&url).json(&body);
-        if let Some(key) = &self.config.api_key {
-            call = call.bearer_auth(key);
-        }
         let timeout_secs = self.config.timeout.as_secs();
-        let response = call.send().await.map_err(|e| {
-            if e.is_timeout() {
-                InferError::Timeout(timeout_secs)
-            } else {
-                // Without the URL's query or credentials: reqwest's message names only the host.
-                InferError::Backend(format!("{url}: {}", e.without_url()))
+        // One retry when the request could not be sent: a pooled keep-alive connection the
+        // server already closed (llama-server does after a cancelled stream) fails this way.
+        // Nothing was generated for a request that was never sent, so retrying charges nothing.
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let mut call = self.http.post(&url).json(&body);
+            if let Some(key) = &self.config.api_key {
+                call = call.bearer_auth(key);
             }
-        })?;
+            match call.send().await {
+                Ok(response) => break response,
+                Err(e) if e.is_timeout() => return Err(InferError::Timeout(timeout_secs)),
+                Err(e) if attempt < 2 && (e.is_request() || e.is_connect()) => {
+                    tracing::debug!(error = %e.without_url(), "retrying the inference request once");
+                }
+                // reqwest's message without the URL: it names only the host, never a query
+                // or credentials.
+                Err(e) => return Err(InferError::Backend(format!("{url}: {}", e.without_url()))),
+            }
+        };
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
