@@ -66,15 +66,13 @@ pub struct WorkItem {
 /// The receiving end of the run queue, shared by the workers.
 pub type WorkQueue = Arc<Mutex<mpsc::UnboundedReceiver<WorkItem>>>;
 
-/// The outcome of screening one event.
+/// The outcome of the dedup insert.
 #[derive(Debug)]
 pub enum Screening {
     /// A new job, now `Received`.
     New(Box<Job>, Box<JobRequest>),
     /// Seen before.
     Duplicate(Box<Job>),
-    /// Not made into a job.
-    Dropped(Dropped),
 }
 
 pub(crate) struct Inner {
@@ -150,23 +148,31 @@ impl Pipeline {
         self.inner.tasks.wait().await;
     }
 
-    /// Screen a verified event: kind, targeting, age, then the persisted dedup insert.
-    pub fn screen(&self, event: &Verified, source: Option<&str>) -> Result<Screening, BookError> {
+    /// The cheap checks, run in the intake loop itself: kind, targeting, age. No IO.
+    pub fn precheck(&self, event: &Verified) -> Result<JobRequest, Dropped> {
         let inner = &self.inner;
         let event = event.event();
-        let kind = event.kind.as_u16();
-        if !inner.config.kinds.contains(&kind) {
-            return Ok(Screening::Dropped(Dropped::WrongKind));
+        if !inner.config.kinds.contains(&event.kind.as_u16()) {
+            return Err(Dropped::WrongKind);
         }
-        let Some(request) = JobRequest::parse(event) else {
-            return Ok(Screening::Dropped(Dropped::WrongKind));
-        };
+        let request = JobRequest::parse(event).ok_or(Dropped::WrongKind)?;
         if request.targeting(&inner.keys.public_key()) == Targeting::Others {
-            return Ok(Screening::Dropped(Dropped::NotForUs));
+            return Err(Dropped::NotForUs);
         }
         if request.is_stale(Timestamp::now(), inner.config.max_age_secs) {
-            return Ok(Screening::Dropped(Dropped::Stale));
+            return Err(Dropped::Stale);
         }
+        Ok(request)
+    }
+
+    /// The persisted dedup: record a first sighting as a `Received` job, or return the job
+    /// already stored under this id. Safe to race: one caller wins the insert.
+    pub fn admit(
+        &self,
+        event: &Event,
+        request: JobRequest,
+        source: Option<&str>,
+    ) -> Result<Screening, BookError> {
         let mut reply_relays = request.relays.clone();
         if let Some(source) = source {
             if !reply_relays.iter().any(|r| r == source) {
@@ -174,39 +180,41 @@ impl Pipeline {
             }
         }
         let job = Job::received(event, reply_relays, unix_now());
-        Ok(match inner.book.admit(&job)? {
+        Ok(match self.inner.book.admit(&job)? {
             Admission::New => Screening::New(Box::new(job), Box::new(request)),
             Admission::Duplicate(existing) => Screening::Duplicate(existing),
         })
     }
 
-    /// Take a verified event from intake: screen it now, quote and invoice in the background.
+    /// Take a verified event from intake. The loop only runs [`Pipeline::precheck`]; the dedup
+    /// insert, quoting and invoicing run in a task, so disk latency never holds up intake and
+    /// the store work runs on another core while intake verifies the next event.
     pub fn handle(&self, event: Verified, source: Option<&str>) {
-        let metrics = &self.inner.metrics;
-        match self.screen(&event, source) {
-            Ok(Screening::New(job, request)) => {
-                metrics.entered(JobState::Received);
-                tracing::info!(job = %job.id, customer = %job.customer, kind = job.kind, "job received");
-                let pipeline = self.clone();
-                let event = event.into_event();
-                self.inner.tasks.spawn(async move {
+        let request = match self.precheck(&event) {
+            Ok(request) => request,
+            Err(why) => {
+                self.inner.metrics.dropped(why);
+                return tracing::debug!(event = %event.event().id, reason = ?why, "event dropped");
+            }
+        };
+        let pipeline = self.clone();
+        let source = source.map(str::to_owned);
+        self.inner.tasks.spawn(async move {
+            let event = event.into_event();
+            let metrics = &pipeline.inner.metrics;
+            match pipeline.admit(&event, request, source.as_deref()) {
+                Ok(Screening::New(job, request)) => {
+                    metrics.entered(JobState::Received);
+                    tracing::info!(job = %job.id, customer = %job.customer, kind = job.kind, "job received");
                     pipeline.process(*job, event, *request).await;
-                });
+                }
+                Ok(Screening::Duplicate(job)) => {
+                    metrics.dropped(Dropped::Duplicate);
+                    pipeline.replay(&job, source).await;
+                }
+                Err(e) => tracing::error!(event = %event.id, error = %e, "cannot record job"),
             }
-            Ok(Screening::Duplicate(job)) => {
-                metrics.dropped(Dropped::Duplicate);
-                let pipeline = self.clone();
-                let source = source.map(str::to_owned);
-                self.inner
-                    .tasks
-                    .spawn(async move { pipeline.replay(&job, source).await });
-            }
-            Ok(Screening::Dropped(why)) => {
-                metrics.dropped(why);
-                tracing::debug!(event = %event.event().id, reason = ?why, "event dropped");
-            }
-            Err(e) => tracing::error!(event = %event.event().id, error = %e, "cannot record job"),
-        }
+        });
     }
 
     /// Quote a received job and ask for payment, or refuse it with an `error` feedback.
