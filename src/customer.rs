@@ -15,6 +15,9 @@ use tokio::sync::broadcast;
 use crate::nip90::{JobStatus, PaymentAmount, FEEDBACK_KIND};
 use crate::relay::transport::NoDelayTransport;
 
+/// Replies about other jobs kept for a later `next_reply`; the oldest go first.
+const MAX_STASHED: usize = 256;
+
 /// Errors a customer sees.
 #[derive(Debug, thiserror::Error)]
 pub enum CustomerError {
@@ -170,8 +173,9 @@ impl Customer {
         job: &EventId,
         timeout: Duration,
     ) -> Result<Reply, CustomerError> {
-        if let Some(pos) = self.stash.iter().position(|e| refers_to(e, job)) {
-            if let Some(event) = self.stash.remove(pos) {
+        let job_hex = job.to_hex();
+        if let Some(pos) = self.stash.iter().position(|e| refers_to(e, &job_hex)) {
+            if let Some(event) = self.stash.remove(pos).filter(|e| e.verify().is_ok()) {
                 return Ok(reply(event));
             }
         }
@@ -188,11 +192,15 @@ impl Customer {
                     return Err(CustomerError::Relay("client closed".into()))
                 }
             };
-            if event.verify().is_err() {
+            // Verified here, not only by the sdk: its cache skips events whose id it has seen.
+            if refers_to(&event, &job_hex) {
+                if event.verify().is_ok() {
+                    return Ok(reply(event));
+                }
                 continue;
             }
-            if refers_to(&event, job) {
-                return Ok(reply(event));
+            if self.stash.len() == MAX_STASHED {
+                self.stash.pop_front();
             }
             self.stash.push_back(event);
         }
@@ -224,12 +232,11 @@ impl Customer {
     }
 }
 
-fn refers_to(event: &Event, job: &EventId) -> bool {
-    let hex = job.to_hex();
+fn refers_to(event: &Event, job_hex: &str) -> bool {
     event
         .tags
         .iter()
-        .any(|t| matches!(t.as_slice(), [name, id, ..] if name == "e" && *id == hex))
+        .any(|t| matches!(t.as_slice(), [name, id, ..] if name == "e" && id == job_hex))
 }
 
 fn reply(event: Event) -> Reply {

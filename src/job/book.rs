@@ -255,7 +255,13 @@ impl Book {
     }
 
     /// Book a payment our wallet confirmed: consume the hash, credit the customer, and move the
-    /// job `AwaitingPayment -> Paid`, all in one transaction; then flush.
+    /// job `AwaitingPayment -> Paid`, all in one transaction.
+    ///
+    /// Not flushed here, on purpose: the payment is already durable in the wallet, and the next
+    /// side effect that depends on this booking (the worker's `processing` feedback, then the
+    /// result) flushes first. sled's log is sequential, so that flush makes this transaction
+    /// durable too; a crash before it leaves the hash unconsumed, and the reconciler books the
+    /// same payment again, once. This keeps an fsync off the path from payment to result.
     pub async fn confirm_payment(
         &self,
         hash: &PaymentHash,
@@ -309,7 +315,6 @@ impl Book {
                 Ok(outcome)
             })
             .map_err(unwrap_tx)?;
-        self.store.flush().await?;
         Ok(outcome)
     }
 

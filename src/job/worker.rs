@@ -85,6 +85,11 @@ impl Pipeline {
         let pipeline = self.clone();
         let announced = job.clone();
         inner.tasks.spawn(async move {
+            // Make the booked payment durable before telling the customer work started; this
+            // runs beside the model, not before it.
+            if let Err(e) = pipeline.inner.book.store().flush().await {
+                return tracing::error!(job = %announced.id, error = %e, "cannot persist payment");
+            }
             if pipeline
                 .send_feedback(&announced, processing, FEEDBACK_ATTEMPTS)
                 .await
