@@ -151,6 +151,23 @@ fn load(files: &Files, flags: Overrides) -> anyhow::Result<Config> {
 
 /// Logs go to stderr, filtered by `DVMD_LOG` (tracing's env-filter syntax). Benchmarks default
 /// to warnings only, so their figures are not buried.
+/// The configuration for commands that do not talk to relays (no relays.toml needed).
+fn load_offline(files: &Files) -> anyhow::Result<Config> {
+    load(
+        files,
+        Overrides {
+            dev: true,
+            ..Overrides::default()
+        },
+    )
+}
+
+/// The store of a stopped daemon, for the offline tools.
+fn open_store(files: &Files) -> anyhow::Result<Store> {
+    let config = load_offline(files)?;
+    Ok(Store::open(&config.data_dir.join("store"))?)
+}
+
 fn init_tracing(default: &str) {
     let filter = EnvFilter::try_from_env("DVMD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -178,13 +195,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { files } => {
-            let config = load(
-                &files,
-                Overrides {
-                    dev: true,
-                    ..Overrides::default()
-                },
-            )?;
+            let config = load_offline(&files)?;
             let (keys, created) = identity::init(&config.data_dir)?;
             let verb = if created { "created" } else { "kept existing" };
             println!(
@@ -241,26 +252,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger {
             command: LedgerCommand::Check { files },
         } => {
-            let config = load(
-                &files,
-                Overrides {
-                    dev: true,
-                    ..Overrides::default()
-                },
-            )?;
-            let store = Store::open(&config.data_dir.join("store"))?;
+            let store = open_store(&files)?;
             let totals = ledger::check(&store)?;
             println!("ledger ok: {}", serde_json::to_string_pretty(&totals)?);
         }
         Command::Jobs { files } => {
-            let config = load(
-                &files,
-                Overrides {
-                    dev: true,
-                    ..Overrides::default()
-                },
-            )?;
-            let store = Store::open(&config.data_dir.join("store"))?;
+            let store = open_store(&files)?;
             for job in Book::new(store).all()? {
                 println!(
                     "{} {:<16} customer={} quote={} paid={} charged={} {}",

@@ -36,7 +36,7 @@ pub enum StoreError {
         found: u64,
     },
     /// The data directory is locked by another process.
-    #[error("store: {0} is in use by another dvmd process")]
+    #[error("store: {0} is in use by another dvmd process (stop the daemon first)")]
     Locked(String),
 }
 
@@ -66,30 +66,21 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked(dir.display().to_string())
-                }
+                // sled reports a held file lock as an IO error mentioning the lock.
                 sled::Error::Io(io) if io.to_string().contains("lock") => {
                     StoreError::Locked(dir.display().to_string())
                 }
                 other => StoreError::Sled(other),
             })?;
-        let store = Self {
-            jobs: db.open_tree("jobs")?,
-            payments: db.open_tree("payments")?,
-            accounts: db.open_tree("accounts")?,
-            entries: db.open_tree("entries")?,
-            dev_wallet: db.open_tree("dev_wallet")?,
-            meta: db.open_tree("meta")?,
-            db,
-        };
-        store.check_schema()?;
-        Ok(store)
+        Self::with_db(db)
     }
 
     /// Open a throwaway store in a temporary directory (tests and benchmarks).
     pub fn temporary() -> Result<Self, StoreError> {
-        let db = sled::Config::new().temporary(true).open()?;
+        Self::with_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn with_db(db: sled::Db) -> Result<Self, StoreError> {
         let store = Self {
             jobs: db.open_tree("jobs")?,
             payments: db.open_tree("payments")?,

@@ -10,24 +10,6 @@ use nostr_sdk::{EventBuilder, Keys, Kind, Tag};
 
 use crate::harness::{self, REPLY_TIMEOUT};
 
-async fn error_info(alice: &mut Customer, request: &nostr_sdk::Event) -> String {
-    match alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(r, Reply::Feedback { .. })
-        })
-        .await
-        .expect("feedback")
-    {
-        Reply::Feedback {
-            status: Some(JobStatus::Error),
-            info,
-            amount: None,
-            ..
-        } => info,
-        other => panic!("expected an error feedback without an invoice, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
     let data = harness::data_dir();
@@ -44,7 +26,7 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
         ))
         .await
         .expect("post");
-    let info = error_info(&mut alice, &request).await;
+    let info = harness::error_info(&mut alice, &request.id).await;
     // base 1000 + 100 completion tokens at 10 msat each, plus the prompt: well above 2000.
     assert!(info.contains("bid 1 msat is below the quote of"), "{info}");
     let quote: u64 = info
@@ -111,7 +93,7 @@ async fn malformed_and_foreign_requests() {
     ];
     for (tags, why) in cases {
         let request = alice.post(text_job(tags)).await.expect("post");
-        let info = error_info(&mut alice, &request).await;
+        let info = harness::error_info(&mut alice, &request.id).await;
         assert!(info.contains(why), "expected `{why}` in `{info}`");
         let job = daemon
             .pipeline()

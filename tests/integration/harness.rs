@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dvmd::config::{Config, FileConfig, Overrides, RelaysFile};
+use dvmd::customer::{Customer, Reply};
 use dvmd::daemon::{Daemon, Parts};
 use dvmd::infer::Backend;
-use dvmd::job::{Book, Job};
+use dvmd::job::{Book, Job, JobState};
 use dvmd::ledger::{self, Totals};
+use dvmd::nip90::JobStatus;
 use dvmd::store::Store;
+use nostr_sdk::{Event, EventId};
 
 /// How long a test waits for any single reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -178,4 +181,79 @@ pub async fn dev_pay(http_url: &str, bolt11: &str) -> String {
     );
     let body: serde_json::Value = response.json().await.expect("json");
     body["preimage"].as_str().expect("preimage").to_owned()
+}
+
+/// Wait for `payment-required` about `job`; returns (msat, bolt11). Panics on anything else.
+pub async fn invoice(customer: &mut Customer, job: &EventId) -> (u64, String) {
+    match customer
+        .wait_for(job, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Feedback {
+                    status: Some(JobStatus::PaymentRequired | JobStatus::Error),
+                    ..
+                }
+            )
+        })
+        .await
+        .expect("payment-required")
+    {
+        Reply::Feedback {
+            status: Some(JobStatus::PaymentRequired),
+            amount: Some(a),
+            ..
+        } => (a.msat, a.bolt11.expect("bolt11 in the amount tag")),
+        other => panic!("expected payment-required, got {other:?}"),
+    }
+}
+
+/// Wait for the result of `job`. Panics on an `error` feedback.
+pub async fn result(customer: &mut Customer, job: &EventId) -> Event {
+    match customer
+        .wait_for(job, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(JobStatus::Error),
+                        ..
+                    }
+            )
+        })
+        .await
+        .expect("result")
+    {
+        Reply::Result(event) => *event,
+        other => panic!("expected a result, got {other:?}"),
+    }
+}
+
+/// Wait for the first feedback about `job` and require an `error` without an invoice; returns
+/// its info text.
+pub async fn error_info(customer: &mut Customer, job: &EventId) -> String {
+    match customer
+        .wait_for(job, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+        .await
+        .expect("feedback")
+    {
+        Reply::Feedback {
+            status: Some(JobStatus::Error),
+            info,
+            amount: None,
+            ..
+        } => info,
+        other => panic!("expected an error feedback without an invoice, got {other:?}"),
+    }
+}
+
+/// Wait (briefly) until job `id` reaches `state`; settling is the last step after `success`.
+pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {
+    for _ in 0..250 {
+        let job = book.get(id).expect("read").expect("job");
+        if job.state == state {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("job {id} never reached {state:?}");
 }

@@ -1,10 +1,9 @@
 //! A full paid job served by the `openai` backend against llama-server.
 
-use dvmd::customer::{self, Customer, Reply};
-use dvmd::nip90::JobStatus;
+use dvmd::customer::{self, Customer};
 
 use crate::conformance::LlamaServer;
-use crate::harness::{self, REPLY_TIMEOUT};
+use crate::harness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paid_job_through_an_openai_compatible_server() {
@@ -27,38 +26,10 @@ async fn paid_job_through_an_openai_compatible_server() {
         ))
         .await
         .expect("post");
-    let bolt11 = match alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(r, Reply::Feedback { .. })
-        })
-        .await
-        .expect("feedback")
-    {
-        Reply::Feedback {
-            status: Some(JobStatus::PaymentRequired),
-            amount: Some(a),
-            ..
-        } => a.bolt11.expect("bolt11"),
-        other => panic!("expected payment-required, got {other:?}"),
-    };
+    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
     harness::dev_pay(&ready.http_url, &bolt11).await;
-    match alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(
-                r,
-                Reply::Result(_)
-                    | Reply::Feedback {
-                        status: Some(JobStatus::Error),
-                        ..
-                    }
-            )
-        })
-        .await
-        .expect("result")
-    {
-        Reply::Result(event) => assert!(!event.content.trim().is_empty()),
-        other => panic!("expected a result, got {other:?}"),
-    }
+    let result = harness::result(&mut alice, &request.id).await;
+    assert!(!result.content.trim().is_empty());
     let job = daemon
         .pipeline()
         .book()

@@ -64,23 +64,7 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
 
     harness::dev_pay(&ready.http_url, &bolt11).await;
 
-    let result = match alice
-        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
-            matches!(
-                r,
-                Reply::Result(_)
-                    | Reply::Feedback {
-                        status: Some(JobStatus::Error),
-                        ..
-                    }
-            )
-        })
-        .await
-        .expect("result")
-    {
-        Reply::Result(event) => event,
-        other => panic!("expected a result, got {other:?}"),
-    };
+    let result = harness::result(&mut alice, &request.id).await;
     assert_eq!(result.kind.as_u16(), 6050);
     assert_eq!(result.pubkey, ready.pubkey);
     result.verify().expect("result is signed by the service");
@@ -131,22 +115,7 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
     assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 24);
     assert_eq!(job.paid_msat, quote);
     assert_eq!(job.charge_msat, Some(charged));
-    // Settled is the last step and happens right after `success`; wait for it briefly.
-    let mut state = job.state;
-    for _ in 0..100 {
-        state = daemon
-            .pipeline()
-            .book()
-            .get(&request.id)
-            .expect("read")
-            .expect("job")
-            .state;
-        if state == JobState::Settled {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(state, JobState::Settled);
+    harness::wait_for_state(daemon.pipeline().book(), &request.id, JobState::Settled).await;
     alice.shutdown().await;
     daemon.stop().await;
 

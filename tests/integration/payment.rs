@@ -12,21 +12,6 @@ use dvmd::wallet::PaymentHash;
 
 use crate::harness::{self, REPLY_TIMEOUT};
 
-async fn invoice_for(alice: &mut Customer, job: &nostr_sdk::EventId) -> (u64, String) {
-    match alice
-        .wait_for(job, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
-        .await
-        .expect("feedback")
-    {
-        Reply::Feedback {
-            status: Some(JobStatus::PaymentRequired),
-            amount: Some(a),
-            ..
-        } => (a.msat, a.bolt11.expect("bolt11")),
-        other => panic!("expected payment-required, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_hints_without_payment_move_nothing() {
     let data = harness::data_dir();
@@ -43,7 +28,7 @@ async fn settlement_hints_without_payment_move_nothing() {
         ))
         .await
         .expect("post");
-    let (_, bolt11) = invoice_for(&mut alice, &request.id).await;
+    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
     let job = daemon
         .pipeline()
         .book()
@@ -132,7 +117,7 @@ async fn failure_after_payment_is_reported_and_credited() {
         ))
         .await
         .expect("post");
-    let (quote, bolt11) = invoice_for(&mut alice, &request.id).await;
+    let (quote, bolt11) = harness::invoice(&mut alice, &request.id).await;
     harness::dev_pay(&ready.http_url, &bolt11).await;
     let info = match alice
         .wait_for(&request.id, REPLY_TIMEOUT, |r| {

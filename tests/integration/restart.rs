@@ -32,29 +32,6 @@ async fn result_ids(
     ids
 }
 
-async fn payment_required(customer: &mut Customer, job: &EventId) -> (u64, String) {
-    match customer
-        .wait_for(job, REPLY_TIMEOUT, |r| {
-            matches!(
-                r,
-                Reply::Feedback {
-                    status: Some(JobStatus::PaymentRequired | JobStatus::Error),
-                    ..
-                }
-            )
-        })
-        .await
-        .expect("payment-required")
-    {
-        Reply::Feedback {
-            status: Some(JobStatus::PaymentRequired),
-            amount: Some(amount),
-            ..
-        } => (amount.msat, amount.bolt11.expect("bolt11")),
-        other => panic!("expected payment-required, got {other:?}"),
-    }
-}
-
 fn service(daemon: &DaemonProcess) -> PublicKey {
     PublicKey::from_hex(&daemon.pubkey).expect("pubkey")
 }
@@ -78,7 +55,7 @@ async fn killed_while_awaiting_payment_then_paid_after_restart() {
         ))
         .await
         .expect("post");
-    let (quote, bolt11) = payment_required(&mut alice, &request.id).await;
+    let (quote, bolt11) = harness::invoice(&mut alice, &request.id).await;
     first.kill();
     alice.shutdown().await;
 
@@ -153,7 +130,7 @@ async fn killed_after_payment_runs_the_job_exactly_once() {
         ))
         .await
         .expect("post");
-    let (quote, bolt11) = payment_required(&mut alice, &request.id).await;
+    let (quote, bolt11) = harness::invoice(&mut alice, &request.id).await;
     harness::dev_pay(&first.http_url, &bolt11).await;
     // The payment is booked (Paid) before /dev/pay's hint is acted on; kill while the job is
     // Paid or Running, as soon as it says it started.
