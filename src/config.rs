@@ -11,6 +11,8 @@ use crate::job::JobConfig;
 use crate::nip90::{TextGenerationLimits, KIND_TEXT_GENERATION};
 use crate::pricing::RateCard;
 use crate::relay::RelayRole;
+use crate::wallet::lnbits::LnbitsConfig;
+use crate::wallet::secret::Secret;
 
 /// Default HTTP listener.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
@@ -224,10 +226,12 @@ impl Default for OpenAiSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalletSection {
-    /// `dev` (embedded, simulated settlement).
+    /// `dev` (embedded, simulated settlement) or `lnbits`.
     pub backend: String,
     /// How often open invoices are looked up.
     pub reconcile_interval_secs: u64,
+    /// `[wallet.lnbits]`
+    pub lnbits: LnbitsSection,
 }
 
 impl Default for WalletSection {
@@ -235,7 +239,56 @@ impl Default for WalletSection {
         Self {
             backend: "dev".to_owned(),
             reconcile_interval_secs: 30,
+            lnbits: LnbitsSection::default(),
         }
+    }
+}
+
+/// `[wallet.lnbits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LnbitsSection {
+    /// Base URL of the LNbits instance.
+    pub url: String,
+    /// Environment variable holding the invoice (read) key.
+    pub invoice_key_env: Option<String>,
+    /// File holding the invoice key.
+    pub invoice_key_file: Option<PathBuf>,
+    /// Environment variable holding the admin key (payouts only).
+    pub admin_key_env: Option<String>,
+    /// File holding the admin key.
+    pub admin_key_file: Option<PathBuf>,
+    /// URL LNbits posts invoice webhooks to (dvmd's `/hooks/wallet`), if LNbits can reach it.
+    pub webhook_url: Option<String>,
+    /// Follow the LNbits websocket for settlement hints.
+    pub websocket: bool,
+}
+
+impl Default for LnbitsSection {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:5000".to_owned(),
+            invoice_key_env: Some("LNBITS_INVOICE_KEY".to_owned()),
+            invoice_key_file: None,
+            admin_key_env: None,
+            admin_key_file: None,
+            webhook_url: None,
+            websocket: true,
+        }
+    }
+}
+
+/// A secret from a file (preferred when both are set) or an environment variable.
+fn secret(
+    what: &str,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    let invalid = |why: String| ConfigError::Invalid(format!("{what}: {why}"));
+    match (file, env) {
+        (Some(path), _) => Secret::from_file(path).map(Some).map_err(invalid),
+        (None, Some(var)) => Secret::from_env(var).map(Some).map_err(invalid),
+        (None, None) => Ok(None),
     }
 }
 
@@ -315,10 +368,12 @@ pub enum BackendChoice {
 }
 
 /// Which wallet to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WalletChoice {
     /// The embedded dev wallet.
     Dev,
+    /// An LNbits wallet.
+    Lnbits(LnbitsConfig),
 }
 
 /// The validated configuration the daemon runs with.
@@ -534,9 +589,32 @@ impl Config {
         };
         let wallet = match file.wallet.backend.as_str() {
             "dev" => WalletChoice::Dev,
+            "lnbits" => {
+                let section = &file.wallet.lnbits;
+                let invoice_key = secret(
+                    "wallet.lnbits invoice key",
+                    &section.invoice_key_env,
+                    &section.invoice_key_file,
+                )?
+                .ok_or_else(|| {
+                    invalid("wallet.lnbits needs invoice_key_env or invoice_key_file".into())
+                })?;
+                let admin_key = secret(
+                    "wallet.lnbits admin key",
+                    &section.admin_key_env,
+                    &section.admin_key_file,
+                )?;
+                WalletChoice::Lnbits(LnbitsConfig {
+                    url: section.url.clone(),
+                    invoice_key,
+                    admin_key,
+                    webhook_url: section.webhook_url.clone(),
+                    websocket: section.websocket,
+                })
+            }
             other => {
                 return Err(invalid(format!(
-                    "wallet.backend: `{other}` is not one of dev"
+                    "wallet.backend: `{other}` is not one of dev, lnbits"
                 )))
             }
         };

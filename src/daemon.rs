@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::relay::{intake, EmbeddedRelay, Outbox, RelayError, RelayRole, Relays};
 use crate::store::{Store, StoreError};
 use crate::wallet::dev::DevWallet;
+use crate::wallet::lnbits::LnbitsWallet;
 use crate::wallet::{Wallet, WalletError};
 
 /// How long `stop` waits for the tasks before giving up on them.
@@ -114,13 +115,17 @@ impl Daemon {
         };
         tracing::info!(pubkey = %keys.public_key(), data_dir = %config.data_dir.display(), dev = config.dev, "starting");
 
-        let (wallet, dev_wallet): (Arc<dyn Wallet>, Option<Arc<DevWallet>>) = match config.wallet {
+        let (wallet, dev_wallet): (Arc<dyn Wallet>, Option<Arc<DevWallet>>) = match &config.wallet {
             WalletChoice::Dev => {
                 let dev = Arc::new(DevWallet::open(store.clone())?);
                 tracing::warn!(
                     "using the dev wallet: regtest invoices, simulated settlement, not money"
                 );
                 (dev.clone(), Some(dev))
+            }
+            WalletChoice::Lnbits(lnbits) => {
+                tracing::info!(url = %lnbits.url, "using the LNbits wallet");
+                (Arc::new(LnbitsWallet::new(lnbits.clone())?), None)
             }
         };
         let backend = match parts.backend {
@@ -166,7 +171,7 @@ impl Daemon {
             config.jobs.clone(),
             keys.clone(),
             Book::new(store.clone()),
-            wallet,
+            wallet.clone(),
             backend,
             outbox,
             metrics.clone(),
@@ -186,9 +191,13 @@ impl Daemon {
             })?;
         let router = http::router(HttpState {
             metrics,
+            wallet: wallet.clone(),
             dev_wallet: if config.dev { dev_wallet.clone() } else { None },
             pubkey: keys.public_key().to_hex(),
         });
+        let follower = wallet.clone();
+        let follow_cancel = cancel.child_token();
+        tasks.spawn(async move { follower.follow(follow_cancel).await });
         tasks.spawn(http::serve(listener, router, cancel.child_token()));
 
         announce(&relays, &keys, &config, &mut tasks);

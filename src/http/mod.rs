@@ -18,12 +18,15 @@ use tokio_util::sync::CancellationToken;
 use self::error::ApiError;
 use crate::metrics::Metrics;
 use crate::wallet::dev::DevWallet;
+use crate::wallet::Wallet;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
+    /// The wallet, for settlement webhooks.
+    pub wallet: Arc<dyn Wallet>,
     /// The dev wallet, only in dev mode (enables `/dev/pay`).
     pub dev_wallet: Option<Arc<DevWallet>>,
     /// Our public key (hex), reported by `/healthz`.
@@ -34,7 +37,8 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/hooks/wallet", post(wallet_hook));
     if state.dev_wallet.is_some() {
         router = router.route("/dev/pay", post(dev_pay));
     }
@@ -65,6 +69,17 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// A wallet webhook: only a hint. The pipeline confirms with the wallet before anything moves,
+/// so this endpoint needs no authentication; it answers 200 either way so a sender does not
+/// learn which hashes exist.
+async fn wallet_hook(State(state): State<HttpState>, body: axum::body::Bytes) -> impl IntoResponse {
+    match state.wallet.webhook_hint(&body) {
+        Some(hash) => tracing::debug!(payment_hash = %hash, "wallet webhook hint"),
+        None => tracing::debug!(bytes = body.len(), "wallet webhook without a payment hash"),
+    }
+    Json(json!({ "ok": true }))
 }
 
 #[derive(Deserialize)]

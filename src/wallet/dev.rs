@@ -162,8 +162,8 @@ impl Wallet for DevWallet {
         };
         let invoice = match request.description {
             InvoiceDescription::Memo(memo) => builder.description(memo).build_signed(sign),
-            InvoiceDescription::Hash(hash) => builder
-                .description_hash(sha256::Hash::from_byte_array(hash))
+            InvoiceDescription::Hashed(text) => builder
+                .description_hash(sha256::Hash::hash(text.as_bytes()))
                 .build_signed(sign),
         }
         .map_err(|e| WalletError::Refused(format!("cannot build invoice: {e}")))?;
@@ -352,7 +352,7 @@ mod tests {
         let invoice = wallet
             .create_invoice(InvoiceRequest {
                 amount_msat: 1_000,
-                description: InvoiceDescription::Hash(hash),
+                description: InvoiceDescription::Hashed("zap request".to_owned()),
                 expiry_secs: 60,
             })
             .await

@@ -4,12 +4,16 @@
 //! A wallet's settlement stream carries hints only. Nothing moves on a hint: the pipeline asks
 //! [`Wallet::lookup`] for the payment hash and acts on that answer.
 
+pub mod bolt11;
 pub mod dev;
+pub mod lnbits;
+pub mod secret;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 /// A payment hash (sha256 of the preimage).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -61,8 +65,9 @@ impl From<PaymentHash> for String {
 pub enum InvoiceDescription {
     /// A short memo shown by the payer's wallet.
     Memo(String),
-    /// sha256 of a longer description (NIP-57 zap requests, LNURL metadata).
-    Hash([u8; 32]),
+    /// A longer text the invoice commits to by its sha256 (NIP-57 zap requests, LNURL
+    /// metadata). Backends hash these exact bytes; some (LNbits) take the text, not the hash.
+    Hashed(String),
 }
 
 /// An invoice to create.
@@ -160,4 +165,14 @@ pub trait Wallet: Send + Sync + 'static {
     /// Hints that a payment hash may have been paid. Lossy: a lagging receiver misses hints,
     /// so the pipeline also reconciles open invoices by lookup.
     fn settlements(&self) -> broadcast::Receiver<PaymentHash>;
+
+    /// Turn a body posted to dvmd's `/hooks/wallet` into a settlement hint (and publish it).
+    /// The body is untrusted. Backends without webhooks ignore it.
+    fn webhook_hint(&self, _body: &[u8]) -> Option<PaymentHash> {
+        None
+    }
+
+    /// Follow the backend's push channel (a websocket, relay notifications) until `cancel`
+    /// fires, publishing settlement hints. Backends without one return at once.
+    async fn follow(&self, _cancel: CancellationToken) {}
 }
