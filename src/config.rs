@@ -63,6 +63,36 @@ pub struct FileConfig {
     pub http: HttpSection,
     /// `[embedded_relay]`
     pub embedded_relay: EmbeddedRelaySection,
+    /// `[lnurl]`
+    pub lnurl: LnurlSection,
+}
+
+/// `[lnurl]`: the Lightning address (LNURL-pay with NIP-57 zaps) served on the HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LnurlSection {
+    /// Serve `/.well-known/lnurlp/<username>`.
+    pub enabled: bool,
+    /// The name before `@`.
+    pub username: String,
+    /// The base URL payers reach the HTTP listener at; default `http://<http listen address>`.
+    pub public_url: Option<String>,
+    /// Smallest payment, msat.
+    pub min_sendable_msat: u64,
+    /// Largest payment, msat.
+    pub max_sendable_msat: u64,
+}
+
+impl Default for LnurlSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            username: "dvmd".to_owned(),
+            public_url: None,
+            min_sendable_msat: 1_000,
+            max_sendable_msat: 1_000_000_000,
+        }
+    }
 }
 
 /// `[service]`
@@ -397,6 +427,8 @@ pub struct Config {
     pub wallet: WalletChoice,
     /// Name and description for the NIP-89 announcement.
     pub profile: (String, String),
+    /// The Lightning address, if served.
+    pub lnurl: Option<LnurlSection>,
 }
 
 /// Overrides from the command line (flags win over everything).
@@ -489,6 +521,13 @@ impl Config {
         if tg.default_max_tokens == 0 || tg.default_max_tokens > tg.max_tokens_limit {
             return Err(invalid(
                 "text_generation.default_max_tokens must be 1..=max_tokens_limit".into(),
+            ));
+        }
+        if file.lnurl.min_sendable_msat == 0
+            || file.lnurl.min_sendable_msat > file.lnurl.max_sendable_msat
+        {
+            return Err(invalid(
+                "lnurl: need 0 < min_sendable_msat <= max_sendable_msat".into(),
             ));
         }
         if file.pricing.invoice_expiry_secs < 60 {
@@ -648,6 +687,7 @@ impl Config {
             backend,
             wallet,
             profile: (service.name.clone(), service.about.clone()),
+            lnurl: file.lnurl.enabled.then(|| file.lnurl.clone()),
         })
     }
 }

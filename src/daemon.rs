@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendChoice, Config, WalletChoice};
+use crate::http::lnurl::LnurlConfig;
 use crate::http::{self, HttpState};
 use crate::identity::{self, IdentityError};
 use crate::infer::llama::{LlamaBackend, LlamaConfig};
@@ -189,18 +190,29 @@ impl Daemon {
                 addr: config.http_listen,
                 source,
             })?;
+        let lnurl = config.lnurl.as_ref().map(|section| LnurlConfig {
+            username: section.username.clone(),
+            public_url: section
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{http_addr}")),
+            min_sendable_msat: section.min_sendable_msat,
+            max_sendable_msat: section.max_sendable_msat,
+        });
         let router = http::router(HttpState {
             metrics,
             wallet: wallet.clone(),
             dev_wallet: if config.dev { dev_wallet.clone() } else { None },
             pubkey: keys.public_key().to_hex(),
+            pipeline: Some(pipeline.clone()),
+            lnurl: lnurl.clone(),
         });
         let follower = wallet.clone();
         let follow_cancel = cancel.child_token();
         tasks.spawn(async move { follower.follow(follow_cancel).await });
         tasks.spawn(http::serve(listener, router, cancel.child_token()));
 
-        announce(&relays, &keys, &config, &mut tasks);
+        announce(&relays, &keys, &config, lnurl.as_ref(), &mut tasks);
         pipeline.recover().await;
         tasks.spawn(pipeline.clone().run_workers(queue, cancel.child_token()));
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
@@ -275,22 +287,35 @@ impl Daemon {
     }
 }
 
-/// Publish the NIP-89 announcement in the background (a few attempts; it is re-sent on every
-/// start, and clients only need one copy).
-fn announce(relays: &Relays, keys: &nostr_sdk::Keys, config: &Config, tasks: &mut JoinSet<()>) {
+/// Publish the kind 0 profile and the NIP-89 announcement in the background (re-sent on every
+/// start; both are replaceable, clients need one copy).
+fn announce(
+    relays: &Relays,
+    keys: &nostr_sdk::Keys,
+    config: &Config,
+    lnurl: Option<&LnurlConfig>,
+    tasks: &mut JoinSet<()>,
+) {
     let (name, about) = &config.profile;
-    let event =
-        match crate::nip89::announcement(&config.jobs.kinds, name, about).sign_with_keys(keys) {
+    let lud16 = lnurl.map(LnurlConfig::lud16);
+    let profile = crate::nip89::profile(name, about, lud16.as_deref());
+    let handler = crate::nip89::announcement(&config.jobs.kinds, name, about, lud16.as_deref());
+    for (what, builder) in [("profile", profile), ("NIP-89 announcement", handler)] {
+        let event = match builder.sign_with_keys(keys) {
             Ok(event) => event,
-            Err(e) => return tracing::warn!(error = %e, "cannot sign the NIP-89 announcement"),
+            Err(e) => {
+                tracing::warn!(error = %e, what, "cannot sign");
+                continue;
+            }
         };
-    let relays = relays.clone();
-    tasks.spawn(async move {
-        match relays.send(&event, &[]).await {
-            Ok(acked) => tracing::info!(relays = acked.len(), "NIP-89 announcement published"),
-            Err(e) => tracing::warn!(error = %e, "NIP-89 announcement not published"),
-        }
-    });
+        let relays = relays.clone();
+        tasks.spawn(async move {
+            match relays.send(&event, &[]).await {
+                Ok(acked) => tracing::info!(relays = acked.len(), what, "published"),
+                Err(e) => tracing::warn!(error = %e, what, "not published"),
+            }
+        });
+    }
 }
 
 async fn build_backend(choice: &BackendChoice) -> Result<Arc<dyn Backend>, DaemonError> {

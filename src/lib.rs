@@ -38,6 +38,7 @@ pub mod infer;
 pub mod job;
 pub mod ledger;
 pub mod metrics;
+pub mod nip57;
 pub mod nip89;
 pub mod nip90;
 pub mod pricing;

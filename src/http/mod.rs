@@ -1,6 +1,7 @@
 //! The HTTP listener: `/healthz`, `/metrics` (Prometheus text), and in dev mode `/dev/pay`.
 
 pub mod error;
+pub mod lnurl;
 
 use std::sync::Arc;
 
@@ -29,8 +30,12 @@ pub struct HttpState {
     pub wallet: Arc<dyn Wallet>,
     /// The dev wallet, only in dev mode (enables `/dev/pay`).
     pub dev_wallet: Option<Arc<DevWallet>>,
-    /// Our public key (hex), reported by `/healthz`.
+    /// Our public key (hex), reported by `/healthz` and LNURL (`nostrPubkey`).
     pub pubkey: String,
+    /// The pipeline, for zap invoices.
+    pub pipeline: Option<crate::job::Pipeline>,
+    /// The Lightning address served, if any.
+    pub lnurl: Option<lnurl::LnurlConfig>,
 }
 
 /// The router.
@@ -38,7 +43,9 @@ pub fn router(state: HttpState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/hooks/wallet", post(wallet_hook));
+        .route("/hooks/wallet", post(wallet_hook))
+        .route("/.well-known/lnurlp/{name}", get(lnurl::pay_request))
+        .route("/lnurlp/{name}/callback", get(lnurl::callback));
     if state.dev_wallet.is_some() {
         router = router.route("/dev/pay", post(dev_pay));
     }

@@ -7,7 +7,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nostr_sdk::EventId;
+use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError as TxError, TransactionError};
 use sled::Transactional;
@@ -33,6 +33,9 @@ pub enum BookError {
     /// No such job.
     #[error("no job {0}")]
     NoJob(EventId),
+    /// The job is not waiting for a payment.
+    #[error("job {0} is {1:?}, not waiting for payment")]
+    NotAwaitingPayment(EventId, JobState),
     /// The wallet issued a payment hash we already hold: refused, or one payment would pay twice.
     #[error("payment hash {0} was already issued")]
     PaymentHashReused(PaymentHash),
@@ -48,12 +51,19 @@ impl From<sled::Error> for BookError {
 /// `consumed` flag flips in the same transaction as the job becomes `Paid`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRecord {
-    /// The job this invoice pays for.
-    pub job: EventId,
+    /// The job this invoice pays for; `None` for a top-up of the account's credit.
+    pub job: Option<EventId>,
+    /// The account credited with the payment (the job's customer, or the zap's sender).
+    pub account: PublicKey,
     /// Amount asked, msat.
     pub amount_msat: u64,
     /// When the invoice expires (unix seconds).
     pub expires_at: u64,
+    /// The invoice (for zap receipts).
+    pub bolt11: String,
+    /// The zap request this invoice answers, exactly as received: a receipt is published once
+    /// the wallet confirms payment.
+    pub zap_request: Option<String>,
     /// Whether a confirmed payment was already booked.
     pub consumed: bool,
 }
@@ -75,8 +85,14 @@ pub enum Admission {
 pub enum PaymentOutcome {
     /// The job is now `Paid` and may run.
     Paid(Box<Job>),
-    /// The payment arrived after the job ended (expired, cancelled): credited to the customer.
-    Credited(Box<Job>),
+    /// Credited to the account: a top-up, or a payment for a job that had already ended
+    /// (expired, cancelled, or paid by another invoice).
+    Credited {
+        /// The account credited.
+        account: PublicKey,
+        /// The job the invoice was for, if any.
+        job: Option<EventId>,
+    },
     /// Less than the invoice asked: credited to the customer, the job keeps waiting.
     Underpaid(Box<Job>),
     /// Already booked; nothing changed.
@@ -192,17 +208,13 @@ impl Book {
         &self,
         id: &EventId,
         invoice: JobInvoice,
-        feedback: String,
+        feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
+        use nostr_sdk::JsonUtil;
         let at = now();
-        let record = PaymentRecord {
-            job: *id,
-            amount_msat: invoice.amount_msat,
-            expires_at: invoice.expires_at,
-            consumed: false,
-        };
-        let job = (&self.store.jobs, &self.store.payments)
-            .transaction(|(jobs, payments)| {
+        let feedback_json = feedback.as_json();
+        let job = (&self.store.jobs, &self.store.payments, &self.store.feedback)
+            .transaction(|(jobs, payments, links)| {
                 let raw = jobs
                     .get(id.as_bytes())?
                     .ok_or_else(|| abort(BookError::NoJob(*id)))?;
@@ -210,7 +222,17 @@ impl Book {
                 job.transition(JobState::AwaitingPayment, at)
                     .map_err(abort)?;
                 job.invoice = Some(invoice.clone());
-                job.last_feedback = Some(feedback.clone());
+                job.last_feedback = Some(feedback_json.clone());
+                links.insert(feedback.id.as_bytes(), id.as_bytes())?;
+                let record = PaymentRecord {
+                    job: Some(*id),
+                    account: job.customer,
+                    amount_msat: invoice.amount_msat,
+                    expires_at: invoice.expires_at,
+                    bolt11: invoice.bolt11.clone(),
+                    zap_request: None,
+                    consumed: false,
+                };
                 if payments.get(invoice.payment_hash.0)?.is_some() {
                     // A wallet reusing a payment hash would let one payment pay twice.
                     return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
@@ -225,6 +247,45 @@ impl Book {
             .map_err(unwrap_tx)?;
         self.store.flush().await?;
         Ok(job)
+    }
+
+    /// Record another invoice we issued (a zap for a job, or a top-up), then flush. Only after
+    /// this returns may the invoice be handed out. A job-bound invoice is refused unless the
+    /// job is waiting for payment; a reused hash is refused.
+    pub async fn register_invoice(
+        &self,
+        hash: &PaymentHash,
+        record: PaymentRecord,
+    ) -> Result<(), BookError> {
+        (&self.store.jobs, &self.store.payments)
+            .transaction(|(jobs, payments)| {
+                if let Some(id) = record.job {
+                    let raw = jobs
+                        .get(id.as_bytes())?
+                        .ok_or_else(|| abort(BookError::NoJob(id)))?;
+                    let job: Job = store::decode("jobs", &raw).map_err(abort)?;
+                    if job.state != JobState::AwaitingPayment {
+                        return Err(abort(BookError::NotAwaitingPayment(id, job.state)));
+                    }
+                }
+                if payments.get(hash.0)?.is_some() {
+                    return Err(abort(BookError::PaymentHashReused(*hash)));
+                }
+                payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
+                Ok(())
+            })
+            .map_err(unwrap_tx)?;
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// The job a feedback event of ours answers.
+    pub fn job_of_feedback(&self, feedback: &EventId) -> Result<Option<EventId>, BookError> {
+        Ok(self
+            .store
+            .feedback
+            .get(feedback.as_bytes())?
+            .and_then(|raw| EventId::from_slice(&raw).ok()))
     }
 
     /// The record of a payment hash we issued.
@@ -284,35 +345,38 @@ impl Book {
                 if record.consumed {
                     return Ok(PaymentOutcome::AlreadyConsumed);
                 }
-                let raw = jobs
-                    .get(record.job.as_bytes())?
-                    .ok_or_else(|| abort(BookError::NoJob(record.job)))?;
-                let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
                 record.consumed = true;
                 payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
                 let entry = Entry {
                     kind: EntryKind::PaymentIn,
-                    account: job.customer,
+                    account: record.account,
                     msat: paid_msat,
-                    job: Some(job.id),
+                    job: record.job,
                     payment_hash: Some(hash.to_hex()),
                     at,
                 };
                 ledger::post(accounts, entries, seq, &entry).map_err(ledger_err)?;
-                let outcome = if job.state != JobState::AwaitingPayment {
-                    PaymentOutcome::Credited(Box::new(job.clone()))
-                } else if paid_msat < record.amount_msat {
-                    PaymentOutcome::Underpaid(Box::new(job.clone()))
-                } else {
-                    job.transition(JobState::Paid, at).map_err(abort)?;
-                    job.paid_msat = paid_msat;
-                    PaymentOutcome::Paid(Box::new(job.clone()))
+                let credited = PaymentOutcome::Credited {
+                    account: record.account,
+                    job: record.job,
                 };
-                jobs.insert(
-                    record.job.as_bytes(),
-                    store::encode("jobs", &job).map_err(abort)?,
-                )?;
-                Ok(outcome)
+                let Some(id) = record.job else {
+                    return Ok(credited);
+                };
+                let raw = jobs
+                    .get(id.as_bytes())?
+                    .ok_or_else(|| abort(BookError::NoJob(id)))?;
+                let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
+                if job.state != JobState::AwaitingPayment {
+                    return Ok(credited);
+                }
+                if paid_msat < record.amount_msat || job.quote_msat.is_some_and(|q| paid_msat < q) {
+                    return Ok(PaymentOutcome::Underpaid(Box::new(job)));
+                }
+                job.transition(JobState::Paid, at).map_err(abort)?;
+                job.paid_msat = paid_msat;
+                jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
+                Ok(PaymentOutcome::Paid(Box::new(job)))
             })
             .map_err(unwrap_tx)?;
         Ok(outcome)
@@ -404,6 +468,12 @@ mod tests {
             .expect("quoted")
     }
 
+    fn feedback() -> nostr_sdk::Event {
+        EventBuilder::new(Kind::from(7000), "")
+            .sign_with_keys(&Keys::generate())
+            .expect("sign")
+    }
+
     fn invoice(hash: u8, msat: u64) -> JobInvoice {
         JobInvoice {
             bolt11: format!("lnbcrt-test-{hash}"),
@@ -433,7 +503,7 @@ mod tests {
     async fn a_payment_hash_pays_once() {
         let book = book();
         let job = quoted_job(&book, 5_000);
-        book.await_payment(&job.id, invoice(1, 5_000), "{}".into())
+        book.await_payment(&job.id, invoice(1, 5_000), &feedback())
             .await
             .expect("await");
         let hash = PaymentHash([1; 32]);
@@ -465,11 +535,11 @@ mod tests {
         let book = book();
         let first = quoted_job(&book, 1_000);
         let second = quoted_job(&book, 1_000);
-        book.await_payment(&first.id, invoice(2, 1_000), "{}".into())
+        book.await_payment(&first.id, invoice(2, 1_000), &feedback())
             .await
             .expect("first");
         let err = book
-            .await_payment(&second.id, invoice(2, 1_000), "{}".into())
+            .await_payment(&second.id, invoice(2, 1_000), &feedback())
             .await;
         assert!(
             matches!(err, Err(BookError::PaymentHashReused(_))),
@@ -484,7 +554,7 @@ mod tests {
                 .expect("get")
                 .expect("record")
                 .job,
-            first.id
+            Some(first.id)
         );
     }
 
@@ -492,7 +562,7 @@ mod tests {
     async fn late_and_short_payments_are_credited_not_lost() {
         let book = book();
         let late = quoted_job(&book, 1_000);
-        book.await_payment(&late.id, invoice(3, 1_000), "{}".into())
+        book.await_payment(&late.id, invoice(3, 1_000), &feedback())
             .await
             .expect("await");
         book.transition(&late.id, JobState::Expired, |_| {})
@@ -501,7 +571,7 @@ mod tests {
             book.confirm_payment(&PaymentHash([3; 32]), 1_000)
                 .await
                 .expect("confirm"),
-            PaymentOutcome::Credited(_)
+            PaymentOutcome::Credited { job: Some(_), .. }
         ));
         assert_eq!(
             book.get(&late.id).expect("get").expect("job").state,
@@ -509,7 +579,7 @@ mod tests {
         );
 
         let short = quoted_job(&book, 2_000);
-        book.await_payment(&short.id, invoice(4, 2_000), "{}".into())
+        book.await_payment(&short.id, invoice(4, 2_000), &feedback())
             .await
             .expect("await");
         assert!(matches!(
@@ -534,7 +604,7 @@ mod tests {
     async fn settling_charges_at_most_what_was_paid() {
         let book = book();
         let job = quoted_job(&book, 3_000);
-        book.await_payment(&job.id, invoice(5, 3_000), "{}".into())
+        book.await_payment(&job.id, invoice(5, 3_000), &feedback())
             .await
             .expect("await");
         book.confirm_payment(&PaymentHash([5; 32]), 3_000)
@@ -562,7 +632,7 @@ mod tests {
     async fn a_failed_job_leaves_the_payment_as_credit() {
         let book = book();
         let job = quoted_job(&book, 4_000);
-        book.await_payment(&job.id, invoice(6, 4_000), "{}".into())
+        book.await_payment(&job.id, invoice(6, 4_000), &feedback())
             .await
             .expect("await");
         book.confirm_payment(&PaymentHash([6; 32]), 4_000)

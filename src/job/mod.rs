@@ -16,6 +16,7 @@ pub mod record;
 pub mod recovery;
 pub mod state;
 pub mod worker;
+pub mod zap;
 
 pub use book::{Admission, Book, BookError, PaymentOutcome};
 pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};

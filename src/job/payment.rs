@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::book::PaymentOutcome;
 use super::pipeline::{Pipeline, FEEDBACK_ATTEMPTS};
 use super::state::JobState;
+use crate::nip57;
 use crate::nip90::{self, JobStatus};
+use crate::relay::outbox::Persistence;
 use crate::wallet::{PaymentHash, PaymentStatus};
 
 impl Pipeline {
@@ -84,28 +86,46 @@ impl Pipeline {
             }
         };
         match status {
-            PaymentStatus::Paid { amount_msat } => self.book_payment(hash, amount_msat).await,
-            PaymentStatus::Expired => self.expire(&record.job).await,
+            PaymentStatus::Paid { amount_msat } => {
+                if self.book_payment(hash, amount_msat).await {
+                    if let Some(zap_request) = &record.zap_request {
+                        self.publish_zap_receipt(zap_request, &record.bolt11).await;
+                    }
+                }
+            }
+            PaymentStatus::Expired => {
+                if let Some(job) = &record.job {
+                    self.expire(job).await
+                }
+            }
             PaymentStatus::Pending => {}
             PaymentStatus::Unknown => {
-                tracing::warn!(payment_hash = %hash, job = %record.job, "the wallet does not know an invoice it issued")
+                tracing::warn!(payment_hash = %hash, job = ?record.job, "the wallet does not know an invoice it issued")
             }
         }
     }
 
-    async fn book_payment(&self, hash: &PaymentHash, amount_msat: u64) {
+    /// Book a confirmed payment; `true` if this call booked it (not a repeat).
+    async fn book_payment(&self, hash: &PaymentHash, amount_msat: u64) -> bool {
         let inner = &self.inner;
         let confirmed_at = Instant::now();
-        match inner.book.confirm_payment(hash, amount_msat).await {
+        let booked = inner.book.confirm_payment(hash, amount_msat).await;
+        let fresh = matches!(
+            booked,
+            Ok(PaymentOutcome::Paid(_)
+                | PaymentOutcome::Credited { .. }
+                | PaymentOutcome::Underpaid(_))
+        );
+        match booked {
             Ok(PaymentOutcome::Paid(job)) => {
                 inner.metrics.payment_confirmed(amount_msat);
                 inner.metrics.entered(JobState::Paid);
                 tracing::info!(job = %job.id, msat = amount_msat, payment_hash = %hash, "invoice paid");
                 self.enqueue(job.id, Some(confirmed_at));
             }
-            Ok(PaymentOutcome::Credited(job)) => {
+            Ok(PaymentOutcome::Credited { account, job }) => {
                 inner.metrics.payment_confirmed(amount_msat);
-                tracing::warn!(job = %job.id, state = ?job.state, msat = amount_msat, "payment arrived after the job ended; credited to the customer");
+                tracing::info!(%account, job = ?job, msat = amount_msat, "payment credited to the account");
             }
             Ok(PaymentOutcome::Underpaid(job)) => {
                 inner.metrics.payment_confirmed(amount_msat);
@@ -113,6 +133,40 @@ impl Pipeline {
             }
             Ok(PaymentOutcome::AlreadyConsumed | PaymentOutcome::Unknown) => {}
             Err(e) => tracing::error!(payment_hash = %hash, error = %e, "cannot book payment"),
+        }
+        fresh
+    }
+
+    /// Publish the NIP-57 receipt for a zap our wallet confirmed, to the zap request's relays
+    /// and ours. The booking is made durable first: a receipt is a public claim of payment.
+    async fn publish_zap_receipt(&self, zap_request: &str, bolt11: &str) {
+        let inner = &self.inner;
+        let request = match nip57::parse_zap_request_unchecked_amount(zap_request) {
+            Ok(request) => request,
+            Err(e) => return tracing::error!(error = %e, "stored zap request unreadable"),
+        };
+        if let Err(e) = inner.book.store().flush().await {
+            return tracing::error!(error = %e, "cannot persist zap payment");
+        }
+        let receipt = nip57::receipt(&request, bolt11, None, nostr_sdk::Timestamp::now());
+        let Some(receipt) = self.sign(&request.event.id, receipt) else {
+            return;
+        };
+        match inner
+            .outbox
+            .publish(
+                &receipt,
+                &request.relays,
+                Persistence::Attempts(FEEDBACK_ATTEMPTS),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(zap = %request.event.id, sender = %request.event.pubkey, "zap receipt published")
+            }
+            Err(e) => {
+                tracing::warn!(zap = %request.event.id, error = %e, "zap receipt not published")
+            }
         }
     }
 

@@ -331,7 +331,7 @@ impl Pipeline {
         };
         let stored = inner
             .book
-            .await_payment(&job.id, invoice.clone(), feedback.as_json());
+            .await_payment(&job.id, invoice.clone(), &feedback);
         let job = match stored.await {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record invoice"),

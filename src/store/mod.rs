@@ -54,6 +54,8 @@ pub struct Store {
     pub entries: sled::Tree,
     /// The dev wallet's invoices and preimages.
     pub dev_wallet: sled::Tree,
+    /// Our feedback event ids to the job they answer (zaps of a feedback pay its job).
+    pub feedback: sled::Tree,
     /// Schema version, keys and checkpoints.
     pub meta: sled::Tree,
 }
@@ -87,6 +89,7 @@ impl Store {
             accounts: db.open_tree("accounts")?,
             entries: db.open_tree("entries")?,
             dev_wallet: db.open_tree("dev_wallet")?,
+            feedback: db.open_tree("feedback")?,
             meta: db.open_tree("meta")?,
             db,
         };

@@ -10,3 +10,4 @@ mod paid_job;
 mod payment;
 mod restart;
 mod two_relays;
+mod zaps;

@@ -1,0 +1,100 @@
+//! Zaps in (NIP-57): the LNURL callback's side of the pipeline. A zap request that names a
+//! job (its request or its `payment-required` feedback) with at least the quote gets an
+//! invoice that pays for that job; any other zap to this service tops up the sender's credit.
+//! The invoice commits to the exact zap-request string; the receipt follows our wallet's
+//! confirmation (`job::payment`).
+
+use nostr_sdk::EventId;
+
+use super::book::{BookError, PaymentRecord};
+use super::pipeline::Pipeline;
+use super::state::JobState;
+use crate::nip57::{self, ZapError};
+use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, WalletError};
+
+/// Why the callback refuses to issue an invoice (answered as an LNURL error).
+#[derive(Debug, thiserror::Error)]
+pub enum ZapRefusal {
+    /// The zap request is invalid.
+    #[error(transparent)]
+    Request(#[from] ZapError),
+    /// The zapped job cannot be paid (unknown, not waiting, amount below the quote).
+    #[error("{0}")]
+    Job(String),
+    /// The wallet failed.
+    #[error("cannot issue an invoice: {0}")]
+    Wallet(#[from] WalletError),
+    /// The store failed.
+    #[error("cannot record the invoice: {0}")]
+    Book(#[from] BookError),
+}
+
+impl Pipeline {
+    /// Validate a zap request for `amount_msat` and issue its invoice.
+    pub async fn zap_invoice(
+        &self,
+        zap_json: &str,
+        amount_msat: u64,
+    ) -> Result<Invoice, ZapRefusal> {
+        let inner = &self.inner;
+        let request = nip57::parse_zap_request(zap_json, amount_msat, &inner.keys.public_key())?;
+        let job = match request.target {
+            Some(target) => self.zapped_job(&target, amount_msat)?,
+            None => None,
+        };
+        let invoice = inner
+            .wallet
+            .create_invoice(InvoiceRequest {
+                amount_msat,
+                description: InvoiceDescription::Hashed(request.json.clone()),
+                expiry_secs: inner.config.invoice_expiry_secs,
+            })
+            .await?;
+        let record = PaymentRecord {
+            job,
+            account: request.event.pubkey,
+            amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
+            bolt11: invoice.bolt11.clone(),
+            zap_request: Some(request.json.clone()),
+            consumed: false,
+        };
+        inner
+            .book
+            .register_invoice(&invoice.payment_hash, record)
+            .await?;
+        tracing::info!(zap = %request.event.id, sender = %request.event.pubkey, job = ?job, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "zap invoice issued");
+        Ok(invoice)
+    }
+
+    /// The job a zap pays for: the zapped event is the job's request or its feedback. Zaps of
+    /// other events are top-ups (`None`).
+    fn zapped_job(
+        &self,
+        target: &EventId,
+        amount_msat: u64,
+    ) -> Result<Option<EventId>, ZapRefusal> {
+        let book = &self.inner.book;
+        let id = match book.get(target)? {
+            Some(job) => job.id,
+            None => match book.job_of_feedback(target)? {
+                Some(id) => id,
+                None => return Ok(None),
+            },
+        };
+        let job = book.get(&id)?.ok_or(BookError::NoJob(id))?;
+        if job.state != JobState::AwaitingPayment {
+            return Err(ZapRefusal::Job(format!(
+                "job {id} is not waiting for payment ({:?})",
+                job.state
+            )));
+        }
+        let quote = job.quote_msat.unwrap_or(0);
+        if amount_msat < quote {
+            return Err(ZapRefusal::Job(format!(
+                "job {id} costs {quote} msat; zap at least that"
+            )));
+        }
+        Ok(Some(id))
+    }
+}

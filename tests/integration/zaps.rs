@@ -1,0 +1,219 @@
+//! NIP-57 zaps in: the LNURL endpoint, a zap that pays for a job, receipts after our wallet
+//! confirms, and zaps that must be refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::hashes::{sha256, Hash};
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::infer::instant::InstantBackend;
+use dvmd::job::JobState;
+use dvmd::nip57;
+use dvmd::nip90::JobStatus;
+use dvmd::wallet::bolt11;
+use nostr_sdk::{EventBuilder, EventId, Filter, JsonUtil, Keys, Kind, PublicKey, Tag, TagKind};
+
+use crate::harness::{self, REPLY_TIMEOUT};
+
+fn zap_request(
+    sender: &Keys,
+    to: PublicKey,
+    target: Option<EventId>,
+    msat: u64,
+    relay: &str,
+) -> String {
+    let mut tags = vec![
+        Tag::public_key(to),
+        Tag::custom(TagKind::custom("relays"), [relay]),
+        Tag::custom(TagKind::custom("amount"), [msat.to_string()]),
+    ];
+    tags.extend(target.map(Tag::event));
+    EventBuilder::new(Kind::from(9734), "zap for the job")
+        .tags(tags)
+        .sign_with_keys(sender)
+        .expect("sign")
+        .as_json()
+}
+
+async fn callback(http: &str, msat: u64, zap: &str) -> (reqwest::StatusCode, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{http}/lnurlp/dvmd/callback"))
+        .query(&[("amount", msat.to_string()), ("nostr", zap.to_owned())])
+        .send()
+        .await
+        .expect("callback");
+    let status = response.status();
+    (status, response.json().await.expect("json"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zap_pays_for_a_job_and_gets_a_receipt() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("zapped answer"));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+
+    // The Lightning address announces zap support with our key.
+    let pay: serde_json::Value =
+        reqwest::get(format!("{}/.well-known/lnurlp/dvmd", ready.http_url))
+            .await
+            .expect("lnurlp")
+            .json()
+            .await
+            .expect("json");
+    assert_eq!(pay["allowsNostr"], true);
+    assert_eq!(pay["nostrPubkey"], ready.pubkey.to_hex());
+    assert_eq!(pay["tag"], "payRequest");
+
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "8")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let feedback = match alice
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Feedback { .. })
+        })
+        .await
+        .expect("feedback")
+    {
+        Reply::Feedback {
+            status: Some(JobStatus::PaymentRequired),
+            amount: Some(a),
+            event,
+            ..
+        } => (event.id, a.msat, a.bolt11.expect("bolt11")),
+        other => panic!("expected payment-required, got {other:?}"),
+    };
+    let (feedback_id, quote, original_bolt11) = feedback;
+
+    // Refusals: below the quote, a forged signature, a zap for someone else.
+    let short = zap_request(
+        alice.keys(),
+        ready.pubkey,
+        Some(feedback_id),
+        quote - 1,
+        &ready.relay_url,
+    );
+    let (status, body) = callback(&ready.http_url, quote - 1, &short).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("zap at least"),
+        "{body}"
+    );
+    let forged = zap_request(
+        alice.keys(),
+        ready.pubkey,
+        Some(feedback_id),
+        quote,
+        &ready.relay_url,
+    )
+    .replace("zap for the job", "zap for the jab");
+    assert_eq!(callback(&ready.http_url, quote, &forged).await.0, 400);
+    let elsewhere = zap_request(
+        alice.keys(),
+        Keys::generate().public_key(),
+        Some(feedback_id),
+        quote,
+        &ready.relay_url,
+    );
+    assert_eq!(callback(&ready.http_url, quote, &elsewhere).await.0, 400);
+
+    // The zap of the payment-required feedback, with the quote: its invoice commits to the
+    // exact zap request.
+    let zap = zap_request(
+        alice.keys(),
+        ready.pubkey,
+        Some(feedback_id),
+        quote,
+        &ready.relay_url,
+    );
+    let (status, body) = callback(&ready.http_url, quote, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    let pr = body["pr"].as_str().expect("pr").to_owned();
+    let info = bolt11::decode(&pr).expect("invoice");
+    assert_eq!(info.amount_msat, Some(quote));
+    assert_eq!(
+        info.description_hash,
+        Some(sha256::Hash::hash(zap.as_bytes()).to_byte_array())
+    );
+
+    // No receipt before payment.
+    let receipts = Filter::new().kind(Kind::from(9735)).author(ready.pubkey);
+    let before = alice
+        .client()
+        .fetch_events(receipts.clone(), Duration::from_secs(2))
+        .await
+        .expect("fetch");
+    assert!(before.is_empty());
+
+    harness::dev_pay(&ready.http_url, &pr).await;
+    let result = harness::result(&mut alice, &request.id).await;
+    assert_eq!(result.content, "zapped answer");
+
+    // The receipt is ours, valid under appendix F with us as the provider.
+    let mut receipt = None;
+    for _ in 0..100 {
+        let found = alice
+            .client()
+            .fetch_events(receipts.clone(), Duration::from_secs(2))
+            .await
+            .expect("fetch");
+        if let Some(event) = found.into_iter().next() {
+            receipt = Some(event);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let receipt = receipt.expect("a zap receipt");
+    let valid =
+        nip57::validate_receipt(&receipt, &ready.pubkey, &ready.pubkey).expect("valid receipt");
+    assert_eq!(valid.amount_msat, quote);
+    assert_eq!(valid.request.target, Some(feedback_id));
+
+    // The job is paid; a zap for it now is refused, and paying the original invoice as well
+    // credits the customer instead of running the job again.
+    let again = zap_request(
+        alice.keys(),
+        ready.pubkey,
+        Some(request.id),
+        quote,
+        &ready.relay_url,
+    );
+    assert_eq!(callback(&ready.http_url, quote, &again).await.0, 400);
+    harness::dev_pay(&ready.http_url, &original_bolt11).await;
+    daemon.pipeline().reconcile_once().await;
+
+    // A zap of something else tops up the sender's credit.
+    let tip = zap_request(alice.keys(), ready.pubkey, None, 5_000, &ready.relay_url);
+    let (status, body) = callback(&ready.http_url, 5_000, &tip).await;
+    assert_eq!(status, 200, "{body}");
+    harness::dev_pay(&ready.http_url, body["pr"].as_str().expect("pr")).await;
+    daemon.pipeline().reconcile_once().await;
+
+    let job =
+        harness::wait_for_state(daemon.pipeline().book(), &request.id, JobState::Settled).await;
+    assert_eq!(job.paid_msat, quote);
+    alice.shutdown().await;
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(
+        totals.payment_in_msat,
+        quote + quote + 5_000,
+        "zap, late original, top-up"
+    );
+    let charged = job.charge_msat.expect("charged");
+    assert_eq!(
+        dvmd::ledger::balance(&store, &request.pubkey).expect("balance"),
+        quote - charged + quote + 5_000
+    );
+}
