@@ -22,6 +22,7 @@ use super::{
 use crate::store::{self, Store, StoreError};
 
 const NODE_KEY: &[u8] = b"dev_wallet_node_key";
+const SPENT: &[u8] = b"dev_wallet_spent_msat";
 const SETTLEMENT_HINTS: usize = 4096;
 const MIN_FINAL_CLTV_EXPIRY_DELTA: u64 = 144;
 
@@ -212,7 +213,25 @@ impl Wallet for DevWallet {
                 "the dev wallet pays only its own invoices".to_owned(),
             ));
         }
+        let amount = invoice.amount_milli_satoshis().unwrap_or(0);
+        let balance = self.balance().await?;
+        if balance < amount {
+            return Err(WalletError::InsufficientBalance {
+                balance_msat: balance,
+                needed_msat: amount,
+            });
+        }
         let preimage = self.settle(bolt11).await?;
+        // Money left (and, being our own invoice, came back): record the spend so the balance
+        // nets to zero, as it would on a real node.
+        self.store
+            .meta
+            .update_and_fetch(SPENT, |raw| {
+                let spent = raw.and_then(store::be_u64).unwrap_or(0);
+                Some(spent.saturating_add(amount).to_be_bytes().to_vec())
+            })
+            .map_err(StoreError::from)?;
+        self.store.flush().await?;
         Ok(PaymentSent {
             preimage,
             fee_msat: 0,
@@ -220,15 +239,22 @@ impl Wallet for DevWallet {
     }
 
     async fn balance(&self) -> Result<u64, WalletError> {
-        let mut total = 0u64;
+        let mut received = 0u64;
         for item in self.store.dev_wallet.iter() {
             let (_, raw) = item.map_err(StoreError::from)?;
             let record: DevInvoice = store::decode("dev_wallet", &raw)?;
             if record.paid_at.is_some() {
-                total = total.saturating_add(record.amount_msat);
+                received = received.saturating_add(record.amount_msat);
             }
         }
-        Ok(total)
+        let spent = self
+            .store
+            .meta
+            .get(SPENT)
+            .map_err(StoreError::from)?
+            .and_then(|raw| store::be_u64(&raw))
+            .unwrap_or(0);
+        Ok(received.saturating_sub(spent))
     }
 
     fn settlements(&self) -> broadcast::Receiver<PaymentHash> {
