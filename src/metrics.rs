@@ -99,6 +99,7 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     publish_failures: AtomicU64,
+    settlement_hints: AtomicU64,
     /// Wallet-confirmed payment to `processing` feedback sent.
     pub settlement_to_processing: Histogram,
     /// Request received to `payment-required` feedback acknowledged.
@@ -140,6 +141,16 @@ impl Metrics {
             .fetch_add(u64::from(prompt), Ordering::Relaxed);
         self.completion_tokens
             .fetch_add(u64::from(completion), Ordering::Relaxed);
+    }
+
+    /// The wallet hinted that a payment hash may be paid.
+    pub fn settlement_hint(&self) {
+        self.settlement_hints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Settlement hints received so far.
+    pub fn settlement_hints(&self) -> u64 {
+        self.settlement_hints.load(Ordering::Relaxed)
     }
 
     /// A publish gave up without any relay accepting.
@@ -215,6 +226,12 @@ impl Metrics {
             "dvmd_publish_failures_total",
             "Events no relay accepted after all retries.",
             self.publish_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_settlement_hints_total",
+            "Settlement hints from the wallet (webhooks, websockets); each is checked by lookup.",
+            self.settlement_hints.load(Ordering::Relaxed),
         );
         self.settlement_to_processing.render(
             &mut out,

@@ -30,6 +30,7 @@ impl Pipeline {
             };
             match hint {
                 Ok(hash) => {
+                    self.inner.metrics.settlement_hint();
                     let pipeline = self.clone();
                     self.inner
                         .tasks

@@ -161,21 +161,7 @@ impl LnbitsWallet {
             .and_then(|v| v["detail"].as_str().map(str::to_owned))
             .unwrap_or_else(|| text.chars().take(200).collect());
         let detail = without_key(&detail, key);
-        Err(match status.as_u16() {
-            401 | 403 => WalletError::Refused(format!("lnbits rejected the key: {detail}")),
-            404 => WalletError::Refused(format!("lnbits: not found: {detail}")),
-            400 | 402 | 422 => {
-                if detail.to_lowercase().contains("insufficient balance") {
-                    WalletError::InsufficientBalance {
-                        balance_msat: 0,
-                        needed_msat: 0,
-                    }
-                } else {
-                    WalletError::Refused(format!("lnbits: {detail}"))
-                }
-            }
-            _ => WalletError::Unavailable(format!("lnbits {status}: {detail}")),
-        })
+        Err(classify(status.as_u16(), &detail))
     }
 
     fn admin_key(&self) -> Result<&Secret, WalletError> {
@@ -184,6 +170,30 @@ impl LnbitsWallet {
                 "no LNbits admin key configured: this wallet cannot pay".to_owned(),
             )
         })
+    }
+}
+
+/// Map an LNbits error to ours. LNbits answers most refusals with 520 and a `detail` text, so
+/// the text decides; anything unrecognised on 5xx is "try again later".
+fn classify(status: u16, detail: &str) -> WalletError {
+    let lower = detail.to_lowercase();
+    if lower.contains("insufficient balance") {
+        return WalletError::InsufficientBalance {
+            balance_msat: 0,
+            needed_msat: 0,
+        };
+    }
+    if lower.contains("decoding failed") || lower.contains("invalid bolt11") {
+        return WalletError::InvalidInvoice(format!("lnbits: {detail}"));
+    }
+    if lower.contains("already paid") || lower.contains("payment is failed") {
+        return WalletError::Refused(format!("lnbits: {detail}"));
+    }
+    match status {
+        401 | 403 => WalletError::Refused(format!("lnbits rejected the key: {detail}")),
+        404 => WalletError::Refused(format!("lnbits: not found: {detail}")),
+        400..=499 => WalletError::Refused(format!("lnbits: {detail}")),
+        _ => WalletError::Unavailable(format!("lnbits {status}: {detail}")),
     }
 }
 
@@ -269,14 +279,14 @@ impl Wallet for LnbitsWallet {
                 })?;
             return Ok(PaymentStatus::Paid { amount_msat });
         }
-        if details.is_null() && value["status"].is_null() {
-            return Ok(PaymentStatus::Unknown);
-        }
+        // `failed`: expired, or forgotten by a restarted FakeWallet; it can never be paid.
+        let failed = value["status"].as_str() == Some("failed")
+            || details["status"].as_str() == Some("failed");
         let expired = details["bolt11"]
             .as_str()
             .and_then(|b| bolt11::decode(b).ok())
             .is_some_and(|info| info.expires_at <= unix_now());
-        Ok(if expired {
+        Ok(if failed || expired {
             PaymentStatus::Expired
         } else {
             PaymentStatus::Pending
@@ -416,6 +426,34 @@ mod tests {
         assert_eq!(payment_hash_in(&value), Some(PaymentHash([0xaa; 32])));
         assert!(parse_maybe_double_encoded(b"not json").is_none());
         assert_eq!(payment_hash_in(&json!({"payment_hash": "zz"})), None);
+    }
+
+    #[test]
+    fn lnbits_520s_are_read_by_their_detail() {
+        assert!(matches!(
+            classify(520, "Insufficient balance."),
+            WalletError::InsufficientBalance { .. }
+        ));
+        assert!(matches!(
+            classify(520, "Bolt11 decoding failed."),
+            WalletError::InvalidInvoice(_)
+        ));
+        assert!(matches!(
+            classify(520, "Internal invoice already paid."),
+            WalletError::Refused(_)
+        ));
+        assert!(matches!(
+            classify(403, "forbidden"),
+            WalletError::Refused(_)
+        ));
+        assert!(matches!(
+            classify(520, "node unreachable"),
+            WalletError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(502, "bad gateway"),
+            WalletError::Unavailable(_)
+        ));
     }
 
     #[test]

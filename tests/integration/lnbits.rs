@@ -47,34 +47,41 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// How long LNbits may take to answer HTTP after it is started (2-5 s is usual here).
+/// How long LNbits may take to answer HTTP after it is started (a first start takes 3.5-5 s on
+/// 2 cores, a restart 2.5-3 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a graceful stop may take before the process group is killed (about 2 s is usual).
+/// How long a graceful stop may take before the process group is killed (0.3 s is usual).
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one API call may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// The admin account made by `first_install` (the password must be 8-50 characters).
+/// The admin account made by `first_install`.
 const ADMIN_USERNAME: &str = "dvmd-admin";
+/// Its password (LNbits wants 8-50 characters).
 const ADMIN_PASSWORD: &str = "dvmd-test-password";
 /// How many fresh ports a first start tries when the one it picked was taken meanwhile.
 const PORT_ATTEMPTS: usize = 3;
 
-/// Runs LNbits as the leader of its own process group, so that a stop reaches the worker
-/// process LNbits forks, and kills the whole group as soon as either LNbits exits or the pipe
-/// on its standard input reaches end of file: the harness holds the write end, so a test
-/// process that dies without running `Drop` (a timeout, a signal) does not leave LNbits behind.
+/// The shell that runs LNbits (`sh -c WATCHDOG lnbits-watchdog LNBITS ARGS...`). It is spawned
+/// as the leader of a new process group (`CommandExt::process_group(0)`: safe std, and unlike
+/// `setsid(1)` it never forks, so the child's pid is the group id), and LNbits and the worker
+/// process it forks inherit the group, so one signal to the group reaches them all. It kills
+/// the whole group as soon as either LNbits exits or the pipe on its standard input reaches end
+/// of file: the harness holds the write end, so a test process that dies without running `Drop`
+/// (a timeout, a signal) does not leave LNbits behind. LNbits' parent process does not exit
+/// when its worker fails to start, so start failures are also read from the log.
 const WATCHDOG: &str = r#"exec 3<&0 0</dev/null
 "$@" 3<&- &
 app=$!
 { cat <&3 >/dev/null; kill -9 0; } &
 exec 3<&-
 wait "$app"
+echo "lnbits-watchdog: lnbits exited with status $?" >&2
 kill -9 0
 "#;
 
 /// One LNbits wallet and its keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LnbitsWallet {
+pub struct LnbitsAccount {
     /// The wallet id (what the admin funding call takes).
     pub id: String,
     /// The admin key: pays (and can do all the invoice key can).
@@ -87,7 +94,9 @@ pub struct LnbitsWallet {
 pub struct Lnbits {
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:23456`.
     pub url: String,
+    /// The loopback port, kept across restarts.
     port: u16,
+    /// The `lnbits` executable (from `DVMD_LNBITS`).
     exe: PathBuf,
     /// Holds `lnbits/{static,templates}` (symlinks; LNbits looks them up relative to its working
     /// directory), `data/` and `lnbits.log`.
@@ -98,13 +107,17 @@ pub struct Lnbits {
     child: Option<Child>,
     /// The write end of the watchdog's standard input; closing it kills the group.
     lifeline: Option<ChildStdin>,
+    /// The API client: no proxy, no redirects followed (LNbits redirects until installed).
     http: reqwest::Client,
 }
 
 /// Who an API call authenticates as.
 enum Auth<'a> {
+    /// Nobody.
     None,
+    /// A wallet, by its invoice or admin key (`X-Api-Key`).
     Key(&'a str),
+    /// The admin account, by its bearer token.
     Bearer,
 }
 
@@ -168,7 +181,7 @@ impl Lnbits {
     }
 
     /// A new account with one wallet, named `name`.
-    pub async fn create_wallet(&self, name: &str) -> LnbitsWallet {
+    pub async fn create_wallet(&self, name: &str) -> LnbitsAccount {
         let (status, body) = self
             .request(
                 reqwest::Method::POST,
@@ -184,7 +197,7 @@ impl Lnbits {
                 .unwrap_or_else(|| panic!("LNbits: new wallet without {key}: {body}"))
                 .to_owned()
         };
-        LnbitsWallet {
+        LnbitsAccount {
             id: field("id"),
             adminkey: field("adminkey"),
             inkey: field("inkey"),
@@ -192,7 +205,7 @@ impl Lnbits {
     }
 
     /// Credit `wallet` with `sats` out of thin air (the admin's balance adjustment).
-    pub async fn fund(&self, wallet: &LnbitsWallet, sats: u64) {
+    pub async fn fund(&self, wallet: &LnbitsAccount, sats: u64) {
         let (status, body) = self
             .request(
                 reqwest::Method::PUT,
@@ -211,7 +224,7 @@ impl Lnbits {
     /// An invoice for `sats` with `memo` (the `d` field) on `wallet`: `(bolt11, payment_hash)`.
     pub async fn create_invoice(
         &self,
-        wallet: &LnbitsWallet,
+        wallet: &LnbitsAccount,
         sats: u64,
         memo: &str,
     ) -> (String, String) {
@@ -231,7 +244,7 @@ impl Lnbits {
     /// `memo`, `unhashed_description` (hex), `expiry` (seconds), `webhook`, ...); `out` is set
     /// to `false`. Returns the new payment's JSON (`bolt11`, `payment_hash`, `amount` in msat,
     /// ...). Panics unless LNbits answers 201.
-    pub async fn create_invoice_json(&self, wallet: &LnbitsWallet, mut fields: Value) -> Value {
+    pub async fn create_invoice_json(&self, wallet: &LnbitsAccount, mut fields: Value) -> Value {
         fields["out"] = json!(false);
         let (status, body) = self
             .request(
@@ -247,7 +260,7 @@ impl Lnbits {
 
     /// Pay `bolt11` from `wallet` and return the outgoing payment's JSON. Panics unless the
     /// payment succeeded (`status` is `"success"`).
-    pub async fn pay(&self, wallet: &LnbitsWallet, bolt11: &str) -> Value {
+    pub async fn pay(&self, wallet: &LnbitsAccount, bolt11: &str) -> Value {
         let (status, body) = self.try_pay(wallet, bolt11).await;
         assert!(
             (200..300).contains(&status)
@@ -261,7 +274,7 @@ impl Lnbits {
 
     /// Try to pay `bolt11` from `wallet`: the HTTP status and body, whatever they are. A
     /// refusal is 520 `{"detail":..,"status":"failed"}`; a 201 is not always a success.
-    pub async fn try_pay(&self, wallet: &LnbitsWallet, bolt11: &str) -> (u16, Value) {
+    pub async fn try_pay(&self, wallet: &LnbitsAccount, bolt11: &str) -> (u16, Value) {
         self.request(
             reqwest::Method::POST,
             "/api/v1/payments",
@@ -285,7 +298,7 @@ impl Lnbits {
     }
 
     /// Whether LNbits reports `payment_hash` paid (`paid: true`), as `wallet` sees it.
-    pub async fn is_paid(&self, wallet: &LnbitsWallet, payment_hash: &str) -> bool {
+    pub async fn is_paid(&self, wallet: &LnbitsAccount, payment_hash: &str) -> bool {
         let (status, body) = self.payment(Some(&wallet.inkey), payment_hash).await;
         assert_eq!(status, 200, "LNbits: payment {payment_hash}: {body}");
         body["paid"]
@@ -294,7 +307,7 @@ impl Lnbits {
     }
 
     /// The balance of `wallet`, msat (`GET /api/v1/wallet`).
-    pub async fn balance_msat(&self, wallet: &LnbitsWallet) -> u64 {
+    pub async fn balance_msat(&self, wallet: &LnbitsAccount) -> u64 {
         let (status, body) = self
             .request(
                 reqwest::Method::GET,
@@ -303,7 +316,11 @@ impl Lnbits {
                 None,
             )
             .await;
-        assert_eq!(status, 200, "LNbits: balance of wallet {}: {body}", wallet.id);
+        assert_eq!(
+            status, 200,
+            "LNbits: balance of wallet {}: {body}",
+            wallet.id
+        );
         body["balance"]
             .as_u64()
             .unwrap_or_else(|| panic!("LNbits: wallet without a balance: {body}"))
@@ -312,10 +329,7 @@ impl Lnbits {
     /// The websocket URL that streams events for `key_or_hash` (an invoice or admin key, or a
     /// payment hash).
     pub fn ws_url(&self, key_or_hash: &str) -> String {
-        format!(
-            "ws://127.0.0.1:{}/api/v1/ws/{key_or_hash}",
-            self.port
-        )
+        format!("ws://127.0.0.1:{}/api/v1/ws/{key_or_hash}", self.port)
     }
 
     /// The admin account's bearer token.
@@ -434,7 +448,10 @@ impl Lnbits {
                 }
             }
             if new_log.contains("address already in use") {
-                return Err(format!("port {} is in use: address already in use", self.port));
+                return Err(format!(
+                    "port {} is in use: address already in use",
+                    self.port
+                ));
             }
             if new_log.contains("Traceback (most recent call last)")
                 || new_log.contains("Application startup failed")
@@ -515,7 +532,9 @@ impl Lnbits {
         auth: Auth<'_>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut request = self.http.request(method.clone(), format!("{}{path}", self.url));
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.url));
         request = match auth {
             Auth::None => request,
             Auth::Key(key) => request.header("X-Api-Key", key),
@@ -620,9 +639,9 @@ fn pick_port() -> u16 {
 
 /// Send SIGsig to every process in group `pgid`.
 fn signal_group(pgid: u32, sig: &str) {
-    // The group may already be gone: that is fine.
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), "--".to_owned(), format!("-{pgid}")])
+    // The shell's builtin `kill` (no procps needed). The group may already be gone: fine.
+    let _ = Command::new("sh")
+        .args(["-c", r#"kill -s "$0" -- "-$1""#, sig, &pgid.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
