@@ -12,6 +12,7 @@ use crate::nip90::{TextGenerationLimits, KIND_TEXT_GENERATION};
 use crate::pricing::RateCard;
 use crate::relay::RelayRole;
 use crate::wallet::lnbits::LnbitsConfig;
+use crate::wallet::nwc::NwcConfig;
 use crate::wallet::secret::Secret;
 
 /// Default HTTP listener.
@@ -262,6 +263,30 @@ pub struct WalletSection {
     pub reconcile_interval_secs: u64,
     /// `[wallet.lnbits]`
     pub lnbits: LnbitsSection,
+    /// `[wallet.nwc]`
+    pub nwc: NwcSection,
+}
+
+/// `[wallet.nwc]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NwcSection {
+    /// Environment variable holding the `nostr+walletconnect://` URI.
+    pub uri_env: Option<String>,
+    /// File holding the URI.
+    pub uri_file: Option<PathBuf>,
+    /// How long one request may wait for the wallet service.
+    pub timeout_secs: u64,
+}
+
+impl Default for NwcSection {
+    fn default() -> Self {
+        Self {
+            uri_env: Some("NWC_URI".to_owned()),
+            uri_file: None,
+            timeout_secs: 30,
+        }
+    }
 }
 
 impl Default for WalletSection {
@@ -270,6 +295,7 @@ impl Default for WalletSection {
             backend: "dev".to_owned(),
             reconcile_interval_secs: 30,
             lnbits: LnbitsSection::default(),
+            nwc: NwcSection::default(),
         }
     }
 }
@@ -404,6 +430,8 @@ pub enum WalletChoice {
     Dev,
     /// An LNbits wallet.
     Lnbits(LnbitsConfig),
+    /// A Nostr Wallet Connect service.
+    Nwc(NwcConfig),
 }
 
 /// The validated configuration the daemon runs with.
@@ -651,9 +679,18 @@ impl Config {
                     websocket: section.websocket,
                 })
             }
+            "nwc" => {
+                let section = &file.wallet.nwc;
+                let uri = secret("wallet.nwc uri", &section.uri_env, &section.uri_file)?
+                    .ok_or_else(|| invalid("wallet.nwc needs uri_env or uri_file".into()))?;
+                WalletChoice::Nwc(NwcConfig {
+                    uri,
+                    timeout: std::time::Duration::from_secs(section.timeout_secs.max(1)),
+                })
+            }
             other => {
                 return Err(invalid(format!(
-                    "wallet.backend: `{other}` is not one of dev, lnbits"
+                    "wallet.backend: `{other}` is not one of dev, lnbits, nwc"
                 )))
             }
         };

@@ -26,6 +26,7 @@ use crate::relay::{intake, EmbeddedRelay, Outbox, RelayError, RelayRole, Relays}
 use crate::store::{Store, StoreError};
 use crate::wallet::dev::DevWallet;
 use crate::wallet::lnbits::LnbitsWallet;
+use crate::wallet::nwc::NwcWallet;
 use crate::wallet::{Wallet, WalletError};
 
 /// How long `stop` waits for the tasks before giving up on them.
@@ -127,6 +128,10 @@ impl Daemon {
             WalletChoice::Lnbits(lnbits) => {
                 tracing::info!(url = %lnbits.url, "using the LNbits wallet");
                 (Arc::new(LnbitsWallet::new(lnbits.clone())?), None)
+            }
+            WalletChoice::Nwc(nwc) => {
+                tracing::info!("using a Nostr Wallet Connect wallet");
+                (Arc::new(NwcWallet::connect(nwc.clone()).await?), None)
             }
         };
         let backend = match parts.backend {

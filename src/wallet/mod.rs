@@ -7,6 +7,7 @@
 pub mod bolt11;
 pub mod dev;
 pub mod lnbits;
+pub mod nwc;
 pub mod secret;
 
 use std::fmt;

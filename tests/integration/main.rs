@@ -6,6 +6,7 @@ mod bad_input;
 mod conformance;
 mod interop;
 mod lnbits;
+mod nwc;
 mod openai_job;
 mod paid_job;
 mod payment;

@@ -35,7 +35,7 @@ fn urlencode(text: &str) -> String {
 
 /// The other side of the wallet under test: pays its invoices, and issues invoices for it.
 #[async_trait::async_trait]
-trait Counterparty: Send + Sync {
+pub trait Counterparty: Send + Sync {
     async fn pay(&self, bolt11: &str);
     async fn invoice(&self, msat: u64) -> String;
 }
@@ -49,7 +49,7 @@ fn memo(msat: u64, expiry_secs: u64) -> InvoiceRequest {
 }
 
 /// What every wallet backend must do.
-async fn conformance(wallet: Arc<dyn Wallet>, other: &dyn Counterparty) {
+pub async fn conformance(wallet: Arc<dyn Wallet>, other: &dyn Counterparty) {
     let cancel = CancellationToken::new();
     let follower = wallet.clone();
     let follow = tokio::spawn({
@@ -175,9 +175,9 @@ impl Counterparty for DevCounterparty {
     }
 }
 
-struct LnbitsCounterparty<'a> {
-    lnbits: &'a Lnbits,
-    account: LnbitsAccount,
+pub struct LnbitsCounterparty<'a> {
+    pub lnbits: &'a Lnbits,
+    pub account: LnbitsAccount,
 }
 
 #[async_trait::async_trait]
