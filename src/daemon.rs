@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendChoice, Config, WalletChoice};
+use crate::config::{BackendChoice, Config};
 use crate::http::lnurl::LnurlConfig;
 use crate::http::{self, HttpState};
 use crate::identity::{self, IdentityError};
@@ -25,9 +25,7 @@ use crate::metrics::Metrics;
 use crate::relay::{intake, EmbeddedRelay, Outbox, RelayError, RelayRole, Relays};
 use crate::store::{Store, StoreError};
 use crate::wallet::dev::DevWallet;
-use crate::wallet::lnbits::LnbitsWallet;
-use crate::wallet::nwc::NwcWallet;
-use crate::wallet::{Wallet, WalletError};
+use crate::wallet::WalletError;
 
 /// How long `stop` waits for the tasks before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,23 +115,7 @@ impl Daemon {
         };
         tracing::info!(pubkey = %keys.public_key(), data_dir = %config.data_dir.display(), dev = config.dev, "starting");
 
-        let (wallet, dev_wallet): (Arc<dyn Wallet>, Option<Arc<DevWallet>>) = match &config.wallet {
-            WalletChoice::Dev => {
-                let dev = Arc::new(DevWallet::open(store.clone())?);
-                tracing::warn!(
-                    "using the dev wallet: regtest invoices, simulated settlement, not money"
-                );
-                (dev.clone(), Some(dev))
-            }
-            WalletChoice::Lnbits(lnbits) => {
-                tracing::info!(url = %lnbits.url, "using the LNbits wallet");
-                (Arc::new(LnbitsWallet::new(lnbits.clone())?), None)
-            }
-            WalletChoice::Nwc(nwc) => {
-                tracing::info!("using a Nostr Wallet Connect wallet");
-                (Arc::new(NwcWallet::connect(nwc.clone()).await?), None)
-            }
-        };
+        let (wallet, dev_wallet) = crate::wallet::open(&config.wallet, &store).await?;
         let backend = match parts.backend {
             Some(backend) => backend,
             None => build_backend(&config.backend).await?,

@@ -11,7 +11,7 @@ use dvmd::config::{self, Config, FileConfig, Overrides, RelaysFile};
 use dvmd::daemon::{Daemon, Parts};
 use dvmd::job::Book;
 use dvmd::store::Store;
-use dvmd::{bench, identity, ledger};
+use dvmd::{bench, identity, ledger, wallet};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// The operator's wallet: balance and payouts.
+    Wallet {
+        #[command(subcommand)]
+        command: WalletCommand,
+    },
     /// Ledger tools.
     Ledger {
         #[command(subcommand)]
@@ -92,6 +97,28 @@ enum DevCommand {
         /// The daemon's HTTP URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         http: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalletCommand {
+    /// The wallet's spendable balance.
+    Balance {
+        #[command(flatten)]
+        files: Files,
+    },
+    /// Pay a BOLT11 invoice or a Lightning address (name@host) from the wallet.
+    Pay {
+        #[command(flatten)]
+        files: Files,
+        /// A BOLT11 invoice, or a Lightning address.
+        target: String,
+        /// Amount in msat (required for an address; checked against an invoice).
+        #[arg(long)]
+        amount_msat: Option<u64>,
+        /// Most to spend on routing fees, msat.
+        #[arg(long, default_value_t = 10_000)]
+        max_fee_msat: u64,
     },
 }
 
@@ -248,6 +275,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "paid; preimage {}",
                 body["preimage"].as_str().unwrap_or("?")
             );
+        }
+        Command::Wallet { command } => {
+            let files = match &command {
+                WalletCommand::Balance { files } | WalletCommand::Pay { files, .. } => {
+                    files.clone()
+                }
+            };
+            let config = load_offline(&files)?;
+            // Only the dev wallet lives in the store (locked while the daemon runs); the others
+            // are remote and can be used beside a running daemon.
+            let store = match config.wallet {
+                config::WalletChoice::Dev => Store::open(&config.data_dir.join("store"))?,
+                _ => Store::temporary()?,
+            };
+            let (wallet, _) = wallet::open(&config.wallet, &store).await?;
+            match command {
+                WalletCommand::Balance { .. } => {
+                    println!(
+                        "{} msat ({} wallet)",
+                        wallet.balance().await?,
+                        wallet.name()
+                    );
+                }
+                WalletCommand::Pay {
+                    target,
+                    amount_msat,
+                    max_fee_msat,
+                    ..
+                } => {
+                    let sent =
+                        wallet::lnurl::pay(wallet.as_ref(), &target, amount_msat, max_fee_msat)
+                            .await?;
+                    println!(
+                        "paid; preimage {} fee {} msat",
+                        hex::encode(sent.preimage),
+                        sent.fee_msat
+                    );
+                }
+            }
         }
         Command::Ledger {
             command: LedgerCommand::Check { files },

@@ -103,12 +103,12 @@ pub async fn callback(
             lnurl.min_sendable_msat, lnurl.max_sendable_msat
         ));
     }
-    // Payments are credited to an npub, so only zaps are taken: a plain LNURL payment would
-    // have nobody to credit.
-    let Some(zap) = query.nostr else {
-        return refuse("send a NIP-57 zap request (`nostr` parameter); plain payments have no account to credit");
+    // A zap is credited to its sender (or pays the job it names); a plain payment is a tip.
+    let invoice = match query.nostr {
+        Some(zap) => pipeline.zap_invoice(&zap, amount).await,
+        None => pipeline.lnurl_invoice(amount, &lnurl.metadata()).await,
     };
-    match pipeline.zap_invoice(&zap, amount).await {
+    match invoice {
         Ok(invoice) => Json(json!({ "pr": invoice.bolt11, "routes": [] })).into_response(),
         Err(e) => {
             tracing::info!(error = %e, "zap refused");

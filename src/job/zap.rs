@@ -67,6 +67,40 @@ impl Pipeline {
         Ok(invoice)
     }
 
+    /// An invoice for a plain LNURL payment (no zap request): its description hash commits to
+    /// the address's `metadata` (LUD-06). Nobody to credit but the operator, so the payment is
+    /// booked to the service's own account (tips).
+    pub async fn lnurl_invoice(
+        &self,
+        amount_msat: u64,
+        metadata: &str,
+    ) -> Result<Invoice, ZapRefusal> {
+        let inner = &self.inner;
+        let invoice = inner
+            .wallet
+            .create_invoice(InvoiceRequest {
+                amount_msat,
+                description: InvoiceDescription::Hashed(metadata.to_owned()),
+                expiry_secs: inner.config.invoice_expiry_secs,
+            })
+            .await?;
+        let record = PaymentRecord {
+            job: None,
+            account: inner.keys.public_key(),
+            amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
+            bolt11: invoice.bolt11.clone(),
+            zap_request: None,
+            consumed: false,
+        };
+        inner
+            .book
+            .register_invoice(&invoice.payment_hash, record)
+            .await?;
+        tracing::info!(msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "lnurl invoice issued");
+        Ok(invoice)
+    }
+
     /// The job a zap pays for: the zapped event is the job's request or its feedback. Zaps of
     /// other events are top-ups (`None`).
     fn zapped_job(

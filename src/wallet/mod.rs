@@ -1,5 +1,5 @@
-//! Lightning wallets behind one [`Wallet`] trait: the embedded dev wallet now; LNbits and NWC
-//! plug in beside it.
+//! Lightning wallets behind one [`Wallet`] trait: the embedded dev wallet, LNbits (API v1) and
+//! Nostr Wallet Connect; `lnurl` pays Lightning addresses, `bolt11` reads invoices.
 //!
 //! A wallet's settlement stream carries hints only. Nothing moves on a hint: the pipeline asks
 //! [`Wallet::lookup`] for the payment hash and acts on that answer.
@@ -7,6 +7,7 @@
 pub mod bolt11;
 pub mod dev;
 pub mod lnbits;
+pub mod lnurl;
 pub mod nwc;
 pub mod secret;
 
@@ -176,4 +177,41 @@ pub trait Wallet: Send + Sync + 'static {
     /// Follow the backend's push channel (a websocket, relay notifications) until `cancel`
     /// fires, publishing settlement hints. Backends without one return at once.
     async fn follow(&self, _cancel: CancellationToken) {}
+}
+
+/// Open the configured wallet. The dev wallet lives in `store`; the others are remote.
+/// Returns the dev wallet too, when it is the one, for `/dev/pay`.
+pub async fn open(
+    choice: &crate::config::WalletChoice,
+    store: &crate::store::Store,
+) -> Result<
+    (
+        std::sync::Arc<dyn Wallet>,
+        Option<std::sync::Arc<dev::DevWallet>>,
+    ),
+    WalletError,
+> {
+    use std::sync::Arc;
+
+    use crate::config::WalletChoice;
+    Ok(match choice {
+        WalletChoice::Dev => {
+            let dev = Arc::new(dev::DevWallet::open(store.clone())?);
+            tracing::warn!(
+                "using the dev wallet: regtest invoices, simulated settlement, not money"
+            );
+            (dev.clone(), Some(dev))
+        }
+        WalletChoice::Lnbits(config) => {
+            tracing::info!(url = %config.url, "using the LNbits wallet");
+            (Arc::new(lnbits::LnbitsWallet::new(config.clone())?), None)
+        }
+        WalletChoice::Nwc(config) => {
+            tracing::info!("using a Nostr Wallet Connect wallet");
+            (
+                Arc::new(nwc::NwcWallet::connect(config.clone()).await?),
+                None,
+            )
+        }
+    })
 }

@@ -10,6 +10,7 @@ mod nwc;
 mod openai_job;
 mod paid_job;
 mod payment;
+mod payouts;
 mod restart;
 mod two_relays;
 mod wallets;

@@ -1,0 +1,132 @@
+//! Payouts: paying a BOLT11 invoice and a Lightning address from the operator's wallet, against
+//! a second dvmd's LNURL endpoint, through the library and through `dvmd wallet pay`.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use dvmd::wallet::lnbits::{LnbitsConfig, LnbitsWallet};
+use dvmd::wallet::secret::Secret;
+use dvmd::wallet::{lnurl, Wallet, WalletError};
+
+use crate::harness;
+use crate::lnbits::{Lnbits, LnbitsAccount};
+
+async fn daemon_b(
+    data: &std::path::Path,
+    lnbits: &Lnbits,
+    account: &LnbitsAccount,
+) -> dvmd::daemon::Daemon {
+    let key = data.join("lnbits.inkey");
+    std::fs::write(&key, &account.inkey).expect("write key");
+    let config = harness::dev_config(data, |file| {
+        file.wallet.backend = "lnbits".into();
+        file.wallet.lnbits.url = lnbits.url.clone();
+        file.wallet.lnbits.invoice_key_env = None;
+        file.wallet.lnbits.invoice_key_file = Some(key);
+    });
+    harness::start(
+        config,
+        Some(Arc::new(dvmd::infer::instant::InstantBackend::new("b"))),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pay_an_invoice_and_a_lightning_address_of_another_dvmd() {
+    let lnbits = Lnbits::start().await;
+    let a_account = lnbits.create_wallet("operator-a").await;
+    let b_account = lnbits.create_wallet("operator-b").await;
+    lnbits.fund(&a_account, 50_000).await;
+    let a = LnbitsWallet::new(LnbitsConfig {
+        url: lnbits.url.clone(),
+        invoice_key: Secret::new(a_account.inkey.clone(), "test"),
+        admin_key: Some(Secret::new(a_account.adminkey.clone(), "test")),
+        webhook_url: None,
+        websocket: false,
+    })
+    .expect("wallet");
+    let data_b = harness::data_dir();
+    let b = daemon_b(data_b.path(), &lnbits, &b_account).await;
+    let host = b.ready().http_url.trim_start_matches("http://").to_owned();
+    let address = format!("dvmd@{host}");
+
+    // A Lightning address: resolved, the invoice checked (amount, metadata hash), then paid.
+    let before = a.balance().await.expect("balance");
+    let sent = lnurl::pay(&a, &address, Some(7_000), 1_000)
+        .await
+        .expect("pay the address");
+    assert_eq!(sent.fee_msat, 0, "internal LNbits payment");
+    assert_eq!(a.balance().await.expect("balance"), before - 7_000);
+
+    // Out of range and malformed targets are refused before any money moves.
+    let huge = lnurl::pay(&a, &address, Some(2_000_000_000), 1_000).await;
+    assert!(matches!(huge, Err(WalletError::Refused(_))), "{huge:?}");
+    assert!(
+        lnurl::pay(&a, &address, None, 1_000).await.is_err(),
+        "an address needs an amount"
+    );
+    assert!(lnurl::pay(&a, "nobody@127.0.0.1:1", Some(1_000), 0)
+        .await
+        .is_err());
+    assert_eq!(a.balance().await.expect("balance"), before - 7_000);
+
+    // B books the tip once its wallet confirms it: credited to B's own account.
+    b.pipeline().reconcile_once().await;
+    let b_pubkey = b.ready().pubkey;
+    b.stop().await;
+    let store = harness::open_store(data_b.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.payment_in_msat, 7_000);
+    assert_eq!(
+        dvmd::ledger::balance(&store, &b_pubkey).expect("balance"),
+        7_000
+    );
+    drop(store);
+
+    // A BOLT11 invoice, through the CLI with the operator's config.
+    let (bolt11, _) = lnbits.create_invoice(&b_account, 3, "payout").await;
+    let data_a = harness::data_dir();
+    let key = data_a.path().join("a.inkey");
+    let admin = data_a.path().join("a.adminkey");
+    std::fs::write(&key, &a_account.inkey).expect("write");
+    std::fs::write(&admin, &a_account.adminkey).expect("write");
+    let config = data_a.path().join("dvmd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[wallet]\nbackend = \"lnbits\"\n[wallet.lnbits]\nurl = \"{}\"\ninvoice_key_file = \"{}\"\nadmin_key_file = \"{}\"\nwebsocket = false\n",
+            lnbits.url,
+            key.display(),
+            admin.display()
+        ),
+    )
+    .expect("write config");
+    let dvmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dvmd"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(data_a.path())
+            .output()
+            .expect("run dvmd")
+    };
+    let paid = dvmd(&["wallet", "pay", &bolt11, "--max-fee-msat", "100"]);
+    let stdout = String::from_utf8_lossy(&paid.stdout);
+    assert!(
+        paid.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&paid.stderr)
+    );
+    assert!(stdout.contains("paid; preimage"), "{stdout}");
+    let balance = dvmd(&["wallet", "balance"]);
+    let stdout = String::from_utf8_lossy(&balance.stdout);
+    assert!(
+        stdout.contains(&format!("{} msat", before - 10_000)),
+        "{stdout}"
+    );
+    // No secret reaches the output.
+    let stderr = String::from_utf8_lossy(&balance.stderr);
+    assert!(!stdout.contains(&a_account.adminkey) && !stderr.contains(&a_account.adminkey));
+    assert!(!stderr.contains(&a_account.inkey));
+}
