@@ -66,6 +66,16 @@ pub struct FileConfig {
     pub embedded_relay: EmbeddedRelaySection,
     /// `[lnurl]`
     pub lnurl: LnurlSection,
+    /// `[zaps]`
+    pub zaps: ZapsSection,
+}
+
+/// `[zaps]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZapsSection {
+    /// Hex `nostrPubkey` of an external Lightning address provider whose receipts pay jobs.
+    pub provider_pubkey: Option<String>,
 }
 
 /// `[lnurl]`: the Lightning address (LNURL-pay with NIP-57 zaps) served on the HTTP listener.
@@ -713,6 +723,14 @@ impl Config {
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,
             reconcile_interval_secs: file.wallet.reconcile_interval_secs,
+            zap_provider: match &file.zaps.provider_pubkey {
+                Some(hex) => Some(nostr_sdk::PublicKey::parse(hex).map_err(|e| {
+                    invalid(format!(
+                        "zaps.provider_pubkey: `{hex}` is not a pubkey: {e}"
+                    ))
+                })?),
+                None => None,
+            },
         };
         Ok(Self {
             data_dir,

@@ -9,7 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError as TxError, TransactionError};
+use sled::transaction::{
+    ConflictableTransactionError as TxError, TransactionError, TransactionalTree,
+};
 use sled::Transactional;
 
 use super::record::{Job, JobInvoice};
@@ -131,6 +133,53 @@ fn ledger_err(e: TxError<LedgerError>) -> TxError<BookError> {
         TxError::Conflict => TxError::Conflict,
         TxError::Storage(e) => TxError::Storage(e),
     }
+}
+
+/// Inside a transaction: store the consumed `record`, credit its account, and move its job to
+/// `Paid` if the job is waiting and the payment covers the quote.
+#[allow(clippy::too_many_arguments)]
+fn book_consumed(
+    jobs: &TransactionalTree,
+    payments: &TransactionalTree,
+    accounts: &TransactionalTree,
+    entries: &TransactionalTree,
+    hash: &PaymentHash,
+    record: &PaymentRecord,
+    paid_msat: u64,
+    seq: u64,
+    at: u64,
+) -> Result<PaymentOutcome, TxError<BookError>> {
+    payments.insert(&hash.0, store::encode("payments", record).map_err(abort)?)?;
+    let entry = Entry {
+        kind: EntryKind::PaymentIn,
+        account: record.account,
+        msat: paid_msat,
+        job: record.job,
+        payment_hash: Some(hash.to_hex()),
+        at,
+    };
+    ledger::post(accounts, entries, seq, &entry).map_err(ledger_err)?;
+    let credited = PaymentOutcome::Credited {
+        account: record.account,
+        job: record.job,
+    };
+    let Some(id) = record.job else {
+        return Ok(credited);
+    };
+    let raw = jobs
+        .get(id.as_bytes())?
+        .ok_or_else(|| abort(BookError::NoJob(id)))?;
+    let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
+    if job.state != JobState::AwaitingPayment {
+        return Ok(credited);
+    }
+    if paid_msat < record.amount_msat || job.quote_msat.is_some_and(|q| paid_msat < q) {
+        return Ok(PaymentOutcome::Underpaid(Box::new(job)));
+    }
+    job.transition(JobState::Paid, at).map_err(abort)?;
+    job.paid_msat = paid_msat;
+    jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
+    Ok(PaymentOutcome::Paid(Box::new(job)))
 }
 
 impl Book {
@@ -346,39 +395,47 @@ impl Book {
                     return Ok(PaymentOutcome::AlreadyConsumed);
                 }
                 record.consumed = true;
-                payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
-                let entry = Entry {
-                    kind: EntryKind::PaymentIn,
-                    account: record.account,
-                    msat: paid_msat,
-                    job: record.job,
-                    payment_hash: Some(hash.to_hex()),
-                    at,
-                };
-                ledger::post(accounts, entries, seq, &entry).map_err(ledger_err)?;
-                let credited = PaymentOutcome::Credited {
-                    account: record.account,
-                    job: record.job,
-                };
-                let Some(id) = record.job else {
-                    return Ok(credited);
-                };
-                let raw = jobs
-                    .get(id.as_bytes())?
-                    .ok_or_else(|| abort(BookError::NoJob(id)))?;
-                let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
-                if job.state != JobState::AwaitingPayment {
-                    return Ok(credited);
-                }
-                if paid_msat < record.amount_msat || job.quote_msat.is_some_and(|q| paid_msat < q) {
-                    return Ok(PaymentOutcome::Underpaid(Box::new(job)));
-                }
-                job.transition(JobState::Paid, at).map_err(abort)?;
-                job.paid_msat = paid_msat;
-                jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
-                Ok(PaymentOutcome::Paid(Box::new(job)))
+                book_consumed(
+                    jobs, payments, accounts, entries, hash, &record, paid_msat, seq, at,
+                )
             })
             .map_err(unwrap_tx)?;
+        Ok(outcome)
+    }
+
+    /// Book a payment proven by a zap receipt from the trusted external provider (we never
+    /// issued its invoice): record its payment hash as consumed, so the same receipt, or the
+    /// same payment offered for another job, books nothing; credit the sender; and, when it
+    /// pays a job waiting for at least this much, move the job to `Paid`. One transaction.
+    pub async fn confirm_external(
+        &self,
+        hash: &PaymentHash,
+        record: PaymentRecord,
+        paid_msat: u64,
+    ) -> Result<PaymentOutcome, BookError> {
+        let at = now();
+        let seq = self.store.next_id()?;
+        let store = &self.store;
+        let outcome = (
+            &store.jobs,
+            &store.payments,
+            &store.accounts,
+            &store.entries,
+        )
+            .transaction(|(jobs, payments, accounts, entries)| {
+                if payments.get(hash.0)?.is_some() {
+                    return Ok(PaymentOutcome::AlreadyConsumed);
+                }
+                let record = PaymentRecord {
+                    consumed: true,
+                    ..record.clone()
+                };
+                book_consumed(
+                    jobs, payments, accounts, entries, hash, &record, paid_msat, seq, at,
+                )
+            })
+            .map_err(unwrap_tx)?;
+        self.store.flush().await?;
         Ok(outcome)
     }
 

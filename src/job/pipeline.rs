@@ -52,6 +52,9 @@ pub struct JobConfig {
     pub job_timeout_secs: u64,
     /// How often open invoices are looked up in the wallet, seconds.
     pub reconcile_interval_secs: u64,
+    /// The `nostrPubkey` of an external Lightning address provider whose zap receipts are
+    /// accepted as payment (after NIP-57 appendix F); `None` trusts no receipt.
+    pub zap_provider: Option<nostr_sdk::PublicKey>,
 }
 
 /// A job ready for a worker, with when its payment was confirmed (for the latency metric).

@@ -132,3 +132,98 @@ impl Pipeline {
         Ok(Some(id))
     }
 }
+
+/// What a provider's zap receipt did.
+#[derive(Debug, PartialEq)]
+pub enum ReceiptOutcome {
+    /// It paid for this job, now `Paid`.
+    PaidJob(EventId),
+    /// It was credited to the sender (a top-up, or a job that was not waiting).
+    Credited,
+    /// Refused: why.
+    Refused(String),
+    /// Its payment was already booked (a replay, or the same payment offered twice).
+    Replayed,
+}
+
+impl Pipeline {
+    /// The trusted external zap provider, if any.
+    pub fn zap_provider(&self) -> Option<nostr_sdk::PublicKey> {
+        self.inner.config.zap_provider
+    }
+
+    /// Our public key.
+    pub fn pubkey(&self) -> nostr_sdk::PublicKey {
+        self.inner.keys.public_key()
+    }
+
+    /// Take a receipt from intake without waiting.
+    pub fn handle_receipt(&self, receipt: crate::nip90::Verified) {
+        let pipeline = self.clone();
+        self.inner.tasks.spawn(async move {
+            let outcome = pipeline.accept_provider_receipt(&receipt).await;
+            tracing::debug!(receipt = %receipt.event().id, ?outcome, "zap receipt handled");
+        });
+    }
+
+    /// Take a zap receipt from the trusted external Lightning address provider (NIP-57
+    /// appendix F). Only used when `zap_provider` is configured: our own LNURL payments are
+    /// confirmed by our wallet, never by a receipt.
+    pub async fn accept_provider_receipt(
+        &self,
+        receipt: &crate::nip90::Verified,
+    ) -> ReceiptOutcome {
+        let inner = &self.inner;
+        let Some(provider) = inner.config.zap_provider else {
+            return ReceiptOutcome::Refused("no zap provider is trusted".to_owned());
+        };
+        let us = inner.keys.public_key();
+        let valid = match nip57::validate_receipt(receipt.event(), &provider, &us) {
+            Ok(valid) => valid,
+            Err(e) => {
+                tracing::info!(receipt = %receipt.event().id, error = %e, "zap receipt refused");
+                return ReceiptOutcome::Refused(e.to_string());
+            }
+        };
+        let job = match valid.request.target {
+            Some(target) => match self.zapped_job(&target, valid.amount_msat) {
+                Ok(job) => job,
+                Err(e) => {
+                    // Not payable as a job (paid already, below the quote): the money is real,
+                    // so it is credited to the sender rather than ignored.
+                    tracing::info!(receipt = %receipt.event().id, reason = %e, "zap credited instead of paying a job");
+                    None
+                }
+            },
+            None => None,
+        };
+        let record = PaymentRecord {
+            job,
+            account: valid.request.event.pubkey,
+            amount_msat: valid.amount_msat,
+            expires_at: valid.invoice.expires_at,
+            bolt11: String::new(),
+            zap_request: None,
+            consumed: true,
+        };
+        let booked = inner
+            .book
+            .confirm_external(&valid.invoice.payment_hash, record, valid.amount_msat)
+            .await;
+        match booked {
+            Ok(super::PaymentOutcome::Paid(job)) => {
+                inner.metrics.payment_confirmed(valid.amount_msat);
+                inner.metrics.entered(JobState::Paid);
+                tracing::info!(job = %job.id, msat = valid.amount_msat, "job paid by a provider zap");
+                self.enqueue(job.id, Some(std::time::Instant::now()));
+                ReceiptOutcome::PaidJob(job.id)
+            }
+            Ok(super::PaymentOutcome::AlreadyConsumed) => ReceiptOutcome::Replayed,
+            Ok(_) => {
+                inner.metrics.payment_confirmed(valid.amount_msat);
+                ReceiptOutcome::Credited
+            }
+            Err(e) => ReceiptOutcome::Refused(format!("cannot book: {e}")),
+        }
+    }
+}

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::Relays;
 use crate::job::Pipeline;
 use crate::metrics::Dropped;
+use crate::nip57;
 use crate::nip90::Verified;
 
 /// Subscribe to `kinds` and feed verified requests to `pipeline` until `cancel` fires.
@@ -26,6 +27,15 @@ pub async fn run(
     if let Err(e) = relays.subscribe_requests(&kinds, since).await {
         tracing::error!(error = %e, "cannot subscribe to job requests");
     }
+    let provider = pipeline.zap_provider();
+    if let Some(provider) = provider {
+        if let Err(e) = relays
+            .subscribe_receipts(&provider, &pipeline.pubkey(), since)
+            .await
+        {
+            tracing::error!(error = %e, "cannot subscribe to zap receipts");
+        }
+    }
     loop {
         let notification = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -37,6 +47,11 @@ pub async fn run(
             }) => {
                 pipeline.metrics().event_received();
                 match Verified::check(*event) {
+                    Ok(receipt) if receipt.event().kind.as_u16() == nip57::ZAP_RECEIPT_KIND => {
+                        if provider.is_some() {
+                            pipeline.handle_receipt(receipt);
+                        }
+                    }
                     Ok(verified) => pipeline.handle(verified, Some(relay_url.as_str())),
                     Err(_) => pipeline.metrics().dropped(Dropped::BadSignature),
                 }

@@ -109,6 +109,26 @@ impl Relays {
         Ok(output.val)
     }
 
+    /// Subscribe to zap receipts for `us` signed by `provider` (external Lightning address).
+    pub async fn subscribe_receipts(
+        &self,
+        provider: &nostr_sdk::PublicKey,
+        us: &nostr_sdk::PublicKey,
+        since: Timestamp,
+    ) -> Result<SubscriptionId, RelayError> {
+        let filter = Filter::new()
+            .kind(Kind::from(crate::nip57::ZAP_RECEIPT_KIND))
+            .author(*provider)
+            .pubkey(*us)
+            .since(since);
+        let output = self
+            .client
+            .subscribe(filter, None)
+            .await
+            .map_err(|e| RelayError::Pool(e.to_string()))?;
+        Ok(output.val)
+    }
+
     /// Fetch stored job requests since `since` from every read relay (catch-up after a gap).
     pub async fn fetch_requests(
         &self,

@@ -11,6 +11,7 @@ mod openai_job;
 mod paid_job;
 mod payment;
 mod payouts;
+mod receipts;
 mod restart;
 mod two_relays;
 mod wallets;

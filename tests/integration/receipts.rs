@@ -1,0 +1,266 @@
+//! Zap receipts from an external Lightning address provider (NIP-57 appendix F), and every
+//! forged or replayed receipt that must start no work and pay nothing twice.
+
+use std::sync::Arc;
+
+use dvmd::customer::{self, Customer};
+use dvmd::infer::instant::InstantBackend;
+use dvmd::job::zap::ReceiptOutcome;
+use dvmd::job::JobState;
+use dvmd::nip57;
+use dvmd::nip90::Verified;
+use dvmd::store::Store;
+use dvmd::wallet::dev::DevWallet;
+use dvmd::wallet::{InvoiceDescription, InvoiceRequest, Wallet};
+use nostr_sdk::{
+    Event, EventBuilder, EventId, JsonUtil, Keys, Kind, PublicKey, Tag, TagKind, Timestamp,
+};
+
+use crate::harness;
+
+/// The provider's side: its own wallet and its `nostrPubkey`.
+struct Provider {
+    keys: Keys,
+    wallet: DevWallet,
+}
+
+impl Provider {
+    fn new() -> Self {
+        Self {
+            keys: Keys::generate(),
+            wallet: DevWallet::open(Store::temporary().expect("store")).expect("wallet"),
+        }
+    }
+
+    /// A zap request from `sender` for `target`, and the provider's invoice for it.
+    async fn zap(
+        &self,
+        sender: &Keys,
+        to: PublicKey,
+        target: EventId,
+        msat: u64,
+    ) -> (String, String) {
+        let zap = EventBuilder::new(Kind::from(9734), "")
+            .tags([
+                Tag::public_key(to),
+                Tag::event(target),
+                Tag::custom(TagKind::custom("amount"), [msat.to_string()]),
+                Tag::custom(TagKind::custom("relays"), ["ws://127.0.0.1:1"]),
+            ])
+            .sign_with_keys(sender)
+            .expect("sign")
+            .as_json();
+        let invoice = self
+            .wallet
+            .create_invoice(InvoiceRequest {
+                amount_msat: msat,
+                description: InvoiceDescription::Hashed(zap.clone()),
+                expiry_secs: 600,
+            })
+            .await
+            .expect("invoice");
+        (zap, invoice.bolt11)
+    }
+
+    /// A receipt for (`zap`, `bolt11`), signed by `signer`.
+    fn receipt(&self, signer: &Keys, zap: &str, bolt11: &str, at: u64) -> Verified {
+        let request = nip57::parse_zap_request_unchecked_amount(zap).expect("zap request");
+        let event: Event = nip57::receipt(&request, bolt11, None, Timestamp::from_secs(at))
+            .sign_with_keys(signer)
+            .expect("sign");
+        Verified::check(event).expect("well-formed")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
+    let provider = Provider::new();
+    let data = harness::data_dir();
+    let provider_hex = provider.keys.public_key().to_hex();
+    let config = harness::dev_config(data.path(), |file| {
+        file.zaps.provider_pubkey = Some(provider_hex.clone());
+    });
+    let daemon = harness::start(
+        config,
+        Some(Arc::new(InstantBackend::new("paid by a receipt"))),
+    )
+    .await;
+    let ready = daemon.ready().clone();
+    let pipeline = daemon.pipeline().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let job1 = alice
+        .post(customer::text_request(
+            "one",
+            &[("max_tokens", "8")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (quote1, _) = harness::invoice(&mut alice, &job1.id).await;
+    let job2 = alice
+        .post(customer::text_request(
+            "two",
+            &[("max_tokens", "8")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (quote2, _) = harness::invoice(&mut alice, &job2.id).await;
+    let now = Timestamp::now().as_secs();
+
+    // Forgeries: none starts work, none books money.
+    let (zap, bolt11) = provider
+        .zap(alice.keys(), ready.pubkey, job1.id, quote1)
+        .await;
+    let not_the_provider = provider.receipt(&Keys::generate(), &zap, &bolt11, now);
+    assert!(matches!(
+        pipeline.accept_provider_receipt(&not_the_provider).await,
+        ReceiptOutcome::Refused(_)
+    ));
+    let (other_zap, _) = provider
+        .zap(alice.keys(), ready.pubkey, job1.id, quote1)
+        .await;
+    let wrong_hash = provider.receipt(&provider.keys, &other_zap, &bolt11, now);
+    assert!(
+        matches!(pipeline.accept_provider_receipt(&wrong_hash).await, ReceiptOutcome::Refused(ref why) if why.contains("description hash")),
+        "a description hash that does not match"
+    );
+    let (short_zap, _) = provider
+        .zap(alice.keys(), ready.pubkey, job1.id, quote1)
+        .await;
+    let short_invoice = provider
+        .wallet
+        .create_invoice(InvoiceRequest {
+            amount_msat: quote1 - 1,
+            description: InvoiceDescription::Hashed(short_zap.clone()),
+            expiry_secs: 600,
+        })
+        .await
+        .expect("invoice");
+    let short = provider.receipt(&provider.keys, &short_zap, &short_invoice.bolt11, now);
+    assert!(
+        matches!(pipeline.accept_provider_receipt(&short).await, ReceiptOutcome::Refused(ref why) if why.contains("amount")),
+        "an invoice below the zap's amount"
+    );
+    let for_someone_else = provider
+        .zap(alice.keys(), Keys::generate().public_key(), job1.id, quote1)
+        .await;
+    let elsewhere = provider.receipt(
+        &provider.keys,
+        &for_someone_else.0,
+        &for_someone_else.1,
+        now,
+    );
+    assert!(matches!(
+        pipeline.accept_provider_receipt(&elsewhere).await,
+        ReceiptOutcome::Refused(_)
+    ));
+    for job in [&job1, &job2] {
+        let state = pipeline
+            .book()
+            .get(&job.id)
+            .expect("read")
+            .expect("job")
+            .state;
+        assert_eq!(state, JobState::AwaitingPayment);
+    }
+    assert_eq!(
+        harness::ledger_ok(pipeline.book().store()).payment_in_msat,
+        0
+    );
+
+    // The real receipt, published by the provider to the relay: intake picks it up, the job runs.
+    let real = provider.receipt(&provider.keys, &zap, &bolt11, now);
+    alice.send(real.event()).await.expect("publish receipt");
+    let result = harness::result(&mut alice, &job1.id).await;
+    assert_eq!(result.content, "paid by a receipt");
+
+    // Replays: the same receipt, a re-signed copy, and the same payment offered for job 2.
+    assert_eq!(
+        pipeline.accept_provider_receipt(&real).await,
+        ReceiptOutcome::Replayed
+    );
+    let resigned = provider.receipt(&provider.keys, &zap, &bolt11, now + 1);
+    assert_eq!(
+        pipeline.accept_provider_receipt(&resigned).await,
+        ReceiptOutcome::Replayed
+    );
+    let (zap2, _) = provider
+        .zap(alice.keys(), ready.pubkey, job2.id, quote2)
+        .await;
+    let same_payment_for_job2 = provider.receipt(&provider.keys, &zap2, &bolt11, now);
+    assert!(matches!(
+        pipeline
+            .accept_provider_receipt(&same_payment_for_job2)
+            .await,
+        ReceiptOutcome::Refused(_) | ReceiptOutcome::Replayed
+    ));
+    assert_eq!(
+        pipeline
+            .book()
+            .get(&job2.id)
+            .expect("read")
+            .expect("job")
+            .state,
+        JobState::AwaitingPayment,
+        "one payment never pays two jobs"
+    );
+
+    harness::wait_for_state(pipeline.book(), &job1.id, JobState::Settled).await;
+    drop(pipeline);
+    alice.shutdown().await;
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!(totals.payment_in_msat, quote1, "booked once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_trusted_provider_receipts_are_ignored() {
+    let provider = Provider::new();
+    let data = harness::data_dir();
+    let daemon = harness::start(
+        harness::dev_config(data.path(), |_| {}),
+        Some(Arc::new(InstantBackend::new("never"))),
+    )
+    .await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let job = alice
+        .post(customer::text_request(
+            "one",
+            &[("max_tokens", "8")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (quote, _) = harness::invoice(&mut alice, &job.id).await;
+    // A perfectly formed receipt for an invoice we never issued: our own LNURL payments are
+    // confirmed only by our wallet, so this is nothing.
+    let (zap, bolt11) = provider
+        .zap(alice.keys(), ready.pubkey, job.id, quote)
+        .await;
+    let receipt = provider.receipt(&provider.keys, &zap, &bolt11, Timestamp::now().as_secs());
+    alice.send(receipt.event()).await.expect("publish");
+    assert!(matches!(
+        daemon.pipeline().accept_provider_receipt(&receipt).await,
+        ReceiptOutcome::Refused(_)
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let state = daemon
+        .pipeline()
+        .book()
+        .get(&job.id)
+        .expect("read")
+        .expect("job")
+        .state;
+    assert_eq!(state, JobState::AwaitingPayment);
+    alice.shutdown().await;
+    daemon.stop().await;
+    assert_eq!(
+        harness::ledger_ok(&harness::open_store(data.path())).payment_in_msat,
+        0
+    );
+}
