@@ -71,10 +71,11 @@ node-peers:
 	@bash .ci/node-peers.sh >/dev/null
 
 ## bench: the benchmark figures
-bench: deps $(MODEL) llama-server
+bench: deps $(MODEL) llama-server lnbits
 	cargo build --release --bin dvmd
 	./target/release/dvmd bench intake
 	./target/release/dvmd bench roundtrip
+	DVMD_LNBITS=$$(bash .ci/lnbits.sh) cargo bench --bench settlement
 	./target/release/dvmd bench model --model $(MODEL) --llama-server $$(bash .ci/llama-server.sh)
 
 clean-cache:

@@ -16,6 +16,9 @@ use crate::infer::{self, Usage};
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, TextGeneration};
 use crate::relay::outbox::Persistence;
 
+/// How long an answer waits for the `processing` feedback to go out first.
+const PROCESSING_BEFORE_ANSWER: Duration = Duration::from_secs(2);
+
 impl Pipeline {
     /// Run `config.workers` workers over `queue` until `cancel` fires.
     pub async fn run_workers(self, queue: WorkQueue, cancel: CancellationToken) {
@@ -84,7 +87,7 @@ impl Pipeline {
         let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
         let pipeline = self.clone();
         let announced = job.clone();
-        inner.tasks.spawn(async move {
+        let processing = inner.tasks.spawn(async move {
             // Make the booked payment durable before telling the customer work started; this
             // runs beside the model, not before it.
             if let Err(e) = pipeline.inner.book.store().flush().await {
@@ -108,6 +111,8 @@ impl Pipeline {
         let started = Instant::now();
         let generated = self.generate(&event).await;
         inner.metrics.inference.observe(started.elapsed());
+        // `processing` goes out beside the model; the answer must not overtake it.
+        let _ = tokio::time::timeout(PROCESSING_BEFORE_ANSWER, processing).await;
         match generated {
             Ok((text, usage)) => self.complete(&job, &event, text, usage).await,
             Err(reason) => self.fail(&job, Some(&event), reason).await,
