@@ -37,6 +37,12 @@ fn report(label: &str, samples: &mut [Duration]) {
 
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary too, with test
+    // arguments, and must not start a benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("settlement: a benchmark; run it with `cargo bench --bench settlement`");
+        return;
+    }
     let lnbits = Lnbits::start().await;
     let service = lnbits.create_wallet("dvmd").await;
     let customer = lnbits.create_wallet("customer").await;
