@@ -210,11 +210,21 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
 
     // A genuine receipt for less than job 2's quote starts no work; the provider did receive
     // that money, so it is credited to the sender rather than lost.
-    let (low_zap, low_bolt11) = provider.zap(alice.keys(), ready.pubkey, job2.id, quote2 - 1_000).await;
+    let (low_zap, low_bolt11) = provider
+        .zap(alice.keys(), ready.pubkey, job2.id, quote2 - 1_000)
+        .await;
     let low = provider.receipt(&provider.keys, &low_zap, &low_bolt11, now);
-    assert_eq!(pipeline.accept_provider_receipt(&low).await, ReceiptOutcome::Credited);
     assert_eq!(
-        pipeline.book().get(&job2.id).expect("read").expect("job").state,
+        pipeline.accept_provider_receipt(&low).await,
+        ReceiptOutcome::Credited
+    );
+    assert_eq!(
+        pipeline
+            .book()
+            .get(&job2.id)
+            .expect("read")
+            .expect("job")
+            .state,
         JobState::AwaitingPayment,
         "a short payment runs nothing"
     );
@@ -224,7 +234,11 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
     alice.shutdown().await;
     daemon.stop().await;
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
-    assert_eq!(totals.payment_in_msat, quote1 + quote2 - 1_000, "each payment booked once");
+    assert_eq!(
+        totals.payment_in_msat,
+        quote1 + quote2 - 1_000,
+        "each payment booked once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
