@@ -298,7 +298,7 @@ fn announce(
         let relays = relays.clone();
         tasks.spawn(async move {
             match relays.send(&event, &[]).await {
-                Ok(acked) => tracing::info!(relays = acked.len(), what, "published"),
+                Ok(relay) => tracing::info!(%relay, what, "published"),
                 Err(e) => tracing::warn!(error = %e, what, "not published"),
             }
         });

@@ -368,8 +368,8 @@ impl Book {
     /// job `AwaitingPayment -> Paid`, all in one transaction.
     ///
     /// Not flushed here, on purpose: the payment is already durable in the wallet, and the next
-    /// side effect that depends on this booking (the worker's `processing` feedback, then the
-    /// result) flushes first. sled's log is sequential, so that flush makes this transaction
+    /// side effect that depends on this booking (the result, or the `error` that credits the
+    /// customer, settled by [`Book::settle`]) flushes first. `processing` is only a courtesy. sled's log is sequential, so that flush makes this transaction
     /// durable too; a crash before it leaves the hash unconsumed, and the reconciler books the
     /// same payment again, once. This keeps an fsync off the path from payment to result.
     pub async fn confirm_payment(

@@ -19,6 +19,16 @@ use crate::relay::outbox::Persistence;
 /// How long an answer waits for the `processing` feedback to go out first.
 const PROCESSING_BEFORE_ANSWER: Duration = Duration::from_secs(2);
 
+/// The `processing` feedback in flight. Answers (result or `error`) wait for it, so the customer
+/// never sees them out of order, even from a backend that answers at once.
+struct Announcement(tokio::task::JoinHandle<()>);
+
+impl Announcement {
+    async fn wait(self) {
+        let _ = tokio::time::timeout(PROCESSING_BEFORE_ANSWER, self.0).await;
+    }
+}
+
 impl Pipeline {
     /// Run `config.workers` workers over `queue` until `cancel` fires.
     pub async fn run_workers(self, queue: WorkQueue, cancel: CancellationToken) {
@@ -84,15 +94,14 @@ impl Pipeline {
             return self.deliver(&job, &event, &result).await;
         }
 
+        // `processing` goes out beside the model. It is a courtesy, not a claim about money:
+        // the payment booking becomes durable with the result, before the result is shown. A
+        // crash before that leaves the payment hash unconsumed on disk, and the reconciler
+        // books it again, once.
         let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
         let pipeline = self.clone();
         let announced = job.clone();
         let processing = inner.tasks.spawn(async move {
-            // Make the booked payment durable before telling the customer work started; this
-            // runs beside the model, not before it.
-            if let Err(e) = pipeline.inner.book.store().flush().await {
-                return tracing::error!(job = %announced.id, error = %e, "cannot persist payment");
-            }
             if pipeline
                 .send_feedback(&announced, processing, FEEDBACK_ATTEMPTS)
                 .await
@@ -107,15 +116,17 @@ impl Pipeline {
                 }
             }
         });
+        let processing = Announcement(processing);
 
         let started = Instant::now();
         let generated = self.generate(&event).await;
         inner.metrics.inference.observe(started.elapsed());
-        // `processing` goes out beside the model; the answer must not overtake it.
-        let _ = tokio::time::timeout(PROCESSING_BEFORE_ANSWER, processing).await;
         match generated {
-            Ok((text, usage)) => self.complete(&job, &event, text, usage).await,
-            Err(reason) => self.fail(&job, Some(&event), reason).await,
+            Ok((text, usage)) => self.complete(&job, &event, text, usage, processing).await,
+            Err(reason) => {
+                processing.wait().await;
+                self.fail(&job, Some(&event), reason).await
+            }
         }
     }
 
@@ -161,7 +172,14 @@ impl Pipeline {
     }
 
     /// Price the exact usage, persist the signed result, then deliver it.
-    async fn complete(&self, job: &Job, event: &Event, text: String, usage: Usage) {
+    async fn complete(
+        &self,
+        job: &Job,
+        event: &Event,
+        text: String,
+        usage: Usage,
+        processing: Announcement,
+    ) {
         let inner = &self.inner;
         let charge = inner.config.rate_card.charge(usage).min(job.paid_msat);
         let amount = PaymentAmount {
@@ -171,9 +189,10 @@ impl Pipeline {
         let result = match nip90::result(event, &text, Some(&amount)).sign_with_keys(&inner.keys) {
             Ok(result) => result,
             Err(e) => {
+                processing.wait().await;
                 return self
                     .fail(job, Some(event), format!("cannot sign result: {e}"))
-                    .await
+                    .await;
             }
         };
         let json = result.as_json();
@@ -187,9 +206,11 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot store result"),
         };
+        // One flush makes the payment booking, `Running` and the result durable together.
         if let Err(e) = inner.book.store().flush().await {
             return tracing::error!(job = %job.id, error = %e, "cannot persist result");
         }
+        processing.wait().await;
         tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "job generated");
         self.deliver(&job, event, &result).await;
     }
@@ -222,8 +243,8 @@ impl Pipeline {
         self.settle(&job, charge).await;
     }
 
-    /// `Running -> Failed`, say why, settle with no charge: everything paid stays with the
-    /// customer as credit.
+    /// `Running -> Failed`, settle with no charge (everything paid stays with the customer as
+    /// credit, flushed), then say why: the `error` names the credit, so it goes out after it.
     async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
         let inner = &self.inner;
         tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, "job failed; the payment is credited to the customer");
@@ -236,6 +257,7 @@ impl Pipeline {
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record failure"),
         };
         inner.metrics.entered(JobState::Failed);
+        self.settle(&job, 0).await;
         if let Some(event) = event {
             let info = format!(
                 "{reason}; the {} msat you paid are credited to your account",
@@ -244,7 +266,6 @@ impl Pipeline {
             let feedback = nip90::feedback(event, JobStatus::Error, &info, None);
             self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
         }
-        self.settle(&job, 0).await;
     }
 
     /// Book the charge and the remainder.

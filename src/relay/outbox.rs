@@ -42,7 +42,7 @@ impl Outbox {
         event: &Event,
         reply_relays: &[String],
         persistence: Persistence,
-    ) -> Result<Vec<RelayUrl>, RelayError> {
+    ) -> Result<RelayUrl, RelayError> {
         let mut delay = FIRST_RETRY;
         let mut attempt = 0u32;
         loop {

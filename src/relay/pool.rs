@@ -8,9 +8,10 @@ use std::time::Duration;
 use nostr_sdk::prelude::Events;
 use nostr_sdk::{
     Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions, RelayPoolNotification,
-    RelayPoolOptions, RelayUrl, SubscriptionId, Timestamp,
+    RelayPoolOptions, RelayStatus, RelayUrl, SubscriptionId, Timestamp,
 };
 use tokio::sync::{broadcast, Mutex};
+use tokio::task::JoinSet;
 
 use super::transport::NoDelayTransport;
 use super::RelayError;
@@ -23,7 +24,7 @@ pub const MAX_REPLY_RELAYS_IN_POOL: usize = 64;
 /// sled insert), so it drains this quickly.
 const NOTIFICATION_CHANNEL_SIZE: usize = 65_536;
 
-/// Sent events wait this long for the relay's `OK` before the outbox tries again.
+/// Connecting a reply relay before its first send, and catch-up fetches, give up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One configured relay and what dvmd uses it for.
@@ -149,13 +150,17 @@ impl Relays {
         self.client.notifications()
     }
 
-    /// Send `event` once to our write relays plus `reply_relays`, waiting for each relay's `OK`.
-    /// Returns the relays that accepted it; an error if none did.
+    /// Send `event` once to our write relays plus `reply_relays`. Returns the first relay that
+    /// acknowledged it with `OK`; an error if none did.
+    ///
+    /// Each relay gets its own task. The call returns at the first acknowledgement and the other
+    /// sends finish in the background, so one slow or silent relay (the pool waits up to 10 s
+    /// for an `OK`) never holds up a customer who reads from a healthy one.
     pub async fn send(
         &self,
         event: &Event,
         reply_relays: &[String],
-    ) -> Result<Vec<RelayUrl>, RelayError> {
+    ) -> Result<RelayUrl, RelayError> {
         let mut targets: HashSet<RelayUrl> = self.write.iter().cloned().collect();
         for raw in reply_relays {
             if let Some(url) = self.reply_relay(raw).await {
@@ -168,24 +173,50 @@ impl Relays {
                 reasons: "no write relays configured".to_owned(),
             });
         }
-        let output = self
-            .client
-            .send_event_to(targets, event)
-            .await
-            .map_err(|e| RelayError::Pool(e.to_string()))?;
-        if output.success.is_empty() {
-            let reasons = output
-                .failed
-                .iter()
-                .map(|(url, why)| format!("{url}: {why}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(RelayError::NotAccepted {
-                event: event.id.to_hex(),
-                reasons,
+        let mut sends = JoinSet::new();
+        let mut failed = Vec::new();
+        for url in targets {
+            let relay = match self.client.relay(&url).await {
+                Ok(relay) => relay,
+                Err(e) => {
+                    failed.push(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            let event = event.clone();
+            sends.spawn(async move {
+                if relay.status() == RelayStatus::Initialized {
+                    // A reply relay added for this request: connect before the first send, so
+                    // the event is not lost to a cold socket.
+                    let _ = relay.try_connect(CONNECT_TIMEOUT).await;
+                }
+                let sent = relay.send_event(&event).await;
+                (url, sent)
             });
         }
-        Ok(output.success.into_iter().collect())
+        while let Some(joined) = sends.join_next().await {
+            match joined {
+                Ok((url, Ok(_))) => {
+                    if !sends.is_empty() {
+                        let id = event.id;
+                        tokio::spawn(async move {
+                            while let Some(joined) = sends.join_next().await {
+                                if let Ok((url, Err(e))) = joined {
+                                    tracing::debug!(relay = %url, event = %id, error = %e, "relay did not accept the event");
+                                }
+                            }
+                        });
+                    }
+                    return Ok(url);
+                }
+                Ok((url, Err(e))) => failed.push(format!("{url}: {e}")),
+                Err(e) => failed.push(format!("send task: {e}")),
+            }
+        }
+        Err(RelayError::NotAccepted {
+            event: event.id.to_hex(),
+            reasons: failed.join("; "),
+        })
     }
 
     /// Make sure a customer-named relay is in the pool (write only), within the cap.
@@ -207,12 +238,6 @@ impl Relays {
             tracing::debug!(relay = %url, error = %e, "cannot add reply relay");
             return None;
         }
-        // Connect before the first send, so the first publish is not lost to a cold socket.
-        let _ = self
-            .client
-            .pool()
-            .try_connect_relay(url.clone(), CONNECT_TIMEOUT)
-            .await;
         reply.insert(url.clone());
         Some(url)
     }

@@ -1,8 +1,12 @@
-//! The same request seen through two relays runs once and is paid once.
+//! The same request seen through two relays runs once and is paid once; a relay that hangs
+//! holds up nobody.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::StreamExt;
+use nostr_sdk::{Tag, TagKind};
 
 use dvmd::config::{Config, FileConfig, Overrides, RelayEntry, RelaysFile};
 use dvmd::customer::{self, Customer, Reply};
@@ -149,4 +153,113 @@ async fn one_request_on_two_relays_runs_once() {
         totals.entries, 3,
         "payment_in, charge, refund_credit: {totals:?}"
     );
+}
+
+/// A relay that completes the websocket handshake and reads every message, but never answers:
+/// the fault of a relay that hangs. Returns its URL and the ids of the events it was sent.
+async fn silent_relay(cancel: CancellationToken) -> (String, Arc<Mutex<HashSet<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("ws://{}", listener.local_addr().expect("addr"));
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let events = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => break,
+                },
+            };
+            let events = events.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                loop {
+                    let message = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        message = socket.next() => message,
+                    };
+                    let Some(Ok(message)) = message else { break };
+                    let Ok(text) = message.to_text() else {
+                        continue;
+                    };
+                    let Ok(serde_json::Value::Array(parts)) = serde_json::from_str(text) else {
+                        continue;
+                    };
+                    if parts.first().and_then(|v| v.as_str()) == Some("EVENT") {
+                        if let Some(id) = parts.get(1).and_then(|e| e["id"].as_str()) {
+                            events.lock().expect("lock").insert(id.to_owned());
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_relay_does_not_hold_up_the_job() {
+    let cancel = CancellationToken::new();
+    let (silent, seen) = silent_relay(cancel.clone()).await;
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("Still here."));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    // The request names the silent relay for replies: every event goes there too, and it never
+    // says `OK` (the pool would wait 10 s for each one).
+    let request = alice
+        .post(
+            customer::text_request("Hello", &[("max_tokens", "4")], None, None).tag(Tag::custom(
+                TagKind::custom("relays"),
+                [ready.relay_url.clone(), silent.clone()],
+            )),
+        )
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    // Bounded well below the pool's 10 s `OK` timeout: the answers ride on the relay that
+    // acknowledged them, without waiting for the silent one.
+    let bound = Duration::from_secs(5);
+    let result = alice
+        .wait_for(&request.id, bound, |r| matches!(r, Reply::Result(_)))
+        .await
+        .expect("the result is not held up by the silent relay");
+    alice
+        .wait_for(&request.id, bound, |r| {
+            matches!(
+                r,
+                Reply::Feedback {
+                    status: Some(JobStatus::Success),
+                    ..
+                }
+            )
+        })
+        .await
+        .expect("success is not held up by the silent relay");
+    let Reply::Result(result) = result else {
+        unreachable!()
+    };
+    // The silent relay was still sent everything, in the background.
+    for _ in 0..100 {
+        if seen.lock().expect("lock").contains(&result.id.to_hex()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.lock().expect("lock").contains(&result.id.to_hex()),
+        "the reply relay named in the request gets the result too"
+    );
+    alice.shutdown().await;
+    daemon.stop().await;
+    cancel.cancel();
+    harness::ledger_ok(&harness::open_store(data.path()));
 }
