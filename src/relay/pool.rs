@@ -5,13 +5,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
+
 use nostr_sdk::prelude::Events;
 use nostr_sdk::{
     Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions, RelayPoolNotification,
     RelayPoolOptions, RelayStatus, RelayUrl, SubscriptionId, Timestamp,
 };
 use tokio::sync::{broadcast, Mutex};
-use tokio::task::JoinSet;
 
 use super::transport::NoDelayTransport;
 use super::RelayError;
@@ -173,7 +174,9 @@ impl Relays {
                 reasons: "no write relays configured".to_owned(),
             });
         }
-        let mut sends = JoinSet::new();
+        // Polled in place (no task hop on the common path); what is left after the first `OK`
+        // moves to a background task.
+        let mut sends = FuturesUnordered::new();
         let mut failed = Vec::new();
         for url in targets {
             let relay = match self.client.relay(&url).await {
@@ -184,7 +187,7 @@ impl Relays {
                 }
             };
             let event = event.clone();
-            sends.spawn(async move {
+            sends.push(async move {
                 if relay.status() == RelayStatus::Initialized {
                     // A reply relay added for this request: connect before the first send, so
                     // the event is not lost to a cold socket.
@@ -194,14 +197,14 @@ impl Relays {
                 (url, sent)
             });
         }
-        while let Some(joined) = sends.join_next().await {
-            match joined {
-                Ok((url, Ok(_))) => {
+        while let Some((url, sent)) = sends.next().await {
+            match sent {
+                Ok(_) => {
                     if !sends.is_empty() {
                         let id = event.id;
                         tokio::spawn(async move {
-                            while let Some(joined) = sends.join_next().await {
-                                if let Ok((url, Err(e))) = joined {
+                            while let Some((url, sent)) = sends.next().await {
+                                if let Err(e) = sent {
                                     tracing::debug!(relay = %url, event = %id, error = %e, "relay did not accept the event");
                                 }
                             }
@@ -209,8 +212,7 @@ impl Relays {
                     }
                     return Ok(url);
                 }
-                Ok((url, Err(e))) => failed.push(format!("{url}: {e}")),
-                Err(e) => failed.push(format!("send task: {e}")),
+                Err(e) => failed.push(format!("{url}: {e}")),
             }
         }
         Err(RelayError::NotAccepted {
