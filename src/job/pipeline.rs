@@ -351,6 +351,43 @@ impl Pipeline {
         }
     }
 
+    /// A customer's kind 5 deletion naming its own job requests (NIP-90 cancellation). A job
+    /// still awaiting payment becomes `Cancelled`. A paid job runs anyway: the customer paid for
+    /// it. A payment that arrives after the cancellation is credited to the customer, like any
+    /// late payment. Deletions signed by anyone else are ignored.
+    pub fn handle_cancellation(&self, deletion: &Verified) {
+        let deletion = deletion.event();
+        for id in deletion.tags.event_ids() {
+            let job = match self.inner.book.get(id) {
+                Ok(Some(job)) => job,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "cannot read job");
+                    continue;
+                }
+            };
+            if job.customer != deletion.pubkey {
+                tracing::debug!(job = %id, by = %deletion.pubkey, "cancellation by someone else ignored");
+                continue;
+            }
+            if job.state != JobState::AwaitingPayment {
+                tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");
+                continue;
+            }
+            let cancelled = self.inner.book.transition(id, JobState::Cancelled, |job| {
+                job.reason = Some("cancelled by the customer".to_owned());
+            });
+            match cancelled {
+                Ok(_) => {
+                    self.inner.metrics.entered(JobState::Cancelled);
+                    tracing::info!(job = %id, "job cancelled by the customer");
+                }
+                // A payment confirmed in between wins: the job runs.
+                Err(e) => tracing::info!(job = %id, error = %e, "not cancelled"),
+            }
+        }
+    }
+
     /// Refuse a job before any money moved: persist `Rejected`, then say why.
     pub(crate) async fn reject(&self, id: &EventId, event: &Event, reason: String) {
         tracing::info!(job = %id, reason = %reason, "job rejected");

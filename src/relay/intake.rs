@@ -4,7 +4,7 @@
 //! only screens and hands off, so it keeps up with the pool; if it still falls behind, it
 //! catches up by fetching recent requests again (the job book drops the duplicates).
 
-use nostr_sdk::{RelayPoolNotification, Timestamp};
+use nostr_sdk::{Kind, RelayPoolNotification, Timestamp};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +14,8 @@ use crate::metrics::Dropped;
 use crate::nip57;
 use crate::nip90::Verified;
 
-/// Subscribe to `kinds` and feed verified requests to `pipeline` until `cancel` fires.
+/// Subscribe to `kinds` (and to their cancellations) and feed verified events to `pipeline`
+/// until `cancel` fires.
 pub async fn run(
     relays: Relays,
     pipeline: Pipeline,
@@ -26,6 +27,9 @@ pub async fn run(
     let since = Timestamp::from_secs(Timestamp::now().as_secs().saturating_sub(max_age_secs));
     if let Err(e) = relays.subscribe_requests(&kinds, since).await {
         tracing::error!(error = %e, "cannot subscribe to job requests");
+    }
+    if let Err(e) = relays.subscribe_cancellations(&kinds, since).await {
+        tracing::error!(error = %e, "cannot subscribe to cancellations");
     }
     let provider = pipeline.zap_provider();
     if let Some(provider) = provider {
@@ -51,6 +55,9 @@ pub async fn run(
                         if provider.is_some() {
                             pipeline.handle_receipt(receipt);
                         }
+                    }
+                    Ok(deletion) if deletion.event().kind == Kind::EventDeletion => {
+                        pipeline.handle_cancellation(&deletion)
                     }
                     Ok(verified) => pipeline.handle(verified, Some(relay_url.as_str())),
                     Err(_) => pipeline.metrics().dropped(Dropped::BadSignature),

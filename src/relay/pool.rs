@@ -9,8 +9,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use nostr_sdk::prelude::Events;
 use nostr_sdk::{
-    Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions, RelayPoolNotification,
-    RelayPoolOptions, RelayStatus, RelayUrl, SubscriptionId, Timestamp,
+    Alphabet, Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions,
+    RelayPoolNotification, RelayPoolOptions, RelayStatus, RelayUrl, SingleLetterTag,
+    SubscriptionId, Timestamp,
 };
 use tokio::sync::{broadcast, Mutex};
 
@@ -108,6 +109,28 @@ impl Relays {
         for (url, why) in &output.failed {
             tracing::warn!(relay = %url, error = %why, "subscription not sent yet; the pool resends it on connect");
         }
+        Ok(output.val)
+    }
+
+    /// Subscribe to NIP-09 deletions (kind 5) that name one of `kinds` in a `k` tag: how
+    /// customers cancel job requests (NIP-90).
+    pub async fn subscribe_cancellations(
+        &self,
+        kinds: &[u16],
+        since: Timestamp,
+    ) -> Result<SubscriptionId, RelayError> {
+        let filter = Filter::new()
+            .kind(Kind::EventDeletion)
+            .custom_tags(
+                SingleLetterTag::lowercase(Alphabet::K),
+                kinds.iter().map(|k| k.to_string()),
+            )
+            .since(since);
+        let output = self
+            .client
+            .subscribe(filter, None)
+            .await
+            .map_err(|e| RelayError::Pool(e.to_string()))?;
         Ok(output.val)
     }
 

@@ -164,3 +164,115 @@ async fn failure_after_payment_is_reported_and_credited() {
         quote
     );
 }
+
+/// A kind 5 deletion naming `request`, as NIP-90 clients cancel a job.
+fn cancellation(request: &nostr_sdk::Event, by: &nostr_sdk::Keys) -> nostr_sdk::Event {
+    use nostr_sdk::{EventBuilder, Kind, Tag, TagKind};
+    EventBuilder::new(Kind::EventDeletion, "cancel")
+        .tags([
+            Tag::event(request.id),
+            Tag::custom(TagKind::custom("k"), [request.kind.as_u16().to_string()]),
+        ])
+        .sign_with_keys(by)
+        .expect("sign")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("Only the job nobody cancelled runs."));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let book = daemon.pipeline().book().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let mut jobs = Vec::new();
+    for prompt in ["first", "second"] {
+        let request = alice
+            .post(customer::text_request(
+                prompt,
+                &[("max_tokens", "4")],
+                None,
+                None,
+            ))
+            .await
+            .expect("post");
+        let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
+        jobs.push((request, bolt11));
+    }
+    let (kept, kept_bolt11) = &jobs[0];
+    let (cancelled, cancelled_bolt11) = &jobs[1];
+
+    // Mallory's deletion of the first job is ignored. The embedded relay refuses to store a
+    // deletion of someone else's event, but other relays pass them on, so it goes straight to
+    // the pipeline, as intake would hand it over.
+    let mallory = nostr_sdk::Keys::generate();
+    assert!(alice.send(&cancellation(kept, &mallory)).await.is_err());
+    let forged = dvmd::nip90::Verified::check(cancellation(kept, &mallory)).expect("signed");
+    daemon.pipeline().handle_cancellation(&forged);
+    assert_eq!(
+        book.get(&kept.id).expect("read").expect("job").state,
+        JobState::AwaitingPayment,
+        "only the customer can cancel a job"
+    );
+    // Alice's deletion of the second job, through the relay, cancels it.
+    alice
+        .send(&cancellation(cancelled, alice.keys()))
+        .await
+        .expect("send");
+    harness::wait_for_state(&book, &cancelled.id, JobState::Cancelled).await;
+
+    // Paying the cancelled job's invoice anyway runs nothing and credits Alice.
+    let hash = book
+        .get(&cancelled.id)
+        .expect("read")
+        .expect("job")
+        .invoice
+        .expect("invoice")
+        .payment_hash;
+    harness::dev_pay(&ready.http_url, cancelled_bolt11).await;
+    for _ in 0..250 {
+        if book.payment(&hash).expect("read").expect("record").consumed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(book.payment(&hash).expect("read").expect("record").consumed);
+    assert_eq!(
+        book.get(&cancelled.id).expect("read").expect("job").state,
+        JobState::Cancelled
+    );
+
+    // The job Mallory tried to cancel runs when paid.
+    harness::dev_pay(&ready.http_url, kept_bolt11).await;
+    harness::result(&mut alice, &kept.id).await;
+    harness::wait_for_state(&book, &kept.id, JobState::Settled).await;
+    assert!(alice
+        .wait_for(&cancelled.id, Duration::from_millis(300), |r| matches!(
+            r,
+            Reply::Result(_)
+        ))
+        .await
+        .is_err());
+
+    let cancelled_quote = book
+        .get(&cancelled.id)
+        .expect("read")
+        .expect("job")
+        .quote_msat
+        .expect("quote");
+    alice.shutdown().await;
+    daemon.stop().await;
+    drop(book);
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    let charged = totals.charge_msat;
+    assert!(
+        totals.balances_msat >= cancelled_quote,
+        "the late payment is Alice's credit: {totals:?}"
+    );
+    assert_eq!(
+        totals.balances_msat + charged,
+        totals.payment_in_msat,
+        "{totals:?}"
+    );
+}
