@@ -178,6 +178,7 @@ fn book_consumed(
     }
     job.transition(JobState::Paid, at).map_err(abort)?;
     job.paid_msat = paid_msat;
+    job.payer = (record.account != job.customer).then_some(record.account);
     jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }
@@ -440,7 +441,8 @@ impl Book {
     }
 
     /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
-    /// leave the rest on the customer's balance, in one transaction; then flush.
+    /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
+    /// job), in one transaction; then flush.
     pub async fn settle(&self, id: &EventId, charge_msat: u64) -> Result<Job, BookError> {
         let at = now();
         let charge_seq = self.store.next_id()?;
@@ -457,7 +459,7 @@ impl Book {
                 job.charge_msat = Some(charge);
                 let mut entry = Entry {
                     kind: EntryKind::Charge,
-                    account: job.customer,
+                    account: job.payer(),
                     msat: charge,
                     job: Some(job.id),
                     payment_hash: None,

@@ -49,6 +49,10 @@ pub struct Job {
     pub invoice: Option<JobInvoice>,
     /// What the wallet confirmed as paid, msat.
     pub paid_msat: u64,
+    /// Who paid, when not the customer (someone else zapped the job). The charge and the
+    /// change go to the account that paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payer: Option<PublicKey>,
     /// What the job was charged, msat (after it ran).
     pub charge_msat: Option<u64>,
     /// Exact token usage.
@@ -75,6 +79,7 @@ impl Job {
             quote_msat: None,
             invoice: None,
             paid_msat: 0,
+            payer: None,
             charge_msat: None,
             usage: None,
             result_event: None,
@@ -88,6 +93,11 @@ impl Job {
         self.state = next;
         self.updated_at = now;
         Ok(())
+    }
+
+    /// The account that paid for the job: charged for it, and credited with the change.
+    pub fn payer(&self) -> PublicKey {
+        self.payer.unwrap_or(self.customer)
     }
 
     /// The request event, re-parsed from the stored JSON.

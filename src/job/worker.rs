@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use nostr_sdk::{Event, JsonUtil};
+use nostr_sdk::{Event, JsonUtil, ToBech32};
 use tokio_util::sync::CancellationToken;
 
 use super::pipeline::{Pipeline, WorkItem, WorkQueue, FEEDBACK_ATTEMPTS};
@@ -247,7 +247,7 @@ impl Pipeline {
     /// credit, flushed), then say why: the `error` names the credit, so it goes out after it.
     async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
         let inner = &self.inner;
-        tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, "job failed; the payment is credited to the customer");
+        tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, payer = %job.payer(), "job failed; the payment is credited to the payer");
         let failed = inner.book.transition(&job.id, JobState::Failed, |job| {
             job.reason = Some(reason.clone());
             job.charge_msat = Some(0);
@@ -259,10 +259,19 @@ impl Pipeline {
         inner.metrics.entered(JobState::Failed);
         self.settle(&job, 0).await;
         if let Some(event) = event {
-            let info = format!(
-                "{reason}; the {} msat you paid are credited to your account",
-                job.paid_msat
-            );
+            let info = if job.payer() == job.customer {
+                format!(
+                    "{reason}; the {} msat you paid are credited to your account",
+                    job.paid_msat
+                )
+            } else {
+                let payer = job.payer();
+                let payer = payer.to_bech32().unwrap_or_else(|_| payer.to_hex());
+                format!(
+                    "{reason}; the {} msat paid are credited to the account of {payer}, who paid",
+                    job.paid_msat
+                )
+            };
             let feedback = nip90::feedback(event, JobStatus::Error, &info, None);
             self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
         }

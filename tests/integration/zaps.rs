@@ -217,3 +217,57 @@ async fn a_zap_pays_for_a_job_and_gets_a_receipt() {
         quote - charged + quote + 5_000
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zap_from_someone_else_pays_for_the_job_and_keeps_the_change() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("paid by a friend"));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let bob = Keys::generate();
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "8")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (quote, _) = harness::invoice(&mut alice, &request.id).await;
+
+    // Bob zaps Alice's request with the quote: the job runs for Alice, on Bob's money.
+    let zap = zap_request(
+        &bob,
+        ready.pubkey,
+        Some(request.id),
+        quote,
+        &ready.relay_url,
+    );
+    let (status, body) = callback(&ready.http_url, quote, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    harness::dev_pay(&ready.http_url, body["pr"].as_str().expect("pr")).await;
+    let result = harness::result(&mut alice, &request.id).await;
+    assert_eq!(result.content, "paid by a friend");
+    let job =
+        harness::wait_for_state(daemon.pipeline().book(), &request.id, JobState::Settled).await;
+    assert_eq!(job.payer(), bob.public_key());
+    alice.shutdown().await;
+    daemon.stop().await;
+
+    // Bob paid, so Bob is charged and keeps the change; Alice's account is untouched.
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.payment_in_msat, quote);
+    let charged = job.charge_msat.expect("charged");
+    assert!(charged > 0 && charged <= quote);
+    assert_eq!(
+        dvmd::ledger::balance(&store, &bob.public_key()).expect("balance"),
+        quote - charged
+    );
+    assert_eq!(
+        dvmd::ledger::balance(&store, &request.pubkey).expect("balance"),
+        0
+    );
+}
