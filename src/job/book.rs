@@ -68,6 +68,11 @@ pub struct PaymentRecord {
     pub zap_request: Option<String>,
     /// Whether a confirmed payment was already booked.
     pub consumed: bool,
+    /// Whether the reconciler stopped looking: the wallet said "not paid" after
+    /// [`LATE_PAYMENT_GRACE_SECS`] past expiry. Only a successful lookup closes a record, so an
+    /// outage of the wallet or of dvmd itself never makes a payment unfindable.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// How long after expiry an unpaid invoice is still looked up.
@@ -282,6 +287,7 @@ impl Book {
                     bolt11: invoice.bolt11.clone(),
                     zap_request: None,
                     consumed: false,
+                    closed: false,
                 };
                 if payments.get(invoice.payment_hash.0)?.is_some() {
                     // A wallet reusing a payment hash would let one payment pay twice.
@@ -346,16 +352,15 @@ impl Book {
         }
     }
 
-    /// Payment hashes issued and not yet consumed (for the reconciler), including expired ones
-    /// for [`LATE_PAYMENT_GRACE_SECS`]: some wallets (LNbits) still accept an expired invoice,
-    /// and that money must be credited, not lost.
+    /// Payment hashes issued and neither consumed nor closed (for the reconciler), expired ones
+    /// included: some wallets (LNbits) still accept an expired invoice, and that money must be
+    /// credited, not lost.
     pub fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
         let mut open = Vec::new();
-        let horizon = now().saturating_sub(LATE_PAYMENT_GRACE_SECS);
         for item in self.store.payments.iter() {
             let (key, raw) = item?;
             let record: PaymentRecord = store::decode("payments", &raw)?;
-            if record.consumed || record.expires_at < horizon {
+            if record.consumed || record.closed {
                 continue;
             }
             if let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) {
@@ -363,6 +368,28 @@ impl Book {
             }
         }
         Ok(open)
+    }
+
+    /// Stop looking up `hash`: the wallet has just said it is not paid, and it expired more than
+    /// [`LATE_PAYMENT_GRACE_SECS`] ago. A consumed record is left as it is. Returns whether the
+    /// record was closed.
+    pub fn close_payment(&self, hash: &PaymentHash) -> Result<bool, BookError> {
+        let horizon = now().saturating_sub(LATE_PAYMENT_GRACE_SECS);
+        self.store
+            .payments
+            .transaction(|payments| {
+                let Some(raw) = payments.get(hash.0)? else {
+                    return Ok(false);
+                };
+                let mut record: PaymentRecord = store::decode("payments", &raw).map_err(abort)?;
+                if record.consumed || record.closed || record.expires_at >= horizon {
+                    return Ok(false);
+                }
+                record.closed = true;
+                payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
+                Ok(true)
+            })
+            .map_err(unwrap_tx)
     }
 
     /// Book a payment our wallet confirmed: consume the hash, credit the customer, and move the
@@ -540,6 +567,55 @@ mod tests {
             amount_msat: msat,
             expires_at: now() + 600,
         }
+    }
+
+    #[tokio::test]
+    async fn old_unpaid_invoices_stay_open_until_a_lookup_closes_them() {
+        let book = book();
+        let record = |expires_at| PaymentRecord {
+            job: None,
+            account: Keys::generate().public_key(),
+            amount_msat: 1_000,
+            expires_at,
+            bolt11: String::new(),
+            zap_request: None,
+            consumed: false,
+            closed: false,
+        };
+        let long_ago = now() - LATE_PAYMENT_GRACE_SECS - 60;
+        let (old, recent) = (PaymentHash([1; 32]), PaymentHash([2; 32]));
+        book.register_invoice(&old, record(long_ago))
+            .await
+            .expect("old");
+        book.register_invoice(&recent, record(now() - 60))
+            .await
+            .expect("recent");
+        // However long dvmd or the wallet was away, both are still looked up.
+        let open: Vec<_> = book
+            .open_payments()
+            .expect("open")
+            .into_iter()
+            .map(|(hash, _)| hash)
+            .collect();
+        assert!(open.contains(&old) && open.contains(&recent));
+        // A lookup that says "unpaid" closes only the one past the grace period.
+        assert!(book.close_payment(&old).expect("close"));
+        assert!(!book.close_payment(&recent).expect("close"));
+        let open: Vec<_> = book
+            .open_payments()
+            .expect("open")
+            .into_iter()
+            .map(|(hash, _)| hash)
+            .collect();
+        assert_eq!(open, vec![recent]);
+        // A consumed record is never closed.
+        let paid = PaymentHash([3; 32]);
+        book.register_invoice(&paid, record(long_ago))
+            .await
+            .expect("paid");
+        book.confirm_payment(&paid, 1_000).await.expect("booked");
+        assert!(!book.close_payment(&paid).expect("close"));
+        assert!(book.payment(&paid).expect("read").expect("record").consumed);
     }
 
     #[tokio::test]

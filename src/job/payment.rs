@@ -98,10 +98,26 @@ impl Pipeline {
                 if let Some(job) = &record.job {
                     self.expire(job).await
                 }
+                self.close_if_stale(hash);
             }
-            PaymentStatus::Pending => {}
+            PaymentStatus::Pending => self.close_if_stale(hash),
             PaymentStatus::Unknown => {
-                tracing::warn!(payment_hash = %hash, job = ?record.job, "the wallet does not know an invoice it issued")
+                tracing::warn!(payment_hash = %hash, job = ?record.job, "the wallet does not know an invoice it issued");
+                self.close_if_stale(hash);
+            }
+        }
+    }
+
+    /// The wallet just said `hash` is not paid: if it expired more than a day ago, stop
+    /// looking it up. Only a lookup that answered closes a record, never the clock alone.
+    fn close_if_stale(&self, hash: &PaymentHash) {
+        match self.inner.book.close_payment(hash) {
+            Ok(true) => {
+                tracing::info!(payment_hash = %hash, "invoice still unpaid a day after expiry; no longer looked up")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(payment_hash = %hash, error = %e, "cannot close payment record")
             }
         }
     }

@@ -58,6 +58,7 @@ impl Pipeline {
             bolt11: invoice.bolt11.clone(),
             zap_request: Some(request.json.clone()),
             consumed: false,
+            closed: false,
         };
         inner
             .book
@@ -92,6 +93,7 @@ impl Pipeline {
             bolt11: invoice.bolt11.clone(),
             zap_request: None,
             consumed: false,
+            closed: false,
         };
         inner
             .book
@@ -205,6 +207,7 @@ impl Pipeline {
             bolt11: String::new(),
             zap_request: None,
             consumed: true,
+            closed: false,
         };
         let booked = inner
             .book
