@@ -194,6 +194,11 @@ impl Pipeline {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Expired);
                 tracing::info!(job = %id, "invoice expired unpaid");
+                // Durable before the customer is told to post again: a late payment for this
+                // invoice must then be credited, never run the job as well.
+                if let Err(e) = self.inner.book.store().flush().await {
+                    return tracing::error!(job = %id, error = %e, "cannot persist expiry");
+                }
                 if let Ok(event) = job.request_event() {
                     self.expired_feedback(&job, &event).await;
                 }

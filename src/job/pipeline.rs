@@ -397,6 +397,10 @@ impl Pipeline {
         match rejected {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Rejected);
+                // Durable before it is said: a restart must not quote a job we refused.
+                if let Err(e) = self.inner.book.store().flush().await {
+                    return tracing::error!(job = %id, error = %e, "cannot persist rejection");
+                }
                 let feedback = nip90::feedback(event, JobStatus::Error, &reason, None);
                 self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
             }
