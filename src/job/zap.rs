@@ -21,6 +21,9 @@ pub enum ZapRefusal {
     /// The zapped job cannot be paid (unknown, not waiting, amount below the quote).
     #[error("{0}")]
     Job(String),
+    /// The wallet cannot issue an invoice for exactly this amount.
+    #[error("{0}")]
+    Amount(String),
     /// The wallet failed.
     #[error("cannot issue an invoice: {0}")]
     Wallet(#[from] WalletError),
@@ -42,9 +45,8 @@ impl Pipeline {
             Some(target) => self.zapped_job(&target, amount_msat)?,
             None => None,
         };
-        let invoice = inner
-            .wallet
-            .create_invoice(InvoiceRequest {
+        let invoice = self
+            .exact_invoice(InvoiceRequest {
                 amount_msat,
                 description: InvoiceDescription::Hashed(request.json.clone()),
                 expiry_secs: inner.config.invoice_expiry_secs,
@@ -77,9 +79,8 @@ impl Pipeline {
         metadata: &str,
     ) -> Result<Invoice, ZapRefusal> {
         let inner = &self.inner;
-        let invoice = inner
-            .wallet
-            .create_invoice(InvoiceRequest {
+        let invoice = self
+            .exact_invoice(InvoiceRequest {
                 amount_msat,
                 description: InvoiceDescription::Hashed(metadata.to_owned()),
                 expiry_secs: inner.config.invoice_expiry_secs,
@@ -100,6 +101,21 @@ impl Pipeline {
             .register_invoice(&invoice.payment_hash, record)
             .await?;
         tracing::info!(msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "lnurl invoice issued");
+        Ok(invoice)
+    }
+
+    /// An invoice for exactly the amount asked. LUD-06 payers refuse any other amount, and a
+    /// wallet that only takes whole sats (LNbits) rounds up: refuse such amounts with a reason
+    /// rather than hand out an invoice that will not be paid. The unneeded invoice just expires.
+    async fn exact_invoice(&self, request: InvoiceRequest) -> Result<Invoice, ZapRefusal> {
+        let asked = request.amount_msat;
+        let invoice = self.inner.wallet.create_invoice(request).await?;
+        if invoice.amount_msat != asked {
+            return Err(ZapRefusal::Amount(format!(
+                "this wallet cannot issue an invoice for exactly {asked} msat (it issued {} msat); send a whole number of sats",
+                invoice.amount_msat
+            )));
+        }
         Ok(invoice)
     }
 

@@ -58,6 +58,25 @@ async fn pay_an_invoice_and_a_lightning_address_of_another_dvmd() {
     assert_eq!(sent.fee_msat, 0, "internal LNbits payment");
     assert_eq!(a.balance().await.expect("balance"), before - 7_000);
 
+    // B's LNbits wallet only issues whole sats: B refuses an amount it cannot invoice exactly,
+    // instead of handing out a rounded invoice that LUD-06 payers must reject.
+    let odd: serde_json::Value = reqwest::get(format!(
+        "{}/lnurlp/dvmd/callback?amount=7500",
+        b.ready().http_url
+    ))
+    .await
+    .expect("callback")
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(odd["status"], "ERROR", "{odd}");
+    assert!(
+        odd["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("whole number of sats")),
+        "{odd}"
+    );
+
     // Out of range and malformed targets are refused before any money moves.
     let huge = lnurl::pay(&a, &address, Some(2_000_000_000), 1_000).await;
     assert!(matches!(huge, Err(WalletError::Refused(_))), "{huge:?}");
