@@ -419,7 +419,7 @@ impl Pipeline {
         }
     }
 
-    /// Sign a feedback event, publish it, then store it as the job's latest (for duplicates).
+    /// Sign a feedback event, store it as the job's latest (for duplicates), publish it.
     /// Returns the signed event if a relay accepted it.
     pub(crate) async fn send_feedback(
         &self,
@@ -428,9 +428,8 @@ impl Pipeline {
         attempts: u32,
     ) -> Option<Event> {
         let event = self.sign(&job.id, feedback)?;
-        let published = self.publish_feedback(job, &event, attempts).await;
-        // Stored for replays to duplicate requests; courtesy feedback moves no money, so it
-        // goes out first and is recorded after, off the customer's critical path.
+        // Stored first, so the latest stored is always the latest said, however long the
+        // publishing takes (replayed to duplicates of the request).
         let json = event.as_json();
         if let Err(e) = self.inner.book.update(&job.id, |stored, _| {
             stored.last_feedback = Some(json.clone());
@@ -438,7 +437,9 @@ impl Pipeline {
         }) {
             tracing::warn!(job = %job.id, error = %e, "cannot store feedback");
         }
-        published.then_some(event)
+        self.publish_feedback(job, &event, attempts)
+            .await
+            .then_some(event)
     }
 
     /// Publish a signed feedback event; `true` if a relay accepted it.
