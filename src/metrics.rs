@@ -100,6 +100,7 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     publish_failures: AtomicU64,
     settlement_hints: AtomicU64,
+    wallet_lookups: AtomicU64,
     /// Wallet-confirmed payment to `processing` feedback sent.
     pub settlement_to_processing: Histogram,
     /// Request received to `payment-required` feedback acknowledged.
@@ -151,6 +152,16 @@ impl Metrics {
     /// Settlement hints received so far.
     pub fn settlement_hints(&self) -> u64 {
         self.settlement_hints.load(Ordering::Relaxed)
+    }
+
+    /// dvmd asked its wallet whether an invoice is paid.
+    pub fn wallet_lookup(&self) {
+        self.wallet_lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Wallet lookups so far.
+    pub fn wallet_lookups(&self) -> u64 {
+        self.wallet_lookups.load(Ordering::Relaxed)
     }
 
     /// A publish gave up without any relay accepting.
@@ -232,6 +243,12 @@ impl Metrics {
             "dvmd_settlement_hints_total",
             "Settlement hints from the wallet (webhooks, websockets); each is checked by lookup.",
             self.settlement_hints.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_wallet_lookups_total",
+            "Invoice lookups in the wallet (hints for one hash are coalesced).",
+            self.wallet_lookups.load(Ordering::Relaxed),
         );
         self.settlement_to_processing.render(
             &mut out,

@@ -31,10 +31,7 @@ impl Pipeline {
             match hint {
                 Ok(hash) => {
                     self.inner.metrics.settlement_hint();
-                    let pipeline = self.clone();
-                    self.inner
-                        .tasks
-                        .spawn(async move { pipeline.check_payment(&hash).await });
+                    self.hinted(hash);
                 }
                 Err(RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "settlement hints lagged; reconciling now");
@@ -43,6 +40,41 @@ impl Pipeline {
                 Err(RecvError::Closed) => break,
             }
         }
+    }
+
+    /// Look `hash` up because of a hint. A flood of hints for one hash (webhooks are
+    /// unauthenticated) costs at most one lookup in flight plus one more after it.
+    fn hinted(&self, hash: PaymentHash) {
+        {
+            let mut checking = self
+                .inner
+                .checking
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = checking.get_mut(&hash) {
+                *again = true;
+                return;
+            }
+            checking.insert(hash, false);
+        }
+        let pipeline = self.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                pipeline.check_payment(&hash).await;
+                let mut checking = pipeline
+                    .inner
+                    .checking
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                match checking.get_mut(&hash) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        checking.remove(&hash);
+                        break;
+                    }
+                }
+            }
+        });
     }
 
     /// Look up every open invoice every `reconcile_interval_secs` until `cancel` fires.
@@ -80,6 +112,7 @@ impl Pipeline {
                 return tracing::error!(payment_hash = %hash, error = %e, "cannot read payment")
             }
         };
+        inner.metrics.wallet_lookup();
         let status = match inner.wallet.lookup(hash).await {
             Ok(status) => status,
             Err(e) => {

@@ -22,7 +22,7 @@ use crate::nip90::{
 use crate::pricing::{self, RateCard};
 use crate::relay::outbox::Persistence;
 use crate::relay::Outbox;
-use crate::wallet::{InvoiceDescription, InvoiceRequest, Wallet};
+use crate::wallet::{InvoiceDescription, InvoiceRequest, PaymentHash, Wallet};
 
 /// How long quoting may spend asking the backend to count prompt tokens.
 const COUNT_TOKENS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,6 +88,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) queue: mpsc::UnboundedSender<WorkItem>,
     pub(crate) tasks: TaskTracker,
+    /// Payment hashes being looked up because of a hint, each with whether another hint came
+    /// in meanwhile (then it is looked up once more). Hints for one hash never run in parallel.
+    pub(crate) checking: std::sync::Mutex<std::collections::HashMap<PaymentHash, bool>>,
 }
 
 /// The job pipeline. Cheap to clone.
@@ -126,6 +129,7 @@ impl Pipeline {
             metrics,
             queue,
             tasks: TaskTracker::new(),
+            checking: std::sync::Mutex::default(),
         };
         (
             Self {

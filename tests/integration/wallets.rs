@@ -345,6 +345,42 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
         0
     );
 
+    // A flood of forged webhooks for the open invoice: hints for one hash are coalesced, so
+    // the flood does not become a flood of lookups against LNbits.
+    let flood = 200;
+    let (hints_before, lookups_before) = (hints(), daemon.pipeline().metrics().wallet_lookups());
+    let body = serde_json::json!({ "payment_hash": hash.to_hex(), "status": "success" });
+    futures::future::join_all((0..flood).map(|_| {
+        http.post(format!("{}/hooks/wallet", ready.http_url))
+            .json(&body)
+            .send()
+    }))
+    .await;
+    for _ in 0..200 {
+        if hints() >= hints_before + flood {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        hints() >= hints_before + flood,
+        "every webhook arrived as a hint"
+    );
+    let mut lookups = daemon.pipeline().metrics().wallet_lookups();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = daemon.pipeline().metrics().wallet_lookups();
+        if now == lookups {
+            break;
+        }
+        lookups = now;
+    }
+    let looked_up = lookups - lookups_before;
+    assert!(
+        (1..=flood / 2).contains(&looked_up),
+        "{flood} hints for one hash cost {looked_up} lookups"
+    );
+
     // The real payment, from the customer's LNbits wallet: the websocket hint, confirmed by
     // lookup, runs the job.
     let paid = lnbits.pay(&customer, &bolt11).await;
@@ -365,6 +401,8 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
         harness::wait_for_state(daemon.pipeline().book(), &request.id, JobState::Settled).await;
     assert_eq!(job.paid_msat, quote);
     alice.shutdown().await;
+    // Its idle keep-alive connections would keep the HTTP handlers, and the store, open.
+    drop(http);
     daemon.stop().await;
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
     assert_eq!(totals.payment_in_msat, quote, "one payment, booked once");
