@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-
 use nostr_sdk::prelude::Events;
 use nostr_sdk::{
     Alphabet, Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions,
@@ -177,9 +176,9 @@ impl Relays {
     /// Send `event` once to our write relays plus `reply_relays`. Returns the first relay that
     /// acknowledged it with `OK`; an error if none did.
     ///
-    /// Each relay gets its own task. The call returns at the first acknowledgement and the other
-    /// sends finish in the background, so one slow or silent relay (the pool waits up to 10 s
-    /// for an `OK`) never holds up a customer who reads from a healthy one.
+    /// The sends run side by side. The call returns at the first acknowledgement and the others
+    /// finish in the background, so one slow or silent relay (the pool waits up to 10 s for an
+    /// `OK`) never holds up a customer who reads from a healthy one.
     pub async fn send(
         &self,
         event: &Event,
