@@ -2,15 +2,18 @@
 //!
 //! # How a job flows
 //! ```text
-//! relay::intake   verify id+sig (nip90::Verified) -> job::Pipeline::screen
-//!                 (kind, p-targeting, age, dedup insert into the job book)
+//! relay::intake   verify id+sig (nip90::Verified) -> job::Pipeline::handle
+//!                 (kind, p-targeting, age, then dedup insert into the job book);
+//!                 a kind 5 from the customer cancels a job still awaiting payment
 //! job::pipeline   quote (pricing) -> invoice (wallet) -> persist AwaitingPayment
-//!                 -> `payment-required` feedback (relay::outbox)
-//! job::payment    wallet settlement hint or reconciler -> wallet.lookup(hash)
+//!                 -> `payment-required` feedback (relay::outbox, done at the first relay OK)
+//! job::zap        LNURL callback (http::lnurl): a zap naming the job gets its own invoice
+//! job::payment    wallet settlement hint (coalesced per hash) or reconciler
+//!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + ledger payment_in + Paid, one tx
-//! job::worker     Running -> infer::Backend (bounded pool) -> persist signed result
-//!                 -> publish until acked -> Delivered -> `success`
-//!                 -> book.settle: charge exact usage, remainder credited, Settled
+//! job::worker     Running -> `processing` beside infer::Backend (bounded pool)
+//!                 -> persist signed result -> publish until acked -> Delivered -> `success`
+//!                 -> book.settle: charge exact usage to the payer, rest credited, Settled
 //! job::recovery   on start, every unfinished job resumes from its persisted state
 //! ```
 //! Every state change goes through the one transition table in [`job::state`] and is persisted
@@ -19,7 +22,8 @@
 //!
 //! # Where things live
 //! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`pricing`], [`job::state`].
-//! - External systems behind traits: [`wallet::Wallet`] (dev now; LNbits, NWC next),
+//! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
+//!   client for payouts),
 //!   [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
 //! - IO: [`relay`] (pool, outbox, embedded relay, intake), [`store`] (sled), [`http`].
 //! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/main.rs`.
