@@ -268,8 +268,14 @@ impl Book {
         use nostr_sdk::JsonUtil;
         let at = now();
         let feedback_json = feedback.as_json();
-        let job = (&self.store.jobs, &self.store.payments, &self.store.feedback)
-            .transaction(|(jobs, payments, links)| {
+        let store = &self.store;
+        let job = (
+            &store.jobs,
+            &store.payments,
+            &store.feedback,
+            &store.open_payments,
+        )
+            .transaction(|(jobs, payments, links, open)| {
                 let raw = jobs
                     .get(id.as_bytes())?
                     .ok_or_else(|| abort(BookError::NoJob(*id)))?;
@@ -297,6 +303,7 @@ impl Book {
                     &invoice.payment_hash.0,
                     store::encode("payments", &record).map_err(abort)?,
                 )?;
+                open.insert(&invoice.payment_hash.0, &[] as &[u8])?;
                 jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
                 Ok(job)
             })
@@ -313,8 +320,12 @@ impl Book {
         hash: &PaymentHash,
         record: PaymentRecord,
     ) -> Result<(), BookError> {
-        (&self.store.jobs, &self.store.payments)
-            .transaction(|(jobs, payments)| {
+        (
+            &self.store.jobs,
+            &self.store.payments,
+            &self.store.open_payments,
+        )
+            .transaction(|(jobs, payments, open)| {
                 if let Some(id) = record.job {
                     let raw = jobs
                         .get(id.as_bytes())?
@@ -328,6 +339,9 @@ impl Book {
                     return Err(abort(BookError::PaymentHashReused(*hash)));
                 }
                 payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
+                if !record.consumed && !record.closed {
+                    open.insert(&hash.0, &[] as &[u8])?;
+                }
                 Ok(())
             })
             .map_err(unwrap_tx)?;
@@ -354,16 +368,19 @@ impl Book {
 
     /// Payment hashes issued and neither consumed nor closed (for the reconciler), expired ones
     /// included: some wallets (LNbits) still accept an expired invoice, and that money must be
-    /// credited, not lost.
+    /// credited, not lost. Read from the `open_payments` index.
     pub fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
         let mut open = Vec::new();
-        for item in self.store.payments.iter() {
-            let (key, raw) = item?;
-            let record: PaymentRecord = store::decode("payments", &raw)?;
-            if record.consumed || record.closed {
+        for item in self.store.open_payments.iter() {
+            let (key, _) = item?;
+            let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) else {
                 continue;
-            }
-            if let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) {
+            };
+            let Some(raw) = self.store.payments.get(bytes)? else {
+                continue;
+            };
+            let record: PaymentRecord = store::decode("payments", &raw)?;
+            if !record.consumed && !record.closed {
                 open.push((PaymentHash(bytes), record));
             }
         }
@@ -375,9 +392,8 @@ impl Book {
     /// record was closed.
     pub fn close_payment(&self, hash: &PaymentHash) -> Result<bool, BookError> {
         let horizon = now().saturating_sub(LATE_PAYMENT_GRACE_SECS);
-        self.store
-            .payments
-            .transaction(|payments| {
+        (&self.store.payments, &self.store.open_payments)
+            .transaction(|(payments, open)| {
                 let Some(raw) = payments.get(hash.0)? else {
                     return Ok(false);
                 };
@@ -387,6 +403,7 @@ impl Book {
                 }
                 record.closed = true;
                 payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
+                open.remove(&hash.0)?;
                 Ok(true)
             })
             .map_err(unwrap_tx)
@@ -397,9 +414,10 @@ impl Book {
     ///
     /// Not flushed here, on purpose: the payment is already durable in the wallet, and the next
     /// side effect that depends on this booking (the result, or the `error` that credits the
-    /// customer, settled by [`Book::settle`]) flushes first. `processing` is only a courtesy. sled's log is sequential, so that flush makes this transaction
-    /// durable too; a crash before it leaves the hash unconsumed, and the reconciler books the
-    /// same payment again, once. This keeps an fsync off the path from payment to result.
+    /// customer, settled by [`Book::settle`]) flushes first; `processing` is only a courtesy.
+    /// sled's log is sequential, so that flush makes this transaction durable too; a crash
+    /// before it leaves the hash unconsumed, and the reconciler books the same payment again,
+    /// once. This keeps an fsync off the path from payment to result.
     pub async fn confirm_payment(
         &self,
         hash: &PaymentHash,
@@ -413,8 +431,9 @@ impl Book {
             &store.payments,
             &store.accounts,
             &store.entries,
+            &store.open_payments,
         )
-            .transaction(|(jobs, payments, accounts, entries)| {
+            .transaction(|(jobs, payments, accounts, entries, open)| {
                 let Some(raw) = payments.get(hash.0)? else {
                     return Ok(PaymentOutcome::Unknown);
                 };
@@ -423,6 +442,7 @@ impl Book {
                     return Ok(PaymentOutcome::AlreadyConsumed);
                 }
                 record.consumed = true;
+                open.remove(&hash.0)?;
                 book_consumed(
                     jobs, payments, accounts, entries, hash, &record, paid_msat, seq, at,
                 )
@@ -614,6 +634,13 @@ mod tests {
             .await
             .expect("paid");
         book.confirm_payment(&paid, 1_000).await.expect("booked");
+        assert!(
+            book.open_payments()
+                .expect("open")
+                .iter()
+                .all(|(hash, _)| *hash != paid),
+            "a booked payment leaves the open index"
+        );
         assert!(!book.close_payment(&paid).expect("close"));
         assert!(book.payment(&paid).expect("read").expect("record").consumed);
     }

@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The schema this build reads and writes. Bump with a migration when a record changes shape.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 2: the `open_payments` index (built from `payments` when a version 1 store is opened).
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 
@@ -48,6 +49,9 @@ pub struct Store {
     pub jobs: sled::Tree,
     /// Invoices we issued, by payment hash: which job each pays, and whether it was consumed.
     pub payments: sled::Tree,
+    /// Index of the payment hashes the reconciler still looks up (neither consumed nor closed),
+    /// kept in the same transactions as `payments`, so a pass costs O(open), not O(history).
+    pub open_payments: sled::Tree,
     /// Ledger balances by customer pubkey.
     pub accounts: sled::Tree,
     /// Ledger entries by sequence number.
@@ -86,6 +90,7 @@ impl Store {
         let store = Self {
             jobs: db.open_tree("jobs")?,
             payments: db.open_tree("payments")?,
+            open_payments: db.open_tree("open_payments")?,
             accounts: db.open_tree("accounts")?,
             entries: db.open_tree("entries")?,
             dev_wallet: db.open_tree("dev_wallet")?,
@@ -98,21 +103,40 @@ impl Store {
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
-        match self.meta.get(META_SCHEMA_KEY)? {
-            None => {
-                self.meta
-                    .insert(META_SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                Ok(())
-            }
-            Some(raw) => {
-                let found = be_u64(&raw).unwrap_or(0);
-                if found == SCHEMA_VERSION {
-                    Ok(())
-                } else {
-                    Err(StoreError::Schema { found })
-                }
+        let found = match self.meta.get(META_SCHEMA_KEY)? {
+            None => SCHEMA_VERSION,
+            Some(raw) => be_u64(&raw).unwrap_or(0),
+        };
+        match found {
+            SCHEMA_VERSION => {}
+            1 => self.index_open_payments()?,
+            found => return Err(StoreError::Schema { found }),
+        }
+        self.meta
+            .insert(META_SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Migration 1 -> 2: index every payment record that is neither consumed nor closed.
+    fn index_open_payments(&self) -> Result<(), StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Flags {
+            consumed: bool,
+            #[serde(default)]
+            closed: bool,
+        }
+        let mut indexed = 0usize;
+        for item in self.payments.iter() {
+            let (hash, raw) = item?;
+            let flags: Flags = decode("payments", &raw)?;
+            if !flags.consumed && !flags.closed {
+                self.open_payments.insert(hash, &[] as &[u8])?;
+                indexed += 1;
             }
         }
+        self.db.flush()?;
+        tracing::info!(indexed, "store migrated to schema 2 (open payments index)");
+        Ok(())
     }
 
     /// Make everything written so far durable. Call before acting on a money-moving change.
@@ -156,4 +180,61 @@ pub fn tx_decode<T: DeserializeOwned>(
     raw: &[u8],
 ) -> Result<T, sled::transaction::ConflictableTransactionError<StoreError>> {
     decode(tree, raw).map_err(sled::transaction::ConflictableTransactionError::Abort)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_store_gets_its_open_payments_indexed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // A store as schema 1 left it: payment records, no index.
+            let db = sled::open(dir.path()).expect("sled");
+            let meta = db.open_tree("meta").expect("meta");
+            meta.insert(META_SCHEMA_KEY, &1u64.to_be_bytes())
+                .expect("version");
+            let payments = db.open_tree("payments").expect("payments");
+            for (key, consumed, closed) in
+                [(1u8, false, None), (2, true, None), (3, false, Some(true))]
+            {
+                let mut record = serde_json::json!({ "consumed": consumed });
+                if let Some(closed) = closed {
+                    record["closed"] = closed.into();
+                }
+                payments
+                    .insert([key; 32], serde_json::to_vec(&record).expect("json"))
+                    .expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("open");
+        let indexed: Vec<Vec<u8>> = store
+            .open_payments
+            .iter()
+            .keys()
+            .map(|k| k.expect("key").to_vec())
+            .collect();
+        assert_eq!(indexed, vec![vec![1u8; 32]], "only the open record");
+        let version = store.meta.get(META_SCHEMA_KEY).expect("get").expect("set");
+        assert_eq!(be_u64(&version), Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn an_unknown_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            db.open_tree("meta")
+                .expect("meta")
+                .insert(META_SCHEMA_KEY, &99u64.to_be_bytes())
+                .expect("version");
+            db.flush().expect("flush");
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Schema { found: 99 })
+        ));
+    }
 }
