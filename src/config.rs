@@ -92,6 +92,9 @@ pub struct LnurlSection {
     pub min_sendable_msat: u64,
     /// Largest payment, msat.
     pub max_sendable_msat: u64,
+    /// Invoices the callback issues per minute at most (a token bucket that also allows a
+    /// burst of this many). The callback is public, and each call costs a wallet invoice.
+    pub max_invoices_per_minute: u32,
 }
 
 impl Default for LnurlSection {
@@ -102,6 +105,7 @@ impl Default for LnurlSection {
             public_url: None,
             min_sendable_msat: 1_000,
             max_sendable_msat: 1_000_000_000,
+            max_invoices_per_minute: 600,
         }
     }
 }
@@ -566,6 +570,11 @@ impl Config {
         {
             return Err(invalid(
                 "lnurl: need 0 < min_sendable_msat <= max_sendable_msat".into(),
+            ));
+        }
+        if file.lnurl.max_invoices_per_minute == 0 {
+            return Err(invalid(
+                "lnurl.max_invoices_per_minute must be at least 1".into(),
             ));
         }
         if file.pricing.invoice_expiry_secs < 60 {

@@ -185,6 +185,9 @@ impl Daemon {
                 .unwrap_or_else(|| format!("http://{http_addr}")),
             min_sendable_msat: section.min_sendable_msat,
             max_sendable_msat: section.max_sendable_msat,
+            limiter: Arc::new(http::lnurl::InvoiceLimiter::per_minute(
+                section.max_invoices_per_minute,
+            )),
         });
         let router = http::router(HttpState {
             metrics,

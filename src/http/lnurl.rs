@@ -1,5 +1,8 @@
 //! LNURL-pay (LUD-06, LUD-16) with NIP-57 zaps: `/.well-known/lnurlp/<name>` and its callback.
 
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,6 +23,45 @@ pub struct LnurlConfig {
     pub min_sendable_msat: u64,
     /// Largest payment accepted, msat.
     pub max_sendable_msat: u64,
+    /// Bounds the invoices the public callback issues.
+    pub limiter: Arc<InvoiceLimiter>,
+}
+
+/// A token bucket over the callback's invoices: `per_minute` at most in a burst, refilled at
+/// `per_minute` a minute. Each callback costs a wallet invoice and a stored record, and anyone
+/// can call it.
+#[derive(Debug)]
+pub struct InvoiceLimiter {
+    capacity: f64,
+    per_sec: f64,
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl InvoiceLimiter {
+    /// A full bucket of `per_minute` tokens.
+    pub fn per_minute(per_minute: u32) -> Self {
+        let capacity = f64::from(per_minute.max(1));
+        Self {
+            capacity,
+            per_sec: capacity / 60.0,
+            bucket: Mutex::new((capacity, Instant::now())),
+        }
+    }
+
+    /// Take one token at `now`, if there is one.
+    pub fn try_take_at(&self, now: Instant) -> bool {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = *bucket;
+        let refilled = now.saturating_duration_since(last).as_secs_f64() * self.per_sec;
+        let tokens = (tokens + refilled).min(self.capacity);
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            true
+        } else {
+            *bucket = (tokens, now);
+            false
+        }
+    }
 }
 
 impl LnurlConfig {
@@ -103,6 +145,14 @@ pub async fn callback(
             lnurl.min_sendable_msat, lnurl.max_sendable_msat
         ));
     }
+    if !lnurl.limiter.try_take_at(Instant::now()) {
+        tracing::warn!("lnurl callback rate limit reached; invoice refused");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({ "status": "ERROR", "reason": "too many invoice requests right now; try again in a minute" })),
+        )
+            .into_response();
+    }
     // A zap is credited to its sender (or pays the job it names); a plain payment is a tip.
     let invoice = match query.nostr {
         Some(zap) => pipeline.zap_invoice(&zap, amount).await,
@@ -114,5 +164,30 @@ pub async fn callback(
             tracing::info!(error = %e, "zap refused");
             refuse(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_limiter_allows_a_burst_then_the_rate() {
+        let limiter = InvoiceLimiter::per_minute(3);
+        let start = Instant::now();
+        assert!((0..3).all(|_| limiter.try_take_at(start)));
+        assert!(!limiter.try_take_at(start), "the burst is spent");
+        assert!(!limiter.try_take_at(start + Duration::from_secs(10)));
+        assert!(
+            limiter.try_take_at(start + Duration::from_secs(21)),
+            "3 a minute: one more after 20 s"
+        );
+        assert!(!limiter.try_take_at(start + Duration::from_secs(22)));
+        // A long idle spell refills the bucket, but never beyond its size.
+        let later = start + Duration::from_secs(3600);
+        assert!((0..3).all(|_| limiter.try_take_at(later)));
+        assert!(!limiter.try_take_at(later));
     }
 }

@@ -271,3 +271,33 @@ async fn a_zap_from_someone_else_pays_for_the_job_and_keeps_the_change() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_callback_issues_a_bounded_number_of_invoices() {
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.lnurl.max_invoices_per_minute = 3;
+    });
+    let daemon = harness::start(config, Some(Arc::new(InstantBackend::new("-")))).await;
+    let http = daemon.ready().http_url.clone();
+    let mut issued = 0;
+    let mut refused = 0;
+    for _ in 0..6 {
+        let response = reqwest::get(format!("{http}/lnurlp/dvmd/callback?amount=1000"))
+            .await
+            .expect("callback");
+        match response.status().as_u16() {
+            200 => issued += 1,
+            429 => {
+                let body: serde_json::Value = response.json().await.expect("json");
+                assert_eq!(body["status"], "ERROR", "{body}");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // A burst of 3, then one more every 20 s.
+    assert!((3..=4).contains(&issued), "issued {issued}");
+    assert_eq!(issued + refused, 6);
+    daemon.stop().await;
+}
