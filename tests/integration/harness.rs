@@ -62,9 +62,20 @@ pub async fn start(config: Config, backend: Option<Arc<dyn Backend>>) -> Daemon 
         .expect("daemon starts")
 }
 
-/// Open the store of a stopped daemon.
+/// Open the store of a stopped daemon. sled releases its file lock when the last handle goes,
+/// and a background flush of the stopped daemon may still hold one for a moment: retry a
+/// locked store for up to 2 s.
 pub fn open_store(data: &Path) -> Store {
-    Store::open(&data.join("store")).expect("store opens")
+    let path = data.join("store");
+    for _ in 0..40 {
+        match Store::open(&path) {
+            Err(dvmd::store::StoreError::Locked(_)) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            opened => return opened.expect("store opens"),
+        }
+    }
+    Store::open(&path).expect("store opens")
 }
 
 /// Every job in the store.
