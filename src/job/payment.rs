@@ -35,7 +35,11 @@ impl Pipeline {
                 }
                 Err(RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "settlement hints lagged; reconciling now");
-                    self.reconcile_once().await;
+                    // Beside the hints, not instead of them: a long pass must not stall them.
+                    let pipeline = self.clone();
+                    self.inner
+                        .tasks
+                        .spawn(async move { pipeline.reconcile_once().await });
                 }
                 Err(RecvError::Closed) => break,
             }

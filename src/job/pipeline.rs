@@ -242,6 +242,10 @@ impl Pipeline {
                 self.inner.metrics.entered(JobState::Quoted);
                 self.ask_payment(job, &event, Some(started)).await;
             }
+            // Cancelled by the customer while being quoted: nothing more to do.
+            Err(BookError::Transition(e)) => {
+                tracing::info!(job = %job.id, error = %e, "quote not recorded")
+            }
             Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record quote"),
         }
     }
@@ -341,6 +345,10 @@ impl Pipeline {
             .await_payment(&job.id, invoice.clone(), &feedback);
         let job = match stored.await {
             Ok(job) => job,
+            // Cancelled by the customer meanwhile: the invoice was never shown, and expires.
+            Err(BookError::Transition(e)) => {
+                return tracing::info!(job = %job.id, error = %e, "invoice not recorded")
+            }
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record invoice"),
         };
         inner.metrics.entered(JobState::AwaitingPayment);
@@ -356,9 +364,11 @@ impl Pipeline {
     }
 
     /// A customer's kind 5 deletion naming its own job requests (NIP-90 cancellation). A job
-    /// still awaiting payment becomes `Cancelled`. A paid job runs anyway: the customer paid for
-    /// it. A payment that arrives after the cancellation is credited to the customer, like any
-    /// late payment. Deletions signed by anyone else are ignored.
+    /// not yet paid (being quoted, or awaiting payment) becomes `Cancelled` and gets an `error`
+    /// feedback saying so, which is also what a duplicate of the request is shown from then
+    /// on. A paid job runs anyway: the customer paid for it. A payment that arrives after the
+    /// cancellation is credited to the payer, like any late payment. Deletions signed by anyone
+    /// else are ignored.
     pub fn handle_cancellation(&self, deletion: &Verified) {
         let deletion = deletion.event();
         for id in deletion.tags.event_ids() {
@@ -374,21 +384,38 @@ impl Pipeline {
                 tracing::debug!(job = %id, by = %deletion.pubkey, "cancellation by someone else ignored");
                 continue;
             }
-            if job.state != JobState::AwaitingPayment {
+            if !job.state.can_become(JobState::Cancelled) {
                 tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");
                 continue;
             }
             let cancelled = self.inner.book.transition(id, JobState::Cancelled, |job| {
                 job.reason = Some("cancelled by the customer".to_owned());
             });
-            match cancelled {
-                Ok(_) => {
-                    self.inner.metrics.entered(JobState::Cancelled);
-                    tracing::info!(job = %id, "job cancelled by the customer");
-                }
+            let job = match cancelled {
+                Ok(job) => job,
                 // A payment confirmed in between wins: the job runs.
-                Err(e) => tracing::info!(job = %id, error = %e, "not cancelled"),
-            }
+                Err(e) => {
+                    tracing::info!(job = %id, error = %e, "not cancelled");
+                    continue;
+                }
+            };
+            self.inner.metrics.entered(JobState::Cancelled);
+            tracing::info!(job = %id, "job cancelled by the customer");
+            let Ok(request) = job.request_event() else {
+                continue;
+            };
+            let pipeline = self.clone();
+            self.inner.tasks.spawn(async move {
+                let feedback = nip90::feedback(
+                    &request,
+                    JobStatus::Error,
+                    "cancelled at your request; nothing was charged, and a payment made now is credited to your account",
+                    None,
+                );
+                pipeline
+                    .send_feedback(&job, feedback, FEEDBACK_ATTEMPTS)
+                    .await;
+            });
         }
     }
 

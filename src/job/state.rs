@@ -59,16 +59,19 @@ impl JobState {
     ];
 
     /// The transition table. `Quoted -> Rejected` covers a wallet that cannot issue an invoice:
-    /// nothing was paid, so the job ends like any other refusal.
+    /// nothing was paid, so the job ends like any other refusal. A customer may cancel any job
+    /// not yet paid, including one still being quoted.
     pub fn can_become(self, next: JobState) -> bool {
         use JobState::*;
         matches!(
             (self, next),
             (Received, Rejected)
                 | (Received, Quoted)
+                | (Received, Cancelled)
                 | (Quoted, AwaitingPayment)
                 | (Quoted, Running)
                 | (Quoted, Rejected)
+                | (Quoted, Cancelled)
                 | (AwaitingPayment, Paid)
                 | (AwaitingPayment, Expired)
                 | (AwaitingPayment, Cancelled)
@@ -120,12 +123,14 @@ mod tests {
     use super::JobState::*;
     use super::*;
 
-    const LEGAL: [(JobState, JobState); 13] = [
+    const LEGAL: [(JobState, JobState); 15] = [
         (Received, Rejected),
         (Received, Quoted),
+        (Received, Cancelled),
         (Quoted, AwaitingPayment),
         (Quoted, Running),
         (Quoted, Rejected),
+        (Quoted, Cancelled),
         (AwaitingPayment, Paid),
         (AwaitingPayment, Expired),
         (AwaitingPayment, Cancelled),

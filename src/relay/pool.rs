@@ -210,9 +210,13 @@ impl Relays {
             };
             let event = event.clone();
             sends.push(async move {
-                if relay.status() == RelayStatus::Initialized {
-                    // A reply relay added for this request: connect before the first send, so
-                    // the event is not lost to a cold socket.
+                if matches!(
+                    relay.status(),
+                    RelayStatus::Initialized | RelayStatus::Terminated
+                ) {
+                    // A reply relay added for this request, or one whose first connect failed
+                    // (the pool does not retry those): connect before sending, so the event is
+                    // not lost to a cold socket.
                     let _ = relay.try_connect(CONNECT_TIMEOUT).await;
                 }
                 let sent = relay.send_event(&event).await;

@@ -220,6 +220,8 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
         .await
         .expect("send");
     harness::wait_for_state(&book, &cancelled.id, JobState::Cancelled).await;
+    let info = harness::error_info(&mut alice, &cancelled.id).await;
+    assert!(info.contains("cancelled"), "{info}");
 
     // Paying the cancelled job's invoice anyway runs nothing and credits Alice.
     let hash = book
@@ -275,4 +277,72 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
         totals.payment_in_msat,
         "{totals:?}"
     );
+}
+
+/// The instant backend, but quoting takes a while (a slow tokenizer, a remote server): the
+/// window in which a customer may cancel before any invoice exists.
+struct SlowQuote(InstantBackend);
+
+#[async_trait::async_trait]
+impl Backend for SlowQuote {
+    fn name(&self) -> &str {
+        "slow-quote"
+    }
+    async fn count_prompt_tokens(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Option<u32>, InferError> {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        self.0.count_prompt_tokens(request).await
+    }
+    async fn generate(
+        &self,
+        request: GenerateRequest,
+        max_tokens: u32,
+    ) -> Result<GenerateStream, InferError> {
+        self.0.generate(request, max_tokens).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
+    let data = harness::data_dir();
+    let backend = Arc::new(SlowQuote(InstantBackend::new("never")));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let book = daemon.pipeline().book().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    harness::wait_for_state(&book, &request.id, JobState::Received).await;
+    alice
+        .send(&cancellation(&request, alice.keys()))
+        .await
+        .expect("send");
+    harness::wait_for_state(&book, &request.id, JobState::Cancelled).await;
+    let info = harness::error_info(&mut alice, &request.id).await;
+    assert!(info.contains("cancelled"), "{info}");
+    // The quote finishes after the cancellation: no invoice is recorded or shown.
+    assert!(alice
+        .wait_for(&request.id, Duration::from_millis(1_500), |r| matches!(
+            r,
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                ..
+            }
+        ))
+        .await
+        .is_err());
+    let job = book.get(&request.id).expect("read").expect("job");
+    assert_eq!(job.state, JobState::Cancelled);
+    assert!(job.invoice.is_none());
+    alice.shutdown().await;
+    daemon.stop().await;
 }
