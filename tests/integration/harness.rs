@@ -258,11 +258,13 @@ pub async fn error_info(customer: &mut Customer, job: &EventId) -> String {
 }
 
 /// Wait (briefly) until job `id` reaches `state`; settling is the last step after `success`.
+/// A job not recorded yet (intake admits it in a task) is waited for too.
 pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {
     for _ in 0..250 {
-        let job = book.get(id).expect("read").expect("job");
-        if job.state == state {
-            return job;
+        if let Some(job) = book.get(id).expect("read") {
+            if job.state == state {
+                return job;
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -292,7 +292,7 @@ impl Backend for SlowQuote {
         &self,
         request: &GenerateRequest,
     ) -> Result<Option<u32>, InferError> {
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
         self.0.count_prompt_tokens(request).await
     }
     async fn generate(
@@ -331,7 +331,7 @@ async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
     assert!(info.contains("cancelled"), "{info}");
     // The quote finishes after the cancellation: no invoice is recorded or shown.
     assert!(alice
-        .wait_for(&request.id, Duration::from_millis(1_500), |r| matches!(
+        .wait_for(&request.id, Duration::from_millis(2_500), |r| matches!(
             r,
             Reply::Feedback {
                 status: Some(JobStatus::PaymentRequired),
