@@ -100,15 +100,7 @@ impl Relays {
         let filter = Filter::new()
             .kinds(kinds.iter().map(|k| Kind::from(*k)))
             .since(since);
-        let output = self
-            .client
-            .subscribe(filter, None)
-            .await
-            .map_err(|e| RelayError::Pool(e.to_string()))?;
-        for (url, why) in &output.failed {
-            tracing::warn!(relay = %url, error = %why, "subscription not sent yet; the pool resends it on connect");
-        }
-        Ok(output.val)
+        self.subscribe(filter).await
     }
 
     /// Subscribe to NIP-09 deletions (kind 5) that name one of `kinds` in a `k` tag: how
@@ -125,12 +117,7 @@ impl Relays {
                 kinds.iter().map(|k| k.to_string()),
             )
             .since(since);
-        let output = self
-            .client
-            .subscribe(filter, None)
-            .await
-            .map_err(|e| RelayError::Pool(e.to_string()))?;
-        Ok(output.val)
+        self.subscribe(filter).await
     }
 
     /// Subscribe to zap receipts for `us` signed by `provider` (external Lightning address).
@@ -145,11 +132,19 @@ impl Relays {
             .author(*provider)
             .pubkey(*us)
             .since(since);
+        self.subscribe(filter).await
+    }
+
+    /// Subscribe to `filter` on every read relay; relays not connected yet get it on connect.
+    async fn subscribe(&self, filter: Filter) -> Result<SubscriptionId, RelayError> {
         let output = self
             .client
             .subscribe(filter, None)
             .await
             .map_err(|e| RelayError::Pool(e.to_string()))?;
+        for (url, why) in &output.failed {
+            tracing::warn!(relay = %url, error = %why, "subscription not sent yet; the pool resends it on connect");
+        }
         Ok(output.val)
     }
 
