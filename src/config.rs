@@ -68,6 +68,24 @@ pub struct FileConfig {
     pub lnurl: LnurlSection,
     /// `[zaps]`
     pub zaps: ZapsSection,
+    /// `[store]`
+    pub store: StoreSection,
+}
+
+/// `[store]`: the sled database in the data directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// sled's page cache, MiB (sled's own default is 1 GiB).
+    pub cache_capacity_mib: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            cache_capacity_mib: crate::store::DEFAULT_CACHE_CAPACITY_BYTES / (1024 * 1024),
+        }
+    }
 }
 
 /// `[zaps]`
@@ -471,6 +489,8 @@ pub struct Config {
     pub profile: (String, String),
     /// The Lightning address, if served.
     pub lnurl: Option<LnurlSection>,
+    /// How the store is opened.
+    pub store: crate::store::StoreOptions,
 }
 
 /// Overrides from the command line (flags win over everything).
@@ -558,6 +578,11 @@ impl Config {
         }
         if service.workers == 0 || service.workers > 64 {
             return Err(invalid("service.workers must be 1..=64".into()));
+        }
+        if !(8..=1024 * 1024).contains(&file.store.cache_capacity_mib) {
+            return Err(invalid(
+                "store.cache_capacity_mib must be between 8 and 1048576".into(),
+            ));
         }
         let tg = &file.text_generation;
         if tg.default_max_tokens == 0 || tg.default_max_tokens > tg.max_tokens_limit {
@@ -752,6 +777,9 @@ impl Config {
             wallet,
             profile: (service.name.clone(), service.about.clone()),
             lnurl: file.lnurl.enabled.then(|| file.lnurl.clone()),
+            store: crate::store::StoreOptions {
+                cache_capacity_bytes: file.store.cache_capacity_mib * 1024 * 1024,
+            },
         })
     }
 }

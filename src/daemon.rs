@@ -1,8 +1,10 @@
 //! Wiring and lifecycle: build every part from the [`Config`], start the tasks, stop them.
 //!
 //! The daemon owns one `CancellationToken`. Every long-running loop takes a child of it and
-//! ends when it fires; [`Daemon::stop`] fires it, waits for the loops (bounded), then flushes
-//! the store. Jobs cut short stay in their persisted state and resume on the next start.
+//! ends when it fires; [`Daemon::stop`] fires it, waits for the loops (bounded), then closes
+//! the store (a last group commit). Jobs cut short stay in their persisted state and resume on
+//! the next start. A store that fails stops the daemon with an error: nothing is accepted that
+//! cannot be persisted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +52,9 @@ pub enum DaemonError {
     /// The relays cannot be set up.
     #[error(transparent)]
     Relay(#[from] RelayError),
+    /// The store writer failed while running.
+    #[error("stopped: the store failed ({0})")]
+    StoreFailed(String),
     /// A listener cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -107,7 +112,10 @@ impl Daemon {
     /// Build every part and start the tasks; returns once the daemon is ready.
     pub async fn start(config: Config, parts: Parts) -> Result<Self, DaemonError> {
         let cancel = CancellationToken::new();
-        let store = Store::open(&config.data_dir.join("store"))?;
+        let (path, options) = (config.data_dir.join("store"), config.store);
+        let store = tokio::task::spawn_blocking(move || Store::open_with(&path, options))
+            .await
+            .map_err(|e| StoreError::Read(format!("store open panicked: {e}")))??;
         let keys = if config.dev {
             identity::init(&config.data_dir)?.0
         } else {
@@ -123,6 +131,7 @@ impl Daemon {
 
         let mut tasks = JoinSet::new();
         let mut embedded = None;
+        let mut relay_stats = None;
         let (roles, relay_url) = if config.dev {
             let relay = EmbeddedRelay::bind(config.relay_listen)
                 .await
@@ -131,6 +140,7 @@ impl Daemon {
                     source,
                 })?;
             let url = relay.url();
+            relay_stats = Some(relay.stats());
             // Stopped last, after our own client disconnected from it.
             let relay_cancel = CancellationToken::new();
             let handle = tokio::spawn(relay.run(relay_cancel.clone()));
@@ -191,6 +201,8 @@ impl Daemon {
         });
         let router = http::router(HttpState {
             metrics,
+            store: store.clone(),
+            relay: relay_stats,
             wallet: wallet.clone(),
             dev_wallet: if config.dev { dev_wallet.clone() } else { None },
             pubkey: keys.public_key().to_hex(),
@@ -203,8 +215,9 @@ impl Daemon {
         tasks.spawn(http::serve(listener, router, cancel.child_token()));
 
         announce(&relays, &keys, &config, lnurl.as_ref(), &mut tasks);
-        pipeline.recover().await;
+        // Workers first: recovery fills the (bounded) run queue.
         tasks.spawn(pipeline.clone().run_workers(queue, cancel.child_token()));
+        pipeline.recover().await;
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
         tasks.spawn(pipeline.clone().reconcile(cancel.child_token()));
         tasks.spawn(intake::run(
@@ -247,14 +260,30 @@ impl Daemon {
         self.dev_wallet.as_ref()
     }
 
-    /// Run until Ctrl-C or SIGTERM, then stop gracefully.
-    pub async fn run_until_signal(self) {
-        shutdown_signal().await;
-        tracing::info!("stopping");
-        self.stop().await;
+    /// Run until Ctrl-C or SIGTERM, then stop gracefully. A failed store stops the daemon too,
+    /// and is returned as the error (the process exits non-zero).
+    pub async fn run_until_signal(self) -> Result<(), DaemonError> {
+        self.run_until(shutdown_signal()).await
     }
 
-    /// Stop every task (bounded by a timeout), disconnect, flush.
+    /// Run until `stop` resolves or the store fails, then stop gracefully.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        let failed = tokio::select! {
+            _ = stop => None,
+            reason = self.store.failed() => Some(reason),
+        };
+        match &failed {
+            None => tracing::info!("stopping"),
+            Some(reason) => tracing::error!(%reason, "the store failed; stopping"),
+        }
+        self.stop().await;
+        failed.map_or(Ok(()), |reason| Err(DaemonError::StoreFailed(reason)))
+    }
+
+    /// Stop every task (bounded by a timeout), disconnect, close the store.
     pub async fn stop(mut self) {
         self.cancel.cancel();
         let drain = async {
@@ -270,8 +299,8 @@ impl Daemon {
             cancel.cancel();
             let _ = tokio::time::timeout(STOP_TIMEOUT, handle).await;
         }
-        if let Err(e) = self.store.flush().await {
-            tracing::error!(error = %e, "final flush failed");
+        if let Err(e) = self.store.close().await {
+            tracing::error!(error = %e, "closing the store failed");
         }
         tracing::info!("stopped");
     }

@@ -2,17 +2,19 @@
 //!
 //! # How a job flows
 //! ```text
-//! relay::intake   verify id+sig (nip90::Verified) -> job::Pipeline::handle
-//!                 (kind, p-targeting, age, then dedup insert into the job book);
-//!                 a kind 5 from the customer cancels a job still awaiting payment
-//! job::pipeline   quote (pricing) -> invoice (wallet) -> persist AwaitingPayment
-//!                 -> `payment-required` feedback (relay::outbox, done at the first relay OK)
+//! relay::intake   verify id+sig (nip90::Verified), screen (kind, p-targeting, age)
+//!                 -> job::Pipeline::handle (waits for one of INTAKE_TASKS permits);
+//!                 gaps (lagged buffer, reconnected relay) are fetched again;
+//!                 a kind 5 from the customer cancels a job not yet paid
+//! job::pipeline   task: dedup insert -> quote (pricing) -> invoice (wallet)
+//!                 -> commit AwaitingPayment -> `payment-required` (relay::outbox)
 //! job::zap        LNURL callback (http::lnurl): a zap naming the job gets its own invoice
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + ledger payment_in + Paid, one tx
+//!                 -> bounded run queue
 //! job::worker     Running -> `processing` beside infer::Backend (bounded pool)
-//!                 -> persist signed result -> publish until acked -> Delivered -> `success`
+//!                 -> commit signed result -> publish until acked -> Delivered -> `success`
 //!                 -> book.settle: charge exact usage to the payer, rest credited, Settled
 //! job::recovery   on start, every unfinished job resumes from its persisted state
 //! ```
@@ -21,14 +23,17 @@
 //! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances)`.
 //!
 //! # Where things live
-//! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`pricing`], [`job::state`].
+//! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`nip57`], [`pricing`],
+//!   [`job::state`].
 //! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
-//!   client for payouts),
-//!   [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
-//! - IO: [`relay`] (pool, outbox, embedded relay, intake), [`store`] (sled), [`http`].
-//! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/main.rs`.
+//!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
+//! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
+//!   writer thread that commits in groups: the only module that names sled), [`http`].
+//! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/main.rs`;
+//!   figures: [`bench`].
 //!
-//! See `DESIGN.md` for the architecture and `nips/` for the protocol texts dvmd follows.
+//! See `ARCHITECTURE.md` for the data flow, the job state table, the money rules and the store
+//! writer, and `nips/` for the protocol texts dvmd follows.
 
 #![warn(missing_docs)]
 

@@ -145,6 +145,31 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         jobs: usize,
     },
+    /// Many customers at once: jobs/s, request -> result latency, lost jobs, and the daemon's
+    /// CPU, RSS and /healthz latency (a daemon started as a child process, unless --relay).
+    Load {
+        /// Customers, each with its own key and websocket.
+        #[arg(long, default_value_t = 10)]
+        customers: usize,
+        /// Jobs in all.
+        #[arg(long, default_value_t = 2_000)]
+        jobs: usize,
+        /// Pay each job through the dev wallet (default prices); otherwise jobs are free.
+        #[arg(long)]
+        paid: bool,
+        /// Open loop: offer this many requests per second in total.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Drive the daemon already running behind this relay URL (needs --http).
+        #[arg(long, requires = "http")]
+        relay: Option<String>,
+        /// That daemon's HTTP URL.
+        #[arg(long, requires = "relay")]
+        http: Option<String>,
+        /// Workers of the daemon the bench starts.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+    },
     /// Embedded model throughput: prompt and generation tokens per second.
     Model {
         /// GGUF model (default: the bundled dev model).
@@ -208,7 +233,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(match cli.command {
         Command::Bench { .. } => "warn,nostr_relay_pool=error,llama-cpp-2=warn,llama_cpp_2=error",
-        _ => "info,nostr_relay_pool=warn,nostr_sdk=warn,nostr_relay_builder=warn,llama-cpp-2=warn,llama_cpp_2=error",
+        _ => "info,nostr_relay_pool=warn,nostr_sdk=warn,llama-cpp-2=warn,llama_cpp_2=error",
     });
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -251,7 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let daemon = Daemon::start(config, Parts::default()).await?;
             // The one line scripts wait for; everything else goes to the log on stderr.
             println!("{}", daemon.ready());
-            daemon.run_until_signal().await;
+            daemon.run_until_signal().await?;
         }
         Command::Dev {
             command: DevCommand::Pay { bolt11, http },
@@ -319,12 +344,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: LedgerCommand::Check { files },
         } => {
             let store = open_store(&files)?;
-            let totals = ledger::check(&store)?;
+            let totals = store.read_blocking(ledger::check)?;
             println!("ledger ok: {}", serde_json::to_string_pretty(&totals)?);
         }
         Command::Jobs { files } => {
             let store = open_store(&files)?;
-            for job in Book::new(store).all()? {
+            for job in Book::new(store).all_blocking()? {
                 println!(
                     "{} {:<16} customer={} quote={} paid={} charged={} {}",
                     job.id,
@@ -344,6 +369,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Roundtrip { jobs } => bench::roundtrip(jobs)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Load {
+                customers,
+                jobs,
+                paid,
+                rate,
+                relay,
+                http,
+                workers,
+            } => bench::load::run(bench::load::LoadOptions {
+                customers,
+                jobs,
+                paid,
+                rate,
+                relay,
+                http,
+                workers,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?,
             BenchCommand::Model {
                 model,
                 tokens,

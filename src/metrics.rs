@@ -4,7 +4,7 @@
 //! settlement paths, where a lock or a registry lookup per event would show.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::job::JobState;
@@ -45,35 +45,63 @@ impl Dropped {
 }
 
 /// Latency buckets in seconds.
-const BUCKETS: [f64; 12] = [
+const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
 
-/// A cumulative histogram.
-#[derive(Default)]
+/// A cumulative histogram with fixed bucket bounds.
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
+    /// Sum of the observations, in millionths (microseconds for latencies).
     sum_micros: AtomicU64,
 }
 
+impl Default for Histogram {
+    /// Latency buckets from 1 ms to 30 s.
+    fn default() -> Self {
+        Self::with_buckets(LATENCY_BUCKETS)
+    }
+}
+
 impl Histogram {
-    /// Record one observation.
+    /// A histogram over `bounds` (ascending upper bounds; `+Inf` is implied).
+    pub fn with_buckets(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Record one duration (rendered in seconds).
     pub fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            if secs <= *bound {
+        self.observe_value(elapsed.as_secs_f64());
+    }
+
+    /// Record one value in the histogram's unit.
+    pub fn observe_value(&self, value: f64) {
+        for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
+            if value <= *bound {
                 bucket.fetch_add(1, Ordering::Relaxed);
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Append the histogram in the Prometheus text format.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+        for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
             let _ = writeln!(
                 out,
                 "{name}_bucket{{le=\"{bound}\"}} {}",
@@ -107,6 +135,12 @@ pub struct Metrics {
     pub request_to_invoice: Histogram,
     /// Model time per job.
     pub inference: Histogram,
+    /// Time intake waited for room among the in-flight intake tasks (only waits are recorded).
+    pub intake_wait: Histogram,
+    /// Time spent waiting for room in the full run queue (only waits are recorded).
+    pub run_queue_wait: Histogram,
+    run_queue_depth: AtomicI64,
+    intake_lagged: AtomicU64,
 }
 
 impl Metrics {
@@ -162,6 +196,16 @@ impl Metrics {
     /// Wallet lookups so far.
     pub fn wallet_lookups(&self) -> u64 {
         self.wallet_lookups.load(Ordering::Relaxed)
+    }
+
+    /// Intake fell `missed` events behind the relay pool (they are fetched again).
+    pub fn intake_lagged(&self, missed: u64) {
+        self.intake_lagged.fetch_add(missed, Ordering::Relaxed);
+    }
+
+    /// Jobs were added to (+) or taken from (-) the run queue.
+    pub fn run_queue_changed(&self, delta: i64) {
+        self.run_queue_depth.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// A publish gave up without any relay accepting.
@@ -262,6 +306,27 @@ impl Metrics {
         );
         self.inference
             .render(&mut out, "dvmd_inference_seconds", "Model time per job.");
+        counter(
+            &mut out,
+            "dvmd_intake_lagged_events_total",
+            "Events intake fell behind the relay pool by (each gap is fetched again).",
+            self.intake_lagged.load(Ordering::Relaxed),
+        );
+        self.intake_wait.render(
+            &mut out,
+            "dvmd_intake_wait_seconds",
+            "Time intake waited for room among in-flight requests (backpressure; waits only).",
+        );
+        self.run_queue_wait.render(
+            &mut out,
+            "dvmd_run_queue_wait_seconds",
+            "Time spent waiting for room in the full run queue (backpressure; waits only).",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_run_queue_depth Paid jobs waiting for a worker.\n# TYPE dvmd_run_queue_depth gauge\ndvmd_run_queue_depth {}",
+            self.run_queue_depth.load(Ordering::Relaxed).max(0)
+        );
         out
     }
 }

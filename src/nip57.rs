@@ -377,7 +377,9 @@ mod tests {
         amount: u64,
         description: &str,
     ) -> Event {
-        let wallet = DevWallet::open(Store::temporary().expect("store")).expect("wallet");
+        let wallet = DevWallet::open(Store::temporary().expect("store"))
+            .await
+            .expect("wallet");
         let invoice = wallet
             .create_invoice(InvoiceRequest {
                 amount_msat: amount,

@@ -1,5 +1,8 @@
 //! `dvmd bench`: benchmarks that print figures. Nothing here asserts on time.
 
+pub mod load;
+pub mod stub;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -62,7 +65,7 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
         config.jobs,
         keys,
         Book::new(store.clone()),
-        Arc::new(DevWallet::open(store)?),
+        Arc::new(DevWallet::open(store).await?),
         Arc::new(InstantBackend::new("hello")),
         Outbox::new(relays, CancellationToken::new()),
         Arc::new(Metrics::default()),
@@ -75,7 +78,9 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
         let request = pipeline
             .precheck(&verified)
             .map_err(|why| format!("{why:?}"))?;
-        pipeline.admit(verified.event(), request, Some("ws://bench"))?;
+        pipeline
+            .admit(verified.event(), request, Some("ws://bench"))
+            .await?;
     }
 
     let chunk = n.div_ceil(ROUNDS);
@@ -101,8 +106,9 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
             let pipeline = pipeline.clone();
             let admitted = admitted.clone();
             inserts.spawn(async move {
-                if let Ok(Screening::New(..)) =
-                    pipeline.admit(verified.event(), request, Some("ws://bench"))
+                if let Ok(Screening::New(..)) = pipeline
+                    .admit(verified.event(), request, Some("ws://bench"))
+                    .await
                 {
                     admitted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -124,7 +130,10 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
         let request = pipeline
             .precheck(&verified)
             .map_err(|why| format!("{why:?}"))?;
-        if let Screening::New(..) = pipeline.admit(verified.event(), request, Some("ws://bench"))? {
+        if let Screening::New(..) = pipeline
+            .admit(verified.event(), request, Some("ws://bench"))
+            .await?
+        {
             return Err("a replayed event was admitted twice".into());
         }
     }

@@ -32,6 +32,9 @@ impl From<WalletError> for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             WalletError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            WalletError::Store(crate::store::StoreError::WriterFailed(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             WalletError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::error::ApiError;
 use crate::metrics::Metrics;
+use crate::store::Store;
 use crate::wallet::dev::DevWallet;
 use crate::wallet::Wallet;
 
@@ -26,6 +27,10 @@ use crate::wallet::Wallet;
 pub struct HttpState {
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
+    /// The store: its writer's health and figures.
+    pub store: Store,
+    /// The embedded relay's figures, in dev mode.
+    pub relay: Option<crate::relay::embedded::RelayStats>,
     /// The wallet, for settlement webhooks.
     pub wallet: Arc<dyn Wallet>,
     /// The dev wallet, only in dev mode (enables `/dev/pay`).
@@ -62,20 +67,35 @@ pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationTo
     }
 }
 
+/// 200 while the daemon can take jobs; 503 with the reason once the store cannot persist.
 async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
-    Json(json!({
-        "status": "ok",
+    let (status, code, reason) = match state.store.failure() {
+        None => ("ok", StatusCode::OK, None),
+        Some(reason) => (
+            "store_failed",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(reason),
+        ),
+    };
+    let mut body = json!({
+        "status": status,
         "pubkey": state.pubkey,
         "version": env!("CARGO_PKG_VERSION"),
         "dev": state.dev_wallet.is_some(),
-    }))
+    });
+    if let Some(reason) = reason {
+        body["reason"] = reason.into();
+    }
+    (code, Json(body))
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    let mut text = state.metrics.render();
+    state.store.render_metrics(&mut text);
+    if let Some(relay) = &state.relay {
+        relay.render(&mut text);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// A wallet webhook: only a hint. The pipeline confirms with the wallet before anything moves,

@@ -122,6 +122,15 @@ impl std::fmt::Debug for LlamaBackend {
 }
 
 impl LlamaBackend {
+    /// Render and tokenize on the blocking pool: the template and the tokenizer are model
+    /// work, and a long prompt takes milliseconds that a tokio worker must not spend.
+    async fn tokenize(&self, request: GenerateRequest) -> Result<Vec<LlamaToken>, InferError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.tokenize(&request))
+            .await
+            .map_err(|e| InferError::Backend(format!("tokenizer task failed: {e}")))?
+    }
+
     /// Load the model. Blocking (reads the whole GGUF): call it from a blocking thread.
     pub fn load(config: &LlamaConfig) -> Result<Self, InferError> {
         let path = &config.model_path;
@@ -490,7 +499,7 @@ impl Backend for LlamaBackend {
         &self,
         request: &GenerateRequest,
     ) -> Result<Option<u32>, InferError> {
-        let tokens = self.inner.tokenize(request)?;
+        let tokens = self.tokenize(request.clone()).await?;
         Ok(Some(count(tokens.len())?))
     }
 
@@ -499,7 +508,7 @@ impl Backend for LlamaBackend {
         request: GenerateRequest,
         max_tokens: u32,
     ) -> Result<GenerateStream, InferError> {
-        let prompt = self.inner.tokenize(&request)?;
+        let prompt = self.tokenize(request.clone()).await?;
         let prompt_tokens = count(prompt.len())?;
         let window = self.inner.context_tokens;
         if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(window) {

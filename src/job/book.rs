@@ -1,23 +1,20 @@
-//! The job book: job records in sled and the transactions that move a job and its money
+//! The job book: job records in the store and the transactions that move a job and its money
 //! together.
 //!
-//! Each money-moving method is one sled transaction over the trees it touches (jobs, payments,
-//! accounts, entries) followed by a flush, so a crash leaves either all of it or none of it,
-//! and the caller acts only after the method returns.
+//! Each money-moving method is one store transaction over the trees it touches (jobs,
+//! payments, accounts, entries), so a crash leaves either all of it or none of it. Methods whose
+//! change allows a side effect (showing an invoice, settling) commit it durably before they
+//! return; the rest are applied and become durable with the next group commit.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{
-    ConflictableTransactionError as TxError, TransactionError, TransactionalTree,
-};
-use sled::Transactional;
 
 use super::record::{Job, JobInvoice};
 use super::state::{IllegalTransition, JobState};
 use crate::ledger::{self, Entry, EntryKind, LedgerError};
-use crate::store::{self, Store, StoreError};
+use crate::store::{Store, StoreError, Tree, Tx, TxError};
 use crate::wallet::PaymentHash;
 
 /// Errors of the job book.
@@ -41,12 +38,6 @@ pub enum BookError {
     /// The wallet issued a payment hash we already hold: refused, or one payment would pay twice.
     #[error("payment hash {0} was already issued")]
     PaymentHashReused(PaymentHash),
-}
-
-impl From<sled::Error> for BookError {
-    fn from(e: sled::Error) -> Self {
-        Self::Store(StoreError::Sled(e))
-    }
 }
 
 /// An invoice we issued and what it pays for. A payment hash pays for one thing once: the
@@ -125,36 +116,22 @@ fn abort<E: Into<BookError>>(e: E) -> TxError<BookError> {
     TxError::Abort(e.into())
 }
 
-fn unwrap_tx(e: TransactionError<BookError>) -> BookError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => BookError::from(e),
-    }
-}
-
-fn ledger_err(e: TxError<LedgerError>) -> TxError<BookError> {
-    match e {
-        TxError::Abort(e) => TxError::Abort(BookError::Ledger(e)),
-        TxError::Conflict => TxError::Conflict,
-        TxError::Storage(e) => TxError::Storage(e),
-    }
+/// Inside a transaction: the job stored under `id`.
+fn stored_job(tx: &Tx<'_>, id: &EventId) -> Result<Job, TxError<BookError>> {
+    tx.get(Tree::Jobs, id.as_bytes())?
+        .ok_or_else(|| abort(BookError::NoJob(*id)))
 }
 
 /// Inside a transaction: store the consumed `record`, credit its account, and move its job to
 /// `Paid` if the job is waiting and the payment covers the quote.
-#[allow(clippy::too_many_arguments)]
 fn book_consumed(
-    jobs: &TransactionalTree,
-    payments: &TransactionalTree,
-    accounts: &TransactionalTree,
-    entries: &TransactionalTree,
+    tx: &Tx<'_>,
     hash: &PaymentHash,
     record: &PaymentRecord,
     paid_msat: u64,
-    seq: u64,
     at: u64,
 ) -> Result<PaymentOutcome, TxError<BookError>> {
-    payments.insert(&hash.0, store::encode("payments", record).map_err(abort)?)?;
+    tx.put(Tree::Payments, &hash.0, record)?;
     let entry = Entry {
         kind: EntryKind::PaymentIn,
         account: record.account,
@@ -163,7 +140,7 @@ fn book_consumed(
         payment_hash: Some(hash.to_hex()),
         at,
     };
-    ledger::post(accounts, entries, seq, &entry).map_err(ledger_err)?;
+    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
     let credited = PaymentOutcome::Credited {
         account: record.account,
         job: record.job,
@@ -171,10 +148,7 @@ fn book_consumed(
     let Some(id) = record.job else {
         return Ok(credited);
     };
-    let raw = jobs
-        .get(id.as_bytes())?
-        .ok_or_else(|| abort(BookError::NoJob(id)))?;
-    let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
+    let mut job = stored_job(tx, &id)?;
     if job.state != JobState::AwaitingPayment {
         return Ok(credited);
     }
@@ -184,7 +158,7 @@ fn book_consumed(
     job.transition(JobState::Paid, at).map_err(abort)?;
     job.paid_msat = paid_msat;
     job.payer = (record.account != job.customer).then_some(record.account);
-    jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
+    tx.put(Tree::Jobs, id.as_bytes(), &job)?;
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }
 
@@ -200,65 +174,103 @@ impl Book {
     }
 
     /// Record a first sighting, or return the job already stored under that id.
-    pub fn admit(&self, job: &Job) -> Result<Admission, BookError> {
-        let raw = store::encode("jobs", job)?;
-        match self.store.jobs.compare_and_swap(
-            job.id.as_bytes(),
-            None as Option<&[u8]>,
-            Some(raw),
-        )? {
-            Ok(()) => Ok(Admission::New),
-            Err(existing) => match existing.current {
-                Some(raw) => Ok(Admission::Duplicate(Box::new(store::decode("jobs", &raw)?))),
-                None => Ok(Admission::New),
-            },
-        }
+    pub async fn admit(&self, job: &Job) -> Result<Admission, BookError> {
+        let job = job.clone();
+        self.store
+            .apply(move |tx| {
+                if let Some(existing) = tx.get::<Job>(Tree::Jobs, job.id.as_bytes())? {
+                    return Ok(Admission::Duplicate(Box::new(existing)));
+                }
+                tx.put(Tree::Jobs, job.id.as_bytes(), &job)?;
+                Ok(Admission::New)
+            })
+            .await
     }
 
     /// The job stored under `id`.
-    pub fn get(&self, id: &EventId) -> Result<Option<Job>, BookError> {
-        match self.store.jobs.get(id.as_bytes())? {
-            Some(raw) => Ok(Some(store::decode("jobs", &raw)?)),
-            None => Ok(None),
-        }
+    pub async fn get(&self, id: &EventId) -> Result<Option<Job>, BookError> {
+        let id = *id;
+        self.store
+            .read(move |r| Ok(r.get(Tree::Jobs, id.as_bytes())?))
+            .await
     }
 
     /// Apply `change` to job `id` atomically and return the new record. `change` may be rerun
     /// on conflict, so it must only modify the job it is given.
-    pub fn update<F>(&self, id: &EventId, change: F) -> Result<Job, BookError>
+    pub async fn update<F>(&self, id: &EventId, change: F) -> Result<Job, BookError>
     where
-        F: Fn(&mut Job, u64) -> Result<(), BookError>,
+        F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
-        let at = now();
-        self.store
-            .jobs
-            .transaction(|jobs| {
-                let raw = jobs
-                    .get(id.as_bytes())?
-                    .ok_or_else(|| abort(BookError::NoJob(*id)))?;
-                let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
-                change(&mut job, at).map_err(TxError::Abort)?;
-                jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
-                Ok(job)
-            })
-            .map_err(unwrap_tx)
+        self.change(id, change, false).await
     }
 
-    /// Move job `id` to `next` and let `change` fill in fields. Not flushed: the transitions
-    /// that allow a money-moving side effect have their own methods, which flush.
-    pub fn transition<F>(&self, id: &EventId, next: JobState, change: F) -> Result<Job, BookError>
+    /// [`Book::update`], durable before it returns: for a change a side effect depends on.
+    pub async fn update_durably<F>(&self, id: &EventId, change: F) -> Result<Job, BookError>
     where
-        F: Fn(&mut Job),
+        F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
-        self.update(id, |job, at| {
-            job.transition(next, at)?;
-            change(job);
-            Ok(())
-        })
+        self.change(id, change, true).await
+    }
+
+    async fn change<F>(&self, id: &EventId, change: F, durable: bool) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
+    {
+        let (id, at) = (*id, now());
+        let write = move |tx: &Tx<'_>| {
+            let mut job = stored_job(tx, &id)?;
+            change(&mut job, at).map_err(TxError::Abort)?;
+            tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+            Ok(job)
+        };
+        if durable {
+            self.store.commit(write).await
+        } else {
+            self.store.apply(write).await
+        }
+    }
+
+    /// Move job `id` to `next` and let `change` fill in fields. Applied, not awaited durable:
+    /// the transitions that allow a money-moving side effect have their own methods, which
+    /// commit.
+    pub async fn transition<F>(
+        &self,
+        id: &EventId,
+        next: JobState,
+        change: F,
+    ) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job) + Send + 'static,
+    {
+        self.change(
+            id,
+            move |job, at| Ok(transition(job, next, at, &change)?),
+            false,
+        )
+        .await
+    }
+
+    /// [`Book::transition`], durable before it returns (a refusal or an expiry the customer is
+    /// about to be told of).
+    pub async fn transition_durably<F>(
+        &self,
+        id: &EventId,
+        next: JobState,
+        change: F,
+    ) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job) + Send + 'static,
+    {
+        self.change(
+            id,
+            move |job, at| Ok(transition(job, next, at, &change)?),
+            true,
+        )
+        .await
     }
 
     /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
-    /// index its payment hash, then flush. Only after this returns may the invoice be shown.
+    /// index its payment hash, durably. Only after this returns may the invoice be shown.
     pub async fn await_payment(
         &self,
         id: &EventId,
@@ -266,27 +278,21 @@ impl Book {
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
         use nostr_sdk::JsonUtil;
-        let at = now();
-        let feedback_json = feedback.as_json();
-        let store = &self.store;
-        let job = (
-            &store.jobs,
-            &store.payments,
-            &store.feedback,
-            &store.open_payments,
-        )
-            .transaction(|(jobs, payments, links, open)| {
-                let raw = jobs
-                    .get(id.as_bytes())?
-                    .ok_or_else(|| abort(BookError::NoJob(*id)))?;
-                let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
+        let (id, at) = (*id, now());
+        let (feedback_id, feedback_json) = (feedback.id, feedback.as_json());
+        self.store
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
                 job.transition(JobState::AwaitingPayment, at)
                     .map_err(abort)?;
                 job.invoice = Some(invoice.clone());
                 job.last_feedback = Some(feedback_json.clone());
-                links.insert(feedback.id.as_bytes(), id.as_bytes())?;
+                if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {
+                    // A wallet reusing a payment hash would let one payment pay twice.
+                    return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
+                }
                 let record = PaymentRecord {
-                    job: Some(*id),
+                    job: Some(id),
                     account: job.customer,
                     amount_msat: invoice.amount_msat,
                     expires_at: invoice.expires_at,
@@ -295,24 +301,16 @@ impl Book {
                     consumed: false,
                     closed: false,
                 };
-                if payments.get(invoice.payment_hash.0)?.is_some() {
-                    // A wallet reusing a payment hash would let one payment pay twice.
-                    return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
-                }
-                payments.insert(
-                    &invoice.payment_hash.0,
-                    store::encode("payments", &record).map_err(abort)?,
-                )?;
-                open.insert(&invoice.payment_hash.0, &[] as &[u8])?;
-                jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
+                tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), id.as_bytes())?;
+                tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
+                tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
+                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
                 Ok(job)
             })
-            .map_err(unwrap_tx)?;
-        self.store.flush().await?;
-        Ok(job)
+            .await
     }
 
-    /// Record another invoice we issued (a zap for a job, or a top-up), then flush. Only after
+    /// Record another invoice we issued (a zap for a job, or a top-up), durably. Only after
     /// this returns may the invoice be handed out. A job-bound invoice is refused unless the
     /// job is waiting for payment; a reused hash is refused.
     pub async fn register_invoice(
@@ -320,187 +318,155 @@ impl Book {
         hash: &PaymentHash,
         record: PaymentRecord,
     ) -> Result<(), BookError> {
-        (
-            &self.store.jobs,
-            &self.store.payments,
-            &self.store.open_payments,
-        )
-            .transaction(|(jobs, payments, open)| {
+        let hash = *hash;
+        self.store
+            .commit(move |tx| {
                 if let Some(id) = record.job {
-                    let raw = jobs
-                        .get(id.as_bytes())?
-                        .ok_or_else(|| abort(BookError::NoJob(id)))?;
-                    let job: Job = store::decode("jobs", &raw).map_err(abort)?;
+                    let job = stored_job(tx, &id)?;
                     if job.state != JobState::AwaitingPayment {
                         return Err(abort(BookError::NotAwaitingPayment(id, job.state)));
                     }
                 }
-                if payments.get(hash.0)?.is_some() {
-                    return Err(abort(BookError::PaymentHashReused(*hash)));
+                if tx.contains(Tree::Payments, &hash.0)? {
+                    return Err(abort(BookError::PaymentHashReused(hash)));
                 }
-                payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
+                tx.put(Tree::Payments, &hash.0, &record)?;
                 if !record.consumed && !record.closed {
-                    open.insert(&hash.0, &[] as &[u8])?;
+                    tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
                 }
                 Ok(())
             })
-            .map_err(unwrap_tx)?;
-        self.store.flush().await?;
-        Ok(())
+            .await
     }
 
     /// The job a feedback event of ours answers.
-    pub fn job_of_feedback(&self, feedback: &EventId) -> Result<Option<EventId>, BookError> {
-        Ok(self
-            .store
-            .feedback
-            .get(feedback.as_bytes())?
-            .and_then(|raw| EventId::from_slice(&raw).ok()))
+    pub async fn job_of_feedback(&self, feedback: &EventId) -> Result<Option<EventId>, BookError> {
+        let feedback = *feedback;
+        self.store
+            .read(move |r| {
+                Ok(r.get_raw(Tree::Feedback, feedback.as_bytes())?
+                    .and_then(|raw| EventId::from_slice(&raw).ok()))
+            })
+            .await
     }
 
     /// The record of a payment hash we issued.
-    pub fn payment(&self, hash: &PaymentHash) -> Result<Option<PaymentRecord>, BookError> {
-        match self.store.payments.get(hash.0)? {
-            Some(raw) => Ok(Some(store::decode("payments", &raw)?)),
-            None => Ok(None),
-        }
+    pub async fn payment(&self, hash: &PaymentHash) -> Result<Option<PaymentRecord>, BookError> {
+        let hash = *hash;
+        self.store
+            .read(move |r| Ok(r.get(Tree::Payments, &hash.0)?))
+            .await
     }
 
     /// Payment hashes issued and neither consumed nor closed (for the reconciler), expired ones
     /// included: some wallets (LNbits) still accept an expired invoice, and that money must be
     /// credited, not lost. Read from the `open_payments` index.
-    pub fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
-        let mut open = Vec::new();
-        for item in self.store.open_payments.iter() {
-            let (key, _) = item?;
-            let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) else {
-                continue;
-            };
-            let Some(raw) = self.store.payments.get(bytes)? else {
-                continue;
-            };
-            let record: PaymentRecord = store::decode("payments", &raw)?;
-            if !record.consumed && !record.closed {
-                open.push((PaymentHash(bytes), record));
-            }
-        }
-        Ok(open)
+    pub async fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
+        self.store
+            .read(|r| {
+                let mut open = Vec::new();
+                for key in r.keys(Tree::OpenPayments) {
+                    let Ok(bytes) = <[u8; 32]>::try_from(key?.as_slice()) else {
+                        continue;
+                    };
+                    let Some(record) = r.get::<PaymentRecord>(Tree::Payments, &bytes)? else {
+                        continue;
+                    };
+                    if !record.consumed && !record.closed {
+                        open.push((PaymentHash(bytes), record));
+                    }
+                }
+                Ok(open)
+            })
+            .await
     }
 
     /// Stop looking up `hash`: the wallet has just said it is not paid, and it expired more than
     /// [`LATE_PAYMENT_GRACE_SECS`] ago. A consumed record is left as it is. Returns whether the
     /// record was closed.
-    pub fn close_payment(&self, hash: &PaymentHash) -> Result<bool, BookError> {
-        let horizon = now().saturating_sub(LATE_PAYMENT_GRACE_SECS);
-        (&self.store.payments, &self.store.open_payments)
-            .transaction(|(payments, open)| {
-                let Some(raw) = payments.get(hash.0)? else {
+    pub async fn close_payment(&self, hash: &PaymentHash) -> Result<bool, BookError> {
+        let (hash, horizon) = (*hash, now().saturating_sub(LATE_PAYMENT_GRACE_SECS));
+        self.store
+            .apply(move |tx| {
+                let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? else {
                     return Ok(false);
                 };
-                let mut record: PaymentRecord = store::decode("payments", &raw).map_err(abort)?;
                 if record.consumed || record.closed || record.expires_at >= horizon {
                     return Ok(false);
                 }
                 record.closed = true;
-                payments.insert(&hash.0, store::encode("payments", &record).map_err(abort)?)?;
-                open.remove(&hash.0)?;
+                tx.put(Tree::Payments, &hash.0, &record)?;
+                tx.remove(Tree::OpenPayments, &hash.0)?;
                 Ok(true)
             })
-            .map_err(unwrap_tx)
+            .await
     }
 
     /// Book a payment our wallet confirmed: consume the hash, credit the customer, and move the
     /// job `AwaitingPayment -> Paid`, all in one transaction.
     ///
-    /// Not flushed here, on purpose: the payment is already durable in the wallet, and the next
-    /// side effect that depends on this booking (the result, or the `error` that credits the
-    /// customer, settled by [`Book::settle`]) flushes first; `processing` is only a courtesy.
-    /// sled's log is sequential, so that flush makes this transaction durable too; a crash
-    /// before it leaves the hash unconsumed, and the reconciler books the same payment again,
-    /// once. This keeps an fsync off the path from payment to result.
+    /// Applied, not awaited durable, on purpose: the payment is already durable in the wallet,
+    /// and the next side effect that depends on this booking (the result, or the `error` that
+    /// credits the customer, settled by [`Book::settle`]) commits first; `processing` is only a
+    /// courtesy. The store writer applies writes in order and each flush covers everything
+    /// applied before it, so that commit makes this booking durable too; a crash before it
+    /// leaves the hash unconsumed, and the reconciler books the same payment again, once. This
+    /// keeps an fsync off the path from payment to result.
     pub async fn confirm_payment(
         &self,
         hash: &PaymentHash,
         paid_msat: u64,
     ) -> Result<PaymentOutcome, BookError> {
-        let at = now();
-        let seq = self.store.next_id()?;
-        let store = &self.store;
-        let outcome = (
-            &store.jobs,
-            &store.payments,
-            &store.accounts,
-            &store.entries,
-            &store.open_payments,
-        )
-            .transaction(|(jobs, payments, accounts, entries, open)| {
-                let Some(raw) = payments.get(hash.0)? else {
+        let (hash, at) = (*hash, now());
+        self.store
+            .apply(move |tx| {
+                let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? else {
                     return Ok(PaymentOutcome::Unknown);
                 };
-                let mut record: PaymentRecord = store::decode("payments", &raw).map_err(abort)?;
                 if record.consumed {
                     return Ok(PaymentOutcome::AlreadyConsumed);
                 }
                 record.consumed = true;
-                open.remove(&hash.0)?;
-                book_consumed(
-                    jobs, payments, accounts, entries, hash, &record, paid_msat, seq, at,
-                )
+                tx.remove(Tree::OpenPayments, &hash.0)?;
+                book_consumed(tx, &hash, &record, paid_msat, at)
             })
-            .map_err(unwrap_tx)?;
-        Ok(outcome)
+            .await
     }
 
     /// Book a payment proven by a zap receipt from the trusted external provider (we never
     /// issued its invoice): record its payment hash as consumed, so the same receipt, or the
     /// same payment offered for another job, books nothing; credit the sender; and, when it
-    /// pays a job waiting for at least this much, move the job to `Paid`. One transaction.
+    /// pays a job waiting for at least this much, move the job to `Paid`. One durable
+    /// transaction.
     pub async fn confirm_external(
         &self,
         hash: &PaymentHash,
         record: PaymentRecord,
         paid_msat: u64,
     ) -> Result<PaymentOutcome, BookError> {
-        let at = now();
-        let seq = self.store.next_id()?;
-        let store = &self.store;
-        let outcome = (
-            &store.jobs,
-            &store.payments,
-            &store.accounts,
-            &store.entries,
-        )
-            .transaction(|(jobs, payments, accounts, entries)| {
-                if payments.get(hash.0)?.is_some() {
+        let (hash, at) = (*hash, now());
+        let record = PaymentRecord {
+            consumed: true,
+            ..record
+        };
+        self.store
+            .commit(move |tx| {
+                if tx.contains(Tree::Payments, &hash.0)? {
                     return Ok(PaymentOutcome::AlreadyConsumed);
                 }
-                let record = PaymentRecord {
-                    consumed: true,
-                    ..record.clone()
-                };
-                book_consumed(
-                    jobs, payments, accounts, entries, hash, &record, paid_msat, seq, at,
-                )
+                book_consumed(tx, &hash, &record, paid_msat, at)
             })
-            .map_err(unwrap_tx)?;
-        self.store.flush().await?;
-        Ok(outcome)
+            .await
     }
 
     /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
     /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
-    /// job), in one transaction; then flush.
+    /// job), in one durable transaction.
     pub async fn settle(&self, id: &EventId, charge_msat: u64) -> Result<Job, BookError> {
-        let at = now();
-        let charge_seq = self.store.next_id()?;
-        let refund_seq = self.store.next_id()?;
-        let store = &self.store;
-        let job = (&store.jobs, &store.accounts, &store.entries)
-            .transaction(|(jobs, accounts, entries)| {
-                let raw = jobs
-                    .get(id.as_bytes())?
-                    .ok_or_else(|| abort(BookError::NoJob(*id)))?;
-                let mut job: Job = store::decode("jobs", &raw).map_err(abort)?;
+        let (id, at) = (*id, now());
+        self.store
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
                 job.transition(JobState::Settled, at).map_err(abort)?;
                 let charge = charge_msat.min(job.paid_msat);
                 job.charge_msat = Some(charge);
@@ -513,45 +479,65 @@ impl Book {
                     at,
                 };
                 if charge > 0 {
-                    ledger::post(accounts, entries, charge_seq, &entry).map_err(ledger_err)?;
+                    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
                 }
                 let refund = job.paid_msat - charge;
                 if refund > 0 {
                     entry.kind = EntryKind::RefundCredit;
                     entry.msat = refund;
-                    ledger::post(accounts, entries, refund_seq, &entry).map_err(ledger_err)?;
+                    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
                 }
-                jobs.insert(id.as_bytes(), store::encode("jobs", &job).map_err(abort)?)?;
+                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
                 Ok(job)
             })
-            .map_err(unwrap_tx)?;
-        self.store.flush().await?;
-        Ok(job)
+            .await
     }
 
     /// Every job not in a terminal state (for recovery on start).
-    pub fn unfinished(&self) -> Result<Vec<Job>, BookError> {
-        let mut jobs = Vec::new();
-        for item in self.store.jobs.iter() {
-            let (_, raw) = item?;
-            let job: Job = store::decode("jobs", &raw)?;
-            if !job.state.is_terminal() {
-                jobs.push(job);
-            }
-        }
-        Ok(jobs)
+    pub async fn unfinished(&self) -> Result<Vec<Job>, BookError> {
+        self.store
+            .read(|r| {
+                let mut jobs = Vec::new();
+                for item in r.scan::<Job>(Tree::Jobs) {
+                    let (_, job) = item?;
+                    if !job.state.is_terminal() {
+                        jobs.push(job);
+                    }
+                }
+                Ok(jobs)
+            })
+            .await
     }
 
     /// Every job (for `dvmd jobs` and tests), oldest first.
-    pub fn all(&self) -> Result<Vec<Job>, BookError> {
-        let mut jobs = Vec::new();
-        for item in self.store.jobs.iter() {
-            let (_, raw) = item?;
-            jobs.push(store::decode::<Job>("jobs", &raw)?);
-        }
-        jobs.sort_by_key(|job| job.received_at);
-        Ok(jobs)
+    pub async fn all(&self) -> Result<Vec<Job>, BookError> {
+        self.store.read(all_jobs).await
     }
+
+    /// [`Book::all`] on this thread (command-line tools).
+    pub fn all_blocking(&self) -> Result<Vec<Job>, BookError> {
+        self.store.read_blocking(all_jobs)
+    }
+}
+
+fn transition(
+    job: &mut Job,
+    next: JobState,
+    at: u64,
+    change: &impl Fn(&mut Job),
+) -> Result<(), IllegalTransition> {
+    job.transition(next, at)?;
+    change(job);
+    Ok(())
+}
+
+fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {
+    let mut jobs = Vec::new();
+    for item in reader.scan::<Job>(Tree::Jobs) {
+        jobs.push(item?.1);
+    }
+    jobs.sort_by_key(|job| job.received_at);
+    Ok(jobs)
 }
 
 #[cfg(test)]
@@ -564,14 +550,31 @@ mod tests {
         Book::new(Store::temporary().expect("store"))
     }
 
-    fn quoted_job(book: &Book, quote: u64) -> Job {
+    async fn quoted_job(book: &Book, quote: u64) -> Job {
         let request = EventBuilder::new(Kind::from(5050), "")
             .sign_with_keys(&Keys::generate())
             .expect("sign");
         let job = Job::received(&request, vec![], now());
-        assert!(matches!(book.admit(&job).expect("admit"), Admission::New));
-        book.transition(&job.id, JobState::Quoted, |j| j.quote_msat = Some(quote))
-            .expect("quoted")
+        assert!(matches!(
+            book.admit(&job).await.expect("admit"),
+            Admission::New
+        ));
+        book.transition(&job.id, JobState::Quoted, move |j| {
+            j.quote_msat = Some(quote)
+        })
+        .await
+        .expect("quoted")
+    }
+
+    async fn totals(book: &Book) -> ledger::Totals {
+        book.store().read(ledger::check).await.expect("ledger")
+    }
+
+    async fn balance(book: &Book, account: PublicKey) -> u64 {
+        book.store()
+            .read(move |r| ledger::balance(r, &account))
+            .await
+            .expect("balance")
     }
 
     fn feedback() -> nostr_sdk::Event {
@@ -613,16 +616,18 @@ mod tests {
         // However long dvmd or the wallet was away, both are still looked up.
         let open: Vec<_> = book
             .open_payments()
+            .await
             .expect("open")
             .into_iter()
             .map(|(hash, _)| hash)
             .collect();
         assert!(open.contains(&old) && open.contains(&recent));
         // A lookup that says "unpaid" closes only the one past the grace period.
-        assert!(book.close_payment(&old).expect("close"));
-        assert!(!book.close_payment(&recent).expect("close"));
+        assert!(book.close_payment(&old).await.expect("close"));
+        assert!(!book.close_payment(&recent).await.expect("close"));
         let open: Vec<_> = book
             .open_payments()
+            .await
             .expect("open")
             .into_iter()
             .map(|(hash, _)| hash)
@@ -636,24 +641,32 @@ mod tests {
         book.confirm_payment(&paid, 1_000).await.expect("booked");
         assert!(
             book.open_payments()
+                .await
                 .expect("open")
                 .iter()
                 .all(|(hash, _)| *hash != paid),
             "a booked payment leaves the open index"
         );
-        assert!(!book.close_payment(&paid).expect("close"));
-        assert!(book.payment(&paid).expect("read").expect("record").consumed);
+        assert!(!book.close_payment(&paid).await.expect("close"));
+        assert!(
+            book.payment(&paid)
+                .await
+                .expect("read")
+                .expect("record")
+                .consumed
+        );
     }
 
     #[tokio::test]
     async fn duplicates_are_admitted_once() {
         let book = book();
-        let job = quoted_job(&book, 1_000);
+        let job = quoted_job(&book, 1_000).await;
         match book
             .admit(&Job {
                 state: JobState::Received,
                 ..job.clone()
             })
+            .await
             .expect("admit")
         {
             Admission::Duplicate(stored) => assert_eq!(stored.state, JobState::Quoted),
@@ -664,7 +677,7 @@ mod tests {
     #[tokio::test]
     async fn a_payment_hash_pays_once() {
         let book = book();
-        let job = quoted_job(&book, 5_000);
+        let job = quoted_job(&book, 5_000).await;
         book.await_payment(&job.id, invoice(1, 5_000), &feedback())
             .await
             .expect("await");
@@ -684,10 +697,10 @@ mod tests {
                 .expect("confirm"),
             PaymentOutcome::Unknown
         );
-        let totals = ledger::check(book.store()).expect("ledger");
+        let totals = totals(&book).await;
         assert_eq!(totals.payment_in_msat, 5_000);
         assert_eq!(
-            book.get(&job.id).expect("get").expect("job").state,
+            book.get(&job.id).await.expect("get").expect("job").state,
             JobState::Paid
         );
     }
@@ -695,8 +708,8 @@ mod tests {
     #[tokio::test]
     async fn one_invoice_cannot_be_attached_to_two_jobs() {
         let book = book();
-        let first = quoted_job(&book, 1_000);
-        let second = quoted_job(&book, 1_000);
+        let first = quoted_job(&book, 1_000).await;
+        let second = quoted_job(&book, 1_000).await;
         book.await_payment(&first.id, invoice(2, 1_000), &feedback())
             .await
             .expect("first");
@@ -708,11 +721,12 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(
-            book.get(&second.id).expect("get").expect("job").state,
+            book.get(&second.id).await.expect("get").expect("job").state,
             JobState::Quoted
         );
         assert_eq!(
             book.payment(&PaymentHash([2; 32]))
+                .await
                 .expect("get")
                 .expect("record")
                 .job,
@@ -723,11 +737,12 @@ mod tests {
     #[tokio::test]
     async fn late_and_short_payments_are_credited_not_lost() {
         let book = book();
-        let late = quoted_job(&book, 1_000);
+        let late = quoted_job(&book, 1_000).await;
         book.await_payment(&late.id, invoice(3, 1_000), &feedback())
             .await
             .expect("await");
         book.transition(&late.id, JobState::Expired, |_| {})
+            .await
             .expect("expire");
         assert!(matches!(
             book.confirm_payment(&PaymentHash([3; 32]), 1_000)
@@ -736,11 +751,11 @@ mod tests {
             PaymentOutcome::Credited { job: Some(_), .. }
         ));
         assert_eq!(
-            book.get(&late.id).expect("get").expect("job").state,
+            book.get(&late.id).await.expect("get").expect("job").state,
             JobState::Expired
         );
 
-        let short = quoted_job(&book, 2_000);
+        let short = quoted_job(&book, 2_000).await;
         book.await_payment(&short.id, invoice(4, 2_000), &feedback())
             .await
             .expect("await");
@@ -751,13 +766,13 @@ mod tests {
             PaymentOutcome::Underpaid(_)
         ));
         assert_eq!(
-            book.get(&short.id).expect("get").expect("job").state,
+            book.get(&short.id).await.expect("get").expect("job").state,
             JobState::AwaitingPayment
         );
 
-        let customer_balance = ledger::balance(book.store(), &late.customer).expect("balance");
+        let customer_balance = balance(&book, late.customer).await;
         assert_eq!(customer_balance, 1_000);
-        let totals = ledger::check(book.store()).expect("ledger");
+        let totals = totals(&book).await;
         assert_eq!(totals.payment_in_msat, 2_500);
         assert_eq!(totals.balances_msat, 2_500);
     }
@@ -765,7 +780,7 @@ mod tests {
     #[tokio::test]
     async fn settling_charges_at_most_what_was_paid() {
         let book = book();
-        let job = quoted_job(&book, 3_000);
+        let job = quoted_job(&book, 3_000).await;
         book.await_payment(&job.id, invoice(5, 3_000), &feedback())
             .await
             .expect("await");
@@ -778,14 +793,16 @@ mod tests {
             Err(BookError::Transition(_))
         ));
         book.transition(&job.id, JobState::Running, |_| {})
+            .await
             .expect("run");
         book.transition(&job.id, JobState::Delivered, |_| {})
+            .await
             .expect("deliver");
         let settled = book.settle(&job.id, 9_999).await.expect("settle");
         assert_eq!(settled.charge_msat, Some(3_000));
         // A second settlement of the same job is refused: it is terminal.
         assert!(book.settle(&job.id, 1).await.is_err());
-        let totals = ledger::check(book.store()).expect("ledger");
+        let totals = totals(&book).await;
         assert_eq!(totals.charge_msat, 3_000);
         assert_eq!(totals.balances_msat, 0);
     }
@@ -793,7 +810,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_job_leaves_the_payment_as_credit() {
         let book = book();
-        let job = quoted_job(&book, 4_000);
+        let job = quoted_job(&book, 4_000).await;
         book.await_payment(&job.id, invoice(6, 4_000), &feedback())
             .await
             .expect("await");
@@ -801,15 +818,14 @@ mod tests {
             .await
             .expect("confirm");
         book.transition(&job.id, JobState::Running, |_| {})
+            .await
             .expect("run");
         book.transition(&job.id, JobState::Failed, |_| {})
+            .await
             .expect("fail");
         book.settle(&job.id, 0).await.expect("settle");
-        assert_eq!(
-            ledger::balance(book.store(), &job.customer).expect("balance"),
-            4_000
-        );
-        let totals = ledger::check(book.store()).expect("ledger");
+        assert_eq!(balance(&book, job.customer).await, 4_000);
+        let totals = totals(&book).await;
         assert_eq!(totals.refund_credit_msat, 4_000);
         assert_eq!(totals.charge_msat, 0);
     }

@@ -95,7 +95,7 @@ impl Pipeline {
 
     /// One pass over the open invoices.
     pub async fn reconcile_once(&self) {
-        let open = match self.inner.book.open_payments() {
+        let open = match self.inner.book.open_payments().await {
             Ok(open) => open,
             Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
         };
@@ -107,7 +107,7 @@ impl Pipeline {
     /// Ask our wallet about `hash` and book what it says.
     pub async fn check_payment(&self, hash: &PaymentHash) {
         let inner = &self.inner;
-        let record = match inner.book.payment(hash) {
+        let record = match inner.book.payment(hash).await {
             Ok(Some(record)) if !record.consumed => record,
             Ok(_) => {
                 return tracing::debug!(payment_hash = %hash, "hint for an unknown or consumed payment hash")
@@ -135,20 +135,20 @@ impl Pipeline {
                 if let Some(job) = &record.job {
                     self.expire(job).await
                 }
-                self.close_if_stale(hash);
+                self.close_if_stale(hash).await;
             }
-            PaymentStatus::Pending => self.close_if_stale(hash),
+            PaymentStatus::Pending => self.close_if_stale(hash).await,
             PaymentStatus::Unknown => {
                 tracing::warn!(payment_hash = %hash, job = ?record.job, "the wallet does not know an invoice it issued");
-                self.close_if_stale(hash);
+                self.close_if_stale(hash).await;
             }
         }
     }
 
     /// The wallet just said `hash` is not paid: if it expired more than a day ago, stop
     /// looking it up. Only a lookup that answered closes a record, never the clock alone.
-    fn close_if_stale(&self, hash: &PaymentHash) {
-        match self.inner.book.close_payment(hash) {
+    async fn close_if_stale(&self, hash: &PaymentHash) {
+        match self.inner.book.close_payment(hash).await {
             Ok(true) => {
                 tracing::info!(payment_hash = %hash, "invoice still unpaid a day after expiry; no longer looked up")
             }
@@ -175,7 +175,7 @@ impl Pipeline {
                 inner.metrics.payment_confirmed(amount_msat);
                 inner.metrics.entered(JobState::Paid);
                 tracing::info!(job = %job.id, msat = amount_msat, payment_hash = %hash, "invoice paid");
-                self.enqueue(job.id, Some(confirmed_at));
+                self.enqueue(job.id, Some(confirmed_at)).await;
             }
             Ok(PaymentOutcome::Credited { account, job }) => {
                 inner.metrics.payment_confirmed(amount_msat);
@@ -199,7 +199,7 @@ impl Pipeline {
             Ok(request) => request,
             Err(e) => return tracing::error!(error = %e, "stored zap request unreadable"),
         };
-        if let Err(e) = inner.book.store().flush().await {
+        if let Err(e) = inner.book.store().sync().await {
             return tracing::error!(error = %e, "cannot persist zap payment");
         }
         let receipt = nip57::receipt(&request, bolt11, None, nostr_sdk::Timestamp::now());
@@ -226,16 +226,17 @@ impl Pipeline {
 
     /// `AwaitingPayment -> Expired`, with an `error` feedback saying so.
     async fn expire(&self, id: &EventId) {
-        let expired = self.inner.book.transition(id, JobState::Expired, |_| {});
+        // Durable before the customer is told to post again: a late payment for this invoice
+        // must then be credited, never run the job as well.
+        let expired = self
+            .inner
+            .book
+            .transition_durably(id, JobState::Expired, |_| {})
+            .await;
         match expired {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Expired);
                 tracing::info!(job = %id, "invoice expired unpaid");
-                // Durable before the customer is told to post again: a late payment for this
-                // invoice must then be credited, never run the job as well.
-                if let Err(e) = self.inner.book.store().flush().await {
-                    return tracing::error!(job = %id, error = %e, "cannot persist expiry");
-                }
                 if let Ok(event) = job.request_event() {
                     self.expired_feedback(&job, &event).await;
                 }

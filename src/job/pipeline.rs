@@ -1,13 +1,18 @@
 //! The front of the pipeline: screen a verified request, quote it, ask for payment.
 //!
-//! Screening is synchronous and cheap (parse, targeting, age, dedup insert) so the intake loop
-//! never waits on anything slow; quoting and invoicing run in tracked tasks.
+//! Screening in the intake loop is synchronous and cheap (parse, targeting, age); the dedup
+//! insert, quoting and invoicing run in tracked tasks. Both queues are bounded: at most
+//! [`INTAKE_TASKS`] requests are between intake and `AwaitingPayment` at once, and the run queue
+//! holds [`RUN_QUEUE_CAPACITY`] jobs. When either is full the producer waits (intake stops
+//! reading from the relays, which keep the events), so load slows intake down rather than
+//! dropping anything; the time spent waiting is a metric.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nostr_sdk::{Event, EventId, JsonUtil, Keys, Timestamp};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, Semaphore, TryAcquireError};
 use tokio_util::task::TaskTracker;
 
 use super::book::{Admission, Book, BookError};
@@ -30,6 +35,10 @@ const COUNT_TOKENS_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const FEEDBACK_ATTEMPTS: u32 = 5;
 /// Attempts for `payment-required`: about a minute of retries, well inside the invoice expiry.
 const INVOICE_FEEDBACK_ATTEMPTS: u32 = 9;
+/// Requests (and cancellations, receipts) being admitted, quoted and invoiced at once.
+pub const INTAKE_TASKS: usize = 512;
+/// Paid jobs waiting for a worker.
+pub const RUN_QUEUE_CAPACITY: usize = 1024;
 
 /// What the pipeline needs to know from the operator's configuration.
 #[derive(Debug, Clone)]
@@ -67,7 +76,7 @@ pub struct WorkItem {
 }
 
 /// The receiving end of the run queue, shared by the workers.
-pub type WorkQueue = Arc<Mutex<mpsc::UnboundedReceiver<WorkItem>>>;
+pub type WorkQueue = Arc<Mutex<mpsc::Receiver<WorkItem>>>;
 
 /// The outcome of the dedup insert.
 #[derive(Debug)]
@@ -86,7 +95,9 @@ pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) outbox: Outbox,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) queue: mpsc::UnboundedSender<WorkItem>,
+    pub(crate) queue: mpsc::Sender<WorkItem>,
+    /// Room for intake tasks (see [`INTAKE_TASKS`]).
+    pub(crate) intake: Arc<Semaphore>,
     pub(crate) tasks: TaskTracker,
     /// Payment hashes being looked up because of a hint, each with whether another hint came
     /// in meanwhile (then it is looked up once more). Hints for one hash never run in parallel.
@@ -118,7 +129,7 @@ impl Pipeline {
         outbox: Outbox,
         metrics: Arc<Metrics>,
     ) -> (Self, WorkQueue) {
-        let (queue, rx) = mpsc::unbounded_channel();
+        let (queue, rx) = mpsc::channel(RUN_QUEUE_CAPACITY);
         let inner = Inner {
             config,
             keys,
@@ -128,6 +139,7 @@ impl Pipeline {
             outbox,
             metrics,
             queue,
+            intake: Arc::new(Semaphore::new(INTAKE_TASKS)),
             tasks: TaskTracker::new(),
             checking: std::sync::Mutex::default(),
         };
@@ -174,7 +186,7 @@ impl Pipeline {
 
     /// The persisted dedup: record a first sighting as a `Received` job, or return the job
     /// already stored under this id. Safe to race: one caller wins the insert.
-    pub fn admit(
+    pub async fn admit(
         &self,
         event: &Event,
         request: JobRequest,
@@ -187,7 +199,7 @@ impl Pipeline {
             }
         }
         let job = Job::received(event, reply_relays, unix_now());
-        Ok(match self.inner.book.admit(&job)? {
+        Ok(match self.inner.book.admit(&job).await? {
             Admission::New => Screening::New(Box::new(job), Box::new(request)),
             Admission::Duplicate(existing) => Screening::Duplicate(existing),
         })
@@ -195,8 +207,9 @@ impl Pipeline {
 
     /// Take a verified event from intake. The loop only runs [`Pipeline::precheck`]; the dedup
     /// insert, quoting and invoicing run in a task, so disk latency never holds up intake and
-    /// the store work runs on another core while intake verifies the next event.
-    pub fn handle(&self, event: Verified, source: Option<&str>) {
+    /// the store work runs on another core while intake verifies the next event. Waits only
+    /// when [`INTAKE_TASKS`] requests are already in flight.
+    pub async fn handle(&self, event: Verified, source: Option<&str>) {
         let request = match self.precheck(&event) {
             Ok(request) => request,
             Err(why) => {
@@ -206,10 +219,10 @@ impl Pipeline {
         };
         let pipeline = self.clone();
         let source = source.map(str::to_owned);
-        self.inner.tasks.spawn(async move {
+        self.spawn_intake(async move {
             let event = event.into_event();
             let metrics = &pipeline.inner.metrics;
-            match pipeline.admit(&event, request, source.as_deref()) {
+            match pipeline.admit(&event, request, source.as_deref()).await {
                 Ok(Screening::New(job, request)) => {
                     metrics.entered(JobState::Received);
                     tracing::info!(job = %job.id, customer = %job.customer, kind = job.kind, "job received");
@@ -221,6 +234,32 @@ impl Pipeline {
                 }
                 Err(e) => tracing::error!(event = %event.id, error = %e, "cannot record job"),
             }
+        })
+        .await;
+    }
+
+    /// Run `task` as an intake task once there is room (see [`INTAKE_TASKS`]).
+    pub(crate) async fn spawn_intake<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let room = self.inner.intake.clone();
+        let permit = match room.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                let started = Instant::now();
+                let permit = room.acquire_owned().await;
+                self.inner.metrics.intake_wait.observe(started.elapsed());
+                match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                }
+            }
+        };
+        self.inner.tasks.spawn(async move {
+            task.await;
+            drop(permit);
         });
     }
 
@@ -234,9 +273,10 @@ impl Pipeline {
         let quoted = self
             .inner
             .book
-            .transition(&job.id, JobState::Quoted, |job| {
+            .transition(&job.id, JobState::Quoted, move |job| {
                 job.quote_msat = Some(quote)
-            });
+            })
+            .await;
         match quoted {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Quoted);
@@ -306,7 +346,7 @@ impl Pipeline {
         };
         if quote == 0 {
             // Free jobs skip the wallet entirely.
-            return self.enqueue(job.id, None);
+            return self.enqueue(job.id, None).await;
         }
         let request = InvoiceRequest {
             amount_msat: quote,
@@ -369,69 +409,74 @@ impl Pipeline {
     /// on. A paid job runs anyway: the customer paid for it. A payment that arrives after the
     /// cancellation is credited to the payer, like any late payment. Deletions signed by anyone
     /// else are ignored.
-    pub fn handle_cancellation(&self, deletion: &Verified) {
+    pub async fn handle_cancellation(&self, deletion: Verified) {
+        let pipeline = self.clone();
+        self.spawn_intake(async move { pipeline.apply_cancellation(&deletion).await })
+            .await;
+    }
+
+    /// [`Pipeline::handle_cancellation`], done before it returns.
+    pub async fn apply_cancellation(&self, deletion: &Verified) {
         let deletion = deletion.event();
         for id in deletion.tags.event_ids() {
-            let job = match self.inner.book.get(id) {
-                Ok(Some(job)) => job,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(job = %id, error = %e, "cannot read job");
-                    continue;
-                }
-            };
-            if job.customer != deletion.pubkey {
-                tracing::debug!(job = %id, by = %deletion.pubkey, "cancellation by someone else ignored");
-                continue;
-            }
-            if !job.state.can_become(JobState::Cancelled) {
-                tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");
-                continue;
-            }
-            let cancelled = self.inner.book.transition(id, JobState::Cancelled, |job| {
-                job.reason = Some("cancelled by the customer".to_owned());
-            });
-            let job = match cancelled {
-                Ok(job) => job,
-                // A payment confirmed in between wins: the job runs.
-                Err(e) => {
-                    tracing::info!(job = %id, error = %e, "not cancelled");
-                    continue;
-                }
-            };
-            self.inner.metrics.entered(JobState::Cancelled);
-            tracing::info!(job = %id, "job cancelled by the customer");
-            let Ok(request) = job.request_event() else {
-                continue;
-            };
-            let pipeline = self.clone();
-            self.inner.tasks.spawn(async move {
-                let feedback = nip90::feedback(
-                    &request,
-                    JobStatus::Error,
-                    "cancelled at your request; nothing was charged, and a payment made now is credited to your account",
-                    None,
-                );
-                pipeline
-                    .send_feedback(&job, feedback, FEEDBACK_ATTEMPTS)
-                    .await;
-            });
+            self.cancel(id, &deletion.pubkey).await;
         }
+    }
+
+    /// Cancel job `id` at the request of `by`, if it is theirs and not paid yet.
+    async fn cancel(&self, id: &EventId, by: &nostr_sdk::PublicKey) {
+        let job = match self.inner.book.get(id).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(e) => return tracing::error!(job = %id, error = %e, "cannot read job"),
+        };
+        if job.customer != *by {
+            return tracing::debug!(job = %id, %by, "cancellation by someone else ignored");
+        }
+        if !job.state.can_become(JobState::Cancelled) {
+            return tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");
+        }
+        let cancelled = self
+            .inner
+            .book
+            .transition(id, JobState::Cancelled, |job| {
+                job.reason = Some("cancelled by the customer".to_owned());
+            })
+            .await;
+        let job = match cancelled {
+            Ok(job) => job,
+            // A payment confirmed in between wins: the job runs.
+            Err(e) => return tracing::info!(job = %id, error = %e, "not cancelled"),
+        };
+        self.inner.metrics.entered(JobState::Cancelled);
+        tracing::info!(job = %id, "job cancelled by the customer");
+        let Ok(request) = job.request_event() else {
+            return;
+        };
+        let feedback = nip90::feedback(
+            &request,
+            JobStatus::Error,
+            "cancelled at your request; nothing was charged, and a payment made now is credited to your account",
+            None,
+        );
+        self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
     }
 
     /// Refuse a job before any money moved: persist `Rejected`, then say why.
     pub(crate) async fn reject(&self, id: &EventId, event: &Event, reason: String) {
         tracing::info!(job = %id, reason = %reason, "job rejected");
-        let rejected = self.inner.book.transition(id, JobState::Rejected, |job| {
-            job.reason = Some(reason.clone());
-        });
+        let recorded = reason.clone();
+        // Durable before it is said: a restart must not quote a job we refused.
+        let rejected = self
+            .inner
+            .book
+            .transition_durably(id, JobState::Rejected, move |job| {
+                job.reason = Some(recorded.clone());
+            })
+            .await;
         match rejected {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Rejected);
-                // Durable before it is said: a restart must not quote a job we refused.
-                if let Err(e) = self.inner.book.store().flush().await {
-                    return tracing::error!(job = %id, error = %e, "cannot persist rejection");
-                }
                 let feedback = nip90::feedback(event, JobStatus::Error, &reason, None);
                 self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
             }
@@ -462,10 +507,11 @@ impl Pipeline {
         // Stored first, so the latest stored is always the latest said, however long the
         // publishing takes (replayed to duplicates of the request).
         let json = event.as_json();
-        if let Err(e) = self.inner.book.update(&job.id, |stored, _| {
+        let stored = self.inner.book.update(&job.id, move |stored, _| {
             stored.last_feedback = Some(json.clone());
             Ok(())
-        }) {
+        });
+        if let Err(e) = stored.await {
             tracing::warn!(job = %job.id, error = %e, "cannot store feedback");
         }
         self.publish_feedback(job, &event, attempts)
@@ -508,10 +554,22 @@ impl Pipeline {
         }
     }
 
-    /// Queue a job for the workers.
-    pub(crate) fn enqueue(&self, job: EventId, paid_at: Option<Instant>) {
-        if self.inner.queue.send(WorkItem { job, paid_at }).is_err() {
-            tracing::warn!(job = %job, "workers stopped; the job resumes on restart");
+    /// Queue a job for the workers; waits while the run queue is full.
+    pub(crate) async fn enqueue(&self, job: EventId, paid_at: Option<Instant>) {
+        let item = WorkItem { job, paid_at };
+        let sent = match self.inner.queue.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                let started = Instant::now();
+                let sent = self.inner.queue.send(item).await.map_err(drop);
+                self.inner.metrics.run_queue_wait.observe(started.elapsed());
+                sent
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        };
+        match sent {
+            Ok(()) => self.inner.metrics.run_queue_changed(1),
+            Err(()) => tracing::warn!(job = %job, "workers stopped; the job resumes on restart"),
         }
     }
 }

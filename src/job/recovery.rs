@@ -19,7 +19,7 @@ impl Pipeline {
     /// Resume every job that was not in a terminal state when the daemon stopped.
     pub async fn recover(&self) -> Recovered {
         let mut report = Recovered::default();
-        let jobs = match self.inner.book.unfinished() {
+        let jobs = match self.inner.book.unfinished().await {
             Ok(jobs) => jobs,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list unfinished jobs");
@@ -68,7 +68,7 @@ impl Pipeline {
                 }
                 JobState::Paid | JobState::Running | JobState::Delivered | JobState::Failed => {
                     report.queued += 1;
-                    self.enqueue(job.id, None);
+                    self.enqueue(job.id, None).await;
                 }
                 JobState::Rejected
                 | JobState::Settled

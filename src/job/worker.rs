@@ -48,6 +48,7 @@ impl Pipeline {
                         }
                     };
                     let Some(item) = item else { break };
+                    pipeline.inner.metrics.run_queue_changed(-1);
                     tokio::select! {
                         // A job cut short stays `Running` and resumes on restart.
                         _ = cancel.cancelled() => break,
@@ -62,7 +63,7 @@ impl Pipeline {
     /// Take one job as far as it can go from its stored state.
     async fn run(&self, item: WorkItem) {
         let inner = &self.inner;
-        let job = match inner.book.get(&item.job) {
+        let job = match inner.book.get(&item.job).await {
             Ok(Some(job)) => job,
             Ok(None) => return tracing::error!(job = %item.job, "queued job not found"),
             Err(e) => return tracing::error!(job = %item.job, error = %e, "cannot read job"),
@@ -136,6 +137,7 @@ impl Pipeline {
             .inner
             .book
             .transition(&job.id, JobState::Running, |_| {})
+            .await
         {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Running);
@@ -196,20 +198,21 @@ impl Pipeline {
             }
         };
         let json = result.as_json();
-        let stored = inner.book.update(&job.id, |stored, _| {
-            stored.result_event = Some(json.clone());
-            stored.usage = Some(usage);
-            stored.charge_msat = Some(charge);
-            Ok(())
-        });
+        // One group commit makes the payment booking, `Running` and the result durable
+        // together, before the result is shown.
+        let stored = inner
+            .book
+            .update_durably(&job.id, move |stored, _| {
+                stored.result_event = Some(json.clone());
+                stored.usage = Some(usage);
+                stored.charge_msat = Some(charge);
+                Ok(())
+            })
+            .await;
         let job = match stored {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot store result"),
         };
-        // One flush makes the payment booking, `Running` and the result durable together.
-        if let Err(e) = inner.book.store().flush().await {
-            return tracing::error!(job = %job.id, error = %e, "cannot persist result");
-        }
         processing.wait().await;
         tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "job generated");
         self.deliver(&job, event, &result).await;
@@ -227,7 +230,10 @@ impl Pipeline {
             // result stored, and recovery publishes it on the next start.
             return tracing::warn!(job = %job.id, error = %e, "result not delivered yet");
         }
-        let delivered = inner.book.transition(&job.id, JobState::Delivered, |_| {});
+        let delivered = inner
+            .book
+            .transition(&job.id, JobState::Delivered, |_| {})
+            .await;
         let job = match delivered {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),
@@ -248,10 +254,14 @@ impl Pipeline {
     async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
         let inner = &self.inner;
         tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, payer = %job.payer(), "job failed; the payment is credited to the payer");
-        let failed = inner.book.transition(&job.id, JobState::Failed, |job| {
-            job.reason = Some(reason.clone());
-            job.charge_msat = Some(0);
-        });
+        let recorded = reason.clone();
+        let failed = inner
+            .book
+            .transition(&job.id, JobState::Failed, move |job| {
+                job.reason = Some(recorded.clone());
+                job.charge_msat = Some(0);
+            })
+            .await;
         let job = match failed {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record failure"),

@@ -42,7 +42,7 @@ impl Pipeline {
         let inner = &self.inner;
         let request = nip57::parse_zap_request(zap_json, amount_msat, &inner.keys.public_key())?;
         let job = match request.target {
-            Some(target) => self.zapped_job(&target, amount_msat)?,
+            Some(target) => self.zapped_job(&target, amount_msat).await?,
             None => None,
         };
         let invoice = self
@@ -121,20 +121,20 @@ impl Pipeline {
 
     /// The job a zap pays for: the zapped event is the job's request or its feedback. Zaps of
     /// other events are top-ups (`None`).
-    fn zapped_job(
+    async fn zapped_job(
         &self,
         target: &EventId,
         amount_msat: u64,
     ) -> Result<Option<EventId>, ZapRefusal> {
         let book = &self.inner.book;
-        let id = match book.get(target)? {
-            Some(job) => job.id,
-            None => match book.job_of_feedback(target)? {
-                Some(id) => id,
+        let job = match book.get(target).await? {
+            Some(job) => job,
+            None => match book.job_of_feedback(target).await? {
+                Some(id) => book.get(&id).await?.ok_or(BookError::NoJob(id))?,
                 None => return Ok(None),
             },
         };
-        let job = book.get(&id)?.ok_or(BookError::NoJob(id))?;
+        let id = job.id;
         if job.state != JobState::AwaitingPayment {
             return Err(ZapRefusal::Job(format!(
                 "job {id} is not waiting for payment ({:?})",
@@ -175,13 +175,14 @@ impl Pipeline {
         self.inner.keys.public_key()
     }
 
-    /// Take a receipt from intake without waiting.
-    pub fn handle_receipt(&self, receipt: crate::nip90::Verified) {
+    /// Take a receipt from intake; waits only for room among the in-flight intake tasks.
+    pub async fn handle_receipt(&self, receipt: crate::nip90::Verified) {
         let pipeline = self.clone();
-        self.inner.tasks.spawn(async move {
+        self.spawn_intake(async move {
             let outcome = pipeline.accept_provider_receipt(&receipt).await;
             tracing::debug!(receipt = %receipt.event().id, ?outcome, "zap receipt handled");
-        });
+        })
+        .await;
     }
 
     /// Take a zap receipt from the trusted external Lightning address provider (NIP-57
@@ -204,7 +205,7 @@ impl Pipeline {
             }
         };
         let job = match valid.request.target {
-            Some(target) => match self.zapped_job(&target, valid.amount_msat) {
+            Some(target) => match self.zapped_job(&target, valid.amount_msat).await {
                 Ok(job) => job,
                 Err(e) => {
                     // Not payable as a job (paid already, below the quote): the money is real,
@@ -234,7 +235,7 @@ impl Pipeline {
                 inner.metrics.payment_confirmed(valid.amount_msat);
                 inner.metrics.entered(JobState::Paid);
                 tracing::info!(job = %job.id, msat = valid.amount_msat, "job paid by a provider zap");
-                self.enqueue(job.id, Some(std::time::Instant::now()));
+                self.enqueue(job.id, Some(std::time::Instant::now())).await;
                 ReceiptOutcome::PaidJob(job.id)
             }
             Ok(super::PaymentOutcome::AlreadyConsumed) => ReceiptOutcome::Replayed,

@@ -7,14 +7,13 @@
 //! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances)`,
 //! and every account's balance equals the sum of its own entries.
 //!
-//! Writes happen only inside the multi-tree transactions of `job::book`, so a balance never
-//! changes without the job transition that explains it.
+//! Writes happen only inside the store transactions of `job::book`, so a balance never changes
+//! without the job transition that explains it.
 
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
-use crate::store::{self, be_u64, Store, StoreError};
+use crate::store::{be_u64, Reader, StoreError, Tree, Tx, TxError, ENTRY_SEQUENCE};
 
 /// What an entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,42 +80,35 @@ pub enum LedgerError {
     Invariant(String),
 }
 
-/// Post `entry` (with sequence number `seq`) and update the account balance, inside a
-/// transaction over the `accounts` and `entries` trees.
-pub fn post(
-    accounts: &TransactionalTree,
-    entries: &TransactionalTree,
-    seq: u64,
-    entry: &Entry,
-) -> Result<(), ConflictableTransactionError<LedgerError>> {
+/// Post `entry` under the next ledger sequence number and update the account balance, inside
+/// the caller's store transaction.
+pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
     let key = entry.account.to_bytes();
-    let balance = accounts.get(key)?.and_then(|raw| be_u64(&raw)).unwrap_or(0);
+    let balance = tx
+        .get_raw(Tree::Accounts, &key)?
+        .and_then(|raw| be_u64(&raw))
+        .unwrap_or(0);
     let next = match entry.kind.sign() {
         1 => balance.saturating_add(entry.msat),
         -1 => balance
             .checked_sub(entry.msat)
-            .ok_or(ConflictableTransactionError::Abort(
-                LedgerError::Overdraft {
-                    account: entry.account,
-                    balance_msat: balance,
-                    msat: entry.msat,
-                },
-            ))?,
+            .ok_or(TxError::Abort(LedgerError::Overdraft {
+                account: entry.account,
+                balance_msat: balance,
+                msat: entry.msat,
+            }))?,
         _ => balance,
     };
-    accounts.insert(&key, &next.to_be_bytes())?;
-    let raw = store::encode("entries", entry)
-        .map_err(|e| ConflictableTransactionError::Abort(LedgerError::Store(e)))?;
-    entries.insert(&seq.to_be_bytes(), raw)?;
+    tx.put_raw(Tree::Accounts, &key, &next.to_be_bytes())?;
+    let seq = tx.next_sequence(ENTRY_SEQUENCE)?;
+    tx.put(Tree::Entries, &seq.to_be_bytes(), entry)?;
     Ok(())
 }
 
 /// The balance of `account` in msat.
-pub fn balance(store: &Store, account: &PublicKey) -> Result<u64, LedgerError> {
-    Ok(store
-        .accounts
-        .get(account.to_bytes())
-        .map_err(StoreError::from)?
+pub fn balance(reader: &Reader<'_>, account: &PublicKey) -> Result<u64, LedgerError> {
+    Ok(reader
+        .get_raw(Tree::Accounts, &account.to_bytes())?
         .and_then(|raw| be_u64(&raw))
         .unwrap_or(0))
 }
@@ -143,13 +135,12 @@ pub struct Totals {
 }
 
 /// Check the invariant over the whole ledger.
-pub fn check(store: &Store) -> Result<Totals, LedgerError> {
+pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     use std::collections::HashMap;
     let mut totals = Totals::default();
     let mut by_account: HashMap<PublicKey, i128> = HashMap::new();
-    for item in store.entries.iter() {
-        let (_, raw) = item.map_err(StoreError::from)?;
-        let entry: Entry = store::decode("entries", &raw)?;
+    for item in reader.scan::<Entry>(Tree::Entries) {
+        let (_, entry) = item?;
         totals.entries += 1;
         let slot = match entry.kind {
             EntryKind::PaymentIn => &mut totals.payment_in_msat,
@@ -162,8 +153,8 @@ pub fn check(store: &Store) -> Result<Totals, LedgerError> {
         *by_account.entry(entry.account).or_default() +=
             i128::from(entry.kind.sign()) * i128::from(entry.msat);
     }
-    for item in store.accounts.iter() {
-        let (key, raw) = item.map_err(StoreError::from)?;
+    for item in reader.scan_raw(Tree::Accounts) {
+        let (key, raw) = item?;
         let account = PublicKey::from_slice(&key)
             .map_err(|e| LedgerError::Invariant(format!("bad account key: {e}")))?;
         let balance = be_u64(&raw)
@@ -202,18 +193,12 @@ pub fn check(store: &Store) -> Result<Totals, LedgerError> {
 #[cfg(test)]
 mod tests {
     use nostr_sdk::Keys;
-    use sled::Transactional;
 
     use super::*;
+    use crate::store::Store;
 
-    fn apply(store: &Store, entry: Entry) -> Result<(), LedgerError> {
-        let seq = store.next_id()?;
-        (&store.accounts, &store.entries)
-            .transaction(|(accounts, entries)| post(accounts, entries, seq, &entry))
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Abort(e) => e,
-                sled::transaction::TransactionError::Storage(e) => StoreError::from(e).into(),
-            })
+    async fn apply(store: &Store, entry: Entry) -> Result<(), LedgerError> {
+        store.commit(move |tx| post(tx, &entry)).await
     }
 
     fn entry(kind: EntryKind, account: PublicKey, msat: u64) -> Entry {
@@ -227,42 +212,52 @@ mod tests {
         }
     }
 
-    #[test]
-    fn invariant_holds_through_a_job() -> Result<(), LedgerError> {
+    #[tokio::test]
+    async fn invariant_holds_through_a_job() -> Result<(), LedgerError> {
         let store = Store::temporary()?;
         let alice = Keys::generate().public_key();
-        apply(&store, entry(EntryKind::PaymentIn, alice, 10_000))?;
-        apply(&store, entry(EntryKind::Charge, alice, 7_000))?;
-        apply(&store, entry(EntryKind::RefundCredit, alice, 3_000))?;
-        assert_eq!(balance(&store, &alice)?, 3_000);
-        let totals = check(&store)?;
+        apply(&store, entry(EntryKind::PaymentIn, alice, 10_000)).await?;
+        apply(&store, entry(EntryKind::Charge, alice, 7_000)).await?;
+        apply(&store, entry(EntryKind::RefundCredit, alice, 3_000)).await?;
+        assert_eq!(store.read(move |r| balance(r, &alice)).await?, 3_000);
+        let totals = store.read(check).await?;
         assert_eq!(totals.payment_in_msat, 10_000);
         assert_eq!(totals.balances_msat, 3_000);
+        assert_eq!(totals.entries, 3);
         Ok(())
     }
 
-    #[test]
-    fn overdraft_is_refused_and_changes_nothing() -> Result<(), LedgerError> {
+    #[tokio::test]
+    async fn overdraft_is_refused_and_changes_nothing() -> Result<(), LedgerError> {
         let store = Store::temporary()?;
         let alice = Keys::generate().public_key();
-        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000))?;
-        let err = apply(&store, entry(EntryKind::Charge, alice, 1_001));
+        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000)).await?;
+        let err = apply(&store, entry(EntryKind::Charge, alice, 1_001)).await;
         assert!(matches!(err, Err(LedgerError::Overdraft { .. })));
-        assert_eq!(balance(&store, &alice)?, 1_000);
-        check(&store)?;
+        assert_eq!(store.read(move |r| balance(r, &alice)).await?, 1_000);
+        let totals = store.read(check).await?;
+        assert_eq!(totals.entries, 1, "the refused debit left no entry");
         Ok(())
     }
 
-    #[test]
-    fn check_detects_a_tampered_balance() -> Result<(), LedgerError> {
+    #[tokio::test]
+    async fn check_detects_a_tampered_balance() -> Result<(), LedgerError> {
         let store = Store::temporary()?;
         let alice = Keys::generate().public_key();
-        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000))?;
+        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000)).await?;
         store
-            .accounts
-            .insert(alice.to_bytes(), &5_000u64.to_be_bytes())
-            .map_err(StoreError::from)?;
-        assert!(matches!(check(&store), Err(LedgerError::Invariant(_))));
+            .commit(move |tx| {
+                Ok::<_, TxError<LedgerError>>(tx.put_raw(
+                    Tree::Accounts,
+                    &alice.to_bytes(),
+                    &5_000u64.to_be_bytes(),
+                )?)
+            })
+            .await?;
+        assert!(matches!(
+            store.read(check).await,
+            Err(LedgerError::Invariant(_))
+        ));
         Ok(())
     }
 }

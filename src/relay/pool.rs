@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use nostr_sdk::prelude::Events;
+use nostr_sdk::prelude::RelayNotification;
 use nostr_sdk::{
-    Alphabet, Client, ClientOptions, Event, Filter, Keys, Kind, RelayOptions,
+    Alphabet, Client, ClientOptions, Event, EventId, Filter, Keys, Kind, RelayOptions,
     RelayPoolNotification, RelayPoolOptions, RelayStatus, RelayUrl, SingleLetterTag,
     SubscriptionId, Timestamp,
 };
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{broadcast, mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use super::transport::NoDelayTransport;
 use super::RelayError;
@@ -21,9 +22,13 @@ use super::RelayError;
 /// make the daemon hold an unbounded number of connections.
 pub const MAX_REPLY_RELAYS_IN_POOL: usize = 64;
 
-/// Room for bursts between the pool and the intake loop; intake only screens (no IO but a
-/// sled insert), so it drains this quickly.
+/// Room for bursts between the pool and the intake loop; intake only screens (the store work
+/// runs in tasks), so it drains this quickly. An overflow is detected and caught up.
 const NOTIFICATION_CHANNEL_SIZE: usize = 65_536;
+/// Events asked for per page of a catch-up fetch (relays cap what one query returns).
+const FETCH_PAGE: usize = 500;
+/// Most events one catch-up fetches.
+const MAX_CATCH_UP: usize = 100_000;
 
 /// Connecting a reply relay before its first send, and catch-up fetches, give up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +48,7 @@ pub struct RelayRole {
 #[derive(Clone)]
 pub struct Relays {
     client: Client,
+    read: Arc<Vec<RelayUrl>>,
     write: Arc<Vec<RelayUrl>>,
     reply: Arc<Mutex<HashSet<RelayUrl>>>,
 }
@@ -59,7 +65,7 @@ impl Relays {
                     RelayPoolOptions::new().notification_channel_size(NOTIFICATION_CHANNEL_SIZE),
                 ))
                 .build();
-        let mut write = Vec::new();
+        let (mut read, mut write) = (Vec::new(), Vec::new());
         for role in roles {
             let url = RelayUrl::parse(&role.url)
                 .map_err(|e| RelayError::Pool(format!("{}: {e}", role.url)))?;
@@ -69,6 +75,9 @@ impl Relays {
                 .add_relay(url.clone(), opts)
                 .await
                 .map_err(|e| RelayError::Pool(e.to_string()))?;
+            if role.read {
+                read.push(url.clone());
+            }
             if role.write {
                 write.push(url);
             }
@@ -76,6 +85,7 @@ impl Relays {
         client.connect().await;
         Ok(Self {
             client,
+            read: Arc::new(read),
             write: Arc::new(write),
             reply: Arc::new(Mutex::new(HashSet::new())),
         })
@@ -148,19 +158,96 @@ impl Relays {
         Ok(output.val)
     }
 
-    /// Fetch stored job requests since `since` from every read relay (catch-up after a gap).
+    /// Fetch stored job requests since `since` from `relay`, or from every read relay (catch-up
+    /// after a gap). Pages backwards with `until`, so a relay's cap on one query's answer does
+    /// not cut the catch-up short.
     pub async fn fetch_requests(
         &self,
         kinds: &[u16],
         since: Timestamp,
-    ) -> Result<Events, RelayError> {
-        let filter = Filter::new()
-            .kinds(kinds.iter().map(|k| Kind::from(*k)))
-            .since(since);
-        self.client
-            .fetch_events(filter, CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| RelayError::Pool(e.to_string()))
+        relay: Option<&RelayUrl>,
+    ) -> Result<Vec<Event>, RelayError> {
+        let mut fetched = Vec::new();
+        let mut seen: HashSet<EventId> = HashSet::new();
+        let mut until: Option<Timestamp> = None;
+        loop {
+            let mut filter = Filter::new()
+                .kinds(kinds.iter().map(|k| Kind::from(*k)))
+                .since(since)
+                .limit(FETCH_PAGE);
+            if let Some(until) = until {
+                filter = filter.until(until);
+            }
+            let page = match relay {
+                Some(url) => {
+                    self.client
+                        .fetch_events_from([url.clone()], filter, CONNECT_TIMEOUT)
+                        .await
+                }
+                None => self.client.fetch_events(filter, CONNECT_TIMEOUT).await,
+            }
+            .map_err(|e| RelayError::Pool(e.to_string()))?;
+            let full = page.len() >= FETCH_PAGE;
+            let mut oldest: Option<Timestamp> = None;
+            let mut fresh = 0usize;
+            for event in page {
+                oldest = Some(oldest.map_or(event.created_at, |o| o.min(event.created_at)));
+                if seen.insert(event.id) {
+                    fresh += 1;
+                    fetched.push(event);
+                }
+            }
+            // `until` is inclusive: the next page repeats the oldest second, and ends the
+            // paging once it brings nothing new.
+            if !full || fresh == 0 {
+                break;
+            }
+            if fetched.len() >= MAX_CATCH_UP {
+                tracing::warn!(fetched = fetched.len(), "catch-up stopped at its cap");
+                break;
+            }
+            until = oldest;
+        }
+        Ok(fetched)
+    }
+
+    /// Relays that reconnected (after any disconnection) among the read relays, until
+    /// `cancel` fires: each may have dropped events meant for us while it was away, or closed
+    /// our connection because we fell behind.
+    pub async fn watch_reconnections(&self, cancel: CancellationToken) -> mpsc::Receiver<RelayUrl> {
+        let (tx, rx) = mpsc::channel(16);
+        for url in self.read.iter() {
+            let Ok(relay) = self.client.relay(url).await else {
+                continue;
+            };
+            let (tx, url, cancel) = (tx.clone(), url.clone(), cancel.clone());
+            let mut notifications = relay.notifications();
+            tokio::spawn(async move {
+                let mut was_down = false;
+                loop {
+                    let notification = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        n = notifications.recv() => n,
+                    };
+                    match notification {
+                        Ok(RelayNotification::RelayStatus { status }) => match status {
+                            RelayStatus::Connected if was_down => {
+                                was_down = false;
+                                if tx.send(url.clone()).await.is_err() {
+                                    break;
+                                }
+                            }
+                            RelayStatus::Disconnected | RelayStatus::Terminated => was_down = true,
+                            _ => {}
+                        },
+                        Ok(RelayNotification::Shutdown)
+                        | Err(broadcast::error::RecvError::Closed) => break,
+                        _ => {}
+                    }
+                }
+            });
+        }
+        rx
     }
 
     /// Events and relay messages as they arrive.

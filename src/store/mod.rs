@@ -1,20 +1,99 @@
-//! Persistent state in sled: the trees dvmd keeps, their keys, and the schema version.
+//! Persistent state in sled, owned by one writer thread that commits in groups.
+//!
+//! Nothing outside this module names sled. Writes are closures over a [`Tx`] that the writer
+//! thread ([`writer`]) runs, one sled transaction each, in the order they arrive:
+//! - [`Store::apply`] answers once the write is applied (it becomes durable with the next
+//!   flush, at most [`writer::IDLE_FLUSH`] later);
+//! - [`Store::commit`] answers once the flush covering it is done: use it before any side
+//!   effect the write allows (showing an invoice, publishing a result, paying out);
+//! - [`Store::sync`] answers once everything applied so far is durable.
+//!
+//! Reads ([`Store::read`]) run on tokio's blocking pool, never on a tokio worker: sled's reads
+//! take a process-wide lock that queues behind a waiting transaction.
 //!
 //! Every record is JSON (small, inspectable with `dvmd jobs`); keys are raw bytes (32-byte event
-//! ids and payment hashes, 8-byte big-endian sequence numbers). Modules that own a record type do
-//! their reads and writes through the trees opened here, and money-moving changes go through one
-//! multi-tree sled transaction followed by [`Store::flush`] before any side effect they allow.
+//! ids and payment hashes, 8-byte big-endian sequence numbers).
 
+mod tx;
+mod writer;
+
+use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tokio::sync::oneshot;
+
+pub use tx::{Reader, Tx, TxError, TxFailure};
+use writer::{Applied, Command, Status, Write};
 
 /// The schema this build reads and writes. Bump with a migration when a record changes shape.
 /// 2: the `open_payments` index (built from `payments` when a version 1 store is opened).
-pub const SCHEMA_VERSION: u64 = 2;
+/// 3: ledger sequence numbers from a counter in `meta`, written in the entry's own transaction
+///    (was sled's id generator, which fsyncs on its own outside the writer).
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
+/// The counter behind ledger entry keys.
+pub const ENTRY_SEQUENCE: &[u8] = b"entry_sequence";
+
+/// sled's page cache size when the configuration names none (sled's own default is 1 GiB).
+pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The trees dvmd keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// Job records by job id.
+    Jobs = 0,
+    /// Invoices we issued, by payment hash: which job each pays, and whether it was consumed.
+    Payments,
+    /// Index of the payment hashes the reconciler still looks up (neither consumed nor closed),
+    /// kept in the same transactions as `payments`, so a pass costs O(open), not O(history).
+    OpenPayments,
+    /// Ledger balances by account.
+    Accounts,
+    /// Ledger entries by sequence number.
+    Entries,
+    /// The dev wallet's invoices and preimages.
+    DevWallet,
+    /// Our feedback event ids to the job they answer (zaps of a feedback pay its job).
+    Feedback,
+    /// Schema version, keys, counters and checkpoints.
+    Meta,
+}
+
+impl Tree {
+    /// Every tree, in index order.
+    pub const ALL: [Tree; 8] = [
+        Self::Jobs,
+        Self::Payments,
+        Self::OpenPayments,
+        Self::Accounts,
+        Self::Entries,
+        Self::DevWallet,
+        Self::Feedback,
+        Self::Meta,
+    ];
+
+    /// The sled tree name (also used in error messages).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Jobs => "jobs",
+            Self::Payments => "payments",
+            Self::OpenPayments => "open_payments",
+            Self::Accounts => "accounts",
+            Self::Entries => "entries",
+            Self::DevWallet => "dev_wallet",
+            Self::Feedback => "feedback",
+            Self::Meta => "meta",
+        }
+    }
+}
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -39,37 +118,133 @@ pub enum StoreError {
     /// The data directory is locked by another process.
     #[error("store: {0} is in use by another dvmd process (stop the daemon first)")]
     Locked(String),
+    /// The writer thread failed; nothing more can be written.
+    #[error("store writer failed: {0}")]
+    WriterFailed(String),
+    /// The store was closed.
+    #[error("store: closed")]
+    Closed,
+    /// A read could not run.
+    #[error("store: read task failed: {0}")]
+    Read(String),
+    /// The writer thread could not be started.
+    #[error("store: cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
-/// The sled database and its trees.
+/// How to open the store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// sled's page cache, bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            cache_capacity_bytes: DEFAULT_CACHE_CAPACITY_BYTES,
+        }
+    }
+}
+
+/// The sled database and its trees, indexed by [`Tree`].
+pub(crate) struct Trees {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+}
+
+impl Trees {
+    fn open(db: sled::Db) -> Result<Self, StoreError> {
+        let trees = Tree::ALL
+            .iter()
+            .map(|tree| db.open_tree(tree.name()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { db, trees })
+    }
+
+    fn reader(&self) -> Reader<'_> {
+        Reader { trees: &self.trees }
+    }
+
+    /// Run `change` in one sled transaction over every tree (on the writer thread).
+    fn transact<R, E, F>(&self, change: &F) -> Result<R, Failed<E>>
+    where
+        F: Fn(&Tx<'_>) -> Result<R, TxError<E>>,
+    {
+        self.trees
+            .as_slice()
+            .transaction(|views| {
+                change(&Tx { views }).map_err(|e| match e {
+                    TxError::Abort(e) => ConflictableTransactionError::Abort(Failed::Domain(e)),
+                    TxError::Store(TxFailure(inner)) => match inner {
+                        ConflictableTransactionError::Abort(e) => {
+                            ConflictableTransactionError::Abort(Failed::Codec(e))
+                        }
+                        ConflictableTransactionError::Conflict => {
+                            ConflictableTransactionError::Conflict
+                        }
+                        ConflictableTransactionError::Storage(e) => {
+                            ConflictableTransactionError::Storage(e)
+                        }
+                        // The enum is non-exhaustive upstream.
+                        #[allow(unreachable_patterns)]
+                        _ => ConflictableTransactionError::Conflict,
+                    },
+                })
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(failed) => failed,
+                TransactionError::Storage(e) => Failed::Storage(e),
+            })
+    }
+}
+
+/// How a write failed on the writer thread.
+enum Failed<E> {
+    Domain(E),
+    Codec(StoreError),
+    Storage(sled::Error),
+}
+
+struct Shared {
+    trees: Arc<Trees>,
+    queue: flume::Sender<Command>,
+    status: Arc<Status>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Flush and stop the writer, so the database (and its file lock) is released when the
+        // last handle goes. After `Store::close` this returns at once.
+        let _ = self.queue.send(Command::Close(None));
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The store: a handle to the trees and their writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    /// Job records by request event id.
-    pub jobs: sled::Tree,
-    /// Invoices we issued, by payment hash: which job each pays, and whether it was consumed.
-    pub payments: sled::Tree,
-    /// Index of the payment hashes the reconciler still looks up (neither consumed nor closed),
-    /// kept in the same transactions as `payments`, so a pass costs O(open), not O(history).
-    pub open_payments: sled::Tree,
-    /// Ledger balances by customer pubkey.
-    pub accounts: sled::Tree,
-    /// Ledger entries by sequence number.
-    pub entries: sled::Tree,
-    /// The dev wallet's invoices and preimages.
-    pub dev_wallet: sled::Tree,
-    /// Our feedback event ids to the job they answer (zaps of a feedback pay its job).
-    pub feedback: sled::Tree,
-    /// Schema version, keys and checkpoints.
-    pub meta: sled::Tree,
+    shared: Arc<Shared>,
 }
 
 impl Store {
-    /// Open (or create) the store in `dir`.
+    /// Open (or create) the store in `dir` with default options.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, StoreOptions::default())
+    }
+
+    /// Open (or create) the store in `dir`. Blocking: run it before the runtime serves, or on
+    /// a blocking thread.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(options.cache_capacity_bytes)
+            // Our writer flushes; sled's background flusher would take the same lock.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| match e {
                 // sled reports a held file lock as an IO error mentioning the lock.
@@ -78,163 +253,312 @@ impl Store {
                 }
                 other => StoreError::Sled(other),
             })?;
-        Self::with_db(db)
+        Self::start(db)
     }
 
-    /// Open a throwaway store in a temporary directory (tests and benchmarks).
+    /// A throwaway store in a temporary directory (tests and benchmarks).
     pub fn temporary() -> Result<Self, StoreError> {
-        Self::with_db(sled::Config::new().temporary(true).open()?)
+        Self::start(
+            sled::Config::new()
+                .temporary(true)
+                .flush_every_ms(None)
+                .cache_capacity(DEFAULT_CACHE_CAPACITY_BYTES)
+                .open()?,
+        )
     }
 
-    fn with_db(db: sled::Db) -> Result<Self, StoreError> {
-        let store = Self {
-            jobs: db.open_tree("jobs")?,
-            payments: db.open_tree("payments")?,
-            open_payments: db.open_tree("open_payments")?,
-            accounts: db.open_tree("accounts")?,
-            entries: db.open_tree("entries")?,
-            dev_wallet: db.open_tree("dev_wallet")?,
-            feedback: db.open_tree("feedback")?,
-            meta: db.open_tree("meta")?,
-            db,
-        };
-        store.check_schema()?;
-        Ok(store)
+    fn start(db: sled::Db) -> Result<Self, StoreError> {
+        let trees = Trees::open(db)?;
+        migrate(&trees)?;
+        let trees = Arc::new(trees);
+        let status = Arc::new(Status::default());
+        let (queue, commands) = flume::bounded(writer::QUEUE_CAPACITY);
+        let thread =
+            writer::spawn(trees.clone(), commands, status.clone()).map_err(StoreError::Thread)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                trees,
+                queue,
+                status,
+                writer: Mutex::new(Some(thread)),
+            }),
+        })
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
-        let found = match self.meta.get(META_SCHEMA_KEY)? {
-            None => SCHEMA_VERSION,
-            Some(raw) => be_u64(&raw).unwrap_or(0),
-        };
-        match found {
-            SCHEMA_VERSION => {}
-            1 => self.index_open_payments()?,
-            found => return Err(StoreError::Schema { found }),
-        }
-        self.meta
-            .insert(META_SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-        Ok(())
+    /// Apply `change` on the writer thread; answers once it is applied (durable with the next
+    /// group commit). `change` may run more than once (sled retries on conflict), so it must
+    /// only describe the change.
+    pub async fn apply<R, E, F>(&self, change: F) -> Result<R, E>
+    where
+        F: Fn(&Tx<'_>) -> Result<R, TxError<E>> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.write(change, false).await
     }
 
-    /// Migration 1 -> 2: index every payment record that is neither consumed nor closed.
-    fn index_open_payments(&self) -> Result<(), StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Flags {
-            consumed: bool,
-            #[serde(default)]
-            closed: bool,
-        }
-        let mut indexed = 0usize;
-        for item in self.payments.iter() {
-            let (hash, raw) = item?;
-            let flags: Flags = decode("payments", &raw)?;
-            if !flags.consumed && !flags.closed {
-                self.open_payments.insert(hash, &[] as &[u8])?;
-                indexed += 1;
+    /// Apply `change` and answer once the flush that covers it is done: the change is durable
+    /// before the caller acts on it.
+    pub async fn commit<R, E, F>(&self, change: F) -> Result<R, E>
+    where
+        F: Fn(&Tx<'_>) -> Result<R, TxError<E>> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.write(change, true).await
+    }
+
+    async fn write<R, E, F>(&self, change: F, durable: bool) -> Result<R, E>
+    where
+        F: Fn(&Tx<'_>) -> Result<R, TxError<E>> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<Result<R, E>>();
+        let apply = Box::new(move |trees: &Trees| {
+            let (result, failure) = match trees.transact(&change) {
+                Ok(value) => (Ok(value), None),
+                Err(Failed::Domain(e)) => (Err(e), None),
+                Err(Failed::Codec(e)) => (Err(E::from(e)), None),
+                Err(Failed::Storage(e)) => {
+                    let reason = format!("write failed: {e}");
+                    (Err(E::from(StoreError::Sled(e))), Some(reason))
+                }
+            };
+            Applied {
+                deliver: Box::new(move |flushed: Result<(), StoreError>| {
+                    let answer = match (result, flushed) {
+                        // Applied but not durable: the caller must not act on it.
+                        (Ok(_), Err(e)) => Err(E::from(e)),
+                        (result, _) => result,
+                    };
+                    let _ = reply.send(answer);
+                }),
+                failure,
             }
+        });
+        let write = Write {
+            apply,
+            durable,
+            enqueued: Instant::now(),
+        };
+        if self
+            .shared
+            .queue
+            .send_async(Command::Write(write))
+            .await
+            .is_err()
+        {
+            return Err(E::from(self.shared.status.gone().await));
         }
-        self.db.flush()?;
-        tracing::info!(indexed, "store migrated to schema 2 (open payments index)");
-        Ok(())
+        match self.answer(answer).await {
+            Some(answer) => answer,
+            None => Err(E::from(self.shared.status.gone().await)),
+        }
     }
 
-    /// Make everything written so far durable. Call before acting on a money-moving change.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+    /// Answer once everything applied so far is durable. Call before acting on writes made
+    /// with [`Store::apply`].
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Sync {
+            reply,
+            enqueued: Instant::now(),
+        };
+        if self.shared.queue.send_async(command).await.is_err() {
+            return Err(self.shared.status.gone().await);
+        }
+        match self.answer(answer).await {
+            Some(answer) => answer,
+            None => Err(self.shared.status.gone().await),
+        }
     }
 
-    /// A fresh monotonic id (ledger sequence numbers).
-    pub fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+    /// The writer's answer, or `None` once the writer stopped without giving one (the command
+    /// was still queued, or its answer was dropped by a failing write).
+    async fn answer<T>(&self, mut answer: oneshot::Receiver<T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            answered = &mut answer => answered.ok(),
+            _ = self.shared.status.stopped().cancelled() => answer.try_recv().ok(),
+        }
+    }
+
+    /// Flush what is applied and stop the writer; later writes get [`StoreError::Closed`].
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .shared
+            .queue
+            .send_async(Command::Close(Some(reply)))
+            .await
+            .is_err()
+        {
+            return match self.shared.status.failure() {
+                Some(reason) => Err(StoreError::WriterFailed(reason.to_owned())),
+                None => Ok(()),
+            };
+        }
+        match self.answer(answer).await {
+            Some(answer) => answer,
+            None => Err(self.shared.status.gone().await),
+        }
+    }
+
+    /// Run `read` on the blocking pool (never on a tokio worker).
+    pub async fn read<R, E, F>(&self, read: F) -> Result<R, E>
+    where
+        F: FnOnce(&Reader<'_>) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let trees = self.shared.trees.clone();
+        tokio::task::spawn_blocking(move || read(&trees.reader()))
+            .await
+            .map_err(|e| E::from(StoreError::Read(e.to_string())))?
+    }
+
+    /// Run `read` on this thread: for command-line tools and threads that may block.
+    pub fn read_blocking<R, E>(
+        &self,
+        read: impl FnOnce(&Reader<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        read(&self.shared.trees.reader())
+    }
+
+    /// Why the writer failed, if it did (`/healthz` reports it).
+    pub fn failure(&self) -> Option<String> {
+        self.shared.status.failure().map(str::to_owned)
+    }
+
+    /// Resolves with the reason when the writer fails.
+    pub async fn failed(&self) -> String {
+        self.shared.status.failed().cancelled().await;
+        self.failure().unwrap_or_default()
+    }
+
+    /// Make the writer fail at its next flush, as a disk that stopped taking writes would
+    /// (fault tests: every waiting and later write must get an error, never hang).
+    pub fn inject_fault(&self, reason: &str) {
+        let _ = self
+            .shared
+            .queue
+            .try_send(Command::Fault(reason.to_owned()));
+    }
+
+    /// Append the writer's figures in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let stats = &self.shared.status.stats;
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_store_queue_depth Writes waiting for the store writer.\n# TYPE dvmd_store_queue_depth gauge\ndvmd_store_queue_depth {}",
+            self.shared.queue.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_store_writes_total Writes applied by the store writer.\n# TYPE dvmd_store_writes_total counter\ndvmd_store_writes_total {}",
+            stats.writes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_store_flushes_total Group commits (one fsync each).\n# TYPE dvmd_store_flushes_total counter\ndvmd_store_flushes_total {}",
+            stats.flushes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_store_up 1 while the store writer accepts writes.\n# TYPE dvmd_store_up gauge\ndvmd_store_up {}",
+            u8::from(self.shared.status.failure().is_none())
+        );
+        stats.commit.render(
+            out,
+            "dvmd_store_commit_seconds",
+            "From a durable write being queued to the flush that covers it.",
+        );
+        stats.flush.render(
+            out,
+            "dvmd_store_flush_seconds",
+            "Duration of one group commit flush.",
+        );
+        stats.group.render(
+            out,
+            "dvmd_store_group_size",
+            "Writes made durable by one flush.",
+        );
     }
 }
 
-/// Serialize a record for a tree.
+/// Bring a store written by an older schema up to [`SCHEMA_VERSION`], before the writer starts.
+fn migrate(trees: &Trees) -> Result<(), StoreError> {
+    let meta = &trees.trees[Tree::Meta as usize];
+    let found = match meta.get(META_SCHEMA_KEY)? {
+        None => SCHEMA_VERSION,
+        Some(raw) => be_u64(&raw).unwrap_or(0),
+    };
+    match found {
+        SCHEMA_VERSION => {}
+        1 => {
+            index_open_payments(trees)?;
+            count_entries(trees)?;
+        }
+        2 => count_entries(trees)?,
+        found => return Err(StoreError::Schema { found }),
+    }
+    if meta.get(ENTRY_SEQUENCE)?.is_none() {
+        meta.insert(ENTRY_SEQUENCE, &0u64.to_be_bytes())?;
+    }
+    meta.insert(META_SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+    trees.db.flush()?;
+    Ok(())
+}
+
+/// Migration 1 -> 2: index every payment record that is neither consumed nor closed.
+fn index_open_payments(trees: &Trees) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Flags {
+        consumed: bool,
+        #[serde(default)]
+        closed: bool,
+    }
+    let open = &trees.trees[Tree::OpenPayments as usize];
+    let mut indexed = 0usize;
+    for item in trees.trees[Tree::Payments as usize].iter() {
+        let (hash, raw) = item?;
+        let flags: Flags = decode("payments", &raw)?;
+        if !flags.consumed && !flags.closed {
+            open.insert(hash, &[] as &[u8])?;
+            indexed += 1;
+        }
+    }
+    tracing::info!(indexed, "store migrated to schema 2 (open payments index)");
+    Ok(())
+}
+
+/// Migration 2 -> 3: the ledger sequence continues after the last entry sled's id generator
+/// numbered.
+fn count_entries(trees: &Trees) -> Result<(), StoreError> {
+    let next = match trees.trees[Tree::Entries as usize].last()? {
+        Some((key, _)) => be_u64(&key).map_or(0, |last| last + 1),
+        None => 0,
+    };
+    trees.trees[Tree::Meta as usize].insert(ENTRY_SEQUENCE, &next.to_be_bytes())?;
+    tracing::info!(next, "store migrated to schema 3 (ledger sequence in meta)");
+    Ok(())
+}
+
+/// Serialize a record for `tree`.
 pub fn encode<T: Serialize>(tree: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|source| StoreError::Codec { tree, source })
 }
 
-/// Deserialize a record read from a tree.
+/// Deserialize a record read from `tree`.
 pub fn decode<T: DeserializeOwned>(tree: &'static str, raw: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(raw).map_err(|source| StoreError::Codec { tree, source })
 }
 
-/// Read a big-endian u64 (sequence numbers, versions).
+/// Read a big-endian u64 (sequence numbers, versions, balances).
 pub fn be_u64(raw: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(raw.try_into().ok()?))
 }
 
-/// Serialize inside a sled transaction, aborting it on failure.
-pub fn tx_encode<T: Serialize>(
-    tree: &'static str,
-    value: &T,
-) -> Result<Vec<u8>, sled::transaction::ConflictableTransactionError<StoreError>> {
-    encode(tree, value).map_err(sled::transaction::ConflictableTransactionError::Abort)
-}
-
-/// Deserialize inside a sled transaction, aborting it on failure.
-pub fn tx_decode<T: DeserializeOwned>(
-    tree: &'static str,
-    raw: &[u8],
-) -> Result<T, sled::transaction::ConflictableTransactionError<StoreError>> {
-    decode(tree, raw).map_err(sled::transaction::ConflictableTransactionError::Abort)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_version_1_store_gets_its_open_payments_indexed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            // A store as schema 1 left it: payment records, no index.
-            let db = sled::open(dir.path()).expect("sled");
-            let meta = db.open_tree("meta").expect("meta");
-            meta.insert(META_SCHEMA_KEY, &1u64.to_be_bytes())
-                .expect("version");
-            let payments = db.open_tree("payments").expect("payments");
-            for (key, consumed, closed) in
-                [(1u8, false, None), (2, true, None), (3, false, Some(true))]
-            {
-                let mut record = serde_json::json!({ "consumed": consumed });
-                if let Some(closed) = closed {
-                    record["closed"] = closed.into();
-                }
-                payments
-                    .insert([key; 32], serde_json::to_vec(&record).expect("json"))
-                    .expect("insert");
-            }
-            db.flush().expect("flush");
-        }
-        let store = Store::open(dir.path()).expect("open");
-        let indexed: Vec<Vec<u8>> = store
-            .open_payments
-            .iter()
-            .keys()
-            .map(|k| k.expect("key").to_vec())
-            .collect();
-        assert_eq!(indexed, vec![vec![1u8; 32]], "only the open record");
-        let version = store.meta.get(META_SCHEMA_KEY).expect("get").expect("set");
-        assert_eq!(be_u64(&version), Some(SCHEMA_VERSION));
-    }
-
-    #[test]
-    fn an_unknown_schema_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let db = sled::open(dir.path()).expect("sled");
-            db.open_tree("meta")
-                .expect("meta")
-                .insert(META_SCHEMA_KEY, &99u64.to_be_bytes())
-                .expect("version");
-            db.flush().expect("flush");
-        }
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(StoreError::Schema { found: 99 })
-        ));
-    }
-}
+mod tests;

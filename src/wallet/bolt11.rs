@@ -69,7 +69,9 @@ mod tests {
 
     #[tokio::test]
     async fn reads_our_own_invoices() {
-        let wallet = DevWallet::open(Store::temporary().expect("store")).expect("wallet");
+        let wallet = DevWallet::open(Store::temporary().expect("store"))
+            .await
+            .expect("wallet");
         let invoice = wallet
             .create_invoice(InvoiceRequest {
                 amount_msat: 21_500,
@@ -92,7 +94,9 @@ mod tests {
     async fn rejects_garbage_and_tampering() {
         assert!(decode("lnbc1notaninvoice").is_err());
         assert!(decode("").is_err());
-        let wallet = DevWallet::open(Store::temporary().expect("store")).expect("wallet");
+        let wallet = DevWallet::open(Store::temporary().expect("store"))
+            .await
+            .expect("wallet");
         let invoice = wallet
             .create_invoice(InvoiceRequest {
                 amount_msat: 1_000,

@@ -19,7 +19,7 @@ use super::{
     Invoice, InvoiceDescription, InvoiceRequest, PaymentHash, PaymentSent, PaymentStatus, Wallet,
     WalletError,
 };
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, Store, Tree, TxError};
 
 const NODE_KEY: &[u8] = b"dev_wallet_node_key";
 const SPENT: &[u8] = b"dev_wallet_spent_msat";
@@ -45,19 +45,19 @@ pub struct DevWallet {
 
 impl DevWallet {
     /// Open the dev wallet in `store`, creating its node key on first use.
-    pub fn open(store: Store) -> Result<Self, WalletError> {
-        let node_key = match store.meta.get(NODE_KEY).map_err(StoreError::from)? {
-            Some(raw) => SecretKey::from_slice(&raw)
-                .map_err(|e| WalletError::Unavailable(format!("corrupt dev node key: {e}")))?,
-            None => {
-                let key = SecretKey::new(&mut rand::thread_rng());
-                store
-                    .meta
-                    .insert(NODE_KEY, &key.secret_bytes())
-                    .map_err(StoreError::from)?;
-                key
-            }
-        };
+    pub async fn open(store: Store) -> Result<Self, WalletError> {
+        let fresh = SecretKey::new(&mut rand::thread_rng()).secret_bytes();
+        let raw = store
+            .commit(move |tx| {
+                if let Some(existing) = tx.get_raw(Tree::Meta, NODE_KEY)? {
+                    return Ok::<_, TxError<WalletError>>(existing);
+                }
+                tx.put_raw(Tree::Meta, NODE_KEY, &fresh)?;
+                Ok(fresh.to_vec())
+            })
+            .await?;
+        let node_key = SecretKey::from_slice(&raw)
+            .map_err(|e| WalletError::Unavailable(format!("corrupt dev node key: {e}")))?;
         let (hints, _) = broadcast::channel(SETTLEMENT_HINTS);
         Ok(Self {
             store,
@@ -70,47 +70,47 @@ impl DevWallet {
     /// Simulate a customer paying `bolt11`, one of this wallet's own invoices. Returns the
     /// preimage. Paying twice, an expired invoice or a foreign invoice is refused.
     pub async fn settle(&self, bolt11: &str) -> Result<[u8; 32], WalletError> {
+        self.mark_paid(bolt11, false).await
+    }
+
+    /// Mark `bolt11` paid, durably, before anyone is told it happened; with `spend`, also record
+    /// that the money left this wallet (it paid its own invoice), in the same transaction.
+    async fn mark_paid(&self, bolt11: &str, spend: bool) -> Result<[u8; 32], WalletError> {
         let invoice = Bolt11Invoice::from_str(bolt11.trim())
             .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
         let hash = PaymentHash(invoice.payment_hash().to_byte_array());
         let now = unix_now();
-        let mut refusal = None;
-        let updated = self
+        let record = self
             .store
-            .dev_wallet
-            .update_and_fetch(hash.0, |raw| {
-                let raw = raw?;
-                let mut record: DevInvoice = match store::decode("dev_wallet", raw) {
-                    Ok(record) => record,
-                    Err(e) => {
-                        refusal = Some(WalletError::Store(e));
-                        return Some(raw.to_vec());
-                    }
+            .commit(move |tx| {
+                let Some(mut record) = tx.get::<DevInvoice>(Tree::DevWallet, &hash.0)? else {
+                    return Err(TxError::Abort(WalletError::Refused(
+                        "not an invoice of this dev wallet".to_owned(),
+                    )));
                 };
                 if record.paid_at.is_some() {
-                    refusal = Some(WalletError::Refused("invoice already paid".to_owned()));
-                } else if record.expires_at <= now {
-                    refusal = Some(WalletError::Refused("invoice expired".to_owned()));
-                } else {
-                    refusal = None;
-                    record.paid_at = Some(now);
+                    return Err(TxError::Abort(WalletError::Refused(
+                        "invoice already paid".to_owned(),
+                    )));
                 }
-                serde_json::to_vec(&record).ok()
+                if record.expires_at <= now {
+                    return Err(TxError::Abort(WalletError::Refused(
+                        "invoice expired".to_owned(),
+                    )));
+                }
+                record.paid_at = Some(now);
+                tx.put(Tree::DevWallet, &hash.0, &record)?;
+                if spend {
+                    let spent = tx
+                        .get_raw(Tree::Meta, SPENT)?
+                        .and_then(|raw| store::be_u64(&raw))
+                        .unwrap_or(0);
+                    let spent = spent.saturating_add(record.amount_msat);
+                    tx.put_raw(Tree::Meta, SPENT, &spent.to_be_bytes())?;
+                }
+                Ok(record)
             })
-            .map_err(StoreError::from)?;
-        if let Some(refusal) = refusal {
-            return Err(refusal);
-        }
-        let record: DevInvoice = match updated {
-            Some(raw) => store::decode("dev_wallet", &raw)?,
-            None => {
-                return Err(WalletError::Refused(
-                    "not an invoice of this dev wallet".to_owned(),
-                ))
-            }
-        };
-        // The payment must be durable before anyone is told it happened.
-        self.store.flush().await?;
+            .await?;
         let mut preimage = [0u8; 32];
         hex::decode_to_slice(&record.preimage, &mut preimage)
             .map_err(|e| WalletError::Unavailable(format!("corrupt preimage: {e}")))?;
@@ -120,16 +120,11 @@ impl DevWallet {
         Ok(preimage)
     }
 
-    fn record(&self, hash: &PaymentHash) -> Result<Option<DevInvoice>, WalletError> {
-        match self
-            .store
-            .dev_wallet
-            .get(hash.0)
-            .map_err(StoreError::from)?
-        {
-            Some(raw) => Ok(Some(store::decode("dev_wallet", &raw)?)),
-            None => Ok(None),
-        }
+    async fn record(&self, hash: &PaymentHash) -> Result<Option<DevInvoice>, WalletError> {
+        let hash = *hash;
+        self.store
+            .read(move |r| Ok(r.get(Tree::DevWallet, &hash.0)?))
+            .await
     }
 }
 
@@ -178,10 +173,12 @@ impl Wallet for DevWallet {
             expires_at,
             paid_at: None,
         };
+        let stored = record.clone();
         self.store
-            .dev_wallet
-            .insert(hash.0, store::encode("dev_wallet", &record)?)
-            .map_err(StoreError::from)?;
+            .apply(move |tx| {
+                Ok::<_, TxError<WalletError>>(tx.put(Tree::DevWallet, &hash.0, &stored)?)
+            })
+            .await?;
         Ok(Invoice {
             bolt11: record.bolt11,
             payment_hash: hash,
@@ -191,7 +188,7 @@ impl Wallet for DevWallet {
     }
 
     async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
-        Ok(match self.record(payment_hash)? {
+        Ok(match self.record(payment_hash).await? {
             None => PaymentStatus::Unknown,
             Some(DevInvoice {
                 paid_at: Some(_),
@@ -208,7 +205,7 @@ impl Wallet for DevWallet {
         let invoice = Bolt11Invoice::from_str(bolt11.trim())
             .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
         let hash = PaymentHash(invoice.payment_hash().to_byte_array());
-        if self.record(&hash)?.is_none() {
+        if self.record(&hash).await?.is_none() {
             return Err(WalletError::Refused(
                 "the dev wallet pays only its own invoices".to_owned(),
             ));
@@ -221,17 +218,9 @@ impl Wallet for DevWallet {
                 needed_msat: amount,
             });
         }
-        let preimage = self.settle(bolt11).await?;
-        // Money left (and, being our own invoice, came back): record the spend so the balance
-        // nets to zero, as it would on a real node.
-        self.store
-            .meta
-            .update_and_fetch(SPENT, |raw| {
-                let spent = raw.and_then(store::be_u64).unwrap_or(0);
-                Some(spent.saturating_add(amount).to_be_bytes().to_vec())
-            })
-            .map_err(StoreError::from)?;
-        self.store.flush().await?;
+        // Money left (and, being our own invoice, came back): the spend is recorded with the
+        // payment, so the balance nets to zero, as it would on a real node.
+        let preimage = self.mark_paid(bolt11, true).await?;
         Ok(PaymentSent {
             preimage,
             fee_msat: 0,
@@ -239,22 +228,22 @@ impl Wallet for DevWallet {
     }
 
     async fn balance(&self) -> Result<u64, WalletError> {
-        let mut received = 0u64;
-        for item in self.store.dev_wallet.iter() {
-            let (_, raw) = item.map_err(StoreError::from)?;
-            let record: DevInvoice = store::decode("dev_wallet", &raw)?;
-            if record.paid_at.is_some() {
-                received = received.saturating_add(record.amount_msat);
-            }
-        }
-        let spent = self
-            .store
-            .meta
-            .get(SPENT)
-            .map_err(StoreError::from)?
-            .and_then(|raw| store::be_u64(&raw))
-            .unwrap_or(0);
-        Ok(received.saturating_sub(spent))
+        self.store
+            .read(|r| {
+                let mut received = 0u64;
+                for item in r.scan::<DevInvoice>(Tree::DevWallet) {
+                    let (_, record) = item?;
+                    if record.paid_at.is_some() {
+                        received = received.saturating_add(record.amount_msat);
+                    }
+                }
+                let spent = r
+                    .get_raw(Tree::Meta, SPENT)?
+                    .and_then(|raw| store::be_u64(&raw))
+                    .unwrap_or(0);
+                Ok(received.saturating_sub(spent))
+            })
+            .await
     }
 
     fn settlements(&self) -> broadcast::Receiver<PaymentHash> {
@@ -273,8 +262,10 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
-    fn wallet() -> DevWallet {
-        DevWallet::open(Store::temporary().expect("store")).expect("wallet")
+    async fn wallet() -> DevWallet {
+        DevWallet::open(Store::temporary().expect("store"))
+            .await
+            .expect("wallet")
     }
 
     fn request(msat: u64) -> InvoiceRequest {
@@ -287,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn issues_real_regtest_invoices() {
-        let wallet = wallet();
+        let wallet = wallet().await;
         let invoice = wallet
             .create_invoice(request(21_000))
             .await
@@ -312,7 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn settles_once_and_hints() {
-        let wallet = wallet();
+        let wallet = wallet().await;
         let mut hints = wallet.settlements();
         let invoice = wallet
             .create_invoice(request(5_000))
@@ -337,8 +328,8 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_foreign_and_expired_invoices() {
-        let wallet = wallet();
-        let other = self::wallet();
+        let wallet = wallet().await;
+        let other = self::wallet().await;
         let foreign = other.create_invoice(request(1_000)).await.expect("invoice");
         assert!(matches!(
             wallet.settle(&foreign.bolt11).await,
@@ -373,7 +364,7 @@ mod tests {
 
     #[tokio::test]
     async fn description_hash_invoices() {
-        let wallet = wallet();
+        let wallet = wallet().await;
         let hash = sha256::Hash::hash(b"zap request").to_byte_array();
         let invoice = wallet
             .create_invoice(InvoiceRequest {

@@ -196,7 +196,7 @@ pub async fn open(
     use crate::config::WalletChoice;
     Ok(match choice {
         WalletChoice::Dev => {
-            let dev = Arc::new(dev::DevWallet::open(store.clone())?);
+            let dev = Arc::new(dev::DevWallet::open(store.clone()).await?);
             tracing::warn!(
                 "using the dev wallet: regtest invoices, simulated settlement, not money"
             );

@@ -41,6 +41,7 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     assert_eq!(job.state, JobState::Rejected);
@@ -99,6 +100,7 @@ async fn malformed_and_foreign_requests() {
             .pipeline()
             .book()
             .get(&request.id)
+            .await
             .expect("read")
             .expect("job");
         assert_eq!(job.state, JobState::Rejected);
@@ -143,6 +145,7 @@ async fn malformed_and_foreign_requests() {
         .pipeline()
         .book()
         .get(&foreign.id)
+        .await
         .expect("read")
         .is_none());
     assert!(
@@ -183,6 +186,7 @@ async fn malformed_and_foreign_requests() {
         .pipeline()
         .book()
         .get(&stale.id)
+        .await
         .expect("read")
         .is_none());
 

@@ -80,12 +80,21 @@ pub fn open_store(data: &Path) -> Store {
 
 /// Every job in the store.
 pub fn jobs(store: &Store) -> Vec<Job> {
-    Book::new(store.clone()).all().expect("jobs")
+    Book::new(store.clone()).all_blocking().expect("jobs")
 }
 
 /// The ledger invariant must hold after every scenario.
 pub fn ledger_ok(store: &Store) -> Totals {
-    ledger::check(store).expect("ledger invariant holds")
+    store
+        .read_blocking(ledger::check)
+        .expect("ledger invariant holds")
+}
+
+/// The balance of `account`.
+pub fn balance(store: &Store, account: &nostr_sdk::PublicKey) -> u64 {
+    store
+        .read_blocking(|r| ledger::balance(r, account))
+        .expect("balance")
 }
 
 /// A loopback port that was free a moment ago (for daemons restarted on the same address).
@@ -261,7 +270,7 @@ pub async fn error_info(customer: &mut Customer, job: &EventId) -> String {
 /// A job not recorded yet (intake admits it in a task) is waited for too.
 pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {
     for _ in 0..250 {
-        if let Some(job) = book.get(id).expect("read") {
+        if let Some(job) = book.get(id).await.expect("read") {
             if job.state == state {
                 return job;
             }

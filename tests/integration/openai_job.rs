@@ -34,6 +34,7 @@ async fn paid_job_through_an_openai_compatible_server() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     let usage = job.usage.expect("usage from the server's stream");

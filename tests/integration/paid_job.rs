@@ -109,6 +109,7 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     let usage = job.usage.expect("usage recorded");

@@ -33,6 +33,7 @@ async fn settlement_hints_without_payment_move_nothing() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     let hash = job.invoice.expect("invoice").payment_hash;
@@ -49,6 +50,7 @@ async fn settlement_hints_without_payment_move_nothing() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     assert_eq!(job.state, JobState::AwaitingPayment);
@@ -159,10 +161,7 @@ async fn failure_after_payment_is_reported_and_credited() {
         totals.balances_msat, quote,
         "the customer is owed everything paid"
     );
-    assert_eq!(
-        dvmd::ledger::balance(&store, &request.pubkey).expect("balance"),
-        quote
-    );
+    assert_eq!(harness::balance(&store, &request.pubkey), quote);
 }
 
 /// A kind 5 deletion naming `request`, as NIP-90 clients cancel a job.
@@ -208,9 +207,9 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
     let mallory = nostr_sdk::Keys::generate();
     assert!(alice.send(&cancellation(kept, &mallory)).await.is_err());
     let forged = dvmd::nip90::Verified::check(cancellation(kept, &mallory)).expect("signed");
-    daemon.pipeline().handle_cancellation(&forged);
+    daemon.pipeline().apply_cancellation(&forged).await;
     assert_eq!(
-        book.get(&kept.id).expect("read").expect("job").state,
+        book.get(&kept.id).await.expect("read").expect("job").state,
         JobState::AwaitingPayment,
         "only the customer can cancel a job"
     );
@@ -226,6 +225,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
     // Paying the cancelled job's invoice anyway runs nothing and credits Alice.
     let hash = book
         .get(&cancelled.id)
+        .await
         .expect("read")
         .expect("job")
         .invoice
@@ -233,14 +233,30 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
         .payment_hash;
     harness::dev_pay(&ready.http_url, cancelled_bolt11).await;
     for _ in 0..250 {
-        if book.payment(&hash).expect("read").expect("record").consumed {
+        if book
+            .payment(&hash)
+            .await
+            .expect("read")
+            .expect("record")
+            .consumed
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(book.payment(&hash).expect("read").expect("record").consumed);
+    assert!(
+        book.payment(&hash)
+            .await
+            .expect("read")
+            .expect("record")
+            .consumed
+    );
     assert_eq!(
-        book.get(&cancelled.id).expect("read").expect("job").state,
+        book.get(&cancelled.id)
+            .await
+            .expect("read")
+            .expect("job")
+            .state,
         JobState::Cancelled
     );
 
@@ -258,6 +274,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
 
     let cancelled_quote = book
         .get(&cancelled.id)
+        .await
         .expect("read")
         .expect("job")
         .quote_msat
@@ -340,7 +357,7 @@ async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
         ))
         .await
         .is_err());
-    let job = book.get(&request.id).expect("read").expect("job");
+    let job = book.get(&request.id).await.expect("read").expect("job");
     assert_eq!(job.state, JobState::Cancelled);
     assert!(job.invoice.is_none());
     alice.shutdown().await;

@@ -96,10 +96,7 @@ async fn pay_an_invoice_and_a_lightning_address_of_another_dvmd() {
     let store = harness::open_store(data_b.path());
     let totals = harness::ledger_ok(&store);
     assert_eq!(totals.payment_in_msat, 7_000);
-    assert_eq!(
-        dvmd::ledger::balance(&store, &b_pubkey).expect("balance"),
-        7_000
-    );
+    assert_eq!(harness::balance(&store, &b_pubkey), 7_000);
     drop(store);
 
     // A BOLT11 invoice, through the CLI with the operator's config.

@@ -25,10 +25,12 @@ struct Provider {
 }
 
 impl Provider {
-    fn new() -> Self {
+    async fn new() -> Self {
         Self {
             keys: Keys::generate(),
-            wallet: DevWallet::open(Store::temporary().expect("store")).expect("wallet"),
+            wallet: DevWallet::open(Store::temporary().expect("store"))
+                .await
+                .expect("wallet"),
         }
     }
 
@@ -74,7 +76,7 @@ impl Provider {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
-    let provider = Provider::new();
+    let provider = Provider::new().await;
     let data = harness::data_dir();
     let provider_hex = provider.keys.public_key().to_hex();
     let config = harness::dev_config(data.path(), |file| {
@@ -161,6 +163,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
         let state = pipeline
             .book()
             .get(&job.id)
+            .await
             .expect("read")
             .expect("job")
             .state;
@@ -201,6 +204,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
         pipeline
             .book()
             .get(&job2.id)
+            .await
             .expect("read")
             .expect("job")
             .state,
@@ -222,6 +226,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
         pipeline
             .book()
             .get(&job2.id)
+            .await
             .expect("read")
             .expect("job")
             .state,
@@ -243,7 +248,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_trusted_provider_receipts_are_ignored() {
-    let provider = Provider::new();
+    let provider = Provider::new().await;
     let data = harness::data_dir();
     let daemon = harness::start(
         harness::dev_config(data.path(), |_| {}),
@@ -278,6 +283,7 @@ async fn without_a_trusted_provider_receipts_are_ignored() {
         .pipeline()
         .book()
         .get(&job.id)
+        .await
         .expect("read")
         .expect("job")
         .state;

@@ -132,15 +132,26 @@ async fn one_request_on_two_relays_runs_once() {
     }
 
     let book = daemon.pipeline().book();
-    assert_eq!(book.all().expect("jobs").len(), 1);
+    assert_eq!(book.all().await.expect("jobs").len(), 1);
     for _ in 0..100 {
-        if book.get(&request.id).expect("read").expect("job").state == JobState::Settled {
+        if book
+            .get(&request.id)
+            .await
+            .expect("read")
+            .expect("job")
+            .state
+            == JobState::Settled
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        book.get(&request.id).expect("read").expect("job").state,
+        book.get(&request.id)
+            .await
+            .expect("read")
+            .expect("job")
+            .state,
         JobState::Settled
     );
     on_a.shutdown().await;

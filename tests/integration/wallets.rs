@@ -195,7 +195,11 @@ impl Counterparty for LnbitsCounterparty<'_> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_wallet_conforms() {
-    let wallet = Arc::new(DevWallet::open(Store::temporary().expect("store")).expect("wallet"));
+    let wallet = Arc::new(
+        DevWallet::open(Store::temporary().expect("store"))
+            .await
+            .expect("wallet"),
+    );
     conformance(wallet.clone(), &DevCounterparty(wallet)).await;
 }
 
@@ -333,6 +337,7 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     assert_eq!(
@@ -447,6 +452,7 @@ async fn lnbits_going_away_loses_nothing() {
         .pipeline()
         .book()
         .get(&request.id)
+        .await
         .expect("read")
         .expect("job");
     assert_eq!(job.state, JobState::AwaitingPayment);

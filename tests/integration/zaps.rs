@@ -213,7 +213,7 @@ async fn a_zap_pays_for_a_job_and_gets_a_receipt() {
     );
     let charged = job.charge_msat.expect("charged");
     assert_eq!(
-        dvmd::ledger::balance(&store, &request.pubkey).expect("balance"),
+        harness::balance(&store, &request.pubkey),
         quote - charged + quote + 5_000
     );
 }
@@ -262,14 +262,8 @@ async fn a_zap_from_someone_else_pays_for_the_job_and_keeps_the_change() {
     assert_eq!(totals.payment_in_msat, quote);
     let charged = job.charge_msat.expect("charged");
     assert!(charged > 0 && charged <= quote);
-    assert_eq!(
-        dvmd::ledger::balance(&store, &bob.public_key()).expect("balance"),
-        quote - charged
-    );
-    assert_eq!(
-        dvmd::ledger::balance(&store, &request.pubkey).expect("balance"),
-        0
-    );
+    assert_eq!(harness::balance(&store, &bob.public_key()), quote - charged);
+    assert_eq!(harness::balance(&store, &request.pubkey), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

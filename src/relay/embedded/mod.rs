@@ -1,43 +1,140 @@
-//! The in-process relay for `dvmd run --dev` and the tests: nostr-relay-builder's `LocalRelay`
-//! behind our own accept loop.
+//! The in-process relay for `dvmd run --dev` and the tests: a small NIP-01 relay of our own,
+//! on nostr's types and nostr-database's in-memory store.
 //!
-//! We accept TCP ourselves for two reasons: to set TCP_NODELAY (the builder's listener does not,
-//! which costs ~43 ms per hop on loopback), and to own the listener's lifecycle so the daemon's
-//! cancellation token stops it.
+//! Why our own rather than nostr-relay-builder's `LocalRelay`: that relay feeds every
+//! connection from one `broadcast` channel of 1024 events and silently skips what a slow reader
+//! lagged behind, so neither side learns that events were lost; and every event wakes every
+//! connection to run its filters. Here ([`subscriptions`]) an event is matched only against
+//! the subscriptions it can concern (indexed by `#p`), each connection has a bounded queue, and
+//! a reader that falls behind is closed and counted, so its client reconnects and resubscribes
+//! with `since`. Memory is bounded by [`RelayOptions::max_events`].
+//!
+//! We also accept TCP ourselves, to set TCP_NODELAY (~43 ms per hop on loopback without it) and
+//! to own the listener's lifecycle, so the daemon's cancellation token stops it.
+
+mod connection;
+mod subscriptions;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use nostr_relay_builder::builder::RateLimit;
-use nostr_relay_builder::{LocalRelay, RelayBuilder};
+use nostr_sdk::prelude::{MemoryDatabase, MemoryDatabaseOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::RelayError;
+use subscriptions::Subscriptions;
 
 /// Largest websocket upgrade request we read; browsers send well under 2 KiB.
 const MAX_HANDSHAKE_BYTES: usize = 16 * 1024;
+/// Largest websocket message accepted (a request event is at most 64 KiB by default; a result
+/// embeds its request).
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
-/// A running embedded relay.
+/// Limits of the embedded relay.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    /// Events kept in memory; the oldest go first.
+    pub max_events: usize,
+    /// Live events queued for one connection before it counts as fallen behind.
+    pub live_queue: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Stored events sent for a filter without `limit`.
+    pub default_limit: usize,
+    /// Most stored events sent for one filter.
+    pub max_limit: usize,
+    /// Connections at once.
+    pub max_connections: usize,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            max_events: 100_000,
+            live_queue: 4096,
+            max_subscriptions: 64,
+            default_limit: 500,
+            max_limit: 5000,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// What every connection shares.
+struct Shared {
+    db: MemoryDatabase,
+    subscriptions: Subscriptions,
+    options: RelayOptions,
+    /// Events stored since start.
+    events: AtomicU64,
+}
+
+/// Figures of a running embedded relay, for `/metrics`.
+#[derive(Clone)]
+pub struct RelayStats(Arc<Shared>);
+
+impl RelayStats {
+    /// Connections closed because the reader fell behind.
+    pub fn lagging_closed(&self) -> u64 {
+        self.0.subscriptions.lagging_closed.load(Ordering::Relaxed)
+    }
+
+    /// Append the figures in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_embedded_relay_lagging_closed_total Connections the embedded relay closed because their reader fell behind.\n# TYPE dvmd_embedded_relay_lagging_closed_total counter\ndvmd_embedded_relay_lagging_closed_total {}",
+            self.lagging_closed()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_embedded_relay_connections Open connections to the embedded relay.\n# TYPE dvmd_embedded_relay_connections gauge\ndvmd_embedded_relay_connections {}",
+            self.0.subscriptions.connections()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_embedded_relay_events_total Events the embedded relay stored.\n# TYPE dvmd_embedded_relay_events_total counter\ndvmd_embedded_relay_events_total {}",
+            self.0.events.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// A bound embedded relay; [`EmbeddedRelay::run`] serves it.
 pub struct EmbeddedRelay {
-    relay: LocalRelay,
+    shared: Arc<Shared>,
     listener: TcpListener,
     local_addr: SocketAddr,
 }
 
 impl EmbeddedRelay {
-    /// Bind the relay on `listen` (port 0 picks a free port).
+    /// Bind the relay on `listen` (port 0 picks a free port) with default limits.
     pub async fn bind(listen: SocketAddr) -> std::io::Result<Self> {
+        Self::bind_with(listen, RelayOptions::default()).await
+    }
+
+    /// Bind the relay on `listen` with `options`.
+    pub async fn bind_with(listen: SocketAddr, options: RelayOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
-        let builder = RelayBuilder::default().rate_limit(RateLimit {
-            // The default (60 notes per minute per connection) throttles a DVM to one job a second.
-            max_reqs: 10_000,
-            notes_per_minute: 1_000_000,
+        let db = MemoryDatabase::with_opts(MemoryDatabaseOptions {
+            events: true,
+            max_events: Some(options.max_events.max(1)),
+        });
+        let shared = Arc::new(Shared {
+            db,
+            subscriptions: Subscriptions::default(),
+            options,
+            events: AtomicU64::new(0),
         });
         Ok(Self {
-            relay: LocalRelay::new(builder),
+            shared,
             listener,
             local_addr,
         })
@@ -48,19 +145,33 @@ impl EmbeddedRelay {
         format!("ws://{}", self.local_addr)
     }
 
+    /// Its figures (shared with the running relay).
+    pub fn stats(&self) -> RelayStats {
+        RelayStats(self.shared.clone())
+    }
+
     /// Accept connections until `cancel` fires; then close every connection.
     pub async fn run(self, cancel: CancellationToken) {
         let connections = TaskTracker::new();
+        let room = Arc::new(tokio::sync::Semaphore::new(
+            self.shared.options.max_connections,
+        ));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let relay = self.relay.clone();
+                        let Ok(permit) = room.clone().try_acquire_owned() else {
+                            tracing::warn!(%peer, "embedded relay: connection limit reached");
+                            continue;
+                        };
+                        let shared = self.shared.clone();
+                        let stop = cancel.clone();
                         connections.spawn(async move {
-                            if let Err(e) = serve(relay, stream, peer).await {
+                            if let Err(e) = serve(shared, stream, stop).await {
                                 tracing::debug!(%peer, error = %e, "embedded relay connection ended");
                             }
+                            drop(permit);
                         });
                     }
                     Err(e) => {
@@ -70,7 +181,6 @@ impl EmbeddedRelay {
                 },
             }
         }
-        self.relay.shutdown();
         connections.close();
         connections.wait().await;
         tracing::debug!("embedded relay stopped");
@@ -78,19 +188,21 @@ impl EmbeddedRelay {
 }
 
 async fn serve(
-    relay: LocalRelay,
+    shared: Arc<Shared>,
     mut stream: TcpStream,
-    peer: SocketAddr,
+    stop: CancellationToken,
 ) -> Result<(), RelayError> {
     stream.set_nodelay(true)?;
     upgrade(&mut stream).await?;
-    relay
-        .take_connection(stream, peer)
-        .await
-        .map_err(|e| RelayError::Pool(e.to_string()))
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(MAX_MESSAGE_BYTES);
+    config.max_frame_size = Some(MAX_MESSAGE_BYTES);
+    let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
+    connection::serve(shared, socket, stop).await;
+    Ok(())
 }
 
-/// Answer the HTTP websocket upgrade by hand; the builder wants an already-upgraded stream.
+/// Answer the HTTP websocket upgrade by hand (we read the request ourselves to keep it small).
 async fn upgrade(stream: &mut TcpStream) -> Result<(), RelayError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];

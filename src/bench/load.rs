@@ -1,0 +1,685 @@
+//! `dvmd bench load`: many customers at once against a daemon, with the daemon's own CPU, RSS
+//! and `/healthz` latency measured beside throughput and latency.
+//!
+//! By default it starts the daemon as a child process (`dvmd run --dev`: embedded relay, dev
+//! wallet) with the `openai` backend on the in-repo stub ([`super::stub`]), so the figures are
+//! the daemon's alone. `--relay`/`--http` drive a daemon that is already running instead.
+//!
+//! Each customer has its own key and websocket and is a lean client of its own (a `REQ` for
+//! replies `#p`-tagged to it, `EVENT`s for requests): the load generator shares the machine
+//! with the daemon, so it spends as little as it can. Closed loop: every customer posts its next
+//! request when the last one's result arrives. Open loop (`--rate`): requests are offered at a
+//! fixed total rate whatever the answers do.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use nostr_sdk::{
+    Event, EventId, Filter, JsonUtil, Keys, Kind, PublicKey, RelayMessage, SubscriptionId,
+    Timestamp,
+};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::stub::StubServer;
+use super::BenchError;
+use crate::customer;
+use crate::nip90::{JobStatus, FEEDBACK_KIND, KIND_TEXT_GENERATION};
+
+/// A job not answered in this long is counted lost.
+const JOB_DEADLINE: Duration = Duration::from_secs(60);
+/// How often `/healthz` is probed during the run.
+const HEALTH_EVERY: Duration = Duration::from_millis(100);
+/// Jobs at which RSS is sampled (the memory target compares 2,000 and 20,000).
+const RSS_MARKS: [usize; 2] = [2_000, 20_000];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Customers, each with its own key and connection.
+    pub customers: usize,
+    /// Jobs in all.
+    pub jobs: usize,
+    /// Pay every job through the dev wallet (default prices) instead of a free rate card.
+    pub paid: bool,
+    /// Open loop: requests offered per second in total.
+    pub rate: Option<f64>,
+    /// Drive this relay (a daemon already running) instead of starting one.
+    pub relay: Option<String>,
+    /// That daemon's HTTP URL (for `/dev/pay`, `/healthz`, `/metrics`).
+    pub http: Option<String>,
+    /// Workers of the started daemon.
+    pub workers: usize,
+}
+
+/// The daemon under test.
+struct Target {
+    relay: String,
+    http: String,
+    service: PublicKey,
+    child: Option<Child>,
+    _stub: Option<StubServer>,
+    data: Option<PathBuf>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        if let Some(data) = &self.data {
+            let _ = std::fs::remove_dir_all(data);
+        }
+    }
+}
+
+/// Run the load and print the figures.
+pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
+    if options.customers == 0 || options.jobs == 0 {
+        return Err("--customers and --jobs must be at least 1".into());
+    }
+    let target = match (&options.relay, &options.http) {
+        (Some(relay), Some(http)) => attach(relay, http).await?,
+        (None, None) => start_daemon(&options).await?,
+        _ => return Err("--relay and --http go together".into()),
+    };
+    let pid = target.child.as_ref().map(Child::id);
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    let mut customers = Vec::with_capacity(options.customers);
+    for _ in 0..options.customers {
+        customers.push(Arc::new(LoadCustomer::connect(&target.relay).await?));
+    }
+    // Every customer's subscription is live before the first request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mode = match options.rate {
+        Some(rate) => format!("open loop at {rate} requests/s"),
+        None => "closed loop".to_owned(),
+    };
+    println!(
+        "bench load: {} customers, {} jobs, {mode}, {} ({})",
+        options.customers,
+        options.jobs,
+        if options.paid {
+            "paid through the dev wallet"
+        } else {
+            "free"
+        },
+        match pid {
+            Some(pid) => format!(
+                "daemon pid {pid}: embedded relay, dev wallet, stub backend, {} workers",
+                options.workers
+            ),
+            None => format!("daemon at {}", target.relay),
+        }
+    );
+
+    let record = Arc::new(Record::default());
+    let stop_health = tokio_util::sync::CancellationToken::new();
+    let health = tokio::spawn(probe_health(
+        http.clone(),
+        target.http.clone(),
+        stop_health.clone(),
+    ));
+    let sampler = pid.map(|pid| tokio::spawn(sample_rss(pid, record.clone())));
+    let cpu_before = pid.and_then(cpu_seconds);
+    let started = Instant::now();
+    let job = Arc::new(JobSpec {
+        service: target.service,
+        paid: options.paid,
+        http: http.clone(),
+        pay_url: format!("{}/dev/pay", target.http),
+    });
+    match options.rate {
+        None => closed_loop(&customers, options.jobs, &job, &record).await,
+        Some(rate) => open_loop(&customers, options.jobs, rate, &job, &record).await,
+    }
+    let wall = started.elapsed();
+    let cpu = match (pid.and_then(cpu_seconds), cpu_before) {
+        (Some(after), Some(before)) => Some(after - before),
+        _ => None,
+    };
+    stop_health.cancel();
+    let health = health.await.ok();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    let metrics = http
+        .get(format!("{}/metrics", target.http))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.text());
+    let metrics = match metrics {
+        Some(text) => text.await.unwrap_or_default(),
+        None => String::new(),
+    };
+    report(&options, &record, wall, cpu, pid, health, &metrics);
+    for customer in &customers {
+        customer.close();
+    }
+    drop(target);
+    Ok(())
+}
+
+/// How each job is posted and paid.
+struct JobSpec {
+    service: PublicKey,
+    paid: bool,
+    http: reqwest::Client,
+    pay_url: String,
+}
+
+/// What the run saw.
+#[derive(Default)]
+struct Record {
+    latencies: Mutex<Vec<Duration>>,
+    completed: AtomicUsize,
+    lost: AtomicUsize,
+    refused: AtomicUsize,
+    rss_at: Mutex<Vec<(usize, u64)>>,
+    rss_max: std::sync::atomic::AtomicU64,
+}
+
+async fn closed_loop(
+    customers: &[Arc<LoadCustomer>],
+    jobs: usize,
+    spec: &JobSpec,
+    record: &Record,
+) {
+    let next = AtomicUsize::new(0);
+    let runs = customers.iter().map(|customer| async {
+        loop {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            if n >= jobs {
+                break;
+            }
+            customer.run_job(n, spec, record).await;
+        }
+    });
+    futures::future::join_all(runs).await;
+}
+
+async fn open_loop(
+    customers: &[Arc<LoadCustomer>],
+    jobs: usize,
+    rate: f64,
+    spec: &Arc<JobSpec>,
+    record: &Arc<Record>,
+) {
+    let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let start = tokio::time::Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for n in 0..jobs {
+        tokio::time::sleep_until(start + every.mul_f64(n as f64)).await;
+        let (customer, spec, record) = (
+            customers[n % customers.len()].clone(),
+            spec.clone(),
+            record.clone(),
+        );
+        running.spawn(async move { customer.run_job(n, &spec, &record).await });
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// A customer: one key, one websocket, replies routed to the job waiting for them.
+struct LoadCustomer {
+    keys: Keys,
+    outgoing: mpsc::UnboundedSender<String>,
+    waiting: Arc<Mutex<HashMap<EventId, mpsc::UnboundedSender<Reply>>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+enum Reply {
+    Accepted(bool, String),
+    Event(Box<Event>),
+}
+
+impl LoadCustomer {
+    async fn connect(relay: &str) -> Result<Self, BenchError> {
+        let url = nostr_sdk::Url::parse(relay)?;
+        let host = url.host_str().ok_or("relay URL has no host")?.to_owned();
+        let port = url.port_or_known_default().ok_or("relay URL has no port")?;
+        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+        tcp.set_nodelay(true)?;
+        let (socket, _) = tokio_tungstenite::client_async(relay, tcp).await?;
+        let (mut sink, mut stream) = socket.split();
+        let keys = Keys::generate();
+        let filter = Filter::new()
+            .kinds([
+                Kind::from(FEEDBACK_KIND),
+                Kind::from(KIND_TEXT_GENERATION + 1000),
+            ])
+            .pubkey(keys.public_key())
+            .since(Timestamp::from_secs(
+                Timestamp::now().as_secs().saturating_sub(10),
+            ));
+        let req = nostr_sdk::ClientMessage::req(SubscriptionId::new("replies"), vec![filter]);
+        sink.send(Message::Text(req.as_json().into())).await?;
+        let (outgoing, mut queue) = mpsc::unbounded_channel::<String>();
+        let waiting: Arc<Mutex<HashMap<EventId, mpsc::UnboundedSender<Reply>>>> = Arc::default();
+        let routes = waiting.clone();
+        let reader = tokio::spawn(async move {
+            let writer = async {
+                while let Some(text) = queue.recv().await {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let reader = async {
+                while let Some(Ok(message)) = stream.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let Ok(message) = RelayMessage::from_json(text.as_str()) else {
+                        continue;
+                    };
+                    let (job, reply) = match message {
+                        RelayMessage::Ok {
+                            event_id,
+                            status,
+                            message,
+                        } => (event_id, Reply::Accepted(status, message.into_owned())),
+                        RelayMessage::Event { event, .. } => {
+                            let Some(job) = event.tags.event_ids().next().copied() else {
+                                continue;
+                            };
+                            (job, Reply::Event(Box::new(event.into_owned())))
+                        }
+                        _ => continue,
+                    };
+                    let route = routes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&job)
+                        .cloned();
+                    if let Some(route) = route {
+                        let _ = route.send(reply);
+                    }
+                }
+            };
+            tokio::select! {
+                _ = writer => {}
+                _ = reader => {}
+            }
+        });
+        Ok(Self {
+            keys,
+            outgoing,
+            waiting,
+            reader,
+        })
+    }
+
+    /// Post job `n`, pay it if asked, wait for its result.
+    async fn run_job(&self, n: usize, spec: &JobSpec, record: &Record) {
+        let built = customer::text_request(
+            &format!("load job {n}: say hello"),
+            &[("max_tokens", "16")],
+            Some(1_000_000),
+            Some(spec.service),
+        )
+        .sign_with_keys(&self.keys);
+        let Ok(request) = built else {
+            record.lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (route, mut replies) = mpsc::unbounded_channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request.id, route);
+        let started = Instant::now();
+        let sent = self
+            .outgoing
+            .send(nostr_sdk::ClientMessage::event(request.clone()).as_json());
+        let outcome = match sent {
+            Ok(()) => self.follow(&mut replies, spec).await,
+            Err(_) => Outcome::Lost,
+        };
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request.id);
+        match outcome {
+            Outcome::Result => {
+                record
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(started.elapsed());
+                record.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Refused => {
+                record.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Lost => {
+                record.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        replies: &mut mpsc::UnboundedReceiver<Reply>,
+        spec: &JobSpec,
+    ) -> Outcome {
+        let deadline = tokio::time::Instant::now() + JOB_DEADLINE;
+        loop {
+            let reply = match tokio::time::timeout_at(deadline, replies.recv()).await {
+                Ok(Some(reply)) => reply,
+                _ => return Outcome::Lost,
+            };
+            let event = match reply {
+                Reply::Accepted(false, why) => {
+                    tracing::warn!(reason = %why, "the relay refused a request");
+                    return Outcome::Lost;
+                }
+                Reply::Accepted(true, _) => continue,
+                Reply::Event(event) => event,
+            };
+            if event.kind.as_u16() != FEEDBACK_KIND {
+                return Outcome::Result;
+            }
+            let status = event.tags.iter().find_map(|t| match t.as_slice() {
+                [name, status, ..] if name == "status" => JobStatus::parse(status),
+                _ => None,
+            });
+            match status {
+                Some(JobStatus::Error) => return Outcome::Refused,
+                Some(JobStatus::PaymentRequired) if spec.paid => {
+                    let bolt11 = event.tags.iter().find_map(|t| match t.as_slice() {
+                        [name, _, bolt11, ..] if name == "amount" => Some(bolt11.clone()),
+                        _ => None,
+                    });
+                    let Some(bolt11) = bolt11 else {
+                        return Outcome::Lost;
+                    };
+                    let paid = spec
+                        .http
+                        .post(&spec.pay_url)
+                        .json(&serde_json::json!({ "bolt11": bolt11 }))
+                        .send()
+                        .await;
+                    if !paid.is_ok_and(|r| r.status().is_success()) {
+                        return Outcome::Lost;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.reader.abort();
+    }
+}
+
+enum Outcome {
+    Result,
+    Refused,
+    Lost,
+}
+
+/// Start the stub and `dvmd run --dev` as a child process on free ports.
+async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchError> {
+    let stub = StubServer::start().await?;
+    let data = std::env::temp_dir().join(format!("dvmd-bench-load-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    let pricing = if options.paid {
+        ""
+    } else {
+        "[pricing]\nbase_fee_msat = 0\nprompt_msat_per_1k_tokens = 0\ncompletion_msat_per_1k_tokens = 0\n"
+    };
+    let config = format!(
+        "[service]\nworkers = {}\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n",
+        options.workers,
+        stub.base_url()
+    );
+    let config_path = data.join("dvmd.toml");
+    std::fs::write(&config_path, config)?;
+    let child = spawn_daemon(&config_path, &data.join("data"))?;
+    let mut target = Target {
+        relay: String::new(),
+        http: String::new(),
+        service: Keys::generate().public_key(),
+        child: Some(child),
+        _stub: Some(stub),
+        data: Some(data),
+    };
+    let stdout = target
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .ok_or("no stdout from the daemon")?;
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await??;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("the daemon did not start (first line {line:?})"))
+    };
+    target.relay = field("relay")?;
+    target.http = field("http")?;
+    target.service = PublicKey::from_hex(&field("pubkey")?)?;
+    Ok(target)
+}
+
+fn spawn_daemon(config: &Path, data: &Path) -> Result<Child, BenchError> {
+    Ok(Command::new(std::env::current_exe()?)
+        .args(["run", "--dev", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("DVMD_LOG", "warn,nostr_relay_pool=error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?)
+}
+
+/// A daemon already running: its pubkey comes from `/healthz`.
+async fn attach(relay: &str, http: &str) -> Result<Target, BenchError> {
+    let health: serde_json::Value = reqwest::get(format!("{http}/healthz"))
+        .await?
+        .json()
+        .await?;
+    let pubkey = health["pubkey"].as_str().ok_or("no pubkey in /healthz")?;
+    Ok(Target {
+        relay: relay.to_owned(),
+        http: http.trim_end_matches('/').to_owned(),
+        service: PublicKey::from_hex(pubkey)?,
+        child: None,
+        _stub: None,
+        data: None,
+    })
+}
+
+/// `/healthz` latencies until `stop` fires, and how many probes failed.
+async fn probe_health(
+    http: reqwest::Client,
+    base: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Vec<Duration>, usize) {
+    let (mut latencies, mut failed) = (Vec::new(), 0);
+    while !stop.is_cancelled() {
+        let started = Instant::now();
+        match http.get(format!("{base}/healthz")).send().await {
+            Ok(r) if r.status().is_success() => latencies.push(started.elapsed()),
+            _ => failed += 1,
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(HEALTH_EVERY) => {}
+        }
+    }
+    (latencies, failed)
+}
+
+/// Sample the daemon's RSS as jobs complete.
+async fn sample_rss(pid: u32, record: Arc<Record>) {
+    let mut marks = RSS_MARKS.iter().peekable();
+    loop {
+        let done = record.completed.load(Ordering::Relaxed) + record.lost.load(Ordering::Relaxed);
+        if let Some(rss) = rss_bytes(pid) {
+            record.rss_max.fetch_max(rss, Ordering::Relaxed);
+            while let Some(mark) = marks.peek() {
+                if done < **mark {
+                    break;
+                }
+                record
+                    .rss_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((**mark, rss));
+                marks.next();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resident memory of `pid`, bytes (Linux).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// User + system CPU seconds of `pid` so far (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux dvmd runs on.
+    Some((utime + stime) / 100.0)
+}
+
+fn report(
+    options: &LoadOptions,
+    record: &Record,
+    wall: Duration,
+    cpu: Option<f64>,
+    pid: Option<u32>,
+    health: Option<(Vec<Duration>, usize)>,
+    metrics: &str,
+) {
+    let completed = record.completed.load(Ordering::Relaxed);
+    let lost = record.lost.load(Ordering::Relaxed);
+    let refused = record.refused.load(Ordering::Relaxed);
+    println!("  jobs completed               : {completed} of {} (lost {lost}, refused with an error {refused})", options.jobs);
+    println!(
+        "  throughput                   : {:>8.0} jobs/s over {:.1} s",
+        completed as f64 / wall.as_secs_f64(),
+        wall.as_secs_f64()
+    );
+    let mut latencies = record
+        .latencies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    super::report("request -> result", &mut latencies);
+    if let Some(cpu) = cpu {
+        println!(
+            "  daemon CPU                   : {:>8.2} cores ({:.0} ms per job)",
+            cpu / wall.as_secs_f64(),
+            1e3 * cpu / completed.max(1) as f64
+        );
+    }
+    if let Some(pid) = pid {
+        let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let marks = record
+            .rss_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let marks: Vec<String> = marks
+            .iter()
+            .map(|(job, rss)| format!("at job {job}: {:.1} MB", mb(*rss)))
+            .collect();
+        println!(
+            "  daemon RSS                   : {}{}max {:.1} MB, end {:.1} MB",
+            marks.join(", "),
+            if marks.is_empty() { "" } else { ", " },
+            mb(record.rss_max.load(Ordering::Relaxed)),
+            mb(rss_bytes(pid).unwrap_or(0))
+        );
+    }
+    if let Some((mut health, failed)) = health {
+        let probes = health.len();
+        super::report("/healthz during the run", &mut health);
+        println!("  /healthz probes              : {probes} answered, {failed} failed");
+    }
+    for (name, label) in [
+        ("dvmd_store_writes_total", "store writes"),
+        ("dvmd_store_flushes_total", "store flushes (fsyncs)"),
+        (
+            "dvmd_embedded_relay_lagging_closed_total",
+            "relay readers closed",
+        ),
+    ] {
+        if let Some(value) = metric(metrics, name) {
+            println!("  {label:<29}: {value:>8.0}");
+        }
+    }
+    if let (Some(writes), Some(flushes)) = (
+        metric(metrics, "dvmd_store_writes_total"),
+        metric(metrics, "dvmd_store_flushes_total"),
+    ) {
+        println!(
+            "  writes per fsync             : {:>8.1}",
+            writes / flushes.max(1.0)
+        );
+    }
+    if let (Some(sum), Some(count)) = (
+        metric(metrics, "dvmd_store_commit_seconds_sum"),
+        metric(metrics, "dvmd_store_commit_seconds_count"),
+    ) {
+        println!(
+            "  durable commit, mean         : {:>8.2} ms",
+            1e3 * sum / count.max(1.0)
+        );
+    }
+}
+
+/// The value of an unlabelled metric in a Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}

@@ -1,0 +1,250 @@
+//! One client connection to the embedded relay: NIP-01 `EVENT`, `REQ`, `CLOSE` (and NIP-45
+//! `COUNT`) in, `OK`, `EVENT`, `EOSE`, `CLOSED`, `NOTICE` out.
+//!
+//! Two bounded queues feed the socket: answers to this client's own messages (the reader waits
+//! for room, so a client that does not read only slows itself) and live events from other
+//! clients (never waited for: when full, the client has fallen behind and is closed).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use nostr_sdk::prelude::{NostrDatabase, RejectedReason, SaveEventStatus};
+use nostr_sdk::{ClientMessage, Event, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+
+/// Answers queued for one client.
+const ANSWER_QUEUE: usize = 1024;
+
+/// Serve one upgraded websocket until it closes, falls behind, or the relay stops.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    socket: WebSocketStream<TcpStream>,
+    stop: CancellationToken,
+) {
+    let (mut sink, mut incoming) = socket.split();
+    let (answers, mut answer_queue) = mpsc::channel::<String>(ANSWER_QUEUE);
+    let (live, mut live_queue) = mpsc::channel::<String>(shared.options.live_queue);
+    let lagging = CancellationToken::new();
+    let id = shared.subscriptions.connect(live, lagging.clone());
+    let session = Session {
+        shared: shared.clone(),
+        id,
+        answers,
+    };
+
+    let writer = async {
+        loop {
+            let text = tokio::select! {
+                biased;
+                answer = answer_queue.recv() => answer,
+                event = live_queue.recv() => event,
+                _ = lagging.cancelled() => {
+                    let notice = RelayMessage::notice(
+                        "error: you fell too far behind; reconnect and subscribe again with `since`",
+                    );
+                    let _ = sink.send(Message::Text(notice.as_json().into())).await;
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: CloseCode::Again,
+                            reason: "reader too slow".into(),
+                        })))
+                        .await;
+                    break;
+                }
+            };
+            let Some(text) = text else { break };
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+    };
+    let reader = async {
+        while let Some(Ok(message)) = incoming.next().await {
+            match message {
+                Message::Text(text) => {
+                    if session.handle(text.as_str()).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Binary(_) => {
+                    let _ = session
+                        .answer(RelayMessage::notice(
+                            "error: binary messages are not supported",
+                        ))
+                        .await;
+                }
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+        _ = stop.cancelled() => {}
+    }
+    shared.subscriptions.disconnect(id);
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    id: super::subscriptions::ConnectionId,
+    answers: mpsc::Sender<String>,
+}
+
+/// The client went away.
+struct Gone;
+
+impl Session {
+    async fn answer(&self, message: RelayMessage<'_>) -> Result<(), Gone> {
+        self.answers.send(message.as_json()).await.map_err(|_| Gone)
+    }
+
+    async fn handle(&self, text: &str) -> Result<(), Gone> {
+        let message = match ClientMessage::from_json(text) {
+            Ok(message) => message,
+            Err(e) => {
+                return self
+                    .answer(RelayMessage::notice(format!(
+                        "invalid: cannot parse message: {e}"
+                    )))
+                    .await
+            }
+        };
+        match message {
+            ClientMessage::Event(event) => self.event(event.into_owned()).await,
+            ClientMessage::Req {
+                subscription_id,
+                filters,
+            } => {
+                let filters = filters.into_iter().map(Cow::into_owned).collect();
+                self.req(subscription_id.into_owned(), filters).await
+            }
+            ClientMessage::Count {
+                subscription_id,
+                filter,
+            } => {
+                let count = self.shared.db.count(filter.into_owned()).await.unwrap_or(0);
+                self.answer(RelayMessage::Count {
+                    subscription_id,
+                    count,
+                })
+                .await
+            }
+            ClientMessage::Close(subscription_id) => {
+                self.shared
+                    .subscriptions
+                    .unsubscribe(self.id, &subscription_id);
+                Ok(())
+            }
+            _ => {
+                self.answer(RelayMessage::notice(
+                    "unsupported: this relay speaks NIP-01 EVENT, REQ, CLOSE and COUNT",
+                ))
+                .await
+            }
+        }
+    }
+
+    async fn event(&self, event: Event) -> Result<(), Gone> {
+        let ok = |status: bool, message: &str| RelayMessage::Ok {
+            event_id: event.id,
+            status,
+            message: Cow::Owned(message.to_owned()),
+        };
+        if event.verify().is_err() {
+            return self
+                .answer(ok(false, "invalid: bad event id or signature"))
+                .await;
+        }
+        if event.kind.is_ephemeral() {
+            self.shared.subscriptions.publish(&event);
+            return self.answer(ok(true, "")).await;
+        }
+        let answer = match self.shared.db.save_event(&event).await {
+            Ok(SaveEventStatus::Success) => {
+                self.shared.events.fetch_add(1, Ordering::Relaxed);
+                self.shared.subscriptions.publish(&event);
+                ok(true, "")
+            }
+            Ok(SaveEventStatus::Rejected(why)) => match why {
+                RejectedReason::Duplicate => ok(true, "duplicate: already have this event"),
+                RejectedReason::Deleted => ok(false, "blocked: this event is deleted"),
+                RejectedReason::Expired => ok(false, "invalid: this event has expired"),
+                RejectedReason::Replaced => ok(false, "duplicate: a newer version is stored"),
+                RejectedReason::InvalidDelete => ok(
+                    false,
+                    "invalid: a deletion may only name its author's events",
+                ),
+                RejectedReason::Ephemeral | RejectedReason::Other => {
+                    ok(false, "error: could not store this event")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded relay: cannot store an event");
+                ok(false, "error: could not store this event")
+            }
+        };
+        self.answer(answer).await
+    }
+
+    async fn req(&self, subscription_id: SubscriptionId, filters: Vec<Filter>) -> Result<(), Gone> {
+        let options = &self.shared.options;
+        // Live first, then stored: an event stored meanwhile may come twice (clients drop
+        // repeats by id), but none falls between the two.
+        if !self.shared.subscriptions.subscribe(
+            self.id,
+            subscription_id.clone(),
+            filters.clone(),
+            options.max_subscriptions,
+        ) {
+            return self
+                .answer(RelayMessage::Closed {
+                    subscription_id: Cow::Owned(subscription_id),
+                    message: Cow::Owned(format!(
+                        "rate-limited: at most {} subscriptions per connection",
+                        options.max_subscriptions
+                    )),
+                })
+                .await;
+        }
+        let mut sent: HashSet<EventId> = HashSet::new();
+        for mut filter in filters {
+            filter.limit = Some(
+                filter
+                    .limit
+                    .unwrap_or(options.default_limit)
+                    .min(options.max_limit),
+            );
+            let stored = match self.shared.db.query(filter).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(error = %e, "embedded relay: query failed");
+                    continue;
+                }
+            };
+            for event in stored {
+                if sent.insert(event.id) {
+                    self.answer(RelayMessage::Event {
+                        subscription_id: Cow::Borrowed(&subscription_id),
+                        event: Cow::Owned(event),
+                    })
+                    .await?;
+                }
+            }
+        }
+        self.answer(RelayMessage::EndOfStoredEvents(Cow::Owned(subscription_id)))
+            .await
+    }
+}

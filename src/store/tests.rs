@@ -1,0 +1,258 @@
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::*;
+
+/// A domain error for the tests.
+#[derive(Debug, thiserror::Error)]
+enum TestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("refused")]
+    Refused,
+}
+
+async fn put(store: &Store, key: u8, value: u64) -> Result<(), TestError> {
+    store
+        .commit(move |tx| Ok(tx.put(Tree::Meta, &[key], &value)?))
+        .await
+}
+
+async fn get(store: &Store, key: u8) -> Option<u64> {
+    store
+        .read(move |r| r.get::<u64>(Tree::Meta, &[key]))
+        .await
+        .expect("read")
+}
+
+#[tokio::test]
+async fn a_commit_is_readable_and_an_abort_writes_nothing() {
+    let store = Store::temporary().expect("store");
+    put(&store, 1, 7).await.expect("commit");
+    assert_eq!(get(&store, 1).await, Some(7));
+    let refused: Result<(), TestError> = store
+        .commit(|tx| {
+            tx.put(Tree::Meta, &[2], &9u64)?;
+            Err(TxError::Abort(TestError::Refused))
+        })
+        .await;
+    assert!(matches!(refused, Err(TestError::Refused)));
+    assert_eq!(get(&store, 2).await, None, "the aborted write left nothing");
+}
+
+#[tokio::test]
+async fn sequences_count_up_inside_their_transaction() {
+    let store = Store::temporary().expect("store");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let n: u64 = store
+            .apply(|tx| Ok::<_, TxError<StoreError>>(tx.next_sequence(ENTRY_SEQUENCE)?))
+            .await
+            .expect("sequence");
+        seen.push(n);
+    }
+    // A rolled-back write takes no number.
+    let _: Result<(), TestError> = store
+        .apply(|tx| {
+            tx.next_sequence(ENTRY_SEQUENCE)?;
+            Err(TxError::Abort(TestError::Refused))
+        })
+        .await;
+    let next: u64 = store
+        .apply(|tx| Ok::<_, TxError<StoreError>>(tx.next_sequence(ENTRY_SEQUENCE)?))
+        .await
+        .expect("sequence");
+    seen.push(next);
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_flush_covers_every_write_queued_while_the_writer_was_busy() {
+    let store = Store::temporary().expect("store");
+    // The first write holds the writer until 50 more commits are queued behind it.
+    let (started, first_started) = std::sync::mpsc::channel::<()>();
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = Arc::new(Mutex::new(hold));
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .commit(move |tx| {
+                    let _ = started.send(());
+                    let _ = hold.lock().map(|h| h.recv_timeout(Duration::from_secs(30)));
+                    Ok::<_, TxError<StoreError>>(tx.put(Tree::Meta, b"first", &0u64)?)
+                })
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(move || first_started.recv_timeout(Duration::from_secs(30)))
+        .await
+        .expect("join")
+        .expect("the first write is being applied");
+    let mut rest = Vec::new();
+    for i in 0..50u8 {
+        let store = store.clone();
+        rest.push(tokio::spawn(
+            async move { put(&store, i, u64::from(i)).await },
+        ));
+    }
+    while store.shared.queue.len() < 50 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    release.send(()).expect("release");
+    first.await.expect("join").expect("first commit");
+    for write in rest {
+        write.await.expect("join").expect("commit");
+    }
+    let stats = &store.shared.status.stats;
+    assert_eq!(stats.writes.load(Ordering::Relaxed), 51);
+    assert_eq!(
+        stats.flushes.load(Ordering::Relaxed),
+        1,
+        "the 50 writes queued behind the first join its group: one fsync for all"
+    );
+}
+
+#[tokio::test]
+async fn applied_writes_become_durable_with_the_next_sync() {
+    let store = Store::temporary().expect("store");
+    store
+        .apply(|tx| Ok::<_, TxError<StoreError>>(tx.put(Tree::Meta, &[3], &1u64)?))
+        .await
+        .expect("apply");
+    assert_eq!(store.shared.status.stats.flushes.load(Ordering::Relaxed), 0);
+    store.sync().await.expect("sync");
+    assert_eq!(store.shared.status.stats.flushes.load(Ordering::Relaxed), 1);
+    // Nothing new: a sync costs no flush.
+    store.sync().await.expect("sync");
+    assert_eq!(store.shared.status.stats.flushes.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_failed_writer_fails_every_write_and_says_why() {
+    let store = Store::temporary().expect("store");
+    put(&store, 1, 1).await.expect("healthy");
+    store.inject_fault("disk gone");
+    let pending = put(&store, 2, 2).await;
+    assert!(
+        matches!(&pending, Err(TestError::Store(StoreError::WriterFailed(why))) if why.contains("disk gone")),
+        "{pending:?}"
+    );
+    let later = put(&store, 3, 3).await;
+    assert!(
+        matches!(&later, Err(TestError::Store(StoreError::WriterFailed(_)))),
+        "{later:?}"
+    );
+    assert!(matches!(
+        store.sync().await,
+        Err(StoreError::WriterFailed(_))
+    ));
+    let reason = tokio::time::timeout(Duration::from_secs(10), store.failed())
+        .await
+        .expect("failure is signalled");
+    assert!(reason.contains("disk gone"), "{reason}");
+    assert_eq!(store.failure().as_deref(), Some(reason.as_str()));
+    // Reads still work: the operator can inspect what is on disk.
+    assert_eq!(get(&store, 1).await, Some(1));
+}
+
+#[tokio::test]
+async fn a_panicking_write_stops_the_writer_loudly() {
+    let store = Store::temporary().expect("store");
+    let panicked: Result<(), TestError> = store
+        .commit(|_| -> Result<(), TxError<TestError>> { panic!("bug in a write") })
+        .await;
+    assert!(
+        matches!(
+            &panicked,
+            Err(TestError::Store(StoreError::WriterFailed(_)))
+        ),
+        "{panicked:?}"
+    );
+    assert!(store
+        .failure()
+        .is_some_and(|why| why.contains("bug in a write")));
+    assert!(put(&store, 1, 1).await.is_err());
+}
+
+#[tokio::test]
+async fn closing_flushes_and_later_writes_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .apply(|tx| Ok::<_, TxError<StoreError>>(tx.put(Tree::Meta, &[4], &4u64)?))
+        .await
+        .expect("apply");
+    store.close().await.expect("close");
+    assert!(matches!(
+        put(&store, 5, 5).await,
+        Err(TestError::Store(StoreError::Closed))
+    ));
+    drop(store);
+    let reopened = Store::open(dir.path()).expect("reopen");
+    assert_eq!(get(&reopened, 4).await, Some(4));
+}
+
+#[test]
+fn a_version_1_store_is_migrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        // A store as schema 1 left it: payment records, no index, entries numbered by sled.
+        let db = sled::open(dir.path()).expect("sled");
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert(META_SCHEMA_KEY, &1u64.to_be_bytes())
+            .expect("version");
+        let payments = db.open_tree("payments").expect("payments");
+        for (key, consumed, closed) in [(1u8, false, None), (2, true, None), (3, false, Some(true))]
+        {
+            let mut record = serde_json::json!({ "consumed": consumed });
+            if let Some(closed) = closed {
+                record["closed"] = closed.into();
+            }
+            payments
+                .insert([key; 32], serde_json::to_vec(&record).expect("json"))
+                .expect("insert");
+        }
+        let entries = db.open_tree("entries").expect("entries");
+        entries
+            .insert(41u64.to_be_bytes(), b"{}".as_slice())
+            .expect("entry");
+        db.flush().expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("open");
+    let indexed: Vec<Vec<u8>> = store
+        .read_blocking(|r| r.keys(Tree::OpenPayments).collect())
+        .expect("keys");
+    assert_eq!(indexed, vec![vec![1u8; 32]], "only the open record");
+    let (version, sequence) = store
+        .read_blocking(|r| {
+            Ok::<_, StoreError>((
+                r.get_raw(Tree::Meta, META_SCHEMA_KEY)?,
+                r.get_raw(Tree::Meta, ENTRY_SEQUENCE)?,
+            ))
+        })
+        .expect("meta");
+    assert_eq!(version.as_deref().and_then(be_u64), Some(SCHEMA_VERSION));
+    assert_eq!(
+        sequence.as_deref().and_then(be_u64),
+        Some(42),
+        "the ledger continues after the last entry"
+    );
+}
+
+#[test]
+fn an_unknown_schema_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        db.open_tree("meta")
+            .expect("meta")
+            .insert(META_SCHEMA_KEY, &99u64.to_be_bytes())
+            .expect("version");
+        db.flush().expect("flush");
+    }
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::Schema { found: 99 })
+    ));
+}

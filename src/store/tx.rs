@@ -1,0 +1,167 @@
+//! Typed views of the trees: [`Tx`] inside a write (a sled transaction on the writer thread)
+//! and [`Reader`] for reads (on a blocking thread, never a tokio worker).
+//!
+//! Records are JSON; keys are raw bytes. Domain modules describe their writes as closures over
+//! a `Tx` and never see sled.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+
+use super::{decode, encode, StoreError, Tree};
+
+/// A failure of the store inside a write: sled failed or asked for a retry, or a record did not
+/// (de)serialize. Opaque: the closure passes it on with `?`.
+#[derive(Debug)]
+pub struct TxFailure(pub(super) ConflictableTransactionError<StoreError>);
+
+impl From<sled::transaction::UnabortableTransactionError> for TxFailure {
+    fn from(e: sled::transaction::UnabortableTransactionError) -> Self {
+        Self(e.into())
+    }
+}
+
+fn codec(e: StoreError) -> TxFailure {
+    TxFailure(ConflictableTransactionError::Abort(e))
+}
+
+/// Why a write closure stopped: the domain refused (nothing is written), or the store failed.
+#[derive(Debug)]
+pub enum TxError<E> {
+    /// The domain refused the change; the transaction is rolled back and `E` returned.
+    Abort(E),
+    /// The store failed.
+    Store(TxFailure),
+}
+
+impl<E> From<TxFailure> for TxError<E> {
+    fn from(e: TxFailure) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl<E> TxError<E> {
+    /// Convert the domain error (a module calling another module's transactional code).
+    pub fn map_abort<F>(self, f: impl FnOnce(E) -> F) -> TxError<F> {
+        match self {
+            Self::Abort(e) => TxError::Abort(f(e)),
+            Self::Store(e) => TxError::Store(e),
+        }
+    }
+}
+
+/// The trees as one write sees them: every read sees the writes made before it in the same
+/// transaction, and all of them commit together or not at all.
+pub struct Tx<'a> {
+    pub(super) views: &'a [TransactionalTree],
+}
+
+impl Tx<'_> {
+    fn view(&self, tree: Tree) -> &TransactionalTree {
+        &self.views[tree as usize]
+    }
+
+    /// The record under `key`.
+    pub fn get<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, TxFailure> {
+        match self.view(tree).get(key)? {
+            Some(raw) => decode(tree.name(), &raw).map(Some).map_err(codec),
+            None => Ok(None),
+        }
+    }
+
+    /// The raw bytes under `key` (indexes, counters).
+    pub fn get_raw(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, TxFailure> {
+        Ok(self.view(tree).get(key)?.map(|raw| raw.to_vec()))
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, tree: Tree, key: &[u8]) -> Result<bool, TxFailure> {
+        Ok(self.view(tree).get(key)?.is_some())
+    }
+
+    /// Store `value` under `key`.
+    pub fn put<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), TxFailure> {
+        let raw = encode(tree.name(), value).map_err(codec)?;
+        self.view(tree).insert(key, raw)?;
+        Ok(())
+    }
+
+    /// Store raw bytes under `key`.
+    pub fn put_raw(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), TxFailure> {
+        self.view(tree).insert(key, value)?;
+        Ok(())
+    }
+
+    /// Remove `key`.
+    pub fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), TxFailure> {
+        self.view(tree).remove(key)?;
+        Ok(())
+    }
+
+    /// The next number of the sequence `name` (kept in `meta`, so it commits with the write
+    /// that uses it: a rolled-back write leaves no gap).
+    pub fn next_sequence(&self, name: &[u8]) -> Result<u64, TxFailure> {
+        let next = self
+            .get_raw(Tree::Meta, name)?
+            .and_then(|raw| super::be_u64(&raw))
+            .unwrap_or(0);
+        self.put_raw(Tree::Meta, name, &(next + 1).to_be_bytes())?;
+        Ok(next)
+    }
+}
+
+/// Read access to the trees. Each call reads the latest applied state; a scan is not a
+/// snapshot (writes applied meanwhile may or may not show).
+pub struct Reader<'a> {
+    pub(super) trees: &'a [sled::Tree],
+}
+
+impl Reader<'_> {
+    fn tree(&self, tree: Tree) -> &sled::Tree {
+        &self.trees[tree as usize]
+    }
+
+    /// The record under `key`.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.tree(tree).get(key)? {
+            Some(raw) => decode(tree.name(), &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The raw bytes under `key`.
+    pub fn get_raw(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(tree).get(key)?.map(|raw| raw.to_vec()))
+    }
+
+    /// Every key of `tree`, in order.
+    pub fn keys(&self, tree: Tree) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
+        self.tree(tree).iter().keys().map(|key| Ok(key?.to_vec()))
+    }
+
+    /// Every (key, raw value) of `tree`, in key order.
+    pub fn scan_raw(
+        &self,
+        tree: Tree,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        self.tree(tree).iter().map(|item| {
+            let (key, raw) = item?;
+            Ok((key.to_vec(), raw.to_vec()))
+        })
+    }
+
+    /// Every (key, record) of `tree`, in key order.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, T), StoreError>> + '_ {
+        self.tree(tree).iter().map(move |item| {
+            let (key, raw) = item?;
+            Ok((key.to_vec(), decode(tree.name(), &raw)?))
+        })
+    }
+}

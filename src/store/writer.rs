@@ -1,0 +1,269 @@
+//! The store writer: one thread applies every write in the order it arrives and makes them
+//! durable in group commits.
+//!
+//! Why one thread: sled 0.34 deadlocks when flushes run beside transactions on other threads
+//! (upstream #1308, #1412; dvmd froze at 10 concurrent customers). Here nothing but this thread
+//! writes or flushes. It takes every command waiting in its queue (up to [`MAX_GROUP`]), applies
+//! each in its own sled transaction, answers the writes that only needed to be applied, then
+//! runs one blocking `flush` (one fsync) for the whole group and answers the writes that waited
+//! for durability. N concurrent jobs share one fsync instead of paying one each.
+//!
+//! A sled error, a failed flush or a panicking write stops the writer for good: every waiting
+//! and later write gets [`StoreError::WriterFailed`], and [`Status::failed`] fires so the daemon
+//! reports it (`/healthz` 503) and exits non-zero. A store that cannot persist must not go on
+//! taking payments.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::{StoreError, Trees};
+use crate::metrics::Histogram;
+
+/// Most commands applied before a flush: bounds how long the first write of a group waits.
+pub(super) const MAX_GROUP: usize = 1024;
+/// Writes that did not ask for durability are flushed at the latest this long after they were
+/// applied (sled's own background flusher is off: it takes the same lock).
+pub(super) const IDLE_FLUSH: Duration = Duration::from_millis(500);
+/// Room in the writer's queue; callers wait (asynchronously) when it is full.
+pub(super) const QUEUE_CAPACITY: usize = 4096;
+
+/// Group size buckets (writes per fsync).
+const GROUP_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// Hands a write's answer to its caller once the writer knows whether it is durable.
+pub(super) type Deliver = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// What applying a write produced.
+pub(super) struct Applied {
+    /// Answers the caller.
+    pub(super) deliver: Deliver,
+    /// sled itself failed: the writer stops.
+    pub(super) failure: Option<String>,
+}
+
+/// A write for the writer thread.
+pub(super) struct Write {
+    pub(super) apply: Box<dyn FnOnce(&Trees) -> Applied + Send>,
+    /// Answer only after the flush that covers it.
+    pub(super) durable: bool,
+    pub(super) enqueued: Instant,
+}
+
+/// What the writer thread takes.
+pub(super) enum Command {
+    Write(Write),
+    /// Answer once everything applied before it is durable.
+    Sync {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+        enqueued: Instant,
+    },
+    /// Fail at the next flush, as if the disk had (fault tests).
+    Fault(String),
+    /// Flush and stop.
+    Close(Option<oneshot::Sender<Result<(), StoreError>>>),
+}
+
+/// The writer's health and figures, shared with every [`super::Store`] handle.
+#[derive(Default)]
+pub(super) struct Status {
+    failure: OnceLock<String>,
+    failed: CancellationToken,
+    /// Fires when the writer thread has returned, closed or failed.
+    stopped: CancellationToken,
+    pub(super) stats: Stats,
+}
+
+impl Status {
+    /// Why the writer stopped, if it failed.
+    pub(super) fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Resolves when the writer has failed.
+    pub(super) fn failed(&self) -> &CancellationToken {
+        &self.failed
+    }
+
+    /// Resolves when the writer thread has returned (closed or failed). A command still in
+    /// its queue then is never answered: callers wait for their answer or this, whichever
+    /// comes first.
+    pub(super) fn stopped(&self) -> &CancellationToken {
+        &self.stopped
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(reason = %reason, "store writer failed; no further writes are accepted");
+        let _ = self.failure.set(reason);
+        self.failed.cancel();
+    }
+
+    /// The error a caller gets once the writer is gone (its answer was dropped, or the queue
+    /// closed). Waits for the writer to have returned, so a failure is always reported as one.
+    pub(super) async fn gone(&self) -> StoreError {
+        self.stopped.cancelled().await;
+        match self.failure() {
+            Some(reason) => StoreError::WriterFailed(reason.to_owned()),
+            None => StoreError::Closed,
+        }
+    }
+}
+
+/// Store writer figures for `/metrics`.
+pub(super) struct Stats {
+    /// Enqueue to durable, for writes that waited for durability.
+    pub(super) commit: Histogram,
+    /// Duration of each flush (the fsync).
+    pub(super) flush: Histogram,
+    /// Commands applied per flush.
+    pub(super) group: Histogram,
+    pub(super) writes: AtomicU64,
+    pub(super) flushes: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            commit: Histogram::default(),
+            flush: Histogram::default(),
+            group: Histogram::with_buckets(GROUP_BUCKETS),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Start the writer thread over `trees`.
+pub(super) fn spawn(
+    trees: Arc<Trees>,
+    queue: flume::Receiver<Command>,
+    status: Arc<Status>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("dvmd-store-writer".into())
+        .spawn(move || {
+            run(&trees, &queue, &status);
+            status.stopped.cancel();
+        })
+}
+
+fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
+    let mut waiting: Vec<(Deliver, Instant)> = Vec::new();
+    let mut dirty_since: Option<Instant> = None;
+    let mut fault: Option<String> = None;
+    loop {
+        let first = match dirty_since {
+            Some(since) => match queue.recv_timeout(IDLE_FLUSH.saturating_sub(since.elapsed())) {
+                Ok(command) => Some(command),
+                Err(flume::RecvTimeoutError::Timeout) => None,
+                Err(flume::RecvTimeoutError::Disconnected) => Some(Command::Close(None)),
+            },
+            None => Some(queue.recv().unwrap_or(Command::Close(None))),
+        };
+        let mut group = 0usize;
+        let mut close = None;
+        let mut next = first;
+        while let Some(command) = next {
+            match command {
+                Command::Write(write) => {
+                    group += 1;
+                    let applied =
+                        std::panic::catch_unwind(AssertUnwindSafe(|| (write.apply)(trees)));
+                    let applied = match applied {
+                        Ok(applied) => applied,
+                        Err(panic) => {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_owned())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            return stop(
+                                status,
+                                format!("a store write panicked: {what}"),
+                                waiting,
+                            );
+                        }
+                    };
+                    if let Some(reason) = applied.failure {
+                        (applied.deliver)(Err(StoreError::WriterFailed(reason.clone())));
+                        return stop(status, reason, waiting);
+                    }
+                    status.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    dirty_since.get_or_insert_with(Instant::now);
+                    if write.durable {
+                        waiting.push((applied.deliver, write.enqueued));
+                    } else {
+                        (applied.deliver)(Ok(()));
+                    }
+                }
+                Command::Sync { reply, enqueued } => {
+                    if dirty_since.is_none() && fault.is_none() {
+                        let _ = reply.send(Ok(()));
+                    } else {
+                        let deliver: Deliver = Box::new(move |done| {
+                            let _ = reply.send(done);
+                        });
+                        waiting.push((deliver, enqueued));
+                    }
+                }
+                Command::Fault(reason) => fault = Some(reason),
+                Command::Close(reply) => {
+                    close = Some(reply);
+                    break;
+                }
+            }
+            if group >= MAX_GROUP {
+                break;
+            }
+            next = queue.try_recv().ok();
+        }
+        let stale = dirty_since.is_some_and(|since| since.elapsed() >= IDLE_FLUSH);
+        let must_flush = !waiting.is_empty() || close.is_some() || stale || fault.is_some();
+        if must_flush && (dirty_since.is_some() || fault.is_some()) {
+            let started = Instant::now();
+            let flushed = match &fault {
+                Some(reason) => Err(format!("injected fault: {reason}")),
+                None => trees
+                    .db
+                    .flush()
+                    .map(drop)
+                    .map_err(|e| format!("flush failed: {e}")),
+            };
+            if let Err(reason) = flushed {
+                if let Some(Some(reply)) = close {
+                    let _ = reply.send(Err(StoreError::WriterFailed(reason.clone())));
+                }
+                return stop(status, reason, waiting);
+            }
+            status.stats.flush.observe(started.elapsed());
+            status.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            status.stats.group.observe_value(group as f64);
+            dirty_since = None;
+        }
+        for (deliver, enqueued) in waiting.drain(..) {
+            status.stats.commit.observe(enqueued.elapsed());
+            deliver(Ok(()));
+        }
+        if let Some(reply) = close {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
+    }
+}
+
+/// Fail for good: answer everyone waiting, then return (dropping the queue, so every command
+/// still in it, and every later one, sees the writer gone).
+fn stop(status: &Status, reason: String, waiting: Vec<(Deliver, Instant)>) {
+    status.fail(reason.clone());
+    for (deliver, _) in waiting {
+        deliver(Err(StoreError::WriterFailed(reason.clone())));
+    }
+}

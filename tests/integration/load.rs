@@ -1,0 +1,243 @@
+//! Under load: 50 customers, each with its own key and websocket, run 20 paid jobs each back to
+//! back through the embedded relay, the dev wallet and the OpenAI-compatible stub. Every job is
+//! delivered once and charged once, the ledger balances, and `/healthz` answers throughout.
+//!
+//! The daemon runs as a child process, so a wedged daemon cannot stall this test's own runtime:
+//! past the deadline the test kills it and fails with the state of every job.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dvmd::bench::stub::StubServer;
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::job::JobState;
+use dvmd::nip90::JobStatus;
+use nostr_sdk::{EventId, PublicKey};
+
+use crate::harness::{self, DaemonProcess};
+
+const CUSTOMERS: usize = 50;
+const JOBS_PER_CUSTOMER: usize = 20;
+/// Far beyond what the run needs (seconds at this size); reaching it means the daemon stalled.
+const DEADLINE: Duration = Duration::from_secs(300);
+/// One reply slower than this means a stall, not load.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a customer saw of each of its jobs, for the dump when the deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    Posted,
+    Invoiced,
+    Paid,
+    Result,
+}
+
+type Progress = Arc<Mutex<BTreeMap<EventId, Seen>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_customers_run_twenty_paid_jobs_each_with_nothing_lost() {
+    let stub = StubServer::start().await.expect("stub server");
+    let data = harness::data_dir();
+    let config = format!(
+        "[service]\nworkers = 8\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        stub.base_url()
+    );
+    let daemon = DaemonProcess::spawn(
+        data.path(),
+        harness::free_port(),
+        harness::free_port(),
+        &config,
+    );
+    let service = PublicKey::from_hex(&daemon.pubkey).expect("pubkey");
+    let progress: Progress = Arc::default();
+
+    let health = tokio::spawn(poll_health(daemon.http_url.clone()));
+    let mut customers = Vec::with_capacity(CUSTOMERS);
+    for _ in 0..CUSTOMERS {
+        let customer = Customer::connect(&daemon.relay_url).await.expect("connect");
+        let (http, progress) = (daemon.http_url.clone(), progress.clone());
+        customers.push(tokio::spawn(run_customer(
+            customer, service, http, progress,
+        )));
+    }
+    let all = futures::future::join_all(customers);
+    let results = match tokio::time::timeout(DEADLINE, all).await {
+        Ok(results) => results,
+        Err(_) => {
+            health.abort();
+            daemon.kill();
+            panic!("{}", dump(&progress, data.path()));
+        }
+    };
+    let mut delivered: HashMap<EventId, HashSet<EventId>> = HashMap::new();
+    for result in results {
+        match result.expect("customer task") {
+            Ok(seen) => {
+                for (job, result) in seen {
+                    delivered.entry(job).or_default().insert(result);
+                }
+            }
+            Err(why) => {
+                health.abort();
+                daemon.kill();
+                panic!("a customer failed: {why}\n{}", dump(&progress, data.path()));
+            }
+        }
+    }
+    // The prober only returns if `/healthz` failed; otherwise it is still polling.
+    if health.is_finished() {
+        let why = health.await;
+        panic!("/healthz stopped answering during the run: {why:?}");
+    }
+    health.abort();
+    daemon.terminate();
+    stub.stop().await;
+
+    assert_eq!(delivered.len(), CUSTOMERS * JOBS_PER_CUSTOMER);
+    for (job, results) in &delivered {
+        assert_eq!(results.len(), 1, "job {job} got {} results", results.len());
+    }
+    let store = harness::open_store(data.path());
+    let jobs = harness::jobs(&store);
+    assert_eq!(jobs.len(), CUSTOMERS * JOBS_PER_CUSTOMER);
+    for job in &jobs {
+        assert_eq!(
+            job.state,
+            JobState::Settled,
+            "job {} is {:?}",
+            job.id,
+            job.state
+        );
+        assert!(job.charge_msat.is_some_and(|c| c > 0 && c <= job.paid_msat));
+    }
+    let totals = harness::ledger_ok(&store);
+    let charged: u64 = jobs.iter().filter_map(|j| j.charge_msat).sum();
+    let paid: u64 = jobs.iter().map(|j| j.paid_msat).sum();
+    assert_eq!(totals.payment_in_msat, paid, "every payment booked once");
+    assert_eq!(totals.charge_msat, charged, "every job charged once");
+}
+
+/// Post, pay and read `JOBS_PER_CUSTOMER` jobs one after another; returns (job, result id).
+async fn run_customer(
+    mut customer: Customer,
+    service: PublicKey,
+    http: String,
+    progress: Progress,
+) -> Result<Vec<(EventId, EventId)>, String> {
+    let mut seen = Vec::with_capacity(JOBS_PER_CUSTOMER);
+    for i in 0..JOBS_PER_CUSTOMER {
+        let request = customer
+            .post(customer::text_request(
+                &format!("load job {i}: say hello"),
+                &[("max_tokens", "16")],
+                Some(1_000_000),
+                Some(service),
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mark = |state| {
+            progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(request.id, state);
+        };
+        mark(Seen::Posted);
+        let bolt11 = match customer
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+                matches!(
+                    r,
+                    Reply::Feedback {
+                        status: Some(JobStatus::PaymentRequired | JobStatus::Error),
+                        ..
+                    }
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount: Some(amount),
+                ..
+            } => amount.bolt11.ok_or("payment-required without an invoice")?,
+            other => {
+                return Err(format!(
+                    "job {}: expected an invoice, got {other:?}",
+                    request.id
+                ))
+            }
+        };
+        mark(Seen::Invoiced);
+        harness::dev_pay(&http, &bolt11).await;
+        mark(Seen::Paid);
+        let result = match customer
+            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+                matches!(
+                    r,
+                    Reply::Result(_)
+                        | Reply::Feedback {
+                            status: Some(JobStatus::Error),
+                            ..
+                        }
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Reply::Result(result) => result,
+            other => {
+                return Err(format!(
+                    "job {}: expected a result, got {other:?}",
+                    request.id
+                ))
+            }
+        };
+        mark(Seen::Result);
+        seen.push((request.id, result.id));
+    }
+    customer.shutdown().await;
+    Ok(seen)
+}
+
+/// Ask `/healthz` every 200 ms until aborted; returns (an error) only if it stops answering.
+async fn poll_health(http: String) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| e.to_string())?;
+    loop {
+        let response = client
+            .get(format!("{http}/healthz"))
+            .send()
+            .await
+            .map_err(|e| format!("/healthz: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("/healthz answered {}", response.status()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Where every job stands, as the customers saw it and as the store has it.
+fn dump(progress: &Progress, data: &std::path::Path) -> String {
+    let progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+    let mut by_seen: BTreeMap<Seen, usize> = BTreeMap::new();
+    for seen in progress.values() {
+        *by_seen.entry(*seen).or_default() += 1;
+    }
+    let mut out = format!("load run stalled; customers saw: {by_seen:?}\n");
+    let store = harness::open_store(data);
+    let mut by_state: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
+    for job in harness::jobs(&store) {
+        by_state
+            .entry(format!("{:?}", job.state))
+            .or_default()
+            .push(job.id);
+    }
+    for (state, ids) in by_state {
+        let sample: Vec<String> = ids.iter().take(5).map(|id| id.to_hex()).collect();
+        out.push_str(&format!("  {state}: {} jobs, e.g. {sample:?}\n", ids.len()));
+    }
+    out
+}
