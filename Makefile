@@ -18,7 +18,8 @@ SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ## run: the daemon with an in-process relay, the dev wallet and the bundled model
 run: deps $(MODEL)
-	cargo run --release --bin dvmd -- run --dev --data-dir $(CACHE)/dev-data
+	cargo build --release --bin dvmd --example customer
+	./target/release/dvmd run --dev --data-dir $(CACHE)/dev-data
 
 ## test: formatting, lints, unit and integration tests on real parts
 test: deps $(MODEL) peers llama-server lnbits node-peers check
@@ -75,6 +76,10 @@ bench: deps $(MODEL) llama-server lnbits
 	cargo build --release --bin dvmd
 	./target/release/dvmd bench intake
 	./target/release/dvmd bench roundtrip
+	./target/release/dvmd bench load --customers 1 --jobs 2000
+	./target/release/dvmd bench load --customers 100 --jobs 20000
+	./target/release/dvmd bench load --customers 100 --jobs 5000 --paid
+	./target/release/dvmd bench load --customers 500 --jobs 20000 --rate 500
 	DVMD_LNBITS=$$(bash .ci/lnbits.sh) cargo bench --bench settlement
 	./target/release/dvmd bench model --model $(MODEL) --llama-server $$(bash .ci/llama-server.sh)
 
