@@ -71,7 +71,7 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
         Arc::new(Metrics::default()),
     );
 
-    // Warm up both paths (allocator, sled's first pages) on events that are not measured.
+    // Warm up both paths (allocator, the store's first pages) on events that are not measured.
     for event in requests(n / 10)? {
         event.verify()?;
         let verified = Verified::check(event)?;

@@ -3,7 +3,7 @@
 //!
 //! - [`state`]: `JobState` and the one transition table.
 //! - [`record`]: the persisted `Job`.
-//! - [`book`]: sled transactions that move a job and the ledger together.
+//! - [`book`]: the store transactions that move a job and the ledger together.
 //! - [`pipeline`]: screening and quoting a request, asking for payment.
 //! - [`payment`]: settlement hints and the reconciler; only a wallet lookup moves a job to `Paid`.
 //! - [`worker`]: the bounded worker pool that runs paid jobs, delivers and settles them.

@@ -7,7 +7,7 @@ pub mod outbox;
 pub mod pool;
 pub mod transport;
 
-pub use embedded::EmbeddedRelay;
+pub use embedded::{EmbeddedRelay, RelayOptions as EmbeddedRelayOptions};
 pub use outbox::Outbox;
 pub use pool::{RelayRole, Relays};
 

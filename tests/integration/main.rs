@@ -4,6 +4,7 @@ mod harness;
 
 mod bad_input;
 mod conformance;
+mod embedded_relay;
 mod interop;
 mod lnbits;
 mod load;
