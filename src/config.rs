@@ -402,12 +402,15 @@ impl Default for HttpSection {
 pub struct EmbeddedRelaySection {
     /// Listen address of the in-process relay (dev mode).
     pub listen: String,
+    /// Events it keeps in memory (the oldest go first).
+    pub max_events: usize,
 }
 
 impl Default for EmbeddedRelaySection {
     fn default() -> Self {
         Self {
             listen: DEFAULT_RELAY_LISTEN.to_owned(),
+            max_events: crate::relay::EmbeddedRelayOptions::default().max_events,
         }
     }
 }
@@ -477,6 +480,8 @@ pub struct Config {
     pub relays: Vec<RelayRole>,
     /// Embedded relay listener (dev mode).
     pub relay_listen: SocketAddr,
+    /// Embedded relay limits (dev mode).
+    pub embedded_relay: crate::relay::EmbeddedRelayOptions,
     /// HTTP listener.
     pub http_listen: SocketAddr,
     /// Pipeline settings.
@@ -578,6 +583,11 @@ impl Config {
         }
         if service.workers == 0 || service.workers > 64 {
             return Err(invalid("service.workers must be 1..=64".into()));
+        }
+        if file.embedded_relay.max_events == 0 {
+            return Err(invalid(
+                "embedded_relay.max_events must be at least 1".into(),
+            ));
         }
         if !(8..=1024 * 1024).contains(&file.store.cache_capacity_mib) {
             return Err(invalid(
@@ -771,6 +781,10 @@ impl Config {
             dev: flags.dev,
             relays: roles,
             relay_listen,
+            embedded_relay: crate::relay::EmbeddedRelayOptions {
+                max_events: file.embedded_relay.max_events,
+                ..crate::relay::EmbeddedRelayOptions::default()
+            },
             http_listen,
             jobs,
             backend,

@@ -133,7 +133,7 @@ impl Daemon {
         let mut embedded = None;
         let mut relay_stats = None;
         let (roles, relay_url) = if config.dev {
-            let relay = EmbeddedRelay::bind(config.relay_listen)
+            let relay = EmbeddedRelay::bind_with(config.relay_listen, config.embedded_relay)
                 .await
                 .map_err(|source| DaemonError::Listen {
                     addr: config.relay_listen,

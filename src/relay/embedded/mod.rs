@@ -56,7 +56,7 @@ pub struct RelayOptions {
 impl Default for RelayOptions {
     fn default() -> Self {
         Self {
-            max_events: 100_000,
+            max_events: 10_000,
             live_queue: 4096,
             max_subscriptions: 64,
             default_limit: 500,
