@@ -467,27 +467,32 @@ impl Book {
         self.store
             .commit(move |tx| {
                 let mut job = stored_job(tx, &id)?;
-                job.transition(JobState::Settled, at).map_err(abort)?;
-                let charge = charge_msat.min(job.paid_msat);
-                job.charge_msat = Some(charge);
-                let mut entry = Entry {
-                    kind: EntryKind::Charge,
-                    account: job.payer(),
-                    msat: charge,
-                    job: Some(job.id),
-                    payment_hash: None,
-                    at,
-                };
-                if charge > 0 {
-                    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+                settle_in(tx, &mut job, charge_msat, at)?;
+                Ok(job)
+            })
+            .await
+    }
+
+    /// `Running -> Delivered -> Settled` once a relay acked the stored result, with the
+    /// `success` feedback about to be published stored as the latest: one write. Applied, not
+    /// awaited durable: the result and its charge were committed before the result was shown,
+    /// and a crash before this is durable leaves the job `Running` with that result, which
+    /// recovery delivers and settles again the same way.
+    pub async fn settle_delivered(
+        &self,
+        id: &EventId,
+        charge_msat: u64,
+        feedback: Option<String>,
+    ) -> Result<Job, BookError> {
+        let (id, at) = (*id, now());
+        self.store
+            .apply(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                job.transition(JobState::Delivered, at).map_err(abort)?;
+                if let Some(json) = &feedback {
+                    job.last_feedback = Some(json.clone());
                 }
-                let refund = job.paid_msat - charge;
-                if refund > 0 {
-                    entry.kind = EntryKind::RefundCredit;
-                    entry.msat = refund;
-                    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
-                }
-                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                settle_in(tx, &mut job, charge_msat, at)?;
                 Ok(job)
             })
             .await
@@ -518,6 +523,38 @@ impl Book {
     pub fn all_blocking(&self) -> Result<Vec<Job>, BookError> {
         self.store.read_blocking(all_jobs)
     }
+}
+
+/// Inside a transaction: `-> Settled`, the charge (at most what was paid) from the payer and
+/// the rest left on their balance, then store the job.
+fn settle_in(
+    tx: &Tx<'_>,
+    job: &mut Job,
+    charge_msat: u64,
+    at: u64,
+) -> Result<(), TxError<BookError>> {
+    job.transition(JobState::Settled, at).map_err(abort)?;
+    let charge = charge_msat.min(job.paid_msat);
+    job.charge_msat = Some(charge);
+    let mut entry = Entry {
+        kind: EntryKind::Charge,
+        account: job.payer(),
+        msat: charge,
+        job: Some(job.id),
+        payment_hash: None,
+        at,
+    };
+    if charge > 0 {
+        ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+    }
+    let refund = job.paid_msat - charge;
+    if refund > 0 {
+        entry.kind = EntryKind::RefundCredit;
+        entry.msat = refund;
+        ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+    }
+    tx.put(Tree::Jobs, job.id.as_bytes(), &*job)?;
+    Ok(())
 }
 
 fn transition(

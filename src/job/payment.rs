@@ -175,7 +175,7 @@ impl Pipeline {
                 inner.metrics.payment_confirmed(amount_msat);
                 inner.metrics.entered(JobState::Paid);
                 tracing::info!(job = %job.id, msat = amount_msat, payment_hash = %hash, "invoice paid");
-                self.enqueue(job.id, Some(confirmed_at)).await;
+                self.enqueue(*job, Some(confirmed_at)).await;
             }
             Ok(PaymentOutcome::Credited { account, job }) => {
                 inner.metrics.payment_confirmed(amount_msat);

@@ -67,10 +67,11 @@ pub struct JobConfig {
 }
 
 /// A job ready for a worker, with when its payment was confirmed (for the latency metric).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkItem {
-    /// The job.
-    pub job: EventId,
+    /// The job as the enqueuer last stored it (saves the worker a read). Every transition the
+    /// worker makes is checked against the stored record, so a stale copy cannot do harm.
+    pub job: Box<Job>,
     /// When our wallet confirmed the payment, if this run follows one.
     pub paid_at: Option<Instant>,
 }
@@ -346,7 +347,7 @@ impl Pipeline {
         };
         if quote == 0 {
             // Free jobs skip the wallet entirely.
-            return self.enqueue(job.id, None).await;
+            return self.enqueue(job, None).await;
         }
         let request = InvoiceRequest {
             amount_msat: quote,
@@ -555,8 +556,12 @@ impl Pipeline {
     }
 
     /// Queue a job for the workers; waits while the run queue is full.
-    pub(crate) async fn enqueue(&self, job: EventId, paid_at: Option<Instant>) {
-        let item = WorkItem { job, paid_at };
+    pub(crate) async fn enqueue(&self, job: Job, paid_at: Option<Instant>) {
+        let id = job.id;
+        let item = WorkItem {
+            job: Box::new(job),
+            paid_at,
+        };
         let sent = match self.inner.queue.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => {
@@ -569,7 +574,7 @@ impl Pipeline {
         };
         match sent {
             Ok(()) => self.inner.metrics.run_queue_changed(1),
-            Err(()) => tracing::warn!(job = %job, "workers stopped; the job resumes on restart"),
+            Err(()) => tracing::warn!(job = %id, "workers stopped; the job resumes on restart"),
         }
     }
 }

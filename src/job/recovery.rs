@@ -68,7 +68,7 @@ impl Pipeline {
                 }
                 JobState::Paid | JobState::Running | JobState::Delivered | JobState::Failed => {
                     report.queued += 1;
-                    self.enqueue(job.id, None).await;
+                    self.enqueue(job, None).await;
                 }
                 JobState::Rejected
                 | JobState::Settled

@@ -63,28 +63,24 @@ impl Pipeline {
     /// Take one job as far as it can go from its stored state.
     async fn run(&self, item: WorkItem) {
         let inner = &self.inner;
-        let job = match inner.book.get(&item.job).await {
-            Ok(Some(job)) => job,
-            Ok(None) => return tracing::error!(job = %item.job, "queued job not found"),
-            Err(e) => return tracing::error!(job = %item.job, error = %e, "cannot read job"),
-        };
+        let job = *item.job;
         let free = job.state == JobState::Quoted && job.quote_msat == Some(0);
-        let job = match job.state {
-            JobState::Paid => self.start(&job).await,
-            JobState::Quoted if free => self.start(&job).await,
-            JobState::Running => Some(job),
+        match job.state {
+            JobState::Paid | JobState::Running => {}
+            JobState::Quoted if free => {}
             JobState::Delivered | JobState::Failed => {
                 return self.settle(&job, job.charge_msat.unwrap_or(0)).await
             }
             _ => return tracing::debug!(job = %job.id, state = ?job.state, "nothing to run"),
-        };
-        let Some(job) = job else { return };
+        }
         let event = match job.request_event() {
             Ok(event) => event,
             Err(e) => {
-                return self
-                    .fail(&job, None, format!("stored request is unreadable: {e}"))
-                    .await
+                let reason = format!("stored request is unreadable: {e}");
+                let Some(job) = self.start(&job, None).await else {
+                    return;
+                };
+                return self.fail(&job, None, reason).await;
             }
         };
         if let Some(result) = job
@@ -98,15 +94,34 @@ impl Pipeline {
         // `processing` goes out beside the model. It is a courtesy, not a claim about money:
         // the payment booking becomes durable with the result, before the result is shown. A
         // crash before that leaves the payment hash unconsumed on disk, and the reconciler
-        // books it again, once.
+        // books it again, once. It is stored with `Running` (one write) and published in a task.
         let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
+        let Some(processing) = self.sign(&job.id, processing) else {
+            return;
+        };
+        let job = if job.state == JobState::Running {
+            // Resumed after a restart: say it again.
+            let json = processing.as_json();
+            let stored = inner.book.update(&job.id, move |stored, _| {
+                stored.last_feedback = Some(json.clone());
+                Ok(())
+            });
+            match stored.await {
+                Ok(job) => job,
+                Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot resume job"),
+            }
+        } else {
+            match self.start(&job, Some(&processing)).await {
+                Some(job) => job,
+                None => return,
+            }
+        };
         let pipeline = self.clone();
         let announced = job.clone();
         let processing = inner.tasks.spawn(async move {
             if pipeline
-                .send_feedback(&announced, processing, FEEDBACK_ATTEMPTS)
+                .publish_feedback(&announced, &processing, FEEDBACK_ATTEMPTS)
                 .await
-                .is_some()
             {
                 if let Some(paid_at) = item.paid_at {
                     pipeline
@@ -131,14 +146,19 @@ impl Pipeline {
         }
     }
 
-    /// `Paid | Quoted(free) -> Running`.
-    async fn start(&self, job: &Job) -> Option<Job> {
-        match self
+    /// `Paid | Quoted(free) -> Running`, storing the `processing` feedback about to be sent.
+    async fn start(&self, job: &Job, processing: Option<&Event>) -> Option<Job> {
+        let feedback = processing.map(Event::as_json);
+        let started = self
             .inner
             .book
-            .transition(&job.id, JobState::Running, |_| {})
-            .await
-        {
+            .transition(&job.id, JobState::Running, move |job| {
+                if let Some(json) = &feedback {
+                    job.last_feedback = Some(json.clone());
+                }
+            })
+            .await;
+        match started {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Running);
                 Some(job)
@@ -218,7 +238,12 @@ impl Pipeline {
         self.deliver(&job, event, &result).await;
     }
 
-    /// Publish the stored result until a relay acks it, then `Delivered`, `success`, settle.
+    /// Publish the stored result until a relay acks it; then `Delivered`, the `success`
+    /// feedback and the settlement in one write, and `success` goes out.
+    ///
+    /// That write is applied, not awaited durable: the charge was made durable with the result
+    /// (before it was shown), and a crash before the next group commit leaves the job `Running`
+    /// with its result, so recovery publishes the same result again and settles it the same way.
     async fn deliver(&self, job: &Job, event: &Event, result: &Event) {
         let inner = &self.inner;
         if let Err(e) = inner
@@ -230,23 +255,24 @@ impl Pipeline {
             // result stored, and recovery publishes it on the next start.
             return tracing::warn!(job = %job.id, error = %e, "result not delivered yet");
         }
-        let delivered = inner
-            .book
-            .transition(&job.id, JobState::Delivered, |_| {})
-            .await;
-        let job = match delivered {
-            Ok(job) => job,
-            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),
-        };
-        inner.metrics.entered(JobState::Delivered);
         let charge = job.charge_msat.unwrap_or(0);
         let amount = PaymentAmount {
             msat: charge,
             bolt11: None,
         };
         let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
-        self.send_feedback(&job, success, FEEDBACK_ATTEMPTS).await;
-        self.settle(&job, charge).await;
+        let success = self.sign(&job.id, success);
+        let feedback = success.as_ref().map(Event::as_json);
+        let settled = match inner.book.settle_delivered(&job.id, charge, feedback).await {
+            Ok(settled) => settled,
+            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),
+        };
+        inner.metrics.entered(JobState::Delivered);
+        self.settled(&settled);
+        if let Some(success) = success {
+            self.publish_feedback(&settled, &success, FEEDBACK_ATTEMPTS)
+                .await;
+        }
     }
 
     /// `Running -> Failed`, settle with no charge (everything paid stays with the customer as
@@ -287,20 +313,20 @@ impl Pipeline {
         }
     }
 
-    /// Book the charge and the remainder.
+    /// Book the charge and the remainder (a failed job, or one delivered before a restart).
     async fn settle(&self, job: &Job, charge_msat: u64) {
-        let inner = &self.inner;
-        match inner.book.settle(&job.id, charge_msat).await {
-            Ok(job) => {
-                inner.metrics.entered(JobState::Settled);
-                let usage = job.usage.unwrap_or_default();
-                let charged = job.charge_msat.unwrap_or(0);
-                inner
-                    .metrics
-                    .charged(charged, usage.prompt_tokens, usage.completion_tokens);
-                tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.paid_msat - charged, "job settled");
-            }
+        match self.inner.book.settle(&job.id, charge_msat).await {
+            Ok(job) => self.settled(&job),
             Err(e) => tracing::error!(job = %job.id, error = %e, "cannot settle job"),
         }
+    }
+
+    fn settled(&self, job: &Job) {
+        let metrics = &self.inner.metrics;
+        metrics.entered(JobState::Settled);
+        let usage = job.usage.unwrap_or_default();
+        let charged = job.charge_msat.unwrap_or(0);
+        metrics.charged(charged, usage.prompt_tokens, usage.completion_tokens);
+        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.paid_msat - charged, "job settled");
     }
 }

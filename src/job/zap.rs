@@ -235,8 +235,9 @@ impl Pipeline {
                 inner.metrics.payment_confirmed(valid.amount_msat);
                 inner.metrics.entered(JobState::Paid);
                 tracing::info!(job = %job.id, msat = valid.amount_msat, "job paid by a provider zap");
-                self.enqueue(job.id, Some(std::time::Instant::now())).await;
-                ReceiptOutcome::PaidJob(job.id)
+                let id = job.id;
+                self.enqueue(*job, Some(std::time::Instant::now())).await;
+                ReceiptOutcome::PaidJob(id)
             }
             Ok(super::PaymentOutcome::AlreadyConsumed) => ReceiptOutcome::Replayed,
             Ok(_) => {

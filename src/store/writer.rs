@@ -154,11 +154,18 @@ pub(super) fn spawn(
 }
 
 fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
-    let mut waiting: Vec<(Deliver, Instant)> = Vec::new();
-    let mut dirty_since: Option<Instant> = None;
-    let mut fault: Option<String> = None;
+    let mut writer = Writer {
+        trees,
+        status,
+        waiting: Vec::new(),
+        dirty_since: None,
+        fault: None,
+        group: 0,
+        last_flush: Duration::ZERO,
+        last_group_waiters: 0,
+    };
     loop {
-        let first = match dirty_since {
+        let first = match writer.dirty_since {
             Some(since) => match queue.recv_timeout(IDLE_FLUSH.saturating_sub(since.elapsed())) {
                 Ok(command) => Some(command),
                 Err(flume::RecvTimeoutError::Timeout) => None,
@@ -166,96 +173,175 @@ fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
             },
             None => Some(queue.recv().unwrap_or(Command::Close(None))),
         };
-        let mut group = 0usize;
+        writer.group = 0;
         let mut close = None;
         let mut next = first;
-        while let Some(command) = next {
-            match command {
-                Command::Write(write) => {
-                    group += 1;
-                    let applied =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| (write.apply)(trees)));
-                    let applied = match applied {
-                        Ok(applied) => applied,
-                        Err(panic) => {
-                            let what = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| (*s).to_owned())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_default();
-                            return stop(
-                                status,
-                                format!("a store write panicked: {what}"),
-                                waiting,
-                            );
-                        }
-                    };
-                    if let Some(reason) = applied.failure {
-                        (applied.deliver)(Err(StoreError::WriterFailed(reason.clone())));
-                        return stop(status, reason, waiting);
+        let mut gather_until: Option<Instant> = None;
+        'group: loop {
+            // Everything queued now joins this group.
+            while let Some(command) = next.take() {
+                match writer.take(command) {
+                    Taken::Go => {}
+                    Taken::Close(reply) => {
+                        close = Some(reply);
+                        break 'group;
                     }
-                    status.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    dirty_since.get_or_insert_with(Instant::now);
-                    if write.durable {
-                        waiting.push((applied.deliver, write.enqueued));
-                    } else {
-                        (applied.deliver)(Ok(()));
-                    }
+                    Taken::Failed(reason) => return writer.stop(reason),
                 }
-                Command::Sync { reply, enqueued } => {
-                    if dirty_since.is_none() && fault.is_none() {
-                        let _ = reply.send(Ok(()));
-                    } else {
-                        let deliver: Deliver = Box::new(move |done| {
-                            let _ = reply.send(done);
-                        });
-                        waiting.push((deliver, enqueued));
-                    }
+                if writer.group >= MAX_GROUP {
+                    break 'group;
                 }
-                Command::Fault(reason) => fault = Some(reason),
-                Command::Close(reply) => {
-                    close = Some(reply);
-                    break;
-                }
+                next = queue.try_recv().ok();
             }
-            if group >= MAX_GROUP {
+            // Under concurrent load, wait a little for the writes the jobs in flight are about
+            // to send: one fsync then covers them too. The window is a fraction of what the
+            // last flush took, so it never costs more than the flush it saves, and a lone
+            // customer (groups of one) never waits at all.
+            if writer.waiting.is_empty() {
                 break;
             }
-            next = queue.try_recv().ok();
+            let until = *gather_until.get_or_insert_with(|| {
+                Instant::now() + gathering_window(writer.last_flush, writer.last_group_waiters)
+            });
+            match queue.recv_deadline(until) {
+                Ok(command) => next = Some(command),
+                Err(_) => break,
+            }
         }
-        let stale = dirty_since.is_some_and(|since| since.elapsed() >= IDLE_FLUSH);
-        let must_flush = !waiting.is_empty() || close.is_some() || stale || fault.is_some();
-        if must_flush && (dirty_since.is_some() || fault.is_some()) {
-            let started = Instant::now();
-            let flushed = match &fault {
-                Some(reason) => Err(format!("injected fault: {reason}")),
-                None => trees
-                    .db
-                    .flush()
-                    .map(drop)
-                    .map_err(|e| format!("flush failed: {e}")),
-            };
-            if let Err(reason) = flushed {
+        let stale = writer
+            .dirty_since
+            .is_some_and(|since| since.elapsed() >= IDLE_FLUSH);
+        let must_flush =
+            !writer.waiting.is_empty() || close.is_some() || stale || writer.fault.is_some();
+        if must_flush && (writer.dirty_since.is_some() || writer.fault.is_some()) {
+            if let Err(reason) = writer.flush() {
                 if let Some(Some(reply)) = close {
                     let _ = reply.send(Err(StoreError::WriterFailed(reason.clone())));
                 }
-                return stop(status, reason, waiting);
+                return writer.stop(reason);
             }
-            status.stats.flush.observe(started.elapsed());
-            status.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            status.stats.group.observe_value(group as f64);
-            dirty_since = None;
         }
-        for (deliver, enqueued) in waiting.drain(..) {
-            status.stats.commit.observe(enqueued.elapsed());
-            deliver(Ok(()));
-        }
+        writer.answer_waiting();
         if let Some(reply) = close {
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(()));
             }
             return;
         }
+    }
+}
+
+/// Longest a group waits for more writes before its flush.
+const MAX_GATHERING: Duration = Duration::from_micros(500);
+
+/// How long to wait for more writes before flushing, given how long the last flush took and
+/// how many durable writes it covered.
+fn gathering_window(last_flush: Duration, last_group_waiters: usize) -> Duration {
+    if last_group_waiters < 2 {
+        return Duration::ZERO;
+    }
+    (last_flush / 2).min(MAX_GATHERING)
+}
+
+/// The writer thread's state between commands.
+struct Writer<'a> {
+    trees: &'a Trees,
+    status: &'a Status,
+    /// Durable writes and syncs applied, waiting for the next flush.
+    waiting: Vec<(Deliver, Instant)>,
+    /// When the oldest write not yet flushed was applied.
+    dirty_since: Option<Instant>,
+    fault: Option<String>,
+    /// Writes applied in this group.
+    group: usize,
+    last_flush: Duration,
+    last_group_waiters: usize,
+}
+
+enum Taken {
+    Go,
+    Close(Option<oneshot::Sender<Result<(), StoreError>>>),
+    Failed(String),
+}
+
+impl Writer<'_> {
+    fn take(&mut self, command: Command) -> Taken {
+        match command {
+            Command::Write(write) => {
+                self.group += 1;
+                let trees = self.trees;
+                let applied = std::panic::catch_unwind(AssertUnwindSafe(|| (write.apply)(trees)));
+                let applied = match applied {
+                    Ok(applied) => applied,
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        return Taken::Failed(format!("a store write panicked: {what}"));
+                    }
+                };
+                if let Some(reason) = applied.failure {
+                    (applied.deliver)(Err(StoreError::WriterFailed(reason.clone())));
+                    return Taken::Failed(reason);
+                }
+                self.status.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.dirty_since.get_or_insert_with(Instant::now);
+                if write.durable {
+                    self.waiting.push((applied.deliver, write.enqueued));
+                } else {
+                    (applied.deliver)(Ok(()));
+                }
+            }
+            Command::Sync { reply, enqueued } => {
+                if self.dirty_since.is_none() && self.fault.is_none() {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    let deliver: Deliver = Box::new(move |done| {
+                        let _ = reply.send(done);
+                    });
+                    self.waiting.push((deliver, enqueued));
+                }
+            }
+            Command::Fault(reason) => self.fault = Some(reason),
+            Command::Close(reply) => return Taken::Close(reply),
+        }
+        Taken::Go
+    }
+
+    /// One fsync for everything applied so far.
+    fn flush(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        match &self.fault {
+            Some(reason) => return Err(format!("injected fault: {reason}")),
+            None => {
+                self.trees
+                    .db
+                    .flush()
+                    .map_err(|e| format!("flush failed: {e}"))?;
+            }
+        }
+        self.last_flush = started.elapsed();
+        self.last_group_waiters = self.waiting.len();
+        let stats = &self.status.stats;
+        stats.flush.observe(self.last_flush);
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats.group.observe_value(self.group as f64);
+        self.dirty_since = None;
+        Ok(())
+    }
+
+    /// Answer the writes the last flush made durable.
+    fn answer_waiting(&mut self) {
+        for (deliver, enqueued) in self.waiting.drain(..) {
+            self.status.stats.commit.observe(enqueued.elapsed());
+            deliver(Ok(()));
+        }
+    }
+
+    fn stop(self, reason: String) {
+        stop(self.status, reason, self.waiting)
     }
 }
 
