@@ -10,6 +10,9 @@
 //! with the daemon, so it spends as little as it can. Closed loop: every customer posts its next
 //! request when the last one's result arrives. Open loop (`--rate`): requests are offered at a
 //! fixed total rate whatever the answers do.
+//!
+//! `DVMD_BENCH_EXTRA_CONFIG` is appended to the started daemon's `dvmd.toml`, to measure other
+//! settings (`[store] cache_capacity_mib`, `[embedded_relay] max_events`, ...).
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -157,6 +160,17 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     let health = health.await.ok();
     if let Some(sampler) = sampler {
         sampler.abort();
+    }
+    if let Some(pid) = pid {
+        // Marks reached in the last sampling interval.
+        let done = record.completed.load(Ordering::Relaxed) + record.lost.load(Ordering::Relaxed);
+        let rss = rss_bytes(pid).unwrap_or(0);
+        let mut marks = record.rss_at.lock().unwrap_or_else(|e| e.into_inner());
+        for mark in RSS_MARKS {
+            if done >= mark && !marks.iter().any(|(m, _)| *m == mark) {
+                marks.push((mark, rss));
+            }
+        }
     }
     let metrics = http
         .get(format!("{}/metrics", target.http))
@@ -447,9 +461,10 @@ async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchError> {
         "[pricing]\nbase_fee_msat = 0\nprompt_msat_per_1k_tokens = 0\ncompletion_msat_per_1k_tokens = 0\n"
     };
     let config = format!(
-        "[service]\nworkers = {}\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n",
+        "[service]\nworkers = {}\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
         options.workers,
-        stub.base_url()
+        stub.base_url(),
+        std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default()
     );
     let config_path = data.join("dvmd.toml");
     std::fs::write(&config_path, config)?;

@@ -43,7 +43,7 @@ const META_SCHEMA_KEY: &[u8] = b"schema_version";
 pub const ENTRY_SEQUENCE: &[u8] = b"entry_sequence";
 
 /// sled's page cache size when the configuration names none (sled's own default is 1 GiB).
-pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The trees dvmd keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
