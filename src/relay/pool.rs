@@ -29,6 +29,10 @@ const NOTIFICATION_CHANNEL_SIZE: usize = 65_536;
 const FETCH_PAGE: usize = 500;
 /// Most events one catch-up fetches.
 const MAX_CATCH_UP: usize = 100_000;
+/// First reconnection attempt after a relay drops us (nostr-sdk's default is 10 s, plus
+/// jitter; it backs off on its own when the relay stays away). A DVM missing requests for ten
+/// seconds after every blip loses customers.
+const RECONNECT_AFTER: Duration = Duration::from_secs(3);
 
 /// Connecting a reply relay before its first send, and catch-up fetches, give up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -69,7 +73,10 @@ impl Relays {
         for role in roles {
             let url = RelayUrl::parse(&role.url)
                 .map_err(|e| RelayError::Pool(format!("{}: {e}", role.url)))?;
-            let opts = RelayOptions::new().read(role.read).write(role.write);
+            let opts = RelayOptions::new()
+                .read(role.read)
+                .write(role.write)
+                .retry_interval(RECONNECT_AFTER);
             client
                 .pool()
                 .add_relay(url.clone(), opts)
