@@ -147,29 +147,7 @@ enum BenchCommand {
     },
     /// Many customers at once: jobs/s, request -> result latency, lost jobs, and the daemon's
     /// CPU, RSS and /healthz latency (a daemon started as a child process, unless --relay).
-    Load {
-        /// Customers, each with its own key and websocket.
-        #[arg(long, default_value_t = 10)]
-        customers: usize,
-        /// Jobs in all.
-        #[arg(long, default_value_t = 2_000)]
-        jobs: usize,
-        /// Pay each job through the dev wallet (default prices); otherwise jobs are free.
-        #[arg(long)]
-        paid: bool,
-        /// Open loop: offer this many requests per second in total.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Drive the daemon already running behind this relay URL (needs --http).
-        #[arg(long, requires = "http")]
-        relay: Option<String>,
-        /// That daemon's HTTP URL.
-        #[arg(long, requires = "relay")]
-        http: Option<String>,
-        /// Workers of the daemon the bench starts.
-        #[arg(long, default_value_t = 8)]
-        workers: usize,
-    },
+    Load(bench::load::LoadOptions),
     /// Embedded model throughput: prompt and generation tokens per second.
     Model {
         /// GGUF model (default: the bundled dev model).
@@ -369,25 +347,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Roundtrip { jobs } => bench::roundtrip(jobs)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?,
-            BenchCommand::Load {
-                customers,
-                jobs,
-                paid,
-                rate,
-                relay,
-                http,
-                workers,
-            } => bench::load::run(bench::load::LoadOptions {
-                customers,
-                jobs,
-                paid,
-                rate,
-                relay,
-                http,
-                workers,
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Load(options) => bench::load::run(options)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?,
             BenchCommand::Model {
                 model,
                 tokens,

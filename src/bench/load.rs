@@ -43,22 +43,29 @@ const HEALTH_EVERY: Duration = Duration::from_millis(100);
 /// Jobs at which RSS is sampled (the memory target compares 2,000 and 20,000).
 const RSS_MARKS: [usize; 2] = [2_000, 20_000];
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (`dvmd bench load` flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct LoadOptions {
-    /// Customers, each with its own key and connection.
+    /// Customers, each with its own key and websocket.
+    #[arg(long, default_value_t = 10)]
     pub customers: usize,
     /// Jobs in all.
+    #[arg(long, default_value_t = 2_000)]
     pub jobs: usize,
-    /// Pay every job through the dev wallet (default prices) instead of a free rate card.
+    /// Pay each job through the dev wallet (default prices); otherwise jobs are free.
+    #[arg(long)]
     pub paid: bool,
-    /// Open loop: requests offered per second in total.
+    /// Open loop: offer this many requests per second in total.
+    #[arg(long)]
     pub rate: Option<f64>,
-    /// Drive this relay (a daemon already running) instead of starting one.
+    /// Drive the daemon already running behind this relay URL (needs --http).
+    #[arg(long, requires = "http")]
     pub relay: Option<String>,
-    /// That daemon's HTTP URL (for `/dev/pay`, `/healthz`, `/metrics`).
+    /// That daemon's HTTP URL (for /dev/pay, /healthz, /metrics).
+    #[arg(long, requires = "relay")]
     pub http: Option<String>,
-    /// Workers of the started daemon.
+    /// Workers of the daemon the bench starts.
+    #[arg(long, default_value_t = 8)]
     pub workers: usize,
 }
 

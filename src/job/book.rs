@@ -242,12 +242,7 @@ impl Book {
     where
         F: Fn(&mut Job) + Send + 'static,
     {
-        self.change(
-            id,
-            move |job, at| Ok(transition(job, next, at, &change)?),
-            false,
-        )
-        .await
+        self.change(id, transition_to(next, change), false).await
     }
 
     /// [`Book::transition`], durable before it returns (a refusal or an expiry the customer is
@@ -261,12 +256,7 @@ impl Book {
     where
         F: Fn(&mut Job) + Send + 'static,
     {
-        self.change(
-            id,
-            move |job, at| Ok(transition(job, next, at, &change)?),
-            true,
-        )
-        .await
+        self.change(id, transition_to(next, change), true).await
     }
 
     /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
@@ -557,15 +547,17 @@ fn settle_in(
     Ok(())
 }
 
-fn transition(
-    job: &mut Job,
+/// A change that moves a job to `next` (if the table allows it), then lets `change` fill in
+/// fields.
+fn transition_to(
     next: JobState,
-    at: u64,
-    change: &impl Fn(&mut Job),
-) -> Result<(), IllegalTransition> {
-    job.transition(next, at)?;
-    change(job);
-    Ok(())
+    change: impl Fn(&mut Job) + Send + 'static,
+) -> impl Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static {
+    move |job, at| {
+        job.transition(next, at)?;
+        change(job);
+        Ok(())
+    }
 }
 
 fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {
