@@ -73,7 +73,7 @@ node-peers:
 
 ## bench: the benchmark figures
 bench: deps $(MODEL) llama-server lnbits
-	cargo build --release --bin dvmd
+	cargo build --release --bin dvmd --example customer
 	./target/release/dvmd bench intake
 	./target/release/dvmd bench roundtrip
 	./target/release/dvmd bench load --customers 1 --jobs 2000
