@@ -4,12 +4,14 @@
 //! - [`state`]: `JobState` and the one transition table.
 //! - [`record`]: the persisted `Job`.
 //! - [`book`]: the store transactions that move a job and the ledger together.
+//! - [`invoices`]: the invoices we issued and the payments booked against them.
 //! - [`pipeline`]: screening and quoting a request, asking for payment.
 //! - [`payment`]: settlement hints and the reconciler; only a wallet lookup moves a job to `Paid`.
 //! - [`worker`]: the bounded worker pool that runs paid jobs, delivers and settles them.
 //! - [`recovery`]: resuming every unfinished job on start.
 
 pub mod book;
+pub mod invoices;
 pub mod payment;
 pub mod pipeline;
 pub mod record;
@@ -18,7 +20,8 @@ pub mod state;
 pub mod worker;
 pub mod zap;
 
-pub use book::{Admission, Book, BookError, PaymentOutcome};
+pub use book::{Admission, Book, BookError};
+pub use invoices::{PaymentOutcome, PaymentRecord};
 pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};
 pub use record::{Job, JobInvoice};
 pub use state::{IllegalTransition, JobState};

@@ -11,7 +11,7 @@ use nostr_sdk::{Event, EventId};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use super::book::PaymentOutcome;
+use super::invoices::PaymentOutcome;
 use super::pipeline::{Pipeline, FEEDBACK_ATTEMPTS};
 use super::state::JobState;
 use crate::nip57;

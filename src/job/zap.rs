@@ -6,7 +6,8 @@
 
 use nostr_sdk::EventId;
 
-use super::book::{BookError, PaymentRecord};
+use super::book::BookError;
+use super::invoices::PaymentRecord;
 use super::pipeline::Pipeline;
 use super::state::JobState;
 use crate::nip57::{self, ZapError};

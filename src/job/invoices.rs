@@ -1,0 +1,243 @@
+//! The invoices we issued and the payments booked against them: the other half of the job
+//! book. A payment hash pays for one thing once: its record is consumed in the same
+//! transaction as the ledger entry and the job's move to `Paid`.
+
+use nostr_sdk::{EventId, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use super::book::{abort, now, stored_job, Book, BookError};
+use super::record::Job;
+use super::state::JobState;
+use crate::ledger::{self, Entry, EntryKind};
+use crate::store::{Tree, Tx, TxError};
+use crate::wallet::PaymentHash;
+
+/// An invoice we issued and what it pays for. A payment hash pays for one thing once: the
+/// `consumed` flag flips in the same transaction as the job becomes `Paid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRecord {
+    /// The job this invoice pays for; `None` for a top-up of the account's credit.
+    pub job: Option<EventId>,
+    /// The account credited with the payment (the job's customer, or the zap's sender).
+    pub account: PublicKey,
+    /// Amount asked, msat.
+    pub amount_msat: u64,
+    /// When the invoice expires (unix seconds).
+    pub expires_at: u64,
+    /// The invoice (for zap receipts).
+    pub bolt11: String,
+    /// The zap request this invoice answers, exactly as received: a receipt is published once
+    /// the wallet confirms payment.
+    pub zap_request: Option<String>,
+    /// Whether a confirmed payment was already booked.
+    pub consumed: bool,
+    /// Whether the reconciler stopped looking: the wallet said "not paid" after
+    /// [`LATE_PAYMENT_GRACE_SECS`] past expiry. Only a successful lookup closes a record, so an
+    /// outage of the wallet or of dvmd itself never makes a payment unfindable.
+    #[serde(default)]
+    pub closed: bool,
+}
+
+/// How long after expiry an unpaid invoice is still looked up.
+pub const LATE_PAYMENT_GRACE_SECS: u64 = 24 * 60 * 60;
+
+/// What a confirmed payment did.
+#[derive(Debug, PartialEq)]
+pub enum PaymentOutcome {
+    /// The job is now `Paid` and may run.
+    Paid(Box<Job>),
+    /// Credited to the account: a top-up, or a payment for a job that had already ended
+    /// (expired, cancelled, or paid by another invoice).
+    Credited {
+        /// The account credited.
+        account: PublicKey,
+        /// The job the invoice was for, if any.
+        job: Option<EventId>,
+    },
+    /// Less than the invoice asked: credited to the customer, the job keeps waiting.
+    Underpaid(Box<Job>),
+    /// Already booked; nothing changed.
+    AlreadyConsumed,
+    /// Not a payment hash we issued.
+    Unknown,
+}
+
+/// Inside a transaction: store the consumed `record`, credit its account, and move its job to
+/// `Paid` if the job is waiting and the payment covers the quote.
+fn book_consumed(
+    tx: &Tx<'_>,
+    hash: &PaymentHash,
+    record: &PaymentRecord,
+    paid_msat: u64,
+    at: u64,
+) -> Result<PaymentOutcome, TxError<BookError>> {
+    tx.put(Tree::Payments, &hash.0, record)?;
+    let entry = Entry {
+        kind: EntryKind::PaymentIn,
+        account: record.account,
+        msat: paid_msat,
+        job: record.job,
+        payment_hash: Some(hash.to_hex()),
+        at,
+    };
+    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+    let credited = PaymentOutcome::Credited {
+        account: record.account,
+        job: record.job,
+    };
+    let Some(id) = record.job else {
+        return Ok(credited);
+    };
+    let mut job = stored_job(tx, &id)?;
+    if job.state != JobState::AwaitingPayment {
+        return Ok(credited);
+    }
+    if paid_msat < record.amount_msat || job.quote_msat.is_some_and(|q| paid_msat < q) {
+        return Ok(PaymentOutcome::Underpaid(Box::new(job)));
+    }
+    job.transition(JobState::Paid, at).map_err(abort)?;
+    job.paid_msat = paid_msat;
+    job.payer = (record.account != job.customer).then_some(record.account);
+    tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+    Ok(PaymentOutcome::Paid(Box::new(job)))
+}
+
+impl Book {
+    /// Record another invoice we issued (a zap for a job, or a top-up), durably. Only after
+    /// this returns may the invoice be handed out. A job-bound invoice is refused unless the
+    /// job is waiting for payment; a reused hash is refused.
+    pub async fn register_invoice(
+        &self,
+        hash: &PaymentHash,
+        record: PaymentRecord,
+    ) -> Result<(), BookError> {
+        let hash = *hash;
+        self.store()
+            .commit(move |tx| {
+                if let Some(id) = record.job {
+                    let job = stored_job(tx, &id)?;
+                    if job.state != JobState::AwaitingPayment {
+                        return Err(abort(BookError::NotAwaitingPayment(id, job.state)));
+                    }
+                }
+                if tx.contains(Tree::Payments, &hash.0)? {
+                    return Err(abort(BookError::PaymentHashReused(hash)));
+                }
+                tx.put(Tree::Payments, &hash.0, &record)?;
+                if !record.consumed && !record.closed {
+                    tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// The record of a payment hash we issued.
+    pub async fn payment(&self, hash: &PaymentHash) -> Result<Option<PaymentRecord>, BookError> {
+        let hash = *hash;
+        self.store()
+            .read(move |r| Ok(r.get(Tree::Payments, &hash.0)?))
+            .await
+    }
+
+    /// Payment hashes issued and neither consumed nor closed (for the reconciler), expired ones
+    /// included: some wallets (LNbits) still accept an expired invoice, and that money must be
+    /// credited, not lost. Read from the `open_payments` index.
+    pub async fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
+        self.store()
+            .read(|r| {
+                let mut open = Vec::new();
+                for key in r.keys(Tree::OpenPayments) {
+                    let Ok(bytes) = <[u8; 32]>::try_from(key?.as_slice()) else {
+                        continue;
+                    };
+                    let Some(record) = r.get::<PaymentRecord>(Tree::Payments, &bytes)? else {
+                        continue;
+                    };
+                    if !record.consumed && !record.closed {
+                        open.push((PaymentHash(bytes), record));
+                    }
+                }
+                Ok(open)
+            })
+            .await
+    }
+
+    /// Stop looking up `hash`: the wallet has just said it is not paid, and it expired more than
+    /// [`LATE_PAYMENT_GRACE_SECS`] ago. A consumed record is left as it is. Returns whether the
+    /// record was closed.
+    pub async fn close_payment(&self, hash: &PaymentHash) -> Result<bool, BookError> {
+        let (hash, horizon) = (*hash, now().saturating_sub(LATE_PAYMENT_GRACE_SECS));
+        self.store()
+            .apply(move |tx| {
+                let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? else {
+                    return Ok(false);
+                };
+                if record.consumed || record.closed || record.expires_at >= horizon {
+                    return Ok(false);
+                }
+                record.closed = true;
+                tx.put(Tree::Payments, &hash.0, &record)?;
+                tx.remove(Tree::OpenPayments, &hash.0)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    /// Book a payment our wallet confirmed: consume the hash, credit the customer, and move the
+    /// job `AwaitingPayment -> Paid`, all in one transaction.
+    ///
+    /// Applied, not awaited durable, on purpose: the payment is already durable in the wallet,
+    /// and the next side effect that depends on this booking (the result, or the `error` that
+    /// credits the customer, settled by [`Book::settle`]) commits first; `processing` is only a
+    /// courtesy. The store writer applies writes in order and each flush covers everything
+    /// applied before it, so that commit makes this booking durable too; a crash before it
+    /// leaves the hash unconsumed, and the reconciler books the same payment again, once. This
+    /// keeps an fsync off the path from payment to result.
+    pub async fn confirm_payment(
+        &self,
+        hash: &PaymentHash,
+        paid_msat: u64,
+    ) -> Result<PaymentOutcome, BookError> {
+        let (hash, at) = (*hash, now());
+        self.store()
+            .apply(move |tx| {
+                let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? else {
+                    return Ok(PaymentOutcome::Unknown);
+                };
+                if record.consumed {
+                    return Ok(PaymentOutcome::AlreadyConsumed);
+                }
+                record.consumed = true;
+                tx.remove(Tree::OpenPayments, &hash.0)?;
+                book_consumed(tx, &hash, &record, paid_msat, at)
+            })
+            .await
+    }
+
+    /// Book a payment proven by a zap receipt from the trusted external provider (we never
+    /// issued its invoice): record its payment hash as consumed, so the same receipt, or the
+    /// same payment offered for another job, books nothing; credit the sender; and, when it
+    /// pays a job waiting for at least this much, move the job to `Paid`. One durable
+    /// transaction.
+    pub async fn confirm_external(
+        &self,
+        hash: &PaymentHash,
+        record: PaymentRecord,
+        paid_msat: u64,
+    ) -> Result<PaymentOutcome, BookError> {
+        let (hash, at) = (*hash, now());
+        let record = PaymentRecord {
+            consumed: true,
+            ..record
+        };
+        self.store()
+            .commit(move |tx| {
+                if tx.contains(Tree::Payments, &hash.0)? {
+                    return Ok(PaymentOutcome::AlreadyConsumed);
+                }
+                book_consumed(tx, &hash, &record, paid_msat, at)
+            })
+            .await
+    }
+}
