@@ -1,0 +1,223 @@
+//! One load-generating customer: a key, a websocket, and the replies routed to the job that
+//! waits for them. Lean on purpose: it shares the machine with the daemon it measures.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use nostr_sdk::{
+    Event, EventId, Filter, JsonUtil, Keys, Kind, RelayMessage, SubscriptionId, Timestamp,
+};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{JobSpec, Record};
+use crate::bench::BenchError;
+use crate::customer;
+use crate::nip90::{JobStatus, FEEDBACK_KIND, KIND_TEXT_GENERATION};
+
+/// A job not answered in this long is counted lost.
+const JOB_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A customer: one key, one websocket, replies routed to the job waiting for them.
+pub(super) struct LoadCustomer {
+    keys: Keys,
+    outgoing: mpsc::UnboundedSender<String>,
+    waiting: Arc<Mutex<HashMap<EventId, mpsc::UnboundedSender<Reply>>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+enum Reply {
+    Accepted(bool, String),
+    Event(Box<Event>),
+}
+
+impl LoadCustomer {
+    pub(super) async fn connect(relay: &str) -> Result<Self, BenchError> {
+        let url = nostr_sdk::Url::parse(relay)?;
+        let host = url.host_str().ok_or("relay URL has no host")?.to_owned();
+        let port = url.port_or_known_default().ok_or("relay URL has no port")?;
+        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+        tcp.set_nodelay(true)?;
+        let (socket, _) = tokio_tungstenite::client_async(relay, tcp).await?;
+        let (mut sink, mut stream) = socket.split();
+        let keys = Keys::generate();
+        let filter = Filter::new()
+            .kinds([
+                Kind::from(FEEDBACK_KIND),
+                Kind::from(KIND_TEXT_GENERATION + 1000),
+            ])
+            .pubkey(keys.public_key())
+            .since(Timestamp::from_secs(
+                Timestamp::now().as_secs().saturating_sub(10),
+            ));
+        let req = nostr_sdk::ClientMessage::req(SubscriptionId::new("replies"), vec![filter]);
+        sink.send(Message::Text(req.as_json().into())).await?;
+        let (outgoing, mut queue) = mpsc::unbounded_channel::<String>();
+        let waiting: Arc<Mutex<HashMap<EventId, mpsc::UnboundedSender<Reply>>>> = Arc::default();
+        let routes = waiting.clone();
+        let reader = tokio::spawn(async move {
+            let writer = async {
+                while let Some(text) = queue.recv().await {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let reader = async {
+                while let Some(Ok(message)) = stream.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let Ok(message) = RelayMessage::from_json(text.as_str()) else {
+                        continue;
+                    };
+                    let (job, reply) = match message {
+                        RelayMessage::Ok {
+                            event_id,
+                            status,
+                            message,
+                        } => (event_id, Reply::Accepted(status, message.into_owned())),
+                        RelayMessage::Event { event, .. } => {
+                            let Some(job) = event.tags.event_ids().next().copied() else {
+                                continue;
+                            };
+                            (job, Reply::Event(Box::new(event.into_owned())))
+                        }
+                        _ => continue,
+                    };
+                    let route = routes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&job)
+                        .cloned();
+                    if let Some(route) = route {
+                        let _ = route.send(reply);
+                    }
+                }
+            };
+            tokio::select! {
+                _ = writer => {}
+                _ = reader => {}
+            }
+        });
+        Ok(Self {
+            keys,
+            outgoing,
+            waiting,
+            reader,
+        })
+    }
+
+    /// Post job `n`, pay it if asked, wait for its result.
+    pub(super) async fn run_job(&self, n: usize, spec: &JobSpec, record: &Record) {
+        let built = customer::text_request(
+            &format!("load job {n}: say hello"),
+            &[("max_tokens", "16")],
+            Some(1_000_000),
+            Some(spec.service),
+        )
+        .sign_with_keys(&self.keys);
+        let Ok(request) = built else {
+            record.lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (route, mut replies) = mpsc::unbounded_channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request.id, route);
+        let started = Instant::now();
+        let sent = self
+            .outgoing
+            .send(nostr_sdk::ClientMessage::event(request.clone()).as_json());
+        let outcome = match sent {
+            Ok(()) => self.follow(&mut replies, spec).await,
+            Err(_) => Outcome::Lost,
+        };
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request.id);
+        match outcome {
+            Outcome::Result => {
+                record
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(started.elapsed());
+                record.completed.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Refused => {
+                record.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Lost => {
+                record.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        replies: &mut mpsc::UnboundedReceiver<Reply>,
+        spec: &JobSpec,
+    ) -> Outcome {
+        let deadline = tokio::time::Instant::now() + JOB_DEADLINE;
+        loop {
+            let reply = match tokio::time::timeout_at(deadline, replies.recv()).await {
+                Ok(Some(reply)) => reply,
+                _ => return Outcome::Lost,
+            };
+            let event = match reply {
+                Reply::Accepted(false, why) => {
+                    tracing::warn!(reason = %why, "the relay refused a request");
+                    return Outcome::Lost;
+                }
+                Reply::Accepted(true, _) => continue,
+                Reply::Event(event) => event,
+            };
+            if event.kind.as_u16() != FEEDBACK_KIND {
+                return Outcome::Result;
+            }
+            let status = event.tags.iter().find_map(|t| match t.as_slice() {
+                [name, status, ..] if name == "status" => JobStatus::parse(status),
+                _ => None,
+            });
+            match status {
+                Some(JobStatus::Error) => return Outcome::Refused,
+                Some(JobStatus::PaymentRequired) if spec.paid => {
+                    let bolt11 = event.tags.iter().find_map(|t| match t.as_slice() {
+                        [name, _, bolt11, ..] if name == "amount" => Some(bolt11.clone()),
+                        _ => None,
+                    });
+                    let Some(bolt11) = bolt11 else {
+                        return Outcome::Lost;
+                    };
+                    let paid = spec
+                        .http
+                        .post(&spec.pay_url)
+                        .json(&serde_json::json!({ "bolt11": bolt11 }))
+                        .send()
+                        .await;
+                    if !paid.is_ok_and(|r| r.status().is_success()) {
+                        return Outcome::Lost;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn close(&self) {
+        self.reader.abort();
+    }
+}
+
+enum Outcome {
+    Result,
+    Refused,
+    Lost,
+}

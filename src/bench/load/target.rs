@@ -1,0 +1,147 @@
+//! The daemon under load: started as a child process beside the stub, or one already running;
+//! and what the bench reads of its process (RSS, CPU time).
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use nostr_sdk::{Keys, PublicKey};
+
+use super::LoadOptions;
+use crate::bench::stub::StubServer;
+use crate::bench::BenchError;
+
+/// The daemon under test.
+pub(super) struct Target {
+    pub(super) relay: String,
+    pub(super) http: String,
+    pub(super) service: PublicKey,
+    pub(super) child: Option<Child>,
+    _stub: Option<StubServer>,
+    data: Option<PathBuf>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        if let Some(data) = &self.data {
+            let _ = std::fs::remove_dir_all(data);
+        }
+    }
+}
+
+/// Start the stub and `dvmd run --dev` as a child process on free ports.
+pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchError> {
+    let stub = StubServer::start().await?;
+    let data = std::env::temp_dir().join(format!("dvmd-bench-load-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
+    let pricing = if options.paid {
+        ""
+    } else {
+        "[pricing]\nbase_fee_msat = 0\nprompt_msat_per_1k_tokens = 0\ncompletion_msat_per_1k_tokens = 0\n"
+    };
+    let config = format!(
+        "[service]\nworkers = {}\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
+        options.workers,
+        stub.base_url(),
+        std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default()
+    );
+    let config_path = data.join("dvmd.toml");
+    std::fs::write(&config_path, config)?;
+    let child = spawn_daemon(&config_path, &data.join("data"))?;
+    let mut target = Target {
+        relay: String::new(),
+        http: String::new(),
+        service: Keys::generate().public_key(),
+        child: Some(child),
+        _stub: Some(stub),
+        data: Some(data),
+    };
+    let stdout = target
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .ok_or("no stdout from the daemon")?;
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await??;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("the daemon did not start (first line {line:?})"))
+    };
+    target.relay = field("relay")?;
+    target.http = field("http")?;
+    target.service = PublicKey::from_hex(&field("pubkey")?)?;
+    Ok(target)
+}
+
+fn spawn_daemon(config: &Path, data: &Path) -> Result<Child, BenchError> {
+    Ok(Command::new(std::env::current_exe()?)
+        .args(["run", "--dev", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--relay-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("DVMD_LOG", "warn,nostr_relay_pool=error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?)
+}
+
+/// A daemon already running: its pubkey comes from `/healthz`.
+pub(super) async fn attach(relay: &str, http: &str) -> Result<Target, BenchError> {
+    let health: serde_json::Value = reqwest::get(format!("{http}/healthz"))
+        .await?
+        .json()
+        .await?;
+    let pubkey = health["pubkey"].as_str().ok_or("no pubkey in /healthz")?;
+    Ok(Target {
+        relay: relay.to_owned(),
+        http: http.trim_end_matches('/').to_owned(),
+        service: PublicKey::from_hex(pubkey)?,
+        child: None,
+        _stub: None,
+        data: None,
+    })
+}
+
+/// Resident memory of `pid`, bytes (Linux).
+pub(super) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// User + system CPU seconds of `pid` so far (Linux).
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux dvmd runs on.
+    Some((utime + stime) / 100.0)
+}
