@@ -1,0 +1,63 @@
+//! Schema migrations, run on open before the writer starts.
+
+use super::{
+    be_u64, decode, StoreError, Tree, Trees, ENTRY_SEQUENCE, META_SCHEMA_KEY, SCHEMA_VERSION,
+};
+
+/// Bring a store written by an older schema up to [`SCHEMA_VERSION`], before the writer starts.
+pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
+    let meta = &trees.trees[Tree::Meta as usize];
+    let found = match meta.get(META_SCHEMA_KEY)? {
+        None => SCHEMA_VERSION,
+        Some(raw) => be_u64(&raw).unwrap_or(0),
+    };
+    match found {
+        SCHEMA_VERSION => {}
+        1 => {
+            index_open_payments(trees)?;
+            count_entries(trees)?;
+        }
+        2 => count_entries(trees)?,
+        found => return Err(StoreError::Schema { found }),
+    }
+    if meta.get(ENTRY_SEQUENCE)?.is_none() {
+        meta.insert(ENTRY_SEQUENCE, &0u64.to_be_bytes())?;
+    }
+    meta.insert(META_SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+    trees.db.flush()?;
+    Ok(())
+}
+
+/// Migration 1 -> 2: index every payment record that is neither consumed nor closed.
+fn index_open_payments(trees: &Trees) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Flags {
+        consumed: bool,
+        #[serde(default)]
+        closed: bool,
+    }
+    let open = &trees.trees[Tree::OpenPayments as usize];
+    let mut indexed = 0usize;
+    for item in trees.trees[Tree::Payments as usize].iter() {
+        let (hash, raw) = item?;
+        let flags: Flags = decode("payments", &raw)?;
+        if !flags.consumed && !flags.closed {
+            open.insert(hash, &[] as &[u8])?;
+            indexed += 1;
+        }
+    }
+    tracing::info!(indexed, "store migrated to schema 2 (open payments index)");
+    Ok(())
+}
+
+/// Migration 2 -> 3: the ledger sequence continues after the last entry sled's id generator
+/// numbered.
+fn count_entries(trees: &Trees) -> Result<(), StoreError> {
+    let next = match trees.trees[Tree::Entries as usize].last()? {
+        Some((key, _)) => be_u64(&key).map_or(0, |last| last + 1),
+        None => 0,
+    };
+    trees.trees[Tree::Meta as usize].insert(ENTRY_SEQUENCE, &next.to_be_bytes())?;
+    tracing::info!(next, "store migrated to schema 3 (ledger sequence in meta)");
+    Ok(())
+}
