@@ -1,3 +1,6 @@
+//! Unit tests of the store: group commit, durability, failures, migrations. Compiled only
+//! under `#[cfg(test)]` (see `mod.rs`).
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
