@@ -437,10 +437,11 @@ impl Pipeline {
         if !job.state.can_become(JobState::Cancelled) {
             return tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");
         }
+        // Durable before the customer is told: from then on a payment is credited, not run.
         let cancelled = self
             .inner
             .book
-            .transition(id, JobState::Cancelled, |job| {
+            .transition_durably(id, JobState::Cancelled, |job| {
                 job.reason = Some("cancelled by the customer".to_owned());
             })
             .await;
