@@ -1,0 +1,392 @@
+//! The schema of `dvmd.toml` and `relays.toml` as written: every key optional, with its
+//! default. [`super::Config::build`] validates it into a `Config`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{DEFAULT_HTTP_LISTEN, DEFAULT_RELAY_LISTEN};
+use crate::nip90::KIND_TEXT_GENERATION;
+use crate::pricing::RateCard;
+
+/// `dvmd.toml` as written (every key optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `[service]`
+    pub service: ServiceSection,
+    /// `[pricing]`
+    pub pricing: PricingSection,
+    /// `[text_generation]`
+    pub text_generation: TextGenerationSection,
+    /// `[infer]`
+    pub infer: InferSection,
+    /// `[wallet]`
+    pub wallet: WalletSection,
+    /// `[http]`
+    pub http: HttpSection,
+    /// `[embedded_relay]`
+    pub embedded_relay: EmbeddedRelaySection,
+    /// `[lnurl]`
+    pub lnurl: LnurlSection,
+    /// `[zaps]`
+    pub zaps: ZapsSection,
+    /// `[store]`
+    pub store: StoreSection,
+}
+
+/// `[store]`: the sled database in the data directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// sled's page cache, MiB (sled's own default is 1 GiB).
+    pub cache_capacity_mib: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            cache_capacity_mib: crate::store::DEFAULT_CACHE_CAPACITY_BYTES / (1024 * 1024),
+        }
+    }
+}
+
+/// `[zaps]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZapsSection {
+    /// Hex `nostrPubkey` of an external Lightning address provider whose receipts pay jobs.
+    pub provider_pubkey: Option<String>,
+}
+
+/// `[lnurl]`: the Lightning address (LNURL-pay with NIP-57 zaps) served on the HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LnurlSection {
+    /// Serve `/.well-known/lnurlp/<username>`.
+    pub enabled: bool,
+    /// The name before `@`.
+    pub username: String,
+    /// The base URL payers reach the HTTP listener at; default `http://<http listen address>`.
+    pub public_url: Option<String>,
+    /// Smallest payment, msat.
+    pub min_sendable_msat: u64,
+    /// Largest payment, msat.
+    pub max_sendable_msat: u64,
+    /// Invoices the callback issues per minute at most (a token bucket that also allows a
+    /// burst of this many). The callback is public, and each call costs a wallet invoice.
+    pub max_invoices_per_minute: u32,
+}
+
+impl Default for LnurlSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            username: "dvmd".to_owned(),
+            public_url: None,
+            min_sendable_msat: 1_000,
+            max_sendable_msat: 1_000_000_000,
+            max_invoices_per_minute: 600,
+        }
+    }
+}
+
+/// `[service]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSection {
+    /// Name shown in the NIP-89 announcement.
+    pub name: String,
+    /// Description shown in the NIP-89 announcement.
+    pub about: String,
+    /// Where the store and key live.
+    pub data_dir: Option<PathBuf>,
+    /// Request kinds served.
+    pub kinds: Vec<u16>,
+    /// Requests older than this are ignored.
+    pub max_request_age_secs: u64,
+    /// Largest request event, bytes of JSON.
+    pub max_request_bytes: usize,
+    /// Concurrent jobs on the model.
+    pub workers: usize,
+    /// Longest a job may run.
+    pub job_timeout_secs: u64,
+}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        Self {
+            name: "dvmd".to_owned(),
+            about: "Text generation (NIP-90 kind 5050), paid over Lightning.".to_owned(),
+            data_dir: None,
+            kinds: vec![KIND_TEXT_GENERATION],
+            max_request_age_secs: 600,
+            max_request_bytes: 64 * 1024,
+            workers: 1,
+            job_timeout_secs: 300,
+        }
+    }
+}
+
+/// `[pricing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingSection {
+    /// Flat fee per job, msat.
+    pub base_fee_msat: u64,
+    /// Per 1000 prompt tokens, msat.
+    pub prompt_msat_per_1k_tokens: u64,
+    /// Per 1000 completion tokens, msat.
+    pub completion_msat_per_1k_tokens: u64,
+    /// Invoice lifetime.
+    pub invoice_expiry_secs: u64,
+}
+
+impl Default for PricingSection {
+    fn default() -> Self {
+        let card = RateCard::default();
+        Self {
+            base_fee_msat: card.base_fee_msat,
+            prompt_msat_per_1k_tokens: card.prompt_msat_per_1k_tokens,
+            completion_msat_per_1k_tokens: card.completion_msat_per_1k_tokens,
+            invoice_expiry_secs: 600,
+        }
+    }
+}
+
+/// `[text_generation]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextGenerationSection {
+    /// `max_tokens` when a request does not say.
+    pub default_max_tokens: u32,
+    /// Largest `max_tokens` accepted.
+    pub max_tokens_limit: u32,
+    /// Largest prompt, bytes.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for TextGenerationSection {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 256,
+            max_tokens_limit: 1024,
+            max_prompt_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// `[infer]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferSection {
+    /// `llama` (embedded) or `openai`.
+    pub backend: String,
+    /// `[infer.llama]`
+    pub llama: LlamaSection,
+    /// `[infer.openai]`
+    pub openai: OpenAiSection,
+}
+
+impl Default for InferSection {
+    fn default() -> Self {
+        Self {
+            backend: "llama".to_owned(),
+            llama: LlamaSection::default(),
+            openai: OpenAiSection::default(),
+        }
+    }
+}
+
+/// `[infer.llama]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlamaSection {
+    /// GGUF file; default: the bundled dev model in the cache.
+    pub model_path: Option<PathBuf>,
+    /// CPU threads; default: cores - 1.
+    pub threads: Option<u32>,
+    /// Context window in tokens.
+    pub context_tokens: u32,
+}
+
+impl Default for LlamaSection {
+    fn default() -> Self {
+        Self {
+            model_path: None,
+            threads: None,
+            context_tokens: 2048,
+        }
+    }
+}
+
+/// `[infer.openai]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiSection {
+    /// Base URL including `/v1`.
+    pub base_url: String,
+    /// Model name.
+    pub model: String,
+    /// Environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// File holding the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// Longest one request may take.
+    pub timeout_secs: u64,
+}
+
+impl Default for OpenAiSection {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:11434/v1".to_owned(),
+            model: "default".to_owned(),
+            api_key_env: None,
+            api_key_file: None,
+            timeout_secs: 300,
+        }
+    }
+}
+
+/// `[wallet]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalletSection {
+    /// `dev` (embedded, simulated settlement) or `lnbits`.
+    pub backend: String,
+    /// How often open invoices are looked up.
+    pub reconcile_interval_secs: u64,
+    /// `[wallet.lnbits]`
+    pub lnbits: LnbitsSection,
+    /// `[wallet.nwc]`
+    pub nwc: NwcSection,
+}
+
+/// `[wallet.nwc]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NwcSection {
+    /// Environment variable holding the `nostr+walletconnect://` URI.
+    pub uri_env: Option<String>,
+    /// File holding the URI.
+    pub uri_file: Option<PathBuf>,
+    /// How long one request may wait for the wallet service.
+    pub timeout_secs: u64,
+}
+
+impl Default for NwcSection {
+    fn default() -> Self {
+        Self {
+            uri_env: Some("NWC_URI".to_owned()),
+            uri_file: None,
+            timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for WalletSection {
+    fn default() -> Self {
+        Self {
+            backend: "dev".to_owned(),
+            reconcile_interval_secs: 30,
+            lnbits: LnbitsSection::default(),
+            nwc: NwcSection::default(),
+        }
+    }
+}
+
+/// `[wallet.lnbits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LnbitsSection {
+    /// Base URL of the LNbits instance.
+    pub url: String,
+    /// Environment variable holding the invoice (read) key.
+    pub invoice_key_env: Option<String>,
+    /// File holding the invoice key.
+    pub invoice_key_file: Option<PathBuf>,
+    /// Environment variable holding the admin key (payouts only).
+    pub admin_key_env: Option<String>,
+    /// File holding the admin key.
+    pub admin_key_file: Option<PathBuf>,
+    /// URL LNbits posts invoice webhooks to (dvmd's `/hooks/wallet`), if LNbits can reach it.
+    pub webhook_url: Option<String>,
+    /// Follow the LNbits websocket for settlement hints.
+    pub websocket: bool,
+}
+
+impl Default for LnbitsSection {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:5000".to_owned(),
+            invoice_key_env: Some("LNBITS_INVOICE_KEY".to_owned()),
+            invoice_key_file: None,
+            admin_key_env: None,
+            admin_key_file: None,
+            webhook_url: None,
+            websocket: true,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Listen address.
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HTTP_LISTEN.to_owned(),
+        }
+    }
+}
+
+/// `[embedded_relay]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedRelaySection {
+    /// Listen address of the in-process relay (dev mode).
+    pub listen: String,
+    /// Events it keeps in memory (the oldest go first).
+    pub max_events: usize,
+}
+
+impl Default for EmbeddedRelaySection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_RELAY_LISTEN.to_owned(),
+            max_events: crate::relay::EmbeddedRelayOptions::default().max_events,
+        }
+    }
+}
+
+/// `relays.toml`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaysFile {
+    /// `[[relay]]` entries.
+    #[serde(default)]
+    pub relay: Vec<RelayEntry>,
+}
+
+/// One `[[relay]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayEntry {
+    /// ws:// or wss:// URL.
+    pub url: String,
+    /// Read requests from it (default true).
+    #[serde(default = "yes")]
+    pub read: bool,
+    /// Publish to it (default true).
+    #[serde(default = "yes")]
+    pub write: bool,
+}
+
+fn yes() -> bool {
+    true
+}
