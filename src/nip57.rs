@@ -165,6 +165,10 @@ fn parse_zap_request_event(event: Event, json: &str) -> Result<ZapRequest, ZapEr
 
 /// The kind 9735 receipt for a paid zap (appendix E), signed by the caller with the key
 /// published as `nostrPubkey`.
+///
+/// The receipt is signed by the key it is addressed to (`p` is us), and nostr's `EventBuilder`
+/// drops every `p` equal to the signing key unless told otherwise: without
+/// `allow_self_tagging` no client filtering by `#p` would ever see it.
 pub fn receipt(
     request: &ZapRequest,
     bolt11: &str,
@@ -193,6 +197,7 @@ pub fn receipt(
     EventBuilder::new(Kind::from(ZAP_RECEIPT_KIND), "")
         .tags(tags)
         .custom_created_at(paid_at)
+        .allow_self_tagging()
 }
 
 /// A receipt that passed appendix F.
@@ -393,6 +398,19 @@ mod tests {
         receipt(&request, &invoice.bolt11, None, Timestamp::now())
             .sign_with_keys(provider)
             .expect("sign")
+    }
+
+    #[tokio::test]
+    async fn our_receipt_tags_us_although_we_sign_it() {
+        let (alice, us) = (Keys::generate(), Keys::generate());
+        let zap = zap_request(&alice, &us.public_key(), None, Some(21_000));
+        let receipt = provider_receipt(&us, &zap, 21_000, &zap).await;
+        assert_eq!(
+            receipt.tags.public_keys().collect::<Vec<_>>(),
+            [&us.public_key()],
+            "the lowercase `p` is the recipient, which is the signer"
+        );
+        validate_receipt(&receipt, &us.public_key(), &us.public_key()).expect("valid");
     }
 
     #[tokio::test]

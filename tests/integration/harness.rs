@@ -279,3 +279,25 @@ pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {
     }
     panic!("job {id} never reached {state:?}");
 }
+
+/// Query `relay_url` with npm nostr-tools (`tests/peers/query.mjs`): the relay's answer to
+/// `filter` as an independent client sees it, one JSON object per event that nostr-tools'
+/// `verifyEvent` accepted (`{"event": .., "zap": ..}`).
+pub fn nostr_tools_query(relay_url: &str, filter: &serde_json::Value) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/query.mjs");
+    let peers = std::env::var("DVMD_NODE_PEERS")
+        .expect("DVMD_NODE_PEERS not set: run `make test` (it installs the npm peers)");
+    let output = Command::new("node")
+        .arg(script)
+        .args(["--relay", relay_url, "--filter", &filter.to_string()])
+        .env("DVMD_NODE_PEERS", peers)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run node query.mjs");
+    assert!(output.status.success(), "query.mjs: {}", output.status);
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}

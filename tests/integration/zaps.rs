@@ -179,6 +179,20 @@ async fn a_zap_pays_for_a_job_and_gets_a_receipt() {
     assert_eq!(valid.amount_msat, quote);
     assert_eq!(valid.request.target, Some(feedback_id));
 
+    // An independent client (npm nostr-tools) finds it with its own filters: by the recipient
+    // (`#p`, how zap counters find zaps) and by the zapped event (`#e`).
+    for filter in [
+        serde_json::json!({"kinds": [9735], "#p": [ready.pubkey.to_hex()]}),
+        serde_json::json!({"kinds": [9735], "#e": [feedback_id.to_hex()]}),
+    ] {
+        let found = harness::nostr_tools_query(&ready.relay_url, &filter);
+        assert_eq!(found.len(), 1, "{filter}: {found:?}");
+        assert_eq!(found[0]["event"]["id"], receipt.id.to_hex(), "{filter}");
+        assert_eq!(found[0]["zap"]["request_error"], serde_json::Value::Null);
+        let sats = found[0]["zap"]["sats"].as_f64().expect("an amount");
+        assert_eq!((sats * 1000.0).round() as u64, quote, "{filter}");
+    }
+
     // The job is paid; a zap for it now is refused, and paying the original invoice as well
     // credits the customer instead of running the job again.
     let again = zap_request(

@@ -1,0 +1,100 @@
+#!/usr/bin/env node
+// query.mjs — read a relay the way an independent client does: npm nostr-tools' own Relay,
+// filter matching and signature check, not dvmd's parser.
+//
+//   node tests/peers/query.mjs --relay ws://127.0.0.1:PORT --filter '{"kinds":[9735],"#p":["<hex>"]}'
+//
+// Subscribes with the filter, waits for EOSE (at most --timeout-ms, default 5000), and prints one
+// JSON line per event the relay returned and nostr-tools' verifyEvent accepted:
+//
+//   {"event": {...}, "zap": {"request_error": null, "sats": 21}}
+//
+// `zap` is present for kind 9735 receipts: nostr-tools' NIP-57 validateZapRequest on the
+// `description` tag (null when valid) and the `bolt11` tag's amount as @getalby/lightning-tools
+// decodes it (nostr-tools' own getSatoshisAmountFromBolt11 reads no regtest `lnbcrt` amounts).
+// Events that fail verifyEvent are reported on stderr and make the exit status 3.
+// Packages are found like nwc_service.mjs finds them ($DVMD_NODE_PEERS, then the dvmd cache).
+
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import os from "node:os";
+import path from "node:path";
+
+function die(msg) {
+  process.stderr.write(`query.mjs: error: ${msg}\n`);
+  process.exit(2);
+}
+
+function peersRequire() {
+  const bases = [];
+  if (process.env.DVMD_NODE_PEERS) bases.push(process.env.DVMD_NODE_PEERS);
+  bases.push(path.join(process.env.DVMD_CACHE || path.join(os.homedir(), ".cache", "dvmd"), "node-peers"));
+  bases.push(path.dirname(fileURLToPath(import.meta.url)));
+  for (const base of bases) {
+    const req = createRequire(path.join(base, "__peers__.js"));
+    try {
+      req.resolve("nostr-tools/relay");
+      return req;
+    } catch {
+      // next
+    }
+  }
+  die(`nostr-tools not found (looked in ${bases.join(", ")}): run .ci/node-peers.sh and set DVMD_NODE_PEERS`);
+}
+
+const req = peersRequire();
+const { Relay, useWebSocketImplementation } = req("nostr-tools/relay");
+const { verifyEvent } = req("nostr-tools/pure");
+const { validateZapRequest } = req("nostr-tools/nip57");
+const { decodeInvoice } = req("@getalby/lightning-tools/bolt11");
+useWebSocketImplementation(req("ws"));
+
+const args = { relay: undefined, filter: undefined, timeoutMs: 5000 };
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i++) {
+  const value = argv[i + 1];
+  switch (argv[i]) {
+    case "--relay": args.relay = value; i++; break;
+    case "--filter": args.filter = value; i++; break;
+    case "--timeout-ms": args.timeoutMs = Number(value); i++; break;
+    default: die(`unknown argument ${argv[i]}`);
+  }
+}
+if (!args.relay || !args.filter) die("--relay and --filter are required");
+let filter;
+try {
+  filter = JSON.parse(args.filter);
+} catch (e) {
+  die(`--filter is not JSON: ${e.message}`);
+}
+
+const tag = (event, name) => (event.tags.find((t) => t[0] === name) || [])[1];
+let bad = 0;
+const relay = await Relay.connect(args.relay);
+await new Promise((resolve) => {
+  const timer = setTimeout(resolve, args.timeoutMs);
+  relay.subscribe([filter], {
+    onevent(event) {
+      if (!verifyEvent(event)) {
+        bad++;
+        process.stderr.write(`query.mjs: bad signature or id: ${event.id}\n`);
+        return;
+      }
+      const line = { event };
+      if (event.kind === 9735) {
+        const bolt11 = tag(event, "bolt11");
+        line.zap = {
+          request_error: validateZapRequest(tag(event, "description") || ""),
+          sats: bolt11 ? decodeInvoice(bolt11)?.satoshi ?? null : null,
+        };
+      }
+      process.stdout.write(JSON.stringify(line) + "\n");
+    },
+    oneose() {
+      clearTimeout(timer);
+      resolve();
+    },
+  });
+});
+relay.close();
+process.exit(bad ? 3 : 0);
