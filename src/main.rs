@@ -11,7 +11,7 @@ use dvmd::config::{self, Config, FileConfig, Overrides, RelaysFile};
 use dvmd::daemon::{Daemon, Parts};
 use dvmd::job::Book;
 use dvmd::store::Store;
-use dvmd::{bench, identity, ledger, wallet};
+use dvmd::{bench, identity, wallet};
 
 #[derive(Parser)]
 #[command(
@@ -322,7 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: LedgerCommand::Check { files },
         } => {
             let store = open_store(&files)?;
-            let totals = store.read_blocking(ledger::check)?;
+            let totals = store.read_blocking(dvmd::job::audit)?;
             println!("ledger ok: {}", serde_json::to_string_pretty(&totals)?);
         }
         Command::Jobs { files } => {

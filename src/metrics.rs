@@ -123,6 +123,8 @@ pub struct Metrics {
     transitions: [AtomicU64; JobState::ALL.len()],
     payments_confirmed: AtomicU64,
     msat_received: AtomicU64,
+    credit_jobs: AtomicU64,
+    msat_credit_reserved: AtomicU64,
     msat_charged: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
@@ -167,6 +169,12 @@ impl Metrics {
     pub fn payment_confirmed(&self, msat: u64) {
         self.payments_confirmed.fetch_add(1, Ordering::Relaxed);
         self.msat_received.fetch_add(msat, Ordering::Relaxed);
+    }
+
+    /// A job was paid from credit: `msat` reserved.
+    pub fn paid_from_credit(&self, msat: u64) {
+        self.credit_jobs.fetch_add(1, Ordering::Relaxed);
+        self.msat_credit_reserved.fetch_add(msat, Ordering::Relaxed);
     }
 
     /// A job was charged `msat` for `prompt` + `completion` tokens.
@@ -257,6 +265,18 @@ impl Metrics {
             "dvmd_received_msat_total",
             "Msat received in confirmed payments.",
             self.msat_received.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_credit_jobs_total",
+            "Jobs whose whole quote was reserved from the customer's credit.",
+            self.credit_jobs.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_credit_reserved_msat_total",
+            "Msat reserved from credit by jobs paid from credit.",
+            self.msat_credit_reserved.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

@@ -9,7 +9,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nostr_sdk::EventId;
+use nostr_sdk::{EventId, PublicKey};
 
 use super::invoices::PaymentRecord;
 use super::record::{Job, JobInvoice};
@@ -131,6 +131,10 @@ impl Book {
         let write = move |tx: &Tx<'_>| {
             let mut job = stored_job(tx, &id)?;
             change(&mut job, at).map_err(TxError::Abort)?;
+            if job.state.is_terminal() && job.state != JobState::Settled {
+                // Rejected, expired or cancelled: whatever credit it reserved is spendable again.
+                release_unpaid(tx, &mut job, at)?;
+            }
             tx.put(Tree::Jobs, id.as_bytes(), &job)?;
             Ok(job)
         };
@@ -168,6 +172,51 @@ impl Book {
         F: Fn(&mut Job) + Send + 'static,
     {
         self.change(id, transition_to(next, change), true).await
+    }
+
+    /// Reserve what the customer's credit can give towards a `Quoted` job's quote (up to the
+    /// quote, less what it already reserved), in one transaction with the job. When the credit
+    /// covers the quote the job moves `Quoted -> Running` in the same write, storing
+    /// `processing` (the feedback that says so) as its latest; otherwise it stays `Quoted`, and
+    /// the invoice asks only for the rest ([`Book::await_payment`]).
+    ///
+    /// Applied, not awaited durable: nothing is shown before the result, whose commit covers
+    /// this write. Transactions run one at a time on the store writer, so two jobs racing for
+    /// one balance cannot both reserve it.
+    pub async fn spend_credit(
+        &self,
+        id: &EventId,
+        processing: Option<String>,
+    ) -> Result<Job, BookError> {
+        let (id, at) = (*id, now());
+        self.store
+            .apply(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                if job.state != JobState::Quoted {
+                    return Err(abort(IllegalTransition {
+                        from: job.state,
+                        to: JobState::Running,
+                    }));
+                }
+                let quote = job.quote_msat.unwrap_or(0);
+                let needed = quote.saturating_sub(job.credit_msat);
+                let balance = ledger::balance_in(tx, &job.customer)?;
+                let take = needed.min(balance);
+                if take > 0 {
+                    post(tx, EntryKind::Reserve, job.customer, take, &job, at)?;
+                    job.credit_msat += take;
+                    job.held_msat += take;
+                }
+                if job.credit_msat >= quote {
+                    job.transition(JobState::Running, at).map_err(abort)?;
+                    if let Some(json) = &processing {
+                        job.last_feedback = Some(json.clone());
+                    }
+                }
+                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                Ok(job)
+            })
+            .await
     }
 
     /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
@@ -288,8 +337,41 @@ impl Book {
     }
 }
 
-/// Inside a transaction: `-> Settled`, the charge (at most what was paid) from the payer and
-/// the rest left on their balance, then store the job.
+/// Inside a transaction: post a ledger entry of `msat` (if any) for `job`.
+pub(super) fn post(
+    tx: &Tx<'_>,
+    kind: EntryKind,
+    account: PublicKey,
+    msat: u64,
+    job: &Job,
+    at: u64,
+) -> Result<(), TxError<BookError>> {
+    if msat == 0 {
+        return Ok(());
+    }
+    let entry = Entry {
+        kind,
+        account,
+        msat,
+        job: Some(job.id),
+        payment_hash: None,
+        at,
+    };
+    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))
+}
+
+/// Inside a transaction: give a job that ends unpaid back what it reserved from credit (a
+/// payment is held only once the job is `Paid`, which never ends unpaid).
+fn release_unpaid(tx: &Tx<'_>, job: &mut Job, at: u64) -> Result<(), TxError<BookError>> {
+    post(tx, EntryKind::Release, job.customer, job.held_msat, job, at)?;
+    job.held_msat = 0;
+    job.credit_msat = 0;
+    Ok(())
+}
+
+/// Inside a transaction: `-> Settled`. The charge (at most the job's funds) is taken from the
+/// payment first and then from the reserved credit; the holds are released and the change is
+/// left on the balances it came from, then the job is stored.
 fn settle_in(
     tx: &Tx<'_>,
     job: &mut Job,
@@ -297,25 +379,38 @@ fn settle_in(
     at: u64,
 ) -> Result<(), TxError<BookError>> {
     job.transition(JobState::Settled, at).map_err(abort)?;
-    let charge = charge_msat.min(job.paid_msat);
+    let charge = charge_msat.min(job.funds_msat());
     job.charge_msat = Some(charge);
-    let mut entry = Entry {
-        kind: EntryKind::Charge,
-        account: job.payer(),
-        msat: charge,
-        job: Some(job.id),
-        payment_hash: None,
-        at,
-    };
-    if charge > 0 {
-        ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+    let from_payment = charge.min(job.paid_msat);
+    let from_credit = charge - from_payment;
+    // Records from before holds hold nothing: their payment is on the payer's balance.
+    let payment_held = job.held_msat.saturating_sub(job.credit_msat);
+    let mut moves = vec![
+        (
+            job.payer(),
+            payment_held,
+            from_payment,
+            job.paid_msat - from_payment,
+        ),
+        (
+            job.customer,
+            job.credit_msat.min(job.held_msat),
+            from_credit,
+            job.credit_msat - from_credit,
+        ),
+    ];
+    if job.payer() == job.customer {
+        let (_, credit_held, credit_charge, credit_change) = moves.pop().expect("two");
+        moves[0].1 += credit_held;
+        moves[0].2 += credit_charge;
+        moves[0].3 += credit_change;
     }
-    let refund = job.paid_msat - charge;
-    if refund > 0 {
-        entry.kind = EntryKind::RefundCredit;
-        entry.msat = refund;
-        ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+    for (account, held, charged, change) in moves {
+        post(tx, EntryKind::Release, account, held, job, at)?;
+        post(tx, EntryKind::Charge, account, charged, job, at)?;
+        post(tx, EntryKind::RefundCredit, account, change, job, at)?;
     }
+    job.held_msat = 0;
     tx.put(Tree::Jobs, job.id.as_bytes(), &*job)?;
     Ok(())
 }
@@ -331,6 +426,33 @@ fn transition_to(
         change(job);
         Ok(())
     }
+}
+
+/// The ledger invariant ([`ledger::check`]), and that every job's hold in the ledger is what
+/// its record says it holds, and nothing for a job that ended: money is never left reserved
+/// for a job that can no longer be charged.
+pub fn audit(reader: &crate::store::Reader<'_>) -> Result<ledger::Totals, BookError> {
+    let totals = ledger::check(reader)?;
+    let mut holds = ledger::holds(reader)?;
+    for item in reader.scan::<Job>(Tree::Jobs) {
+        let (_, job) = item?;
+        let held = holds.remove(&job.id).unwrap_or(0);
+        let ended = job.state.is_terminal();
+        if held != job.held_msat || (ended && held > 0) {
+            return Err(LedgerError::Invariant(format!(
+                "job {} ({:?}) holds {held} msat in the ledger; its record says {}",
+                job.id, job.state, job.held_msat
+            ))
+            .into());
+        }
+    }
+    if let Some((job, held)) = holds.into_iter().next() {
+        return Err(LedgerError::Invariant(format!(
+            "{held} msat are held for job {job}, which is not in the book"
+        ))
+        .into());
+    }
+    Ok(totals)
 }
 
 fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {

@@ -5,7 +5,7 @@
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use super::book::{abort, now, stored_job, Book, BookError};
+use super::book::{abort, now, post, stored_job, Book, BookError};
 use super::record::Job;
 use super::state::JobState;
 use crate::ledger::{self, Entry, EntryKind};
@@ -92,12 +92,30 @@ fn book_consumed(
     if job.state != JobState::AwaitingPayment {
         return Ok(credited);
     }
-    if paid_msat < record.amount_msat || job.quote_msat.is_some_and(|q| paid_msat < q) {
+    // The invoice may ask only for what the reserved credit does not cover.
+    let quote = job.quote_msat.unwrap_or(0);
+    if paid_msat < record.amount_msat || paid_msat.saturating_add(job.credit_msat) < quote {
         return Ok(PaymentOutcome::Underpaid(Box::new(job)));
     }
     job.transition(JobState::Paid, at).map_err(abort)?;
+    if paid_msat >= quote && job.credit_msat > 0 {
+        // Paid in full (someone zapped the whole quote): the reserved credit is not needed.
+        post(
+            tx,
+            EntryKind::Release,
+            job.customer,
+            job.credit_msat,
+            &job,
+            at,
+        )?;
+        job.held_msat -= job.credit_msat.min(job.held_msat);
+        job.credit_msat = 0;
+    }
     job.paid_msat = paid_msat;
     job.payer = (record.account != job.customer).then_some(record.account);
+    // Held for the job from now on, so no other job can spend it before this one settles.
+    post(tx, EntryKind::Reserve, record.account, paid_msat, &job, at)?;
+    job.held_msat += paid_msat;
     tx.put(Tree::Jobs, id.as_bytes(), &job)?;
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }

@@ -20,7 +20,7 @@ pub mod state;
 pub mod worker;
 pub mod zap;
 
-pub use book::{Admission, Book, BookError};
+pub use book::{audit, Admission, Book, BookError};
 pub use invoices::{PaymentOutcome, PaymentRecord};
 pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};
 pub use record::{Job, JobInvoice};

@@ -74,6 +74,9 @@ pub struct WorkItem {
     pub job: Box<Job>,
     /// When our wallet confirmed the payment, if this run follows one.
     pub paid_at: Option<Instant>,
+    /// The `processing` feedback stored with `Running` by whoever started the job (credit
+    /// jobs start in the transaction that reserves their credit); the worker publishes it.
+    pub announced: Option<Box<Event>>,
 }
 
 /// The receiving end of the run queue, shared by the workers.
@@ -301,6 +304,7 @@ impl Pipeline {
             });
         }
         let generation = TextGeneration::from_request(request, &config.limits)?;
+        request.may_pay_from_credit(&self.inner.keys.public_key())?;
         let counted = tokio::time::timeout(
             COUNT_TOKENS_TIMEOUT,
             self.inner.backend.count_prompt_tokens(&generation.request),
@@ -339,7 +343,9 @@ impl Pipeline {
         Ok(quote)
     }
 
-    /// Issue an invoice for a `Quoted` job, persist it, then show it to the customer.
+    /// Ask for payment of a `Quoted` job: run it on the customer's credit if that covers the
+    /// quote and the request may spend it; otherwise issue an invoice for the rest, persist
+    /// it, then show it to the customer.
     pub(crate) async fn ask_payment(&self, job: Job, event: &Event, started: Option<Instant>) {
         let inner = &self.inner;
         let Some(quote) = job.quote_msat else {
@@ -349,8 +355,20 @@ impl Pipeline {
             // Free jobs skip the wallet entirely.
             return self.enqueue(job, None).await;
         }
+        let may_spend = JobRequest::parse(event)
+            .and_then(|request| request.may_pay_from_credit(&inner.keys.public_key()).ok())
+            .unwrap_or(false);
+        let job = if may_spend {
+            match self.spend_credit(job, event, quote).await {
+                Some(job) => job,
+                None => return,
+            }
+        } else {
+            job
+        };
+        let due = quote - job.credit_msat.min(quote);
         let request = InvoiceRequest {
-            amount_msat: quote,
+            amount_msat: due,
             description: InvoiceDescription::Memo(format!("dvmd job {}", &job.id.to_hex()[..16])),
             expiry_secs: inner.config.invoice_expiry_secs,
         };
@@ -376,7 +394,14 @@ impl Pipeline {
             msat: invoice.amount_msat,
             bolt11: Some(invoice.bolt11.clone()),
         };
-        let info = format!("pay {} msat to run this job", amount.msat);
+        let info = if job.credit_msat > 0 {
+            format!(
+                "pay {} msat to run this job ({} msat of its {quote} msat are reserved from your credit)",
+                amount.msat, job.credit_msat
+            )
+        } else {
+            format!("pay {} msat to run this job", amount.msat)
+        };
         let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
         let Some(feedback) = self.sign(&job.id, feedback) else {
             return;
@@ -400,6 +425,41 @@ impl Pipeline {
         {
             if let Some(started) = started {
                 inner.metrics.request_to_invoice.observe(started.elapsed());
+            }
+        }
+    }
+
+    /// Reserve the customer's credit for `job`. Returns the job still to invoice (with what
+    /// credit it reserved), or `None` when the credit covered it and it is queued to run, or
+    /// when it ended meanwhile.
+    async fn spend_credit(&self, job: Job, event: &Event, quote: u64) -> Option<Job> {
+        let inner = &self.inner;
+        let info = format!("paid from credit: {quote} msat reserved");
+        let processing = self.sign(
+            &job.id,
+            nip90::feedback(event, JobStatus::Processing, &info, None),
+        )?;
+        let spent = inner
+            .book
+            .spend_credit(&job.id, Some(processing.as_json()))
+            .await;
+        match spent {
+            Ok(job) if job.state == JobState::Running => {
+                inner.metrics.entered(JobState::Running);
+                inner.metrics.paid_from_credit(quote);
+                tracing::info!(job = %job.id, msat = quote, "job paid from credit");
+                self.enqueue_announced(job, processing).await;
+                None
+            }
+            Ok(job) => Some(job),
+            // Cancelled by the customer meanwhile.
+            Err(BookError::Transition(e)) => {
+                tracing::info!(job = %job.id, error = %e, "credit not reserved");
+                None
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cannot reserve credit");
+                None
             }
         }
     }
@@ -558,11 +618,27 @@ impl Pipeline {
 
     /// Queue a job for the workers; waits while the run queue is full.
     pub(crate) async fn enqueue(&self, job: Job, paid_at: Option<Instant>) {
-        let id = job.id;
-        let item = WorkItem {
+        self.queue(WorkItem {
             job: Box::new(job),
             paid_at,
-        };
+            announced: None,
+        })
+        .await
+    }
+
+    /// Queue a job already `Running` with its `processing` feedback stored; the worker
+    /// publishes it.
+    async fn enqueue_announced(&self, job: Job, processing: Event) {
+        self.queue(WorkItem {
+            job: Box::new(job),
+            paid_at: None,
+            announced: Some(Box::new(processing)),
+        })
+        .await
+    }
+
+    async fn queue(&self, item: WorkItem) {
+        let id = item.job.id;
         let sent = match self.inner.queue.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => {

@@ -49,6 +49,15 @@ pub struct Job {
     pub invoice: Option<JobInvoice>,
     /// What the wallet confirmed as paid, msat.
     pub paid_msat: u64,
+    /// What the job reserved from the customer's credit, msat: all of the quote for a job paid
+    /// from credit, part of it when the invoice asks only for the difference.
+    #[serde(default)]
+    pub credit_msat: u64,
+    /// What the ledger holds for this job now (its reserved credit and its payment), msat;
+    /// released when it settles or ends unpaid. Zero for records from before holds, whose
+    /// payment is charged from the balance as it was then.
+    #[serde(default)]
+    pub held_msat: u64,
     /// Who paid, when not the customer (someone else zapped the job). The charge and the
     /// change go to the account that paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +88,8 @@ impl Job {
             quote_msat: None,
             invoice: None,
             paid_msat: 0,
+            credit_msat: 0,
+            held_msat: 0,
             payer: None,
             charge_msat: None,
             usage: None,
@@ -98,6 +109,11 @@ impl Job {
     /// The account that paid for the job: charged for it, and credited with the change.
     pub fn payer(&self) -> PublicKey {
         self.payer.unwrap_or(self.customer)
+    }
+
+    /// What the job may be charged at most: its payment and the credit it reserved.
+    pub fn funds_msat(&self) -> u64 {
+        self.paid_msat.saturating_add(self.credit_msat)
     }
 
     /// The request event, re-parsed from the stored JSON.

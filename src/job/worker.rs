@@ -95,25 +95,34 @@ impl Pipeline {
         // the payment booking becomes durable with the result, before the result is shown. A
         // crash before that leaves the payment hash unconsumed on disk, and the reconciler
         // books it again, once. It is stored with `Running` (one write) and published in a task.
-        let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
-        let Some(processing) = self.sign(&job.id, processing) else {
-            return;
-        };
-        let job = if job.state == JobState::Running {
-            // Resumed after a restart: say it again.
-            let json = processing.as_json();
-            let stored = inner.book.update(&job.id, move |stored, _| {
-                stored.last_feedback = Some(json.clone());
-                Ok(())
-            });
-            match stored.await {
-                Ok(job) => job,
-                Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot resume job"),
-            }
-        } else {
-            match self.start(&job, Some(&processing)).await {
-                Some(job) => job,
-                None => return,
+        let (job, processing) = match item.announced {
+            // Started by whoever queued it (a job paid from credit), `processing` stored.
+            Some(processing) if job.state == JobState::Running => (job, *processing),
+            _ => {
+                let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
+                let Some(processing) = self.sign(&job.id, processing) else {
+                    return;
+                };
+                let job = if job.state == JobState::Running {
+                    // Resumed after a restart: say it again.
+                    let json = processing.as_json();
+                    let stored = inner.book.update(&job.id, move |stored, _| {
+                        stored.last_feedback = Some(json.clone());
+                        Ok(())
+                    });
+                    match stored.await {
+                        Ok(job) => job,
+                        Err(e) => {
+                            return tracing::error!(job = %job.id, error = %e, "cannot resume job")
+                        }
+                    }
+                } else {
+                    match self.start(&job, Some(&processing)).await {
+                        Some(job) => job,
+                        None => return,
+                    }
+                };
+                (job, processing)
             }
         };
         let pipeline = self.clone();
@@ -203,7 +212,7 @@ impl Pipeline {
         processing: Announcement,
     ) {
         let inner = &self.inner;
-        let charge = inner.config.rate_card.charge(usage).min(job.paid_msat);
+        let charge = inner.config.rate_card.charge(usage).min(job.funds_msat());
         let amount = PaymentAmount {
             msat: charge,
             bolt11: None,
@@ -276,10 +285,11 @@ impl Pipeline {
     }
 
     /// `Running -> Failed`, settle with no charge (everything paid stays with the customer as
-    /// credit, flushed), then say why: the `error` names the credit, so it goes out after it.
+    /// credit, and reserved credit is released, flushed), then say why: the `error` names the
+    /// credit, so it goes out after it.
     async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
         let inner = &self.inner;
-        tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, payer = %job.payer(), "job failed; the payment is credited to the payer");
+        tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, credit_msat = job.credit_msat, payer = %job.payer(), "job failed; the payment is credited to the payer");
         let recorded = reason.clone();
         let failed = inner
             .book
@@ -295,10 +305,15 @@ impl Pipeline {
         inner.metrics.entered(JobState::Failed);
         self.settle(&job, 0).await;
         if let Some(event) = event {
-            let info = if job.payer() == job.customer {
+            let info = if job.paid_msat == 0 {
+                format!(
+                    "{reason}; nothing was charged, and the {} msat reserved from your credit are yours to spend again",
+                    job.credit_msat
+                )
+            } else if job.payer() == job.customer {
                 format!(
                     "{reason}; the {} msat you paid are credited to your account",
-                    job.paid_msat
+                    job.funds_msat()
                 )
             } else {
                 let payer = job.payer();
@@ -327,6 +342,6 @@ impl Pipeline {
         let usage = job.usage.unwrap_or_default();
         let charged = job.charge_msat.unwrap_or(0);
         metrics.charged(charged, usage.prompt_tokens, usage.completion_tokens);
-        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.paid_msat - charged, "job settled");
+        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, reserved_credit_msat = job.credit_msat, charge_msat_left = job.funds_msat() - charged, "job settled");
     }
 }

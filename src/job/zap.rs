@@ -142,10 +142,12 @@ impl Pipeline {
                 job.state
             )));
         }
-        let quote = job.quote_msat.unwrap_or(0);
-        if amount_msat < quote {
+        // What the `payment-required` feedback showed: the quote, less any credit the job
+        // reserved.
+        let due = job.quote_msat.unwrap_or(0).saturating_sub(job.credit_msat);
+        if amount_msat < due {
             return Err(ZapRefusal::Job(format!(
-                "job {id} costs {quote} msat; zap at least that"
+                "job {id} costs {due} msat; zap at least that"
             )));
         }
         Ok(Some(id))

@@ -1,19 +1,28 @@
 //! The ledger: one account per customer npub, append-only entries, and the invariant check.
 //!
-//! Amounts are msat. An entry moves money into or out of a customer's balance:
-//! `payment_in` (+), `charge` (-), `payout` (-), `expiry` (-); `refund_credit` is a memo that
-//! records what a settled job left on the balance. The invariant, checked by `dvmd ledger check`
-//! and by the tests after every scenario:
-//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances)`,
-//! and every account's balance equals the sum of its own entries.
+//! Amounts are msat. An entry moves money into or out of a customer's spendable balance:
+//! `payment_in` (+), `charge` (-), `payout` (-), `expiry` (-), `reserve` (-), `release` (+);
+//! `refund_credit` is a memo that records what a settled job gave back to the balance.
+//!
+//! A job's money is *held* while it runs: a payment for a job is credited (`payment_in`) and
+//! reserved for it (`reserve`) in the transaction that makes the job `Paid`, and a job paid from
+//! credit reserves its quote the same way. Settlement releases the hold (`release`) and charges
+//! what the job cost (`charge`), so the change is spendable again and nothing else can spend
+//! money a running job may still be charged. The invariant, checked by `dvmd ledger check` and
+//! by the tests after every scenario:
+//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances) + held`, where
+//! `held = sum(reserve) - sum(release)`; every account's balance equals the sum of its own
+//! entries, and no job has more released than it reserved.
 //!
 //! Writes happen only inside the store transactions of `job::book`, so a balance never changes
 //! without the job transition that explains it.
 
+use std::collections::HashMap;
+
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{be_u64, Reader, StoreError, Tree, Tx, TxError, ENTRY_SEQUENCE};
+use crate::store::{be_u64, Reader, StoreError, Tree, Tx, TxError, TxFailure, ENTRY_SEQUENCE};
 
 /// What an entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,14 +38,18 @@ pub enum EntryKind {
     Payout,
     /// An unclaimed balance that lapsed to the operator.
     Expiry,
+    /// Money set aside from the balance for a job (its payment, or credit it spends).
+    Reserve,
+    /// A job's hold given back to the balance when it settles or ends unpaid.
+    Release,
 }
 
 impl EntryKind {
     /// The effect on the account balance: +1, -1, or 0 for memos.
     fn sign(self) -> i8 {
         match self {
-            Self::PaymentIn => 1,
-            Self::Charge | Self::Payout | Self::Expiry => -1,
+            Self::PaymentIn | Self::Release => 1,
+            Self::Charge | Self::Payout | Self::Expiry | Self::Reserve => -1,
             Self::RefundCredit => 0,
         }
     }
@@ -84,10 +97,7 @@ pub enum LedgerError {
 /// the caller's store transaction.
 pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
     let key = entry.account.to_bytes();
-    let balance = tx
-        .get_raw(Tree::Accounts, &key)?
-        .and_then(|raw| be_u64(&raw))
-        .unwrap_or(0);
+    let balance = balance_in(tx, &entry.account)?;
     let next = match entry.kind.sign() {
         1 => balance.saturating_add(entry.msat),
         -1 => balance
@@ -105,7 +115,15 @@ pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
     Ok(())
 }
 
-/// The balance of `account` in msat.
+/// Inside a write: the spendable balance of `account` in msat.
+pub fn balance_in(tx: &Tx<'_>, account: &PublicKey) -> Result<u64, TxFailure> {
+    Ok(tx
+        .get_raw(Tree::Accounts, &account.to_bytes())?
+        .and_then(|raw| be_u64(&raw))
+        .unwrap_or(0))
+}
+
+/// The spendable balance of `account` in msat (what jobs hold is not part of it).
 pub fn balance(reader: &Reader<'_>, account: &PublicKey) -> Result<u64, LedgerError> {
     Ok(reader
         .get_raw(Tree::Accounts, &account.to_bytes())?
@@ -126,6 +144,12 @@ pub struct Totals {
     pub payout_msat: u64,
     /// Sum of `expiry`.
     pub expiry_msat: u64,
+    /// Sum of `reserve`.
+    pub reserve_msat: u64,
+    /// Sum of `release`.
+    pub release_msat: u64,
+    /// Held for jobs now: `reserve - release`.
+    pub held_msat: u64,
     /// Sum of account balances.
     pub balances_msat: u64,
     /// Number of entries.
@@ -134,11 +158,42 @@ pub struct Totals {
     pub accounts: u64,
 }
 
+/// What the ledger holds for each job now (`reserve - release` over its entries), for jobs
+/// that hold anything.
+pub fn holds(reader: &Reader<'_>) -> Result<HashMap<EventId, u64>, LedgerError> {
+    let mut held: HashMap<EventId, i128> = HashMap::new();
+    for item in reader.scan::<Entry>(Tree::Entries) {
+        let (_, entry) = item?;
+        if let (Some(job), Some(delta)) = (entry.job, hold_delta(&entry)) {
+            *held.entry(job).or_default() += delta;
+        }
+    }
+    held.into_iter()
+        .filter(|(_, msat)| *msat != 0)
+        .map(|(job, msat)| {
+            u64::try_from(msat).map(|msat| (job, msat)).map_err(|_| {
+                LedgerError::Invariant(format!(
+                    "job {job} released {} msat more than it reserved",
+                    -msat
+                ))
+            })
+        })
+        .collect()
+}
+
+fn hold_delta(entry: &Entry) -> Option<i128> {
+    match entry.kind {
+        EntryKind::Reserve => Some(i128::from(entry.msat)),
+        EntryKind::Release => Some(-i128::from(entry.msat)),
+        _ => None,
+    }
+}
+
 /// Check the invariant over the whole ledger.
 pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
-    use std::collections::HashMap;
     let mut totals = Totals::default();
     let mut by_account: HashMap<PublicKey, i128> = HashMap::new();
+    let mut by_job: HashMap<EventId, i128> = HashMap::new();
     for item in reader.scan::<Entry>(Tree::Entries) {
         let (_, entry) = item?;
         totals.entries += 1;
@@ -148,11 +203,33 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
             EntryKind::RefundCredit => &mut totals.refund_credit_msat,
             EntryKind::Payout => &mut totals.payout_msat,
             EntryKind::Expiry => &mut totals.expiry_msat,
+            EntryKind::Reserve => &mut totals.reserve_msat,
+            EntryKind::Release => &mut totals.release_msat,
         };
         *slot = slot.saturating_add(entry.msat);
         *by_account.entry(entry.account).or_default() +=
             i128::from(entry.kind.sign()) * i128::from(entry.msat);
+        if let Some(delta) = hold_delta(&entry) {
+            let Some(job) = entry.job else {
+                return Err(LedgerError::Invariant(format!(
+                    "a {:?} entry of {} msat names no job",
+                    entry.kind, entry.msat
+                )));
+            };
+            let held = by_job.entry(job).or_default();
+            *held += delta;
+            if *held < 0 {
+                return Err(LedgerError::Invariant(format!(
+                    "job {job} released {} msat more than it reserved",
+                    -*held
+                )));
+            }
+        }
     }
+    totals.held_msat = totals
+        .reserve_msat
+        .checked_sub(totals.release_msat)
+        .ok_or_else(|| LedgerError::Invariant("more released than reserved".to_owned()))?;
     for item in reader.scan_raw(Tree::Accounts) {
         let (key, raw) = item?;
         let account = PublicKey::from_slice(&key)
@@ -176,15 +253,17 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     let out = u128::from(totals.charge_msat)
         + u128::from(totals.payout_msat)
         + u128::from(totals.expiry_msat)
-        + u128::from(totals.balances_msat);
+        + u128::from(totals.balances_msat)
+        + u128::from(totals.held_msat);
     if u128::from(totals.payment_in_msat) != out {
         return Err(LedgerError::Invariant(format!(
-            "payments in {} msat != charges {} + payouts {} + expiries {} + balances {}",
+            "payments in {} msat != charges {} + payouts {} + expiries {} + balances {} + held {}",
             totals.payment_in_msat,
             totals.charge_msat,
             totals.payout_msat,
             totals.expiry_msat,
-            totals.balances_msat
+            totals.balances_msat,
+            totals.held_msat
         )));
     }
     Ok(totals)

@@ -8,7 +8,7 @@ pub mod request;
 pub mod response;
 pub mod text_generation;
 
-pub use request::{InputType, JobInput, JobRequest, RequestError, Targeting};
+pub use request::{InputType, JobInput, JobRequest, RequestError, Targeting, PAY_FROM_CREDIT};
 pub use response::{feedback, result, PaymentAmount};
 pub use text_generation::{TextGeneration, TextGenerationLimits};
 

@@ -67,6 +67,10 @@ pub struct JobInput {
     pub marker: Option<String>,
 }
 
+/// The `param` that lets an untargeted request spend the customer's credit (or, set to
+/// `false`, keeps a targeted one from spending it).
+pub const PAY_FROM_CREDIT: &str = "pay_from_credit";
+
 /// Whether a request is addressed to us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Targeting {
@@ -266,6 +270,24 @@ impl JobRequest {
             return true;
         }
         now.as_secs().saturating_sub(self.created_at.as_secs()) > max_age_secs
+    }
+
+    /// Whether the customer's credit may pay for this request: always when it names `us` (a
+    /// `p` tag), and for an untargeted request only when it carries
+    /// `["param", "pay_from_credit", "true"]`, since every service sees those.
+    pub fn may_pay_from_credit(&self, us: &PublicKey) -> Result<bool, RequestError> {
+        let asked = match self.param(PAY_FROM_CREDIT) {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other) => {
+                return Err(RequestError::BadParam {
+                    name: PAY_FROM_CREDIT.to_owned(),
+                    reason: format!("`{other}` is neither `true` nor `false`"),
+                })
+            }
+        };
+        Ok(asked.unwrap_or(self.targeting(us) == Targeting::Us))
     }
 
     /// The value of the first `param` named `name`.

@@ -83,10 +83,11 @@ pub fn jobs(store: &Store) -> Vec<Job> {
     Book::new(store.clone()).all_blocking().expect("jobs")
 }
 
-/// The ledger invariant must hold after every scenario.
+/// The ledger invariant, and every job's hold matching its record, must hold after every
+/// scenario.
 pub fn ledger_ok(store: &Store) -> Totals {
     store
-        .read_blocking(ledger::check)
+        .read_blocking(dvmd::job::audit)
         .expect("ledger invariant holds")
 }
 

@@ -161,9 +161,10 @@ async fn one_request_on_two_relays_runs_once() {
     let store = harness::open_store(data.path());
     let totals = harness::ledger_ok(&store);
     assert_eq!(
-        totals.entries, 3,
-        "payment_in, charge, refund_credit: {totals:?}"
+        totals.entries, 5,
+        "payment_in, reserve, release, charge, refund_credit: {totals:?}"
     );
+    assert_eq!(totals.held_msat, 0);
 }
 
 /// A relay that completes the websocket handshake and reads every message, but never answers:

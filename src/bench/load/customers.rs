@@ -116,7 +116,8 @@ impl LoadCustomer {
     pub(super) async fn run_job(&self, n: usize, spec: &JobSpec, record: &Record) {
         let built = customer::text_request(
             &format!("load job {n}: say hello"),
-            &[("max_tokens", "16")],
+            // With --paid, each job pays its own invoice (the change of one never pays the next).
+            &[("max_tokens", "16"), ("pay_from_credit", "false")],
             Some(1_000_000),
             Some(spec.service),
         )
