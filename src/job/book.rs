@@ -493,7 +493,197 @@ mod tests {
     }
 
     async fn totals(book: &Book) -> ledger::Totals {
-        book.store().read(ledger::check).await.expect("ledger")
+        book.store().read(audit).await.expect("ledger")
+    }
+
+    /// A `Quoted` job of `customer`.
+    async fn quoted_for(book: &Book, customer: &Keys, quote: u64) -> Job {
+        // Distinct content, so requests signed in the same second get distinct ids.
+        let nonce = Keys::generate().public_key().to_hex();
+        let request = EventBuilder::new(Kind::from(5050), nonce)
+            .sign_with_keys(customer)
+            .expect("sign");
+        let job = Job::received(&request, vec![], now());
+        book.admit(&job).await.expect("admit");
+        book.transition(&job.id, JobState::Quoted, move |j| {
+            j.quote_msat = Some(quote)
+        })
+        .await
+        .expect("quoted")
+    }
+
+    /// Credit `account` with a paid top-up of `msat` under payment hash `[hash; 32]`.
+    async fn top_up(book: &Book, account: PublicKey, hash: u8, msat: u64) {
+        let record = PaymentRecord {
+            job: None,
+            account,
+            amount_msat: msat,
+            expires_at: now() + 600,
+            bolt11: String::new(),
+            zap_request: None,
+            consumed: false,
+            closed: false,
+        };
+        let hash = PaymentHash([hash; 32]);
+        book.register_invoice(&hash, record)
+            .await
+            .expect("register");
+        book.confirm_payment(&hash, msat).await.expect("confirm");
+    }
+
+    /// `Running -> Delivered -> Settled` with `charge`.
+    async fn deliver(book: &Book, job: &Job, charge: u64) -> Job {
+        book.settle_delivered(&job.id, charge, None)
+            .await
+            .expect("settle")
+    }
+
+    #[tokio::test]
+    async fn credit_pays_for_a_job_and_only_the_charge_leaves_it() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 5_000).await;
+        let job = quoted_for(&book, &alice, 2_000).await;
+        let running = book
+            .spend_credit(&job.id, Some("processing".into()))
+            .await
+            .expect("spend");
+        assert_eq!(running.state, JobState::Running);
+        assert_eq!((running.credit_msat, running.held_msat), (2_000, 2_000));
+        assert_eq!(running.last_feedback.as_deref(), Some("processing"));
+        assert_eq!(balance(&book, alice.public_key()).await, 3_000);
+        assert_eq!(totals(&book).await.held_msat, 2_000);
+
+        let settled = deliver(&book, &running, 1_200).await;
+        assert_eq!(settled.charge_msat, Some(1_200));
+        assert_eq!(balance(&book, alice.public_key()).await, 3_800);
+        let totals = totals(&book).await;
+        assert_eq!((totals.charge_msat, totals.held_msat), (1_200, 0));
+    }
+
+    #[tokio::test]
+    async fn two_jobs_racing_for_one_balance_cannot_overdraw_it() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 3_000).await;
+        let first = quoted_for(&book, &alice, 2_000).await;
+        let second = quoted_for(&book, &alice, 2_000).await;
+        let (a, b) = tokio::join!(
+            book.spend_credit(&first.id, None),
+            book.spend_credit(&second.id, None)
+        );
+        let (a, b) = (a.expect("first"), b.expect("second"));
+        let running = [&a, &b]
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .count();
+        assert_eq!(running, 1, "only one is covered: {a:?} {b:?}");
+        // The other reserved what was left and waits for an invoice for the rest.
+        let waiting = if a.state == JobState::Running { &b } else { &a };
+        assert_eq!(
+            (waiting.state, waiting.credit_msat),
+            (JobState::Quoted, 1_000)
+        );
+        assert_eq!(balance(&book, alice.public_key()).await, 0);
+        assert_eq!(totals(&book).await.held_msat, 3_000);
+    }
+
+    #[tokio::test]
+    async fn a_shortfall_invoice_pays_the_rest_and_the_charge_takes_the_payment_first() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 300).await;
+        let job = quoted_for(&book, &alice, 1_000).await;
+        let job = book.spend_credit(&job.id, None).await.expect("spend");
+        assert_eq!((job.state, job.credit_msat), (JobState::Quoted, 300));
+        book.await_payment(&job.id, invoice(7, 700), &feedback())
+            .await
+            .expect("await");
+        // The invoice asked for the difference: paying it pays the job.
+        let outcome = book
+            .confirm_payment(&PaymentHash([7; 32]), 700)
+            .await
+            .expect("confirm");
+        let PaymentOutcome::Paid(job) = outcome else {
+            panic!("not paid: {outcome:?}");
+        };
+        assert_eq!(
+            (job.paid_msat, job.credit_msat, job.held_msat),
+            (700, 300, 1_000)
+        );
+        let job = book
+            .transition(&job.id, JobState::Running, |_| {})
+            .await
+            .expect("run");
+        deliver(&book, &job, 900).await;
+        // 700 from the payment, 200 from the credit: 100 of the credit is back.
+        assert_eq!(balance(&book, alice.public_key()).await, 100);
+        let totals = totals(&book).await;
+        assert_eq!((totals.charge_msat, totals.held_msat), (900, 0));
+    }
+
+    #[tokio::test]
+    async fn credit_reserved_by_a_job_that_ends_unpaid_is_released() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 500).await;
+        for (n, end) in [(2u8, JobState::Cancelled), (3, JobState::Expired)] {
+            let job = quoted_for(&book, &alice, 1_000).await;
+            book.spend_credit(&job.id, None).await.expect("spend");
+            book.await_payment(&job.id, invoice(n, 500), &feedback())
+                .await
+                .expect("await");
+            assert_eq!(balance(&book, alice.public_key()).await, 0);
+            let ended = book
+                .transition_durably(&job.id, end, |_| {})
+                .await
+                .expect("end");
+            assert_eq!((ended.held_msat, ended.credit_msat), (0, 0));
+            assert_eq!(balance(&book, alice.public_key()).await, 500, "{end:?}");
+            assert_eq!(totals(&book).await.held_msat, 0);
+        }
+        // A job refused after reserving (the wallet could not invoice the rest) releases too.
+        let job = quoted_for(&book, &alice, 1_000).await;
+        book.spend_credit(&job.id, None).await.expect("spend");
+        book.transition_durably(&job.id, JobState::Rejected, |_| {})
+            .await
+            .expect("reject");
+        assert_eq!(balance(&book, alice.public_key()).await, 500);
+    }
+
+    #[tokio::test]
+    async fn a_payment_of_the_whole_quote_releases_the_reserved_credit() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 300).await;
+        let job = quoted_for(&book, &alice, 1_000).await;
+        book.spend_credit(&job.id, None).await.expect("spend");
+        book.await_payment(&job.id, invoice(8, 700), &feedback())
+            .await
+            .expect("await");
+        // Someone zaps the whole quote (a provider receipt for this job).
+        let bob = Keys::generate().public_key();
+        let record = PaymentRecord {
+            job: Some(job.id),
+            account: bob,
+            amount_msat: 1_000,
+            expires_at: now() + 600,
+            bolt11: String::new(),
+            zap_request: None,
+            consumed: false,
+            closed: false,
+        };
+        let outcome = book
+            .confirm_external(&PaymentHash([9; 32]), record, 1_000)
+            .await
+            .expect("confirm");
+        let PaymentOutcome::Paid(job) = outcome else {
+            panic!("not paid: {outcome:?}");
+        };
+        assert_eq!((job.credit_msat, job.held_msat), (0, 1_000));
+        assert_eq!(balance(&book, alice.public_key()).await, 300);
+        let job = book
+            .transition(&job.id, JobState::Running, |_| {})
+            .await
+            .expect("run");
+        deliver(&book, &job, 600).await;
+        assert_eq!(balance(&book, bob).await, 400, "the payer keeps the change");
+        assert_eq!(totals(&book).await.held_msat, 0);
     }
 
     async fn balance(book: &Book, account: PublicKey) -> u64 {

@@ -325,6 +325,34 @@ mod tests {
     }
 
     #[test]
+    fn credit_is_spent_on_targeted_requests_or_when_asked() {
+        let us = Keys::generate().public_key();
+        let hex = us.to_hex();
+        let may = |tags: Vec<Vec<&str>>| {
+            JobRequest::parse(&event(5050, tags))
+                .expect("request")
+                .may_pay_from_credit(&us)
+        };
+        assert_eq!(may(vec![vec!["p", &hex]]), Ok(true));
+        assert_eq!(may(vec![]), Ok(false), "untargeted: every DVM sees it");
+        assert_eq!(
+            may(vec![vec!["param", "pay_from_credit", "true"]]),
+            Ok(true)
+        );
+        assert_eq!(
+            may(vec![
+                vec!["p", &hex],
+                vec!["param", "pay_from_credit", "false"]
+            ]),
+            Ok(false)
+        );
+        assert!(matches!(
+            may(vec![vec!["param", "pay_from_credit", "yes"]]),
+            Err(RequestError::BadParam { .. })
+        ));
+    }
+
+    #[test]
     fn parses_a_full_request() {
         let service = Keys::generate().public_key();
         let ev = event(

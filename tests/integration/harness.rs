@@ -15,7 +15,7 @@ use dvmd::job::{Book, Job, JobState};
 use dvmd::ledger::{self, Totals};
 use dvmd::nip90::JobStatus;
 use dvmd::store::Store;
-use nostr_sdk::{Event, EventId};
+use nostr_sdk::{Event, EventBuilder, EventId, JsonUtil, Keys, Kind, PublicKey, Tag, TagKind};
 
 /// How long a test waits for any single reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -92,7 +92,7 @@ pub fn ledger_ok(store: &Store) -> Totals {
 }
 
 /// The balance of `account`.
-pub fn balance(store: &Store, account: &nostr_sdk::PublicKey) -> u64 {
+pub fn balance(store: &Store, account: &PublicKey) -> u64 {
     store
         .read_blocking(|r| ledger::balance(r, account))
         .expect("balance")
@@ -301,4 +301,56 @@ pub fn nostr_tools_query(relay_url: &str, filter: &serde_json::Value) -> Vec<ser
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON line"))
         .collect()
+}
+
+/// A signed NIP-57 zap request (kind 9734) from `sender` to `to`, for `target` if any, as JSON.
+pub fn zap_request(
+    sender: &Keys,
+    to: PublicKey,
+    target: Option<EventId>,
+    msat: u64,
+    relay: &str,
+) -> String {
+    let mut tags = vec![
+        Tag::public_key(to),
+        Tag::custom(TagKind::custom("relays"), [relay]),
+        Tag::custom(TagKind::custom("amount"), [msat.to_string()]),
+    ];
+    tags.extend(target.map(Tag::event));
+    EventBuilder::new(Kind::from(9734), "zap for the job")
+        .tags(tags)
+        .sign_with_keys(sender)
+        .expect("sign")
+        .as_json()
+}
+
+/// Call our LNURL-pay callback for `msat` with zap request `zap`: (status, JSON body).
+pub async fn callback(
+    http: &str,
+    msat: u64,
+    zap: &str,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{http}/lnurlp/dvmd/callback"))
+        .query(&[("amount", msat.to_string()), ("nostr", zap.to_owned())])
+        .send()
+        .await
+        .expect("callback");
+    let status = response.status();
+    (status, response.json().await.expect("json"))
+}
+
+/// Top up `sender`'s credit with `msat` through a zap of no particular event (LNURL callback,
+/// then the dev wallet pays it), and wait until the daemon booked it.
+pub async fn zap_top_up(
+    http_url: &str,
+    relay_url: &str,
+    sender: &Keys,
+    service: PublicKey,
+    msat: u64,
+) {
+    let zap = zap_request(sender, service, None, msat, relay_url);
+    let (status, body) = callback(http_url, msat, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    dev_pay(http_url, body["pr"].as_str().expect("pr")).await;
 }

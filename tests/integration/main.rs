@@ -4,6 +4,7 @@ mod harness;
 
 mod bad_input;
 mod conformance;
+mod credit;
 mod embedded_relay;
 mod gaps;
 mod interop;

@@ -11,40 +11,9 @@ use dvmd::job::JobState;
 use dvmd::nip57;
 use dvmd::nip90::JobStatus;
 use dvmd::wallet::bolt11;
-use nostr_sdk::{EventBuilder, EventId, Filter, JsonUtil, Keys, Kind, PublicKey, Tag, TagKind};
+use nostr_sdk::{Filter, Keys, Kind};
 
-use crate::harness::{self, REPLY_TIMEOUT};
-
-fn zap_request(
-    sender: &Keys,
-    to: PublicKey,
-    target: Option<EventId>,
-    msat: u64,
-    relay: &str,
-) -> String {
-    let mut tags = vec![
-        Tag::public_key(to),
-        Tag::custom(TagKind::custom("relays"), [relay]),
-        Tag::custom(TagKind::custom("amount"), [msat.to_string()]),
-    ];
-    tags.extend(target.map(Tag::event));
-    EventBuilder::new(Kind::from(9734), "zap for the job")
-        .tags(tags)
-        .sign_with_keys(sender)
-        .expect("sign")
-        .as_json()
-}
-
-async fn callback(http: &str, msat: u64, zap: &str) -> (reqwest::StatusCode, serde_json::Value) {
-    let response = reqwest::Client::new()
-        .get(format!("{http}/lnurlp/dvmd/callback"))
-        .query(&[("amount", msat.to_string()), ("nostr", zap.to_owned())])
-        .send()
-        .await
-        .expect("callback");
-    let status = response.status();
-    (status, response.json().await.expect("json"))
-}
+use crate::harness::{self, callback, zap_request, REPLY_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zap_pays_for_a_job_and_gets_a_receipt() {
