@@ -22,15 +22,18 @@ pub enum Dropped {
     Stale,
     /// Already seen.
     Duplicate,
+    /// Larger than `max_request_bytes` (answered, not stored).
+    TooLarge,
 }
 
 impl Dropped {
-    const ALL: [Dropped; 5] = [
+    const ALL: [Dropped; 6] = [
         Self::BadSignature,
         Self::WrongKind,
         Self::NotForUs,
         Self::Stale,
         Self::Duplicate,
+        Self::TooLarge,
     ];
 
     fn label(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Dropped {
             Self::NotForUs => "not_for_us",
             Self::Stale => "stale",
             Self::Duplicate => "duplicate",
+            Self::TooLarge => "too_large",
         }
     }
 }

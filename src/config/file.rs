@@ -107,6 +107,10 @@ pub struct ServiceSection {
     pub max_request_age_secs: u64,
     /// Largest request event, bytes of JSON.
     pub max_request_bytes: usize,
+    /// Largest result event dvmd will have to publish, bytes of JSON (relays refuse larger
+    /// events; strfry's default is 64 KiB). A request whose result could exceed it (the
+    /// request it embeds, plus `max_tokens` x 4 bytes, plus tags) is refused before payment.
+    pub max_result_bytes: usize,
     /// Concurrent jobs on the model.
     pub workers: usize,
     /// Longest a job may run.
@@ -122,6 +126,7 @@ impl Default for ServiceSection {
             kinds: vec![KIND_TEXT_GENERATION],
             max_request_age_secs: 600,
             max_request_bytes: 64 * 1024,
+            max_result_bytes: 64 * 1024,
             workers: 1,
             job_timeout_secs: 300,
         }
@@ -234,6 +239,10 @@ pub struct OpenAiSection {
     pub api_key_file: Option<PathBuf>,
     /// Longest one request may take.
     pub timeout_secs: u64,
+    /// The server's context window in tokens (prompt plus completion), as it was started
+    /// (`llama-server -c`, Ollama `num_ctx`, vLLM `--max-model-len`). A prompt plus
+    /// `max_tokens` that cannot fit is refused before payment.
+    pub context_tokens: u32,
 }
 
 impl Default for OpenAiSection {
@@ -244,6 +253,7 @@ impl Default for OpenAiSection {
             api_key_env: None,
             api_key_file: None,
             timeout_secs: 300,
+            context_tokens: 4096,
         }
     }
 }

@@ -80,6 +80,21 @@ pub enum BackendChoice {
     OpenAi(crate::infer::openai::OpenAiConfig),
 }
 
+impl BackendChoice {
+    /// The model served, as a request's `model` param must name it: the GGUF file name without
+    /// `.gguf` for the embedded backend, the configured `model` for a server.
+    pub fn model_name(&self) -> String {
+        match self {
+            Self::Llama { model_path, .. } => model_path
+                .file_name()
+                .map(|name| name.to_string_lossy())
+                .map(|name| name.strip_suffix(".gguf").unwrap_or(&name).to_owned())
+                .unwrap_or_default(),
+            Self::OpenAi(config) => config.model.clone(),
+        }
+    }
+}
+
 /// Which wallet to build.
 #[derive(Debug, Clone)]
 pub enum WalletChoice {
@@ -221,6 +236,31 @@ impl Config {
             return Err(invalid(
                 "text_generation.default_max_tokens must be 1..=max_tokens_limit".into(),
             ));
+        }
+        let (context_key, context_tokens) = match file.infer.backend.as_str() {
+            "openai" => (
+                "infer.openai.context_tokens",
+                file.infer.openai.context_tokens,
+            ),
+            _ => (
+                "infer.llama.context_tokens",
+                file.infer.llama.context_tokens,
+            ),
+        };
+        if tg.max_tokens_limit >= context_tokens {
+            return Err(invalid(format!(
+                "text_generation.max_tokens_limit ({}) leaves no room for a prompt in the \
+                 context window ({context_key} = {context_tokens}): lower the limit or raise the window",
+                tg.max_tokens_limit
+            )));
+        }
+        let smallest_result = tg.max_tokens_limit as usize * crate::nip90::RESULT_BYTES_PER_TOKEN;
+        if smallest_result >= service.max_result_bytes {
+            return Err(invalid(format!(
+                "text_generation.max_tokens_limit ({}) allows results of {smallest_result} bytes \
+                 and more, above service.max_result_bytes ({})",
+                tg.max_tokens_limit, service.max_result_bytes
+            )));
         }
         if file.lnurl.min_sendable_msat == 0
             || file.lnurl.min_sendable_msat > file.lnurl.max_sendable_msat
@@ -384,6 +424,12 @@ impl Config {
                 max_prompt_bytes: tg.max_prompt_bytes,
             },
             max_request_bytes: service.max_request_bytes,
+            max_result_bytes: service.max_result_bytes,
+            context_tokens: match &backend {
+                BackendChoice::Llama { context_tokens, .. } => *context_tokens,
+                BackendChoice::OpenAi(_) => file.infer.openai.context_tokens,
+            },
+            model: backend.model_name(),
             max_age_secs: service.max_request_age_secs,
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,
             workers: service.workers,
@@ -454,6 +500,33 @@ mod tests {
             ..Overrides::default()
         };
         Config::build(FileConfig::default(), RelaysFile::default(), dev).expect("dev needs none");
+    }
+
+    #[test]
+    fn limits_that_cannot_fit_the_context_or_the_relays_are_refused() {
+        let dev = Overrides {
+            dev: true,
+            ..Overrides::default()
+        };
+        let mut file = FileConfig::default();
+        file.infer.llama.context_tokens = 1024;
+        let err = Config::build(file, RelaysFile::default(), dev.clone())
+            .expect_err("max_tokens_limit 1024 fills the window");
+        assert!(
+            err.to_string().contains("infer.llama.context_tokens"),
+            "{err}"
+        );
+        let mut file = FileConfig::default();
+        file.infer.backend = "openai".into();
+        file.infer.openai.context_tokens = 512;
+        let err = Config::build(file, RelaysFile::default(), dev.clone()).expect_err("openai");
+        assert!(
+            err.to_string().contains("infer.openai.context_tokens"),
+            "{err}"
+        );
+        let mut file = FileConfig::default();
+        file.service.max_result_bytes = 4096;
+        assert!(Config::build(file, RelaysFile::default(), dev).is_err());
     }
 
     #[test]

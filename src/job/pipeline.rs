@@ -51,6 +51,12 @@ pub struct JobConfig {
     pub limits: TextGenerationLimits,
     /// Largest request event accepted, bytes of JSON.
     pub max_request_bytes: usize,
+    /// Largest result event we may have to publish, bytes of JSON.
+    pub max_result_bytes: usize,
+    /// The backend's context window, tokens (prompt plus completion).
+    pub context_tokens: u32,
+    /// The model served: a request's `model` param must name it.
+    pub model: String,
     /// Requests older than this are ignored, seconds.
     pub max_age_secs: u64,
     /// Invoice lifetime, seconds.
@@ -89,6 +95,9 @@ pub enum Screening {
     New(Box<Job>, Box<JobRequest>),
     /// Seen before.
     Duplicate(Box<Job>),
+    /// Larger than `max_request_bytes`: not stored (so big events cannot fill the disk), only
+    /// answered.
+    TooLarge(RequestError),
 }
 
 pub(crate) struct Inner {
@@ -202,7 +211,13 @@ impl Pipeline {
                 reply_relays.push(source.to_owned());
             }
         }
-        let job = Job::received(event, reply_relays, unix_now());
+        let json = event.as_json();
+        let limit = self.inner.config.max_request_bytes;
+        if json.len() > limit {
+            let size = json.len();
+            return Ok(Screening::TooLarge(RequestError::TooLarge { size, limit }));
+        }
+        let job = Job::received_as(event, json, reply_relays, unix_now());
         Ok(match self.inner.book.admit(&job).await? {
             Admission::New => Screening::New(Box::new(job), Box::new(request)),
             Admission::Duplicate(existing) => Screening::Duplicate(existing),
@@ -235,6 +250,11 @@ impl Pipeline {
                 Ok(Screening::Duplicate(job)) => {
                     metrics.dropped(Dropped::Duplicate);
                     pipeline.replay(&job, source).await;
+                }
+                Ok(Screening::TooLarge(reason)) => {
+                    metrics.dropped(Dropped::TooLarge);
+                    tracing::info!(event = %event.id, reason = %reason, "request refused unstored");
+                    pipeline.refuse_unstored(&event, source, &reason).await;
                 }
                 Err(e) => tracing::error!(event = %event.id, error = %e, "cannot record job"),
             }
@@ -270,7 +290,7 @@ impl Pipeline {
     /// Quote a received job and ask for payment, or refuse it with an `error` feedback.
     pub(crate) async fn process(&self, job: Job, event: Event, request: JobRequest) {
         let started = Instant::now();
-        let quote = match self.quote(&job, &request).await {
+        let quote = match self.quote(&job, &event, &request).await {
             Ok(quote) => quote,
             Err(reason) => return self.reject(&job.id, &event, reason.to_string()).await,
         };
@@ -294,17 +314,33 @@ impl Pipeline {
         }
     }
 
-    /// The price of `request`, or why it cannot run.
-    async fn quote(&self, job: &Job, request: &JobRequest) -> Result<u64, RequestError> {
+    /// The price of `request`, or why it cannot run. Everything that would make a paid job
+    /// undeliverable is refused here, before any invoice: a model we do not run, a prompt and
+    /// budget that overflow the context window, a result larger than relays accept.
+    async fn quote(
+        &self,
+        job: &Job,
+        event: &Event,
+        request: &JobRequest,
+    ) -> Result<u64, RequestError> {
         let config = &self.inner.config;
-        if job.request.len() > config.max_request_bytes {
-            return Err(RequestError::TooLarge {
-                size: job.request.len(),
-                limit: config.max_request_bytes,
-            });
-        }
         let generation = TextGeneration::from_request(request, &config.limits)?;
         request.may_pay_from_credit(&self.inner.keys.public_key())?;
+        if let Some(asked) = &generation.request.model {
+            if *asked != config.model {
+                return Err(RequestError::UnknownModel {
+                    asked: asked.clone(),
+                    served: config.model.clone(),
+                });
+            }
+        }
+        let bound = nip90::result_size_bound(event, &job.request, generation.max_tokens);
+        if bound > config.max_result_bytes {
+            return Err(RequestError::ResultTooLarge {
+                bound,
+                limit: config.max_result_bytes,
+            });
+        }
         let counted = tokio::time::timeout(
             COUNT_TOKENS_TIMEOUT,
             self.inner.backend.count_prompt_tokens(&generation.request),
@@ -328,6 +364,15 @@ impl Pipeline {
                 })
             }
         };
+        if u64::from(prompt_tokens) + u64::from(generation.max_tokens)
+            > u64::from(config.context_tokens)
+        {
+            return Err(RequestError::ContextOverflow {
+                prompt_tokens,
+                max_tokens: generation.max_tokens,
+                context_tokens: config.context_tokens,
+            });
+        }
         let quote = config.rate_card.quote(prompt_tokens, generation.max_tokens);
         if let Some(bid) = request.bid_msat {
             if bid < quote {
@@ -522,6 +567,26 @@ impl Pipeline {
             None,
         );
         self.send_feedback(&job, feedback, FEEDBACK_ATTEMPTS).await;
+    }
+
+    /// Answer a request we do not store with an `error` feedback, once, on the relay it came
+    /// from and its own reply relays.
+    async fn refuse_unstored(&self, event: &Event, source: Option<String>, reason: &RequestError) {
+        let Some(feedback) = self.sign(
+            &event.id,
+            nip90::feedback(event, JobStatus::Error, &reason.to_string(), None),
+        ) else {
+            return;
+        };
+        let relays: Vec<String> = source.into_iter().collect();
+        if let Err(e) = self
+            .inner
+            .outbox
+            .publish(&feedback, &relays, Persistence::Attempts(1))
+            .await
+        {
+            tracing::debug!(event = %event.id, error = %e, "refusal not published");
+        }
     }
 
     /// Refuse a job before any money moved: persist `Rejected`, then say why.

@@ -75,11 +75,16 @@ pub struct Job {
 impl Job {
     /// A freshly received job.
     pub fn received(request: &Event, reply_relays: Vec<String>, now: u64) -> Self {
+        Self::received_as(request, request.as_json(), reply_relays, now)
+    }
+
+    /// [`Job::received`] with the request already serialized as `json`.
+    pub fn received_as(request: &Event, json: String, reply_relays: Vec<String>, now: u64) -> Self {
         Self {
             id: request.id,
             customer: request.pubkey,
             kind: request.kind.as_u16(),
-            request: request.as_json(),
+            request: json,
             state: JobState::Received,
             reason: None,
             received_at: now,

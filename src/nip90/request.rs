@@ -115,6 +115,32 @@ pub enum RequestError {
         /// The cap.
         limit: usize,
     },
+    /// The prompt and the completion budget do not fit the model's context window.
+    #[error("the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceed the model's context window of {context_tokens} tokens; shorten the prompt or lower max_tokens")]
+    ContextOverflow {
+        /// Prompt tokens (counted, or estimated high).
+        prompt_tokens: u32,
+        /// The completion budget.
+        max_tokens: u32,
+        /// The window.
+        context_tokens: u32,
+    },
+    /// The result could be larger than relays accept.
+    #[error("the result could reach {bound} bytes, above the {limit} bytes relays accept; lower max_tokens or shorten the request")]
+    ResultTooLarge {
+        /// The estimated largest result event, bytes of JSON.
+        bound: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A `model` param naming a model this service does not run.
+    #[error("model `{asked}` is not served here; this service runs `{served}` (omit the `model` param or name it)")]
+    UnknownModel {
+        /// The model asked for.
+        asked: String,
+        /// The model served.
+        served: String,
+    },
     /// Encrypted params are not supported yet.
     #[error("encrypted requests are not supported by this service yet")]
     Encrypted,

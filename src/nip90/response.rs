@@ -57,6 +57,48 @@ pub fn result(request: &Event, content: &str, amount: Option<&PaymentAmount>) ->
     EventBuilder::new(Kind::from(result_kind(request.kind.as_u16())), content).tags(tags)
 }
 
+/// Bytes of a result event beyond its content and its `request` and `i` tags: id, pubkey,
+/// sig, kind, created_at, `e`, `p`, `amount`, field names and punctuation (about 450), with room.
+const RESULT_OVERHEAD_BYTES: usize = 640;
+
+/// Bytes per completion token the bound assumes (UTF-8 text, JSON-escaped).
+pub const RESULT_BYTES_PER_TOKEN: usize = 4;
+
+/// The most bytes of JSON the result answering `request` (stored as `request_json`) can take
+/// with a completion of `max_tokens` tokens: the request embedded as an escaped string, its
+/// `i` tags echoed, the completion at [`RESULT_BYTES_PER_TOKEN`], and the fixed fields.
+pub fn result_size_bound(request: &Event, request_json: &str, max_tokens: u32) -> usize {
+    let inputs: usize = request
+        .tags
+        .iter()
+        .filter(|tag| tag.as_slice().first().is_some_and(|name| name == "i"))
+        .map(|tag| {
+            tag.as_slice()
+                .iter()
+                .map(|v| escaped_len(v) + 3)
+                .sum::<usize>()
+                + 2
+        })
+        .sum();
+    escaped_len(request_json)
+        + inputs
+        + (max_tokens as usize).saturating_mul(RESULT_BYTES_PER_TOKEN)
+        + RESULT_OVERHEAD_BYTES
+}
+
+/// The length of `s` as a JSON string body: quotes and backslashes double, control
+/// characters take up to six bytes.
+fn escaped_len(s: &str) -> usize {
+    s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' => 1,
+                0..=0x1f => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
+}
+
 #[cfg(test)]
 mod tests {
     use nostr_sdk::Keys;
@@ -94,6 +136,37 @@ mod tests {
         assert_eq!(values(&fb, "amount"), vec![vec!["21000", "lnbcrt210n1..."]]);
         assert_eq!(values(&fb, "e"), vec![vec![req.id.to_hex()]]);
         assert_eq!(values(&fb, "p"), vec![vec![req.pubkey.to_hex()]]);
+    }
+
+    #[test]
+    fn the_result_size_bound_holds_for_a_full_completion() {
+        let req = EventBuilder::new(Kind::from(5050), "")
+            .tags([
+                Tag::parse(["i", "say \"hi\"\n\\ twice", "text"]).expect("tag"),
+                Tag::parse(["param", "max_tokens", "50"]).expect("tag"),
+            ])
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        let json = req.as_json();
+        // The worst completion the bound allows: 50 tokens of 4 bytes that each escape.
+        let content = "\"\\".repeat(50);
+        let amount = PaymentAmount {
+            msat: u64::MAX,
+            bolt11: None,
+        };
+        let res = result(&req, &content, Some(&amount))
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        let bound = result_size_bound(&req, &json, 50);
+        assert!(
+            res.as_json().len() <= bound,
+            "{} > {bound}",
+            res.as_json().len()
+        );
+        assert!(
+            bound < res.as_json().len() + RESULT_OVERHEAD_BYTES,
+            "not wildly high"
+        );
     }
 
     #[test]

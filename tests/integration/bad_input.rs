@@ -56,7 +56,8 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
 async fn malformed_and_foreign_requests() {
     let data = harness::data_dir();
     let config = harness::dev_config(data.path(), |file| {
-        file.service.max_request_bytes = 4096;
+        file.service.max_request_bytes = 16_384;
+        file.service.max_result_bytes = 24_576;
     });
     let backend = Arc::new(InstantBackend::new("unused"));
     let daemon = harness::start(config, Some(backend)).await;
@@ -86,7 +87,34 @@ async fn malformed_and_foreign_requests() {
         ),
         (vec![s(&["i", "hi"])], "no input type"),
         (vec![s(&["param", "max_tokens", "5"])], "no `i` input"),
-        (vec![s(&["i", &"x".repeat(5000), "text"])], "at most 4096"),
+        // Refused before any invoice: what could not be delivered after payment.
+        (
+            vec![s(&["i", "hi", "text"]), s(&["param", "model", "gpt-4"])],
+            "model `gpt-4` is not served here",
+        ),
+        (
+            // 1,500 prompt tokens (the instant backend counts 4 bytes each) + 1,000 > 2,048.
+            vec![
+                s(&["i", &"word ".repeat(1_200), "text"]),
+                s(&["param", "max_tokens", "1000"]),
+            ],
+            "exceed the model's context window of 2048 tokens",
+        ),
+        (
+            // The embedded request and the echoed input (12 kB each): above 24,576 bytes.
+            vec![
+                s(&["i", &"word ".repeat(2_400), "text"]),
+                s(&["param", "max_tokens", "100"]),
+            ],
+            "above the 24576 bytes relays accept",
+        ),
+        (
+            vec![
+                s(&["i", "hi", "text"]),
+                s(&["param", "pay_from_credit", "maybe"]),
+            ],
+            "param `pay_from_credit`",
+        ),
         (
             vec![s(&["i", "hi", "text"]), s(&["encrypted"])],
             "encrypted requests are not supported",
@@ -104,7 +132,24 @@ async fn malformed_and_foreign_requests() {
             .expect("read")
             .expect("job");
         assert_eq!(job.state, JobState::Rejected);
+        assert!(job.invoice.is_none());
     }
+
+    // A request above max_request_bytes is answered but never stored: big events cannot fill
+    // the disk.
+    let big = alice
+        .post(text_job(vec![s(&["i", &"x".repeat(17_000), "text"])]))
+        .await
+        .expect("post");
+    let info = harness::error_info(&mut alice, &big.id).await;
+    assert!(info.contains("at most 16384"), "{info}");
+    assert!(daemon
+        .pipeline()
+        .book()
+        .get(&big.id)
+        .await
+        .expect("read")
+        .is_none());
 
     // A request for another service is not ours: no job, no feedback. Post it, then a valid
     // request; intake handles events in order, so once the second is answered the first was
