@@ -329,7 +329,7 @@ fn announce(
         };
         let relays = relays.clone();
         tasks.spawn(async move {
-            match relays.send(&event, &[]).await {
+            match relays.send(&event, &[], &Default::default()).await {
                 Ok(relay) => tracing::info!(%relay, what, "published"),
                 Err(e) => tracing::warn!(error = %e, what, "not published"),
             }

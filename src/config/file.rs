@@ -111,6 +111,10 @@ pub struct ServiceSection {
     /// events; strfry's default is 64 KiB). A request whose result could exceed it (the
     /// request it embeds, plus `max_tokens` x 4 bytes, plus tags) is refused before payment.
     pub max_result_bytes: usize,
+    /// A relay that answers `OK false` to a result this many times is given up for it; when
+    /// every write relay is given up, the job fails and the payment is credited. Unreachable
+    /// relays are retried with backoff instead.
+    pub result_refusals: u32,
     /// Concurrent jobs on the model.
     pub workers: usize,
     /// Longest a job may run.
@@ -127,6 +131,7 @@ impl Default for ServiceSection {
             max_request_age_secs: 600,
             max_request_bytes: 64 * 1024,
             max_result_bytes: 64 * 1024,
+            result_refusals: 3,
             workers: 1,
             job_timeout_secs: 300,
         }
@@ -363,13 +368,17 @@ pub struct EmbeddedRelaySection {
     pub listen: String,
     /// Events it keeps in memory (the oldest go first).
     pub max_events: usize,
+    /// Largest event it accepts, bytes of JSON; larger ones get `OK false`.
+    pub max_event_bytes: usize,
 }
 
 impl Default for EmbeddedRelaySection {
     fn default() -> Self {
+        let relay = crate::relay::EmbeddedRelayOptions::default();
         Self {
             listen: DEFAULT_RELAY_LISTEN.to_owned(),
-            max_events: crate::relay::EmbeddedRelayOptions::default().max_events,
+            max_events: relay.max_events,
+            max_event_bytes: relay.max_event_bytes,
         }
     }
 }

@@ -425,6 +425,7 @@ impl Config {
             },
             max_request_bytes: service.max_request_bytes,
             max_result_bytes: service.max_result_bytes,
+            result_refusals: service.result_refusals.max(1),
             context_tokens: match &backend {
                 BackendChoice::Llama { context_tokens, .. } => *context_tokens,
                 BackendChoice::OpenAi(_) => file.infer.openai.context_tokens,
@@ -451,6 +452,7 @@ impl Config {
             relay_listen,
             embedded_relay: crate::relay::EmbeddedRelayOptions {
                 max_events: file.embedded_relay.max_events,
+                max_event_bytes: file.embedded_relay.max_event_bytes,
                 ..crate::relay::EmbeddedRelayOptions::default()
             },
             http_listen,

@@ -16,7 +16,6 @@ use super::pipeline::{Pipeline, FEEDBACK_ATTEMPTS};
 use super::state::JobState;
 use crate::nip57;
 use crate::nip90::{self, JobStatus};
-use crate::relay::outbox::Persistence;
 use crate::wallet::{PaymentHash, PaymentStatus};
 
 impl Pipeline {
@@ -208,11 +207,7 @@ impl Pipeline {
         };
         match inner
             .outbox
-            .publish(
-                &receipt,
-                &request.relays,
-                Persistence::Attempts(FEEDBACK_ATTEMPTS),
-            )
+            .publish(&receipt, &request.relays, FEEDBACK_ATTEMPTS)
             .await
         {
             Ok(_) => {

@@ -25,7 +25,6 @@ use crate::nip90::{
     TextGenerationLimits, Verified,
 };
 use crate::pricing::{self, RateCard};
-use crate::relay::outbox::Persistence;
 use crate::relay::Outbox;
 use crate::wallet::{InvoiceDescription, InvoiceRequest, PaymentHash, Wallet};
 
@@ -53,6 +52,9 @@ pub struct JobConfig {
     pub max_request_bytes: usize,
     /// Largest result event we may have to publish, bytes of JSON.
     pub max_result_bytes: usize,
+    /// `OK false` answers from one relay after which it is given up for a result; once every
+    /// write relay is given up the job fails and the payment is credited.
+    pub result_refusals: u32,
     /// The backend's context window, tokens (prompt plus completion).
     pub context_tokens: u32,
     /// The model served: a request's `model` param must name it.
@@ -579,12 +581,7 @@ impl Pipeline {
             return;
         };
         let relays: Vec<String> = source.into_iter().collect();
-        if let Err(e) = self
-            .inner
-            .outbox
-            .publish(&feedback, &relays, Persistence::Attempts(1))
-            .await
-        {
+        if let Err(e) = self.inner.outbox.publish(&feedback, &relays, 1).await {
             tracing::debug!(event = %event.id, error = %e, "refusal not published");
         }
     }
@@ -651,7 +648,7 @@ impl Pipeline {
         let inner = &self.inner;
         match inner
             .outbox
-            .publish(event, &job.reply_relays, Persistence::Attempts(attempts))
+            .publish(event, &job.reply_relays, attempts)
             .await
         {
             Ok(_) => true,
@@ -672,11 +669,7 @@ impl Pipeline {
             .flatten()
         {
             if let Ok(event) = Event::from_json(json) {
-                let _ = self
-                    .inner
-                    .outbox
-                    .publish(&event, &relays, Persistence::Attempts(1))
-                    .await;
+                let _ = self.inner.outbox.publish(&event, &relays, 1).await;
             }
         }
     }

@@ -91,11 +91,7 @@ impl Pipeline {
             let _ = self
                 .inner
                 .outbox
-                .publish(
-                    &event,
-                    &job.reply_relays,
-                    crate::relay::outbox::Persistence::Attempts(3),
-                )
+                .publish(&event, &job.reply_relays, 3)
                 .await;
         }
     }

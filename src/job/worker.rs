@@ -14,7 +14,7 @@ use super::record::Job;
 use super::state::JobState;
 use crate::infer::{self, Usage};
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, TextGeneration};
-use crate::relay::outbox::Persistence;
+use crate::relay::outbox::Undelivered;
 
 /// How long an answer waits for the `processing` feedback to go out first.
 const PROCESSING_BEFORE_ANSWER: Duration = Duration::from_secs(2);
@@ -88,7 +88,7 @@ impl Pipeline {
             .as_deref()
             .and_then(|json| Event::from_json(json).ok())
         {
-            return self.deliver(&job, &event, &result).await;
+            return self.deliver(job, event, result);
         }
 
         // `processing` goes out beside the model. It is a courtesy, not a claim about money:
@@ -244,25 +244,52 @@ impl Pipeline {
         };
         processing.wait().await;
         tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "job generated");
-        self.deliver(&job, event, &result).await;
+        self.deliver(job, event.clone(), result);
+    }
+
+    /// Deliver the stored result in a task of its own, so the worker moves on to the next job
+    /// at once however long the relays take.
+    fn deliver(&self, job: Job, event: Event, result: Event) {
+        let pipeline = self.clone();
+        self.inner.tasks.spawn(async move {
+            pipeline.publish_result(&job, &event, &result).await;
+        });
     }
 
     /// Publish the stored result until a relay acks it; then `Delivered`, the `success`
-    /// feedback and the settlement in one write, and `success` goes out.
+    /// feedback and the settlement in one write, and `success` goes out. If every write relay
+    /// refuses it (`OK false`, [`JobConfig::result_refusals`] times each), the job fails and
+    /// the payment is credited.
     ///
-    /// That write is applied, not awaited durable: the charge was made durable with the result
-    /// (before it was shown), and a crash before the next group commit leaves the job `Running`
-    /// with its result, so recovery publishes the same result again and settles it the same way.
-    async fn deliver(&self, job: &Job, event: &Event, result: &Event) {
+    /// The settling write is applied, not awaited durable: the charge was made durable with
+    /// the result (before it was shown), and a crash before the next group commit leaves the
+    /// job `Running` with its result, so recovery publishes the same result again and settles
+    /// it the same way.
+    ///
+    /// [`JobConfig::result_refusals`]: super::JobConfig::result_refusals
+    async fn publish_result(&self, job: &Job, event: &Event, result: &Event) {
         let inner = &self.inner;
-        if let Err(e) = inner
+        let delivered = inner
             .outbox
-            .publish(result, &job.reply_relays, Persistence::UntilAcked)
-            .await
-        {
-            // Only cancellation ends an UntilAcked publish: the job stays Running with its
-            // result stored, and recovery publishes it on the next start.
-            return tracing::warn!(job = %job.id, error = %e, "result not delivered yet");
+            .deliver(result, &job.reply_relays, inner.config.result_refusals)
+            .await;
+        match delivered {
+            Ok(_) => {}
+            Err(Undelivered::Refused(refusals)) => {
+                let said: Vec<String> = refusals
+                    .iter()
+                    .map(|(relay, message)| format!("{relay}: {message}"))
+                    .collect();
+                tracing::warn!(job = %job.id, refusals = %said.join("; "), "every write relay refused the result");
+                inner.metrics.publish_failed();
+                let reason = "the relays refused to store the result".to_owned();
+                return self.fail(job, Some(event), reason).await;
+            }
+            // The job stays Running with its result stored, and recovery publishes it on the
+            // next start.
+            Err(Undelivered::Stopped) => {
+                return tracing::info!(job = %job.id, "result not delivered yet; resumes on restart")
+            }
         }
         let charge = job.charge_msat.unwrap_or(0);
         let amount = PaymentAmount {

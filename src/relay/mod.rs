@@ -30,5 +30,8 @@ pub enum RelayError {
         event: String,
         /// What the relays said.
         reasons: String,
+        /// The relays that answered `OK false`, with their message (the others could not be
+        /// reached or did not answer in time).
+        refused: Vec<(nostr_sdk::RelayUrl, String)>,
     },
 }

@@ -268,10 +268,12 @@ impl Relays {
     /// The sends run side by side. The call returns at the first acknowledgement and the others
     /// finish in the background, so one slow or silent relay (the pool waits up to 10 s for an
     /// `OK`) never holds up a customer who reads from a healthy one.
+    /// Relays in `skip` (given up for this event) are left out.
     pub async fn send(
         &self,
         event: &Event,
         reply_relays: &[String],
+        skip: &HashSet<RelayUrl>,
     ) -> Result<RelayUrl, RelayError> {
         let mut targets: HashSet<RelayUrl> = self.write.iter().cloned().collect();
         for raw in reply_relays {
@@ -279,16 +281,19 @@ impl Relays {
                 targets.insert(url);
             }
         }
+        targets.retain(|url| !skip.contains(url));
         if targets.is_empty() {
             return Err(RelayError::NotAccepted {
                 event: event.id.to_hex(),
-                reasons: "no write relays configured".to_owned(),
+                reasons: "no write relays left to try".to_owned(),
+                refused: Vec::new(),
             });
         }
         // Polled in place (no task hop on the common path); what is left after the first `OK`
         // moves to a background task.
         let mut sends = FuturesUnordered::new();
         let mut failed = Vec::new();
+        let mut refused = Vec::new();
         for url in targets {
             let relay = match self.client.relay(&url).await {
                 Ok(relay) => relay,
@@ -327,13 +332,24 @@ impl Relays {
                     }
                     return Ok(url);
                 }
-                Err(e) => failed.push(format!("{url}: {e}")),
+                Err(e) => {
+                    failed.push(format!("{url}: {e}"));
+                    if let nostr_sdk::pool::relay::Error::RelayMessage(message) = e {
+                        refused.push((url, message));
+                    }
+                }
             }
         }
         Err(RelayError::NotAccepted {
             event: event.id.to_hex(),
             reasons: failed.join("; "),
+            refused,
         })
+    }
+
+    /// Our write relays (from `relays.toml`, or the embedded relay).
+    pub fn write_relays(&self) -> &[RelayUrl] {
+        &self.write
     }
 
     /// Make sure a customer-named relay is in the pool (write only), within the cap.

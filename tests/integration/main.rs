@@ -5,6 +5,7 @@ mod harness;
 mod bad_input;
 mod conformance;
 mod credit;
+mod delivery;
 mod embedded_relay;
 mod gaps;
 mod interop;

@@ -123,7 +123,7 @@ impl Session {
             }
         };
         match message {
-            ClientMessage::Event(event) => self.event(event.into_owned()).await,
+            ClientMessage::Event(event) => self.event(event.into_owned(), text.len()).await,
             ClientMessage::Req {
                 subscription_id,
                 filters,
@@ -157,12 +157,20 @@ impl Session {
         }
     }
 
-    async fn event(&self, event: Event) -> Result<(), Gone> {
+    /// An `EVENT` message of `size` bytes.
+    async fn event(&self, event: Event, size: usize) -> Result<(), Gone> {
         let ok = |status: bool, message: &str| RelayMessage::Ok {
             event_id: event.id,
             status,
             message: Cow::Owned(message.to_owned()),
         };
+        let limit = self.shared.options.max_event_bytes;
+        if size > limit {
+            let why = format!(
+                "invalid: event too large ({size} bytes; this relay accepts at most {limit})"
+            );
+            return self.answer(ok(false, &why)).await;
+        }
         if event.verify().is_err() {
             return self
                 .answer(ok(false, "invalid: bad event id or signature"))

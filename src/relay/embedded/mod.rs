@@ -51,6 +51,9 @@ pub struct RelayOptions {
     pub max_limit: usize,
     /// Connections at once.
     pub max_connections: usize,
+    /// Largest `EVENT` message accepted, bytes of JSON (strfry's default); larger ones get
+    /// `OK false`.
+    pub max_event_bytes: usize,
 }
 
 impl Default for RelayOptions {
@@ -62,6 +65,7 @@ impl Default for RelayOptions {
             default_limit: 500,
             max_limit: 5000,
             max_connections: 4096,
+            max_event_bytes: 64 * 1024,
         }
     }
 }
