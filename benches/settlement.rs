@@ -111,6 +111,7 @@ async fn main() {
         config,
         Parts {
             backend: Some(backend),
+            ..Parts::default()
         },
     )
     .await

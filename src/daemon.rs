@@ -94,7 +94,13 @@ impl std::fmt::Display for Ready {
 pub struct Parts {
     /// Use this backend instead of the configured one.
     pub backend: Option<Arc<dyn Backend>>,
+    /// Wrap the configured wallet (tests inject faults next to the real wallet this way).
+    pub wrap_wallet: Option<WalletWrap>,
 }
+
+/// Wraps the configured wallet: see [`Parts::wrap_wallet`].
+pub type WalletWrap =
+    Arc<dyn Fn(Arc<dyn crate::wallet::Wallet>) -> Arc<dyn crate::wallet::Wallet> + Send + Sync>;
 
 /// A running daemon.
 pub struct Daemon {
@@ -124,6 +130,10 @@ impl Daemon {
         tracing::info!(pubkey = %keys.public_key(), data_dir = %config.data_dir.display(), dev = config.dev, "starting");
 
         let (wallet, dev_wallet) = crate::wallet::open(&config.wallet, &store).await?;
+        let wallet = match parts.wrap_wallet {
+            Some(wrap) => wrap(wallet),
+            None => wallet,
+        };
         let backend = match parts.backend {
             Some(backend) => backend,
             None => build_backend(&config.backend).await?,

@@ -169,6 +169,7 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
         config,
         Parts {
             backend: Some(backend),
+            ..Parts::default()
         },
     )
     .await?;

@@ -271,6 +271,12 @@ pub struct WalletSection {
     pub backend: String,
     /// How often open invoices are looked up.
     pub reconcile_interval_secs: u64,
+    /// How long after its expiry an invoice the wallet still calls pending or unknown keeps
+    /// its job waiting; then the job expires (the payment hash is still looked up).
+    pub unpaid_grace_secs: u64,
+    /// For how many days after expiry an unpaid invoice is still looked up (at most once a day
+    /// once its job expired), so a late payment is credited; then a "not paid" answer closes it.
+    pub late_lookup_days: u64,
     /// `[wallet.lnbits]`
     pub lnbits: LnbitsSection,
     /// `[wallet.nwc]`
@@ -304,6 +310,8 @@ impl Default for WalletSection {
         Self {
             backend: "dev".to_owned(),
             reconcile_interval_secs: 30,
+            unpaid_grace_secs: 24 * 60 * 60,
+            late_lookup_days: 30,
             lnbits: LnbitsSection::default(),
             nwc: NwcSection::default(),
         }

@@ -436,6 +436,8 @@ impl Config {
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,
             reconcile_interval_secs: file.wallet.reconcile_interval_secs,
+            unpaid_grace_secs: file.wallet.unpaid_grace_secs,
+            late_lookup_secs: file.wallet.late_lookup_days.saturating_mul(24 * 60 * 60),
             zap_provider: match &file.zaps.provider_pubkey {
                 Some(hex) => Some(nostr_sdk::PublicKey::parse(hex).map_err(|e| {
                     invalid(format!(

@@ -250,6 +250,7 @@ impl Book {
                     zap_request: None,
                     consumed: false,
                     closed: false,
+                    next_lookup_at: 0,
                 };
                 tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), id.as_bytes())?;
                 tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
@@ -468,7 +469,9 @@ fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {
 mod tests {
     use nostr_sdk::{EventBuilder, Keys, Kind, PublicKey};
 
-    use crate::job::invoices::{PaymentOutcome, LATE_PAYMENT_GRACE_SECS};
+    use crate::job::invoices::PaymentOutcome;
+
+    const LATE_LOOKUP_SECS: u64 = 30 * 24 * 60 * 60;
 
     use super::*;
 
@@ -523,6 +526,7 @@ mod tests {
             zap_request: None,
             consumed: false,
             closed: false,
+            next_lookup_at: 0,
         };
         let hash = PaymentHash([hash; 32]);
         book.register_invoice(&hash, record)
@@ -667,6 +671,7 @@ mod tests {
             zap_request: None,
             consumed: false,
             closed: false,
+            next_lookup_at: 0,
         };
         let outcome = book
             .confirm_external(&PaymentHash([9; 32]), record, 1_000)
@@ -720,8 +725,9 @@ mod tests {
             zap_request: None,
             consumed: false,
             closed: false,
+            next_lookup_at: 0,
         };
-        let long_ago = now() - LATE_PAYMENT_GRACE_SECS - 60;
+        let long_ago = now() - LATE_LOOKUP_SECS - 60;
         let (old, recent) = (PaymentHash([1; 32]), PaymentHash([2; 32]));
         book.register_invoice(&old, record(long_ago))
             .await
@@ -739,8 +745,14 @@ mod tests {
             .collect();
         assert!(open.contains(&old) && open.contains(&recent));
         // A lookup that says "unpaid" closes only the one past the grace period.
-        assert!(book.close_payment(&old).await.expect("close"));
-        assert!(!book.close_payment(&recent).await.expect("close"));
+        assert!(book
+            .close_payment(&old, LATE_LOOKUP_SECS)
+            .await
+            .expect("close"));
+        assert!(!book
+            .close_payment(&recent, LATE_LOOKUP_SECS)
+            .await
+            .expect("close"));
         let open: Vec<_> = book
             .open_payments()
             .await
@@ -763,7 +775,10 @@ mod tests {
                 .all(|(hash, _)| *hash != paid),
             "a booked payment leaves the open index"
         );
-        assert!(!book.close_payment(&paid).await.expect("close"));
+        assert!(!book
+            .close_payment(&paid, LATE_LOOKUP_SECS)
+            .await
+            .expect("close"));
         assert!(
             book.payment(&paid)
                 .await

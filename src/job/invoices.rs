@@ -32,14 +32,19 @@ pub struct PaymentRecord {
     /// Whether a confirmed payment was already booked.
     pub consumed: bool,
     /// Whether the reconciler stopped looking: the wallet said "not paid" after
-    /// [`LATE_PAYMENT_GRACE_SECS`] past expiry. Only a successful lookup closes a record, so an
+    /// `late_lookup_days` past expiry. Only a successful lookup closes a record, so an
     /// outage of the wallet or of dvmd itself never makes a payment unfindable.
     #[serde(default)]
     pub closed: bool,
+    /// Not looked up by the reconciler before this time (unix seconds): the backoff for
+    /// invoices past expiry. 0: every pass.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub next_lookup_at: u64,
 }
 
-/// How long after expiry an unpaid invoice is still looked up.
-pub const LATE_PAYMENT_GRACE_SECS: u64 = 24 * 60 * 60;
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// What a confirmed payment did.
 #[derive(Debug, PartialEq)]
@@ -181,11 +186,29 @@ impl Book {
             .await
     }
 
+    /// Do not look `hash` up in a reconcile pass before `at` (unix seconds).
+    pub async fn defer_lookup(&self, hash: &PaymentHash, at: u64) -> Result<(), BookError> {
+        let hash = *hash;
+        self.store()
+            .apply(move |tx| {
+                if let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? {
+                    record.next_lookup_at = at;
+                    tx.put(Tree::Payments, &hash.0, &record)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
     /// Stop looking up `hash`: the wallet has just said it is not paid, and it expired more than
-    /// [`LATE_PAYMENT_GRACE_SECS`] ago. A consumed record is left as it is. Returns whether the
-    /// record was closed.
-    pub async fn close_payment(&self, hash: &PaymentHash) -> Result<bool, BookError> {
-        let (hash, horizon) = (*hash, now().saturating_sub(LATE_PAYMENT_GRACE_SECS));
+    /// `late_lookup_secs` ago. A consumed record is left as it is. Returns whether the record
+    /// was closed.
+    pub async fn close_payment(
+        &self,
+        hash: &PaymentHash,
+        late_lookup_secs: u64,
+    ) -> Result<bool, BookError> {
+        let (hash, horizon) = (*hash, now().saturating_sub(late_lookup_secs));
         self.store()
             .apply(move |tx| {
                 let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? else {

@@ -18,6 +18,9 @@ use crate::nip57;
 use crate::nip90::{self, JobStatus};
 use crate::wallet::{PaymentHash, PaymentStatus};
 
+/// The longest wait between two lookups of an invoice past expiry.
+const LATE_LOOKUP_EVERY: u64 = 24 * 60 * 60;
+
 impl Pipeline {
     /// Follow the wallet's settlement hints until `cancel` fires.
     pub async fn watch_settlements(self, cancel: CancellationToken) {
@@ -33,12 +36,25 @@ impl Pipeline {
                     self.hinted(hash);
                 }
                 Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "settlement hints lagged; reconciling now");
                     // Beside the hints, not instead of them: a long pass must not stall them.
+                    // One such pass at a time: a burst of lags starts one, not one each.
+                    let lag_pass = &self.inner.lag_pass;
+                    if lag_pass.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        tracing::warn!(
+                            missed,
+                            "settlement hints lagged; a reconcile pass is already running"
+                        );
+                        continue;
+                    }
+                    tracing::warn!(missed, "settlement hints lagged; reconciling now");
                     let pipeline = self.clone();
-                    self.inner
-                        .tasks
-                        .spawn(async move { pipeline.reconcile_once().await });
+                    self.inner.tasks.spawn(async move {
+                        pipeline.reconcile_once().await;
+                        pipeline
+                            .inner
+                            .lag_pass
+                            .store(false, std::sync::atomic::Ordering::Release);
+                    });
                 }
                 Err(RecvError::Closed) => break,
             }
@@ -92,14 +108,18 @@ impl Pipeline {
         }
     }
 
-    /// One pass over the open invoices.
+    /// One pass over the open invoices: every unexpired one, and those past expiry whose
+    /// backoff is over (see [`Pipeline::check_payment`]).
     pub async fn reconcile_once(&self) {
         let open = match self.inner.book.open_payments().await {
             Ok(open) => open,
             Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
         };
-        for (hash, _) in open {
-            self.check_payment(&hash).await;
+        let now = super::pipeline::unix_now();
+        for (hash, record) in open {
+            if record.next_lookup_at <= now {
+                self.check_payment(&hash).await;
+            }
         }
     }
 
@@ -134,27 +154,50 @@ impl Pipeline {
                 if let Some(job) = &record.job {
                     self.expire(job).await
                 }
-                self.close_if_stale(hash).await;
+                self.not_paid(hash, &record).await;
             }
-            PaymentStatus::Pending => self.close_if_stale(hash).await,
+            PaymentStatus::Pending => self.not_paid(hash, &record).await,
             PaymentStatus::Unknown => {
                 tracing::warn!(payment_hash = %hash, job = ?record.job, "the wallet does not know an invoice it issued");
-                self.close_if_stale(hash).await;
+                self.not_paid(hash, &record).await;
             }
         }
     }
 
-    /// The wallet just said `hash` is not paid: if it expired more than a day ago, stop
-    /// looking it up. Only a lookup that answered closes a record, never the clock alone.
-    async fn close_if_stale(&self, hash: &PaymentHash) {
-        match self.inner.book.close_payment(hash).await {
+    /// The wallet just said `hash` is not paid (pending, expired or unknown to it). Past the
+    /// invoice's expiry plus `unpaid_grace_secs` its job expires, whatever the wallet calls
+    /// it; the hash is still looked up, with a backoff that grows with its age up to once a
+    /// day, until `late_lookup_secs` after expiry, when this answer closes it. Only a lookup
+    /// that answered closes a record, never the clock alone, and a hint books it at any time.
+    async fn not_paid(&self, hash: &PaymentHash, record: &super::PaymentRecord) {
+        let config = &self.inner.config;
+        let now = super::pipeline::unix_now();
+        if now <= record.expires_at {
+            return;
+        }
+        let overdue = now - record.expires_at;
+        if overdue > config.unpaid_grace_secs {
+            if let Some(job) = &record.job {
+                self.expire(job).await;
+            }
+        }
+        match self
+            .inner
+            .book
+            .close_payment(hash, config.late_lookup_secs)
+            .await
+        {
             Ok(true) => {
-                tracing::info!(payment_hash = %hash, "invoice still unpaid a day after expiry; no longer looked up")
+                return tracing::info!(payment_hash = %hash, "invoice still unpaid long after expiry; no longer looked up")
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(payment_hash = %hash, error = %e, "cannot close payment record")
+                return tracing::warn!(payment_hash = %hash, error = %e, "cannot close payment record")
             }
+        }
+        let backoff = (overdue / 2).clamp(config.reconcile_interval_secs.max(1), LATE_LOOKUP_EVERY);
+        if let Err(e) = self.inner.book.defer_lookup(hash, now + backoff).await {
+            tracing::warn!(payment_hash = %hash, error = %e, "cannot defer lookup");
         }
     }
 

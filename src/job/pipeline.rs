@@ -69,6 +69,11 @@ pub struct JobConfig {
     pub job_timeout_secs: u64,
     /// How often open invoices are looked up in the wallet, seconds.
     pub reconcile_interval_secs: u64,
+    /// How long after its expiry an invoice the wallet calls pending or unknown keeps its job
+    /// waiting before the job expires, seconds.
+    pub unpaid_grace_secs: u64,
+    /// How long after its expiry an unpaid invoice is still looked up, seconds.
+    pub late_lookup_secs: u64,
     /// The `nostrPubkey` of an external Lightning address provider whose zap receipts are
     /// accepted as payment (after NIP-57 appendix F); `None` trusts no receipt.
     pub zap_provider: Option<nostr_sdk::PublicKey>,
@@ -117,6 +122,8 @@ pub(crate) struct Inner {
     /// Payment hashes being looked up because of a hint, each with whether another hint came
     /// in meanwhile (then it is looked up once more). Hints for one hash never run in parallel.
     pub(crate) checking: std::sync::Mutex<std::collections::HashMap<PaymentHash, bool>>,
+    /// A reconcile pass started because settlement hints lagged is running.
+    pub(crate) lag_pass: std::sync::atomic::AtomicBool,
 }
 
 /// The job pipeline. Cheap to clone.
@@ -157,6 +164,7 @@ impl Pipeline {
             intake: Arc::new(Semaphore::new(INTAKE_TASKS)),
             tasks: TaskTracker::new(),
             checking: std::sync::Mutex::default(),
+            lag_pass: std::sync::atomic::AtomicBool::new(false),
         };
         (
             Self {

@@ -62,6 +62,7 @@ impl Pipeline {
             zap_request: Some(request.json.clone()),
             consumed: false,
             closed: false,
+            next_lookup_at: 0,
         };
         inner
             .book
@@ -96,6 +97,7 @@ impl Pipeline {
             zap_request: None,
             consumed: false,
             closed: false,
+            next_lookup_at: 0,
         };
         inner
             .book
@@ -228,6 +230,7 @@ impl Pipeline {
             zap_request: None,
             consumed: true,
             closed: false,
+            next_lookup_at: 0,
         };
         let booked = inner
             .book

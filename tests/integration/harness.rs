@@ -57,9 +57,15 @@ pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
 
 /// Start a daemon in this process, optionally with a backend of the test's choosing.
 pub async fn start(config: Config, backend: Option<Arc<dyn Backend>>) -> Daemon {
-    Daemon::start(config, Parts { backend })
-        .await
-        .expect("daemon starts")
+    Daemon::start(
+        config,
+        Parts {
+            backend,
+            ..Parts::default()
+        },
+    )
+    .await
+    .expect("daemon starts")
 }
 
 /// Open the store of a stopped daemon. sled releases its file lock when the last handle goes,

@@ -1,14 +1,18 @@
 //! Payments: a hint is not a payment, and a job that fails after payment owes the customer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dvmd::customer::{self, Customer, Reply};
+use dvmd::daemon::{Daemon, Parts};
 use dvmd::infer::instant::InstantBackend;
 use dvmd::infer::{Backend, GenerateRequest, GenerateStream, InferError};
 use dvmd::job::JobState;
 use dvmd::nip90::JobStatus;
-use dvmd::wallet::PaymentHash;
+use dvmd::wallet::{
+    Invoice, InvoiceRequest, PaymentHash, PaymentSent, PaymentStatus, Wallet, WalletError,
+};
 
 use crate::harness::{self, REPLY_TIMEOUT};
 
@@ -362,4 +366,133 @@ async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
     assert!(job.invoice.is_none());
     alice.shutdown().await;
     daemon.stop().await;
+}
+
+/// The dev wallet, except that it says its invoices expire within a second, and that it
+/// answers "unknown" to every lookup while `forget` is set: a wallet that lost track of an
+/// invoice it issued.
+struct ForgetfulWallet {
+    inner: Arc<dyn Wallet>,
+    forget: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Wallet for ForgetfulWallet {
+    fn name(&self) -> &'static str {
+        "forgetful"
+    }
+
+    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
+        let mut invoice = self.inner.create_invoice(request).await?;
+        invoice.expires_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 1;
+        Ok(invoice)
+    }
+
+    async fn lookup(&self, hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
+        if self.forget.load(Ordering::SeqCst) {
+            return Ok(PaymentStatus::Unknown);
+        }
+        self.inner.lookup(hash).await
+    }
+
+    async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
+        self.inner.pay(bolt11, max_fee_msat).await
+    }
+
+    async fn balance(&self) -> Result<u64, WalletError> {
+        self.inner.balance().await
+    }
+
+    fn settlements(&self) -> tokio::sync::broadcast::Receiver<PaymentHash> {
+        self.inner.settlements()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_credited() {
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.wallet.unpaid_grace_secs = 1;
+    });
+    let forget = Arc::new(AtomicBool::new(true));
+    let wrap_forget = forget.clone();
+    let daemon = Daemon::start(
+        config,
+        Parts {
+            backend: Some(Arc::new(InstantBackend::new("never run"))),
+            wrap_wallet: Some(Arc::new(move |inner| {
+                Arc::new(ForgetfulWallet {
+                    inner,
+                    forget: wrap_forget.clone(),
+                }) as Arc<dyn Wallet>
+            })),
+        },
+    )
+    .await
+    .expect("daemon");
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "4")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (quote, bolt11) = harness::invoice(&mut alice, &request.id).await;
+
+    // The wallet calls it unknown past its expiry and the grace: the job ends, and says so.
+    let info = harness::error_info(&mut alice, &request.id).await;
+    assert!(info.contains("the invoice expired unpaid"), "{info}");
+    let book = daemon.pipeline().book();
+    let job = harness::wait_for_state(book, &request.id, JobState::Expired).await;
+    let hash = job.invoice.expect("invoice").payment_hash;
+    // ... but the payment hash is still looked up.
+    let record = book.payment(&hash).await.expect("read").expect("record");
+    assert!(!record.consumed && !record.closed, "{record:?}");
+    assert!(book
+        .open_payments()
+        .await
+        .expect("open")
+        .iter()
+        .any(|(open, _)| *open == hash));
+
+    // Paid late, once the wallet finds it again: credited to the customer, the job not run.
+    forget.store(false, Ordering::SeqCst);
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    for _ in 0..250 {
+        if book
+            .payment(&hash)
+            .await
+            .expect("read")
+            .expect("record")
+            .consumed
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        book.get(&request.id)
+            .await
+            .expect("read")
+            .expect("job")
+            .state,
+        JobState::Expired
+    );
+    alice.shutdown().await;
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(
+        totals.payment_in_msat, quote,
+        "the late payment is booked once"
+    );
+    assert_eq!(harness::balance(&store, &request.pubkey), quote);
 }
