@@ -43,6 +43,7 @@ pub mod customer;
 pub mod daemon;
 pub mod http;
 pub mod identity;
+pub mod incident;
 pub mod infer;
 pub mod job;
 pub mod ledger;

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::incident::Incident;
 use crate::wallet::WalletError;
 
 /// An error answered as `{"error": reason}` with a status.
@@ -37,10 +38,18 @@ impl From<WalletError> for ApiError {
             }
             WalletError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self {
-            status,
-            reason: e.to_string(),
-        }
+        let reason = match &e {
+            // About the customer's own input: theirs to read.
+            WalletError::InvalidInvoice(_)
+            | WalletError::Refused(_)
+            | WalletError::InsufficientBalance { .. } => e.to_string(),
+            // The wallet's or the store's insides: the log gets them.
+            WalletError::Unavailable(_) | WalletError::Store(_) => format!(
+                "the wallet is unavailable right now ({})",
+                Incident::log("wallet", &e)
+            ),
+        };
+        Self { status, reason }
     }
 }
 

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::HttpState;
+use crate::incident::Incident;
+use crate::job::zap::ZapRefusal;
 
 /// The Lightning address dvmd serves.
 #[derive(Debug, Clone)]
@@ -160,6 +162,10 @@ pub async fn callback(
     };
     match invoice {
         Ok(invoice) => Json(json!({ "pr": invoice.bolt11, "routes": [] })).into_response(),
+        Err(e @ (ZapRefusal::Wallet(_) | ZapRefusal::Book(_))) => refuse(format!(
+            "cannot issue an invoice right now ({})",
+            Incident::log("zap invoice", &e)
+        )),
         Err(e) => {
             tracing::info!(error = %e, "zap refused");
             refuse(e.to_string())

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use super::book::{Admission, Book, BookError};
 use super::record::{Job, JobInvoice};
 use super::state::JobState;
+use crate::incident::Incident;
 use crate::infer::Backend;
 use crate::metrics::{Dropped, Metrics};
 use crate::nip90::{
@@ -368,10 +369,9 @@ impl Pipeline {
                 pricing::estimate_prompt_tokens(bytes)
             }
             Ok(Err(e)) => {
-                return Err(RequestError::BadParam {
-                    name: "input".to_owned(),
-                    reason: e.to_string(),
-                })
+                return Err(RequestError::Unavailable(
+                    Incident::log("counting prompt tokens", &e).to_string(),
+                ))
             }
         };
         if u64::from(prompt_tokens) + u64::from(generation.max_tokens)
@@ -430,9 +430,9 @@ impl Pipeline {
         let invoice = match inner.wallet.create_invoice(request).await {
             Ok(invoice) => invoice,
             Err(e) => {
-                tracing::warn!(job = %job.id, error = %e, "cannot issue invoice");
+                let incident = Incident::log("issuing an invoice", &e);
                 let reason = format!(
-                    "this service cannot issue an invoice right now ({e}); nothing was charged"
+                    "this service cannot issue an invoice right now ({incident}); nothing was charged"
                 );
                 return self.reject(&job.id, event, reason).await;
             }

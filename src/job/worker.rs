@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::pipeline::{Pipeline, WorkItem, WorkQueue, FEEDBACK_ATTEMPTS};
 use super::record::Job;
 use super::state::JobState;
-use crate::infer::{self, Usage};
+use crate::incident::Incident;
+use crate::infer::{self, InferError, Usage};
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, TextGeneration};
 use crate::relay::outbox::Undelivered;
 
@@ -76,7 +77,8 @@ impl Pipeline {
         let event = match job.request_event() {
             Ok(event) => event,
             Err(e) => {
-                let reason = format!("stored request is unreadable: {e}");
+                let incident = Incident::log("stored request", &e);
+                let reason = format!("this service lost the request ({incident})");
                 let Some(job) = self.start(&job, None).await else {
                     return;
                 };
@@ -194,7 +196,14 @@ impl Pipeline {
         };
         match tokio::time::timeout(timeout, run).await {
             Ok(Ok((text, usage, _))) => Ok((text, usage)),
-            Ok(Err(e)) => Err(format!("inference failed: {e}")),
+            Ok(Err(InferError::Timeout(secs))) => {
+                Err(format!("inference took longer than {secs} s"))
+            }
+            // Backend errors name URLs and carry upstream bodies: the log gets them.
+            Ok(Err(e)) => Err(format!(
+                "the model failed ({})",
+                Incident::log("inference", &e)
+            )),
             Err(_) => Err(format!(
                 "inference took longer than {} s",
                 timeout.as_secs()
@@ -222,7 +231,11 @@ impl Pipeline {
             Err(e) => {
                 processing.wait().await;
                 return self
-                    .fail(job, Some(event), format!("cannot sign result: {e}"))
+                    .fail(
+                        job,
+                        Some(event),
+                        format!("cannot sign the result ({})", Incident::log("signing", &e)),
+                    )
                     .await;
             }
         };

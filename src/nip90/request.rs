@@ -141,6 +141,10 @@ pub enum RequestError {
         /// The model served.
         served: String,
     },
+    /// This service cannot take the job right now (the details are in its log under the
+    /// reference given).
+    #[error("this service cannot take the job right now ({0}); nothing was charged")]
+    Unavailable(String),
     /// Encrypted params are not supported yet.
     #[error("encrypted requests are not supported by this service yet")]
     Encrypted,
