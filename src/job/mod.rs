@@ -11,6 +11,7 @@
 //! - [`recovery`]: resuming every unfinished job on start.
 
 pub mod book;
+pub mod checkpoint;
 pub mod invoices;
 pub mod payment;
 pub mod pipeline;

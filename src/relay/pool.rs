@@ -57,6 +57,28 @@ pub struct Relays {
     reply: Arc<Mutex<HashSet<RelayUrl>>>,
 }
 
+/// Job requests of `kinds`.
+pub fn requests_filter(kinds: &[u16]) -> Filter {
+    Filter::new().kinds(kinds.iter().map(|k| Kind::from(*k)))
+}
+
+/// NIP-09 deletions (kind 5) that name one of `kinds` in a `k` tag: how customers cancel job
+/// requests (NIP-90).
+pub fn cancellations_filter(kinds: &[u16]) -> Filter {
+    Filter::new().kind(Kind::EventDeletion).custom_tags(
+        SingleLetterTag::lowercase(Alphabet::K),
+        kinds.iter().map(|k| k.to_string()),
+    )
+}
+
+/// Zap receipts for `us` signed by `provider` (an external Lightning address).
+pub fn receipts_filter(provider: &nostr_sdk::PublicKey, us: &nostr_sdk::PublicKey) -> Filter {
+    Filter::new()
+        .kind(Kind::from(crate::nip57::ZAP_RECEIPT_KIND))
+        .author(*provider)
+        .pubkey(*us)
+}
+
 impl Relays {
     /// Add the configured relays and start connecting (in the background: an unreachable relay
     /// does not stop the daemon, the pool keeps retrying).
@@ -108,52 +130,14 @@ impl Relays {
         &self.client
     }
 
-    /// Subscribe to job requests of `kinds` since `since` on every read relay.
-    pub async fn subscribe_requests(
+    /// Subscribe to `filter` since `since` on every read relay; relays not connected yet get it
+    /// on connect.
+    pub async fn subscribe(
         &self,
-        kinds: &[u16],
+        filter: Filter,
         since: Timestamp,
     ) -> Result<SubscriptionId, RelayError> {
-        let filter = Filter::new()
-            .kinds(kinds.iter().map(|k| Kind::from(*k)))
-            .since(since);
-        self.subscribe(filter).await
-    }
-
-    /// Subscribe to NIP-09 deletions (kind 5) that name one of `kinds` in a `k` tag: how
-    /// customers cancel job requests (NIP-90).
-    pub async fn subscribe_cancellations(
-        &self,
-        kinds: &[u16],
-        since: Timestamp,
-    ) -> Result<SubscriptionId, RelayError> {
-        let filter = Filter::new()
-            .kind(Kind::EventDeletion)
-            .custom_tags(
-                SingleLetterTag::lowercase(Alphabet::K),
-                kinds.iter().map(|k| k.to_string()),
-            )
-            .since(since);
-        self.subscribe(filter).await
-    }
-
-    /// Subscribe to zap receipts for `us` signed by `provider` (external Lightning address).
-    pub async fn subscribe_receipts(
-        &self,
-        provider: &nostr_sdk::PublicKey,
-        us: &nostr_sdk::PublicKey,
-        since: Timestamp,
-    ) -> Result<SubscriptionId, RelayError> {
-        let filter = Filter::new()
-            .kind(Kind::from(crate::nip57::ZAP_RECEIPT_KIND))
-            .author(*provider)
-            .pubkey(*us)
-            .since(since);
-        self.subscribe(filter).await
-    }
-
-    /// Subscribe to `filter` on every read relay; relays not connected yet get it on connect.
-    async fn subscribe(&self, filter: Filter) -> Result<SubscriptionId, RelayError> {
+        let filter = filter.since(since);
         let output = self
             .client
             .subscribe(filter, None)
@@ -165,12 +149,12 @@ impl Relays {
         Ok(output.val)
     }
 
-    /// Fetch stored job requests since `since` from `relay`, or from every read relay (catch-up
-    /// after a gap). Pages backwards with `until`, so a relay's cap on one query's answer does
-    /// not cut the catch-up short.
-    pub async fn fetch_requests(
+    /// Fetch stored events matching `filter` since `since` from `relay`, or from every read
+    /// relay (catch-up after a gap or downtime). Pages backwards with `until`, so a relay's cap
+    /// on one query's answer (often 500) does not cut the catch-up short.
+    pub async fn fetch(
         &self,
-        kinds: &[u16],
+        filter: &Filter,
         since: Timestamp,
         relay: Option<&RelayUrl>,
     ) -> Result<Vec<Event>, RelayError> {
@@ -178,10 +162,7 @@ impl Relays {
         let mut seen: HashSet<EventId> = HashSet::new();
         let mut until: Option<Timestamp> = None;
         loop {
-            let mut filter = Filter::new()
-                .kinds(kinds.iter().map(|k| Kind::from(*k)))
-                .since(since)
-                .limit(FETCH_PAGE);
+            let mut filter = filter.clone().since(since).limit(FETCH_PAGE);
             if let Some(until) = until {
                 filter = filter.until(until);
             }

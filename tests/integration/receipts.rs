@@ -3,18 +3,21 @@
 
 use std::sync::Arc;
 
+use dvmd::config::{Config, FileConfig, Overrides, RelayEntry, RelaysFile};
 use dvmd::customer::{self, Customer};
 use dvmd::infer::instant::InstantBackend;
 use dvmd::job::zap::ReceiptOutcome;
 use dvmd::job::JobState;
 use dvmd::nip57;
 use dvmd::nip90::Verified;
+use dvmd::relay::EmbeddedRelay;
 use dvmd::store::Store;
 use dvmd::wallet::dev::DevWallet;
 use dvmd::wallet::{InvoiceDescription, InvoiceRequest, Wallet};
 use nostr_sdk::{
     Event, EventBuilder, EventId, JsonUtil, Keys, Kind, PublicKey, Tag, TagKind, Timestamp,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::harness;
 
@@ -294,4 +297,111 @@ async fn without_a_trusted_provider_receipts_are_ignored() {
         harness::ledger_ok(&harness::open_store(data.path())).payment_in_msat,
         0
     );
+}
+
+/// A daemon on `relay_url` (its only read and write relay, which outlives it) in `data`,
+/// trusting `provider`'s receipts and serving requests at most `max_age` seconds old.
+async fn daemon_on(
+    data: &std::path::Path,
+    relay_url: &str,
+    provider: &PublicKey,
+    max_age: u64,
+) -> dvmd::daemon::Daemon {
+    let mut file = FileConfig::default();
+    file.wallet.reconcile_interval_secs = 1;
+    file.service.max_request_age_secs = max_age;
+    file.zaps.provider_pubkey = Some(provider.to_hex());
+    let relays = RelaysFile {
+        relay: vec![RelayEntry {
+            url: relay_url.to_owned(),
+            read: true,
+            write: true,
+        }],
+    };
+    let config = Config::build(
+        file,
+        relays,
+        Overrides {
+            dev: false,
+            data_dir: Some(data.to_owned()),
+            http_listen: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        },
+    )
+    .expect("config");
+    harness::start(
+        config,
+        Some(Arc::new(InstantBackend::new("paid while we were away"))),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_published_while_dvmd_was_down_is_booked_once() {
+    let provider = Provider::new().await;
+    let cancel = CancellationToken::new();
+    let relay = EmbeddedRelay::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let relay_url = relay.url();
+    tokio::spawn(relay.run(cancel.child_token()));
+    let data = harness::data_dir();
+    dvmd::identity::init(data.path()).expect("init");
+    const MAX_AGE: u64 = 2;
+
+    let daemon = daemon_on(
+        data.path(),
+        &relay_url,
+        &provider.keys.public_key(),
+        MAX_AGE,
+    )
+    .await;
+    let us = daemon.ready().pubkey;
+    let mut alice = Customer::connect(&relay_url).await.expect("connect");
+    let job = alice
+        .post(customer::text_request(
+            "one",
+            &[("max_tokens", "8")],
+            None,
+            Some(us),
+        ))
+        .await
+        .expect("post");
+    let (quote, _) = harness::invoice(&mut alice, &job.id).await;
+    daemon.stop().await;
+
+    // Paid through the provider while dvmd is down, for longer than requests are served.
+    let (zap, bolt11) = provider.zap(alice.keys(), us, job.id, quote).await;
+    let receipt = provider.receipt(&provider.keys, &zap, &bolt11, Timestamp::now().as_secs());
+    alice.send(receipt.event()).await.expect("publish");
+    tokio::time::sleep(std::time::Duration::from_secs(MAX_AGE + 2)).await;
+
+    // Back up: the receipt is found from the checkpoint and pays the job.
+    let daemon = daemon_on(
+        data.path(),
+        &relay_url,
+        &provider.keys.public_key(),
+        MAX_AGE,
+    )
+    .await;
+    let result = harness::result(&mut alice, &job.id).await;
+    assert_eq!(result.content, "paid while we were away");
+    harness::wait_for_state(daemon.pipeline().book(), &job.id, JobState::Settled).await;
+    daemon.stop().await;
+
+    // Once more: found again, booked nothing twice.
+    let daemon = daemon_on(
+        data.path(),
+        &relay_url,
+        &provider.keys.public_key(),
+        MAX_AGE,
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    daemon.stop().await;
+    alice.shutdown().await;
+    cancel.cancel();
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!(totals.payment_in_msat, quote, "booked once");
+    assert_eq!(totals.held_msat, 0);
 }
