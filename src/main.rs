@@ -139,9 +139,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20_000)]
         requests: usize,
     },
-    /// Request -> payment-required -> result over the loopback relay, instant backend.
+    /// Request -> result over the loopback relay, instant backend: paid by invoice, paid from
+    /// credit, and free, alternating.
     Roundtrip {
-        /// Number of sequential jobs.
+        /// Rounds (each one job of each kind, in sequence).
         #[arg(long, default_value_t = 2_000)]
         jobs: usize,
     },

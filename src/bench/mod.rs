@@ -150,49 +150,116 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Request -> payment-required -> pay -> result, over the loopback relay with an instant backend.
-pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
-    let data = tempdir()?;
+/// A dev daemon with the instant backend on loopback ports; `edit` adjusts its file config.
+async fn bench_daemon(
+    data: PathBuf,
+    edit: impl FnOnce(&mut FileConfig),
+) -> Result<Daemon, BenchError> {
+    let mut file = FileConfig::default();
+    edit(&mut file);
     let config = Config::build(
-        FileConfig::default(),
+        file,
         RelaysFile::default(),
         Overrides {
             dev: true,
-            data_dir: Some(data.clone()),
+            data_dir: Some(data),
             relay_listen: Some("127.0.0.1:0".into()),
             http_listen: Some("127.0.0.1:0".into()),
             model_path: None,
         },
     )?;
     let backend = Arc::new(InstantBackend::new("Hello from the instant backend."));
-    let daemon = Daemon::start(
+    Ok(Daemon::start(
         config,
         Parts {
             backend: Some(backend),
             ..Parts::default()
         },
     )
+    .await?)
+}
+
+/// Post `request` and wait for its result; returns the reply that ended the wait.
+async fn until_result(customer: &mut Customer, request: &Event) -> Result<(), BenchError> {
+    customer.send(request).await?;
+    match customer
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(JobStatus::PaymentRequired | JobStatus::Error),
+                        ..
+                    }
+            )
+        })
+        .await?
+    {
+        Reply::Result(_) => Ok(()),
+        other => Err(format!("expected a result, got {other:?}").into()),
+    }
+}
+
+/// Request -> result over the loopback relay with an instant backend, three ways in one run,
+/// alternating job by job so drift in the machine's load affects all alike: paid by invoice
+/// (request -> payment-required -> pay -> result), paid from credit (no invoice), and free (a
+/// second daemon with a zero rate card).
+pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
+    let (paid_data, free_data) = (tempdir()?.join("paid"), tempdir()?.join("free"));
+    let paid = bench_daemon(paid_data, |_| {}).await?;
+    let free = bench_daemon(free_data, |file| {
+        file.pricing.base_fee_msat = 0;
+        file.pricing.prompt_msat_per_1k_tokens = 0;
+        file.pricing.completion_msat_per_1k_tokens = 0;
+    })
     .await?;
-    let wallet = daemon.dev_wallet().ok_or("dev wallet missing")?.clone();
-    let mut customer = Customer::connect(&daemon.ready().relay_url).await?;
-    let service = daemon.ready().pubkey;
+    let wallet = paid.dev_wallet().ok_or("dev wallet missing")?.clone();
+    let keys = Keys::generate();
+    let mut customer = Customer::connect_with(&paid.ready().relay_url, keys.clone()).await?;
+    let mut free_customer = Customer::connect_with(&free.ready().relay_url, keys.clone()).await?;
+    let (service, free_service) = (paid.ready().pubkey, free.ready().pubkey);
+    let warmup = (jobs / 20).max(5);
+
+    // Credit for every credit job: a zap of no particular event, paid through the dev wallet.
+    let credit = (jobs + warmup) as u64 * 100_000;
+    let zap = nostr_sdk::EventBuilder::new(nostr_sdk::Kind::from(9734), "credit for the bench")
+        .tags([
+            nostr_sdk::Tag::public_key(service),
+            nostr_sdk::Tag::custom(nostr_sdk::TagKind::custom("amount"), [credit.to_string()]),
+            nostr_sdk::Tag::custom(nostr_sdk::TagKind::custom("relays"), ["ws://127.0.0.1:1"]),
+        ])
+        .sign_with_keys(&keys)?;
+    let invoice = paid
+        .pipeline()
+        .zap_invoice(&nostr_sdk::JsonUtil::as_json(&zap), credit)
+        .await?;
+    wallet.settle(&invoice.bolt11).await?;
+    paid.pipeline().reconcile_once().await;
 
     let mut to_invoice = Vec::with_capacity(jobs);
     let mut pay_to_result = Vec::with_capacity(jobs);
-    let mut total = Vec::with_capacity(jobs);
-    let warmup = (jobs / 20).max(5);
+    let mut invoiced = Vec::with_capacity(jobs);
+    let mut from_credit = Vec::with_capacity(jobs);
+    let mut free_jobs = Vec::with_capacity(jobs);
     for i in 0..jobs + warmup {
-        let request = customer::text_request(
-            &format!("roundtrip {i}"),
-            &[("max_tokens", "8")],
-            Some(1_000_000),
-            Some(service),
-        )
-        .sign_with_keys(customer.keys())?;
+        let request = |kind: &str, service, extra: &[(&str, &str)]| {
+            let mut params = vec![("max_tokens", "8")];
+            params.extend_from_slice(extra);
+            customer::text_request(
+                &format!("roundtrip {kind} {i}"),
+                &params,
+                Some(1_000_000),
+                Some(service),
+            )
+            .sign_with_keys(&keys)
+        };
+
+        // Paid by its own invoice.
+        let event = request("invoice", service, &[("pay_from_credit", "false")])?;
         let t0 = Instant::now();
-        customer.send(&request).await?;
+        customer.send(&event).await?;
         let bolt11 = match customer
-            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            .wait_for(&event.id, REPLY_TIMEOUT, |r| {
                 matches!(
                     r,
                     Reply::Feedback {
@@ -213,29 +280,53 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
         let t1 = Instant::now();
         wallet.settle(&bolt11).await?;
         customer
-            .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            .wait_for(&event.id, REPLY_TIMEOUT, |r| {
                 matches!(r, Reply::Result(_))
             })
             .await?;
         let t2 = Instant::now();
+
+        // Paid from credit.
+        let event = request("credit", service, &[])?;
+        let t3 = Instant::now();
+        until_result(&mut customer, &event).await?;
+        let credit_took = t3.elapsed();
+
+        // Free, on the other daemon.
+        let event = request("free", free_service, &[])?;
+        let t4 = Instant::now();
+        until_result(&mut free_customer, &event).await?;
+        let free_took = t4.elapsed();
+
         if i >= warmup {
             to_invoice.push(t1 - t0);
             pay_to_result.push(t2 - t1);
-            total.push(t2 - t0);
+            invoiced.push(t2 - t0);
+            from_credit.push(credit_took);
+            free_jobs.push(free_took);
         }
     }
-    println!("bench roundtrip: {jobs} sequential paid jobs over the embedded relay (instant backend, dev wallet, fsync on)");
-    report("request -> payment-required", &mut to_invoice);
-    report("pay -> result", &mut pay_to_result);
-    report("request -> result (total)", &mut total);
-    let secs: f64 = total.iter().map(Duration::as_secs_f64).sum();
+    println!("bench roundtrip: {jobs} rounds of three sequential jobs over the embedded relay (instant backend, dev wallet, fsync on): paid by invoice, paid from credit, free");
+    report("invoice: request -> invoice", &mut to_invoice);
+    report("invoice: pay -> result", &mut pay_to_result);
+    report("invoice: request -> result", &mut invoiced);
+    report("credit: request -> result", &mut from_credit);
+    report("free: request -> result", &mut free_jobs);
+    let p50 = |samples: &[Duration]| samples[samples.len() / 2].as_secs_f64() * 1e3;
     println!(
-        "  throughput                   : {:>8.0} jobs/s sequential",
+        "  credit over free, p50        : {:+.2} ms",
+        p50(&from_credit) - p50(&free_jobs)
+    );
+    let secs: f64 = invoiced.iter().map(Duration::as_secs_f64).sum();
+    println!(
+        "  throughput                   : {:>8.0} invoiced jobs/s sequential",
         jobs as f64 / secs
     );
     customer.shutdown().await;
-    daemon.stop().await;
-    let _ = std::fs::remove_dir_all(&data);
+    free_customer.shutdown().await;
+    paid.stop().await;
+    free.stop().await;
+    let _ = std::fs::remove_dir_all(tempdir()?);
     Ok(())
 }
 
