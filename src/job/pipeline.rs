@@ -449,10 +449,12 @@ impl Pipeline {
             msat: invoice.amount_msat,
             bolt11: Some(invoice.bolt11.clone()),
         };
+        // The reserved amount is the customer's whole balance here, which stays private: the
+        // text does not say it.
         let info = if job.credit_msat > 0 {
             format!(
-                "pay {} msat to run this job ({} msat of its {quote} msat are reserved from your credit)",
-                amount.msat, job.credit_msat
+                "pay {} msat to run this job (the rest is reserved from your credit)",
+                amount.msat
             )
         } else {
             format!("pay {} msat to run this job", amount.msat)
