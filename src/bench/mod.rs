@@ -280,9 +280,7 @@ pub async fn roundtrip(jobs: usize) -> Result<(), BenchError> {
         let t1 = Instant::now();
         wallet.settle(&bolt11).await?;
         customer
-            .wait_for(&event.id, REPLY_TIMEOUT, |r| {
-                matches!(r, Reply::Result(_))
-            })
+            .wait_for(&event.id, REPLY_TIMEOUT, |r| matches!(r, Reply::Result(_)))
             .await?;
         let t2 = Instant::now();
 
