@@ -380,12 +380,17 @@ fn settle_in(
     at: u64,
 ) -> Result<(), TxError<BookError>> {
     job.transition(JobState::Settled, at).map_err(abort)?;
-    let charge = charge_msat.min(job.funds_msat());
+    let mut charge = charge_msat.min(job.funds_msat());
+    // Records from before holds (schema 3) hold nothing: their payment is on the payer's
+    // balance, where credit jobs may have spent some of it since. Charge no more than is
+    // there, so the settlement goes through: the customer never pays twice.
+    let payment_held = job.held_msat.saturating_sub(job.credit_msat);
+    if payment_held == 0 && job.paid_msat > 0 {
+        charge = charge.min(ledger::balance_in(tx, &job.payer())?);
+    }
     job.charge_msat = Some(charge);
     let from_payment = charge.min(job.paid_msat);
     let from_credit = charge - from_payment;
-    // Records from before holds hold nothing: their payment is on the payer's balance.
-    let payment_held = job.held_msat.saturating_sub(job.credit_msat);
     let mut moves = vec![
         (
             job.payer(),
@@ -540,6 +545,35 @@ mod tests {
         book.settle_delivered(&job.id, charge, None)
             .await
             .expect("settle")
+    }
+
+    #[tokio::test]
+    async fn a_job_paid_before_holds_settles_within_what_is_left() {
+        // Schema 3: the payment is on the balance, the job holds nothing, and credit jobs may
+        // have spent part of that balance since the upgrade.
+        let (book, alice) = (book(), Keys::generate());
+        let job = quoted_for(&book, &alice, 1_000).await;
+        let (id, account) = (job.id, alice.public_key());
+        book.store()
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                job.state = JobState::Delivered;
+                job.paid_msat = 1_000;
+                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                post(tx, EntryKind::PaymentIn, account, 1_000, &job, 0)?;
+                post(tx, EntryKind::Charge, account, 600, &job, 0)?;
+                Ok::<_, TxError<BookError>>(())
+            })
+            .await
+            .expect("legacy job");
+        let settled = book.settle(&id, 800).await.expect("settles");
+        assert_eq!(
+            settled.charge_msat,
+            Some(400),
+            "no more than the balance left"
+        );
+        assert_eq!(balance(&book, account).await, 0);
+        totals(&book).await;
     }
 
     #[tokio::test]

@@ -18,6 +18,8 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
             count_entries(trees)?;
         }
         2 => count_entries(trees)?,
+        // 3 -> 4 adds holds: nothing on disk changes shape.
+        3 => {}
         found => return Err(StoreError::Schema { found }),
     }
     if meta.get(ENTRY_SEQUENCE)?.is_none() {

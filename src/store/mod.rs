@@ -37,7 +37,10 @@ use writer::{Applied, Command, Status, Write};
 /// 2: the `open_payments` index (built from `payments` when a version 1 store is opened).
 /// 3: ledger sequence numbers from a counter in `meta`, written in the entry's own transaction
 ///    (was sled's id generator, which fsyncs on its own outside the writer).
-pub const SCHEMA_VERSION: u64 = 3;
+/// 4: holds (`reserve`/`release` entries, a job's `credit_msat`/`held_msat`). Nothing on disk
+///    is rewritten (jobs paid before hold nothing and settle as they did); the bump keeps an
+///    older build from reading entries it does not know.
+pub const SCHEMA_VERSION: u64 = 4;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
