@@ -154,9 +154,34 @@ async fn change_pays_the_next_job_and_untargeted_requests_leave_it_alone() {
     assert_eq!((second.paid_msat, second.credit_msat), (0, reserved));
     let charge2 = second.charge_msat.expect("charged");
     assert!(charge2 <= reserved);
-    // The balance is never published: no event of ours mentions it.
-    assert!(!result.content.contains(&(change - charge2).to_string()));
     await_balance(&daemon, me, change - charge2).await;
+    // What the relay holds about the job, read by an independent client (npm nostr-tools):
+    // `processing` and `success`, never a `payment-required`, and no event names the balance.
+    let feedback = harness::nostr_tools_query(
+        &ready.relay_url,
+        &serde_json::json!({"kinds": [7000], "#e": [second.id.to_hex()]}),
+    );
+    let statuses: Vec<String> = feedback
+        .iter()
+        .filter_map(|line| {
+            line["event"]["tags"].as_array()?.iter().find_map(|tag| {
+                (tag[0] == "status").then(|| tag[1].as_str().unwrap_or_default().to_owned())
+            })
+        })
+        .collect();
+    assert!(statuses.contains(&"processing".to_owned()), "{statuses:?}");
+    assert!(
+        !statuses.contains(&"payment-required".to_owned()),
+        "{statuses:?}"
+    );
+    let balance = (change - charge2).to_string();
+    for line in &feedback {
+        let json = line["event"].to_string();
+        assert!(
+            !json.contains(&balance),
+            "the balance is published in {json}"
+        );
+    }
 
     // An untargeted request goes to every DVM: it is invoiced in full, credit untouched.
     let open = alice
