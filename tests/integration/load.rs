@@ -2,6 +2,9 @@
 //! back through the embedded relay, the dev wallet and the OpenAI-compatible stub. Every job is
 //! delivered once and charged once, the ledger balances, and `/healthz` answers throughout.
 //!
+//! And 20 customers spending their credit at once, two jobs racing for each balance, until it
+//! runs out and jobs pay the difference: nothing overdrawn, every balance accounted for.
+//!
 //! The daemon runs as a child process, so a wedged daemon cannot stall this test's own runtime:
 //! past the deadline the test kills it and fails with the state of every job.
 
@@ -243,4 +246,164 @@ fn dump(progress: &Progress, data: &std::path::Path) -> String {
         out.push_str(&format!("  {state}: {} jobs, e.g. {sample:?}\n", ids.len()));
     }
     out
+}
+
+const CREDIT_CUSTOMERS: usize = 20;
+const CREDIT_JOBS: usize = 10;
+/// Credit for a few jobs each (a job costs about 1.2 sat here): it runs out mid-way, so jobs
+/// after that reserve what is left and pay the difference.
+const TOP_UP_MSAT: u64 = 4_000;
+
+/// How a credit customer's job was paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PaidBy {
+    Credit,
+    Invoice,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_customers_spend_their_credit_at_once_and_nothing_is_overdrawn() {
+    let stub = StubServer::start().await.expect("stub server");
+    let data = harness::data_dir();
+    let config = format!(
+        "[service]\nworkers = 8\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        stub.base_url()
+    );
+    let daemon = DaemonProcess::spawn(
+        data.path(),
+        harness::free_port(),
+        harness::free_port(),
+        &config,
+    );
+    let service = PublicKey::from_hex(&daemon.pubkey).expect("pubkey");
+    let mut customers = Vec::with_capacity(CREDIT_CUSTOMERS);
+    for _ in 0..CREDIT_CUSTOMERS {
+        let customer = Customer::connect(&daemon.relay_url).await.expect("connect");
+        let (http, relay) = (daemon.http_url.clone(), daemon.relay_url.clone());
+        customers.push(tokio::spawn(async move {
+            harness::zap_top_up(&http, &relay, customer.keys(), service, TOP_UP_MSAT).await;
+            run_credit_customer(customer, service, http).await
+        }));
+    }
+    let all = futures::future::join_all(customers);
+    let results = match tokio::time::timeout(DEADLINE, all).await {
+        Ok(results) => results,
+        Err(_) => {
+            daemon.kill();
+            panic!("the credit customers stalled");
+        }
+    };
+    let mut by = HashMap::new();
+    for result in results {
+        match result.expect("customer task") {
+            Ok(seen) => by.extend(seen),
+            Err(why) => {
+                daemon.kill();
+                panic!("a customer failed: {why}");
+            }
+        }
+    }
+    daemon.terminate();
+    stub.stop().await;
+
+    let from_credit = by.values().filter(|b| **b == PaidBy::Credit).count();
+    let invoiced = by.len() - from_credit;
+    assert!(
+        from_credit > 0 && invoiced > 0,
+        "{from_credit} from credit, {invoiced} invoiced"
+    );
+    let store = harness::open_store(data.path());
+    let jobs = harness::jobs(&store);
+    assert_eq!(jobs.len(), CREDIT_CUSTOMERS * CREDIT_JOBS);
+    let mut accounts: HashMap<PublicKey, (u64, u64)> = HashMap::new();
+    for job in &jobs {
+        assert_eq!(job.state, JobState::Settled, "job {}", job.id);
+        assert_eq!(job.held_msat, 0);
+        assert_eq!(
+            by.get(&job.id) == Some(&PaidBy::Credit),
+            job.paid_msat == 0,
+            "job {}: paid {} credit {}",
+            job.id,
+            job.paid_msat,
+            job.credit_msat
+        );
+        let account = accounts.entry(job.customer).or_default();
+        account.0 += job.paid_msat;
+        account.1 += job.charge_msat.expect("charged");
+    }
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.held_msat, 0);
+    for (customer, (paid, charged)) in accounts {
+        assert_eq!(
+            harness::balance(&store, &customer),
+            TOP_UP_MSAT + paid - charged,
+            "{customer}: top-up + payments - charges"
+        );
+    }
+}
+
+/// Post `CREDIT_JOBS` targeted jobs two at a time (the pair races for one balance), paying an
+/// invoice when credit does not cover one; returns how each was paid.
+async fn run_credit_customer(
+    mut customer: Customer,
+    service: PublicKey,
+    http: String,
+) -> Result<Vec<(EventId, PaidBy)>, String> {
+    let mut seen = Vec::with_capacity(CREDIT_JOBS);
+    for pair in 0..CREDIT_JOBS / 2 {
+        let mut posted = Vec::with_capacity(2);
+        for i in 0..2 {
+            let request = customer
+                .post(customer::text_request(
+                    &format!("credit job {pair}.{i}: say hello"),
+                    &[("max_tokens", "16")],
+                    None,
+                    Some(service),
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+            posted.push(request.id);
+        }
+        for id in posted {
+            let first = customer
+                .wait_for(&id, REPLY_TIMEOUT, |r| matches!(r, Reply::Feedback { .. }))
+                .await
+                .map_err(|e| e.to_string())?;
+            let paid_by = match first {
+                Reply::Feedback {
+                    status: Some(JobStatus::Processing),
+                    ..
+                } => PaidBy::Credit,
+                Reply::Feedback {
+                    status: Some(JobStatus::PaymentRequired),
+                    amount: Some(amount),
+                    ..
+                } => {
+                    let bolt11 = amount.bolt11.ok_or("payment-required without an invoice")?;
+                    harness::dev_pay(&http, &bolt11).await;
+                    PaidBy::Invoice
+                }
+                other => return Err(format!("job {id}: unexpected {other:?}")),
+            };
+            match customer
+                .wait_for(&id, REPLY_TIMEOUT, |r| {
+                    matches!(
+                        r,
+                        Reply::Result(_)
+                            | Reply::Feedback {
+                                status: Some(JobStatus::Error),
+                                ..
+                            }
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Reply::Result(_) => seen.push((id, paid_by)),
+                other => return Err(format!("job {id}: expected a result, got {other:?}")),
+            }
+        }
+    }
+    customer.shutdown().await;
+    Ok(seen)
 }
