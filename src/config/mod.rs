@@ -237,6 +237,12 @@ impl Config {
                 "text_generation.default_max_tokens must be 1..=max_tokens_limit".into(),
             ));
         }
+        if file.wallet.late_lookup_days.saturating_mul(24 * 60 * 60) < file.wallet.unpaid_grace_secs
+        {
+            return Err(invalid(
+                "wallet.late_lookup_days must cover wallet.unpaid_grace_secs: an invoice is looked up at least until its job expires".into(),
+            ));
+        }
         let (context_key, context_tokens) = match file.infer.backend.as_str() {
             "openai" => (
                 "infer.openai.context_tokens",
@@ -530,7 +536,12 @@ mod tests {
         );
         let mut file = FileConfig::default();
         file.service.max_result_bytes = 4096;
-        assert!(Config::build(file, RelaysFile::default(), dev).is_err());
+        assert!(Config::build(file, RelaysFile::default(), dev.clone()).is_err());
+        // Invoices must be looked up at least until their job can expire.
+        let mut file = FileConfig::default();
+        file.wallet.late_lookup_days = 0;
+        let err = Config::build(file, RelaysFile::default(), dev).expect_err("lookups too short");
+        assert!(err.to_string().contains("late_lookup_days"), "{err}");
     }
 
     #[test]

@@ -196,7 +196,12 @@ impl Pipeline {
             }
         }
         let backoff = (overdue / 2).clamp(config.reconcile_interval_secs.max(1), LATE_LOOKUP_EVERY);
-        if let Err(e) = self.inner.book.defer_lookup(hash, now + backoff).await {
+        let mut next = now + backoff;
+        if overdue <= config.unpaid_grace_secs {
+            // The job still waits: look again no later than its grace ends, to expire it then.
+            next = next.min(record.expires_at + config.unpaid_grace_secs + 1);
+        }
+        if let Err(e) = self.inner.book.defer_lookup(hash, next).await {
             tracing::warn!(payment_hash = %hash, error = %e, "cannot defer lookup");
         }
     }

@@ -461,7 +461,9 @@ impl Pipeline {
         };
         let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
         let Some(feedback) = self.sign(&job.id, feedback) else {
-            return;
+            // Refused rather than left `Quoted`: that releases any credit it reserved.
+            let reason = "this service cannot sign its answer right now; nothing was charged";
+            return self.reject(&job.id, event, reason.to_owned()).await;
         };
         let stored = inner
             .book
@@ -472,7 +474,16 @@ impl Pipeline {
             Err(BookError::Transition(e)) => {
                 return tracing::info!(job = %job.id, error = %e, "invoice not recorded")
             }
-            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record invoice"),
+            // Refused rather than left `Quoted` (nothing would ever end it), which releases any
+            // credit it reserved. If the store itself failed this fails too, and recovery asks
+            // for payment again on the next start.
+            Err(e) => {
+                let incident = Incident::log("recording an invoice", &e);
+                let reason = format!(
+                    "this service cannot issue an invoice right now ({incident}); nothing was charged"
+                );
+                return self.reject(&job.id, event, reason).await;
+            }
         };
         inner.metrics.entered(JobState::AwaitingPayment);
         tracing::info!(job = %job.id, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "invoice issued");

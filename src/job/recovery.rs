@@ -29,6 +29,19 @@ impl Pipeline {
         for job in jobs {
             let event = match job.request_event() {
                 Ok(event) => event,
+                // A job past payment holds money: the worker fails and settles it (or settles
+                // it as it stands), so what it holds goes back to the payer.
+                Err(e)
+                    if matches!(
+                        job.state,
+                        JobState::Paid | JobState::Running | JobState::Delivered | JobState::Failed
+                    ) =>
+                {
+                    tracing::error!(job = %job.id, error = %e, "stored request unreadable; failing the job");
+                    report.queued += 1;
+                    self.enqueue(job, None).await;
+                    continue;
+                }
                 Err(e) => {
                     tracing::error!(job = %job.id, error = %e, "stored request unreadable; skipping");
                     continue;

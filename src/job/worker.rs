@@ -79,9 +79,15 @@ impl Pipeline {
             Err(e) => {
                 let incident = Incident::log("stored request", &e);
                 let reason = format!("this service lost the request ({incident})");
-                let Some(job) = self.start(&job, None).await else {
-                    return;
+                let job = if job.state == JobState::Running {
+                    job
+                } else {
+                    match self.start(&job, None).await {
+                        Some(job) => job,
+                        None => return,
+                    }
                 };
+                // Failed and settled: what it holds goes back to the payer.
                 return self.fail(&job, None, reason).await;
             }
         };

@@ -183,14 +183,21 @@ async fn resume(pipeline: &Pipeline, filter: Filter, stream: Stream) -> Feed {
     }
 }
 
-/// Note that `event` of `feed` is being handled.
+/// Note that `event` of `feed` is being handled. A checkpoint never moves past now (a
+/// `created_at` in the future would make the next start skip what comes before it), and the
+/// receipts checkpoint moves only for receipts signed by the trusted provider (a relay may
+/// send anything; the subscription's author filter binds only honest relays).
 async fn handled(pipeline: &Pipeline, feed: &mut Feed, event: &Event) {
-    if event.created_at <= feed.newest {
+    let at = event.created_at.min(Timestamp::now());
+    if at <= feed.newest {
         return;
     }
-    feed.newest = event.created_at;
+    if feed.stream == Some(Stream::Receipts) && Some(event.pubkey) != pipeline.zap_provider() {
+        return;
+    }
+    feed.newest = at;
     if let Some(stream) = feed.stream {
-        let at = event.created_at.as_secs();
+        let at = at.as_secs();
         if let Err(e) = pipeline.book().advance_checkpoint(stream, at).await {
             tracing::warn!(error = %e, ?stream, "cannot advance a checkpoint");
         }

@@ -498,3 +498,111 @@ async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_cred
     );
     assert_eq!(harness::balance(&store, &request.pubkey), quote);
 }
+
+/// The dev wallet, except that every invoice after the first is the first one again: a wallet
+/// that reuses a payment hash, which the book refuses.
+struct EchoWallet {
+    inner: Arc<dyn Wallet>,
+    first: tokio::sync::Mutex<Option<Invoice>>,
+}
+
+#[async_trait::async_trait]
+impl Wallet for EchoWallet {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
+        let mut first = self.first.lock().await;
+        if let Some(invoice) = first.as_ref() {
+            return Ok(invoice.clone());
+        }
+        let invoice = self.inner.create_invoice(request).await?;
+        *first = Some(invoice.clone());
+        Ok(invoice)
+    }
+
+    async fn lookup(&self, hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
+        self.inner.lookup(hash).await
+    }
+
+    async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
+        self.inner.pay(bolt11, max_fee_msat).await
+    }
+
+    async fn balance(&self) -> Result<u64, WalletError> {
+        self.inner.balance().await
+    }
+
+    fn settlements(&self) -> tokio::sync::broadcast::Receiver<PaymentHash> {
+        self.inner.settlements()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_that_cannot_be_recorded_gives_the_reserved_credit_back() {
+    let data = harness::data_dir();
+    let daemon = Daemon::start(
+        harness::dev_config(data.path(), |_| {}),
+        Parts {
+            backend: Some(Arc::new(InstantBackend::new("never run"))),
+            wrap_wallet: Some(Arc::new(|inner| {
+                Arc::new(EchoWallet {
+                    inner,
+                    first: tokio::sync::Mutex::new(None),
+                }) as Arc<dyn Wallet>
+            })),
+        },
+    )
+    .await
+    .expect("daemon");
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let me = alice.keys().public_key();
+    // The wallet's one invoice: a top-up of 1 sat, paid, so alice has credit.
+    let zap = harness::zap_request(alice.keys(), ready.pubkey, None, 1_000, &ready.relay_url);
+    let (status, body) = harness::callback(&ready.http_url, 1_000, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    harness::dev_pay(&ready.http_url, body["pr"].as_str().expect("pr")).await;
+    let book = daemon.pipeline().book();
+    for _ in 0..250 {
+        let balance = book
+            .store()
+            .read(move |r| dvmd::ledger::balance(r, &me))
+            .await
+            .expect("balance");
+        if balance == 1_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A job the credit covers in part: 1 sat is reserved, and the invoice for the rest comes
+    // back with the hash already used, which the book refuses.
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "64")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let info = harness::error_info(&mut alice, &request.id).await;
+    assert!(
+        info.contains("cannot issue an invoice right now (ref "),
+        "{info}"
+    );
+    let job = harness::wait_for_state(book, &request.id, JobState::Rejected).await;
+    assert_eq!((job.credit_msat, job.held_msat), (0, 0));
+    alice.shutdown().await;
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.held_msat, 0);
+    assert_eq!(
+        harness::balance(&store, &me),
+        1_000,
+        "the credit is spendable again"
+    );
+}
