@@ -388,6 +388,6 @@ impl Pipeline {
         let usage = job.usage.unwrap_or_default();
         let charged = job.charge_msat.unwrap_or(0);
         metrics.charged(charged, usage.prompt_tokens, usage.completion_tokens);
-        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, reserved_credit_msat = job.credit_msat, charge_msat_left = job.funds_msat() - charged, "job settled");
+        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.credit_msat, change_msat = job.funds_msat() - charged, "job settled");
     }
 }
