@@ -76,7 +76,8 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
-    /// List jobs with their state and money.
+    /// List jobs with their state and money (msat: quote, paid by invoice or zap, reserved from
+    /// credit, held now, charged).
     Jobs {
         #[command(flatten)]
         files: Files,
@@ -330,12 +331,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store(&files)?;
             for job in Book::new(store).all_blocking()? {
                 println!(
-                    "{} {:<16} customer={} quote={} paid={} charged={} {}",
+                    "{} {:<16} customer={} quote={} paid={} credit={} held={} charged={} {}",
                     job.id,
                     format!("{:?}", job.state),
                     job.customer,
                     job.quote_msat.unwrap_or(0),
                     job.paid_msat,
+                    job.credit_msat,
+                    job.held_msat,
                     job.charge_msat.unwrap_or(0),
                     job.reason.unwrap_or_default()
                 );
