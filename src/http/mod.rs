@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod lnurl;
+pub mod nip98;
 
 use std::sync::Arc;
 

@@ -11,6 +11,7 @@ mod gaps;
 mod interop;
 mod lnbits;
 mod load;
+mod nip98;
 mod nwc;
 mod openai_job;
 mod paid_job;

@@ -1,0 +1,100 @@
+//! NIP-98 headers made by an independent client (npm nostr-tools `nip98.getToken`, with its own
+//! payload hashing) pass dvmd's verifier, for a compact body and for the same JSON written with
+//! spaces (as Python's `json.dumps` writes it); a changed body, URL or method does not.
+
+use std::process::{Command, Stdio};
+
+use dvmd::http::nip98::{AuthError, Verifier};
+use nostr_sdk::{PublicKey, Timestamp};
+
+/// (header, signer) from `tests/peers/nip98_token.mjs`.
+fn nostr_tools_header(url: &str, method: &str, payload: Option<&str>) -> (String, PublicKey) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/nip98_token.mjs");
+    let peers = std::env::var("DVMD_NODE_PEERS")
+        .expect("DVMD_NODE_PEERS not set: run `make test` (it installs the npm peers)");
+    let mut command = Command::new("node");
+    command.arg(script).args(["--url", url, "--method", method]);
+    if let Some(payload) = payload {
+        command.args(["--payload", payload]);
+    }
+    let output = command
+        .env("DVMD_NODE_PEERS", peers)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run node nip98_token.mjs");
+    assert!(
+        output.status.success(),
+        "nip98_token.mjs: {}",
+        output.status
+    );
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON line");
+    (
+        line["header"].as_str().expect("header").to_owned(),
+        PublicKey::from_hex(line["pubkey"].as_str().expect("pubkey")).expect("pubkey"),
+    )
+}
+
+#[test]
+fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
+    let url = "http://127.0.0.1:8080/v1/chat/completions?stream=false";
+    let payload = r#"{"model":"m","messages":[{"role":"user","content":"hi there"}]}"#;
+    let spaced = r#"{"model": "m", "messages": [{"role": "user", "content": "hi there"}]}"#;
+    let verifier = Verifier::new(60, 1024);
+    for body in [payload, spaced] {
+        let (header, signer) = nostr_tools_header(url, "post", Some(payload));
+        let ok = verifier
+            .verify(
+                Some(&header),
+                url,
+                "POST",
+                body.as_bytes(),
+                Timestamp::now(),
+            )
+            .unwrap_or_else(|e| panic!("{body}: {e}"));
+        assert_eq!(ok.pubkey, signer);
+        // The same header once more: a replay.
+        assert_eq!(
+            verifier.verify(
+                Some(&header),
+                url,
+                "POST",
+                body.as_bytes(),
+                Timestamp::now()
+            ),
+            Err(AuthError::Replayed)
+        );
+    }
+    let (header, _) = nostr_tools_header(url, "post", Some(payload));
+    let other_body = payload.replace("hi there", "hi their");
+    assert_eq!(
+        verifier.verify(
+            Some(&header),
+            url,
+            "POST",
+            other_body.as_bytes(),
+            Timestamp::now()
+        ),
+        Err(AuthError::PayloadMismatch)
+    );
+    assert!(matches!(
+        verifier.verify(
+            Some(&header),
+            "http://127.0.0.1:8080/v1/chat/completions",
+            "POST",
+            payload.as_bytes(),
+            Timestamp::now()
+        ),
+        Err(AuthError::WrongUrl { .. })
+    ));
+    // A GET without a body needs no payload.
+    let (header, _) = nostr_tools_header("http://127.0.0.1:8080/v1/models", "GET", None);
+    verifier
+        .verify(
+            Some(&header),
+            "http://127.0.0.1:8080/v1/models",
+            "GET",
+            b"",
+            Timestamp::now(),
+        )
+        .expect("a bodiless GET");
+}

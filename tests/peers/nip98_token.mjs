@@ -1,0 +1,56 @@
+#!/usr/bin/env node
+// nip98_token.mjs — a NIP-98 Authorization header as npm nostr-tools makes it
+// (`nip98.getToken`, with its own payload hashing), for dvmd's tests.
+//
+//   node tests/peers/nip98_token.mjs --url URL --method POST [--payload '{"json": 1}']
+//
+// Prints one JSON line: {"header": "Nostr <base64>", "pubkey": "<hex>"} with a fresh key.
+// Packages are found like nwc_service.mjs finds them ($DVMD_NODE_PEERS, then the dvmd cache).
+
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import os from "node:os";
+import path from "node:path";
+
+function die(msg) {
+  process.stderr.write(`nip98_token.mjs: error: ${msg}\n`);
+  process.exit(2);
+}
+
+function peersRequire() {
+  const bases = [];
+  if (process.env.DVMD_NODE_PEERS) bases.push(process.env.DVMD_NODE_PEERS);
+  bases.push(path.join(process.env.DVMD_CACHE || path.join(os.homedir(), ".cache", "dvmd"), "node-peers"));
+  bases.push(path.dirname(fileURLToPath(import.meta.url)));
+  for (const base of bases) {
+    const req = createRequire(path.join(base, "__peers__.js"));
+    try {
+      req.resolve("nostr-tools/nip98");
+      return req;
+    } catch {
+      // next
+    }
+  }
+  die(`nostr-tools not found (looked in ${bases.join(", ")}): run .ci/node-peers.sh and set DVMD_NODE_PEERS`);
+}
+
+const req = peersRequire();
+const nip98 = req("nostr-tools/nip98");
+const { generateSecretKey, getPublicKey, finalizeEvent } = req("nostr-tools/pure");
+
+const args = { url: undefined, method: undefined, payload: undefined };
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i += 2) {
+  const value = argv[i + 1];
+  switch (argv[i]) {
+    case "--url": args.url = value; break;
+    case "--method": args.method = value; break;
+    case "--payload": args.payload = JSON.parse(value); break;
+    default: die(`unknown argument ${argv[i]}`);
+  }
+}
+if (!args.url || !args.method) die("--url and --method are required");
+
+const secret = generateSecretKey();
+const header = await nip98.getToken(args.url, args.method, (e) => finalizeEvent(e, secret), true, args.payload);
+process.stdout.write(JSON.stringify({ header, pubkey: getPublicKey(secret) }) + "\n");
