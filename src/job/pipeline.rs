@@ -305,6 +305,9 @@ impl Pipeline {
             Ok(quote) => quote,
             Err(reason) => return self.reject(&job.id, &event, reason.to_string()).await,
         };
+        if quote == 0 {
+            return self.start_free(job, &event).await;
+        }
         let quoted = self
             .inner
             .book
@@ -322,6 +325,40 @@ impl Pipeline {
                 tracing::info!(job = %job.id, error = %e, "quote not recorded")
             }
             Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record quote"),
+        }
+    }
+
+    /// A free job: `Received -> Quoted -> Running` with its `processing` feedback in one
+    /// write (no wallet, nothing to hold), then to the workers, which publish `processing`.
+    async fn start_free(&self, job: Job, event: &Event) {
+        let processing = nip90::feedback(event, JobStatus::Processing, "generating", None);
+        let Some(processing) = self.sign(&job.id, processing) else {
+            return;
+        };
+        let json = processing.as_json();
+        let started = self
+            .inner
+            .book
+            .update(&job.id, move |job, at| {
+                job.transition(JobState::Quoted, at)?;
+                job.quote_msat = Some(0);
+                job.transition(JobState::Running, at)?;
+                job.last_feedback = Some(json.clone());
+                Ok(())
+            })
+            .await;
+        match started {
+            Ok(job) => {
+                let metrics = &self.inner.metrics;
+                metrics.entered(JobState::Quoted);
+                metrics.entered(JobState::Running);
+                self.enqueue_announced(job, processing).await;
+            }
+            // Cancelled by the customer while being quoted: nothing more to do.
+            Err(BookError::Transition(e)) => {
+                tracing::info!(job = %job.id, error = %e, "free job not started")
+            }
+            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot start free job"),
         }
     }
 
