@@ -40,18 +40,7 @@ type Progress = Arc<Mutex<BTreeMap<EventId, Seen>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_customers_run_twenty_paid_jobs_each_with_nothing_lost() {
-    let stub = StubServer::start().await.expect("stub server");
-    let data = harness::data_dir();
-    let config = format!(
-        "[service]\nworkers = 8\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
-        stub.base_url()
-    );
-    let daemon = DaemonProcess::spawn(
-        data.path(),
-        harness::free_port(),
-        harness::free_port(),
-        &config,
-    );
+    let (stub, data, daemon) = stub_daemon().await;
     let service = PublicKey::from_hex(&daemon.pubkey).expect("pubkey");
     let progress: Progress = Arc::default();
 
@@ -121,6 +110,23 @@ async fn fifty_customers_run_twenty_paid_jobs_each_with_nothing_lost() {
     let paid: u64 = jobs.iter().map(|j| j.paid_msat).sum();
     assert_eq!(totals.payment_in_msat, paid, "every payment booked once");
     assert_eq!(totals.charge_msat, charged, "every job charged once");
+}
+
+/// The daemon binary with 8 workers on the OpenAI-compatible stub (answers at once).
+async fn stub_daemon() -> (StubServer, tempfile::TempDir, DaemonProcess) {
+    let stub = StubServer::start().await.expect("stub server");
+    let data = harness::data_dir();
+    let config = format!(
+        "[service]\nworkers = 8\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        stub.base_url()
+    );
+    let daemon = DaemonProcess::spawn(
+        data.path(),
+        harness::free_port(),
+        harness::free_port(),
+        &config,
+    );
+    (stub, data, daemon)
 }
 
 /// Post, pay and read `JOBS_PER_CUSTOMER` jobs one after another; returns (job, result id).
@@ -263,18 +269,7 @@ enum PaidBy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_customers_spend_their_credit_at_once_and_nothing_is_overdrawn() {
-    let stub = StubServer::start().await.expect("stub server");
-    let data = harness::data_dir();
-    let config = format!(
-        "[service]\nworkers = 8\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
-        stub.base_url()
-    );
-    let daemon = DaemonProcess::spawn(
-        data.path(),
-        harness::free_port(),
-        harness::free_port(),
-        &config,
-    );
+    let (stub, data, daemon) = stub_daemon().await;
     let service = PublicKey::from_hex(&daemon.pubkey).expect("pubkey");
     let mut customers = Vec::with_capacity(CREDIT_CUSTOMERS);
     for _ in 0..CREDIT_CUSTOMERS {

@@ -370,33 +370,71 @@ async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
     daemon.stop().await;
 }
 
-/// The dev wallet, except that it says its invoices expire within a second, and that it
-/// answers "unknown" to every lookup while `forget` is set: a wallet that lost track of an
-/// invoice it issued.
-struct ForgetfulWallet {
+/// A fault injected into the real dev wallet.
+enum Fault {
+    /// Its invoices say they expire within a second, and every lookup answers "unknown" while
+    /// the flag is set: a wallet that lost track of an invoice it issued.
+    Forgets(Arc<AtomicBool>),
+    /// Every invoice after the first is the first one again: a wallet that reuses a payment
+    /// hash, which the book refuses.
+    Echoes(tokio::sync::Mutex<Option<Invoice>>),
+}
+
+/// The dev wallet with a [`Fault`].
+struct FaultWallet {
     inner: Arc<dyn Wallet>,
-    forget: Arc<AtomicBool>,
+    fault: Fault,
+}
+
+impl FaultWallet {
+    /// `Parts` whose wallet is the configured one with the fault `make` builds.
+    fn parts(make: impl Fn() -> Fault + Send + Sync + 'static) -> Parts {
+        Parts {
+            backend: Some(Arc::new(InstantBackend::new("never run"))),
+            wrap_wallet: Some(Arc::new(move |inner| {
+                Arc::new(FaultWallet {
+                    inner,
+                    fault: make(),
+                }) as Arc<dyn Wallet>
+            })),
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl Wallet for ForgetfulWallet {
+impl Wallet for FaultWallet {
     fn name(&self) -> &'static str {
-        "forgetful"
+        "faulty"
     }
 
     async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
-        let mut invoice = self.inner.create_invoice(request).await?;
-        invoice.expires_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs()
-            + 1;
-        Ok(invoice)
+        match &self.fault {
+            Fault::Forgets(_) => {
+                let mut invoice = self.inner.create_invoice(request).await?;
+                invoice.expires_at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs()
+                    + 1;
+                Ok(invoice)
+            }
+            Fault::Echoes(first) => {
+                let mut first = first.lock().await;
+                if let Some(invoice) = first.as_ref() {
+                    return Ok(invoice.clone());
+                }
+                let invoice = self.inner.create_invoice(request).await?;
+                *first = Some(invoice.clone());
+                Ok(invoice)
+            }
+        }
     }
 
     async fn lookup(&self, hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
-        if self.forget.load(Ordering::SeqCst) {
-            return Ok(PaymentStatus::Unknown);
+        if let Fault::Forgets(forget) = &self.fault {
+            if forget.load(Ordering::SeqCst) {
+                return Ok(PaymentStatus::Unknown);
+            }
         }
         self.inner.lookup(hash).await
     }
@@ -424,15 +462,7 @@ async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_cred
     let wrap_forget = forget.clone();
     let daemon = Daemon::start(
         config,
-        Parts {
-            backend: Some(Arc::new(InstantBackend::new("never run"))),
-            wrap_wallet: Some(Arc::new(move |inner| {
-                Arc::new(ForgetfulWallet {
-                    inner,
-                    forget: wrap_forget.clone(),
-                }) as Arc<dyn Wallet>
-            })),
-        },
+        FaultWallet::parts(move || Fault::Forgets(wrap_forget.clone())),
     )
     .await
     .expect("daemon");
@@ -499,60 +529,12 @@ async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_cred
     assert_eq!(harness::balance(&store, &request.pubkey), quote);
 }
 
-/// The dev wallet, except that every invoice after the first is the first one again: a wallet
-/// that reuses a payment hash, which the book refuses.
-struct EchoWallet {
-    inner: Arc<dyn Wallet>,
-    first: tokio::sync::Mutex<Option<Invoice>>,
-}
-
-#[async_trait::async_trait]
-impl Wallet for EchoWallet {
-    fn name(&self) -> &'static str {
-        "echo"
-    }
-
-    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
-        let mut first = self.first.lock().await;
-        if let Some(invoice) = first.as_ref() {
-            return Ok(invoice.clone());
-        }
-        let invoice = self.inner.create_invoice(request).await?;
-        *first = Some(invoice.clone());
-        Ok(invoice)
-    }
-
-    async fn lookup(&self, hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
-        self.inner.lookup(hash).await
-    }
-
-    async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
-        self.inner.pay(bolt11, max_fee_msat).await
-    }
-
-    async fn balance(&self) -> Result<u64, WalletError> {
-        self.inner.balance().await
-    }
-
-    fn settlements(&self) -> tokio::sync::broadcast::Receiver<PaymentHash> {
-        self.inner.settlements()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invoice_that_cannot_be_recorded_gives_the_reserved_credit_back() {
     let data = harness::data_dir();
     let daemon = Daemon::start(
         harness::dev_config(data.path(), |_| {}),
-        Parts {
-            backend: Some(Arc::new(InstantBackend::new("never run"))),
-            wrap_wallet: Some(Arc::new(|inner| {
-                Arc::new(EchoWallet {
-                    inner,
-                    first: tokio::sync::Mutex::new(None),
-                }) as Arc<dyn Wallet>
-            })),
-        },
+        FaultWallet::parts(|| Fault::Echoes(tokio::sync::Mutex::new(None))),
     )
     .await
     .expect("daemon");

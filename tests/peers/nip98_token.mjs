@@ -5,36 +5,16 @@
 //   node tests/peers/nip98_token.mjs --url URL --method POST [--payload '{"json": 1}']
 //
 // Prints one JSON line: {"header": "Nostr <base64>", "pubkey": "<hex>"} with a fresh key.
-// Packages are found like nwc_service.mjs finds them ($DVMD_NODE_PEERS, then the dvmd cache).
+// Packages are found by peers.mjs ($DVMD_NODE_PEERS, then the dvmd cache).
 
-import { createRequire } from "node:module";
-import { fileURLToPath } from "node:url";
-import os from "node:os";
-import path from "node:path";
+import { peersRequire } from "./peers.mjs";
 
 function die(msg) {
   process.stderr.write(`nip98_token.mjs: error: ${msg}\n`);
   process.exit(2);
 }
 
-function peersRequire() {
-  const bases = [];
-  if (process.env.DVMD_NODE_PEERS) bases.push(process.env.DVMD_NODE_PEERS);
-  bases.push(path.join(process.env.DVMD_CACHE || path.join(os.homedir(), ".cache", "dvmd"), "node-peers"));
-  bases.push(path.dirname(fileURLToPath(import.meta.url)));
-  for (const base of bases) {
-    const req = createRequire(path.join(base, "__peers__.js"));
-    try {
-      req.resolve("nostr-tools/nip98");
-      return req;
-    } catch {
-      // next
-    }
-  }
-  die(`nostr-tools not found (looked in ${bases.join(", ")}): run .ci/node-peers.sh and set DVMD_NODE_PEERS`);
-}
-
-const req = peersRequire();
+const req = peersRequire("nostr-tools/nip98", "nip98_token.mjs");
 const nip98 = req("nostr-tools/nip98");
 const { generateSecretKey, getPublicKey, finalizeEvent } = req("nostr-tools/pure");
 

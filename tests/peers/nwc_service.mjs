@@ -62,11 +62,8 @@
 // - Only error codes the Rust nwc 0.44 crate can parse are used: INSUFFICIENT_BALANCE,
 //   PAYMENT_FAILED, NOT_FOUND, NOT_IMPLEMENTED, INTERNAL, OTHER.
 
-import { createRequire } from "node:module";
+import { peersRequire } from "./peers.mjs";
 import { createCipheriv, createDecipheriv, createECDH, createHmac, randomBytes } from "node:crypto";
-import { fileURLToPath } from "node:url";
-import os from "node:os";
-import path from "node:path";
 
 const NAME = "nwc_service";
 const log = (...args) => console.error(`${NAME}: ${new Date().toISOString()}`, ...args);
@@ -83,23 +80,7 @@ function die(msg, code = 2) {
 }
 
 // ---------------------------------------------------------------- packages
-function peersRequire() {
-  const bases = [];
-  if (process.env.DVMD_NODE_PEERS) bases.push(process.env.DVMD_NODE_PEERS);
-  bases.push(path.join(process.env.DVMD_CACHE || path.join(os.homedir(), ".cache", "dvmd"), "node-peers"));
-  bases.push(path.dirname(fileURLToPath(import.meta.url)));
-  for (const base of bases) {
-    const req = createRequire(path.join(base, "__peers__.js"));
-    try {
-      req.resolve("@getalby/sdk/nwc");
-      return req;
-    } catch {
-      // next
-    }
-  }
-  die(`@getalby/sdk not found (looked in ${bases.join(", ")}): run .ci/node-peers.sh and set DVMD_NODE_PEERS`);
-}
-const req = peersRequire();
+const req = peersRequire("@getalby/sdk/nwc", "nwc_service");
 const WS = req("ws");
 // @getalby/sdk bundles nostr-tools, whose Relay captures globalThis.WebSocket when the module is
 // loaded; node 20 has none (node >= 22 does), so install ws before loading the SDK.

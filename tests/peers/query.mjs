@@ -13,36 +13,16 @@
 // `description` tag (null when valid) and the `bolt11` tag's amount as @getalby/lightning-tools
 // decodes it (nostr-tools' own getSatoshisAmountFromBolt11 reads no regtest `lnbcrt` amounts).
 // Events that fail verifyEvent are reported on stderr and make the exit status 3.
-// Packages are found like nwc_service.mjs finds them ($DVMD_NODE_PEERS, then the dvmd cache).
+// Packages are found by peers.mjs ($DVMD_NODE_PEERS, then the dvmd cache).
 
-import { createRequire } from "node:module";
-import { fileURLToPath } from "node:url";
-import os from "node:os";
-import path from "node:path";
+import { peersRequire } from "./peers.mjs";
 
 function die(msg) {
   process.stderr.write(`query.mjs: error: ${msg}\n`);
   process.exit(2);
 }
 
-function peersRequire() {
-  const bases = [];
-  if (process.env.DVMD_NODE_PEERS) bases.push(process.env.DVMD_NODE_PEERS);
-  bases.push(path.join(process.env.DVMD_CACHE || path.join(os.homedir(), ".cache", "dvmd"), "node-peers"));
-  bases.push(path.dirname(fileURLToPath(import.meta.url)));
-  for (const base of bases) {
-    const req = createRequire(path.join(base, "__peers__.js"));
-    try {
-      req.resolve("nostr-tools/relay");
-      return req;
-    } catch {
-      // next
-    }
-  }
-  die(`nostr-tools not found (looked in ${bases.join(", ")}): run .ci/node-peers.sh and set DVMD_NODE_PEERS`);
-}
-
-const req = peersRequire();
+const req = peersRequire("nostr-tools/relay", "query.mjs");
 const { Relay, useWebSocketImplementation } = req("nostr-tools/relay");
 const { verifyEvent } = req("nostr-tools/pure");
 const { validateZapRequest } = req("nostr-tools/nip57");
