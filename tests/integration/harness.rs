@@ -273,6 +273,18 @@ pub async fn error_info(customer: &mut Customer, job: &EventId) -> String {
     }
 }
 
+/// Wait (briefly) until the payment of `hash` is booked (its record consumed).
+pub async fn wait_for_booking(book: &Book, hash: &dvmd::wallet::PaymentHash) {
+    for _ in 0..250 {
+        let record = book.payment(hash).await.expect("read").expect("record");
+        if record.consumed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the payment {hash} was never booked");
+}
+
 /// Wait (briefly) until job `id` reaches `state`; settling is the last step after `success`.
 /// A job not recorded yet (intake admits it in a task) is waited for too.
 pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {

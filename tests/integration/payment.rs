@@ -238,18 +238,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
         .expect("invoice")
         .payment_hash;
     harness::dev_pay(&ready.http_url, cancelled_bolt11).await;
-    for _ in 0..250 {
-        if book
-            .payment(&hash)
-            .await
-            .expect("read")
-            .expect("record")
-            .consumed
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    harness::wait_for_booking(&book, &hash).await;
     assert!(
         book.payment(&hash)
             .await
@@ -498,18 +487,7 @@ async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_cred
     // Paid late, once the wallet finds it again: credited to the customer, the job not run.
     forget.store(false, Ordering::SeqCst);
     harness::dev_pay(&ready.http_url, &bolt11).await;
-    for _ in 0..250 {
-        if book
-            .payment(&hash)
-            .await
-            .expect("read")
-            .expect("record")
-            .consumed
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    harness::wait_for_booking(book, &hash).await;
     assert_eq!(
         book.get(&request.id)
             .await
