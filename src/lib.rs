@@ -6,21 +6,25 @@
 //!                 -> job::Pipeline::handle (waits for one of INTAKE_TASKS permits);
 //!                 gaps (lagged buffer, reconnected relay) are fetched again;
 //!                 a kind 5 from the customer cancels a job not yet paid
-//! job::pipeline   task: dedup insert -> quote (pricing) -> invoice (wallet)
-//!                 -> commit AwaitingPayment -> `payment-required` (relay::outbox)
+//! job::pipeline   task: dedup insert -> quote (pricing; refuse what could not be delivered)
+//!                 -> free: Running | credit covers it: reserve + Running (book.spend_credit)
+//!                 | invoice for the rest (wallet) -> commit AwaitingPayment
+//!                 -> `payment-required` (relay::outbox)
 //! job::zap        LNURL callback (http::lnurl): a zap naming the job gets its own invoice
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
-//!                 -> book.confirm_payment: consume hash + ledger payment_in + Paid, one tx
+//!                 -> book.confirm_payment: consume hash + payment_in + reserve + Paid, one tx
 //!                 -> bounded run queue
 //! job::worker     Running -> `processing` beside infer::Backend (bounded pool)
-//!                 -> commit signed result -> publish until acked -> Delivered -> `success`
-//!                 -> book.settle: charge exact usage to the payer, rest credited, Settled
+//!                 -> commit signed result -> delivery task: publish until acked (or every
+//!                 relay refused: Failed, credited) -> Delivered -> `success`
+//!                 -> book.settle: release the hold, charge exact usage, Settled
 //! job::recovery   on start, every unfinished job resumes from its persisted state
 //! ```
 //! Every state change goes through the one transition table in [`job::state`] and is persisted
 //! before the side effect it allows. Money is msat everywhere; the [`ledger`] invariant is
-//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances)`.
+//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances) + held`, where
+//! `held` is what running jobs hold (`reserve - release`); [`job::audit`] checks it per job.
 //!
 //! # Where things live
 //! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`nip57`], [`pricing`],
