@@ -5,7 +5,8 @@
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use super::book::{abort, now, post, stored_job, Book, BookError};
+use super::book::{abort, now, stored_job, Book, BookError};
+use super::holds::post;
 use super::record::Job;
 use super::state::JobState;
 use crate::ledger::{self, Entry, EntryKind};

@@ -12,16 +12,19 @@
 
 pub mod book;
 pub mod checkpoint;
+pub mod holds;
 pub mod invoices;
 pub mod payment;
 pub mod pipeline;
+pub mod quote;
 pub mod record;
 pub mod recovery;
 pub mod state;
 pub mod worker;
 pub mod zap;
 
-pub use book::{audit, Admission, Book, BookError};
+pub use book::{Admission, Book, BookError};
+pub use holds::audit;
 pub use invoices::{PaymentOutcome, PaymentRecord};
 pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};
 pub use record::{Job, JobInvoice};

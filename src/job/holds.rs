@@ -1,0 +1,399 @@
+//! What a job holds: credit it reserves, the payment it is paid with, and settlement, which
+//! releases the hold and charges the exact usage. The ledger holds a job's money from the
+//! moment it may run until it settles or ends unpaid, so no other job can spend it.
+
+use nostr_sdk::{EventId, PublicKey};
+
+use super::book::{abort, now, stored_job, Book, BookError};
+use super::record::Job;
+use super::state::{IllegalTransition, JobState};
+use crate::ledger::{self, Entry, EntryKind, LedgerError};
+use crate::store::{Tree, Tx, TxError};
+
+impl Book {
+    /// Reserve what the customer's credit can give towards a `Quoted` job's quote (up to the
+    /// quote, less what it already reserved), in one transaction with the job. When the credit
+    /// covers the quote the job moves `Quoted -> Running` in the same write, storing
+    /// `processing` (the feedback that says so) as its latest; otherwise it stays `Quoted`, and
+    /// the invoice asks only for the rest ([`Book::await_payment`]).
+    ///
+    /// Applied, not awaited durable: nothing is shown before the result, whose commit covers
+    /// this write. Transactions run one at a time on the store writer, so two jobs racing for
+    /// one balance cannot both reserve it.
+    pub async fn spend_credit(
+        &self,
+        id: &EventId,
+        processing: Option<String>,
+    ) -> Result<Job, BookError> {
+        let (id, at) = (*id, now());
+        self.store()
+            .apply(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                if job.state != JobState::Quoted {
+                    return Err(abort(IllegalTransition {
+                        from: job.state,
+                        to: JobState::Running,
+                    }));
+                }
+                let quote = job.quote_msat.unwrap_or(0);
+                let needed = quote.saturating_sub(job.credit_msat);
+                let balance = ledger::balance_in(tx, &job.customer)?;
+                let take = needed.min(balance);
+                if take > 0 {
+                    post(tx, EntryKind::Reserve, job.customer, take, &job, at)?;
+                    job.credit_msat += take;
+                    job.held_msat += take;
+                }
+                if job.credit_msat >= quote {
+                    job.transition(JobState::Running, at).map_err(abort)?;
+                    if let Some(json) = &processing {
+                        job.last_feedback = Some(json.clone());
+                    }
+                }
+                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                Ok(job)
+            })
+            .await
+    }
+
+    /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
+    /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
+    /// job), in one durable transaction.
+    pub async fn settle(&self, id: &EventId, charge_msat: u64) -> Result<Job, BookError> {
+        let (id, at) = (*id, now());
+        self.store()
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                settle_in(tx, &mut job, charge_msat, at)?;
+                Ok(job)
+            })
+            .await
+    }
+
+    /// `Running -> Delivered -> Settled` once a relay acked the stored result, with the
+    /// `success` feedback about to be published stored as the latest: one write. Applied, not
+    /// awaited durable: the result and its charge were committed before the result was shown,
+    /// and a crash before this is durable leaves the job `Running` with that result, which
+    /// recovery delivers and settles again the same way.
+    pub async fn settle_delivered(
+        &self,
+        id: &EventId,
+        charge_msat: u64,
+        feedback: Option<String>,
+    ) -> Result<Job, BookError> {
+        let (id, at) = (*id, now());
+        self.store()
+            .apply(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                job.transition(JobState::Delivered, at).map_err(abort)?;
+                if let Some(json) = &feedback {
+                    job.last_feedback = Some(json.clone());
+                }
+                settle_in(tx, &mut job, charge_msat, at)?;
+                Ok(job)
+            })
+            .await
+    }
+}
+
+/// Inside a transaction: post a ledger entry of `msat` (if any) for `job`.
+pub(super) fn post(
+    tx: &Tx<'_>,
+    kind: EntryKind,
+    account: PublicKey,
+    msat: u64,
+    job: &Job,
+    at: u64,
+) -> Result<(), TxError<BookError>> {
+    if msat == 0 {
+        return Ok(());
+    }
+    let entry = Entry {
+        kind,
+        account,
+        msat,
+        job: Some(job.id),
+        payment_hash: None,
+        at,
+    };
+    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))
+}
+
+/// Inside a transaction: give a job that ends unpaid back what it reserved from credit (a
+/// payment is held only once the job is `Paid`, which never ends unpaid).
+pub(super) fn release_unpaid(
+    tx: &Tx<'_>,
+    job: &mut Job,
+    at: u64,
+) -> Result<(), TxError<BookError>> {
+    post(tx, EntryKind::Release, job.customer, job.held_msat, job, at)?;
+    job.held_msat = 0;
+    job.credit_msat = 0;
+    Ok(())
+}
+
+/// Inside a transaction: `-> Settled`. The charge (at most the job's funds) is taken from the
+/// payment first and then from the reserved credit; the holds are released and the change is
+/// left on the balances it came from, then the job is stored.
+fn settle_in(
+    tx: &Tx<'_>,
+    job: &mut Job,
+    charge_msat: u64,
+    at: u64,
+) -> Result<(), TxError<BookError>> {
+    job.transition(JobState::Settled, at).map_err(abort)?;
+    let mut charge = charge_msat.min(job.funds_msat());
+    // Records from before holds (schema 3) hold nothing: their payment is on the payer's
+    // balance, where credit jobs may have spent some of it since. Charge no more than is
+    // there, so the settlement goes through: the customer never pays twice.
+    let payment_held = job.held_msat.saturating_sub(job.credit_msat);
+    if payment_held == 0 && job.paid_msat > 0 {
+        charge = charge.min(ledger::balance_in(tx, &job.payer())?);
+    }
+    job.charge_msat = Some(charge);
+    let from_payment = charge.min(job.paid_msat);
+    let from_credit = charge - from_payment;
+    let mut moves = vec![
+        (
+            job.payer(),
+            payment_held,
+            from_payment,
+            job.paid_msat - from_payment,
+        ),
+        (
+            job.customer,
+            job.credit_msat.min(job.held_msat),
+            from_credit,
+            job.credit_msat - from_credit,
+        ),
+    ];
+    if job.payer() == job.customer {
+        let (_, credit_held, credit_charge, credit_change) = moves.pop().expect("two");
+        moves[0].1 += credit_held;
+        moves[0].2 += credit_charge;
+        moves[0].3 += credit_change;
+    }
+    for (account, held, charged, change) in moves {
+        post(tx, EntryKind::Release, account, held, job, at)?;
+        post(tx, EntryKind::Charge, account, charged, job, at)?;
+        post(tx, EntryKind::RefundCredit, account, change, job, at)?;
+    }
+    job.held_msat = 0;
+    tx.put(Tree::Jobs, job.id.as_bytes(), &*job)?;
+    Ok(())
+}
+
+/// The ledger invariant ([`ledger::check`]), and that every job's hold in the ledger is what
+/// its record says it holds, and nothing for a job that ended: money is never left reserved
+/// for a job that can no longer be charged.
+pub fn audit(reader: &crate::store::Reader<'_>) -> Result<ledger::Totals, BookError> {
+    let totals = ledger::check(reader)?;
+    let mut holds = ledger::holds(reader)?;
+    for item in reader.scan::<Job>(Tree::Jobs) {
+        let (_, job) = item?;
+        let held = holds.remove(&job.id).unwrap_or(0);
+        let ended = job.state.is_terminal();
+        if held != job.held_msat || (ended && held > 0) {
+            return Err(LedgerError::Invariant(format!(
+                "job {} ({:?}) holds {held} msat in the ledger; its record says {}",
+                job.id, job.state, job.held_msat
+            ))
+            .into());
+        }
+    }
+    if let Some((job, held)) = holds.into_iter().next() {
+        return Err(LedgerError::Invariant(format!(
+            "{held} msat are held for job {job}, which is not in the book"
+        ))
+        .into());
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use nostr_sdk::Keys;
+
+    use super::*;
+    use crate::job::book::tests::*;
+    use crate::job::invoices::{PaymentOutcome, PaymentRecord};
+    use crate::wallet::PaymentHash;
+
+    #[tokio::test]
+    async fn a_job_paid_before_holds_settles_within_what_is_left() {
+        // Schema 3: the payment is on the balance, the job holds nothing, and credit jobs may
+        // have spent part of that balance since the upgrade.
+        let (book, alice) = (book(), Keys::generate());
+        let job = quoted_for(&book, &alice, 1_000).await;
+        let (id, account) = (job.id, alice.public_key());
+        book.store()
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                job.state = JobState::Delivered;
+                job.paid_msat = 1_000;
+                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                post(tx, EntryKind::PaymentIn, account, 1_000, &job, 0)?;
+                post(tx, EntryKind::Charge, account, 600, &job, 0)?;
+                Ok::<_, TxError<BookError>>(())
+            })
+            .await
+            .expect("legacy job");
+        let settled = book.settle(&id, 800).await.expect("settles");
+        assert_eq!(
+            settled.charge_msat,
+            Some(400),
+            "no more than the balance left"
+        );
+        assert_eq!(balance(&book, account).await, 0);
+        totals(&book).await;
+    }
+
+    #[tokio::test]
+    async fn credit_pays_for_a_job_and_only_the_charge_leaves_it() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 5_000).await;
+        let job = quoted_for(&book, &alice, 2_000).await;
+        let running = book
+            .spend_credit(&job.id, Some("processing".into()))
+            .await
+            .expect("spend");
+        assert_eq!(running.state, JobState::Running);
+        assert_eq!((running.credit_msat, running.held_msat), (2_000, 2_000));
+        assert_eq!(running.last_feedback.as_deref(), Some("processing"));
+        assert_eq!(balance(&book, alice.public_key()).await, 3_000);
+        assert_eq!(totals(&book).await.held_msat, 2_000);
+
+        let settled = deliver(&book, &running, 1_200).await;
+        assert_eq!(settled.charge_msat, Some(1_200));
+        assert_eq!(balance(&book, alice.public_key()).await, 3_800);
+        let totals = totals(&book).await;
+        assert_eq!((totals.charge_msat, totals.held_msat), (1_200, 0));
+    }
+
+    #[tokio::test]
+    async fn two_jobs_racing_for_one_balance_cannot_overdraw_it() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 3_000).await;
+        let first = quoted_for(&book, &alice, 2_000).await;
+        let second = quoted_for(&book, &alice, 2_000).await;
+        let (a, b) = tokio::join!(
+            book.spend_credit(&first.id, None),
+            book.spend_credit(&second.id, None)
+        );
+        let (a, b) = (a.expect("first"), b.expect("second"));
+        let running = [&a, &b]
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .count();
+        assert_eq!(running, 1, "only one is covered: {a:?} {b:?}");
+        // The other reserved what was left and waits for an invoice for the rest.
+        let waiting = if a.state == JobState::Running { &b } else { &a };
+        assert_eq!(
+            (waiting.state, waiting.credit_msat),
+            (JobState::Quoted, 1_000)
+        );
+        assert_eq!(balance(&book, alice.public_key()).await, 0);
+        assert_eq!(totals(&book).await.held_msat, 3_000);
+    }
+
+    #[tokio::test]
+    async fn a_shortfall_invoice_pays_the_rest_and_the_charge_takes_the_payment_first() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 300).await;
+        let job = quoted_for(&book, &alice, 1_000).await;
+        let job = book.spend_credit(&job.id, None).await.expect("spend");
+        assert_eq!((job.state, job.credit_msat), (JobState::Quoted, 300));
+        book.await_payment(&job.id, invoice(7, 700), &feedback())
+            .await
+            .expect("await");
+        // The invoice asked for the difference: paying it pays the job.
+        let outcome = book
+            .confirm_payment(&PaymentHash([7; 32]), 700)
+            .await
+            .expect("confirm");
+        let PaymentOutcome::Paid(job) = outcome else {
+            panic!("not paid: {outcome:?}");
+        };
+        assert_eq!(
+            (job.paid_msat, job.credit_msat, job.held_msat),
+            (700, 300, 1_000)
+        );
+        let job = book
+            .transition(&job.id, JobState::Running, |_| {})
+            .await
+            .expect("run");
+        deliver(&book, &job, 900).await;
+        // 700 from the payment, 200 from the credit: 100 of the credit is back.
+        assert_eq!(balance(&book, alice.public_key()).await, 100);
+        let totals = totals(&book).await;
+        assert_eq!((totals.charge_msat, totals.held_msat), (900, 0));
+    }
+
+    #[tokio::test]
+    async fn credit_reserved_by_a_job_that_ends_unpaid_is_released() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 500).await;
+        for (n, end) in [(2u8, JobState::Cancelled), (3, JobState::Expired)] {
+            let job = quoted_for(&book, &alice, 1_000).await;
+            book.spend_credit(&job.id, None).await.expect("spend");
+            book.await_payment(&job.id, invoice(n, 500), &feedback())
+                .await
+                .expect("await");
+            assert_eq!(balance(&book, alice.public_key()).await, 0);
+            let ended = book
+                .transition_durably(&job.id, end, |_| {})
+                .await
+                .expect("end");
+            assert_eq!((ended.held_msat, ended.credit_msat), (0, 0));
+            assert_eq!(balance(&book, alice.public_key()).await, 500, "{end:?}");
+            assert_eq!(totals(&book).await.held_msat, 0);
+        }
+        // A job refused after reserving (the wallet could not invoice the rest) releases too.
+        let job = quoted_for(&book, &alice, 1_000).await;
+        book.spend_credit(&job.id, None).await.expect("spend");
+        book.transition_durably(&job.id, JobState::Rejected, |_| {})
+            .await
+            .expect("reject");
+        assert_eq!(balance(&book, alice.public_key()).await, 500);
+    }
+
+    #[tokio::test]
+    async fn a_payment_of_the_whole_quote_releases_the_reserved_credit() {
+        let (book, alice) = (book(), Keys::generate());
+        top_up(&book, alice.public_key(), 1, 300).await;
+        let job = quoted_for(&book, &alice, 1_000).await;
+        book.spend_credit(&job.id, None).await.expect("spend");
+        book.await_payment(&job.id, invoice(8, 700), &feedback())
+            .await
+            .expect("await");
+        // Someone zaps the whole quote (a provider receipt for this job).
+        let bob = Keys::generate().public_key();
+        let record = PaymentRecord {
+            job: Some(job.id),
+            account: bob,
+            amount_msat: 1_000,
+            expires_at: now() + 600,
+            bolt11: String::new(),
+            zap_request: None,
+            consumed: false,
+            closed: false,
+            next_lookup_at: 0,
+        };
+        let outcome = book
+            .confirm_external(&PaymentHash([9; 32]), record, 1_000)
+            .await
+            .expect("confirm");
+        let PaymentOutcome::Paid(job) = outcome else {
+            panic!("not paid: {outcome:?}");
+        };
+        assert_eq!((job.credit_msat, job.held_msat), (0, 1_000));
+        assert_eq!(balance(&book, alice.public_key()).await, 300);
+        let job = book
+            .transition(&job.id, JobState::Running, |_| {})
+            .await
+            .expect("run");
+        deliver(&book, &job, 600).await;
+        assert_eq!(balance(&book, bob).await, 400, "the payer keeps the change");
+        assert_eq!(totals(&book).await.held_msat, 0);
+    }
+}

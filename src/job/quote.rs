@@ -1,0 +1,294 @@
+//! Pricing a received job and getting it paid for: the quote (and every refusal of what could
+//! not be delivered), then free jobs start, credit pays what it covers, and an invoice asks
+//! for the rest.
+
+use std::time::{Duration, Instant};
+
+use nostr_sdk::{Event, JsonUtil};
+
+use super::book::BookError;
+use super::pipeline::Pipeline;
+use super::record::{Job, JobInvoice};
+use super::state::JobState;
+use crate::incident::Incident;
+use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, RequestError, TextGeneration};
+use crate::pricing;
+use crate::wallet::{InvoiceDescription, InvoiceRequest};
+
+/// How long quoting may spend asking the backend to count prompt tokens.
+const COUNT_TOKENS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts for `payment-required`: about a minute of retries, well inside the invoice expiry.
+const INVOICE_FEEDBACK_ATTEMPTS: u32 = 9;
+
+impl Pipeline {
+    /// Quote a received job and ask for payment, or refuse it with an `error` feedback.
+    pub(crate) async fn process(&self, job: Job, event: Event, request: JobRequest) {
+        let started = Instant::now();
+        let quote = match self.quote(&job, &event, &request).await {
+            Ok(quote) => quote,
+            Err(reason) => return self.reject(&job.id, &event, reason.to_string()).await,
+        };
+        if quote == 0 {
+            return self.start_free(job, &event).await;
+        }
+        let quoted = self
+            .inner
+            .book
+            .transition(&job.id, JobState::Quoted, move |job| {
+                job.quote_msat = Some(quote)
+            })
+            .await;
+        match quoted {
+            Ok(job) => {
+                self.inner.metrics.entered(JobState::Quoted);
+                self.ask_payment(job, &event, Some(started)).await;
+            }
+            // Cancelled by the customer while being quoted: nothing more to do.
+            Err(BookError::Transition(e)) => {
+                tracing::info!(job = %job.id, error = %e, "quote not recorded")
+            }
+            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record quote"),
+        }
+    }
+
+    /// A free job: `Received -> Quoted -> Running` with its `processing` feedback in one
+    /// write (no wallet, nothing to hold), then to the workers, which publish `processing`.
+    async fn start_free(&self, job: Job, event: &Event) {
+        let processing = nip90::feedback(event, JobStatus::Processing, "generating", None);
+        let Some(processing) = self.sign(&job.id, processing) else {
+            return;
+        };
+        let json = processing.as_json();
+        let started = self
+            .inner
+            .book
+            .update(&job.id, move |job, at| {
+                job.transition(JobState::Quoted, at)?;
+                job.quote_msat = Some(0);
+                job.transition(JobState::Running, at)?;
+                job.last_feedback = Some(json.clone());
+                Ok(())
+            })
+            .await;
+        match started {
+            Ok(job) => {
+                let metrics = &self.inner.metrics;
+                metrics.entered(JobState::Quoted);
+                metrics.entered(JobState::Running);
+                self.enqueue_announced(job, processing).await;
+            }
+            // Cancelled by the customer while being quoted: nothing more to do.
+            Err(BookError::Transition(e)) => {
+                tracing::info!(job = %job.id, error = %e, "free job not started")
+            }
+            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot start free job"),
+        }
+    }
+
+    /// The price of `request`, or why it cannot run. Everything that would make a paid job
+    /// undeliverable is refused here, before any invoice: a model we do not run, a prompt and
+    /// budget that overflow the context window, a result larger than relays accept.
+    async fn quote(
+        &self,
+        job: &Job,
+        event: &Event,
+        request: &JobRequest,
+    ) -> Result<u64, RequestError> {
+        let config = &self.inner.config;
+        let generation = TextGeneration::from_request(request, &config.limits)?;
+        request.may_pay_from_credit(&self.inner.keys.public_key())?;
+        if let Some(asked) = &generation.request.model {
+            if *asked != config.model {
+                return Err(RequestError::UnknownModel {
+                    asked: asked.clone(),
+                    served: config.model.clone(),
+                });
+            }
+        }
+        let bound = nip90::result_size_bound(event, &job.request, generation.max_tokens);
+        if bound > config.max_result_bytes {
+            return Err(RequestError::ResultTooLarge {
+                bound,
+                limit: config.max_result_bytes,
+            });
+        }
+        let counted = tokio::time::timeout(
+            COUNT_TOKENS_TIMEOUT,
+            self.inner.backend.count_prompt_tokens(&generation.request),
+        )
+        .await;
+        let prompt_tokens = match counted {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) | Err(_) => {
+                let bytes = generation
+                    .request
+                    .messages
+                    .iter()
+                    .map(|m| m.content.len())
+                    .sum();
+                pricing::estimate_prompt_tokens(bytes)
+            }
+            Ok(Err(e)) => {
+                return Err(RequestError::Unavailable(
+                    Incident::log("counting prompt tokens", &e).to_string(),
+                ))
+            }
+        };
+        if u64::from(prompt_tokens) + u64::from(generation.max_tokens)
+            > u64::from(config.context_tokens)
+        {
+            return Err(RequestError::ContextOverflow {
+                prompt_tokens,
+                max_tokens: generation.max_tokens,
+                context_tokens: config.context_tokens,
+            });
+        }
+        let quote = config.rate_card.quote(prompt_tokens, generation.max_tokens);
+        if let Some(bid) = request.bid_msat {
+            if bid < quote {
+                return Err(RequestError::BadParam {
+                    name: "bid".to_owned(),
+                    reason: format!(
+                        "bid {bid} msat is below the quote of {quote} msat ({prompt_tokens} prompt tokens, up to {} completion tokens)",
+                        generation.max_tokens
+                    ),
+                });
+            }
+        }
+        Ok(quote)
+    }
+
+    /// Ask for payment of a `Quoted` job: run it on the customer's credit if that covers the
+    /// quote and the request may spend it; otherwise issue an invoice for the rest, persist
+    /// it, then show it to the customer.
+    pub(crate) async fn ask_payment(&self, job: Job, event: &Event, started: Option<Instant>) {
+        let inner = &self.inner;
+        let Some(quote) = job.quote_msat else {
+            return tracing::error!(job = %job.id, "quoted job without a quote");
+        };
+        if quote == 0 {
+            // Free jobs skip the wallet entirely.
+            return self.enqueue(job, None).await;
+        }
+        let may_spend = JobRequest::parse(event)
+            .and_then(|request| request.may_pay_from_credit(&inner.keys.public_key()).ok())
+            .unwrap_or(false);
+        let job = if may_spend {
+            match self.spend_credit(job, event, quote).await {
+                Some(job) => job,
+                None => return,
+            }
+        } else {
+            job
+        };
+        let due = quote - job.credit_msat.min(quote);
+        let request = InvoiceRequest {
+            amount_msat: due,
+            description: InvoiceDescription::Memo(format!("dvmd job {}", &job.id.to_hex()[..16])),
+            expiry_secs: inner.config.invoice_expiry_secs,
+        };
+        let invoice = match inner.wallet.create_invoice(request).await {
+            Ok(invoice) => invoice,
+            Err(e) => {
+                let incident = Incident::log("issuing an invoice", &e);
+                let reason = format!(
+                    "this service cannot issue an invoice right now ({incident}); nothing was charged"
+                );
+                return self.reject(&job.id, event, reason).await;
+            }
+        };
+        let invoice = JobInvoice {
+            bolt11: invoice.bolt11,
+            payment_hash: invoice.payment_hash,
+            amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
+        };
+        // The feedback that shows the invoice is signed first and stored with it, so a restart
+        // can always show the customer the same invoice again.
+        let amount = PaymentAmount {
+            msat: invoice.amount_msat,
+            bolt11: Some(invoice.bolt11.clone()),
+        };
+        // The reserved amount is the customer's whole balance here, which stays private: the
+        // text does not say it.
+        let info = if job.credit_msat > 0 {
+            format!(
+                "pay {} msat to run this job (the rest is reserved from your credit)",
+                amount.msat
+            )
+        } else {
+            format!("pay {} msat to run this job", amount.msat)
+        };
+        let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
+        let Some(feedback) = self.sign(&job.id, feedback) else {
+            // Refused rather than left `Quoted`: that releases any credit it reserved.
+            let reason = "this service cannot sign its answer right now; nothing was charged";
+            return self.reject(&job.id, event, reason.to_owned()).await;
+        };
+        let stored = inner
+            .book
+            .await_payment(&job.id, invoice.clone(), &feedback);
+        let job = match stored.await {
+            Ok(job) => job,
+            // Cancelled by the customer meanwhile: the invoice was never shown, and expires.
+            Err(BookError::Transition(e)) => {
+                return tracing::info!(job = %job.id, error = %e, "invoice not recorded")
+            }
+            // Refused rather than left `Quoted` (nothing would ever end it), which releases any
+            // credit it reserved. If the store itself failed this fails too, and recovery asks
+            // for payment again on the next start.
+            Err(e) => {
+                let incident = Incident::log("recording an invoice", &e);
+                let reason = format!(
+                    "this service cannot issue an invoice right now ({incident}); nothing was charged"
+                );
+                return self.reject(&job.id, event, reason).await;
+            }
+        };
+        inner.metrics.entered(JobState::AwaitingPayment);
+        tracing::info!(job = %job.id, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "invoice issued");
+        if self
+            .publish_feedback(&job, &feedback, INVOICE_FEEDBACK_ATTEMPTS)
+            .await
+        {
+            if let Some(started) = started {
+                inner.metrics.request_to_invoice.observe(started.elapsed());
+            }
+        }
+    }
+
+    /// Reserve the customer's credit for `job`. Returns the job still to invoice (with what
+    /// credit it reserved), or `None` when the credit covered it and it is queued to run, or
+    /// when it ended meanwhile.
+    async fn spend_credit(&self, job: Job, event: &Event, quote: u64) -> Option<Job> {
+        let inner = &self.inner;
+        let info = format!("paid from credit: {quote} msat reserved");
+        let processing = self.sign(
+            &job.id,
+            nip90::feedback(event, JobStatus::Processing, &info, None),
+        )?;
+        let spent = inner
+            .book
+            .spend_credit(&job.id, Some(processing.as_json()))
+            .await;
+        match spent {
+            Ok(job) if job.state == JobState::Running => {
+                inner.metrics.entered(JobState::Running);
+                inner.metrics.paid_from_credit(quote);
+                tracing::info!(job = %job.id, msat = quote, "job paid from credit");
+                self.enqueue_announced(job, processing).await;
+                None
+            }
+            Ok(job) => Some(job),
+            // Cancelled by the customer meanwhile.
+            Err(BookError::Transition(e)) => {
+                tracing::info!(job = %job.id, error = %e, "credit not reserved");
+                None
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cannot reserve credit");
+                None
+            }
+        }
+    }
+}
