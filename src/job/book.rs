@@ -326,10 +326,10 @@ pub(crate) mod tests {
         .expect("quoted")
     }
 
-    /// Credit `account` with a paid top-up of `msat` under payment hash `[hash; 32]`.
-    pub(crate) async fn top_up(book: &Book, account: PublicKey, hash: u8, msat: u64) {
-        let record = PaymentRecord {
-            job: None,
+    /// An open payment record for `msat` to `account`, paying `job` (or a top-up).
+    pub(crate) fn record(job: Option<EventId>, account: PublicKey, msat: u64) -> PaymentRecord {
+        PaymentRecord {
+            job,
             account,
             amount_msat: msat,
             expires_at: now() + 600,
@@ -338,7 +338,12 @@ pub(crate) mod tests {
             consumed: false,
             closed: false,
             next_lookup_at: 0,
-        };
+        }
+    }
+
+    /// Credit `account` with a paid top-up of `msat` under payment hash `[hash; 32]`.
+    pub(crate) async fn top_up(book: &Book, account: PublicKey, hash: u8, msat: u64) {
+        let record = record(None, account, msat);
         let hash = PaymentHash([hash; 32]);
         book.register_invoice(&hash, record)
             .await
@@ -379,15 +384,8 @@ pub(crate) mod tests {
     async fn old_unpaid_invoices_stay_open_until_a_lookup_closes_them() {
         let book = book();
         let record = |expires_at| PaymentRecord {
-            job: None,
-            account: Keys::generate().public_key(),
-            amount_msat: 1_000,
             expires_at,
-            bolt11: String::new(),
-            zap_request: None,
-            consumed: false,
-            closed: false,
-            next_lookup_at: 0,
+            ..record(None, Keys::generate().public_key(), 1_000)
         };
         let long_ago = now() - LATE_LOOKUP_SECS - 60;
         let (old, recent) = (PaymentHash([1; 32]), PaymentHash([2; 32]));

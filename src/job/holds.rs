@@ -216,7 +216,7 @@ mod tests {
 
     use super::*;
     use crate::job::book::tests::*;
-    use crate::job::invoices::{PaymentOutcome, PaymentRecord};
+    use crate::job::invoices::PaymentOutcome;
     use crate::wallet::PaymentHash;
 
     #[tokio::test]
@@ -368,17 +368,7 @@ mod tests {
             .expect("await");
         // Someone zaps the whole quote (a provider receipt for this job).
         let bob = Keys::generate().public_key();
-        let record = PaymentRecord {
-            job: Some(job.id),
-            account: bob,
-            amount_msat: 1_000,
-            expires_at: now() + 600,
-            bolt11: String::new(),
-            zap_request: None,
-            consumed: false,
-            closed: false,
-            next_lookup_at: 0,
-        };
+        let record = record(Some(job.id), bob, 1_000);
         let outcome = book
             .confirm_external(&PaymentHash([9; 32]), record, 1_000)
             .await
