@@ -23,8 +23,11 @@ use super::RelayError;
 pub const MAX_REPLY_RELAYS_IN_POOL: usize = 64;
 
 /// Room for bursts between the pool and the intake loop; intake only screens (the store work
-/// runs in tasks), so it drains this quickly. An overflow is detected and caught up.
-const NOTIFICATION_CHANNEL_SIZE: usize = 65_536;
+/// runs in tasks), so it drains this quickly. An overflow is detected and caught up. Every slot
+/// keeps the last notification written to it (an event with its tags) until it is overwritten,
+/// so this ring is resident memory: 65,536 slots cost about 24 MB that grew in over the first
+/// ~10,000 jobs, and 500 customers at full speed never lag 4,096.
+const NOTIFICATION_CHANNEL_SIZE: usize = 4_096;
 /// Events asked for per page of a catch-up fetch (relays cap what one query returns).
 const FETCH_PAGE: usize = 500;
 /// Most events one catch-up fetches.

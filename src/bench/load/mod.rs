@@ -12,7 +12,8 @@
 //! fixed total rate whatever the answers do.
 //!
 //! `DVMD_BENCH_EXTRA_CONFIG` is appended to the started daemon's `dvmd.toml`, to measure other
-//! settings (`[store] cache_capacity_mib`, `[embedded_relay] max_events`, ...).
+//! settings (`[store] cache_capacity_mib`, `[embedded_relay] max_events`, ...), and
+//! `DVMD_BENCH_WRAPPER` is put in front of its command line (`heaptrack`, `perf record -g --`).
 
 mod customers;
 mod target;
@@ -329,6 +330,7 @@ fn report(
             "dvmd_embedded_relay_lagging_closed_total",
             "relay readers closed",
         ),
+        ("dvmd_intake_lagged_events_total", "intake events lagged"),
     ] {
         if let Some(value) = metric(metrics, name) {
             println!("  {label:<29}: {value:>8.0}");

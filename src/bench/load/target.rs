@@ -67,11 +67,17 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
         .as_mut()
         .and_then(|c| c.stdout.take())
         .ok_or("no stdout from the daemon")?;
+    // The daemon's first line names its listeners; a wrapper may print lines before it.
     let line = tokio::task::spawn_blocking(move || {
+        let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .map(|_| line)
+        for _ in 0..100 {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 || line.contains("relay=") {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(line)
     })
     .await??;
     let field = |name: &str| {
@@ -86,8 +92,21 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
     Ok(target)
 }
 
+/// `DVMD_BENCH_WRAPPER` (say `heaptrack` or `perf record -g --`) is put in front of the
+/// daemon's command line, to profile it from its first allocation.
 fn spawn_daemon(config: &Path, data: &Path) -> Result<Child, BenchError> {
-    Ok(Command::new(std::env::current_exe()?)
+    let wrapper = std::env::var("DVMD_BENCH_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let exe = std::env::current_exe()?;
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    Ok(command
         .args(["run", "--dev", "--config"])
         .arg(config)
         .arg("--data-dir")
