@@ -22,7 +22,9 @@ use std::collections::HashMap;
 use nostr_sdk::{EventId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{be_u64, Reader, StoreError, Tree, Tx, TxError, TxFailure, ENTRY_SEQUENCE};
+use crate::store::{
+    account_entry_key, be_u64, Reader, StoreError, Tree, Tx, TxError, TxFailure, ENTRY_SEQUENCE,
+};
 
 /// What an entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,9 +112,35 @@ pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
         _ => balance,
     };
     tx.put_raw(Tree::Accounts, &key, &next.to_be_bytes())?;
-    let seq = tx.next_sequence(ENTRY_SEQUENCE)?;
-    tx.put(Tree::Entries, &seq.to_be_bytes(), entry)?;
+    let seq = tx.next_sequence(ENTRY_SEQUENCE)?.to_be_bytes();
+    tx.put(Tree::Entries, &seq, entry)?;
+    tx.put_raw(
+        Tree::AccountEntries,
+        &account_entry_key(&entry.account, &seq),
+        &[],
+    )?;
     Ok(())
+}
+
+/// The latest `limit` entries of `account`, newest first, with their sequence numbers.
+pub fn entries_of(
+    reader: &Reader<'_>,
+    account: &PublicKey,
+    limit: usize,
+) -> Result<Vec<(u64, Entry)>, LedgerError> {
+    let mut entries = Vec::new();
+    for key in reader
+        .keys_with_prefix_rev(Tree::AccountEntries, &account.to_bytes())
+        .take(limit)
+    {
+        let key = key?;
+        let seq = &key[key.len().saturating_sub(8)..];
+        let entry = reader.get::<Entry>(Tree::Entries, seq)?.ok_or_else(|| {
+            LedgerError::Invariant(format!("{account}: indexed entry {seq:?} is missing"))
+        })?;
+        entries.push((be_u64(seq).unwrap_or_default(), entry));
+    }
+    Ok(entries)
 }
 
 /// Inside a write: the spendable balance of `account` in msat.
@@ -194,8 +222,10 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     let mut totals = Totals::default();
     let mut by_account: HashMap<PublicKey, i128> = HashMap::new();
     let mut by_job: HashMap<EventId, i128> = HashMap::new();
+    let mut unindexed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     for item in reader.scan::<Entry>(Tree::Entries) {
-        let (_, entry) = item?;
+        let (seq, entry) = item?;
+        unindexed.insert(account_entry_key(&entry.account, &seq));
         totals.entries += 1;
         let slot = match entry.kind {
             EntryKind::PaymentIn => &mut totals.payment_in_msat,
@@ -244,6 +274,21 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
                 "{account}: balance {balance} msat, entries sum to {from_entries} msat"
             )));
         }
+    }
+    for key in reader.keys(Tree::AccountEntries) {
+        let key = key?;
+        if !unindexed.remove(&key) {
+            return Err(LedgerError::Invariant(format!(
+                "the account index names entry {} that is not on that account",
+                hex::encode(&key)
+            )));
+        }
+    }
+    if let Some(key) = unindexed.into_iter().next() {
+        return Err(LedgerError::Invariant(format!(
+            "entry {} is missing from the account index",
+            hex::encode(key)
+        )));
     }
     if let Some((account, sum)) = by_account.into_iter().find(|(_, sum)| *sum != 0) {
         return Err(LedgerError::Invariant(format!(
@@ -303,6 +348,37 @@ mod tests {
         assert_eq!(totals.payment_in_msat, 10_000);
         assert_eq!(totals.balances_msat, 3_000);
         assert_eq!(totals.entries, 3);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_accounts_entries_come_newest_first_and_the_check_covers_the_index(
+    ) -> Result<(), LedgerError> {
+        let store = Store::temporary()?;
+        let alice = Keys::generate().public_key();
+        let bob = Keys::generate().public_key();
+        apply(&store, entry(EntryKind::PaymentIn, alice, 1_000)).await?;
+        apply(&store, entry(EntryKind::PaymentIn, bob, 2_000)).await?;
+        apply(&store, entry(EntryKind::Charge, alice, 400)).await?;
+        apply(&store, entry(EntryKind::Charge, alice, 100)).await?;
+        let latest = store.read(move |r| entries_of(r, &alice, 2)).await?;
+        let amounts: Vec<_> = latest.iter().map(|(seq, e)| (*seq, e.msat)).collect();
+        assert_eq!(amounts, vec![(3, 100), (2, 400)]);
+        store.read(check).await?;
+        // An index key without its entry is caught.
+        store
+            .commit(move |tx| {
+                Ok::<_, TxError<LedgerError>>(tx.put_raw(
+                    Tree::AccountEntries,
+                    &account_entry_key(&bob, &9u64.to_be_bytes()),
+                    &[],
+                )?)
+            })
+            .await?;
+        assert!(matches!(
+            store.read(check).await,
+            Err(LedgerError::Invariant(_))
+        ));
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! Schema migrations, run on open before the writer starts.
 
 use super::{
-    be_u64, decode, StoreError, Tree, Trees, ENTRY_SEQUENCE, META_SCHEMA_KEY, SCHEMA_VERSION,
+    account_entry_key, be_u64, decode, StoreError, Tree, Trees, ENTRY_SEQUENCE, META_SCHEMA_KEY,
+    SCHEMA_VERSION,
 };
 
 /// Bring a store written by an older schema up to [`SCHEMA_VERSION`], before the writer starts.
@@ -16,10 +17,14 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         1 => {
             index_open_payments(trees)?;
             count_entries(trees)?;
+            index_entries_by_account(trees)?;
         }
-        2 => count_entries(trees)?,
+        2 => {
+            count_entries(trees)?;
+            index_entries_by_account(trees)?;
+        }
         // 3 -> 4 adds holds: nothing on disk changes shape.
-        3 => {}
+        3 | 4 => index_entries_by_account(trees)?,
         found => return Err(StoreError::Schema { found }),
     }
     if meta.get(ENTRY_SEQUENCE)?.is_none() {
@@ -61,5 +66,26 @@ fn count_entries(trees: &Trees) -> Result<(), StoreError> {
     };
     trees.trees[Tree::Meta as usize].insert(ENTRY_SEQUENCE, &next.to_be_bytes())?;
     tracing::info!(next, "store migrated to schema 3 (ledger sequence in meta)");
+    Ok(())
+}
+
+/// Migration 4 -> 5: index every ledger entry under its account.
+fn index_entries_by_account(trees: &Trees) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        account: nostr_sdk::PublicKey,
+    }
+    let index = &trees.trees[Tree::AccountEntries as usize];
+    let mut indexed = 0usize;
+    for item in trees.trees[Tree::Entries as usize].iter() {
+        let (seq, raw) = item?;
+        let entry: Named = decode("entries", &raw)?;
+        index.insert(account_entry_key(&entry.account, &seq), &[] as &[u8])?;
+        indexed += 1;
+    }
+    tracing::info!(
+        indexed,
+        "store migrated to schema 5 (ledger entries by account)"
+    );
     Ok(())
 }

@@ -40,7 +40,9 @@ use writer::{Applied, Command, Status, Write};
 /// 4: holds (`reserve`/`release` entries, a job's `credit_msat`/`held_msat`). Nothing on disk
 ///    is rewritten (jobs paid before hold nothing and settle as they did); the bump keeps an
 ///    older build from reading entries it does not know.
-pub const SCHEMA_VERSION: u64 = 4;
+/// 5: `account_entries`, the index of ledger entries by account (`GET /v1/account` reads an
+///    account's history without scanning the ledger); built from the entries on upgrade.
+pub const SCHEMA_VERSION: u64 = 5;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -63,6 +65,9 @@ pub enum Tree {
     Accounts,
     /// Ledger entries by sequence number.
     Entries,
+    /// Index of ledger entries by account: key `account (32 bytes) || sequence (8, big
+    /// endian)`, empty value; written in the same transaction as the entry.
+    AccountEntries,
     /// The dev wallet's invoices and preimages.
     DevWallet,
     /// Our feedback event ids to the job they answer (zaps of a feedback pay its job).
@@ -73,12 +78,13 @@ pub enum Tree {
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 8] = [
+    pub const ALL: [Tree; 9] = [
         Self::Jobs,
         Self::Payments,
         Self::OpenPayments,
         Self::Accounts,
         Self::Entries,
+        Self::AccountEntries,
         Self::DevWallet,
         Self::Feedback,
         Self::Meta,
@@ -92,6 +98,7 @@ impl Tree {
             Self::OpenPayments => "open_payments",
             Self::Accounts => "accounts",
             Self::Entries => "entries",
+            Self::AccountEntries => "account_entries",
             Self::DevWallet => "dev_wallet",
             Self::Feedback => "feedback",
             Self::Meta => "meta",
@@ -504,6 +511,15 @@ pub fn decode<T: DeserializeOwned>(tree: &'static str, raw: &[u8]) -> Result<T, 
 /// Read a big-endian u64 (sequence numbers, versions, balances).
 pub fn be_u64(raw: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(raw.try_into().ok()?))
+}
+
+/// The [`Tree::AccountEntries`] key of the entry numbered `seq` (its `entries` key, 8 bytes
+/// big endian) on `account`.
+pub fn account_entry_key(account: &nostr_sdk::PublicKey, seq: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32 + seq.len());
+    key.extend_from_slice(&account.to_bytes());
+    key.extend_from_slice(seq);
+    key
 }
 
 #[cfg(test)]

@@ -217,8 +217,15 @@ fn a_version_1_store_is_migrated() {
                 .expect("insert");
         }
         let entries = db.open_tree("entries").expect("entries");
+        let entry = serde_json::json!({
+            "kind": "expiry", "account": nostr_sdk::Keys::generate().public_key(), "msat": 0,
+            "job": null, "payment_hash": null, "at": 0,
+        });
         entries
-            .insert(41u64.to_be_bytes(), b"{}".as_slice())
+            .insert(
+                41u64.to_be_bytes(),
+                serde_json::to_vec(&entry).expect("json"),
+            )
             .expect("entry");
         db.flush().expect("flush");
     }
@@ -241,6 +248,71 @@ fn a_version_1_store_is_migrated() {
         Some(42),
         "the ledger continues after the last entry"
     );
+}
+
+#[test]
+fn a_version_4_store_gets_its_ledger_indexed_by_account() {
+    use crate::ledger::{self, Entry, EntryKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = nostr_sdk::Keys::generate().public_key();
+    let bob = nostr_sdk::Keys::generate().public_key();
+    let entry = |kind, account, msat| Entry {
+        kind,
+        account,
+        msat,
+        job: None,
+        payment_hash: None,
+        at: 0,
+    };
+    {
+        // Schema 4: entries and balances, no index.
+        let db = sled::open(dir.path()).expect("sled");
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert(META_SCHEMA_KEY, &4u64.to_be_bytes())
+            .expect("version");
+        meta.insert(ENTRY_SEQUENCE, &3u64.to_be_bytes())
+            .expect("sequence");
+        let entries = db.open_tree("entries").expect("entries");
+        for (seq, e) in [
+            entry(EntryKind::PaymentIn, alice, 1_000),
+            entry(EntryKind::PaymentIn, bob, 500),
+            entry(EntryKind::Charge, alice, 300),
+        ]
+        .iter()
+        .enumerate()
+        {
+            entries
+                .insert(
+                    (seq as u64).to_be_bytes(),
+                    serde_json::to_vec(e).expect("json"),
+                )
+                .expect("entry");
+        }
+        let accounts = db.open_tree("accounts").expect("accounts");
+        accounts
+            .insert(alice.to_bytes(), &700u64.to_be_bytes())
+            .expect("alice");
+        accounts
+            .insert(bob.to_bytes(), &500u64.to_be_bytes())
+            .expect("bob");
+        db.flush().expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("open");
+    let (alices, bobs, totals) = store
+        .read_blocking(move |r| {
+            Ok::<_, ledger::LedgerError>((
+                ledger::entries_of(r, &alice, 10)?,
+                ledger::entries_of(r, &bob, 10)?,
+                ledger::check(r)?,
+            ))
+        })
+        .expect("read");
+    let seqs = |entries: &[(u64, Entry)]| entries.iter().map(|(seq, _)| *seq).collect::<Vec<_>>();
+    assert_eq!(seqs(&alices), vec![2, 0], "alice's entries, newest first");
+    assert_eq!(alices[0].1.kind, EntryKind::Charge);
+    assert_eq!(seqs(&bobs), vec![1]);
+    assert_eq!(totals.entries, 3);
+    assert_eq!(totals.balances_msat, 1_200);
 }
 
 #[test]

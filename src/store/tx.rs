@@ -154,6 +154,19 @@ impl Reader<'_> {
         })
     }
 
+    /// The keys of `tree` starting with `prefix`, last first.
+    pub fn keys_with_prefix_rev(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
+        self.tree(tree)
+            .scan_prefix(prefix)
+            .keys()
+            .rev()
+            .map(|key| Ok(key?.to_vec()))
+    }
+
     /// Every (key, record) of `tree`, in key order.
     pub fn scan<T: DeserializeOwned>(
         &self,
