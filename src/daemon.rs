@@ -197,12 +197,14 @@ impl Daemon {
                 addr: config.http_listen,
                 source,
             })?;
+        let listen_url = format!("http://{http_addr}");
+        let api = Arc::new(http::api::ApiConfig::new(&config.http, &listen_url));
         let lnurl = config.lnurl.as_ref().map(|section| LnurlConfig {
             username: section.username.clone(),
             public_url: section
                 .public_url
                 .clone()
-                .unwrap_or_else(|| format!("http://{http_addr}")),
+                .unwrap_or_else(|| api.public_url.clone()),
             min_sendable_msat: section.min_sendable_msat,
             max_sendable_msat: section.max_sendable_msat,
             limiter: Arc::new(http::lnurl::InvoiceLimiter::per_minute(
@@ -218,6 +220,7 @@ impl Daemon {
             pubkey: keys.public_key().to_hex(),
             pipeline: Some(pipeline.clone()),
             lnurl: lnurl.clone(),
+            api: Some(api),
         });
         let follower = wallet.clone();
         let follow_cancel = cancel.child_token();

@@ -358,12 +358,33 @@ impl Default for LnbitsSection {
 pub struct HttpSection {
     /// Listen address.
     pub listen: String,
+    /// The URL the public reaches this listener at (behind a reverse proxy, its address):
+    /// NIP-98 events must name it in their `u` tag. Default: `http://<listen address>`.
+    pub public_url: Option<String>,
+    /// NIP-98: how far an auth event's `created_at` may be from now, seconds.
+    pub auth_window_secs: u64,
+    /// NIP-98: auth event ids remembered against replay. When this many are live, signed
+    /// requests are refused (429) rather than forget one that could still be replayed.
+    pub auth_replay_capacity: usize,
+    /// The largest request body read on `/v1/*`, bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// The largest top-up one invoice may ask for, msat.
+    pub max_topup_msat: u64,
+    /// Top-up invoices issued per minute at most, for everyone together (each costs a wallet
+    /// invoice and a stored record); over it, 429 with `Retry-After`.
+    pub max_topups_per_minute: u32,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         Self {
             listen: DEFAULT_HTTP_LISTEN.to_owned(),
+            public_url: None,
+            auth_window_secs: 60,
+            auth_replay_capacity: 100_000,
+            max_body_bytes: 1024 * 1024,
+            max_topup_msat: 100_000_000,
+            max_topups_per_minute: 60,
         }
     }
 }

@@ -121,6 +121,8 @@ pub struct Config {
     pub embedded_relay: crate::relay::EmbeddedRelayOptions,
     /// HTTP listener.
     pub http_listen: SocketAddr,
+    /// `[http]` (its `listen` is `http_listen`, after flags).
+    pub http: HttpSection,
     /// Pipeline settings.
     pub jobs: JobConfig,
     /// Inference backend.
@@ -279,6 +281,31 @@ impl Config {
             return Err(invalid(
                 "lnurl.max_invoices_per_minute must be at least 1".into(),
             ));
+        }
+        let http = &file.http;
+        if let Some(url) = &http.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(format!(
+                    "http.public_url must start with http:// or https://, not {url:?}"
+                )));
+            }
+        }
+        if !(1..=3600).contains(&http.auth_window_secs) {
+            return Err(invalid(
+                "http.auth_window_secs must be between 1 and 3600".into(),
+            ));
+        }
+        if http.auth_replay_capacity == 0 || http.max_topups_per_minute == 0 {
+            return Err(invalid(
+                "http.auth_replay_capacity and http.max_topups_per_minute must be at least 1"
+                    .into(),
+            ));
+        }
+        if http.max_body_bytes < 1024 {
+            return Err(invalid("http.max_body_bytes must be at least 1024".into()));
+        }
+        if http.max_topup_msat < 1_000 {
+            return Err(invalid("http.max_topup_msat must be at least 1000".into()));
         }
         if file.pricing.invoice_expiry_secs < 60 {
             return Err(invalid(
@@ -464,6 +491,7 @@ impl Config {
                 ..crate::relay::EmbeddedRelayOptions::default()
             },
             http_listen,
+            http: file.http.clone(),
             jobs,
             backend,
             wallet,

@@ -1,5 +1,7 @@
-//! The HTTP listener: `/healthz`, `/metrics` (Prometheus text), and in dev mode `/dev/pay`.
+//! The HTTP listener: `/healthz`, `/metrics` (Prometheus text), the Lightning address, the
+//! `/v1` API ([`api`]), and in dev mode `/dev/pay`.
 
+pub mod api;
 pub mod error;
 pub mod lnurl;
 pub mod nip98;
@@ -42,6 +44,8 @@ pub struct HttpState {
     pub pipeline: Option<crate::job::Pipeline>,
     /// The Lightning address served, if any.
     pub lnurl: Option<lnurl::LnurlConfig>,
+    /// The `/v1` API's settings (absent: `/v1` answers 503).
+    pub api: Option<Arc<api::ApiConfig>>,
 }
 
 /// The router.
@@ -51,7 +55,13 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/hooks/wallet", post(wallet_hook))
         .route("/.well-known/lnurlp/{name}", get(lnurl::pay_request))
-        .route("/lnurlp/{name}/callback", get(lnurl::callback));
+        .route("/lnurlp/{name}/callback", get(lnurl::callback))
+        .merge(api::routes(
+            state
+                .api
+                .as_ref()
+                .map_or(64 * 1024, |api| api.max_body_bytes),
+        ));
     if state.dev_wallet.is_some() {
         router = router.route("/dev/pay", post(dev_pay));
     }

@@ -9,7 +9,9 @@
 //! - [`payment`]: settlement hints and the reconciler; only a wallet lookup moves a job to `Paid`.
 //! - [`worker`]: the bounded worker pool that runs paid jobs, delivers and settles them.
 //! - [`recovery`]: resuming every unfinished job on start.
+//! - [`account`]: an account's balance and history, and invoices that top it up.
 
+pub mod account;
 pub mod book;
 pub mod checkpoint;
 pub mod holds;

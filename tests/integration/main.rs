@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod account_api;
 mod bad_input;
 mod conformance;
 mod credit;

@@ -1,0 +1,323 @@
+//! The `/v1` API for programs: the OpenAI-shaped door to the same pipeline, book and ledger the
+//! relays use.
+//!
+//! - `GET /v1/models`: the model served and its prices (no auth).
+//! - `GET /v1/account[?limit=N]`: the caller's balance and latest ledger entries (NIP-98).
+//! - `POST /v1/account/topup {"amount_msat"}`: an invoice that credits the caller's npub once
+//!   our wallet confirms it (NIP-98). It is recorded before it is returned, bound to no job,
+//!   and reserves nothing.
+//!
+//! NIP-98 events are checked against `[http] public_url` plus the request's path and query
+//! (see [`super::nip98`]). Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`,
+//! with the status that says what to do: 401 (sign again), 400/413 (fix the request), 429
+//! (wait `Retry-After` seconds), 503 (the wallet or store is down; retry later).
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nostr_sdk::{PublicKey, Timestamp, ToBech32};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::lnurl::InvoiceLimiter;
+use super::nip98::{AuthError, Verifier};
+use super::HttpState;
+use crate::incident::Incident;
+use crate::job::account::{check_top_up, TopUpRefusal};
+use crate::job::Pipeline;
+use crate::wallet::WalletError;
+
+/// Entries `GET /v1/account` returns when the query names no `limit`, and the most it returns.
+const DEFAULT_ENTRIES: usize = 50;
+const MAX_ENTRIES: usize = 500;
+/// What a 429 tells the caller to wait, seconds.
+const RETRY_AFTER_SECS: u64 = 60;
+
+/// The API's settings and per-process state.
+pub struct ApiConfig {
+    /// The URL the public reaches this listener at, without a trailing `/`.
+    pub public_url: String,
+    /// NIP-98 checks and the replay cache.
+    pub verifier: Verifier,
+    /// Largest body read, bytes.
+    pub max_body_bytes: usize,
+    /// Largest top-up, msat.
+    pub max_topup_msat: u64,
+    /// Top-up invoices for everyone together.
+    pub topups: InvoiceLimiter,
+}
+
+impl ApiConfig {
+    /// From `[http]`; `listen_url` is the listener's own address, the default public URL.
+    pub fn new(http: &crate::config::HttpSection, listen_url: &str) -> Self {
+        Self {
+            public_url: http
+                .public_url
+                .as_deref()
+                .unwrap_or(listen_url)
+                .trim_end_matches('/')
+                .to_owned(),
+            verifier: Verifier::new(http.auth_window_secs, http.auth_replay_capacity),
+            max_body_bytes: http.max_body_bytes,
+            max_topup_msat: http.max_topup_msat,
+            topups: InvoiceLimiter::per_minute(http.max_topups_per_minute),
+        }
+    }
+}
+
+/// The `/v1` routes, with their body limit.
+pub fn routes(max_body_bytes: usize) -> Router<HttpState> {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/account", get(account))
+        .route("/v1/account/topup", post(topup))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub struct OpenAiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    message: String,
+}
+
+impl OpenAiError {
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            message.into(),
+        )
+    }
+
+    fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "unavailable",
+            format!(
+                "the {what} is unavailable right now; retry later ({})",
+                Incident::log(what, error)
+            ),
+        )
+    }
+
+    fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+            message.into(),
+        )
+    }
+}
+
+impl From<AuthError> for OpenAiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Busy => Self::rate_limited(e.to_string()),
+            e => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_nip98",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl From<BytesRejection> for OpenAiError {
+    fn from(e: BytesRejection) -> Self {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        Self::new(status, "invalid_request_error", code, e.body_text())
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({
+            "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null }
+        }));
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        match self.status {
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Nostr"));
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// The parts of `state` the `/v1` routes need, or 503 when the daemon runs without them.
+fn parts(state: &HttpState) -> Result<(&ApiConfig, &Pipeline), OpenAiError> {
+    match (&state.api, &state.pipeline) {
+        (Some(api), Some(pipeline)) => Ok((api, pipeline)),
+        _ => Err(OpenAiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "unavailable",
+            "this daemon does not serve the /v1 API".to_owned(),
+        )),
+    }
+}
+
+/// Who signed this request (NIP-98), checked against its public URL, method and body.
+fn authenticate(
+    api: &ApiConfig,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<PublicKey, OpenAiError> {
+    let url = format!(
+        "{}{}",
+        api.public_url,
+        uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let header = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            OpenAiError::from(AuthError::Malformed(
+                "the Authorization header is not text".to_owned(),
+            ))
+        })?),
+    };
+    match api
+        .verifier
+        .verify(header, &url, method.as_str(), body, Timestamp::now())
+    {
+        Ok(authorized) => Ok(authorized.pubkey),
+        Err(e) => {
+            tracing::debug!(%url, reason = %e, "NIP-98 refused");
+            Err(e.into())
+        }
+    }
+}
+
+async fn models(State(state): State<HttpState>) -> Result<impl IntoResponse, OpenAiError> {
+    let (_, pipeline) = parts(&state)?;
+    let config = &pipeline.inner.config;
+    let card = &config.rate_card;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": config.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": state.pubkey,
+            "pricing": {
+                "currency": "msat",
+                "base_fee_msat": card.base_fee_msat,
+                "prompt_msat_per_1k_tokens": card.prompt_msat_per_1k_tokens,
+                "completion_msat_per_1k_tokens": card.completion_msat_per_1k_tokens,
+            },
+            "max_tokens_limit": config.limits.max_tokens_limit,
+            "context_tokens": config.context_tokens,
+        }],
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountQuery {
+    limit: Option<usize>,
+}
+
+async fn account(
+    State(state): State<HttpState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    query: Result<Query<AccountQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let who = authenticate(api, &method, &uri, &headers, &[])?;
+    let Query(query) = query.map_err(|e| OpenAiError::invalid(e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_ENTRIES).min(MAX_ENTRIES);
+    let view = pipeline
+        .account(who, limit)
+        .await
+        .map_err(|e| OpenAiError::unavailable("store", &e))?;
+    Ok(Json(json!({
+        "object": "account",
+        "pubkey": who.to_hex(),
+        "npub": who.to_bech32().unwrap_or_default(),
+        "balance_msat": view.balance_msat,
+        "entries": view.entries,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUp {
+    amount_msat: u64,
+}
+
+async fn topup(
+    State(state): State<HttpState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let body = body?;
+    let who = authenticate(api, &method, &uri, &headers, &body)?;
+    let TopUp { amount_msat } = serde_json::from_slice(&body)
+        .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
+    // A refused amount costs no invoice, so it takes no token from the flood limit.
+    check_top_up(amount_msat, api.max_topup_msat)
+        .map_err(|e| OpenAiError::invalid(e.to_string()))?;
+    if !api.topups.try_take_at(Instant::now()) {
+        return Err(OpenAiError::rate_limited(
+            "too many top-up invoices right now; retry in a minute",
+        ));
+    }
+    let invoice = pipeline
+        .top_up_invoice(who, amount_msat, api.max_topup_msat)
+        .await
+        .map_err(|e| match e {
+            TopUpRefusal::Amount(reason) => OpenAiError::invalid(reason),
+            TopUpRefusal::Wallet(e @ WalletError::InvalidInvoice(_)) => {
+                OpenAiError::invalid(e.to_string())
+            }
+            TopUpRefusal::Wallet(e) => OpenAiError::unavailable("wallet", &e),
+            TopUpRefusal::Book(e) => OpenAiError::unavailable("store", &e),
+        })?;
+    Ok(Json(json!({
+        "object": "topup",
+        "bolt11": invoice.bolt11,
+        "payment_hash": invoice.payment_hash.to_string(),
+        "amount_msat": invoice.amount_msat,
+        "expires_at": invoice.expires_at,
+        "credits": who.to_hex(),
+    })))
+}

@@ -1,0 +1,125 @@
+//! A customer's account seen from outside: its balance and history, and invoices that top it
+//! up. The HTTP door (`GET /v1/account`, `POST /v1/account/topup`) calls these after NIP-98
+//! has said whose account it is; nothing here knows about HTTP.
+
+use nostr_sdk::PublicKey;
+use serde::Serialize;
+
+use super::book::BookError;
+use super::invoices::PaymentRecord;
+use super::pipeline::Pipeline;
+use crate::ledger::{self, Entry};
+use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, WalletError};
+
+/// An account's balance and its latest ledger entries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccountView {
+    /// Spendable now, msat (what running jobs hold is not part of it).
+    pub balance_msat: u64,
+    /// The latest entries, newest first.
+    pub entries: Vec<NumberedEntry>,
+}
+
+/// A ledger entry with its sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NumberedEntry {
+    /// Its place in the ledger.
+    pub seq: u64,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: Entry,
+}
+
+/// Why a top-up invoice was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum TopUpRefusal {
+    /// Not a whole number of sats, or outside the bounds.
+    #[error("{0}")]
+    Amount(String),
+    /// The wallet failed.
+    #[error("cannot issue an invoice: {0}")]
+    Wallet(#[from] WalletError),
+    /// The store failed.
+    #[error("cannot record the invoice: {0}")]
+    Book(#[from] BookError),
+}
+
+/// Whether `amount_msat` may be asked for by a top-up: whole sats (every wallet can issue those
+/// exactly), from 1 sat to `max_msat`.
+pub fn check_top_up(amount_msat: u64, max_msat: u64) -> Result<(), TopUpRefusal> {
+    if amount_msat == 0 || amount_msat % 1_000 != 0 || amount_msat > max_msat {
+        return Err(TopUpRefusal::Amount(format!(
+            "amount_msat must be a whole number of sats from 1000 to {max_msat}, not {amount_msat}"
+        )));
+    }
+    Ok(())
+}
+
+impl Pipeline {
+    /// `account`'s balance and its latest `limit` ledger entries.
+    pub async fn account(
+        &self,
+        account: PublicKey,
+        limit: usize,
+    ) -> Result<AccountView, BookError> {
+        let (balance_msat, entries) = self
+            .inner
+            .book
+            .store()
+            .read(move |r| {
+                Ok::<_, ledger::LedgerError>((
+                    ledger::balance(r, &account)?,
+                    ledger::entries_of(r, &account, limit)?,
+                ))
+            })
+            .await?;
+        Ok(AccountView {
+            balance_msat,
+            entries: entries
+                .into_iter()
+                .map(|(seq, entry)| NumberedEntry { seq, entry })
+                .collect(),
+        })
+    }
+
+    /// An invoice for `amount_msat` that credits `account` once our wallet confirms it. It is
+    /// bound to no job and reserves nothing; it is recorded before it is returned, so a payment
+    /// is booked even if the caller never hears of the invoice again. See [`check_top_up`].
+    pub async fn top_up_invoice(
+        &self,
+        account: PublicKey,
+        amount_msat: u64,
+        max_msat: u64,
+    ) -> Result<Invoice, TopUpRefusal> {
+        check_top_up(amount_msat, max_msat)?;
+        let inner = &self.inner;
+        let invoice = inner
+            .wallet
+            .create_invoice(InvoiceRequest {
+                amount_msat,
+                description: InvoiceDescription::Memo(format!(
+                    "dvmd credit for {}",
+                    nostr_sdk::ToBech32::to_bech32(&account).unwrap_or_else(|_| account.to_hex())
+                )),
+                expiry_secs: inner.config.invoice_expiry_secs,
+            })
+            .await?;
+        let record = PaymentRecord {
+            job: None,
+            account,
+            amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
+            bolt11: invoice.bolt11.clone(),
+            zap_request: None,
+            consumed: false,
+            closed: false,
+            next_lookup_at: 0,
+        };
+        inner
+            .book
+            .register_invoice(&invoice.payment_hash, record)
+            .await?;
+        tracing::info!(%account, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "top-up invoice issued");
+        Ok(invoice)
+    }
+}
