@@ -11,6 +11,8 @@
 //!                 | invoice for the rest (wallet) -> commit AwaitingPayment
 //!                 -> `payment-required` (relay::outbox)
 //! job::zap        LNURL callback (http::lnurl): a zap naming the job gets its own invoice
+//! job::account    HTTP /v1 (http::api, NIP-98 says whose): balance and history, top-up
+//!                 invoices that credit the npub (booked like any payment: job::payment)
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + payment_in + reserve + Paid, one tx
