@@ -573,6 +573,35 @@ mod tests {
     }
 
     #[test]
+    fn http_settings_are_checked() {
+        let dev = Overrides {
+            dev: true,
+            ..Overrides::default()
+        };
+        let refused = |edit: fn(&mut HttpSection), key: &str| {
+            let mut file = FileConfig::default();
+            edit(&mut file.http);
+            let err = Config::build(file, RelaysFile::default(), dev.clone()).expect_err("refused");
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        };
+        refused(
+            |h| h.public_url = Some("dvm.example.com".into()),
+            "public_url",
+        );
+        refused(|h| h.auth_window_secs = 0, "auth_window_secs");
+        refused(|h| h.auth_replay_capacity = 0, "auth_replay_capacity");
+        refused(|h| h.max_body_bytes = 100, "max_body_bytes");
+        refused(|h| h.max_topup_msat = 999, "max_topup_msat");
+        let mut file = FileConfig::default();
+        file.http.public_url = Some("https://dvm.example.com".into());
+        let config = Config::build(file, RelaysFile::default(), dev).expect("valid");
+        assert_eq!(
+            config.http.public_url.as_deref(),
+            Some("https://dvm.example.com")
+        );
+    }
+
+    #[test]
     fn rejects_unsupported_kinds_and_bad_addresses() {
         let mut file = FileConfig::default();
         file.service.kinds = vec![5100];
