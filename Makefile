@@ -76,6 +76,7 @@ bench: deps $(MODEL) llama-server lnbits
 	cargo build --release --bin dvmd --example customer
 	./target/release/dvmd bench intake
 	./target/release/dvmd bench roundtrip
+	./target/release/dvmd bench http
 	./target/release/dvmd bench load --customers 1 --jobs 2000
 	./target/release/dvmd bench load --customers 100 --jobs 20000
 	./target/release/dvmd bench load --customers 100 --jobs 5000 --paid

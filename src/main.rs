@@ -147,6 +147,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         jobs: usize,
     },
+    /// What NIP-98 costs a /v1 call: GET /healthz beside a signed GET /v1/account, and the
+    /// verifier alone.
+    Http {
+        /// Calls of each.
+        #[arg(long, default_value_t = 2_000)]
+        calls: usize,
+    },
     /// Many customers at once: jobs/s, request -> result latency, lost jobs, and the daemon's
     /// CPU, RSS and /healthz latency (a daemon started as a child process, unless --relay).
     Load(bench::load::LoadOptions),
@@ -349,6 +356,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?,
             BenchCommand::Roundtrip { jobs } => bench::roundtrip(jobs)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Http { calls } => bench::http::run(calls)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?,
             BenchCommand::Load(options) => bench::load::run(options)

@@ -1,5 +1,6 @@
 //! `dvmd bench`: benchmarks that print figures. Nothing here asserts on time.
 
+pub mod http;
 pub mod load;
 pub mod stub;
 
