@@ -104,17 +104,7 @@ impl Pipeline {
                 expiry_secs: inner.config.invoice_expiry_secs,
             })
             .await?;
-        let record = PaymentRecord {
-            job: None,
-            account,
-            amount_msat: invoice.amount_msat,
-            expires_at: invoice.expires_at,
-            bolt11: invoice.bolt11.clone(),
-            zap_request: None,
-            consumed: false,
-            closed: false,
-            next_lookup_at: 0,
-        };
+        let record = PaymentRecord::issued(None, account, &invoice, None);
         inner
             .book
             .register_invoice(&invoice.payment_hash, record)

@@ -11,7 +11,7 @@ use super::record::Job;
 use super::state::JobState;
 use crate::ledger::{self, Entry, EntryKind};
 use crate::store::{Tree, Tx, TxError};
-use crate::wallet::PaymentHash;
+use crate::wallet::{Invoice, PaymentHash};
 
 /// An invoice we issued and what it pays for. A payment hash pays for one thing once: the
 /// `consumed` flag flips in the same transaction as the job becomes `Paid`.
@@ -41,6 +41,29 @@ pub struct PaymentRecord {
     /// invoices past expiry. 0: every pass.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub next_lookup_at: u64,
+}
+
+impl PaymentRecord {
+    /// The record of `invoice`, just issued: to be booked to `account` (and `job`, if it pays
+    /// one) once our wallet confirms it.
+    pub fn issued(
+        job: Option<EventId>,
+        account: PublicKey,
+        invoice: &Invoice,
+        zap_request: Option<String>,
+    ) -> Self {
+        Self {
+            job,
+            account,
+            amount_msat: invoice.amount_msat,
+            expires_at: invoice.expires_at,
+            bolt11: invoice.bolt11.clone(),
+            zap_request,
+            consumed: false,
+            closed: false,
+            next_lookup_at: 0,
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -53,17 +53,12 @@ impl Pipeline {
                 expiry_secs: inner.config.invoice_expiry_secs,
             })
             .await?;
-        let record = PaymentRecord {
+        let record = PaymentRecord::issued(
             job,
-            account: request.event.pubkey,
-            amount_msat: invoice.amount_msat,
-            expires_at: invoice.expires_at,
-            bolt11: invoice.bolt11.clone(),
-            zap_request: Some(request.json.clone()),
-            consumed: false,
-            closed: false,
-            next_lookup_at: 0,
-        };
+            request.event.pubkey,
+            &invoice,
+            Some(request.json.clone()),
+        );
         inner
             .book
             .register_invoice(&invoice.payment_hash, record)
@@ -88,17 +83,7 @@ impl Pipeline {
                 expiry_secs: inner.config.invoice_expiry_secs,
             })
             .await?;
-        let record = PaymentRecord {
-            job: None,
-            account: inner.keys.public_key(),
-            amount_msat: invoice.amount_msat,
-            expires_at: invoice.expires_at,
-            bolt11: invoice.bolt11.clone(),
-            zap_request: None,
-            consumed: false,
-            closed: false,
-            next_lookup_at: 0,
-        };
+        let record = PaymentRecord::issued(None, inner.keys.public_key(), &invoice, None);
         inner
             .book
             .register_invoice(&invoice.payment_hash, record)
