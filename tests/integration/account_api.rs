@@ -3,7 +3,6 @@
 //! (one account, whichever door); forged, stale, replayed or misdirected headers are refused
 //! with 401 and a reason, and nothing is recorded; bad amounts, bodies and floods get 4xx.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,33 +16,6 @@ use nostr_sdk::{EventBuilder, JsonUtil, Keys, Kind, Tag, TagKind, Timestamp};
 use serde_json::Value;
 
 use crate::harness;
-
-/// `Authorization` value from npm nostr-tools `nip98.getToken`, signed by `keys`.
-fn nostr_tools_header(keys: &Keys, url: &str, method: &str, payload: Option<&str>) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/nip98_token.mjs");
-    let peers = std::env::var("DVMD_NODE_PEERS")
-        .expect("DVMD_NODE_PEERS not set: run `make test` (it installs the npm peers)");
-    let mut command = Command::new("node");
-    command
-        .arg(script)
-        .args(["--url", url, "--method", method])
-        .args(["--secret", &keys.secret_key().to_secret_hex()]);
-    if let Some(payload) = payload {
-        command.args(["--payload", payload]);
-    }
-    let output = command
-        .env("DVMD_NODE_PEERS", peers)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run node nip98_token.mjs");
-    assert!(
-        output.status.success(),
-        "nip98_token.mjs: {}",
-        output.status
-    );
-    let line: Value = serde_json::from_slice(&output.stdout).expect("a JSON line");
-    line["header"].as_str().expect("header").to_owned()
-}
 
 /// A NIP-98 header built field by field, to forge what nostr-tools never would.
 struct Auth<'a> {
@@ -159,7 +131,7 @@ async fn account(http: &str, keys: &Keys) -> Value {
         .subsec_millis();
     tokio::time::sleep(Duration::from_millis(u64::from(1_000 - into_second) + 10)).await;
     let url = format!("{http}/v1/account?limit=10");
-    let header = nostr_tools_header(keys, &url, "get", None);
+    let header = harness::nostr_tools_nip98(keys, &url, "get", None);
     let (status, _, body) = call(reqwest::Method::GET, &url, Some(&header), None).await;
     assert_eq!(status, 200, "{body}");
     body
@@ -189,7 +161,7 @@ async fn an_npub_tops_up_over_http_and_spends_it_on_a_relay_job() {
     // A top-up, signed by nostr-tools (it hashes the body itself).
     let url = format!("{http}/v1/account/topup");
     let body = r#"{"amount_msat":50000}"#;
-    let header = nostr_tools_header(&keys, &url, "post", Some(body));
+    let header = harness::nostr_tools_nip98(&keys, &url, "post", Some(body));
     let (status, _, topup) = call(
         reqwest::Method::POST,
         &url,
@@ -386,7 +358,6 @@ async fn bad_amounts_bodies_and_floods_get_clear_4xx() {
     assert_eq!(answer["error"]["type"], "rate_limit_error");
     assert!(headers.get("retry-after").is_some());
     assert_eq!(recorded(&daemon).await.0, 2);
-    tokio::time::sleep(Duration::from_millis(10)).await;
     harness::ledger_ok(daemon.pipeline().book().store());
     daemon.stop().await;
 }

@@ -303,17 +303,39 @@ pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {
 /// `filter` as an independent client sees it, one JSON object per event that nostr-tools'
 /// `verifyEvent` accepted (`{"event": .., "zap": ..}`).
 pub fn nostr_tools_query(relay_url: &str, filter: &serde_json::Value) -> Vec<serde_json::Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/query.mjs");
+    node_peer(
+        "query.mjs",
+        &["--relay", relay_url, "--filter", &filter.to_string()],
+    )
+}
+
+/// An `Authorization` value as npm nostr-tools `nip98.getToken` makes it (with its own payload
+/// hashing), signed by `keys` (`tests/peers/nip98_token.mjs`).
+pub fn nostr_tools_nip98(keys: &Keys, url: &str, method: &str, payload: Option<&str>) -> String {
+    let secret = keys.secret_key().to_secret_hex();
+    let mut args = vec!["--url", url, "--method", method, "--secret", &secret];
+    if let Some(payload) = payload {
+        args.extend(["--payload", payload]);
+    }
+    let line = node_peer("nip98_token.mjs", &args);
+    line[0]["header"].as_str().expect("header").to_owned()
+}
+
+/// Run `tests/peers/<script>` with node and the npm peers; its stdout, one JSON value a line.
+fn node_peer(script: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(script);
     let peers = std::env::var("DVMD_NODE_PEERS")
         .expect("DVMD_NODE_PEERS not set: run `make test` (it installs the npm peers)");
     let output = Command::new("node")
-        .arg(script)
-        .args(["--relay", relay_url, "--filter", &filter.to_string()])
+        .arg(path)
+        .args(args)
         .env("DVMD_NODE_PEERS", peers)
         .stderr(Stdio::inherit())
         .output()
-        .expect("run node query.mjs");
-    assert!(output.status.success(), "query.mjs: {}", output.status);
+        .unwrap_or_else(|e| panic!("run node {script}: {e}"));
+    assert!(output.status.success(), "{script}: {}", output.status);
     String::from_utf8(output.stdout)
         .expect("utf-8")
         .lines()

@@ -2,35 +2,17 @@
 //! payload hashing) pass dvmd's verifier, for a compact body and for the same JSON written with
 //! spaces (as Python's `json.dumps` writes it); a changed body, URL or method does not.
 
-use std::process::{Command, Stdio};
-
 use dvmd::http::nip98::{AuthError, Verifier};
-use nostr_sdk::{PublicKey, Timestamp};
+use nostr_sdk::{Keys, PublicKey, Timestamp};
 
-/// (header, signer) from `tests/peers/nip98_token.mjs`.
+use crate::harness;
+
+/// (header, signer): a fresh key's header made by nostr-tools.
 fn nostr_tools_header(url: &str, method: &str, payload: Option<&str>) -> (String, PublicKey) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/nip98_token.mjs");
-    let peers = std::env::var("DVMD_NODE_PEERS")
-        .expect("DVMD_NODE_PEERS not set: run `make test` (it installs the npm peers)");
-    let mut command = Command::new("node");
-    command.arg(script).args(["--url", url, "--method", method]);
-    if let Some(payload) = payload {
-        command.args(["--payload", payload]);
-    }
-    let output = command
-        .env("DVMD_NODE_PEERS", peers)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run node nip98_token.mjs");
-    assert!(
-        output.status.success(),
-        "nip98_token.mjs: {}",
-        output.status
-    );
-    let line: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON line");
+    let keys = Keys::generate();
     (
-        line["header"].as_str().expect("header").to_owned(),
-        PublicKey::from_hex(line["pubkey"].as_str().expect("pubkey")).expect("pubkey"),
+        harness::nostr_tools_nip98(&keys, url, method, payload),
+        keys.public_key(),
     )
 }
 
