@@ -9,7 +9,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nostr_sdk::EventId;
+use super::id::JobId;
 
 use super::invoices::PaymentRecord;
 use super::record::{Job, JobInvoice};
@@ -32,10 +32,10 @@ pub enum BookError {
     Transition(#[from] IllegalTransition),
     /// No such job.
     #[error("no job {0}")]
-    NoJob(EventId),
+    NoJob(JobId),
     /// The job is not waiting for a payment.
     #[error("job {0} is {1:?}, not waiting for payment")]
-    NotAwaitingPayment(EventId, JobState),
+    NotAwaitingPayment(JobId, JobState),
     /// The wallet issued a payment hash we already hold: refused, or one payment would pay twice.
     #[error("payment hash {0} was already issued")]
     PaymentHashReused(PaymentHash),
@@ -68,7 +68,7 @@ pub(super) fn abort<E: Into<BookError>>(e: E) -> TxError<BookError> {
 }
 
 /// Inside a transaction: the job stored under `id`.
-pub(super) fn stored_job(tx: &Tx<'_>, id: &EventId) -> Result<Job, TxError<BookError>> {
+pub(super) fn stored_job(tx: &Tx<'_>, id: &JobId) -> Result<Job, TxError<BookError>> {
     tx.get(Tree::Jobs, id.as_bytes())?
         .ok_or_else(|| abort(BookError::NoJob(*id)))
 }
@@ -99,7 +99,7 @@ impl Book {
     }
 
     /// The job stored under `id`.
-    pub async fn get(&self, id: &EventId) -> Result<Option<Job>, BookError> {
+    pub async fn get(&self, id: &JobId) -> Result<Option<Job>, BookError> {
         let id = *id;
         self.store
             .read(move |r| Ok(r.get(Tree::Jobs, id.as_bytes())?))
@@ -108,7 +108,7 @@ impl Book {
 
     /// Apply `change` to job `id` atomically and return the new record. `change` may be rerun
     /// on conflict, so it must only modify the job it is given.
-    pub async fn update<F>(&self, id: &EventId, change: F) -> Result<Job, BookError>
+    pub async fn update<F>(&self, id: &JobId, change: F) -> Result<Job, BookError>
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
@@ -116,14 +116,14 @@ impl Book {
     }
 
     /// [`Book::update`], durable before it returns: for a change a side effect depends on.
-    pub async fn update_durably<F>(&self, id: &EventId, change: F) -> Result<Job, BookError>
+    pub async fn update_durably<F>(&self, id: &JobId, change: F) -> Result<Job, BookError>
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
         self.change(id, change, true).await
     }
 
-    async fn change<F>(&self, id: &EventId, change: F, durable: bool) -> Result<Job, BookError>
+    async fn change<F>(&self, id: &JobId, change: F, durable: bool) -> Result<Job, BookError>
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
@@ -150,7 +150,7 @@ impl Book {
     /// commit.
     pub async fn transition<F>(
         &self,
-        id: &EventId,
+        id: &JobId,
         next: JobState,
         change: F,
     ) -> Result<Job, BookError>
@@ -164,7 +164,7 @@ impl Book {
     /// about to be told of).
     pub async fn transition_durably<F>(
         &self,
-        id: &EventId,
+        id: &JobId,
         next: JobState,
         change: F,
     ) -> Result<Job, BookError>
@@ -178,7 +178,7 @@ impl Book {
     /// index its payment hash, durably. Only after this returns may the invoice be shown.
     pub async fn await_payment(
         &self,
-        id: &EventId,
+        id: &JobId,
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
@@ -217,12 +217,15 @@ impl Book {
     }
 
     /// The job a feedback event of ours answers.
-    pub async fn job_of_feedback(&self, feedback: &EventId) -> Result<Option<EventId>, BookError> {
+    pub async fn job_of_feedback(
+        &self,
+        feedback: &nostr_sdk::EventId,
+    ) -> Result<Option<JobId>, BookError> {
         let feedback = *feedback;
         self.store
             .read(move |r| {
                 Ok(r.get_raw(Tree::Feedback, feedback.as_bytes())?
-                    .and_then(|raw| EventId::from_slice(&raw).ok()))
+                    .and_then(|raw| JobId::from_slice(&raw)))
             })
             .await
     }
@@ -327,7 +330,7 @@ pub(crate) mod tests {
     }
 
     /// An open payment record for `msat` to `account`, paying `job` (or a top-up).
-    pub(crate) fn record(job: Option<EventId>, account: PublicKey, msat: u64) -> PaymentRecord {
+    pub(crate) fn record(job: Option<JobId>, account: PublicKey, msat: u64) -> PaymentRecord {
         PaymentRecord {
             job,
             account,

@@ -2,7 +2,9 @@
 //! releases the hold and charges the exact usage. The ledger holds a job's money from the
 //! moment it may run until it settles or ends unpaid, so no other job can spend it.
 
-use nostr_sdk::{EventId, PublicKey};
+use nostr_sdk::PublicKey;
+
+use super::id::JobId;
 
 use super::book::{abort, now, stored_job, Book, BookError};
 use super::record::Job;
@@ -22,7 +24,7 @@ impl Book {
     /// one balance cannot both reserve it.
     pub async fn spend_credit(
         &self,
-        id: &EventId,
+        id: &JobId,
         processing: Option<String>,
     ) -> Result<Job, BookError> {
         let (id, at) = (*id, now());
@@ -59,7 +61,7 @@ impl Book {
     /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
     /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
     /// job), in one durable transaction.
-    pub async fn settle(&self, id: &EventId, charge_msat: u64) -> Result<Job, BookError> {
+    pub async fn settle(&self, id: &JobId, charge_msat: u64) -> Result<Job, BookError> {
         let (id, at) = (*id, now());
         self.store()
             .commit(move |tx| {
@@ -77,7 +79,7 @@ impl Book {
     /// recovery delivers and settles again the same way.
     pub async fn settle_delivered(
         &self,
-        id: &EventId,
+        id: &JobId,
         charge_msat: u64,
         feedback: Option<String>,
     ) -> Result<Job, BookError> {

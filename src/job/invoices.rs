@@ -2,7 +2,9 @@
 //! book. A payment hash pays for one thing once: its record is consumed in the same
 //! transaction as the ledger entry and the job's move to `Paid`.
 
-use nostr_sdk::{EventId, PublicKey};
+use nostr_sdk::PublicKey;
+
+use super::id::JobId;
 use serde::{Deserialize, Serialize};
 
 use super::book::{abort, now, stored_job, Book, BookError};
@@ -18,7 +20,7 @@ use crate::wallet::{Invoice, PaymentHash};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRecord {
     /// The job this invoice pays for; `None` for a top-up of the account's credit.
-    pub job: Option<EventId>,
+    pub job: Option<JobId>,
     /// The account credited with the payment (the job's customer, or the zap's sender).
     pub account: PublicKey,
     /// Amount asked, msat.
@@ -47,7 +49,7 @@ impl PaymentRecord {
     /// The record of `invoice`, just issued: to be booked to `account` (and `job`, if it pays
     /// one) once our wallet confirms it.
     pub fn issued(
-        job: Option<EventId>,
+        job: Option<JobId>,
         account: PublicKey,
         invoice: &Invoice,
         zap_request: Option<String>,
@@ -81,7 +83,7 @@ pub enum PaymentOutcome {
         /// The account credited.
         account: PublicKey,
         /// The job the invoice was for, if any.
-        job: Option<EventId>,
+        job: Option<JobId>,
     },
     /// Less than the invoice asked: credited to the customer, the job keeps waiting.
     Underpaid(Box<Job>),

@@ -15,6 +15,7 @@ pub mod account;
 pub mod book;
 pub mod checkpoint;
 pub mod holds;
+pub mod id;
 pub mod invoices;
 pub mod payment;
 pub mod pipeline;
@@ -27,6 +28,7 @@ pub mod zap;
 
 pub use book::{Admission, Book, BookError};
 pub use holds::audit;
+pub use id::JobId;
 pub use invoices::{PaymentOutcome, PaymentRecord};
 pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};
 pub use record::{Job, JobInvoice};

@@ -7,7 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use nostr_sdk::{Event, EventId};
+use nostr_sdk::Event;
+
+use super::id::JobId;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -250,7 +252,7 @@ impl Pipeline {
             return tracing::error!(error = %e, "cannot persist zap payment");
         }
         let receipt = nip57::receipt(&request, bolt11, None, nostr_sdk::Timestamp::now());
-        let Some(receipt) = self.sign(&request.event.id, receipt) else {
+        let Some(receipt) = self.sign(request.event.id, receipt) else {
             return;
         };
         match inner
@@ -268,7 +270,7 @@ impl Pipeline {
     }
 
     /// `AwaitingPayment -> Expired`, with an `error` feedback saying so.
-    async fn expire(&self, id: &EventId) {
+    async fn expire(&self, id: &JobId) {
         // Durable before the customer is told to post again: a late payment for this invoice
         // must then be credited, never run the job as well.
         let expired = self

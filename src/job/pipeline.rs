@@ -12,7 +12,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use nostr_sdk::{Event, EventId, JsonUtil, Keys, Timestamp};
+use nostr_sdk::{Event, JsonUtil, Keys, Timestamp};
+
+use super::id::JobId;
 use tokio::sync::{mpsc, Mutex, Semaphore, TryAcquireError};
 use tokio_util::task::TaskTracker;
 
@@ -309,12 +311,12 @@ impl Pipeline {
     pub async fn apply_cancellation(&self, deletion: &Verified) {
         let deletion = deletion.event();
         for id in deletion.tags.event_ids() {
-            self.cancel(id, &deletion.pubkey).await;
+            self.cancel(&JobId::from(*id), &deletion.pubkey).await;
         }
     }
 
     /// Cancel job `id` at the request of `by`, if it is theirs and not paid yet.
-    async fn cancel(&self, id: &EventId, by: &nostr_sdk::PublicKey) {
+    async fn cancel(&self, id: &JobId, by: &nostr_sdk::PublicKey) {
         let job = match self.inner.book.get(id).await {
             Ok(Some(job)) => job,
             Ok(None) => return,
@@ -357,7 +359,7 @@ impl Pipeline {
     /// from and its own reply relays.
     async fn refuse_unstored(&self, event: &Event, source: Option<String>, reason: &RequestError) {
         let Some(feedback) = self.sign(
-            &event.id,
+            event.id,
             nip90::feedback(event, JobStatus::Error, &reason.to_string(), None),
         ) else {
             return;
@@ -369,7 +371,7 @@ impl Pipeline {
     }
 
     /// Refuse a job before any money moved: persist `Rejected`, then say why.
-    pub(crate) async fn reject(&self, id: &EventId, event: &Event, reason: String) {
+    pub(crate) async fn reject(&self, id: &JobId, event: &Event, reason: String) {
         tracing::info!(job = %id, reason = %reason, "job rejected");
         let recorded = reason.clone();
         // Durable before it is said: a restart must not quote a job we refused.
@@ -391,7 +393,11 @@ impl Pipeline {
     }
 
     /// Sign an event with the service key.
-    pub(crate) fn sign(&self, job: &EventId, builder: nostr_sdk::EventBuilder) -> Option<Event> {
+    pub(crate) fn sign(
+        &self,
+        job: impl std::fmt::Display,
+        builder: nostr_sdk::EventBuilder,
+    ) -> Option<Event> {
         match builder.sign_with_keys(&self.inner.keys) {
             Ok(event) => Some(event),
             Err(e) => {
@@ -409,7 +415,7 @@ impl Pipeline {
         feedback: nostr_sdk::EventBuilder,
         attempts: u32,
     ) -> Option<Event> {
-        let event = self.sign(&job.id, feedback)?;
+        let event = self.sign(job.id, feedback)?;
         // Stored first, so the latest stored is always the latest said, however long the
         // publishing takes (replayed to duplicates of the request).
         let json = event.as_json();

@@ -55,7 +55,7 @@ impl Pipeline {
     /// write (no wallet, nothing to hold), then to the workers, which publish `processing`.
     async fn start_free(&self, job: Job, event: &Event) {
         let processing = nip90::feedback(event, JobStatus::Processing, "generating", None);
-        let Some(processing) = self.sign(&job.id, processing) else {
+        let Some(processing) = self.sign(job.id, processing) else {
             return;
         };
         let json = processing.as_json();
@@ -220,7 +220,7 @@ impl Pipeline {
             format!("pay {} msat to run this job", amount.msat)
         };
         let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
-        let Some(feedback) = self.sign(&job.id, feedback) else {
+        let Some(feedback) = self.sign(job.id, feedback) else {
             // Refused rather than left `Quoted`: that releases any credit it reserved.
             let reason = "this service cannot sign its answer right now; nothing was charged";
             return self.reject(&job.id, event, reason.to_owned()).await;
@@ -264,7 +264,7 @@ impl Pipeline {
         let inner = &self.inner;
         let info = format!("paid from credit: {quote} msat reserved");
         let processing = self.sign(
-            &job.id,
+            job.id,
             nip90::feedback(event, JobStatus::Processing, &info, None),
         )?;
         let spent = inner

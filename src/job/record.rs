@@ -1,6 +1,8 @@
 //! The persisted job record.
 
-use nostr_sdk::{Event, EventId, JsonUtil, PublicKey};
+use nostr_sdk::{Event, JsonUtil, PublicKey};
+
+use super::id::JobId;
 use serde::{Deserialize, Serialize};
 
 use super::state::{IllegalTransition, JobState};
@@ -24,7 +26,7 @@ pub struct JobInvoice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     /// The request event id.
-    pub id: EventId,
+    pub id: JobId,
     /// The customer.
     pub customer: PublicKey,
     /// Request kind.
@@ -81,7 +83,7 @@ impl Job {
     /// [`Job::received`] with the request already serialized as `json`.
     pub fn received_as(request: &Event, json: String, reply_relays: Vec<String>, now: u64) -> Self {
         Self {
-            id: request.id,
+            id: request.id.into(),
             customer: request.pubkey,
             kind: request.kind.as_u16(),
             request: json,

@@ -108,7 +108,7 @@ impl Pipeline {
             Some(processing) if job.state == JobState::Running => (job, *processing),
             _ => {
                 let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
-                let Some(processing) = self.sign(&job.id, processing) else {
+                let Some(processing) = self.sign(job.id, processing) else {
                     return;
                 };
                 let job = if job.state == JobState::Running {
@@ -316,7 +316,7 @@ impl Pipeline {
             bolt11: None,
         };
         let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
-        let success = self.sign(&job.id, success);
+        let success = self.sign(job.id, success);
         let feedback = success.as_ref().map(Event::as_json);
         let settled = match inner.book.settle_delivered(&job.id, charge, feedback).await {
             Ok(settled) => settled,

@@ -4,7 +4,7 @@
 //! The invoice commits to the exact zap-request string; the receipt follows our wallet's
 //! confirmation (`job::payment`).
 
-use nostr_sdk::EventId;
+use super::id::JobId;
 
 use super::book::BookError;
 use super::invoices::PaymentRecord;
@@ -111,11 +111,11 @@ impl Pipeline {
     /// other events are top-ups (`None`).
     async fn zapped_job(
         &self,
-        target: &EventId,
+        target: &nostr_sdk::EventId,
         amount_msat: u64,
-    ) -> Result<Option<EventId>, ZapRefusal> {
+    ) -> Result<Option<JobId>, ZapRefusal> {
         let book = &self.inner.book;
-        let job = match book.get(target).await? {
+        let job = match book.get(&JobId::from(*target)).await? {
             Some(job) => job,
             None => match book.job_of_feedback(target).await? {
                 Some(id) => book.get(&id).await?.ok_or(BookError::NoJob(id))?,
@@ -145,7 +145,7 @@ impl Pipeline {
 #[derive(Debug, PartialEq)]
 pub enum ReceiptOutcome {
     /// It paid for this job, now `Paid`.
-    PaidJob(EventId),
+    PaidJob(JobId),
     /// It was credited to the sender (a top-up, or a job that was not waiting).
     Credited,
     /// Refused: why.

@@ -19,7 +19,9 @@
 
 use std::collections::HashMap;
 
-use nostr_sdk::{EventId, PublicKey};
+use nostr_sdk::PublicKey;
+
+use crate::job::JobId;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
@@ -67,7 +69,7 @@ pub struct Entry {
     /// Amount in msat (always positive; [`EntryKind`] gives the direction).
     pub msat: u64,
     /// The job it belongs to.
-    pub job: Option<EventId>,
+    pub job: Option<JobId>,
     /// The payment hash (hex), for payments in and out.
     pub payment_hash: Option<String>,
     /// Unix seconds.
@@ -188,8 +190,8 @@ pub struct Totals {
 
 /// What the ledger holds for each job now (`reserve - release` over its entries), for jobs
 /// that hold anything.
-pub fn holds(reader: &Reader<'_>) -> Result<HashMap<EventId, u64>, LedgerError> {
-    let mut held: HashMap<EventId, i128> = HashMap::new();
+pub fn holds(reader: &Reader<'_>) -> Result<HashMap<JobId, u64>, LedgerError> {
+    let mut held: HashMap<JobId, i128> = HashMap::new();
     for item in reader.scan::<Entry>(Tree::Entries) {
         let (_, entry) = item?;
         if let (Some(job), Some(delta)) = (entry.job, hold_delta(&entry)) {
@@ -221,7 +223,7 @@ fn hold_delta(entry: &Entry) -> Option<i128> {
 pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     let mut totals = Totals::default();
     let mut by_account: HashMap<PublicKey, i128> = HashMap::new();
-    let mut by_job: HashMap<EventId, i128> = HashMap::new();
+    let mut by_job: HashMap<JobId, i128> = HashMap::new();
     let mut unindexed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     for item in reader.scan::<Entry>(Tree::Entries) {
         let (seq, entry) = item?;

@@ -40,7 +40,7 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");
@@ -127,7 +127,7 @@ async fn malformed_and_foreign_requests() {
         let job = daemon
             .pipeline()
             .book()
-            .get(&request.id)
+            .get(&request.id.into())
             .await
             .expect("read")
             .expect("job");
@@ -146,7 +146,7 @@ async fn malformed_and_foreign_requests() {
     assert!(daemon
         .pipeline()
         .book()
-        .get(&big.id)
+        .get(&big.id.into())
         .await
         .expect("read")
         .is_none());
@@ -189,7 +189,7 @@ async fn malformed_and_foreign_requests() {
     assert!(daemon
         .pipeline()
         .book()
-        .get(&foreign.id)
+        .get(&foreign.id.into())
         .await
         .expect("read")
         .is_none());
@@ -230,7 +230,7 @@ async fn malformed_and_foreign_requests() {
     assert!(daemon
         .pipeline()
         .book()
-        .get(&stale.id)
+        .get(&stale.id.into())
         .await
         .expect("read")
         .is_none());

@@ -298,7 +298,7 @@ async fn two_jobs_racing_for_one_balance_and_a_shortfall_invoice() {
         let job = daemon
             .pipeline()
             .book()
-            .get(&short)
+            .get(&short.into())
             .await
             .expect("read")
             .expect("job");
@@ -387,7 +387,7 @@ async fn killed_between_reserve_and_settle_charges_once() {
 
     let store = harness::open_store(data.path());
     let jobs = harness::jobs(&store);
-    let ran = jobs.iter().find(|j| j.id == job.id).expect("job");
+    let ran = jobs.iter().find(|j| j.id == job.id.into()).expect("job");
     assert_eq!(ran.state, JobState::Settled);
     assert_eq!((ran.paid_msat, ran.credit_msat), (0, quote));
     let totals = harness::ledger_ok(&store);

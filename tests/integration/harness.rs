@@ -289,7 +289,7 @@ pub async fn wait_for_booking(book: &Book, hash: &dvmd::wallet::PaymentHash) {
 /// A job not recorded yet (intake admits it in a task) is waited for too.
 pub async fn wait_for_state(book: &Book, id: &EventId, state: JobState) -> Job {
     for _ in 0..250 {
-        if let Some(job) = book.get(id).await.expect("read") {
+        if let Some(job) = book.get(&(*id).into()).await.expect("read") {
             if job.state == state {
                 return job;
             }

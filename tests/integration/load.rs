@@ -245,7 +245,7 @@ fn dump(progress: &Progress, data: &std::path::Path) -> String {
         by_state
             .entry(format!("{:?}", job.state))
             .or_default()
-            .push(job.id);
+            .push(job.id.as_event_id());
     }
     for (state, ids) in by_state {
         let sample: Vec<String> = ids.iter().take(5).map(|id| id.to_hex()).collect();
@@ -315,7 +315,7 @@ async fn twenty_customers_spend_their_credit_at_once_and_nothing_is_overdrawn() 
         assert_eq!(job.state, JobState::Settled, "job {}", job.id);
         assert_eq!(job.held_msat, 0);
         assert_eq!(
-            by.get(&job.id) == Some(&PaidBy::Credit),
+            by.get(&job.id.as_event_id()) == Some(&PaidBy::Credit),
             job.paid_msat == 0,
             "job {}: paid {} credit {}",
             job.id,

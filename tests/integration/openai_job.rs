@@ -36,7 +36,7 @@ async fn paid_job_through_an_openai_compatible_server() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");

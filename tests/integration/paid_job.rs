@@ -108,7 +108,7 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");

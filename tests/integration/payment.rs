@@ -36,7 +36,7 @@ async fn settlement_hints_without_payment_move_nothing() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");
@@ -53,7 +53,7 @@ async fn settlement_hints_without_payment_move_nothing() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");
@@ -215,7 +215,11 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
     let forged = dvmd::nip90::Verified::check(cancellation(kept, &mallory)).expect("signed");
     daemon.pipeline().apply_cancellation(&forged).await;
     assert_eq!(
-        book.get(&kept.id).await.expect("read").expect("job").state,
+        book.get(&kept.id.into())
+            .await
+            .expect("read")
+            .expect("job")
+            .state,
         JobState::AwaitingPayment,
         "only the customer can cancel a job"
     );
@@ -230,7 +234,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
 
     // Paying the cancelled job's invoice anyway runs nothing and credits Alice.
     let hash = book
-        .get(&cancelled.id)
+        .get(&cancelled.id.into())
         .await
         .expect("read")
         .expect("job")
@@ -247,7 +251,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
             .consumed
     );
     assert_eq!(
-        book.get(&cancelled.id)
+        book.get(&cancelled.id.into())
             .await
             .expect("read")
             .expect("job")
@@ -268,7 +272,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
         .is_err());
 
     let cancelled_quote = book
-        .get(&cancelled.id)
+        .get(&cancelled.id.into())
         .await
         .expect("read")
         .expect("job")
@@ -352,7 +356,11 @@ async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
         ))
         .await
         .is_err());
-    let job = book.get(&request.id).await.expect("read").expect("job");
+    let job = book
+        .get(&request.id.into())
+        .await
+        .expect("read")
+        .expect("job");
     assert_eq!(job.state, JobState::Cancelled);
     assert!(job.invoice.is_none());
     alice.shutdown().await;
@@ -489,7 +497,7 @@ async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_cred
     harness::dev_pay(&ready.http_url, &bolt11).await;
     harness::wait_for_booking(book, &hash).await;
     assert_eq!(
-        book.get(&request.id)
+        book.get(&request.id.into())
             .await
             .expect("read")
             .expect("job")

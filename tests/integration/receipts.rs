@@ -165,7 +165,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
     for job in [&job1, &job2] {
         let state = pipeline
             .book()
-            .get(&job.id)
+            .get(&job.id.into())
             .await
             .expect("read")
             .expect("job")
@@ -206,7 +206,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
     assert_eq!(
         pipeline
             .book()
-            .get(&job2.id)
+            .get(&job2.id.into())
             .await
             .expect("read")
             .expect("job")
@@ -228,7 +228,7 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
     assert_eq!(
         pipeline
             .book()
-            .get(&job2.id)
+            .get(&job2.id.into())
             .await
             .expect("read")
             .expect("job")
@@ -285,7 +285,7 @@ async fn without_a_trusted_provider_receipts_are_ignored() {
     let state = daemon
         .pipeline()
         .book()
-        .get(&job.id)
+        .get(&job.id.into())
         .await
         .expect("read")
         .expect("job")

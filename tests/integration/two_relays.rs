@@ -135,7 +135,7 @@ async fn one_request_on_two_relays_runs_once() {
     assert_eq!(book.all().await.expect("jobs").len(), 1);
     for _ in 0..100 {
         if book
-            .get(&request.id)
+            .get(&request.id.into())
             .await
             .expect("read")
             .expect("job")
@@ -147,7 +147,7 @@ async fn one_request_on_two_relays_runs_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        book.get(&request.id)
+        book.get(&request.id.into())
             .await
             .expect("read")
             .expect("job")

@@ -336,7 +336,7 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");
@@ -451,7 +451,7 @@ async fn lnbits_going_away_loses_nothing() {
     let job = daemon
         .pipeline()
         .book()
-        .get(&request.id)
+        .get(&request.id.into())
         .await
         .expect("read")
         .expect("job");
