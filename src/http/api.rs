@@ -263,7 +263,7 @@ async fn account(
     let Query(query) = query.map_err(|e| OpenAiError::invalid(e.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_ENTRIES).min(MAX_ENTRIES);
     let view = pipeline
-        .account(who, limit)
+        .account(who.into(), limit)
         .await
         .map_err(|e| OpenAiError::unavailable("store", &e))?;
     Ok(Json(json!({
@@ -302,7 +302,7 @@ async fn topup(
         ));
     }
     let invoice = pipeline
-        .top_up_invoice(who, amount_msat, api.max_topup_msat)
+        .top_up_invoice(who.into(), amount_msat, api.max_topup_msat)
         .await
         .map_err(|e| match e {
             TopUpRefusal::Amount(reason) => OpenAiError::invalid(reason),

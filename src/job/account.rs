@@ -2,7 +2,7 @@
 //! up. The HTTP door (`GET /v1/account`, `POST /v1/account/topup`) calls these after NIP-98
 //! has said whose account it is; nothing here knows about HTTP.
 
-use nostr_sdk::PublicKey;
+use crate::ledger::Account;
 use serde::Serialize;
 
 use super::book::BookError;
@@ -57,11 +57,7 @@ pub fn check_top_up(amount_msat: u64, max_msat: u64) -> Result<(), TopUpRefusal>
 
 impl Pipeline {
     /// `account`'s balance and its latest `limit` ledger entries.
-    pub async fn account(
-        &self,
-        account: PublicKey,
-        limit: usize,
-    ) -> Result<AccountView, BookError> {
+    pub async fn account(&self, account: Account, limit: usize) -> Result<AccountView, BookError> {
         let (balance_msat, entries) = self
             .inner
             .book
@@ -87,7 +83,7 @@ impl Pipeline {
     /// is booked even if the caller never hears of the invoice again. See [`check_top_up`].
     pub async fn top_up_invoice(
         &self,
-        account: PublicKey,
+        account: Account,
         amount_msat: u64,
         max_msat: u64,
     ) -> Result<Invoice, TopUpRefusal> {
@@ -99,7 +95,7 @@ impl Pipeline {
                 amount_msat,
                 description: InvoiceDescription::Memo(format!(
                     "dvmd credit for {}",
-                    nostr_sdk::ToBech32::to_bech32(&account).unwrap_or_else(|_| account.to_hex())
+                    account.to_human()
                 )),
                 expiry_secs: inner.config.invoice_expiry_secs,
             })

@@ -281,7 +281,9 @@ fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use nostr_sdk::{EventBuilder, Keys, Kind, PublicKey};
+    use nostr_sdk::{EventBuilder, Keys, Kind};
+
+    use crate::ledger::Account;
 
     use crate::job::invoices::PaymentOutcome;
 
@@ -330,10 +332,14 @@ pub(crate) mod tests {
     }
 
     /// An open payment record for `msat` to `account`, paying `job` (or a top-up).
-    pub(crate) fn record(job: Option<JobId>, account: PublicKey, msat: u64) -> PaymentRecord {
+    pub(crate) fn record(
+        job: Option<JobId>,
+        account: impl Into<Account>,
+        msat: u64,
+    ) -> PaymentRecord {
         PaymentRecord {
             job,
-            account,
+            account: account.into(),
             amount_msat: msat,
             expires_at: now() + 600,
             bolt11: String::new(),
@@ -345,7 +351,7 @@ pub(crate) mod tests {
     }
 
     /// Credit `account` with a paid top-up of `msat` under payment hash `[hash; 32]`.
-    pub(crate) async fn top_up(book: &Book, account: PublicKey, hash: u8, msat: u64) {
+    pub(crate) async fn top_up(book: &Book, account: impl Into<Account>, hash: u8, msat: u64) {
         let record = record(None, account, msat);
         let hash = PaymentHash([hash; 32]);
         book.register_invoice(&hash, record)
@@ -361,7 +367,8 @@ pub(crate) mod tests {
             .expect("settle")
     }
 
-    pub(crate) async fn balance(book: &Book, account: PublicKey) -> u64 {
+    pub(crate) async fn balance(book: &Book, account: impl Into<Account>) -> u64 {
+        let account = account.into();
         book.store()
             .read(move |r| crate::ledger::balance(r, &account))
             .await

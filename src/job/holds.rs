@@ -2,9 +2,8 @@
 //! releases the hold and charges the exact usage. The ledger holds a job's money from the
 //! moment it may run until it settles or ends unpaid, so no other job can spend it.
 
-use nostr_sdk::PublicKey;
-
 use super::id::JobId;
+use crate::ledger::Account;
 
 use super::book::{abort, now, stored_job, Book, BookError};
 use super::record::Job;
@@ -102,7 +101,7 @@ impl Book {
 pub(super) fn post(
     tx: &Tx<'_>,
     kind: EntryKind,
-    account: PublicKey,
+    account: Account,
     msat: u64,
     job: &Job,
     at: u64,
@@ -234,8 +233,8 @@ mod tests {
                 job.state = JobState::Delivered;
                 job.paid_msat = 1_000;
                 tx.put(Tree::Jobs, id.as_bytes(), &job)?;
-                post(tx, EntryKind::PaymentIn, account, 1_000, &job, 0)?;
-                post(tx, EntryKind::Charge, account, 600, &job, 0)?;
+                post(tx, EntryKind::PaymentIn, account.into(), 1_000, &job, 0)?;
+                post(tx, EntryKind::Charge, account.into(), 600, &job, 0)?;
                 Ok::<_, TxError<BookError>>(())
             })
             .await

@@ -2,9 +2,8 @@
 //! book. A payment hash pays for one thing once: its record is consumed in the same
 //! transaction as the ledger entry and the job's move to `Paid`.
 
-use nostr_sdk::PublicKey;
-
 use super::id::JobId;
+use crate::ledger::Account;
 use serde::{Deserialize, Serialize};
 
 use super::book::{abort, now, stored_job, Book, BookError};
@@ -22,7 +21,7 @@ pub struct PaymentRecord {
     /// The job this invoice pays for; `None` for a top-up of the account's credit.
     pub job: Option<JobId>,
     /// The account credited with the payment (the job's customer, or the zap's sender).
-    pub account: PublicKey,
+    pub account: Account,
     /// Amount asked, msat.
     pub amount_msat: u64,
     /// When the invoice expires (unix seconds).
@@ -50,7 +49,7 @@ impl PaymentRecord {
     /// one) once our wallet confirms it.
     pub fn issued(
         job: Option<JobId>,
-        account: PublicKey,
+        account: Account,
         invoice: &Invoice,
         zap_request: Option<String>,
     ) -> Self {
@@ -81,7 +80,7 @@ pub enum PaymentOutcome {
     /// (expired, cancelled, or paid by another invoice).
     Credited {
         /// The account credited.
-        account: PublicKey,
+        account: Account,
         /// The job the invoice was for, if any.
         job: Option<JobId>,
     },

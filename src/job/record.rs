@@ -1,6 +1,7 @@
 //! The persisted job record.
 
-use nostr_sdk::{Event, JsonUtil, PublicKey};
+use crate::ledger::Account;
+use nostr_sdk::{Event, JsonUtil};
 
 use super::id::JobId;
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,7 @@ pub struct Job {
     /// The request event id.
     pub id: JobId,
     /// The customer.
-    pub customer: PublicKey,
+    pub customer: Account,
     /// Request kind.
     pub kind: u16,
     /// The request event JSON exactly as received (the result's `request` tag; re-parsed on
@@ -63,7 +64,7 @@ pub struct Job {
     /// Who paid, when not the customer (someone else zapped the job). The charge and the
     /// change go to the account that paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payer: Option<PublicKey>,
+    pub payer: Option<Account>,
     /// What the job was charged, msat (after it ran).
     pub charge_msat: Option<u64>,
     /// Exact token usage.
@@ -84,7 +85,7 @@ impl Job {
     pub fn received_as(request: &Event, json: String, reply_relays: Vec<String>, now: u64) -> Self {
         Self {
             id: request.id.into(),
-            customer: request.pubkey,
+            customer: request.pubkey.into(),
             kind: request.kind.as_u16(),
             request: json,
             state: JobState::Received,
@@ -114,7 +115,7 @@ impl Job {
     }
 
     /// The account that paid for the job: charged for it, and credited with the change.
-    pub fn payer(&self) -> PublicKey {
+    pub fn payer(&self) -> Account {
         self.payer.unwrap_or(self.customer)
     }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use nostr_sdk::{Event, JsonUtil, ToBech32};
+use nostr_sdk::{Event, JsonUtil};
 use tokio_util::sync::CancellationToken;
 
 use super::pipeline::{Pipeline, WorkItem, WorkQueue, FEEDBACK_ATTEMPTS};
@@ -363,7 +363,7 @@ impl Pipeline {
                 )
             } else {
                 let payer = job.payer();
-                let payer = payer.to_bech32().unwrap_or_else(|_| payer.to_hex());
+                let payer = payer.to_human();
                 format!(
                     "{reason}; the {} msat paid are credited to the account of {payer}, who paid",
                     job.paid_msat

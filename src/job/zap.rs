@@ -55,7 +55,7 @@ impl Pipeline {
             .await?;
         let record = PaymentRecord::issued(
             job,
-            request.event.pubkey,
+            request.event.pubkey.into(),
             &invoice,
             Some(request.json.clone()),
         );
@@ -83,7 +83,7 @@ impl Pipeline {
                 expiry_secs: inner.config.invoice_expiry_secs,
             })
             .await?;
-        let record = PaymentRecord::issued(None, inner.keys.public_key(), &invoice, None);
+        let record = PaymentRecord::issued(None, inner.keys.public_key().into(), &invoice, None);
         inner
             .book
             .register_invoice(&invoice.payment_hash, record)
@@ -208,7 +208,7 @@ impl Pipeline {
         };
         let record = PaymentRecord {
             job,
-            account: valid.request.event.pubkey,
+            account: valid.request.event.pubkey.into(),
             amount_msat: valid.amount_msat,
             expires_at: valid.invoice.expires_at,
             bolt11: String::new(),

@@ -1,4 +1,5 @@
-//! The ledger: one account per customer npub, append-only entries, and the invariant check.
+//! The ledger: one account per customer (an npub, or the payment hash of a paid L402 challenge;
+//! see [`Account`]), append-only entries, and the invariant check.
 //!
 //! Amounts are msat. An entry moves money into or out of a customer's spendable balance:
 //! `payment_in` (+), `charge` (-), `payout` (-), `expiry` (-), `reserve` (-), `release` (+);
@@ -19,7 +20,9 @@
 
 use std::collections::HashMap;
 
-use nostr_sdk::PublicKey;
+mod account;
+
+pub use account::Account;
 
 use crate::job::JobId;
 use serde::{Deserialize, Serialize};
@@ -64,8 +67,8 @@ impl EntryKind {
 pub struct Entry {
     /// What happened.
     pub kind: EntryKind,
-    /// The customer.
-    pub account: PublicKey,
+    /// Whose balance it moves.
+    pub account: Account,
     /// Amount in msat (always positive; [`EntryKind`] gives the direction).
     pub msat: u64,
     /// The job it belongs to.
@@ -86,7 +89,7 @@ pub enum LedgerError {
     #[error("ledger: {account} has {balance_msat} msat, cannot debit {msat} msat")]
     Overdraft {
         /// The account.
-        account: PublicKey,
+        account: Account,
         /// Its balance.
         balance_msat: u64,
         /// The refused debit.
@@ -100,7 +103,7 @@ pub enum LedgerError {
 /// Post `entry` under the next ledger sequence number and update the account balance, inside
 /// the caller's store transaction.
 pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
-    let key = entry.account.to_bytes();
+    let key = entry.account.key();
     let balance = balance_in(tx, &entry.account)?;
     let next = match entry.kind.sign() {
         1 => balance.saturating_add(entry.msat),
@@ -116,23 +119,25 @@ pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
     tx.put_raw(Tree::Accounts, &key, &next.to_be_bytes())?;
     let seq = tx.next_sequence(ENTRY_SEQUENCE)?.to_be_bytes();
     tx.put(Tree::Entries, &seq, entry)?;
-    tx.put_raw(
-        Tree::AccountEntries,
-        &account_entry_key(&entry.account, &seq),
-        &[],
-    )?;
+    tx.put_raw(Tree::AccountEntries, &account_entry_key(&key, &seq), &[])?;
     Ok(())
 }
 
 /// The latest `limit` entries of `account`, newest first, with their sequence numbers.
 pub fn entries_of(
     reader: &Reader<'_>,
-    account: &PublicKey,
+    account: &Account,
     limit: usize,
 ) -> Result<Vec<(u64, Entry)>, LedgerError> {
+    let prefix = account.key();
     let mut entries = Vec::new();
     for key in reader
-        .keys_with_prefix_rev(Tree::AccountEntries, &account.to_bytes())
+        .keys_with_prefix_rev(Tree::AccountEntries, &prefix)
+        // An npub's 32-byte prefix may begin a token's 33-byte key: the length tells them apart.
+        .filter(|key| {
+            key.as_ref()
+                .map_or(true, |key| key.len() == prefix.len() + 8)
+        })
         .take(limit)
     {
         let key = key?;
@@ -146,17 +151,17 @@ pub fn entries_of(
 }
 
 /// Inside a write: the spendable balance of `account` in msat.
-pub fn balance_in(tx: &Tx<'_>, account: &PublicKey) -> Result<u64, TxFailure> {
+pub fn balance_in(tx: &Tx<'_>, account: &Account) -> Result<u64, TxFailure> {
     Ok(tx
-        .get_raw(Tree::Accounts, &account.to_bytes())?
+        .get_raw(Tree::Accounts, &account.key())?
         .and_then(|raw| be_u64(&raw))
         .unwrap_or(0))
 }
 
 /// The spendable balance of `account` in msat (what jobs hold is not part of it).
-pub fn balance(reader: &Reader<'_>, account: &PublicKey) -> Result<u64, LedgerError> {
+pub fn balance(reader: &Reader<'_>, account: &Account) -> Result<u64, LedgerError> {
     Ok(reader
-        .get_raw(Tree::Accounts, &account.to_bytes())?
+        .get_raw(Tree::Accounts, &account.key())?
         .and_then(|raw| be_u64(&raw))
         .unwrap_or(0))
 }
@@ -222,12 +227,12 @@ fn hold_delta(entry: &Entry) -> Option<i128> {
 /// Check the invariant over the whole ledger.
 pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     let mut totals = Totals::default();
-    let mut by_account: HashMap<PublicKey, i128> = HashMap::new();
+    let mut by_account: HashMap<Account, i128> = HashMap::new();
     let mut by_job: HashMap<JobId, i128> = HashMap::new();
     let mut unindexed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     for item in reader.scan::<Entry>(Tree::Entries) {
         let (seq, entry) = item?;
-        unindexed.insert(account_entry_key(&entry.account, &seq));
+        unindexed.insert(account_entry_key(&entry.account.key(), &seq));
         totals.entries += 1;
         let slot = match entry.kind {
             EntryKind::PaymentIn => &mut totals.payment_in_msat,
@@ -264,8 +269,9 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
         .ok_or_else(|| LedgerError::Invariant("more released than reserved".to_owned()))?;
     for item in reader.scan_raw(Tree::Accounts) {
         let (key, raw) = item?;
-        let account = PublicKey::from_slice(&key)
-            .map_err(|e| LedgerError::Invariant(format!("bad account key: {e}")))?;
+        let account = Account::from_key(&key).ok_or_else(|| {
+            LedgerError::Invariant(format!("bad account key {}", hex::encode(&key)))
+        })?;
         let balance = be_u64(&raw)
             .ok_or_else(|| LedgerError::Invariant(format!("bad balance for {account}")))?;
         totals.accounts += 1;
@@ -327,7 +333,7 @@ mod tests {
         store.commit(move |tx| post(tx, &entry)).await
     }
 
-    fn entry(kind: EntryKind, account: PublicKey, msat: u64) -> Entry {
+    fn entry(kind: EntryKind, account: Account, msat: u64) -> Entry {
         Entry {
             kind,
             account,
@@ -341,7 +347,7 @@ mod tests {
     #[tokio::test]
     async fn invariant_holds_through_a_job() -> Result<(), LedgerError> {
         let store = Store::temporary()?;
-        let alice = Keys::generate().public_key();
+        let alice = Account::from(Keys::generate().public_key());
         apply(&store, entry(EntryKind::PaymentIn, alice, 10_000)).await?;
         apply(&store, entry(EntryKind::Charge, alice, 7_000)).await?;
         apply(&store, entry(EntryKind::RefundCredit, alice, 3_000)).await?;
@@ -357,8 +363,8 @@ mod tests {
     async fn an_accounts_entries_come_newest_first_and_the_check_covers_the_index(
     ) -> Result<(), LedgerError> {
         let store = Store::temporary()?;
-        let alice = Keys::generate().public_key();
-        let bob = Keys::generate().public_key();
+        let alice = Account::from(Keys::generate().public_key());
+        let bob = Account::from(Keys::generate().public_key());
         apply(&store, entry(EntryKind::PaymentIn, alice, 1_000)).await?;
         apply(&store, entry(EntryKind::PaymentIn, bob, 2_000)).await?;
         apply(&store, entry(EntryKind::Charge, alice, 400)).await?;
@@ -372,7 +378,7 @@ mod tests {
             .commit(move |tx| {
                 Ok::<_, TxError<LedgerError>>(tx.put_raw(
                     Tree::AccountEntries,
-                    &account_entry_key(&bob, &9u64.to_be_bytes()),
+                    &account_entry_key(&bob.key(), &9u64.to_be_bytes()),
                     &[],
                 )?)
             })
@@ -385,9 +391,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_account_keyed_like_an_npub_prefix_keeps_its_entries_apart(
+    ) -> Result<(), LedgerError> {
+        // An npub whose bytes are the token tag and the first 31 bytes of a payment hash: its
+        // 32-byte prefix begins that token's 33-byte keys.
+        let npub = loop {
+            let key = Keys::generate().public_key();
+            if key.to_bytes()[0] == account::TOKEN_TAG {
+                break key;
+            }
+        };
+        let mut hash = [0u8; 32];
+        hash[..31].copy_from_slice(&npub.to_bytes()[1..]);
+        let (npub, token) = (
+            Account::from(npub),
+            Account::Token(crate::wallet::PaymentHash(hash)),
+        );
+        assert!(token.key().starts_with(&npub.key()));
+        let store = Store::temporary()?;
+        apply(&store, entry(EntryKind::PaymentIn, token, 5_000)).await?;
+        apply(&store, entry(EntryKind::PaymentIn, npub, 1_000)).await?;
+        let (mine, theirs) = store
+            .read(move |r| {
+                Ok::<_, LedgerError>((entries_of(r, &npub, 10)?, entries_of(r, &token, 10)?))
+            })
+            .await?;
+        assert_eq!(
+            mine.iter().map(|(_, e)| e.msat).collect::<Vec<_>>(),
+            [1_000]
+        );
+        assert_eq!(
+            theirs.iter().map(|(_, e)| e.msat).collect::<Vec<_>>(),
+            [5_000]
+        );
+        assert_eq!(store.read(move |r| balance(r, &token)).await?, 5_000);
+        store.read(check).await?;
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn overdraft_is_refused_and_changes_nothing() -> Result<(), LedgerError> {
         let store = Store::temporary()?;
-        let alice = Keys::generate().public_key();
+        let alice = Account::from(Keys::generate().public_key());
         apply(&store, entry(EntryKind::PaymentIn, alice, 1_000)).await?;
         let err = apply(&store, entry(EntryKind::Charge, alice, 1_001)).await;
         assert!(matches!(err, Err(LedgerError::Overdraft { .. })));
@@ -400,13 +445,13 @@ mod tests {
     #[tokio::test]
     async fn check_detects_a_tampered_balance() -> Result<(), LedgerError> {
         let store = Store::temporary()?;
-        let alice = Keys::generate().public_key();
+        let alice = Account::from(Keys::generate().public_key());
         apply(&store, entry(EntryKind::PaymentIn, alice, 1_000)).await?;
         store
             .commit(move |tx| {
                 Ok::<_, TxError<LedgerError>>(tx.put_raw(
                     Tree::Accounts,
-                    &alice.to_bytes(),
+                    &alice.key(),
                     &5_000u64.to_be_bytes(),
                 )?)
             })

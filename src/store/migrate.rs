@@ -80,7 +80,10 @@ fn index_entries_by_account(trees: &Trees) -> Result<(), StoreError> {
     for item in trees.trees[Tree::Entries as usize].iter() {
         let (seq, raw) = item?;
         let entry: Named = decode("entries", &raw)?;
-        index.insert(account_entry_key(&entry.account, &seq), &[] as &[u8])?;
+        index.insert(
+            account_entry_key(&entry.account.to_bytes(), &seq),
+            &[] as &[u8],
+        )?;
         indexed += 1;
     }
     tracing::info!(

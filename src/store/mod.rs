@@ -514,10 +514,10 @@ pub fn be_u64(raw: &[u8]) -> Option<u64> {
 }
 
 /// The [`Tree::AccountEntries`] key of the entry numbered `seq` (its `entries` key, 8 bytes
-/// big endian) on `account`.
-pub fn account_entry_key(account: &nostr_sdk::PublicKey, seq: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(32 + seq.len());
-    key.extend_from_slice(&account.to_bytes());
+/// big endian) on the account whose store key is `account`.
+pub fn account_entry_key(account: &[u8], seq: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(account.len() + seq.len());
+    key.extend_from_slice(account);
     key.extend_from_slice(seq);
     key
 }

@@ -254,8 +254,8 @@ fn a_version_1_store_is_migrated() {
 fn a_version_4_store_gets_its_ledger_indexed_by_account() {
     use crate::ledger::{self, Entry, EntryKind};
     let dir = tempfile::tempdir().expect("tempdir");
-    let alice = nostr_sdk::Keys::generate().public_key();
-    let bob = nostr_sdk::Keys::generate().public_key();
+    let alice = ledger::Account::from(nostr_sdk::Keys::generate().public_key());
+    let bob = ledger::Account::from(nostr_sdk::Keys::generate().public_key());
     let entry = |kind, account, msat| Entry {
         kind,
         account,
@@ -290,10 +290,10 @@ fn a_version_4_store_gets_its_ledger_indexed_by_account() {
         }
         let accounts = db.open_tree("accounts").expect("accounts");
         accounts
-            .insert(alice.to_bytes(), &700u64.to_be_bytes())
+            .insert(alice.key(), &700u64.to_be_bytes())
             .expect("alice");
         accounts
-            .insert(bob.to_bytes(), &500u64.to_be_bytes())
+            .insert(bob.key(), &500u64.to_be_bytes())
             .expect("bob");
         db.flush().expect("flush");
     }

@@ -86,7 +86,7 @@ async fn live_balance(daemon: &Daemon, account: PublicKey) -> u64 {
         .pipeline()
         .book()
         .store()
-        .read(move |r| ledger::balance(r, &account))
+        .read(move |r| ledger::balance(r, &account.into()))
         .await
         .expect("balance")
 }

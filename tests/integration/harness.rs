@@ -100,7 +100,7 @@ pub fn ledger_ok(store: &Store) -> Totals {
 /// The balance of `account`.
 pub fn balance(store: &Store, account: &PublicKey) -> u64 {
     store
-        .read_blocking(|r| ledger::balance(r, account))
+        .read_blocking(|r| ledger::balance(r, &(*account).into()))
         .expect("balance")
 }
 

@@ -322,7 +322,9 @@ async fn twenty_customers_spend_their_credit_at_once_and_nothing_is_overdrawn() 
             job.paid_msat,
             job.credit_msat
         );
-        let account = accounts.entry(job.customer).or_default();
+        let account = accounts
+            .entry(job.customer.npub().expect("a relay customer"))
+            .or_default();
         account.0 += job.paid_msat;
         account.1 += job.charge_msat.expect("charged");
     }

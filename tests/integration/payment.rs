@@ -536,7 +536,7 @@ async fn an_invoice_that_cannot_be_recorded_gives_the_reserved_credit_back() {
     for _ in 0..250 {
         let balance = book
             .store()
-            .read(move |r| dvmd::ledger::balance(r, &me))
+            .read(move |r| dvmd::ledger::balance(r, &me.into()))
             .await
             .expect("balance");
         if balance == 1_000 {
