@@ -33,6 +33,9 @@ pub enum BookError {
     /// No such job.
     #[error("no job {0}")]
     NoJob(JobId),
+    /// A new job's id is taken.
+    #[error("job {0} already exists")]
+    JobExists(JobId),
     /// The job is not waiting for a payment.
     #[error("job {0} is {1:?}, not waiting for payment")]
     NotAwaitingPayment(JobId, JobState),

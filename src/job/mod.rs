@@ -9,11 +9,13 @@
 //! - [`payment`]: settlement hints and the reconciler; only a wallet lookup moves a job to `Paid`.
 //! - [`worker`]: the bounded worker pool that runs paid jobs, delivers and settles them.
 //! - [`recovery`]: resuming every unfinished job on start.
+//! - [`direct`]: jobs that come in paid through an HTTP door, and their answers.
 //! - [`account`]: an account's balance and history, and invoices that top it up.
 
 pub mod account;
 pub mod book;
 pub mod checkpoint;
+pub mod direct;
 pub mod holds;
 pub mod id;
 pub mod invoices;
@@ -31,5 +33,5 @@ pub use holds::audit;
 pub use id::JobId;
 pub use invoices::{PaymentOutcome, PaymentRecord};
 pub use pipeline::{JobConfig, Pipeline, Screening, WorkQueue};
-pub use record::{Job, JobInvoice};
+pub use record::{Door, Job, JobInvoice};
 pub use state::{IllegalTransition, JobState};

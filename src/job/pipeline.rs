@@ -88,6 +88,8 @@ pub struct WorkItem {
     /// The `processing` feedback stored with `Running` by whoever started the job (credit
     /// jobs start in the transaction that reserves their credit); the worker publishes it.
     pub announced: Option<Box<Event>>,
+    /// The response waiting for an HTTP job's answer.
+    pub live: Option<super::direct::LiveSink>,
 }
 
 /// The receiving end of the run queue, shared by the workers.
@@ -468,6 +470,7 @@ impl Pipeline {
             job: Box::new(job),
             paid_at,
             announced: None,
+            live: None,
         })
         .await
     }
@@ -479,11 +482,12 @@ impl Pipeline {
             job: Box::new(job),
             paid_at: None,
             announced: Some(Box::new(processing)),
+            live: None,
         })
         .await
     }
 
-    async fn queue(&self, item: WorkItem) {
+    pub(super) async fn queue(&self, item: WorkItem) {
         let id = item.job.id;
         let sent = match self.inner.queue.try_send(item) {
             Ok(()) => Ok(()),

@@ -97,14 +97,7 @@ impl Pipeline {
         let config = &self.inner.config;
         let generation = TextGeneration::from_request(request, &config.limits)?;
         request.may_pay_from_credit(&self.inner.keys.public_key())?;
-        if let Some(asked) = &generation.request.model {
-            if *asked != config.model {
-                return Err(RequestError::UnknownModel {
-                    asked: asked.clone(),
-                    served: config.model.clone(),
-                });
-            }
-        }
+        self.check_model(&generation)?;
         let bound = nip90::result_size_bound(event, &job.request, generation.max_tokens);
         if bound > config.max_result_bytes {
             return Err(RequestError::ResultTooLarge {
@@ -112,6 +105,33 @@ impl Pipeline {
                 limit: config.max_result_bytes,
             });
         }
+        let (quote, prompt_tokens) = self.price(&generation).await?;
+        if let Some(bid) = request.bid_msat {
+            check_bid(bid, quote, prompt_tokens, generation.max_tokens)?;
+        }
+        Ok(quote)
+    }
+
+    /// The model asked for, if any, must be the one served.
+    fn check_model(&self, generation: &TextGeneration) -> Result<(), RequestError> {
+        let served = &self.inner.config.model;
+        match &generation.request.model {
+            Some(asked) if asked != served => Err(RequestError::UnknownModel {
+                asked: asked.clone(),
+                served: served.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The quote for a validated generation and the prompt tokens it counts, whichever door it
+    /// came in by: the model must be ours, and the prompt and its budget must fit the context.
+    pub(crate) async fn price(
+        &self,
+        generation: &TextGeneration,
+    ) -> Result<(u64, u32), RequestError> {
+        let config = &self.inner.config;
+        self.check_model(generation)?;
         let counted = tokio::time::timeout(
             COUNT_TOKENS_TIMEOUT,
             self.inner.backend.count_prompt_tokens(&generation.request),
@@ -144,18 +164,7 @@ impl Pipeline {
             });
         }
         let quote = config.rate_card.quote(prompt_tokens, generation.max_tokens);
-        if let Some(bid) = request.bid_msat {
-            if bid < quote {
-                return Err(RequestError::BadParam {
-                    name: "bid".to_owned(),
-                    reason: format!(
-                        "bid {bid} msat is below the quote of {quote} msat ({prompt_tokens} prompt tokens, up to {} completion tokens)",
-                        generation.max_tokens
-                    ),
-                });
-            }
-        }
-        Ok(quote)
+        Ok((quote, prompt_tokens))
     }
 
     /// Ask for payment of a `Quoted` job: run it on the customer's credit if that covers the
@@ -291,4 +300,22 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// A bid below the quote is refused, saying what the quote counts.
+pub(crate) fn check_bid(
+    bid: u64,
+    quote: u64,
+    prompt_tokens: u32,
+    max_tokens: u32,
+) -> Result<(), RequestError> {
+    if bid >= quote {
+        return Ok(());
+    }
+    Err(RequestError::BadParam {
+        name: "bid".to_owned(),
+        reason: format!(
+            "bid {bid} msat is below the quote of {quote} msat ({prompt_tokens} prompt tokens, up to {max_tokens} completion tokens)"
+        ),
+    })
 }

@@ -10,6 +10,10 @@ use super::state::{IllegalTransition, JobState};
 use crate::infer::Usage;
 use crate::wallet::PaymentHash;
 
+fn is_relay(door: &Door) -> bool {
+    *door == Door::Relay
+}
+
 /// The invoice a job waits on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInvoice {
@@ -23,6 +27,41 @@ pub struct JobInvoice {
     pub expires_at: u64,
 }
 
+/// The door a job came in by, which decides where its answers go (the delivery port): the job
+/// core calls the relay outbox for relay jobs, and the waiting response or the stored record for
+/// HTTP jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Door {
+    /// A NIP-90 request event on a relay: feedback and the result are signed events published
+    /// through the outbox; `Delivered` means a relay acked the result.
+    #[default]
+    Relay,
+    /// `POST /v1/jobs`: the result is stored for `GET /v1/jobs/{id}` (`Delivered` means stored),
+    /// and an unfinished job resumes after a restart like a relay job.
+    HttpJob,
+    /// `POST /v1/chat/completions`: the answer is written to the waiting response, streamed or
+    /// whole (`Delivered` means written). Its client is gone after a restart, so an unfinished
+    /// job then fails and what it holds is released.
+    HttpChat,
+}
+
+impl Door {
+    /// Whether this is one of the HTTP doors.
+    pub fn is_http(self) -> bool {
+        self != Self::Relay
+    }
+
+    /// The label for logs and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::HttpJob => "http_job",
+            Self::HttpChat => "http_chat",
+        }
+    }
+}
+
 /// One job, from request to settlement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -32,8 +71,13 @@ pub struct Job {
     pub customer: Account,
     /// Request kind.
     pub kind: u16,
-    /// The request event JSON exactly as received (the result's `request` tag; re-parsed on
-    /// recovery).
+    /// The door it came in by.
+    #[serde(default, skip_serializing_if = "is_relay")]
+    pub door: Door,
+    /// For a relay job, the request event JSON exactly as received (the result's `request` tag;
+    /// re-parsed on recovery). For an HTTP job, the [`HttpRequest`] as it will run, in JSON.
+    ///
+    /// [`HttpRequest`]: super::direct::HttpRequest
     pub request: String,
     /// Current state.
     pub state: JobState,
@@ -69,8 +113,11 @@ pub struct Job {
     pub charge_msat: Option<u64>,
     /// Exact token usage.
     pub usage: Option<Usage>,
-    /// The signed result event, persisted before it is published.
+    /// The signed result event, persisted before it is published (relay jobs).
     pub result_event: Option<String>,
+    /// The generated text, persisted before any of it counts as delivered (HTTP jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
     /// The latest signed feedback event, replayed to duplicates of the request.
     pub last_feedback: Option<String>,
 }
@@ -87,6 +134,7 @@ impl Job {
             id: request.id.into(),
             customer: request.pubkey.into(),
             kind: request.kind.as_u16(),
+            door: Door::Relay,
             request: json,
             state: JobState::Received,
             reason: None,
@@ -102,6 +150,7 @@ impl Job {
             charge_msat: None,
             usage: None,
             result_event: None,
+            result: None,
             last_feedback: None,
         }
     }

@@ -27,6 +27,13 @@ impl Pipeline {
             }
         };
         for job in jobs {
+            if job.door.is_http() {
+                // Opened `Running` and paid: a `/v1/jobs` job runs again; a chat completion's
+                // client is gone, so the worker fails it and releases its hold.
+                report.queued += 1;
+                self.enqueue(job, None).await;
+                continue;
+            }
             let event = match job.request_event() {
                 Ok(event) => event,
                 // A job past payment holds money: the worker fails and settles it (or settles

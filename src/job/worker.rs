@@ -64,6 +64,9 @@ impl Pipeline {
     /// Take one job as far as it can go from its stored state.
     async fn run(&self, item: WorkItem) {
         let inner = &self.inner;
+        if item.job.door.is_http() {
+            return self.run_direct(item).await;
+        }
         let job = *item.job;
         let free = job.state == JobState::Quoted && job.quote_msat == Some(0);
         match job.state {
@@ -375,14 +378,14 @@ impl Pipeline {
     }
 
     /// Book the charge and the remainder (a failed job, or one delivered before a restart).
-    async fn settle(&self, job: &Job, charge_msat: u64) {
+    pub(super) async fn settle(&self, job: &Job, charge_msat: u64) {
         match self.inner.book.settle(&job.id, charge_msat).await {
             Ok(job) => self.settled(&job),
             Err(e) => tracing::error!(job = %job.id, error = %e, "cannot settle job"),
         }
     }
 
-    fn settled(&self, job: &Job) {
+    pub(super) fn settled(&self, job: &Job) {
         let metrics = &self.inner.metrics;
         metrics.entered(JobState::Settled);
         let usage = job.usage.unwrap_or_default();

@@ -1,7 +1,7 @@
 //! The kind 5050 text-generation profile (`nips/dvmd-5050.md`): which inputs and params a
 //! request may carry, their units, ranges and defaults.
 
-use super::{InputType, JobRequest, RequestError};
+use super::{InputType, JobInput, JobRequest, RequestError};
 use crate::infer::{ChatMessage, GenerateRequest, Sampling};
 
 /// Limits an operator sets on kind 5050 jobs.
@@ -33,8 +33,18 @@ impl TextGeneration {
         if let Some(defect) = &job.defect {
             return Err(defect.clone());
         }
-        let mut parts = Vec::with_capacity(job.inputs.len());
-        for input in &job.inputs {
+        Self::from_parts(&job.inputs, &job.params, limits)
+    }
+
+    /// Validate inputs and params (as `i` and `param` tags carry them, or `POST /v1/jobs`)
+    /// against the profile and the operator's limits.
+    pub fn from_parts(
+        inputs: &[JobInput],
+        params: &[(String, String)],
+        limits: &TextGenerationLimits,
+    ) -> Result<Self, RequestError> {
+        let mut parts = Vec::with_capacity(inputs.len());
+        for input in inputs {
             match &input.input_type {
                 InputType::Text | InputType::Prompt => parts.push(input.value.as_str()),
                 other => return Err(RequestError::UnsupportedInput(other.as_str().to_owned())),
@@ -51,7 +61,7 @@ impl TextGeneration {
             });
         }
 
-        let max_tokens = match job.param("max_tokens") {
+        let max_tokens = match param(params, "max_tokens") {
             None => limits.default_max_tokens,
             Some(raw) => {
                 let n: u32 = parse(raw, "max_tokens", "a whole number of tokens")?;
@@ -65,9 +75,9 @@ impl TextGeneration {
             }
         };
         let sampling = Sampling {
-            temperature: param_in(job, "temperature", 0.0..=2.0)?,
-            top_p: param_in(job, "top_p", 0.0..=1.0)?,
-            top_k: match job.param("top_k") {
+            temperature: param_in(params, "temperature", 0.0..=2.0)?,
+            top_p: param_in(params, "top_p", 0.0..=1.0)?,
+            top_k: match param(params, "top_k") {
                 None => None,
                 Some(raw) => {
                     let k: u32 = parse(raw, "top_k", "a whole number")?;
@@ -77,14 +87,14 @@ impl TextGeneration {
                     Some(k)
                 }
             },
-            seed: match job.param("seed") {
+            seed: match param(params, "seed") {
                 None => None,
                 Some(raw) => Some(parse(raw, "seed", "a whole number below 2^32")?),
             },
         };
         Ok(Self {
             request: GenerateRequest {
-                model: job.param("model").map(str::to_owned),
+                model: param(params, "model").map(str::to_owned),
                 messages: vec![ChatMessage::user(prompt)],
                 sampling,
             },
@@ -99,12 +109,19 @@ fn parse<T: std::str::FromStr>(raw: &str, name: &str, expected: &str) -> Result<
         .map_err(|_| bad(name, format!("`{raw}` is not {expected}")))
 }
 
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
 fn param_in(
-    job: &JobRequest,
+    params: &[(String, String)],
     name: &str,
     range: std::ops::RangeInclusive<f32>,
 ) -> Result<Option<f32>, RequestError> {
-    let Some(raw) = job.param(name) else {
+    let Some(raw) = param(params, name) else {
         return Ok(None);
     };
     let value: f32 = parse(raw, name, "a number")?;

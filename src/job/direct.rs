@@ -1,0 +1,394 @@
+//! Jobs that come in through an HTTP door (`POST /v1/chat/completions`, `POST /v1/jobs`).
+//!
+//! They run on the same book, ledger, workers and rate card as relay jobs; only the way in and
+//! the way out differ. An HTTP job comes in paid: it is priced like a relay job, and the write
+//! that opens it reserves the whole quote from its account (an npub that signed with NIP-98, or
+//! a paid L402 token), durably, before the first byte of an answer is sent. A call the balance
+//! does not cover opens nothing. The workers run it, the exact usage is charged and the rest
+//! released, as for a relay job.
+//!
+//! The way out is the job's [`Door`]. A chat completion's answer goes to the waiting response
+//! through a [`LiveSink`], piece by piece; a client that goes away stops the generation, and the
+//! job is charged for the completion tokens generated until then, not for its reservation. A
+//! `/v1/jobs` job's result is stored for `GET /v1/jobs/{id}`.
+//!
+//! Durable before each answer: the reservation (with the job, `Running`) before the response
+//! starts; the result, usage and charge before the answer ends (the last chunk of a stream, or
+//! any byte of a whole response). Settlement follows, applied, like a relay job's. On restart a
+//! `/v1/jobs` job resumes; a chat completion's client is gone, so it fails and its hold is
+//! released.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::book::BookError;
+use super::id::JobId;
+use super::pipeline::{unix_now, Pipeline, WorkItem};
+use super::record::{Door, Job};
+use super::state::JobState;
+use crate::incident::Incident;
+use crate::infer::{FinishReason, GenerateEvent, GenerateRequest, InferError, Usage};
+use crate::ledger::Account;
+use crate::nip90::{RequestError, TextGeneration};
+
+/// Pieces of an answer buffered between the worker and a slow client.
+pub const LIVE_BUFFER: usize = 256;
+
+/// An HTTP job's request as it will run, stored in [`Job::request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// What to generate.
+    pub generation: GenerateRequest,
+    /// Completion budget in tokens.
+    pub max_tokens: u32,
+    /// Prompt tokens as counted for the quote (what a client that leaves early is charged for
+    /// the prompt).
+    pub prompt_tokens: u32,
+}
+
+/// A priced HTTP request, ready to open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Priced {
+    /// The request.
+    pub request: HttpRequest,
+    /// Its quote, msat: the most it can cost, reserved when it opens.
+    pub quote_msat: u64,
+}
+
+/// What the worker says to a waiting response.
+#[derive(Debug)]
+pub enum LiveEvent {
+    /// A piece of the answer.
+    Text(String),
+    /// The answer is complete, and its charge is durable.
+    Done(Box<Finished>),
+    /// The job failed after it opened; nothing was charged and its hold was released.
+    Failed(String),
+}
+
+/// A finished HTTP job.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The job as settled.
+    pub job: Job,
+    /// Why generation stopped.
+    pub finish: FinishReason,
+}
+
+/// The sending end a waiting response reads from.
+pub type LiveSink = mpsc::Sender<LiveEvent>;
+
+/// Why an HTTP job did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The account's balance does not cover the quote.
+    #[error("the balance of {balance_msat} msat does not cover the quote of {quote_msat} msat")]
+    Shortfall {
+        /// The quote.
+        quote_msat: u64,
+        /// The spendable balance.
+        balance_msat: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Book(#[from] BookError),
+}
+
+/// What a generation produced.
+struct Generated {
+    text: String,
+    usage: Usage,
+    /// `None` when the client went away first.
+    finish: Option<FinishReason>,
+}
+
+impl Job {
+    /// A job that comes in through an HTTP door, not yet stored.
+    pub fn http(account: Account, door: Door, kind: u16, priced: &Priced, now: u64) -> Self {
+        Self {
+            id: JobId::random(),
+            customer: account,
+            kind,
+            door,
+            request: serde_json::to_string(&priced.request).unwrap_or_default(),
+            state: JobState::Received,
+            reason: None,
+            received_at: now,
+            updated_at: now,
+            reply_relays: Vec::new(),
+            quote_msat: Some(priced.quote_msat),
+            invoice: None,
+            paid_msat: 0,
+            credit_msat: 0,
+            held_msat: 0,
+            payer: None,
+            charge_msat: None,
+            usage: None,
+            result_event: None,
+            result: None,
+            last_feedback: None,
+        }
+    }
+}
+
+impl Pipeline {
+    /// Price a validated generation for an HTTP door: the model must be ours and the prompt and
+    /// its budget must fit the context window (the checks a relay job's quote makes).
+    pub async fn price_http(&self, generation: TextGeneration) -> Result<Priced, RequestError> {
+        let (quote_msat, prompt_tokens) = self.price(&generation).await?;
+        Ok(Priced {
+            request: HttpRequest {
+                generation: generation.request,
+                max_tokens: generation.max_tokens,
+                prompt_tokens,
+            },
+            quote_msat,
+        })
+    }
+
+    /// Open a priced HTTP job on `account`: store it `Running` with its whole quote reserved
+    /// from the account's balance, in one durable write. Nothing is stored when the balance
+    /// does not cover the quote.
+    pub async fn open_http(
+        &self,
+        account: Account,
+        door: Door,
+        kind: u16,
+        priced: &Priced,
+    ) -> Result<Job, OpenError> {
+        let job = Job::http(account, door, kind, priced, unix_now());
+        let opened = self.inner.book.open_on_credit(job).await?;
+        match opened {
+            Ok(job) => {
+                let metrics = &self.inner.metrics;
+                metrics.entered(JobState::Received);
+                metrics.entered(JobState::Quoted);
+                metrics.entered(JobState::Running);
+                metrics.paid_from_credit(priced.quote_msat);
+                tracing::info!(job = %job.id, door = door.as_str(), account = %job.customer, quote_msat = priced.quote_msat, "http job opened");
+                Ok(job)
+            }
+            Err(balance_msat) => Err(OpenError::Shortfall {
+                quote_msat: priced.quote_msat,
+                balance_msat,
+            }),
+        }
+    }
+
+    /// Hand an opened HTTP job to the workers; its answer goes to `live` when a response waits
+    /// for it. Waits while the run queue is full.
+    pub async fn run_http(&self, job: Job, live: Option<LiveSink>) {
+        self.queue(WorkItem {
+            job: Box::new(job),
+            paid_at: None,
+            announced: None,
+            live,
+        })
+        .await
+    }
+
+    /// An HTTP job by id, if `account` owns it.
+    pub async fn http_job(&self, id: &JobId, account: &Account) -> Result<Option<Job>, BookError> {
+        Ok(self
+            .inner
+            .book
+            .get(id)
+            .await?
+            .filter(|job| job.door.is_http() && job.customer == *account))
+    }
+
+    /// The worker's part for an HTTP job: run it (or finish what a restart interrupted),
+    /// store the result and charge, settle, and answer on its door.
+    pub(crate) async fn run_direct(&self, item: WorkItem) {
+        let job = *item.job;
+        let live = item.live;
+        match job.state {
+            JobState::Running => {}
+            JobState::Delivered | JobState::Failed => {
+                return self.settle(&job, job.charge_msat.unwrap_or(0)).await
+            }
+            _ => return tracing::debug!(job = %job.id, state = ?job.state, "nothing to run"),
+        }
+        if job.door == Door::HttpChat && live.is_none() {
+            // Recovered after a restart: the response it was for is gone.
+            let reason = "the daemon restarted before the answer was written; nothing was charged";
+            return self.fail_direct(&job, None, reason.to_owned()).await;
+        }
+        if job.result.is_some() {
+            // Generated and charged before a restart: settle it as stored.
+            return self.finish_direct(job, None, FinishReason::Stop).await;
+        }
+        let request: HttpRequest = match serde_json::from_str(&job.request) {
+            Ok(request) => request,
+            Err(e) => {
+                let reason = format!(
+                    "this service lost the request ({})",
+                    Incident::log("stored http request", &e)
+                );
+                return self.fail_direct(&job, live.as_ref(), reason).await;
+            }
+        };
+        let started = Instant::now();
+        let generated = self.generate_live(&request, live.as_ref()).await;
+        self.inner.metrics.inference.observe(started.elapsed());
+        let generated = match generated {
+            Ok(generated) => generated,
+            Err(reason) => return self.fail_direct(&job, live.as_ref(), reason).await,
+        };
+        let inner = &self.inner;
+        let usage = generated.usage;
+        let charge = inner.config.rate_card.charge(usage).min(job.funds_msat());
+        let left = generated.finish.is_none().then(|| {
+            format!(
+                "the client left after {} completion tokens; charged for those",
+                usage.completion_tokens
+            )
+        });
+        let text = generated.text;
+        // Durable before the answer ends: the charge must survive whatever the client saw.
+        let stored = inner
+            .book
+            .update_durably(&job.id, move |stored, _| {
+                stored.result = Some(text.clone());
+                stored.usage = Some(usage);
+                stored.charge_msat = Some(charge);
+                stored.reason.clone_from(&left);
+                Ok(())
+            })
+            .await;
+        let job = match stored {
+            Ok(job) => job,
+            Err(e) => {
+                // Still `Running` with its hold: recovery fails or reruns it.
+                let incident = Incident::log("storing an http result", &e);
+                if let Some(live) = &live {
+                    let reason = format!("this service cannot record the answer ({incident})");
+                    let _ = live.send(LiveEvent::Failed(reason)).await;
+                }
+                return;
+            }
+        };
+        tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "http job generated");
+        let finish = generated.finish.unwrap_or(FinishReason::Stop);
+        self.finish_direct(job, live, finish).await;
+    }
+
+    /// `Running -> Delivered -> Settled` for an HTTP job whose result and charge are stored,
+    /// then the end of the answer.
+    async fn finish_direct(&self, job: Job, live: Option<LiveSink>, finish: FinishReason) {
+        let charge = job.charge_msat.unwrap_or(0);
+        let settled = match self
+            .inner
+            .book
+            .settle_delivered(&job.id, charge, None)
+            .await
+        {
+            Ok(settled) => settled,
+            Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot settle http job"),
+        };
+        self.inner.metrics.entered(JobState::Delivered);
+        self.settled(&settled);
+        if let Some(live) = live {
+            let finished = Finished {
+                job: settled,
+                finish,
+            };
+            let _ = live.send(LiveEvent::Done(Box::new(finished))).await;
+        }
+    }
+
+    /// `Running -> Failed -> Settled` with no charge (the hold goes back to the account), then
+    /// say why on the door.
+    async fn fail_direct(&self, job: &Job, live: Option<&LiveSink>, reason: String) {
+        tracing::warn!(job = %job.id, door = job.door.as_str(), reason = %reason, held_msat = job.held_msat, "http job failed; its hold is released");
+        let recorded = reason.clone();
+        let failed = self
+            .inner
+            .book
+            .transition(&job.id, JobState::Failed, move |job| {
+                job.reason = Some(recorded.clone());
+                job.charge_msat = Some(0);
+            })
+            .await;
+        match failed {
+            Ok(job) => {
+                self.inner.metrics.entered(JobState::Failed);
+                self.settle(&job, 0).await;
+            }
+            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record failure"),
+        }
+        if let Some(live) = live {
+            let said = format!("{reason}; nothing was charged");
+            let _ = live.send(LiveEvent::Failed(said)).await;
+        }
+    }
+
+    /// Generate, passing each piece to `live` as it comes. A client that went away stops the
+    /// generation (the stream is dropped), and the usage is the counted prompt and one token
+    /// per piece generated: each piece is at least one token, so this never charges more than
+    /// was generated.
+    async fn generate_live(
+        &self,
+        request: &HttpRequest,
+        live: Option<&LiveSink>,
+    ) -> Result<Generated, String> {
+        let inner = &self.inner;
+        let timeout = Duration::from_secs(inner.config.job_timeout_secs);
+        let run = async {
+            let mut stream = inner
+                .backend
+                .generate(request.generation.clone(), request.max_tokens)
+                .await?;
+            let mut text = String::new();
+            let mut pieces = 0u32;
+            while let Some(event) = stream.next().await {
+                match event? {
+                    GenerateEvent::Text(piece) => {
+                        pieces = pieces.saturating_add(1);
+                        text.push_str(&piece);
+                        if let Some(live) = live {
+                            if live.send(LiveEvent::Text(piece)).await.is_err() {
+                                let usage = Usage {
+                                    prompt_tokens: request.prompt_tokens,
+                                    completion_tokens: pieces,
+                                };
+                                return Ok(Generated {
+                                    text,
+                                    usage,
+                                    finish: None,
+                                });
+                            }
+                        }
+                    }
+                    GenerateEvent::Done { usage, finish } => {
+                        return Ok(Generated {
+                            text,
+                            usage,
+                            finish: Some(finish),
+                        })
+                    }
+                }
+            }
+            Err(InferError::Backend(
+                "generation stream ended without usage".to_owned(),
+            ))
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(generated)) => Ok(generated),
+            Ok(Err(InferError::Timeout(secs))) => {
+                Err(format!("inference took longer than {secs} s"))
+            }
+            Ok(Err(e)) => Err(format!(
+                "the model failed ({})",
+                Incident::log("inference", &e)
+            )),
+            Err(_) => Err(format!(
+                "inference took longer than {} s",
+                timeout.as_secs()
+            )),
+        }
+    }
+}
