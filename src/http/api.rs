@@ -77,6 +77,9 @@ pub fn routes(max_body_bytes: usize) -> Router<HttpState> {
         .route("/v1/models", get(models))
         .route("/v1/account", get(account))
         .route("/v1/account/topup", post(topup))
+        .route("/v1/chat/completions", post(super::chat::completions))
+        .route("/v1/jobs", post(super::jobs::create))
+        .route("/v1/jobs/{id}", get(super::jobs::show))
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
@@ -87,19 +90,27 @@ pub struct OpenAiError {
     kind: &'static str,
     code: &'static str,
     message: String,
+    /// Beside `error`: the top-up invoice of a 402.
+    top_up: Option<serde_json::Value>,
 }
 
 impl OpenAiError {
-    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+    pub(super) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: String,
+    ) -> Self {
         Self {
             status,
             kind,
             code,
             message,
+            top_up: None,
         }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -108,7 +119,7 @@ impl OpenAiError {
         )
     }
 
-    fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
+    pub(super) fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -120,7 +131,7 @@ impl OpenAiError {
         )
     }
 
-    fn rate_limited(message: impl Into<String>) -> Self {
+    pub(super) fn rate_limited(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -158,9 +169,13 @@ impl From<BytesRejection> for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({
+        let mut body = json!({
             "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null }
-        }));
+        });
+        if let Some(top_up) = self.top_up {
+            body["top_up"] = top_up;
+        }
+        let body = Json(body);
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
         match self.status {
@@ -177,7 +192,7 @@ impl IntoResponse for OpenAiError {
 }
 
 /// The parts of `state` the `/v1` routes need, or 503 when the daemon runs without them.
-fn parts(state: &HttpState) -> Result<(&ApiConfig, &Pipeline), OpenAiError> {
+pub(super) fn parts(state: &HttpState) -> Result<(&ApiConfig, &Pipeline), OpenAiError> {
     match (&state.api, &state.pipeline) {
         (Some(api), Some(pipeline)) => Ok((api, pipeline)),
         _ => Err(OpenAiError::new(
@@ -190,7 +205,7 @@ fn parts(state: &HttpState) -> Result<(&ApiConfig, &Pipeline), OpenAiError> {
 }
 
 /// Who signed this request (NIP-98), checked against its public URL, method and body.
-fn authenticate(
+pub(super) fn authenticate(
     api: &ApiConfig,
     method: &Method,
     uri: &Uri,
@@ -281,6 +296,66 @@ struct TopUp {
     amount_msat: u64,
 }
 
+/// The 402 for a call the caller's balance does not cover: an invoice for the shortfall,
+/// rounded up to whole sats, that credits the caller when paid. It is bound to no call and
+/// reserves nothing; the caller retries with a new NIP-98 event once it is paid. Minting it takes
+/// a token from the top-up flood limit.
+pub(super) async fn shortfall(
+    api: &ApiConfig,
+    pipeline: &Pipeline,
+    who: PublicKey,
+    quote_msat: u64,
+    balance_msat: u64,
+) -> OpenAiError {
+    let amount_msat = quote_msat
+        .saturating_sub(balance_msat)
+        .div_ceil(1000)
+        .max(1)
+        * 1000;
+    if !api.topups.try_take_at(Instant::now()) {
+        return OpenAiError::rate_limited(format!(
+            "your balance of {balance_msat} msat does not cover the quote of {quote_msat} msat, and too many top-up invoices were issued just now; retry in a minute"
+        ));
+    }
+    let invoice = pipeline
+        .top_up_invoice(who.into(), amount_msat, amount_msat.max(api.max_topup_msat))
+        .await;
+    let invoice = match invoice {
+        Ok(invoice) => invoice,
+        Err(e) => return top_up_refused(e),
+    };
+    let mut error = OpenAiError::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "insufficient_quota",
+        "insufficient_balance",
+        format!(
+            "your balance of {balance_msat} msat does not cover the quote of {quote_msat} msat; pay the invoice in `top_up` ({} msat) to credit your account, then retry with a new NIP-98 event",
+            invoice.amount_msat
+        ),
+    );
+    error.top_up = Some(json!({
+        "bolt11": invoice.bolt11,
+        "payment_hash": invoice.payment_hash.to_string(),
+        "amount_msat": invoice.amount_msat,
+        "expires_at": invoice.expires_at,
+        "credits": who.to_hex(),
+        "quote_msat": quote_msat,
+        "balance_msat": balance_msat,
+    }));
+    error
+}
+
+fn top_up_refused(e: TopUpRefusal) -> OpenAiError {
+    match e {
+        TopUpRefusal::Amount(reason) => OpenAiError::invalid(reason),
+        TopUpRefusal::Wallet(e @ WalletError::InvalidInvoice(_)) => {
+            OpenAiError::invalid(e.to_string())
+        }
+        TopUpRefusal::Wallet(e) => OpenAiError::unavailable("wallet", &e),
+        TopUpRefusal::Book(e) => OpenAiError::unavailable("store", &e),
+    }
+}
+
 async fn topup(
     State(state): State<HttpState>,
     method: Method,
@@ -304,14 +379,7 @@ async fn topup(
     let invoice = pipeline
         .top_up_invoice(who.into(), amount_msat, api.max_topup_msat)
         .await
-        .map_err(|e| match e {
-            TopUpRefusal::Amount(reason) => OpenAiError::invalid(reason),
-            TopUpRefusal::Wallet(e @ WalletError::InvalidInvoice(_)) => {
-                OpenAiError::invalid(e.to_string())
-            }
-            TopUpRefusal::Wallet(e) => OpenAiError::unavailable("wallet", &e),
-            TopUpRefusal::Book(e) => OpenAiError::unavailable("store", &e),
-        })?;
+        .map_err(top_up_refused)?;
     Ok(Json(json!({
         "object": "topup",
         "bolt11": invoice.bolt11,

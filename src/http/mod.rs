@@ -2,7 +2,9 @@
 //! `/v1` API ([`api`]), and in dev mode `/dev/pay`.
 
 pub mod api;
+pub mod chat;
 pub mod error;
+pub mod jobs;
 pub mod lnurl;
 pub mod nip98;
 

@@ -30,7 +30,8 @@ pub enum InputType {
 }
 
 impl InputType {
-    fn parse(s: &str) -> Self {
+    /// The type an `i` tag (or a `/v1/jobs` input) names.
+    pub fn parse(s: &str) -> Self {
         match s {
             "text" => Self::Text,
             "prompt" => Self::Prompt,

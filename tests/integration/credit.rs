@@ -8,47 +8,12 @@ use std::time::Duration;
 use dvmd::customer::{self, Customer, Reply};
 use dvmd::daemon::Daemon;
 use dvmd::infer::instant::InstantBackend;
-use dvmd::infer::{Backend, GenerateRequest, GenerateStream, InferError};
 use dvmd::job::{Job, JobState};
 use dvmd::ledger;
 use dvmd::nip90::JobStatus;
 use nostr_sdk::{EventId, Keys, PublicKey};
 
-use crate::harness::{self, DaemonProcess, REPLY_TIMEOUT};
-
-/// The instant backend behind a gate: nothing generates until the test lets it, so jobs stay
-/// `Running` (holding their credit) as long as the test needs.
-struct GatedBackend {
-    inner: InstantBackend,
-    gate: Arc<tokio::sync::Semaphore>,
-}
-
-#[async_trait::async_trait]
-impl Backend for GatedBackend {
-    fn name(&self) -> &str {
-        "gated"
-    }
-
-    async fn count_prompt_tokens(
-        &self,
-        request: &GenerateRequest,
-    ) -> Result<Option<u32>, InferError> {
-        self.inner.count_prompt_tokens(request).await
-    }
-
-    async fn generate(
-        &self,
-        request: GenerateRequest,
-        max_tokens: u32,
-    ) -> Result<GenerateStream, InferError> {
-        self.gate
-            .acquire()
-            .await
-            .map_err(|_| InferError::Backend("gate closed".into()))?
-            .forget();
-        self.inner.generate(request, max_tokens).await
-    }
-}
+use crate::harness::{self, DaemonProcess, GatedBackend, REPLY_TIMEOUT};
 
 /// The first feedback about `job`: (status, info, amount asked).
 async fn first_feedback(

@@ -321,6 +321,83 @@ pub fn nostr_tools_nip98(keys: &Keys, url: &str, method: &str, payload: Option<&
     line[0]["header"].as_str().expect("header").to_owned()
 }
 
+/// An `Authorization` value signed here with a random `nonce` tag, so that the same call made
+/// many times in one second is many events (nostr-tools would sign them all alike, and NIP-98
+/// refuses the copies as replays).
+pub fn nip98_with_nonce(keys: &Keys, url: &str, method: &str, body: Option<&str>) -> String {
+    use base64::Engine;
+    use bitcoin::hashes::{sha256, Hash};
+    let mut tags = vec![
+        Tag::custom(TagKind::custom("u"), [url]),
+        Tag::custom(TagKind::custom("method"), [method.to_uppercase()]),
+        Tag::custom(
+            TagKind::custom("nonce"),
+            [Keys::generate().public_key().to_hex()],
+        ),
+    ];
+    if let Some(body) = body {
+        let hash = sha256::Hash::hash(body.as_bytes()).to_string();
+        tags.push(Tag::custom(TagKind::custom("payload"), [hash]));
+    }
+    let event = EventBuilder::new(Kind::from(27235u16), "")
+        .tags(tags)
+        .sign_with_keys(keys)
+        .expect("sign");
+    let token = base64::engine::general_purpose::STANDARD.encode(event.as_json());
+    format!("Nostr {token}")
+}
+
+/// Run `tests/peers/<script>` with the peers' Python venv (PyPI nostr-sdk, openai); its
+/// stdout, one JSON value a line.
+pub fn python_peer(script: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(script);
+    let python = std::env::var("DVMD_PEERS_PYTHON")
+        .expect("DVMD_PEERS_PYTHON not set: run `make test` (it installs the peer venv)");
+    let output = Command::new(python)
+        .arg(path)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(
+        output.status.success(),
+        "{script}: {}\n{stdout}",
+        output.status
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// Credit `keys`' npub with `msat` over the `/v1` door: a top-up invoice asked for with a
+/// nostr-tools NIP-98 header, paid through `/dev/pay`, booked.
+pub async fn http_top_up(daemon: &dvmd::daemon::Daemon, keys: &Keys, msat: u64) {
+    let http = &daemon.ready().http_url;
+    let url = format!("{http}/v1/account/topup");
+    let body = format!(r#"{{"amount_msat":{msat}}}"#);
+    let header = nostr_tools_nip98(keys, &url, "post", Some(&body));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("Authorization", header)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST /v1/account/topup");
+    assert_eq!(response.status(), 200, "top-up refused");
+    let topup: serde_json::Value = response.json().await.expect("json");
+    let hash = dvmd::wallet::PaymentHash::try_from(
+        topup["payment_hash"].as_str().expect("hash").to_owned(),
+    )
+    .expect("payment hash");
+    dev_pay(http, topup["bolt11"].as_str().expect("bolt11")).await;
+    wait_for_booking(daemon.pipeline().book(), &hash).await;
+}
+
 /// Run `tests/peers/<script>` with node and the npm peers; its stdout, one JSON value a line.
 fn node_peer(script: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -393,4 +470,38 @@ pub async fn zap_top_up(
     let (status, body) = callback(http_url, msat, &zap).await;
     assert_eq!(status, 200, "{body}");
     dev_pay(http_url, body["pr"].as_str().expect("pr")).await;
+}
+
+/// The instant backend behind a gate: nothing generates until the test lets it, so jobs stay
+/// `Running` (holding their credit) as long as the test needs.
+pub struct GatedBackend {
+    pub inner: dvmd::infer::instant::InstantBackend,
+    pub gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Backend for GatedBackend {
+    fn name(&self) -> &str {
+        "gated"
+    }
+
+    async fn count_prompt_tokens(
+        &self,
+        request: &dvmd::infer::GenerateRequest,
+    ) -> Result<Option<u32>, dvmd::infer::InferError> {
+        self.inner.count_prompt_tokens(request).await
+    }
+
+    async fn generate(
+        &self,
+        request: dvmd::infer::GenerateRequest,
+        max_tokens: u32,
+    ) -> Result<dvmd::infer::GenerateStream, dvmd::infer::InferError> {
+        self.gate
+            .acquire()
+            .await
+            .map_err(|_| dvmd::infer::InferError::Backend("gate closed".into()))?
+            .forget();
+        self.inner.generate(request, max_tokens).await
+    }
 }

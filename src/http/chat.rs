@@ -1,0 +1,438 @@
+//! `POST /v1/chat/completions`: OpenAI's chat completions, billed to the npub that signs the
+//! call with NIP-98.
+//!
+//! The call is validated and priced like a kind 5050 job, then opened on the caller's balance
+//! (the whole quote reserved, durably, before any byte of the answer; see [`crate::job::direct`]).
+//! A balance that does not cover the quote gets a 402 with a top-up invoice for the shortfall.
+//! `stream: true` answers in server-sent events, OpenAI's chunks, then a chunk with `usage`
+//! (always sent, whether or not `stream_options.include_usage` asks), then `[DONE]`; a client
+//! that goes away stops the generation and is charged for what was generated. Every answer names
+//! its job and charge in a `dvmd` object beside OpenAI's fields, and in `X-Dvmd-Job`.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::api::{authenticate, parts, shortfall, OpenAiError};
+use super::HttpState;
+use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
+use crate::job::direct::{Finished, LiveEvent, OpenError, LIVE_BUFFER};
+use crate::job::{Door, Job, Pipeline};
+use crate::nip90::{RequestError, TextGeneration, TextGenerationLimits};
+
+/// The NIP-90 kind a chat completion is metered as.
+const TEXT_GENERATION: u16 = 5050;
+
+/// The request fields dvmd reads; the rest of OpenAI's schema is accepted and ignored, except
+/// the ones that would change the answer in ways it cannot honour (`n` above 1, `stop`, tools).
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<InMessage>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    #[serde(default)]
+    stream: bool,
+    n: Option<u32>,
+    stop: Option<Value>,
+    tools: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Content,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+    #[default]
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl ChatRequest {
+    /// The generation this asks for, checked against the operator's limits.
+    fn generation(self, limits: &TextGenerationLimits) -> Result<TextGeneration, OpenAiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(param("n", "only n = 1 is served"));
+        }
+        if self.stop.as_ref().is_some_and(|stop| !stop.is_null()) {
+            return Err(param("stop", "stop sequences are not supported"));
+        }
+        if self.tools.as_ref().is_some_and(|tools| !tools.is_null()) {
+            return Err(param("tools", "tools are not supported"));
+        }
+        if self.messages.is_empty() {
+            return Err(param("messages", "at least one message is required"));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        let mut bytes = 0usize;
+        for message in self.messages {
+            let role = match message.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(param(
+                        "messages",
+                        &format!("role `{other}` is not supported"),
+                    ))
+                }
+            };
+            let content = match message.content {
+                Content::Text(text) => text,
+                Content::None => String::new(),
+                Content::Parts(parts) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(piece)) => text.push_str(&piece),
+                            (kind, _) => {
+                                return Err(param(
+                                    "messages",
+                                    &format!("content of type `{kind}` is not supported"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            bytes += content.len();
+            messages.push(ChatMessage {
+                role: role.to_owned(),
+                content,
+            });
+        }
+        if bytes > limits.max_prompt_bytes {
+            return Err(param(
+                "messages",
+                &format!(
+                    "the messages hold {bytes} bytes; at most {} are accepted",
+                    limits.max_prompt_bytes
+                ),
+            ));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => limits.default_max_tokens,
+            Some(n) if (1..=limits.max_tokens_limit).contains(&n) => n,
+            Some(n) => {
+                return Err(param(
+                    "max_tokens",
+                    &format!("{n} is outside 1..={}", limits.max_tokens_limit),
+                ))
+            }
+        };
+        let temperature = in_range("temperature", self.temperature, 0.0..=2.0)?;
+        let top_p = in_range("top_p", self.top_p, 0.0..=1.0)?;
+        let seed = match self.seed {
+            None => None,
+            Some(seed) => Some(
+                u32::try_from(seed)
+                    .map_err(|_| param("seed", "must be a whole number in 0..2^32"))?,
+            ),
+        };
+        Ok(TextGeneration {
+            request: GenerateRequest {
+                model: self.model,
+                messages,
+                sampling: Sampling {
+                    temperature,
+                    top_p,
+                    top_k: None,
+                    seed,
+                },
+            },
+            max_tokens,
+        })
+    }
+}
+
+fn in_range(
+    name: &str,
+    value: Option<f32>,
+    range: std::ops::RangeInclusive<f32>,
+) -> Result<Option<f32>, OpenAiError> {
+    match value {
+        Some(v) if !v.is_finite() || !range.contains(&v) => Err(param(
+            name,
+            &format!("{v} is outside {}..={}", range.start(), range.end()),
+        )),
+        value => Ok(value),
+    }
+}
+
+fn param(name: &str, reason: &str) -> OpenAiError {
+    OpenAiError::invalid(format!("`{name}`: {reason}"))
+}
+
+/// What pricing refused, as the API says it.
+pub(super) fn refused(e: RequestError) -> OpenAiError {
+    match e {
+        RequestError::UnknownModel { asked, served } => OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("model `{asked}` is not served here; use `{served}`"),
+        ),
+        RequestError::Unavailable(incident) => OpenAiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "unavailable",
+            format!("the model cannot price this right now; retry later ({incident})"),
+        ),
+        e => OpenAiError::invalid(e.to_string()),
+    }
+}
+
+/// Open an HTTP job on `who`'s balance, or say why not (a 402 with a top-up invoice when the
+/// balance is short).
+pub(super) async fn open(
+    state: &HttpState,
+    who: nostr_sdk::PublicKey,
+    door: Door,
+    kind: u16,
+    generation: TextGeneration,
+    bid_msat: Option<u64>,
+) -> Result<Job, OpenAiError> {
+    let (api, pipeline) = parts(state)?;
+    let max_tokens = generation.max_tokens;
+    let priced = pipeline.price_http(generation).await.map_err(refused)?;
+    if let Some(bid) = bid_msat {
+        crate::job::quote::check_bid(
+            bid,
+            priced.quote_msat,
+            priced.request.prompt_tokens,
+            max_tokens,
+        )
+        .map_err(refused)?;
+    }
+    match pipeline.open_http(who.into(), door, kind, &priced).await {
+        Ok(job) => Ok(job),
+        Err(OpenError::Shortfall {
+            quote_msat,
+            balance_msat,
+        }) => Err(shortfall(api, pipeline, who, quote_msat, balance_msat).await),
+        Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
+    }
+}
+
+pub(super) async fn completions(
+    State(state): State<HttpState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let body = body?;
+    let who = authenticate(api, &method, &uri, &headers, &body)?;
+    let request: ChatRequest = serde_json::from_slice(&body)
+        .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
+    let stream = request.stream;
+    let generation = request.generation(&pipeline.inner.config.limits)?;
+    let job = open(
+        &state,
+        who,
+        Door::HttpChat,
+        TEXT_GENERATION,
+        generation,
+        None,
+    )
+    .await?;
+    let answer = Answer::of(pipeline, &job);
+    let (live, rx) = mpsc::channel(LIVE_BUFFER);
+    pipeline.run_http(job, Some(live)).await;
+    Ok(if stream {
+        answer.stream(rx)
+    } else {
+        answer.whole(rx).await?
+    })
+}
+
+/// What every answer to one call shares.
+#[derive(Clone)]
+struct Answer {
+    id: String,
+    job: String,
+    model: String,
+    created: u64,
+}
+
+impl Answer {
+    fn of(pipeline: &Pipeline, job: &Job) -> Self {
+        Self {
+            id: format!("chatcmpl-{}", job.id),
+            job: job.id.to_hex(),
+            model: pipeline.inner.config.model.clone(),
+            created: job.received_at,
+        }
+    }
+
+    fn header(&self, response: &mut Response) {
+        if let Ok(value) = HeaderValue::from_str(&self.job) {
+            response.headers_mut().insert("x-dvmd-job", value);
+        }
+    }
+
+    /// Wait for the whole answer, then write it.
+    async fn whole(self, mut rx: mpsc::Receiver<LiveEvent>) -> Result<Response, OpenAiError> {
+        let mut text = String::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                LiveEvent::Text(piece) => text.push_str(&piece),
+                LiveEvent::Failed(reason) => return Err(failed(reason)),
+                LiveEvent::Done(finished) => {
+                    let body = json!({
+                        "id": self.id,
+                        "object": "chat.completion",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [{
+                            "index": 0,
+                            "message": { "role": "assistant", "content": text },
+                            "logprobs": null,
+                            "finish_reason": finish_reason(finished.finish),
+                        }],
+                        "usage": usage(&finished),
+                        "dvmd": dvmd(&finished),
+                    });
+                    let mut response = Json(body).into_response();
+                    self.header(&mut response);
+                    return Ok(response);
+                }
+            }
+        }
+        Err(failed(
+            "the worker stopped before the answer was complete".to_owned(),
+        ))
+    }
+
+    /// Answer in server-sent events as the pieces come.
+    fn stream(self, rx: mpsc::Receiver<LiveEvent>) -> Response {
+        let first = self.chunk(json!({ "role": "assistant", "content": "" }), None);
+        let answer = self.clone();
+        let events = futures::stream::unfold((Some(rx), Some(first)), move |(rx, first)| {
+            let answer = answer.clone();
+            async move {
+                if let Some(first) = first {
+                    return Some((Ok::<_, Infallible>(first), (rx, None)));
+                }
+                let mut rx = rx?;
+                let bytes = match rx.recv().await {
+                    Some(LiveEvent::Text(piece)) => answer.chunk(json!({ "content": piece }), None),
+                    Some(LiveEvent::Done(finished)) => {
+                        let mut last = answer.chunk(json!({}), Some(finished.finish)).to_vec();
+                        let usage = json!({
+                            "id": answer.id,
+                            "object": "chat.completion.chunk",
+                            "created": answer.created,
+                            "model": answer.model,
+                            "choices": [],
+                            "usage": usage(&finished),
+                            "dvmd": dvmd(&finished),
+                        });
+                        last.extend_from_slice(&sse(&usage));
+                        last.extend_from_slice(b"data: [DONE]\n\n");
+                        return Some((Ok(Bytes::from(last)), (None, None)));
+                    }
+                    Some(LiveEvent::Failed(reason)) => {
+                        let error = json!({ "error": {
+                            "message": reason, "type": "server_error", "code": "job_failed", "param": null
+                        }});
+                        return Some((Ok(sse(&error)), (None, None)));
+                    }
+                    None => return None,
+                };
+                Some((Ok(bytes), (Some(rx), None)))
+            }
+        });
+        let mut response = Response::new(Body::from_stream(events));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        self.header(&mut response);
+        response
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<FinishReason>) -> Bytes {
+        sse(&json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "delta": delta,
+                "logprobs": null,
+                "finish_reason": finish.map(finish_reason),
+            }],
+        }))
+    }
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn failed(reason: String) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "job_failed",
+        reason,
+    )
+}
+
+fn finish_reason(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(finished: &Finished) -> Value {
+    let usage = finished.job.usage.unwrap_or_default();
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    })
+}
+
+/// The money side of an answer.
+fn dvmd(finished: &Finished) -> Value {
+    let job = &finished.job;
+    let charged = job.charge_msat.unwrap_or(0);
+    json!({
+        "job": job.id.to_hex(),
+        "quote_msat": job.quote_msat,
+        "charge_msat": charged,
+        "released_msat": job.funds_msat().saturating_sub(charged),
+    })
+}
