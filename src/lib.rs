@@ -13,6 +13,11 @@
 //! job::zap        LNURL callback (http::lnurl): a zap naming the job gets its own invoice
 //! job::account    HTTP /v1 (http::api, NIP-98 says whose): balance and history, top-up
 //!                 invoices that credit the npub (booked like any payment: job::payment)
+//! job::direct     HTTP jobs (http::chat /v1/chat/completions, http::jobs /v1/jobs): priced
+//!                 like relay jobs, opened Running with the quote reserved from the account
+//!                 (COMMIT, or 402 + a top-up invoice), run by the same workers, answered on
+//!                 their door (job::Door: the waiting response, streamed or whole, or the
+//!                 stored record), charged the exact usage
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + payment_in + reserve + Paid, one tx
@@ -23,6 +28,9 @@
 //!                 -> book.settle: release the hold, charge exact usage, Settled
 //! job::recovery   on start, every unfinished job resumes from its persisted state
 //! ```
+//! A job's id is a [`job::JobId`] (a relay job's is its request event id); a ledger account is
+//! a [`ledger::Account`] (an npub, or the payment hash of a paid L402 challenge).
+//!
 //! Every state change goes through the one transition table in [`job::state`] and is persisted
 //! before the side effect it allows. Money is msat everywhere; the [`ledger`] invariant is
 //! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances) + held`, where

@@ -6,11 +6,15 @@
 //! - `POST /v1/account/topup {"amount_msat"}`: an invoice that credits the caller's npub once
 //!   our wallet confirms it (NIP-98). It is recorded before it is returned, bound to no job,
 //!   and reserves nothing.
+//! - `POST /v1/chat/completions` ([`super::chat`]) and `POST /v1/jobs`, `GET /v1/jobs/{id}`
+//!   ([`super::jobs`]): jobs billed to the caller's npub (NIP-98); 402 with a top-up invoice
+//!   for the shortfall when the balance does not cover the quote.
 //!
 //! NIP-98 events are checked against `[http] public_url` plus the request's path and query
 //! (see [`super::nip98`]). Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`,
-//! with the status that says what to do: 401 (sign again), 400/413 (fix the request), 429
-//! (wait `Retry-After` seconds), 503 (the wallet or store is down; retry later).
+//! with the status that says what to do: 401 (sign again), 402 (pay `top_up`, then sign
+//! again), 400/404/413 (fix the request), 429 (wait `Retry-After` seconds), 503 (the wallet or
+//! store is down; retry later).
 
 use std::time::Instant;
 
