@@ -60,6 +60,7 @@ pub mod identity;
 pub mod incident;
 pub mod infer;
 pub mod job;
+pub mod l402;
 pub mod ledger;
 pub mod metrics;
 pub mod nip57;
