@@ -1,5 +1,6 @@
-//! The service's Nostr key: created by `dvmd init` in the data directory with mode 0600,
-//! loaded by `dvmd run`. The secret never reaches a log or an error message.
+//! The service's secrets in the data directory, each a file of mode 0600: its Nostr key
+//! (created by `dvmd init`, loaded by `dvmd run`) and the L402 root key that signs macaroons
+//! (created on first start). A secret never reaches a log or an error message.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,8 @@ use nostr_sdk::{Keys, SecretKey};
 
 /// File name of the key inside the data directory.
 pub const KEY_FILE: &str = "service.key";
+/// File name of the L402 root key inside the data directory.
+pub const L402_ROOT_KEY_FILE: &str = "l402-root.key";
 
 /// Errors of key handling (never carrying the key).
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +19,7 @@ pub enum IdentityError {
     #[error("no service key at {0}; run `dvmd init` first")]
     Missing(PathBuf),
     /// The file could not be read or written.
-    #[error("service key {path}: {source}")]
+    #[error("secret file {path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -24,10 +27,10 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     /// The file does not hold a key.
-    #[error("service key {0} is not a hex or nsec secret key")]
+    #[error("secret file {0} does not hold a key (hex, or nsec for the service key)")]
     Invalid(PathBuf),
     /// The file is readable by others.
-    #[error("service key {0} is readable by group or others; chmod 600 it")]
+    #[error("secret file {0} is readable by group or others; chmod 600 it")]
     Permissions(PathBuf),
 }
 
@@ -49,6 +52,16 @@ pub fn init(data_dir: &Path) -> Result<(Keys, bool), IdentityError> {
     };
     std::fs::create_dir_all(data_dir).map_err(io)?;
     let keys = Keys::generate();
+    write_private(&path, &keys.secret_key().to_secret_hex())?;
+    Ok((keys, true))
+}
+
+/// Write `secret` and a newline to a new file of mode 0600 at `path`, synced.
+fn write_private(path: &Path, secret: &str) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -56,15 +69,37 @@ pub fn init(data_dir: &Path) -> Result<(Keys, bool), IdentityError> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(&path).map_err(io)?;
-    writeln!(file, "{}", keys.secret_key().to_secret_hex()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    Ok((keys, true))
+    let mut file = options.open(path).map_err(io)?;
+    writeln!(file, "{secret}").map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 /// Load the key from `data_dir`.
 pub fn load(data_dir: &Path) -> Result<Keys, IdentityError> {
     let path = key_path(data_dir);
+    let text = read_private(&path)?;
+    let secret = SecretKey::parse(text.trim()).map_err(|_| IdentityError::Invalid(path))?;
+    Ok(Keys::new(secret))
+}
+
+/// The L402 root key in `data_dir` (32 bytes), created on first use. Losing it invalidates
+/// every token issued (their value stays on the ledger, unspendable without a credential).
+pub fn l402_root_key(data_dir: &Path) -> Result<[u8; 32], IdentityError> {
+    let path = data_dir.join(L402_ROOT_KEY_FILE);
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        write_private(&path, &hex::encode(key))?;
+        return Ok(key);
+    }
+    let text = read_private(&path)?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|_| IdentityError::Invalid(path))?;
+    Ok(key)
+}
+
+/// Read a secret file that only its owner may read.
+fn read_private(path: &Path) -> Result<String, IdentityError> {
+    let path = path.to_owned();
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -86,8 +121,7 @@ pub fn load(data_dir: &Path) -> Result<Keys, IdentityError> {
             return Err(IdentityError::Permissions(path));
         }
     }
-    let secret = SecretKey::parse(text.trim()).map_err(|_| IdentityError::Invalid(path))?;
-    Ok(Keys::new(secret))
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -115,6 +149,25 @@ mod tests {
             std::fs::set_permissions(key_path(&data), std::fs::Permissions::from_mode(0o644))
                 .expect("chmod");
             assert!(matches!(load(&data), Err(IdentityError::Permissions(_))));
+        }
+    }
+
+    #[test]
+    fn the_l402_root_key_is_made_once_and_kept_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = l402_root_key(dir.path()).expect("created");
+        assert_eq!(l402_root_key(dir.path()).expect("loaded"), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(L402_ROOT_KEY_FILE);
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            assert!(matches!(
+                l402_root_key(dir.path()),
+                Err(IdentityError::Permissions(_))
+            ));
         }
     }
 

@@ -25,6 +25,8 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         }
         // 3 -> 4 adds holds: nothing on disk changes shape.
         3 | 4 => index_entries_by_account(trees)?,
+        // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`: nothing is rewritten.
+        5 => tracing::info!("store migrated to schema 6 (HTTP jobs, L402 tokens)"),
         found => return Err(StoreError::Schema { found }),
     }
     if meta.get(ENTRY_SEQUENCE)?.is_none() {

@@ -42,7 +42,10 @@ use writer::{Applied, Command, Status, Write};
 ///    older build from reading entries it does not know.
 /// 5: `account_entries`, the index of ledger entries by account (`GET /v1/account` reads an
 ///    account's history without scanning the ledger); built from the entries on upgrade.
-pub const SCHEMA_VERSION: u64 = 5;
+/// 6: HTTP jobs and L402 tokens: a job's `door` and `result`, token accounts (`l402:<hash>`,
+///    33-byte keys), the `l402_tokens` tree. Nothing is rewritten; the bump keeps an older build
+///    from reading accounts and jobs it does not know.
+pub const SCHEMA_VERSION: u64 = 6;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -65,20 +68,22 @@ pub enum Tree {
     Accounts,
     /// Ledger entries by sequence number.
     Entries,
-    /// Index of ledger entries by account: key `account (32 bytes) || sequence (8, big
-    /// endian)`, empty value; written in the same transaction as the entry.
+    /// Index of ledger entries by account: key `account key (32 bytes for an npub, 33 for a
+    /// token) || sequence (8, big endian)`, empty value; written in the entry's transaction.
     AccountEntries,
     /// The dev wallet's invoices and preimages.
     DevWallet,
     /// Our feedback event ids to the job they answer (zaps of a feedback pay its job).
     Feedback,
+    /// L402 tokens minted, by payment hash: the token id and what it was issued for.
+    L402Tokens,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 9] = [
+    pub const ALL: [Tree; 10] = [
         Self::Jobs,
         Self::Payments,
         Self::OpenPayments,
@@ -87,6 +92,7 @@ impl Tree {
         Self::AccountEntries,
         Self::DevWallet,
         Self::Feedback,
+        Self::L402Tokens,
         Self::Meta,
     ];
 
@@ -101,6 +107,7 @@ impl Tree {
             Self::AccountEntries => "account_entries",
             Self::DevWallet => "dev_wallet",
             Self::Feedback => "feedback",
+            Self::L402Tokens => "l402_tokens",
             Self::Meta => "meta",
         }
     }

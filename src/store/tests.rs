@@ -331,3 +331,69 @@ fn an_unknown_schema_is_refused() {
         Err(StoreError::Schema { found: 99 })
     ));
 }
+
+#[test]
+fn a_version_5_store_opens_as_6_with_its_jobs_and_accounts_as_they_were() {
+    use crate::job::{Door, Job};
+    use crate::ledger::{self, Account, Entry, EntryKind};
+    use nostr_sdk::{EventBuilder, Keys, Kind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = Keys::generate();
+    let request = EventBuilder::new(Kind::from(5050u16), "")
+        .sign_with_keys(&keys)
+        .expect("sign");
+    let job = Job::received(&request, vec![], 1);
+    let npub = Account::from(keys.public_key());
+    {
+        // Schema 5 as it was written: a relay job and an npub's balance.
+        let db = sled::open(dir.path()).expect("sled");
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert(META_SCHEMA_KEY, &5u64.to_be_bytes())
+            .expect("version");
+        meta.insert(ENTRY_SEQUENCE, &0u64.to_be_bytes())
+            .expect("sequence");
+        let json = serde_json::to_string(&job).expect("json");
+        assert!(
+            !json.contains("door") && !json.contains("\"result\""),
+            "{json}"
+        );
+        db.open_tree("jobs")
+            .expect("jobs")
+            .insert(job.id.as_bytes(), json.as_bytes())
+            .expect("job");
+        db.flush().expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("open");
+    let token = Account::Token(crate::wallet::PaymentHash([9; 32]));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    for account in [npub, token] {
+        let entry = Entry {
+            kind: EntryKind::PaymentIn,
+            account,
+            msat: 1_000,
+            job: None,
+            payment_hash: None,
+            at: 0,
+        };
+        runtime
+            .block_on(store.commit(move |tx| ledger::post(tx, &entry)))
+            .expect("post");
+    }
+    let id = job.id;
+    let (version, stored, totals) = store
+        .read_blocking(move |r| {
+            Ok::<_, ledger::LedgerError>((
+                r.get_raw(Tree::Meta, META_SCHEMA_KEY)?,
+                r.get::<Job>(Tree::Jobs, id.as_bytes())?,
+                ledger::check(r)?,
+            ))
+        })
+        .expect("read");
+    assert_eq!(version.as_deref().and_then(be_u64), Some(6));
+    let stored = stored.expect("the job");
+    assert_eq!(stored.door, Door::Relay);
+    assert_eq!(stored, job);
+    assert_eq!((totals.accounts, totals.balances_msat), (2, 2_000));
+}
