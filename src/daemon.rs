@@ -198,7 +198,12 @@ impl Daemon {
                 source,
             })?;
         let listen_url = format!("http://{http_addr}");
-        let api = Arc::new(http::api::ApiConfig::new(&config.http, &listen_url));
+        let root_key = identity::l402_root_key(&config.data_dir)?;
+        let api = Arc::new(http::api::ApiConfig::new(
+            &config.http,
+            &listen_url,
+            root_key,
+        ));
         let lnurl = config.lnurl.as_ref().map(|section| LnurlConfig {
             username: section.username.clone(),
             public_url: section

@@ -373,6 +373,17 @@ pub struct HttpSection {
     /// Top-up invoices issued per minute at most, for everyone together (each costs a wallet
     /// invoice and a stored record); over it, 429 with `Retry-After`.
     pub max_topups_per_minute: u32,
+    /// L402 challenges (402 with an invoice and a macaroon) issued per minute at most, for
+    /// everyone together; over it, 429 with `Retry-After`.
+    pub max_challenges_per_minute: u32,
+    /// L402 challenges per minute for one client address; over it, 429 with `Retry-After`.
+    pub max_challenges_per_ip_per_minute: u32,
+    /// How long an L402 token may be used after it is issued, seconds (its `dvmd_valid_until`
+    /// caveat).
+    pub l402_token_lifetime_secs: u64,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (IP addresses). From anyone
+    /// else the header is ignored and the connection's address is the client's.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -385,6 +396,10 @@ impl Default for HttpSection {
             max_body_bytes: 1024 * 1024,
             max_topup_msat: 100_000_000,
             max_topups_per_minute: 60,
+            max_challenges_per_minute: 600,
+            max_challenges_per_ip_per_minute: 30,
+            l402_token_lifetime_secs: 30 * 24 * 3600,
+            trusted_proxies: Vec::new(),
         }
     }
 }

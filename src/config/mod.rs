@@ -307,6 +307,24 @@ impl Config {
         if http.max_topup_msat < 1_000 {
             return Err(invalid("http.max_topup_msat must be at least 1000".into()));
         }
+        if http.max_challenges_per_minute == 0 || http.max_challenges_per_ip_per_minute == 0 {
+            return Err(invalid(
+                "http.max_challenges_per_minute and http.max_challenges_per_ip_per_minute must be at least 1"
+                    .into(),
+            ));
+        }
+        if http.l402_token_lifetime_secs < 60 {
+            return Err(invalid(
+                "http.l402_token_lifetime_secs must be at least 60".into(),
+            ));
+        }
+        for proxy in &http.trusted_proxies {
+            if proxy.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(format!(
+                    "http.trusted_proxies: {proxy:?} is not an IP address"
+                )));
+            }
+        }
         if file.pricing.invoice_expiry_secs < 60 {
             return Err(invalid(
                 "pricing.invoice_expiry_secs must be at least 60".into(),
@@ -592,6 +610,18 @@ mod tests {
         refused(|h| h.auth_replay_capacity = 0, "auth_replay_capacity");
         refused(|h| h.max_body_bytes = 100, "max_body_bytes");
         refused(|h| h.max_topup_msat = 999, "max_topup_msat");
+        refused(
+            |h| h.max_challenges_per_ip_per_minute = 0,
+            "max_challenges_per_ip_per_minute",
+        );
+        refused(
+            |h| h.l402_token_lifetime_secs = 5,
+            "l402_token_lifetime_secs",
+        );
+        refused(
+            |h| h.trusted_proxies = vec!["proxy.local".into()],
+            "trusted_proxies",
+        );
         let mut file = FileConfig::default();
         file.http.public_url = Some("https://dvm.example.com".into());
         let config = Config::build(file, RelaysFile::default(), dev).expect("valid");

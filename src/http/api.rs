@@ -55,11 +55,14 @@ pub struct ApiConfig {
     pub max_topup_msat: u64,
     /// Top-up invoices for everyone together.
     pub topups: InvoiceLimiter,
+    /// L402: the root key, token lifetime and challenge limits.
+    pub l402: super::l402::L402Door,
 }
 
 impl ApiConfig {
-    /// From `[http]`; `listen_url` is the listener's own address, the default public URL.
-    pub fn new(http: &crate::config::HttpSection, listen_url: &str) -> Self {
+    /// From `[http]`; `listen_url` is the listener's own address, the default public URL;
+    /// `root_key` signs L402 macaroons.
+    pub fn new(http: &crate::config::HttpSection, listen_url: &str, root_key: [u8; 32]) -> Self {
         Self {
             public_url: http
                 .public_url
@@ -71,6 +74,7 @@ impl ApiConfig {
             max_body_bytes: http.max_body_bytes,
             max_topup_msat: http.max_topup_msat,
             topups: InvoiceLimiter::per_minute(http.max_topups_per_minute),
+            l402: super::l402::L402Door::new(http, root_key),
         }
     }
 }
@@ -84,6 +88,8 @@ pub fn routes(max_body_bytes: usize) -> Router<HttpState> {
         .route("/v1/chat/completions", post(super::chat::completions))
         .route("/v1/jobs", post(super::jobs::create))
         .route("/v1/jobs/{id}", get(super::jobs::show))
+        .route("/v1/l402/token", post(super::l402::buy))
+        .route("/v1/l402/balance", get(super::l402::balance))
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
@@ -94,8 +100,10 @@ pub struct OpenAiError {
     kind: &'static str,
     code: &'static str,
     message: String,
-    /// Beside `error`: the top-up invoice of a 402.
-    top_up: Option<serde_json::Value>,
+    /// `WWW-Authenticate` values (a 401 or 402 that says how to authenticate).
+    pub(super) challenges: Vec<String>,
+    /// Beside `error`: a named object (the top-up invoice or the L402 challenge of a 402).
+    pub(super) extra: Option<(&'static str, serde_json::Value)>,
 }
 
 impl OpenAiError {
@@ -110,7 +118,8 @@ impl OpenAiError {
             kind,
             code,
             message,
-            top_up: None,
+            challenges: Vec::new(),
+            extra: None,
         }
     }
 
@@ -176,14 +185,19 @@ impl IntoResponse for OpenAiError {
         let mut body = json!({
             "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null }
         });
-        if let Some(top_up) = self.top_up {
-            body["top_up"] = top_up;
+        if let Some((name, value)) = self.extra {
+            body[name] = value;
         }
         let body = Json(body);
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
+        for challenge in &self.challenges {
+            if let Ok(value) = HeaderValue::from_str(challenge) {
+                headers.append(header::WWW_AUTHENTICATE, value);
+            }
+        }
         match self.status {
-            StatusCode::UNAUTHORIZED => {
+            StatusCode::UNAUTHORIZED if self.challenges.is_empty() => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Nostr"));
             }
             StatusCode::TOO_MANY_REQUESTS => {
@@ -337,15 +351,18 @@ pub(super) async fn shortfall(
             invoice.amount_msat
         ),
     );
-    error.top_up = Some(json!({
-        "bolt11": invoice.bolt11,
-        "payment_hash": invoice.payment_hash.to_string(),
-        "amount_msat": invoice.amount_msat,
-        "expires_at": invoice.expires_at,
-        "credits": who.to_hex(),
-        "quote_msat": quote_msat,
-        "balance_msat": balance_msat,
-    }));
+    error.extra = Some((
+        "top_up",
+        json!({
+            "bolt11": invoice.bolt11,
+            "payment_hash": invoice.payment_hash.to_string(),
+            "amount_msat": invoice.amount_msat,
+            "expires_at": invoice.expires_at,
+            "credits": who.to_hex(),
+            "quote_msat": quote_msat,
+            "balance_msat": balance_msat,
+        }),
+    ));
     error
 }
 

@@ -21,11 +21,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::api::{authenticate, parts, shortfall, OpenAiError};
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+
+use super::api::{parts, shortfall, OpenAiError};
+use super::l402::{caller, challenge, token_account, Caller, Who};
 use super::HttpState;
 use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
 use crate::job::direct::{Finished, LiveEvent, OpenError, LIVE_BUFFER};
 use crate::job::{Door, Job, Pipeline};
+use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration, TextGenerationLimits};
 
 /// The NIP-90 kind a chat completion is metered as.
@@ -207,11 +213,12 @@ pub(super) fn refused(e: RequestError) -> OpenAiError {
     }
 }
 
-/// Open an HTTP job on `who`'s balance, or say why not (a 402 with a top-up invoice when the
-/// balance is short).
+/// Open an HTTP job on the caller's account, or say why not: a 402 with a top-up invoice for an
+/// npub whose balance is short, an L402 challenge for a caller with no credential or a token
+/// that ran dry, 401 for a credential that does not hold.
 pub(super) async fn open(
     state: &HttpState,
-    who: nostr_sdk::PublicKey,
+    caller: Caller,
     door: Door,
     kind: u16,
     generation: TextGeneration,
@@ -229,18 +236,36 @@ pub(super) async fn open(
         )
         .map_err(refused)?;
     }
-    match pipeline.open_http(who.into(), door, kind, &priced).await {
+    let quote = priced.quote_msat;
+    let account = match &caller.who {
+        Who::Npub(who) => Account::from(*who),
+        Who::Token(credential) => token_account(api, pipeline, credential, quote).await?,
+        Who::Nobody => {
+            let why = format!("this call is quoted {quote} msat");
+            return Err(challenge(api, pipeline, caller.client, quote, quote, &why).await);
+        }
+    };
+    match pipeline.open_http(account, door, kind, &priced).await {
         Ok(job) => Ok(job),
         Err(OpenError::Shortfall {
             quote_msat,
             balance_msat,
-        }) => Err(shortfall(api, pipeline, who, quote_msat, balance_msat).await),
+        }) => Err(match &caller.who {
+            Who::Npub(who) => shortfall(api, pipeline, *who, quote_msat, balance_msat).await,
+            _ => {
+                let why = format!(
+                    "this token has {balance_msat} msat left and this call is quoted {quote_msat} msat"
+                );
+                challenge(api, pipeline, caller.client, quote, quote, &why).await
+            }
+        }),
         Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
     }
 }
 
 pub(super) async fn completions(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -248,7 +273,7 @@ pub(super) async fn completions(
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let body = body?;
-    let who = authenticate(api, &method, &uri, &headers, &body)?;
+    let who = caller(api, peer, &method, &uri, &headers, &body)?;
     let request: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;

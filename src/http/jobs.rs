@@ -19,8 +19,13 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{authenticate, parts, OpenAiError};
+use std::net::SocketAddr;
+
+use axum::extract::ConnectInfo;
+
+use super::api::{parts, OpenAiError};
 use super::chat::open;
+use super::l402::{caller, owner};
 use super::HttpState;
 use crate::job::{Door, Job, JobId};
 use crate::nip90::{InputType, JobInput, TextGeneration};
@@ -49,6 +54,7 @@ fn text() -> String {
 
 pub(super) async fn create(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -56,7 +62,7 @@ pub(super) async fn create(
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let body = body?;
-    let who = authenticate(api, &method, &uri, &headers, &body)?;
+    let who = caller(api, peer, &method, &uri, &headers, &body)?;
     let new: NewJob = serde_json::from_slice(&body).map_err(|e| {
         OpenAiError::invalid(format!(
             "expected {{\"kind\", \"inputs\": [{{\"value\", \"type\"}}], \"params\": {{}}, \"bid_msat\"}}: {e}"
@@ -116,13 +122,19 @@ pub(super) async fn create(
 
 pub(super) async fn show(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Json<Value>, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, &method, &uri, &headers, &[])?;
+    let who = owner(
+        api,
+        pipeline,
+        caller(api, peer, &method, &uri, &headers, &[])?,
+    )
+    .await?;
     let not_found = || {
         OpenAiError::new(
             StatusCode::NOT_FOUND,
@@ -133,7 +145,7 @@ pub(super) async fn show(
     };
     let job_id = JobId::from_hex(&id).ok_or_else(not_found)?;
     let job = pipeline
-        .http_job(&job_id, &who.into())
+        .http_job(&job_id, &who)
         .await
         .map_err(|e| OpenAiError::unavailable("store", &e))?
         .ok_or_else(not_found)?;

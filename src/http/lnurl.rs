@@ -50,6 +50,13 @@ impl InvoiceLimiter {
         }
     }
 
+    /// Whether the bucket has refilled by `now` (forgetting it loses nothing).
+    pub fn is_full_at(&self, now: Instant) -> bool {
+        let bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = *bucket;
+        tokens + now.saturating_duration_since(last).as_secs_f64() * self.per_sec >= self.capacity
+    }
+
     /// Take one token at `now`, if there is one.
     pub fn try_take_at(&self, now: Instant) -> bool {
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());

@@ -5,6 +5,7 @@ pub mod api;
 pub mod chat;
 pub mod error;
 pub mod jobs;
+pub mod l402;
 pub mod lnurl;
 pub mod nip98;
 
@@ -72,6 +73,7 @@ pub fn router(state: HttpState) -> Router {
 
 /// Serve `router` on `listener` until `cancel` fires.
 pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationToken) {
+    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;

@@ -25,6 +25,7 @@ pub mod quote;
 pub mod record;
 pub mod recovery;
 pub mod state;
+pub mod tokens;
 pub mod worker;
 pub mod zap;
 

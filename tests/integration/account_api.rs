@@ -122,14 +122,10 @@ async fn start(edit: impl FnOnce(&mut dvmd::config::FileConfig)) -> (tempfile::T
 }
 
 /// `GET /v1/account` as nostr-tools signs it: the account JSON. nostr-tools signs the same
-/// request within one second as the same event, which NIP-98 refuses as a replay, so this
-/// waits for the next second first.
+/// request in the same second as the same event (its `created_at` is the time rounded to the
+/// nearest second), which NIP-98 refuses as a replay, so calls are spaced more than a second.
 async fn account(http: &str, keys: &Keys) -> Value {
-    let into_second = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .subsec_millis();
-    tokio::time::sleep(Duration::from_millis(u64::from(1_000 - into_second) + 10)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let url = format!("{http}/v1/account?limit=10");
     let header = harness::nostr_tools_nip98(keys, &url, "get", None);
     let (status, _, body) = call(reqwest::Method::GET, &url, Some(&header), None).await;

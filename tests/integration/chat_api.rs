@@ -71,7 +71,9 @@ async fn start(backend: Option<Arc<dyn Backend>>) -> (tempfile::TempDir, Daemon)
     (data, daemon)
 }
 
-/// One call with a nostr-tools NIP-98 header: (status, JSON body).
+/// One call with a NIP-98 header (with a nonce: the tests repeat calls within a second; the
+/// OpenAI SDK test signs with PyPI nostr-sdk, and `account_api` with nostr-tools): (status,
+/// JSON body).
 async fn signed(
     keys: &Keys,
     method: reqwest::Method,
@@ -79,8 +81,7 @@ async fn signed(
     body: Option<&Value>,
 ) -> (u16, Value) {
     let text = body.map(Value::to_string);
-    let verb = method.as_str().to_lowercase();
-    let header = harness::nostr_tools_nip98(keys, url, &verb, text.as_deref());
+    let header = harness::nip98_with_nonce(keys, url, method.as_str(), text.as_deref());
     send(header, method, url, text).await
 }
 
@@ -237,7 +238,7 @@ async fn a_stream_the_client_drops_is_stopped_and_charged_for_what_was_generated
     harness::http_top_up(&daemon, &keys, quote.div_ceil(1000) * 1000).await;
 
     let url = format!("{http}/v1/chat/completions");
-    let header = harness::nostr_tools_nip98(&keys, &url, "post", Some(&body.to_string()));
+    let header = harness::nip98_with_nonce(&keys, &url, "post", Some(&body.to_string()));
     let response = reqwest::Client::new()
         .post(&url)
         .header("Authorization", header)
@@ -336,7 +337,15 @@ async fn http_jobs_are_owned_validated_and_refused_without_a_trace() {
         .send()
         .await
         .expect("send");
-    assert_eq!(unsigned.status(), 401);
+    // No credential at all: an L402 challenge (an invoice, no job, no ledger entry).
+    assert_eq!(unsigned.status(), 402);
+    let schemes: Vec<_> = unsigned
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(' ').next().map(str::to_owned))
+        .collect();
+    assert_eq!(schemes, ["LSAT", "L402"]);
     assert_eq!(
         (http_jobs(&daemon).len(), entries(&daemon)),
         before,
@@ -455,7 +464,7 @@ async fn after_a_restart_http_jobs_resume_and_chat_holds_are_released() {
 
     // A streamed chat completion and a /v1/jobs job, both stuck at the gate, holding quotes.
     let url = format!("{http}/v1/chat/completions");
-    let header = harness::nostr_tools_nip98(&keys, &url, "post", Some(&chat_body.to_string()));
+    let header = harness::nip98_with_nonce(&keys, &url, "post", Some(&chat_body.to_string()));
     let streaming = reqwest::Client::new()
         .post(&url)
         .header("Authorization", header)

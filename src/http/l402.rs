@@ -1,0 +1,330 @@
+//! The L402 door: who a `/v1` call is (an npub by NIP-98, an L402 token, or nobody yet), the
+//! 402 challenges that sell tokens, and the token endpoints.
+//!
+//! - A call with no credential is priced first (a bad request gets 400, not an invoice), then
+//!   answered 402 with `WWW-Authenticate: LSAT …` and `L402 …` (the same macaroon and invoice)
+//!   for its quote rounded up to whole sats; the change stays on the token for later calls.
+//! - `Authorization: L402|LSAT|Bearer <macaroon>:<preimage>` spends from the token's account
+//!   (its payment hash) once the signature, preimage and caveats check out and our wallet has
+//!   confirmed the payment. A token that runs dry gets a new challenge for the call.
+//! - `POST /v1/l402/token {"amount_msat"}` answers 402 for that amount: a prepaid token.
+//!   `GET /v1/l402/balance` shows what a token has left.
+//!
+//! Challenges cost an invoice and a stored record each, so they share a token bucket overall
+//! and one per client address (`X-Forwarded-For` counts only from `[http] trusted_proxies`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::Json;
+use base64::Engine;
+use nostr_sdk::PublicKey;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::api::{authenticate, parts, ApiConfig, OpenAiError};
+use super::lnurl::InvoiceLimiter;
+use super::HttpState;
+use crate::job::account::check_top_up;
+use crate::job::tokens::{ChallengeError, TokenRefusal};
+use crate::job::Pipeline;
+use crate::l402::{self, Credential, CredentialError, Grant, Use};
+use crate::ledger::Account;
+use crate::wallet::WalletError;
+
+/// Client addresses a per-address bucket is kept for; when full, buckets that have refilled
+/// are dropped, and a new address beyond that is limited.
+const MAX_TRACKED_CLIENTS: usize = 65_536;
+
+/// The L402 settings and per-process state.
+pub struct L402Door {
+    root_key: [u8; 32],
+    token_lifetime_secs: u64,
+    overall: InvoiceLimiter,
+    per_client: PerClient,
+    trusted_proxies: Vec<IpAddr>,
+}
+
+impl L402Door {
+    /// From `[http]` and the root key in the data dir.
+    pub fn new(http: &crate::config::HttpSection, root_key: [u8; 32]) -> Self {
+        Self {
+            root_key,
+            token_lifetime_secs: http.l402_token_lifetime_secs,
+            overall: InvoiceLimiter::per_minute(http.max_challenges_per_minute),
+            per_client: PerClient::per_minute(http.max_challenges_per_ip_per_minute),
+            trusted_proxies: http
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
+        }
+    }
+
+    /// The client's address: the connection's, or the last untrusted hop of
+    /// `X-Forwarded-For` when the connection is from a trusted proxy.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusted_proxies.contains(&peer) {
+            return peer;
+        }
+        let hops = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        hops.into_iter()
+            .rev()
+            .find(|hop| !self.trusted_proxies.contains(hop))
+            .unwrap_or(peer)
+    }
+}
+
+/// One token bucket per client address.
+struct PerClient {
+    per_minute: u32,
+    buckets: Mutex<HashMap<IpAddr, InvoiceLimiter>>,
+}
+
+impl PerClient {
+    fn per_minute(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            buckets: Mutex::default(),
+        }
+    }
+
+    fn try_take(&self, client: IpAddr, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(&client) && buckets.len() >= MAX_TRACKED_CLIENTS {
+            buckets.retain(|_, bucket| !bucket.is_full_at(now));
+            if buckets.len() >= MAX_TRACKED_CLIENTS {
+                return false;
+            }
+        }
+        buckets
+            .entry(client)
+            .or_insert_with(|| InvoiceLimiter::per_minute(self.per_minute))
+            .try_take_at(now)
+    }
+}
+
+/// Who is calling.
+pub(super) enum Who {
+    /// An npub that signed with NIP-98.
+    Npub(PublicKey),
+    /// An L402 credential, not yet checked against the call.
+    Token(Box<Credential>),
+    /// No credential: the answer is a challenge.
+    Nobody,
+}
+
+/// A call's caller and address.
+pub(super) struct Caller {
+    pub(super) who: Who,
+    pub(super) client: IpAddr,
+}
+
+/// Read the caller: NIP-98 (`Nostr`), L402 (`L402`, `LSAT`, `Bearer`), or none.
+pub(super) fn caller(
+    api: &ApiConfig,
+    peer: SocketAddr,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Caller, OpenAiError> {
+    let client = api.l402.client(peer.ip(), headers);
+    let who = match headers.get(header::AUTHORIZATION) {
+        None => Who::Nobody,
+        Some(value) => {
+            let text = value.to_str().unwrap_or_default();
+            match l402::parse_authorization(text) {
+                Some(Ok(credential)) => Who::Token(Box::new(credential)),
+                Some(Err(e)) => return Err(refused(e)),
+                None => Who::Npub(authenticate(api, method, uri, headers, body)?),
+            }
+        }
+    };
+    Ok(Caller { who, client })
+}
+
+fn refused(e: CredentialError) -> OpenAiError {
+    let mut error = OpenAiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "invalid_l402",
+        e.to_string(),
+    );
+    error.challenges = vec!["L402".to_owned(), "Nostr".to_owned()];
+    error
+}
+
+/// The account a token spends from for a call quoted `quote_msat`, or why not.
+pub(super) async fn token_account(
+    api: &ApiConfig,
+    pipeline: &Pipeline,
+    credential: &Credential,
+    quote_msat: u64,
+) -> Result<Account, OpenAiError> {
+    let call = Use {
+        now: crate::job::pipeline::unix_now(),
+        model: &pipeline.inner.config.model,
+        quote_msat,
+    };
+    credential
+        .verify(&api.l402.root_key, call)
+        .map_err(refused)?;
+    pipeline
+        .l402_account(&credential.id)
+        .await
+        .map_err(|e| match e {
+            TokenRefusal::Book(e) => OpenAiError::unavailable("store", &e),
+            e => {
+                let mut error = OpenAiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "invalid_l402",
+                    e.to_string(),
+                );
+                error.challenges = vec!["L402".to_owned()];
+                error
+            }
+        })
+}
+
+/// A 402 selling a token of `amount_msat` (rounded up to whole sats, at least 1), whose calls
+/// may each be quoted up to `budget_msat`; 429 when the challenge buckets are empty.
+pub(super) async fn challenge(
+    api: &ApiConfig,
+    pipeline: &Pipeline,
+    client: IpAddr,
+    amount_msat: u64,
+    budget_msat: u64,
+    why: &str,
+) -> OpenAiError {
+    let now = Instant::now();
+    if !api.l402.per_client.try_take(client, now) || !api.l402.overall.try_take_at(now) {
+        return OpenAiError::rate_limited(format!(
+            "{why}, and too many payment challenges were issued just now; retry in a minute"
+        ));
+    }
+    let amount_msat = amount_msat.div_ceil(1000).max(1) * 1000;
+    let grant = Grant {
+        valid_until: crate::job::pipeline::unix_now() + api.l402.token_lifetime_secs,
+        model: pipeline.inner.config.model.clone(),
+        budget_msat: budget_msat.max(amount_msat),
+    };
+    let issued = pipeline
+        .l402_challenge(&api.l402.root_key, amount_msat, grant.clone())
+        .await;
+    let challenge = match issued {
+        Ok(challenge) => challenge,
+        Err(ChallengeError::Wallet(e @ WalletError::InvalidInvoice(_))) => {
+            return OpenAiError::invalid(e.to_string())
+        }
+        Err(ChallengeError::Wallet(e)) => return OpenAiError::unavailable("wallet", &e),
+        Err(ChallengeError::Book(e)) => return OpenAiError::unavailable("store", &e),
+    };
+    let bolt11 = &challenge.invoice.bolt11;
+    let macaroon = base64::engine::general_purpose::STANDARD.encode(challenge.macaroon.to_bytes());
+    let mut error = OpenAiError::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "insufficient_quota",
+        "payment_required",
+        format!(
+            "{why}: pay the invoice ({} msat), then send `Authorization: L402 <macaroon>:<preimage>` (or use `<macaroon>:<preimage>` as the API key)",
+            challenge.invoice.amount_msat
+        ),
+    );
+    error.challenges = l402::challenges(&challenge.macaroon, bolt11).to_vec();
+    error.extra = Some((
+        "l402",
+        json!({
+            "macaroon": macaroon,
+            "invoice": bolt11,
+            "payment_hash": challenge.invoice.payment_hash.to_string(),
+            "amount_msat": challenge.invoice.amount_msat,
+            "budget_msat": grant.budget_msat,
+            "valid_until": grant.valid_until,
+        }),
+    ));
+    error
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Prepaid {
+    amount_msat: u64,
+}
+
+/// `POST /v1/l402/token {"amount_msat"}`: 402 selling a prepaid token of that value.
+pub(super) async fn buy(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let body = body?;
+    let Prepaid { amount_msat } = serde_json::from_slice(&body)
+        .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
+    check_top_up(amount_msat, api.max_topup_msat)
+        .map_err(|e| OpenAiError::invalid(e.to_string()))?;
+    let client = api.l402.client(peer.ip(), &headers);
+    let why = format!("a prepaid token of {amount_msat} msat");
+    Err(challenge(api, pipeline, client, amount_msat, amount_msat, &why).await)
+}
+
+/// `GET /v1/l402/balance`: what an L402 token has left.
+pub(super) async fn balance(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let text = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let credential = match l402::parse_authorization(text) {
+        Some(Ok(credential)) => credential,
+        Some(Err(e)) => return Err(refused(e)),
+        None => {
+            return Err(refused(CredentialError::Malformed(
+                "send Authorization: L402 <macaroon>:<preimage>".to_owned(),
+            )))
+        }
+    };
+    let account = token_account(api, pipeline, &credential, 0).await?;
+    let balance_msat = pipeline
+        .balance_of(account)
+        .await
+        .map_err(|e| OpenAiError::unavailable("store", &e))?;
+    Ok(Json(json!({
+        "object": "l402_balance",
+        "payment_hash": credential.id.payment_hash.to_string(),
+        "balance_msat": balance_msat,
+    })))
+}
+
+/// The account a caller owns jobs on, for `GET /v1/jobs/{id}`.
+pub(super) async fn owner(
+    api: &ApiConfig,
+    pipeline: &Pipeline,
+    caller: Caller,
+) -> Result<Account, OpenAiError> {
+    match caller.who {
+        Who::Npub(who) => Ok(who.into()),
+        Who::Token(credential) => token_account(api, pipeline, &credential, 0).await,
+        Who::Nobody => Err(refused(CredentialError::Malformed(
+            "sign with NIP-98 or send the L402 credential the job was paid with".to_owned(),
+        ))),
+    }
+}

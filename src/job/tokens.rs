@@ -1,0 +1,169 @@
+//! L402 tokens: the challenge minted for an unauthenticated HTTP call (or a prepaid token),
+//! and the confirmation that its invoice was paid.
+//!
+//! A challenge is an invoice whose payment is booked to the token's own account
+//! ([`Account::Token`], keyed by the payment hash) and a macaroon naming that hash. Both are
+//! recorded in one durable write before the 402 goes out. The payment is booked once, by
+//! whichever comes first: the reconciler, a wallet hint, or the first credential presented
+//! (which asks the wallet once; once booked, no credential costs a wallet call). Every
+//! credential naming the hash spends from that one account until it is empty.
+
+use serde::{Deserialize, Serialize};
+
+use super::book::{abort, BookError};
+use super::invoices::PaymentRecord;
+use super::pipeline::{unix_now, Pipeline};
+use crate::l402::{self, Grant, Identifier, Macaroon};
+use crate::ledger::{self, Account};
+use crate::store::Tree;
+use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, PaymentHash, WalletError};
+
+/// A token minted, as the book keeps it (keyed by its payment hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The macaroon's token id (hex): a credential naming this hash with another id was not
+    /// minted for this payment.
+    pub token_id: String,
+    /// The invoice amount, msat.
+    pub amount_msat: u64,
+    /// What the macaroon allows.
+    pub valid_until: u64,
+    /// The model it may call.
+    pub model: String,
+    /// The most one call may be quoted, msat.
+    pub budget_msat: u64,
+    /// Unix seconds.
+    pub issued_at: u64,
+}
+
+/// A challenge ready to send.
+#[derive(Debug, Clone)]
+pub struct Challenge {
+    /// The macaroon.
+    pub macaroon: Macaroon,
+    /// The invoice.
+    pub invoice: Invoice,
+}
+
+/// Why a credential's payment is not (yet) good.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefusal {
+    /// No token was minted for this payment hash, or not with this token id.
+    #[error("this token was not issued here")]
+    Unknown,
+    /// The wallet has not confirmed the payment.
+    #[error("the invoice of this token is not paid yet")]
+    Unpaid,
+    /// The store failed.
+    #[error(transparent)]
+    Book(#[from] BookError),
+}
+
+impl Pipeline {
+    /// Mint a challenge: an invoice for `amount_msat` and a macaroon for its hash, recorded
+    /// (the payment record on the token's account and the token) durably before this returns.
+    pub async fn l402_challenge(
+        &self,
+        root_key: &[u8],
+        amount_msat: u64,
+        grant: Grant,
+    ) -> Result<Challenge, ChallengeError> {
+        let inner = &self.inner;
+        let invoice = inner
+            .wallet
+            .create_invoice(InvoiceRequest {
+                amount_msat,
+                description: InvoiceDescription::Memo("dvmd L402 token".to_owned()),
+                expiry_secs: inner.config.invoice_expiry_secs,
+            })
+            .await?;
+        let hash = invoice.payment_hash;
+        let id = Identifier::new(hash);
+        let macaroon = l402::mint(root_key, &id, &grant);
+        let record = PaymentRecord::issued(None, Account::Token(hash), &invoice, None);
+        let token = TokenRecord {
+            token_id: hex::encode(id.token_id),
+            amount_msat: invoice.amount_msat,
+            valid_until: grant.valid_until,
+            model: grant.model,
+            budget_msat: grant.budget_msat,
+            issued_at: unix_now(),
+        };
+        inner.book.register_token(&hash, record, token).await?;
+        tracing::info!(payment_hash = %hash, msat = invoice.amount_msat, "L402 challenge issued");
+        Ok(Challenge { macaroon, invoice })
+    }
+
+    /// The account a verified credential spends from, once its payment is booked: looked up in
+    /// the book, and in the wallet only while the book has not booked it.
+    pub async fn l402_account(&self, id: &Identifier) -> Result<Account, TokenRefusal> {
+        let hash = id.payment_hash;
+        let book = &self.inner.book;
+        let token = book.token(&hash).await?.ok_or(TokenRefusal::Unknown)?;
+        if token.token_id != hex::encode(id.token_id) {
+            return Err(TokenRefusal::Unknown);
+        }
+        let booked = |record: Option<PaymentRecord>| record.is_some_and(|r| r.consumed);
+        if !booked(book.payment(&hash).await?) {
+            // The first credential before the reconciler or a hint: ask the wallet once.
+            self.check_payment(&hash).await;
+            if !booked(book.payment(&hash).await?) {
+                return Err(TokenRefusal::Unpaid);
+            }
+        }
+        Ok(Account::Token(hash))
+    }
+
+    /// A token account's spendable balance, msat.
+    pub async fn balance_of(&self, account: Account) -> Result<u64, BookError> {
+        self.inner
+            .book
+            .store()
+            .read(move |r| Ok(ledger::balance(r, &account)?))
+            .await
+    }
+}
+
+/// Why a challenge could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    /// The wallet refused or failed.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    /// The store failed.
+    #[error(transparent)]
+    Book(#[from] BookError),
+}
+
+impl super::Book {
+    /// Record a token's invoice and the token in one durable write; a reused hash is refused.
+    pub async fn register_token(
+        &self,
+        hash: &PaymentHash,
+        record: PaymentRecord,
+        token: TokenRecord,
+    ) -> Result<(), BookError> {
+        let hash = *hash;
+        self.store()
+            .commit(move |tx| {
+                if tx.contains(Tree::Payments, &hash.0)?
+                    || tx.contains(Tree::L402Tokens, &hash.0)?
+                {
+                    return Err(abort(BookError::PaymentHashReused(hash)));
+                }
+                tx.put(Tree::Payments, &hash.0, &record)?;
+                tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
+                tx.put(Tree::L402Tokens, &hash.0, &token)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The token minted for `hash`.
+    pub async fn token(&self, hash: &PaymentHash) -> Result<Option<TokenRecord>, BookError> {
+        let hash = *hash;
+        self.store()
+            .read(move |r| Ok(r.get(Tree::L402Tokens, &hash.0)?))
+            .await
+    }
+}
