@@ -103,7 +103,7 @@ pub struct OpenAiError {
     /// `WWW-Authenticate` values (a 401 or 402 that says how to authenticate).
     pub(super) challenges: Vec<String>,
     /// Beside `error`: a named object (the top-up invoice or the L402 challenge of a 402).
-    pub(super) extra: Option<(&'static str, serde_json::Value)>,
+    pub(super) extra: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
 impl OpenAiError {
@@ -185,7 +185,8 @@ impl IntoResponse for OpenAiError {
         let mut body = json!({
             "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null }
         });
-        if let Some((name, value)) = self.extra {
+        if let Some(extra) = self.extra {
+            let (name, value) = *extra;
             body[name] = value;
         }
         let body = Json(body);
@@ -351,7 +352,7 @@ pub(super) async fn shortfall(
             invoice.amount_msat
         ),
     );
-    error.extra = Some((
+    error.extra = Some(Box::new((
         "top_up",
         json!({
             "bolt11": invoice.bolt11,
@@ -362,7 +363,7 @@ pub(super) async fn shortfall(
             "quote_msat": quote_msat,
             "balance_msat": balance_msat,
         }),
-    ));
+    )));
     error
 }
 

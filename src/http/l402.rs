@@ -245,7 +245,7 @@ pub(super) async fn challenge(
         ),
     );
     error.challenges = l402::challenges(&challenge.macaroon, bolt11).to_vec();
-    error.extra = Some((
+    error.extra = Some(Box::new((
         "l402",
         json!({
             "macaroon": macaroon,
@@ -255,7 +255,7 @@ pub(super) async fn challenge(
             "budget_msat": grant.budget_msat,
             "valid_until": grant.valid_until,
         }),
-    ));
+    )));
     error
 }
 
