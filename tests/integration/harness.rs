@@ -104,6 +104,13 @@ pub fn balance(store: &Store, account: &PublicKey) -> u64 {
         .expect("balance")
 }
 
+/// The spendable balance of any ledger account (an npub, or an L402 token's payment hash).
+pub fn account_balance(store: &Store, account: &dvmd::ledger::Account) -> u64 {
+    store
+        .read_blocking(|r| ledger::balance(r, account))
+        .expect("balance")
+}
+
 /// A loopback port that was free a moment ago (for daemons restarted on the same address).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -399,7 +406,7 @@ pub async fn http_top_up(daemon: &dvmd::daemon::Daemon, keys: &Keys, msat: u64) 
 }
 
 /// Run `tests/peers/<script>` with node and the npm peers; its stdout, one JSON value a line.
-fn node_peer(script: &str, args: &[&str]) -> Vec<serde_json::Value> {
+pub fn node_peer(script: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/peers")
         .join(script);

@@ -11,6 +11,7 @@ mod delivery;
 mod embedded_relay;
 mod gaps;
 mod interop;
+mod l402_api;
 mod lnbits;
 mod load;
 mod nip98;

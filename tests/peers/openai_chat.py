@@ -8,8 +8,11 @@ The SDK's HTTP client gets an `Auth` that replaces the API key with
 method and sha256 of its body, plus a random `nonce` tag so two identical
 requests in one second are two events.
 
-Usage: openai_chat.py --base-url URL --secret HEX [--stream] [--max-tokens N]
-                      [--model NAME] [--prompt TEXT] [--calls N]
+Usage: openai_chat.py --base-url URL (--secret HEX | --api-key KEY) [--stream]
+                      [--max-tokens N] [--model NAME] [--prompt TEXT] [--calls N]
+
+With --api-key (an L402 token, `<macaroon>:<preimage>`) the SDK sends it as
+`Authorization: Bearer <key>`, as it sends any API key; nothing is signed.
 Prints one JSON line per call: {"status": 200, "content", "finish_reason",
 "usage", "dvmd"} or {"status": <HTTP status>, "error": <the SDK's error body>,
 "response": <the whole JSON answer>}.
@@ -91,21 +94,27 @@ def call(client, args):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
-    parser.add_argument("--secret", required=True)
+    parser.add_argument("--secret")
+    parser.add_argument("--api-key")
     parser.add_argument("--model", default="dvmd")
     parser.add_argument("--prompt", default="Say hello.")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--calls", type=int, default=1)
     args = parser.parse_args()
-    keys = Keys(SecretKey.parse(args.secret))
-    client = openai.OpenAI(
-        base_url=args.base_url,
-        api_key="unused: NIP-98 signs each request",
-        max_retries=0,
-        timeout=120,
-        http_client=httpx2.Client(auth=Nip98(keys), timeout=120),
-    )
+    if args.api_key:
+        client = openai.OpenAI(
+            base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120
+        )
+    else:
+        keys = Keys(SecretKey.parse(args.secret))
+        client = openai.OpenAI(
+            base_url=args.base_url,
+            api_key="unused: NIP-98 signs each request",
+            max_retries=0,
+            timeout=120,
+            http_client=httpx2.Client(auth=Nip98(keys), timeout=120),
+        )
     for _ in range(args.calls):
         try:
             line = call(client, args)

@@ -1,0 +1,439 @@
+//! L402 on loopback, with clients that share nothing with dvmd: a prepaid token used as the
+//! OpenAI SDK's API key until it runs dry; macaroons read and made by PyPI `pymacaroons`
+//! (identifier checked byte for byte against aperture's layout); `@getalby/lightning-tools`
+//! `fetchWithL402` paying from an LNbits wallet; every forgery refused with 401 and nothing
+//! charged; challenge floods limited per client address.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use dvmd::daemon::Daemon;
+use dvmd::infer::instant::InstantBackend;
+use dvmd::l402::Macaroon;
+use dvmd::ledger::Account;
+use dvmd::wallet::PaymentHash;
+use serde_json::{json, Value};
+
+use crate::harness;
+use crate::lnbits::Lnbits;
+
+/// A 402's challenge: the macaroon (base64) and invoice, the same in both headers.
+struct Challenge {
+    macaroon: String,
+    invoice: String,
+    hash: PaymentHash,
+    body: Value,
+}
+
+async fn start(edit: impl FnOnce(&mut dvmd::config::FileConfig)) -> (tempfile::TempDir, Daemon) {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("paid with a macaroon"));
+    let daemon = harness::start(harness::dev_config(data.path(), edit), Some(backend)).await;
+    (data, daemon)
+}
+
+async fn post(url: &str, auth: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut request = reqwest::Client::new().post(url).json(body);
+    if let Some(auth) = auth {
+        request = request.header("Authorization", auth);
+    }
+    request.send().await.expect("send")
+}
+
+/// Read a 402 and check its two challenges carry the same macaroon and invoice.
+async fn challenge(response: reqwest::Response) -> Challenge {
+    assert_eq!(response.status(), 402);
+    let values: Vec<String> = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("text").to_owned())
+        .collect();
+    assert_eq!(values.len(), 2, "{values:?}");
+    assert!(values[0].starts_with("LSAT ") && values[1].starts_with("L402 "));
+    assert_eq!(
+        values[0].trim_start_matches("LSAT "),
+        values[1].trim_start_matches("L402 "),
+        "one macaroon and one invoice in both"
+    );
+    let field = |name: &str| {
+        let start = values[1].find(&format!("{name}=\"")).expect(name) + name.len() + 2;
+        let len = values[1][start..].find('"').expect("closing quote");
+        values[1][start..start + len].to_owned()
+    };
+    let (macaroon, invoice) = (field("macaroon"), field("invoice"));
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["l402"]["macaroon"], macaroon.as_str());
+    assert_eq!(body["l402"]["invoice"], invoice.as_str());
+    let hash = PaymentHash::try_from(
+        body["l402"]["payment_hash"]
+            .as_str()
+            .expect("hash")
+            .to_owned(),
+    )
+    .expect("payment hash");
+    Challenge {
+        macaroon,
+        invoice,
+        hash,
+        body,
+    }
+}
+
+async fn buy(http: &str, amount_msat: u64) -> Challenge {
+    let url = format!("{http}/v1/l402/token");
+    challenge(post(&url, None, &json!({ "amount_msat": amount_msat })).await).await
+}
+
+fn root_key(data: &std::path::Path) -> String {
+    std::fs::read_to_string(data.join(dvmd::identity::L402_ROOT_KEY_FILE))
+        .expect("root key")
+        .trim()
+        .to_owned()
+}
+
+async fn token_balance(http: &str, auth: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{http}/v1/l402/balance"))
+        .header("Authorization", auth)
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn chat(max_tokens: u32) -> Value {
+    json!({
+        "messages": [{ "role": "user", "content": "Say hello." }],
+        "max_tokens": max_tokens,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
+    let (_data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    // What one call is quoted: the 402 of a call with no credential says so.
+    let first = challenge(post(&format!("{http}/v1/chat/completions"), None, &chat(8)).await).await;
+    let quote = first.body["l402"]["budget_msat"].as_u64().expect("budget");
+    let amount = (3 * quote).div_ceil(1000) * 1000;
+
+    let token = buy(&http, amount).await;
+    let preimage = harness::dev_pay(&http, &token.invoice).await;
+    let key = format!("{}:{preimage}", token.macaroon);
+    let (status, balance) = token_balance(&http, &format!("L402 {key}")).await;
+    assert_eq!(status, 200, "{balance}");
+    assert_eq!(
+        balance["balance_msat"], amount,
+        "the first credential books the payment"
+    );
+
+    let base = format!("{http}/v1");
+    let models: Value = reqwest::get(format!("{base}/models"))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let model = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let sdk = |extra: &[&str]| {
+        let mut args = vec![
+            "--base-url",
+            &base,
+            "--api-key",
+            &key,
+            "--model",
+            &model,
+            "--max-tokens",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        harness::python_peer("openai_chat.py", &args)
+    };
+    let mut answers = sdk(&["--stream"]);
+    answers.extend(sdk(&["--calls", "12"]));
+    let statuses: Vec<u64> = answers
+        .iter()
+        .map(|a| a["status"].as_u64().expect("status"))
+        .collect();
+    let served = statuses.iter().take_while(|s| **s == 200).count();
+    assert!(served >= 3, "{statuses:?}");
+    assert!(
+        statuses[served..].iter().all(|s| *s == 402) && served < statuses.len(),
+        "served until dry, then 402: {statuses:?}"
+    );
+    let dry = &answers[served]["response"];
+    assert!(dry["l402"]["invoice"].is_string(), "a new challenge: {dry}");
+    let charged: u64 = answers[..served]
+        .iter()
+        .map(|a| a["dvmd"]["charge_msat"].as_u64().expect("charge"))
+        .sum();
+
+    let (_, left) = token_balance(&http, &format!("LSAT {key}")).await;
+    let left = left["balance_msat"].as_u64().expect("balance");
+    assert_eq!(left, amount - charged);
+    assert!(left < quote, "dry: {left} left, a call is quoted {quote}");
+    let store = daemon.pipeline().book().store();
+    let jobs = harness::jobs(store);
+    assert_eq!(jobs.len(), served);
+    assert!(jobs
+        .iter()
+        .all(|j| j.customer == Account::Token(token.hash)));
+    harness::ledger_ok(store);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn macaroons_interoperate_with_pymacaroons_and_forgeries_are_refused() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let root = root_key(data.path());
+    let token = buy(&http, 20_000).await;
+
+    // pymacaroons reads dvmd's macaroon and verifies it under the root key (and not another).
+    let inspect = |mac: &str, key: &str| {
+        harness::python_peer(
+            "macaroons.py",
+            &["inspect", "--macaroon", mac, "--root-key", key],
+        )
+        .remove(0)
+    };
+    let read = inspect(&token.macaroon, &root);
+    assert_eq!(read["verified"], true, "{read}");
+    assert_eq!(read["location"], "dvmd");
+    let record = daemon
+        .pipeline()
+        .book()
+        .token(&token.hash)
+        .await
+        .expect("read")
+        .expect("the token is recorded with its challenge");
+    // aperture's lsat.Identifier: u16 version 0, payment hash, token id.
+    assert_eq!(
+        read["identifier"],
+        format!("0000{}{}", token.hash, record.token_id)
+    );
+    let caveats: Vec<&str> = read["caveats"]
+        .as_array()
+        .expect("caveats")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(caveats[0], "services=dvmd:0");
+    assert_eq!(
+        caveats[1],
+        format!("dvmd_valid_until={}", record.valid_until)
+    );
+    assert_eq!(caveats[2], format!("dvmd_model={}", record.model));
+    assert_eq!(caveats[3], "dvmd_budget_msat=20000");
+    assert_eq!(
+        inspect(&token.macaroon, &"11".repeat(32))["verified"],
+        false
+    );
+
+    let preimage = harness::dev_pay(&http, &token.invoice).await;
+    // pymacaroons mints the same token under the root key: dvmd accepts it.
+    let mint = |key: &str, identifier: &str, caveats: &[String]| {
+        let mut args = vec!["mint", "--root-key", key, "--identifier", identifier];
+        for caveat in caveats {
+            args.extend(["--caveat", caveat.as_str()]);
+        }
+        harness::python_peer("macaroons.py", &args).remove(0)["macaroon"]
+            .as_str()
+            .expect("macaroon")
+            .to_owned()
+    };
+    let identifier = read["identifier"].as_str().expect("identifier").to_owned();
+    let owned: Vec<String> = caveats.iter().map(|c| (*c).to_owned()).collect();
+    let theirs = mint(&root, &identifier, &owned);
+    let (status, balance) = token_balance(&http, &format!("L402 {theirs}:{preimage}")).await;
+    assert_eq!(status, 200, "{balance}");
+    assert_eq!(balance["balance_msat"], 20_000);
+
+    // Forgeries, each on a call that would charge: 401 with a reason, nothing opened.
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&token.macaroon)
+        .expect("base64");
+    let ours = Macaroon::from_bytes(&raw).expect("macaroon");
+    let encode = |mac: &Macaroon| base64::engine::general_purpose::STANDARD.encode(mac.to_bytes());
+    let mut tampered = ours.clone();
+    tampered.caveats[3] = b"dvmd_budget_msat=99999999".to_vec();
+    let mut forged = ours.clone();
+    forged.signature[7] ^= 0x20;
+    let with = |replace: usize, caveat: String| {
+        let mut list = owned.clone();
+        list[replace] = caveat;
+        list
+    };
+    let expired = mint(
+        &root,
+        &identifier,
+        &with(1, "dvmd_valid_until=1000".to_owned()),
+    );
+    let other_model = mint(&root, &identifier, &with(2, "dvmd_model=gpt-5".to_owned()));
+    let other_root = mint(&"22".repeat(32), &identifier, &owned);
+    let reminted_id = format!("0000{}{}", token.hash, "ab".repeat(32));
+    let reminted = mint(&root, &reminted_id, &owned);
+    let unpaid = buy(&http, 5_000).await;
+    let guess = hex::encode([9u8; 32]);
+    let attacks = [
+        (
+            "tampered caveat",
+            format!("{}:{preimage}", encode(&tampered)),
+            "altered",
+        ),
+        (
+            "forged signature",
+            format!("{}:{preimage}", encode(&forged)),
+            "altered",
+        ),
+        (
+            "wrong preimage",
+            format!("{}:{guess}", token.macaroon),
+            "preimage",
+        ),
+        ("expired", format!("{expired}:{preimage}"), "expired"),
+        (
+            "another model",
+            format!("{other_model}:{preimage}"),
+            "model",
+        ),
+        (
+            "another root key",
+            format!("{other_root}:{preimage}"),
+            "altered",
+        ),
+        (
+            "re-minted for a used hash",
+            format!("{reminted}:{preimage}"),
+            "not issued here",
+        ),
+        (
+            "unpaid, preimage guessed",
+            format!("{}:{guess}", unpaid.macaroon),
+            "preimage",
+        ),
+        ("garbage", "not-a-macaroon:00".to_owned(), "malformed"),
+    ];
+    let url = format!("{http}/v1/chat/completions");
+    for (what, credential, says) in attacks {
+        for scheme in ["L402", "Bearer"] {
+            let response = post(&url, Some(&format!("{scheme} {credential}")), &chat(8)).await;
+            assert_eq!(response.status(), 401, "{what}");
+            let body: Value = response.json().await.expect("json");
+            let message = body["error"]["message"].as_str().expect("message");
+            assert!(message.contains(says), "{what}: {message}");
+        }
+    }
+    let store = daemon.pipeline().book().store();
+    assert!(harness::jobs(store).is_empty(), "no forgery opened a job");
+    let totals = harness::ledger_ok(store);
+    assert_eq!(
+        totals.charge_msat + totals.reserve_msat,
+        0,
+        "nothing charged or held"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_with_l402_pays_a_call_from_an_lnbits_wallet() {
+    let lnbits = Lnbits::start().await;
+    let operator = lnbits.create_wallet("dvmd").await;
+    let customer = lnbits.create_wallet("customer").await;
+    lnbits.fund(&customer, 10_000).await;
+    let data = harness::data_dir();
+    let key = data.path().join("lnbits.inkey");
+    std::fs::write(&key, &operator.inkey).expect("write key");
+    let config = harness::dev_config(data.path(), |file| {
+        file.wallet.backend = "lnbits".into();
+        file.wallet.lnbits.url = lnbits.url.clone();
+        file.wallet.lnbits.invoice_key_env = None;
+        file.wallet.lnbits.invoice_key_file = Some(key);
+    });
+    let backend = Arc::new(InstantBackend::new("paid through LNbits"));
+    let daemon = harness::start(config, Some(backend)).await;
+    let http = daemon.ready().http_url.clone();
+
+    let answer = harness::node_peer(
+        "fetch_l402.mjs",
+        &[
+            "--url",
+            &format!("{http}/v1/chat/completions"),
+            "--body",
+            &chat(8).to_string(),
+            "--lnbits",
+            &lnbits.url,
+            "--adminkey",
+            &customer.adminkey,
+        ],
+    )
+    .remove(0);
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(answer["paid"], true);
+    assert_eq!(
+        answer["body"]["choices"][0]["message"]["content"],
+        "paid through LNbits"
+    );
+    let paid_msat = answer["amount_sats"].as_u64().expect("sats") * 1000;
+    let charge = answer["body"]["dvmd"]["charge_msat"]
+        .as_u64()
+        .expect("charge");
+    assert!(charge > 0 && charge <= paid_msat);
+    assert_eq!(lnbits.balance_msat(&operator).await, paid_msat);
+    let store = daemon.pipeline().book().store();
+    let jobs = harness::jobs(store);
+    assert_eq!(jobs.len(), 1);
+    let Account::Token(hash) = jobs[0].customer else {
+        panic!("an L402 job spends from its token: {:?}", jobs[0].customer);
+    };
+    let totals = harness::ledger_ok(store);
+    assert_eq!(totals.payment_in_msat, paid_msat);
+    assert_eq!(
+        harness::account_balance(store, &Account::Token(hash)),
+        paid_msat - charge,
+        "the change stays on the token"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn challenges_are_limited_per_client_and_proxies_are_trusted_only_when_named() {
+    let (_data, daemon) = start(|file| {
+        file.http.max_challenges_per_ip_per_minute = 2;
+        file.http.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let url = format!("{http}/v1/l402/token");
+    let body = json!({ "amount_msat": 1_000 });
+    let from = |client: &'static str| {
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            reqwest::Client::new()
+                .post(&url)
+                .header("X-Forwarded-For", format!("203.0.113.9, {client}"))
+                .json(&body)
+                .send()
+                .await
+                .expect("send")
+        }
+    };
+    assert_eq!(from("198.51.100.1").await.status(), 402);
+    assert_eq!(from("198.51.100.1").await.status(), 402);
+    let limited = from("198.51.100.1").await;
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+    // Another client behind the same proxy has its own bucket.
+    assert_eq!(from("198.51.100.2").await.status(), 402);
+    let payments = daemon
+        .pipeline()
+        .book()
+        .store()
+        .read(|r| Ok::<_, dvmd::store::StoreError>(r.keys(dvmd::store::Tree::L402Tokens).count()))
+        .await
+        .expect("read");
+    assert_eq!(payments, 3, "a refused challenge mints nothing");
+    daemon.stop().await;
+}
