@@ -18,6 +18,9 @@
 //!                 (COMMIT, or 402 + a top-up invoice), run by the same workers, answered on
 //!                 their door (job::Door: the waiting response, streamed or whole, or the
 //!                 stored record), charged the exact usage
+//! job::tokens     L402 (http::l402, l402): a call with no credential gets 402 with a
+//!                 macaroon and an invoice (COMMIT first) whose payment credits the token's
+//!                 own account; `L402 <macaroon>:<preimage>` spends from it
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + payment_in + reserve + Paid, one tx
@@ -37,8 +40,8 @@
 //! `held` is what running jobs hold (`reserve - release`); [`job::audit`] checks it per job.
 //!
 //! # Where things live
-//! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`nip57`], [`pricing`],
-//!   [`job::state`].
+//! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`nip57`], [`l402`]
+//!   (macaroons), [`pricing`], [`job::state`].
 //! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
 //!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one

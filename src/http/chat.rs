@@ -1,9 +1,10 @@
 //! `POST /v1/chat/completions`: OpenAI's chat completions, billed to the npub that signs the
-//! call with NIP-98.
+//! call with NIP-98, or paid with L402 (see [`super::l402`]).
 //!
-//! The call is validated and priced like a kind 5050 job, then opened on the caller's balance
+//! The call is validated and priced like a kind 5050 job, then opened on the caller's account
 //! (the whole quote reserved, durably, before any byte of the answer; see [`crate::job::direct`]).
-//! A balance that does not cover the quote gets a 402 with a top-up invoice for the shortfall.
+//! An npub whose balance does not cover the quote gets a 402 with a top-up invoice for the
+//! shortfall; a call with no credential, or a token that ran dry, gets an L402 challenge.
 //! `stream: true` answers in server-sent events, OpenAI's chunks, then a chunk with `usage`
 //! (always sent, whether or not `stream_options.include_usage` asks), then `[DONE]`; a client
 //! that goes away stops the generation and is charged for what was generated. Every answer names
