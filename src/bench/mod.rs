@@ -169,11 +169,17 @@ async fn bench_daemon(
             model_path: None,
         },
     )?;
-    let backend = Arc::new(InstantBackend::new("Hello from the instant backend."));
+    // The instant backend, unless the edit chose an OpenAI-compatible server (the stub).
+    let backend: Option<Arc<dyn crate::infer::Backend>> = match config.backend {
+        crate::config::BackendChoice::OpenAi(_) => None,
+        _ => Some(Arc::new(InstantBackend::new(
+            "Hello from the instant backend.",
+        ))),
+    };
     Ok(Daemon::start(
         config,
         Parts {
-            backend: Some(backend),
+            backend,
             ..Parts::default()
         },
     )

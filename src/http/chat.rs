@@ -224,6 +224,7 @@ pub(super) async fn open(
     kind: u16,
     generation: TextGeneration,
     bid_msat: Option<u64>,
+    answer_now: bool,
 ) -> Result<Job, OpenAiError> {
     let (api, pipeline) = parts(state)?;
     let max_tokens = generation.max_tokens;
@@ -246,7 +247,10 @@ pub(super) async fn open(
             return Err(challenge(api, pipeline, caller.client, quote, quote, &why).await);
         }
     };
-    match pipeline.open_http(account, door, kind, &priced).await {
+    match pipeline
+        .open_http(account, door, kind, &priced, answer_now)
+        .await
+    {
         Ok(job) => Ok(job),
         Err(OpenError::Shortfall {
             quote_msat,
@@ -286,6 +290,7 @@ pub(super) async fn completions(
         TEXT_GENERATION,
         generation,
         None,
+        stream,
     )
     .await?;
     let answer = Answer::of(pipeline, &job);

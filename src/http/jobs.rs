@@ -108,6 +108,7 @@ pub(super) async fn create(
         new.kind,
         generation,
         new.bid_msat,
+        true,
     )
     .await?;
     let location = format!("/v1/jobs/{}", job.id);

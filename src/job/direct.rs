@@ -13,8 +13,9 @@
 //! `/v1/jobs` job's result is stored for `GET /v1/jobs/{id}`.
 //!
 //! Durable before each answer: the reservation (with the job, `Running`) before the response
-//! starts; the result, usage and charge before the answer ends (the last chunk of a stream, or
-//! any byte of a whole response). Settlement follows, applied, like a relay job's. On restart a
+//! starts (a stream's first chunk, a 202; a whole response starts after the result's commit,
+//! which covers it); the result, usage and charge before the answer ends (the last chunk of a
+//! stream, or any byte of a whole response). Settlement follows, applied, like a relay job's. On restart a
 //! `/v1/jobs` job resumes; a chat completion's client is gone, so it fails and its hold is
 //! released.
 
@@ -150,17 +151,22 @@ impl Pipeline {
     }
 
     /// Open a priced HTTP job on `account`: store it `Running` with its whole quote reserved
-    /// from the account's balance, in one durable write. Nothing is stored when the balance
-    /// does not cover the quote.
+    /// from the account's balance, in one write. Nothing is stored when the balance does not
+    /// cover the quote. The write is durable before this returns when `answer_now` (a stream's
+    /// first chunk, or a 202, follows at once); a whole response is only written after the
+    /// result's commit, which makes this write durable too (commits are in order), so it
+    /// saves an fsync. A crash before then loses the job and its reservation together:
+    /// nothing was charged and nothing was answered.
     pub async fn open_http(
         &self,
         account: Account,
         door: Door,
         kind: u16,
         priced: &Priced,
+        answer_now: bool,
     ) -> Result<Job, OpenError> {
         let job = Job::http(account, door, kind, priced, unix_now());
-        let opened = self.inner.book.open_on_credit(job).await?;
+        let opened = self.inner.book.open_on_credit(job, answer_now).await?;
         match opened {
             Ok(job) => {
                 let metrics = &self.inner.metrics;

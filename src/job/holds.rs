@@ -58,31 +58,39 @@ impl Book {
     }
 
     /// Store a new job (an HTTP job, `Received` with its quote) `Running`, its whole quote
-    /// reserved from its account's balance, in one durable write. `Ok(Err(balance))` when the
-    /// balance does not cover the quote: nothing is stored. Transactions run one at a time on
-    /// the store writer, so two calls racing for one balance cannot both reserve it.
-    pub async fn open_on_credit(&self, job: Job) -> Result<Result<Job, u64>, BookError> {
+    /// reserved from its account's balance, in one write, durable before this returns when
+    /// `durable`. `Ok(Err(balance))` when the balance does not cover the quote: nothing is
+    /// stored. Transactions run one at a time on the store writer, so two calls racing for one
+    /// balance cannot both reserve it.
+    pub async fn open_on_credit(
+        &self,
+        job: Job,
+        durable: bool,
+    ) -> Result<Result<Job, u64>, BookError> {
         let at = now();
-        self.store()
-            .commit(move |tx| {
-                let mut job = job.clone();
-                if tx.contains(Tree::Jobs, job.id.as_bytes())? {
-                    return Err(abort(BookError::JobExists(job.id)));
-                }
-                let quote = job.quote_msat.unwrap_or(0);
-                let balance = ledger::balance_in(tx, &job.customer)?;
-                if balance < quote {
-                    return Ok(Err(balance));
-                }
-                job.transition(JobState::Quoted, at).map_err(abort)?;
-                post(tx, EntryKind::Reserve, job.customer, quote, &job, at)?;
-                job.credit_msat = quote;
-                job.held_msat = quote;
-                job.transition(JobState::Running, at).map_err(abort)?;
-                tx.put(Tree::Jobs, job.id.as_bytes(), &job)?;
-                Ok(Ok(job))
-            })
-            .await
+        let write = move |tx: &Tx<'_>| {
+            let mut job = job.clone();
+            if tx.contains(Tree::Jobs, job.id.as_bytes())? {
+                return Err(abort(BookError::JobExists(job.id)));
+            }
+            let quote = job.quote_msat.unwrap_or(0);
+            let balance = ledger::balance_in(tx, &job.customer)?;
+            if balance < quote {
+                return Ok(Err(balance));
+            }
+            job.transition(JobState::Quoted, at).map_err(abort)?;
+            post(tx, EntryKind::Reserve, job.customer, quote, &job, at)?;
+            job.credit_msat = quote;
+            job.held_msat = quote;
+            job.transition(JobState::Running, at).map_err(abort)?;
+            tx.put(Tree::Jobs, job.id.as_bytes(), &job)?;
+            Ok(Ok(job))
+        };
+        if durable {
+            self.store().commit(write).await
+        } else {
+            self.store().apply(write).await
+        }
     }
 
     /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
