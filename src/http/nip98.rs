@@ -13,7 +13,7 @@
 //! (retry later) rather than let a replay through. Two identical requests within one second
 //! need two distinct events: add any tag (a `nonce`) to the second.
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use base64::Engine;
@@ -95,8 +95,19 @@ pub struct Authorized {
 pub struct Verifier {
     window_secs: u64,
     capacity: usize,
-    /// Accepted event ids and when each may be forgotten (unix seconds).
-    seen: Mutex<HashMap<EventId, u64>>,
+    /// Accepted event ids, and the same in the order they may be forgotten.
+    seen: Mutex<Seen>,
+}
+
+/// The replay cache: a set for lookups and a queue by expiry, so forgetting what left the
+/// window costs O(1) per id rather than a scan of the whole set.
+#[derive(Default)]
+struct Seen {
+    ids: HashSet<EventId>,
+    /// (forget at, unix seconds; id), in the order they were accepted. Expiry is the accept
+    /// time plus a constant, so the queue is in expiry order (a clock stepping back only keeps
+    /// an id longer).
+    by_expiry: VecDeque<(u64, EventId)>,
 }
 
 impl Verifier {
@@ -106,7 +117,7 @@ impl Verifier {
         Self {
             window_secs,
             capacity: capacity.max(1),
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::default(),
         }
     }
 
@@ -166,17 +177,24 @@ impl Verifier {
     fn remember(&self, id: EventId, now: Timestamp) -> Result<(), AuthError> {
         let now = now.as_secs();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains_key(&id) {
+        let Seen { ids, by_expiry } = &mut *seen;
+        while let Some(&(forget_at, old)) = by_expiry.front() {
+            if forget_at > now {
+                break;
+            }
+            by_expiry.pop_front();
+            ids.remove(&old);
+        }
+        if ids.contains(&id) {
             return Err(AuthError::Replayed);
         }
-        if seen.len() >= self.capacity {
-            seen.retain(|_, forget_at| *forget_at > now);
-            if seen.len() >= self.capacity {
-                return Err(AuthError::Busy);
-            }
+        if ids.len() >= self.capacity {
+            // Every id held could still be replayed: refuse rather than forget one.
+            return Err(AuthError::Busy);
         }
         // An event signed up to `window` in the future stays valid until `now + 2 window`.
-        seen.insert(id, now + 2 * self.window_secs + 1);
+        ids.insert(id);
+        by_expiry.push_back((now + 2 * self.window_secs + 1, id));
         Ok(())
     }
 }
