@@ -384,6 +384,9 @@ pub struct HttpSection {
     /// Reverse proxies whose `X-Forwarded-For` names the client (IP addresses). From anyone
     /// else the header is ignored and the connection's address is the client's.
     pub trusted_proxies: Vec<String>,
+    /// Origins whose pages may call `/v1` from a browser (CORS): `https://app.example`, or
+    /// `*` for any. Empty: no CORS headers (browsers then refuse cross-origin calls).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -400,6 +403,7 @@ impl Default for HttpSection {
             max_challenges_per_ip_per_minute: 30,
             l402_token_lifetime_secs: 30 * 24 * 3600,
             trusted_proxies: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -318,6 +318,14 @@ impl Config {
                 "http.l402_token_lifetime_secs must be at least 60".into(),
             ));
         }
+        for origin in &http.cors_origins {
+            let scheme = origin.starts_with("http://") || origin.starts_with("https://");
+            if origin != "*" && (!scheme || origin.ends_with('/')) {
+                return Err(invalid(format!(
+                    "http.cors_origins: {origin:?} is not `*` or an origin such as https://app.example (no trailing slash)"
+                )));
+            }
+        }
         for proxy in &http.trusted_proxies {
             if proxy.parse::<std::net::IpAddr>().is_err() {
                 return Err(invalid(format!(
@@ -621,6 +629,10 @@ mod tests {
         refused(
             |h| h.trusted_proxies = vec!["proxy.local".into()],
             "trusted_proxies",
+        );
+        refused(
+            |h| h.cors_origins = vec!["app.example".into()],
+            "cors_origins",
         );
         let mut file = FileConfig::default();
         file.http.public_url = Some("https://dvm.example.com".into());

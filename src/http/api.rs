@@ -57,6 +57,80 @@ pub struct ApiConfig {
     pub topups: InvoiceLimiter,
     /// L402: the root key, token lifetime and challenge limits.
     pub l402: super::l402::L402Door,
+    /// Origins allowed to call from a browser.
+    pub cors: Cors,
+}
+
+/// CORS for `/v1`: which origins' pages may call it (a NIP-07 extension signs NIP-98 there).
+#[derive(Debug, Clone, Default)]
+pub struct Cors {
+    any: bool,
+    origins: Vec<HeaderValue>,
+}
+
+impl Cors {
+    /// From `[http] cors_origins` (`*` allows any origin).
+    pub fn new(origins: &[String]) -> Self {
+        Self {
+            any: origins.iter().any(|o| o == "*"),
+            origins: origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect(),
+        }
+    }
+
+    fn allows(&self, origin: &HeaderValue) -> bool {
+        self.any || self.origins.contains(origin)
+    }
+}
+
+/// Answer a preflight from an allowed origin, and mark answers to it as readable there (with
+/// the headers a client needs: the challenge, the job id, when to retry).
+async fn cors(
+    cors: Cors,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|origin| cors.allows(origin))
+        .cloned();
+    let Some(origin) = origin else {
+        return next.run(request).await;
+    };
+    let preflight = request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        response
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.append(header::VARY, HeaderValue::from_static("origin"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("www-authenticate, retry-after, x-dvmd-job, location"),
+    );
+    response
 }
 
 impl ApiConfig {
@@ -75,12 +149,15 @@ impl ApiConfig {
             max_topup_msat: http.max_topup_msat,
             topups: InvoiceLimiter::per_minute(http.max_topups_per_minute),
             l402: super::l402::L402Door::new(http, root_key),
+            cors: Cors::new(&http.cors_origins),
         }
     }
 }
 
-/// The `/v1` routes, with their body limit.
-pub fn routes(max_body_bytes: usize) -> Router<HttpState> {
+/// The `/v1` routes, with their body limit and CORS (from `api`, when the daemon serves it).
+pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
+    let max_body_bytes = api.map_or(64 * 1024, |api| api.max_body_bytes);
+    let allowed = api.map(|api| api.cors.clone()).unwrap_or_default();
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/account", get(account))
@@ -91,6 +168,9 @@ pub fn routes(max_body_bytes: usize) -> Router<HttpState> {
         .route("/v1/l402/token", post(super::l402::buy))
         .route("/v1/l402/balance", get(super::l402::balance))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            cors(allowed.clone(), request, next)
+        }))
 }
 
 /// An error in OpenAI's shape.

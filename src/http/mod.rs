@@ -59,12 +59,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/hooks/wallet", post(wallet_hook))
         .route("/.well-known/lnurlp/{name}", get(lnurl::pay_request))
         .route("/lnurlp/{name}/callback", get(lnurl::callback))
-        .merge(api::routes(
-            state
-                .api
-                .as_ref()
-                .map_or(64 * 1024, |api| api.max_body_bytes),
-        ));
+        .merge(api::routes(state.api.as_deref()));
     if state.dev_wallet.is_some() {
         router = router.route("/dev/pay", post(dev_pay));
     }

@@ -357,3 +357,61 @@ async fn bad_amounts_bodies_and_floods_get_clear_4xx() {
     harness::ledger_ok(daemon.pipeline().book().store());
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_of_configured_origins_may_call_and_others_get_no_cors() {
+    let (_data, daemon) = start(|file| {
+        file.http.cors_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        client
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{http}/v1/chat/completions"),
+            )
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://app.example").await.expect("send");
+    assert_eq!(allowed.status(), 204);
+    let headers = allowed.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(headers["access-control-allow-headers"]
+        .to_str()
+        .expect("text")
+        .contains("authorization"));
+    let other = preflight("https://evil.example").await.expect("send");
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+    assert_ne!(other.status(), 204);
+
+    // A real answer (an L402 challenge) readable by the page, challenge headers included.
+    let challenge = client
+        .post(format!("{http}/v1/l402/token"))
+        .header("Origin", "https://app.example")
+        .json(&serde_json::json!({ "amount_msat": 1000 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(challenge.status(), 402);
+    let headers = challenge.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(headers["access-control-expose-headers"]
+        .to_str()
+        .expect("text")
+        .contains("www-authenticate"));
+    daemon.stop().await;
+}
