@@ -386,6 +386,7 @@ async fn account(
         "npub": who.to_bech32().unwrap_or_default(),
         "balance_msat": view.balance_msat,
         "entries": view.entries,
+        "jobs": view.jobs,
     })))
 }
 

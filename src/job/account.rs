@@ -6,18 +6,40 @@ use crate::ledger::Account;
 use serde::Serialize;
 
 use super::book::BookError;
+use super::id::JobId;
 use super::invoices::PaymentRecord;
 use super::pipeline::Pipeline;
+use super::record::{Door, Job};
 use crate::ledger::{self, Entry};
+use crate::store::Tree;
 use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, WalletError};
 
-/// An account's balance and its latest ledger entries.
+/// An account's balance, its latest ledger entries and the jobs they name.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AccountView {
     /// Spendable now, msat (what running jobs hold is not part of it).
     pub balance_msat: u64,
     /// The latest entries, newest first.
     pub entries: Vec<NumberedEntry>,
+    /// The jobs those entries name, most recent first.
+    pub jobs: Vec<JobSummary>,
+}
+
+/// A job as an account's history shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobSummary {
+    /// The job id.
+    pub id: JobId,
+    /// The door it came in by.
+    pub door: Door,
+    /// Its state (as the metrics and `GET /v1/jobs/{id}` name it).
+    pub state: &'static str,
+    /// Its quote, msat.
+    pub quote_msat: Option<u64>,
+    /// What it was charged, msat, once it ran.
+    pub charge_msat: Option<u64>,
+    /// Unix seconds of its last transition.
+    pub updated_at: u64,
 }
 
 /// A ledger entry with its sequence number.
@@ -58,15 +80,29 @@ pub fn check_top_up(amount_msat: u64, max_msat: u64) -> Result<(), TopUpRefusal>
 impl Pipeline {
     /// `account`'s balance and its latest `limit` ledger entries.
     pub async fn account(&self, account: Account, limit: usize) -> Result<AccountView, BookError> {
-        let (balance_msat, entries) = self
+        let (balance_msat, entries, jobs) = self
             .inner
             .book
             .store()
             .read(move |r| {
-                Ok::<_, ledger::LedgerError>((
-                    ledger::balance(r, &account)?,
-                    ledger::entries_of(r, &account, limit)?,
-                ))
+                let entries = ledger::entries_of(r, &account, limit)?;
+                let mut jobs = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for id in entries.iter().filter_map(|(_, e)| e.job) {
+                    if seen.insert(id) {
+                        if let Some(job) = r.get::<Job>(Tree::Jobs, id.as_bytes())? {
+                            jobs.push(JobSummary {
+                                id,
+                                door: job.door,
+                                state: job.state.as_str(),
+                                quote_msat: job.quote_msat,
+                                charge_msat: job.charge_msat,
+                                updated_at: job.updated_at,
+                            });
+                        }
+                    }
+                }
+                Ok::<_, ledger::LedgerError>((ledger::balance(r, &account)?, entries, jobs))
             })
             .await?;
         Ok(AccountView {
@@ -75,6 +111,7 @@ impl Pipeline {
                 .into_iter()
                 .map(|(seq, entry)| NumberedEntry { seq, entry })
                 .collect(),
+            jobs,
         })
     }
 

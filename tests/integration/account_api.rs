@@ -208,6 +208,11 @@ async fn an_npub_tops_up_over_http_and_spends_it_on_a_relay_job() {
         kinds.contains(&"charge") && kinds.contains(&"reserve"),
         "{kinds:?}"
     );
+    // The job those entries name, as the account's history shows it.
+    assert_eq!(after["jobs"][0]["id"], job.id.to_hex(), "{after}");
+    assert_eq!(after["jobs"][0]["door"], "relay");
+    assert_eq!(after["jobs"][0]["state"], "settled");
+    assert_eq!(after["jobs"][0]["charge_msat"], charge);
     harness::ledger_ok(daemon.pipeline().book().store());
     daemon.stop().await;
 }
