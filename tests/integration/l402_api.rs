@@ -11,8 +11,12 @@ use dvmd::daemon::Daemon;
 use dvmd::infer::instant::InstantBackend;
 use dvmd::l402::Macaroon;
 use dvmd::ledger::Account;
-use dvmd::wallet::PaymentHash;
+use dvmd::wallet::{
+    Invoice, InvoiceRequest, PaymentHash, PaymentSent, PaymentStatus, Wallet, WalletError,
+};
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use crate::harness;
 use crate::lnbits::Lnbits;
@@ -23,6 +27,39 @@ struct Challenge {
     invoice: String,
     hash: PaymentHash,
     body: Value,
+}
+
+/// The real dev wallet, counting the lookups of each payment hash (to show a booked token is
+/// never looked up again).
+struct Counting {
+    inner: Arc<dyn Wallet>,
+    lookups: Arc<Mutex<HashMap<PaymentHash, usize>>>,
+}
+
+#[async_trait::async_trait]
+impl Wallet for Counting {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
+        self.inner.create_invoice(request).await
+    }
+    async fn lookup(&self, hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
+        *self.lookups.lock().expect("lock").entry(*hash).or_default() += 1;
+        self.inner.lookup(hash).await
+    }
+    async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
+        self.inner.pay(bolt11, max_fee_msat).await
+    }
+    async fn balance(&self) -> Result<u64, WalletError> {
+        self.inner.balance().await
+    }
+    fn settlements(&self) -> tokio::sync::broadcast::Receiver<PaymentHash> {
+        self.inner.settlements()
+    }
+    async fn follow(&self, cancel: tokio_util::sync::CancellationToken) {
+        self.inner.follow(cancel).await
+    }
 }
 
 async fn start(edit: impl FnOnce(&mut dvmd::config::FileConfig)) -> (tempfile::TempDir, Daemon) {
@@ -112,7 +149,23 @@ fn chat(max_tokens: u32) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
-    let (_data, daemon) = start(|_| {}).await;
+    let data = harness::data_dir();
+    let lookups: Arc<Mutex<HashMap<PaymentHash, usize>>> = Arc::default();
+    let counted = lookups.clone();
+    let daemon = Daemon::start(
+        harness::dev_config(data.path(), |_| {}),
+        dvmd::daemon::Parts {
+            backend: Some(Arc::new(InstantBackend::new("paid with a macaroon"))),
+            wrap_wallet: Some(Arc::new(move |inner| {
+                Arc::new(Counting {
+                    inner,
+                    lookups: counted.clone(),
+                }) as Arc<dyn Wallet>
+            })),
+        },
+    )
+    .await
+    .expect("daemon starts");
     let http = daemon.ready().http_url.clone();
     // What one call is quoted: the 402 of a call with no credential says so.
     let first = challenge(post(&format!("{http}/v1/chat/completions"), None, &chat(8)).await).await;
@@ -126,8 +179,11 @@ async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
     assert_eq!(status, 200, "{balance}");
     assert_eq!(
         balance["balance_msat"], amount,
-        "the first credential books the payment"
+        "booked by the hint or the first credential"
     );
+    let looked_up = |hash: &PaymentHash| lookups.lock().expect("lock").get(hash).copied();
+    let before = looked_up(&token.hash);
+    assert!(before.is_some(), "our wallet confirmed it");
 
     let base = format!("{http}/v1");
     let models: Value = reqwest::get(format!("{base}/models"))
@@ -170,6 +226,11 @@ async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
         .map(|a| a["dvmd"]["charge_msat"].as_u64().expect("charge"))
         .sum();
 
+    assert_eq!(
+        looked_up(&token.hash),
+        before,
+        "a booked token costs no wallet call, however often it is used"
+    );
     let (_, left) = token_balance(&http, &format!("LSAT {key}")).await;
     let left = left["balance_msat"].as_u64().expect("balance");
     assert_eq!(left, amount - charged);
@@ -334,6 +395,47 @@ async fn macaroons_interoperate_with_pymacaroons_and_forgeries_are_refused() {
         0,
         "nothing charged or held"
     );
+
+    // The genuine token (as pymacaroons minted it) creates a /v1/jobs job and reads it back;
+    // the job is its token's, nobody else's.
+    let auth = format!("L402 {theirs}:{preimage}");
+    let job =
+        json!({ "kind": 5050, "inputs": [{ "value": "Say hi." }], "params": { "max_tokens": 4 } });
+    let created = post(&format!("{http}/v1/jobs"), Some(&auth), &job).await;
+    assert_eq!(created.status(), 202);
+    let created: Value = created.json().await.expect("json");
+    let show = format!("{http}/v1/jobs/{}", created["id"].as_str().expect("id"));
+    let mut shown = Value::Null;
+    for _ in 0..250 {
+        shown = reqwest::Client::new()
+            .get(&show)
+            .header("Authorization", &auth)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        if shown["state"] == "settled" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(shown["state"], "settled", "{shown}");
+    assert_eq!(shown["result"], "paid with a macaroon");
+    let other = buy(&http, 1_000).await;
+    let other_preimage = harness::dev_pay(&http, &other.invoice).await;
+    let stranger = reqwest::Client::new()
+        .get(&show)
+        .header(
+            "Authorization",
+            format!("L402 {}:{other_preimage}", other.macaroon),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(stranger.status(), 404, "another token's job is not found");
+    harness::ledger_ok(store);
     daemon.stop().await;
 }
 
