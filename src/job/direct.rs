@@ -109,29 +109,10 @@ struct Generated {
 impl Job {
     /// A job that comes in through an HTTP door, not yet stored.
     pub fn http(account: Account, door: Door, kind: u16, priced: &Priced, now: u64) -> Self {
-        Self {
-            id: JobId::random(),
-            customer: account,
-            kind,
-            door,
-            request: serde_json::to_string(&priced.request).unwrap_or_default(),
-            state: JobState::Received,
-            reason: None,
-            received_at: now,
-            updated_at: now,
-            reply_relays: Vec::new(),
-            quote_msat: Some(priced.quote_msat),
-            invoice: None,
-            paid_msat: 0,
-            credit_msat: 0,
-            held_msat: 0,
-            payer: None,
-            charge_msat: None,
-            usage: None,
-            result_event: None,
-            result: None,
-            last_feedback: None,
-        }
+        let request = serde_json::to_string(&priced.request).unwrap_or_default();
+        let mut job = Self::new(JobId::random(), account, kind, door, request, now);
+        job.quote_msat = Some(priced.quote_msat);
+        job
     }
 }
 
@@ -382,19 +363,6 @@ impl Pipeline {
                 "generation stream ended without usage".to_owned(),
             ))
         };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(Ok(generated)) => Ok(generated),
-            Ok(Err(InferError::Timeout(secs))) => {
-                Err(format!("inference took longer than {secs} s"))
-            }
-            Ok(Err(e)) => Err(format!(
-                "the model failed ({})",
-                Incident::log("inference", &e)
-            )),
-            Err(_) => Err(format!(
-                "inference took longer than {} s",
-                timeout.as_secs()
-            )),
-        }
+        super::worker::within(timeout, run).await
     }
 }

@@ -130,17 +130,38 @@ impl Job {
 
     /// [`Job::received`] with the request already serialized as `json`.
     pub fn received_as(request: &Event, json: String, reply_relays: Vec<String>, now: u64) -> Self {
+        let mut job = Self::new(
+            request.id.into(),
+            request.pubkey.into(),
+            request.kind.as_u16(),
+            Door::Relay,
+            json,
+            now,
+        );
+        job.reply_relays = reply_relays;
+        job
+    }
+
+    /// A job just `Received`, with nothing decided yet.
+    pub(super) fn new(
+        id: JobId,
+        customer: Account,
+        kind: u16,
+        door: Door,
+        request: String,
+        now: u64,
+    ) -> Self {
         Self {
-            id: request.id.into(),
-            customer: request.pubkey.into(),
-            kind: request.kind.as_u16(),
-            door: Door::Relay,
-            request: json,
+            id,
+            customer,
+            kind,
+            door,
+            request,
             state: JobState::Received,
             reason: None,
             received_at: now,
             updated_at: now,
-            reply_relays,
+            reply_relays: Vec::new(),
             quote_msat: None,
             invoice: None,
             paid_msat: 0,

@@ -203,21 +203,8 @@ impl Pipeline {
                 .await?;
             infer::collect(stream).await
         };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(Ok((text, usage, _))) => Ok((text, usage)),
-            Ok(Err(InferError::Timeout(secs))) => {
-                Err(format!("inference took longer than {secs} s"))
-            }
-            // Backend errors name URLs and carry upstream bodies: the log gets them.
-            Ok(Err(e)) => Err(format!(
-                "the model failed ({})",
-                Incident::log("inference", &e)
-            )),
-            Err(_) => Err(format!(
-                "inference took longer than {} s",
-                timeout.as_secs()
-            )),
-        }
+        let (text, usage, _) = within(timeout, run).await?;
+        Ok((text, usage))
     }
 
     /// Price the exact usage, persist the signed result, then deliver it.
@@ -392,5 +379,25 @@ impl Pipeline {
         let charged = job.charge_msat.unwrap_or(0);
         metrics.charged(charged, usage.prompt_tokens, usage.completion_tokens);
         tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.credit_msat, change_msat = job.funds_msat() - charged, "job settled");
+    }
+}
+
+/// Run a generation for at most `timeout`; what went wrong, as the customer is told it.
+pub(super) async fn within<T>(
+    timeout: Duration,
+    run: impl std::future::Future<Output = Result<T, InferError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(InferError::Timeout(secs))) => Err(format!("inference took longer than {secs} s")),
+        // Backend errors name URLs and carry upstream bodies: the log gets them.
+        Ok(Err(e)) => Err(format!(
+            "the model failed ({})",
+            Incident::log("inference", &e)
+        )),
+        Err(_) => Err(format!(
+            "inference took longer than {} s",
+            timeout.as_secs()
+        )),
     }
 }

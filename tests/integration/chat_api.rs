@@ -147,13 +147,7 @@ async fn wait_settled(daemon: &Daemon, id: &dvmd::job::JobId) -> Job {
 async fn the_openai_sdk_chats_on_an_npubs_balance_whole_and_streamed() {
     let (_data, daemon) = start(None).await;
     let http = daemon.ready().http_url.clone();
-    let models: Value = reqwest::get(format!("{http}/v1/models"))
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
-    let model = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let model = harness::served_model(&http).await;
     let base = format!("{http}/v1");
     let keys = Keys::generate();
     let secret = keys.secret_key().to_secret_hex();

@@ -380,6 +380,17 @@ pub fn python_peer(script: &str, args: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The model a daemon serves, as `GET /v1/models` names it (what an OpenAI SDK must ask for).
+pub async fn served_model(http_url: &str) -> String {
+    let models: serde_json::Value = reqwest::get(format!("{http_url}/v1/models"))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    models["data"][0]["id"].as_str().expect("model").to_owned()
+}
+
 /// Credit `keys`' npub with `msat` over the `/v1` door: a top-up invoice asked for with a
 /// nostr-tools NIP-98 header, paid through `/dev/pay`, booked.
 pub async fn http_top_up(daemon: &dvmd::daemon::Daemon, keys: &Keys, msat: u64) {

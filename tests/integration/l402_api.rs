@@ -186,13 +186,7 @@ async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
     assert!(before.is_some(), "our wallet confirmed it");
 
     let base = format!("{http}/v1");
-    let models: Value = reqwest::get(format!("{base}/models"))
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
-    let model = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let model = harness::served_model(&http).await;
     let sdk = |extra: &[&str]| {
         let mut args = vec![
             "--base-url",
