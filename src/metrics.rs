@@ -147,6 +147,19 @@ pub struct Metrics {
     pub run_queue_wait: Histogram,
     run_queue_depth: AtomicI64,
     intake_lagged: AtomicU64,
+    /// HTTP jobs opened, by door: `/v1/chat/completions`, `/v1/jobs`.
+    http_jobs: [AtomicU64; 2],
+    /// 402 answers that minted an invoice, by kind: an L402 challenge, an npub's top-up.
+    challenges: [AtomicU64; 2],
+}
+
+/// What a 402 sold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// An L402 token (macaroon and invoice).
+    L402,
+    /// A top-up for an npub whose balance was short (NIP-98).
+    TopUp,
 }
 
 impl Metrics {
@@ -220,6 +233,16 @@ impl Metrics {
         self.run_queue_depth.fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// An HTTP job was opened on its account (`chat`: a chat completion; else `/v1/jobs`).
+    pub fn http_job_opened(&self, chat: bool) {
+        self.http_jobs[usize::from(!chat)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A 402 minted an invoice.
+    pub fn challenged(&self, kind: Challenge) {
+        self.challenges[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A publish gave up without any relay accepting.
     pub fn publish_failed(&self) {
         self.publish_failures.fetch_add(1, Ordering::Relaxed);
@@ -255,6 +278,28 @@ impl Metrics {
                 out,
                 "dvmd_job_transitions_total{{state=\"{}\"}} {}",
                 state.as_str(),
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_http_jobs_opened_total HTTP jobs opened on an account, by door.\n# TYPE dvmd_http_jobs_opened_total counter"
+        );
+        for (door, n) in ["http_chat", "http_job"].iter().zip(&self.http_jobs) {
+            let _ = writeln!(
+                out,
+                "dvmd_http_jobs_opened_total{{door=\"{door}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_payment_challenges_total 402 answers that minted an invoice, by kind.\n# TYPE dvmd_payment_challenges_total counter"
+        );
+        for (kind, n) in ["l402", "top_up"].iter().zip(&self.challenges) {
+            let _ = writeln!(
+                out,
+                "dvmd_payment_challenges_total{{kind=\"{kind}\"}} {}",
                 n.load(Ordering::Relaxed)
             );
         }
@@ -374,7 +419,13 @@ mod tests {
         m.entered(JobState::Paid);
         m.payment_confirmed(21_000);
         m.settlement_to_processing.observe(Duration::from_millis(3));
+        m.http_job_opened(true);
+        m.challenged(Challenge::L402);
+        m.challenged(Challenge::L402);
         let text = m.render();
+        assert!(text.contains("dvmd_http_jobs_opened_total{door=\"http_chat\"} 1\n"));
+        assert!(text.contains("dvmd_http_jobs_opened_total{door=\"http_job\"} 0\n"));
+        assert!(text.contains("dvmd_payment_challenges_total{kind=\"l402\"} 2\n"));
         assert!(text.contains("dvmd_events_received_total 1\n"));
         assert!(text.contains("dvmd_events_dropped_total{reason=\"stale\"} 1\n"));
         assert!(text.contains("dvmd_job_transitions_total{state=\"paid\"} 1\n"));

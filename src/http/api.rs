@@ -424,6 +424,9 @@ pub(super) async fn shortfall(
         Ok(invoice) => invoice,
         Err(e) => return top_up_refused(e),
     };
+    pipeline
+        .metrics()
+        .challenged(crate::metrics::Challenge::TopUp);
     let mut error = OpenAiError::new(
         StatusCode::PAYMENT_REQUIRED,
         "insufficient_quota",

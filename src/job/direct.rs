@@ -155,6 +155,7 @@ impl Pipeline {
                 metrics.entered(JobState::Quoted);
                 metrics.entered(JobState::Running);
                 metrics.paid_from_credit(priced.quote_msat);
+                metrics.http_job_opened(door == Door::HttpChat);
                 tracing::info!(job = %job.id, door = door.as_str(), account = %job.customer, quote_msat = priced.quote_msat, "http job opened");
                 Ok(job)
             }

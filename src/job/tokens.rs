@@ -90,6 +90,7 @@ impl Pipeline {
             issued_at: unix_now(),
         };
         inner.book.register_token(&hash, record, token).await?;
+        inner.metrics.challenged(crate::metrics::Challenge::L402);
         tracing::info!(payment_hash = %hash, msat = invoice.amount_msat, "L402 challenge issued");
         Ok(Challenge { macaroon, invoice })
     }

@@ -229,6 +229,23 @@ async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
     let left = left["balance_msat"].as_u64().expect("balance");
     assert_eq!(left, amount - charged);
     assert!(left < quote, "dry: {left} left, a call is quoted {quote}");
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    // The first call's 402, the prepaid token, and a new challenge for every call made dry.
+    let challenges = 2 + statuses.len() - served;
+    assert!(
+        metrics.contains(&format!(
+            "dvmd_payment_challenges_total{{kind=\"l402\"}} {challenges}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "dvmd_http_jobs_opened_total{{door=\"http_chat\"}} {served}\n"
+    )));
     let store = daemon.pipeline().book().store();
     let jobs = harness::jobs(store);
     assert_eq!(jobs.len(), served);
