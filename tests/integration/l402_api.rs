@@ -322,6 +322,21 @@ async fn macaroons_interoperate_with_pymacaroons_and_forgeries_are_refused() {
     let (status, balance) = token_balance(&http, &format!("L402 {theirs}:{preimage}")).await;
     assert_eq!(status, 200, "{balance}");
     assert_eq!(balance["balance_msat"], 20_000);
+    // As aperture's client (and lnget) send it: `LSAT …` then `L402 …`, two headers.
+    let twice = reqwest::Client::new()
+        .get(format!("{http}/v1/l402/balance"))
+        .header(
+            "Authorization",
+            format!("LSAT {}:{preimage}", token.macaroon),
+        )
+        .header(
+            "Authorization",
+            format!("L402 {}:{preimage}", token.macaroon),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(twice.status(), 200);
 
     // Forgeries, each on a call that would charge: 401 with a reason, nothing opened.
     let raw = base64::engine::general_purpose::STANDARD
