@@ -47,7 +47,7 @@
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
 //!   writer thread that commits in groups: the only module that names sled), [`http`].
 //! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/main.rs`;
-//!   figures: [`bench`].
+//!   figures: [`mod@bench`].
 //!
 //! See `ARCHITECTURE.md` for the data flow, the job state table, the money rules and the store
 //! writer, and `nips/` for the protocol texts dvmd follows.

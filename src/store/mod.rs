@@ -1,9 +1,9 @@
 //! Persistent state in sled, owned by one writer thread that commits in groups.
 //!
 //! Nothing outside this module names sled. Writes are closures over a [`Tx`] that the writer
-//! thread ([`writer`]) runs, one sled transaction each, in the order they arrive:
+//! thread (`writer`) runs, one sled transaction each, in the order they arrive:
 //! - [`Store::apply`] answers once the write is applied (it becomes durable with the next
-//!   flush, at most [`writer::IDLE_FLUSH`] later);
+//!   flush, at most `writer::IDLE_FLUSH` later);
 //! - [`Store::commit`] answers once the flush covering it is done: use it before any side
 //!   effect the write allows (showing an invoice, publishing a result, paying out);
 //! - [`Store::sync`] answers once everything applied so far is durable.

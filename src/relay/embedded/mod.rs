@@ -4,7 +4,7 @@
 //! Why our own rather than nostr-relay-builder's `LocalRelay`: that relay feeds every
 //! connection from one `broadcast` channel of 1024 events and silently skips what a slow reader
 //! lagged behind, so neither side learns that events were lost; and every event wakes every
-//! connection to run its filters. Here ([`subscriptions`]) an event is matched only against
+//! connection to run its filters. Here (`subscriptions`) an event is matched only against
 //! the subscriptions it can concern (indexed by `#p`), each connection has a bounded queue, and
 //! a reader that falls behind is closed and counted, so its client reconnects and resubscribes
 //! with `since`. Memory is bounded by [`RelayOptions::max_events`].
