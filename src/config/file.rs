@@ -368,6 +368,8 @@ pub struct HttpSection {
     pub auth_replay_capacity: usize,
     /// The largest request body read on `/v1/*`, bytes; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Longest a `/v1` request body may take to arrive, seconds; a slower one gets 408.
+    pub body_timeout_secs: u64,
     /// The largest top-up one invoice may ask for, msat.
     pub max_topup_msat: u64,
     /// Top-up invoices issued per minute at most, for everyone together (each costs a wallet
@@ -397,6 +399,7 @@ impl Default for HttpSection {
             auth_window_secs: 60,
             auth_replay_capacity: 100_000,
             max_body_bytes: 1024 * 1024,
+            body_timeout_secs: 30,
             max_topup_msat: 100_000_000,
             max_topups_per_minute: 60,
             max_challenges_per_minute: 600,

@@ -304,6 +304,11 @@ impl Config {
         if http.max_body_bytes < 1024 {
             return Err(invalid("http.max_body_bytes must be at least 1024".into()));
         }
+        if !(1..=600).contains(&http.body_timeout_secs) {
+            return Err(invalid(
+                "http.body_timeout_secs must be between 1 and 600".into(),
+            ));
+        }
         if http.max_topup_msat < 1_000 {
             return Err(invalid("http.max_topup_msat must be at least 1000".into()));
         }
@@ -617,6 +622,7 @@ mod tests {
         refused(|h| h.auth_window_secs = 0, "auth_window_secs");
         refused(|h| h.auth_replay_capacity = 0, "auth_replay_capacity");
         refused(|h| h.max_body_bytes = 100, "max_body_bytes");
+        refused(|h| h.body_timeout_secs = 0, "body_timeout_secs");
         refused(|h| h.max_topup_msat = 999, "max_topup_msat");
         refused(
             |h| h.max_challenges_per_ip_per_minute = 0,

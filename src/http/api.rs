@@ -51,6 +51,8 @@ pub struct ApiConfig {
     pub verifier: Verifier,
     /// Largest body read, bytes.
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive, seconds.
+    pub body_timeout_secs: u64,
     /// Largest top-up, msat.
     pub max_topup_msat: u64,
     /// Top-up invoices for everyone together.
@@ -146,6 +148,7 @@ impl ApiConfig {
                 .to_owned(),
             verifier: Verifier::new(http.auth_window_secs, http.auth_replay_capacity),
             max_body_bytes: http.max_body_bytes,
+            body_timeout_secs: http.body_timeout_secs,
             max_topup_msat: http.max_topup_msat,
             topups: InvoiceLimiter::per_minute(http.max_topups_per_minute),
             l402: super::l402::L402Door::new(http, root_key),
@@ -171,6 +174,33 @@ pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
         .layer(axum::middleware::from_fn(move |request, next| {
             cors(allowed.clone(), request, next)
         }))
+}
+
+/// A request body, read within `[http] body_timeout_secs` and `max_body_bytes`: 408 for one
+/// that does not arrive in time (a slow sender holds a connection and a task), 413 for one too
+/// large.
+pub struct ReadBody(pub Bytes);
+
+impl axum::extract::FromRequest<HttpState> for ReadBody {
+    type Rejection = OpenAiError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &HttpState,
+    ) -> Result<Self, Self::Rejection> {
+        let secs = state.api.as_ref().map_or(30, |api| api.body_timeout_secs);
+        let read = <Bytes as axum::extract::FromRequest<HttpState>>::from_request(request, state);
+        match tokio::time::timeout(std::time::Duration::from_secs(secs), read).await {
+            Ok(Ok(bytes)) => Ok(Self(bytes)),
+            Ok(Err(rejection)) => Err(rejection.into()),
+            Err(_) => Err(OpenAiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "body_timeout",
+                format!("the request body did not arrive within {secs} s"),
+            )),
+        }
+    }
 }
 
 /// An error in OpenAI's shape.
@@ -467,10 +497,9 @@ async fn topup(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Result<impl IntoResponse, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let body = body?;
     let who = authenticate(api, &method, &uri, &headers, &body)?;
     let TopUp { amount_msat } = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;

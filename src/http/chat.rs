@@ -13,7 +13,6 @@
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -26,7 +25,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 
-use super::api::{parts, shortfall, OpenAiError};
+use super::api::{parts, shortfall, OpenAiError, ReadBody};
 use super::l402::{caller, challenge, token_account, Caller, Who};
 use super::HttpState;
 use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
@@ -274,10 +273,9 @@ pub(super) async fn completions(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let body = body?;
     let who = caller(api, peer, &method, &uri, &headers, &body)?;
     let request: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;

@@ -10,8 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +21,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 
-use super::api::{parts, OpenAiError};
+use super::api::{parts, OpenAiError, ReadBody};
 use super::chat::open;
 use super::l402::{caller, owner};
 use super::HttpState;
@@ -58,10 +56,9 @@ pub(super) async fn create(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let body = body?;
     let who = caller(api, peer, &method, &uri, &headers, &body)?;
     let new: NewJob = serde_json::from_slice(&body).map_err(|e| {
         OpenAiError::invalid(format!(

@@ -18,8 +18,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::Json;
@@ -28,7 +26,7 @@ use nostr_sdk::PublicKey;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{authenticate, parts, ApiConfig, OpenAiError};
+use super::api::{authenticate, parts, ApiConfig, OpenAiError, ReadBody};
 use super::lnurl::InvoiceLimiter;
 use super::HttpState;
 use crate::job::account::check_top_up;
@@ -270,10 +268,9 @@ pub(super) async fn buy(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Result<Json<Value>, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let body = body?;
     let Prepaid { amount_msat } = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
     check_top_up(amount_msat, api.max_topup_msat)

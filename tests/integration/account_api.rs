@@ -420,3 +420,27 @@ async fn browsers_of_configured_origins_may_call_and_others_get_no_cors() {
         .contains("www-authenticate"));
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_data, daemon) = start(|file| file.http.body_timeout_secs = 1).await;
+    let addr = daemon
+        .ready()
+        .http_url
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    // Headers promise 100 bytes; 10 come, then nothing.
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: dvmd\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages";
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "the daemon answered and closed in time");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    daemon.stop().await;
+}
