@@ -146,6 +146,47 @@ async fn chat(calls: usize) -> Result<(), BenchError> {
         }
     }
 
+    // dvmd's own backend client to the stub (a streamed call, as the workers make it), alone.
+    let backend = crate::infer::openai::OpenAiBackend::new(crate::infer::openai::OpenAiConfig {
+        base_url: base_url.clone(),
+        model: "stub".into(),
+        api_key: None,
+        timeout: Duration::from_secs(30),
+    })
+    .map_err(|e| e.to_string())?;
+    let mut client_alone = Vec::with_capacity(calls);
+    for i in 0..calls + warmup {
+        let request = crate::infer::GenerateRequest {
+            model: None,
+            messages: vec![crate::infer::ChatMessage::user("Say hello.")],
+            sampling: crate::infer::Sampling::default(),
+        };
+        let t0 = Instant::now();
+        let stream = crate::infer::Backend::generate(&backend, request, 8)
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::infer::collect(stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        if i >= warmup {
+            client_alone.push(t0.elapsed());
+        }
+    }
+
+    // The one durable commit a call waits for (its result and charge), alone.
+    let store = daemon.pipeline().book().store().clone();
+    let mut commits = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let t0 = Instant::now();
+        store
+            .commit(move |tx| {
+                tx.put_raw(crate::store::Tree::Meta, b"bench_commit", &i.to_be_bytes())?;
+                Ok::<_, crate::store::TxError<crate::store::StoreError>>(())
+            })
+            .await?;
+        commits.push(t0.elapsed());
+    }
+
     // Throughput: 16 callers at once, each on its own connection.
     let callers = 16;
     let per = (calls / callers).max(1);
@@ -172,6 +213,8 @@ async fn chat(calls: usize) -> Result<(), BenchError> {
     report("stub server directly", &mut direct);
     report("dvmd, NIP-98 (npub balance)", &mut nip98);
     report("dvmd, L402 (confirmed token)", &mut l402);
+    report("dvmd's backend client alone", &mut client_alone);
+    report("store commit alone (fsync)", &mut commits);
     for (label, samples) in [("NIP-98", &nip98), ("L402", &l402)] {
         let pick = |sorted: &[Duration], q: f64| {
             sorted
