@@ -15,9 +15,9 @@
 //! Durable before each answer: the reservation (with the job, `Running`) before the response
 //! starts (a stream's first chunk, a 202; a whole response starts after the result's commit,
 //! which covers it); the result, usage and charge before the answer ends (the last chunk of a
-//! stream, or any byte of a whole response). Settlement follows, applied, like a relay job's. On restart a
-//! `/v1/jobs` job resumes; a chat completion's client is gone, so it fails and its hold is
-//! released.
+//! stream, or any byte of a whole response). Settlement follows the answer, applied, as a relay
+//! job's follows its publication. On restart a `/v1/jobs` job resumes; a chat completion's
+//! client is gone, so it fails and its hold is released.
 
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,7 @@ pub enum LiveEvent {
 /// A finished HTTP job.
 #[derive(Debug, Clone)]
 pub struct Finished {
-    /// The job as settled.
+    /// The job with its result, usage and charge stored (settlement follows the answer).
     pub job: Job,
     /// Why generation stopped.
     pub finish: FinishReason,
@@ -264,10 +264,20 @@ impl Pipeline {
         self.finish_direct(job, live, finish).await;
     }
 
-    /// `Running -> Delivered -> Settled` for an HTTP job whose result and charge are stored,
-    /// then the end of the answer.
+    /// The end of the answer for an HTTP job whose result and charge are durable, then
+    /// `Running -> Delivered -> Settled` (applied), as a relay job's result is published
+    /// before it settles. A crash before the settlement is durable leaves the job `Running`
+    /// with its result: a `/v1/jobs` job then settles as stored, and a chat completion (its
+    /// client gone, delivery unknown) fails with nothing charged.
     async fn finish_direct(&self, job: Job, live: Option<LiveSink>, finish: FinishReason) {
         let charge = job.charge_msat.unwrap_or(0);
+        if let Some(live) = live {
+            let finished = Finished {
+                job: job.clone(),
+                finish,
+            };
+            let _ = live.send(LiveEvent::Done(Box::new(finished))).await;
+        }
         let settled = match self
             .inner
             .book
@@ -279,13 +289,6 @@ impl Pipeline {
         };
         self.inner.metrics.entered(JobState::Delivered);
         self.settled(&settled);
-        if let Some(live) = live {
-            let finished = Finished {
-                job: settled,
-                finish,
-            };
-            let _ = live.send(LiveEvent::Done(Box::new(finished))).await;
-        }
     }
 
     /// `Running -> Failed -> Settled` with no charge (the hold goes back to the account), then

@@ -100,12 +100,13 @@ impl Pipeline {
     pub async fn l402_account(&self, id: &Identifier) -> Result<Account, TokenRefusal> {
         let hash = id.payment_hash;
         let book = &self.inner.book;
-        let token = book.token(&hash).await?.ok_or(TokenRefusal::Unknown)?;
+        let (token, record) = book.token_and_payment(&hash).await?;
+        let token = token.ok_or(TokenRefusal::Unknown)?;
         if token.token_id != hex::encode(id.token_id) {
             return Err(TokenRefusal::Unknown);
         }
         let booked = |record: Option<PaymentRecord>| record.is_some_and(|r| r.consumed);
-        if !booked(book.payment(&hash).await?) {
+        if !booked(record) {
             // The first credential before the reconciler or a hint: ask the wallet once.
             self.check_payment(&hash).await;
             if !booked(book.payment(&hash).await?) {
@@ -156,6 +157,22 @@ impl super::Book {
                 tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
                 tx.put(Tree::L402Tokens, &hash.0, &token)?;
                 Ok(())
+            })
+            .await
+    }
+
+    /// The token minted for `hash` and its payment record, in one read.
+    pub async fn token_and_payment(
+        &self,
+        hash: &PaymentHash,
+    ) -> Result<(Option<TokenRecord>, Option<PaymentRecord>), BookError> {
+        let hash = *hash;
+        self.store()
+            .read(move |r| {
+                Ok((
+                    r.get(Tree::L402Tokens, &hash.0)?,
+                    r.get(Tree::Payments, &hash.0)?,
+                ))
             })
             .await
     }

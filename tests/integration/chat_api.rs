@@ -205,6 +205,7 @@ async fn the_openai_sdk_chats_on_an_npubs_balance_whole_and_streamed() {
         "{streamed:?}"
     );
 
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
     let jobs = http_jobs(&daemon);
     assert_eq!(jobs.len(), 3);
     for job in &jobs {
@@ -432,6 +433,7 @@ async fn calls_racing_for_one_balance_never_spend_it_twice() {
     );
     assert_eq!(http_jobs(&daemon).len(), 3);
     let store = daemon.pipeline().book().store();
+    harness::settled_jobs(store).await;
     assert_eq!(
         harness::balance(store, &keys.public_key()),
         topped - charged

@@ -104,6 +104,19 @@ pub fn balance(store: &Store, account: &PublicKey) -> u64 {
         .expect("balance")
 }
 
+/// Every job, once none is left unfinished (an HTTP answer goes out just before its job
+/// settles, as a relay result is published before its job settles). Waits up to 10 s.
+pub async fn settled_jobs(store: &Store) -> Vec<Job> {
+    for _ in 0..500 {
+        let all = jobs(store);
+        if all.iter().all(|job| job.state.is_terminal()) {
+            return all;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("jobs left unfinished: {:?}", jobs(store));
+}
+
 /// The spendable balance of any ledger account (an npub, or an L402 token's payment hash).
 pub fn account_balance(store: &Store, account: &dvmd::ledger::Account) -> u64 {
     store

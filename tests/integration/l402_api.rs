@@ -225,6 +225,7 @@ async fn a_prepaid_token_pays_openai_sdk_calls_until_it_runs_dry() {
         before,
         "a booked token costs no wallet call, however often it is used"
     );
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
     let (_, left) = token_balance(&http, &format!("LSAT {key}")).await;
     let left = left["balance_msat"].as_u64().expect("balance");
     assert_eq!(left, amount - charged);
@@ -511,7 +512,7 @@ async fn fetch_with_l402_pays_a_call_from_an_lnbits_wallet() {
     assert!(charge > 0 && charge <= paid_msat);
     assert_eq!(lnbits.balance_msat(&operator).await, paid_msat);
     let store = daemon.pipeline().book().store();
-    let jobs = harness::jobs(store);
+    let jobs = harness::settled_jobs(store).await;
     assert_eq!(jobs.len(), 1);
     let Account::Token(hash) = jobs[0].customer else {
         panic!("an L402 job spends from its token: {:?}", jobs[0].customer);
