@@ -383,8 +383,9 @@ pub struct HttpSection {
     /// How long an L402 token may be used after it is issued, seconds (its `dvmd_valid_until`
     /// caveat).
     pub l402_token_lifetime_secs: u64,
-    /// Reverse proxies whose `X-Forwarded-For` names the client (IP addresses). From anyone
-    /// else the header is ignored and the connection's address is the client's.
+    /// Reverse proxies (IP addresses) whose `X-Forwarded-For` names the client, and whose
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` name the public URL NIP-98 events must sign
+    /// when `public_url` is not set. From anyone else these headers are ignored.
     pub trusted_proxies: Vec<String>,
     /// Origins whose pages may call `/v1` from a browser (CORS): `https://app.example`, or
     /// `*` for any. Empty: no CORS headers (browsers then refuse cross-origin calls).

@@ -16,11 +16,12 @@
 //! again), 400/404/413 (fix the request), 429 (wait `Retry-After` seconds), 503 (the wallet or
 //! store is down; retry later).
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -47,6 +48,10 @@ const RETRY_AFTER_SECS: u64 = 60;
 pub struct ApiConfig {
     /// The URL the public reaches this listener at, without a trailing `/`.
     pub public_url: String,
+    /// Whether `[http] public_url` set it (then `X-Forwarded-*` never changes it).
+    pub public_url_set: bool,
+    /// Reverse proxies whose `X-Forwarded-*` headers are believed.
+    pub proxies: Proxies,
     /// NIP-98 checks and the replay cache.
     pub verifier: Verifier,
     /// Largest body read, bytes.
@@ -61,6 +66,62 @@ pub struct ApiConfig {
     pub l402: super::l402::L402Door,
     /// Origins allowed to call from a browser.
     pub cors: Cors,
+}
+
+/// The reverse proxies named in `[http] trusted_proxies`. Only a connection from one of them
+/// may say, in `X-Forwarded-*`, who the client is and which URL it called.
+#[derive(Debug, Clone, Default)]
+pub struct Proxies(Vec<std::net::IpAddr>);
+
+impl Proxies {
+    /// From the configured addresses (checked at start).
+    pub fn new(addresses: &[String]) -> Self {
+        Self(addresses.iter().filter_map(|a| a.parse().ok()).collect())
+    }
+
+    /// The client's address: the connection's, or the last untrusted hop of `X-Forwarded-For`
+    /// when the connection is from a trusted proxy.
+    pub fn client(&self, peer: std::net::IpAddr, headers: &HeaderMap) -> std::net::IpAddr {
+        if !self.0.contains(&peer) {
+            return peer;
+        }
+        let hops = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse::<std::net::IpAddr>().ok())
+            .collect::<Vec<_>>();
+        hops.into_iter()
+            .rev()
+            .find(|hop| !self.0.contains(hop))
+            .unwrap_or(peer)
+    }
+
+    /// The public base URL a trusted proxy says the client called (`X-Forwarded-Proto`,
+    /// `X-Forwarded-Host`), for NIP-98's `u` tag when `[http] public_url` is not set.
+    pub fn public_base(&self, peer: std::net::IpAddr, headers: &HeaderMap) -> Option<String> {
+        if !self.0.contains(&peer) {
+            return None;
+        }
+        let first = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let host = first("x-forwarded-host")?;
+        if host.contains(['/', ' ', '@', '?', '#']) {
+            return None;
+        }
+        let proto = match first("x-forwarded-proto") {
+            Some("https") => "https",
+            _ => "http",
+        };
+        Some(format!("{proto}://{host}"))
+    }
 }
 
 /// CORS for `/v1`: which origins' pages may call it (a NIP-07 extension signs NIP-98 there).
@@ -146,6 +207,8 @@ impl ApiConfig {
                 .unwrap_or(listen_url)
                 .trim_end_matches('/')
                 .to_owned(),
+            public_url_set: http.public_url.is_some(),
+            proxies: Proxies::new(&http.trusted_proxies),
             verifier: Verifier::new(http.auth_window_secs, http.auth_replay_capacity),
             max_body_bytes: http.max_body_bytes,
             body_timeout_secs: http.body_timeout_secs,
@@ -336,14 +399,18 @@ pub(super) fn parts(state: &HttpState) -> Result<(&ApiConfig, &Pipeline), OpenAi
 /// Who signed this request (NIP-98), checked against its public URL, method and body.
 pub(super) fn authenticate(
     api: &ApiConfig,
+    peer: SocketAddr,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<PublicKey, OpenAiError> {
+    let forwarded = (!api.public_url_set)
+        .then(|| api.proxies.public_base(peer.ip(), headers))
+        .flatten();
     let url = format!(
         "{}{}",
-        api.public_url,
+        forwarded.as_deref().unwrap_or(&api.public_url),
         uri.path_and_query().map_or("/", |p| p.as_str())
     );
     let header = match headers.get(header::AUTHORIZATION) {
@@ -397,13 +464,14 @@ struct AccountQuery {
 
 async fn account(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     query: Result<Query<AccountQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, &method, &uri, &headers, &[])?;
+    let who = authenticate(api, peer, &method, &uri, &headers, &[])?;
     let Query(query) = query.map_err(|e| OpenAiError::invalid(e.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_ENTRIES).min(MAX_ENTRIES);
     let view = pipeline
@@ -494,13 +562,14 @@ fn top_up_refused(e: TopUpRefusal) -> OpenAiError {
 
 async fn topup(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     ReadBody(body): ReadBody,
 ) -> Result<impl IntoResponse, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, &method, &uri, &headers, &body)?;
+    let who = authenticate(api, peer, &method, &uri, &headers, &body)?;
     let TopUp { amount_msat } = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
     // A refused amount costs no invoice, so it takes no token from the flood limit.

@@ -11,7 +11,8 @@
 //!   `GET /v1/l402/balance` shows what a token has left.
 //!
 //! Challenges cost an invoice and a stored record each, so they share a token bucket overall
-//! and one per client address (`X-Forwarded-For` counts only from `[http] trusted_proxies`).
+//! and one per client address (`X-Forwarded-For` counts only from `[http] trusted_proxies`; see
+//! [`super::api::Proxies`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -46,7 +47,6 @@ pub struct L402Door {
     token_lifetime_secs: u64,
     overall: InvoiceLimiter,
     per_client: PerClient,
-    trusted_proxies: Vec<IpAddr>,
 }
 
 impl L402Door {
@@ -57,31 +57,7 @@ impl L402Door {
             token_lifetime_secs: http.l402_token_lifetime_secs,
             overall: InvoiceLimiter::per_minute(http.max_challenges_per_minute),
             per_client: PerClient::per_minute(http.max_challenges_per_ip_per_minute),
-            trusted_proxies: http
-                .trusted_proxies
-                .iter()
-                .filter_map(|p| p.parse().ok())
-                .collect(),
         }
-    }
-
-    /// The client's address: the connection's, or the last untrusted hop of
-    /// `X-Forwarded-For` when the connection is from a trusted proxy.
-    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        if !self.trusted_proxies.contains(&peer) {
-            return peer;
-        }
-        let hops = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
-            .collect::<Vec<_>>();
-        hops.into_iter()
-            .rev()
-            .find(|hop| !self.trusted_proxies.contains(hop))
-            .unwrap_or(peer)
     }
 }
 
@@ -139,7 +115,7 @@ pub(super) fn caller(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Caller, OpenAiError> {
-    let client = api.l402.client(peer.ip(), headers);
+    let client = api.proxies.client(peer.ip(), headers);
     let who = match headers.get(header::AUTHORIZATION) {
         None => Who::Nobody,
         Some(value) => {
@@ -147,7 +123,7 @@ pub(super) fn caller(
             match l402::parse_authorization(text) {
                 Some(Ok(credential)) => Who::Token(Box::new(credential)),
                 Some(Err(e)) => return Err(refused(e)),
-                None => Who::Npub(authenticate(api, method, uri, headers, body)?),
+                None => Who::Npub(authenticate(api, peer, method, uri, headers, body)?),
             }
         }
     };
@@ -275,7 +251,7 @@ pub(super) async fn buy(
         .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
     check_top_up(amount_msat, api.max_topup_msat)
         .map_err(|e| OpenAiError::invalid(e.to_string()))?;
-    let client = api.l402.client(peer.ip(), &headers);
+    let client = api.proxies.client(peer.ip(), &headers);
     let why = format!("a prepaid token of {amount_msat} msat");
     Err(challenge(api, pipeline, client, amount_msat, amount_msat, &why).await)
 }

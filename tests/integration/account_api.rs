@@ -444,3 +444,22 @@ async fn a_body_that_does_not_arrive_in_time_gets_408() {
     assert!(answer.contains("body_timeout"), "{answer}");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_from_an_untrusted_peer_change_nothing() {
+    let (_data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let keys = Keys::generate();
+    // Signed for the URL a forged X-Forwarded-Host names: refused, the header is not believed.
+    let header = harness::nip98_with_nonce(&keys, "https://evil.example/v1/account", "get", None);
+    let response = reqwest::Client::new()
+        .get(format!("{http}/v1/account"))
+        .header("Authorization", header)
+        .header("X-Forwarded-Proto", "https")
+        .header("X-Forwarded-Host", "evil.example")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 401);
+    daemon.stop().await;
+}

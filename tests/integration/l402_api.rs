@@ -564,5 +564,23 @@ async fn challenges_are_limited_per_client_and_proxies_are_trusted_only_when_nam
         .await
         .expect("read");
     assert_eq!(payments, 3, "a refused challenge mints nothing");
+
+    // No public_url set: the trusted proxy's X-Forwarded-Proto/Host name the URL NIP-98 signs.
+    let keys = nostr_sdk::Keys::generate();
+    let public = "https://dvm.example/v1/account?limit=5";
+    let account = |forwarded: bool| {
+        let header = harness::nip98_with_nonce(&keys, public, "get", None);
+        let mut request = reqwest::Client::new()
+            .get(format!("{http}/v1/account?limit=5"))
+            .header("Authorization", header);
+        if forwarded {
+            request = request
+                .header("X-Forwarded-Proto", "https")
+                .header("X-Forwarded-Host", "dvm.example");
+        }
+        request.send()
+    };
+    assert_eq!(account(true).await.expect("send").status(), 200);
+    assert_eq!(account(false).await.expect("send").status(), 401);
     daemon.stop().await;
 }
