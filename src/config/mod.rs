@@ -11,13 +11,13 @@ use crate::job::JobConfig;
 use crate::nip90::{TextGenerationLimits, KIND_TEXT_GENERATION};
 use crate::pricing::RateCard;
 use crate::relay::RelayRole;
-use crate::wallet::lnbits::LnbitsConfig;
-use crate::wallet::nwc::NwcConfig;
-use crate::wallet::secret::Secret;
 
 mod file;
+mod http;
+mod wallet;
 
 pub use file::*;
+pub use wallet::WalletChoice;
 
 /// Default HTTP listener.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
@@ -50,20 +50,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// A secret from a file (preferred when both are set) or an environment variable.
-fn secret(
-    what: &str,
-    env: &Option<String>,
-    file: &Option<PathBuf>,
-) -> Result<Option<Secret>, ConfigError> {
-    let invalid = |why: String| ConfigError::Invalid(format!("{what}: {why}"));
-    match (file, env) {
-        (Some(path), _) => Secret::from_file(path).map(Some).map_err(invalid),
-        (None, Some(var)) => Secret::from_env(var).map(Some).map_err(invalid),
-        (None, None) => Ok(None),
-    }
-}
-
 /// Which inference backend to build.
 #[derive(Debug, Clone)]
 pub enum BackendChoice {
@@ -93,17 +79,6 @@ impl BackendChoice {
             Self::OpenAi(config) => config.model.clone(),
         }
     }
-}
-
-/// Which wallet to build.
-#[derive(Debug, Clone)]
-pub enum WalletChoice {
-    /// The embedded dev wallet.
-    Dev,
-    /// An LNbits wallet.
-    Lnbits(LnbitsConfig),
-    /// A Nostr Wallet Connect service.
-    Nwc(NwcConfig),
 }
 
 /// The validated configuration the daemon runs with.
@@ -282,62 +257,7 @@ impl Config {
                 "lnurl.max_invoices_per_minute must be at least 1".into(),
             ));
         }
-        let http = &file.http;
-        if let Some(url) = &http.public_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(format!(
-                    "http.public_url must start with http:// or https://, not {url:?}"
-                )));
-            }
-        }
-        if !(1..=3600).contains(&http.auth_window_secs) {
-            return Err(invalid(
-                "http.auth_window_secs must be between 1 and 3600".into(),
-            ));
-        }
-        if http.auth_replay_capacity == 0 || http.max_topups_per_minute == 0 {
-            return Err(invalid(
-                "http.auth_replay_capacity and http.max_topups_per_minute must be at least 1"
-                    .into(),
-            ));
-        }
-        if http.max_body_bytes < 1024 {
-            return Err(invalid("http.max_body_bytes must be at least 1024".into()));
-        }
-        if !(1..=600).contains(&http.body_timeout_secs) {
-            return Err(invalid(
-                "http.body_timeout_secs must be between 1 and 600".into(),
-            ));
-        }
-        if http.max_topup_msat < 1_000 {
-            return Err(invalid("http.max_topup_msat must be at least 1000".into()));
-        }
-        if http.max_challenges_per_minute == 0 || http.max_challenges_per_ip_per_minute == 0 {
-            return Err(invalid(
-                "http.max_challenges_per_minute and http.max_challenges_per_ip_per_minute must be at least 1"
-                    .into(),
-            ));
-        }
-        if http.l402_token_lifetime_secs < 60 {
-            return Err(invalid(
-                "http.l402_token_lifetime_secs must be at least 60".into(),
-            ));
-        }
-        for origin in &http.cors_origins {
-            let scheme = origin.starts_with("http://") || origin.starts_with("https://");
-            if origin != "*" && (!scheme || origin.ends_with('/')) {
-                return Err(invalid(format!(
-                    "http.cors_origins: {origin:?} is not `*` or an origin such as https://app.example (no trailing slash)"
-                )));
-            }
-        }
-        for proxy in &http.trusted_proxies {
-            if proxy.parse::<std::net::IpAddr>().is_err() {
-                return Err(invalid(format!(
-                    "http.trusted_proxies: {proxy:?} is not an IP address"
-                )));
-            }
-        }
+        http::check(&file.http)?;
         if file.pricing.invoice_expiry_secs < 60 {
             return Err(invalid(
                 "pricing.invoice_expiry_secs must be at least 60".into(),
@@ -434,46 +354,7 @@ impl Config {
                 )))
             }
         };
-        let wallet = match file.wallet.backend.as_str() {
-            "dev" => WalletChoice::Dev,
-            "lnbits" => {
-                let section = &file.wallet.lnbits;
-                let invoice_key = secret(
-                    "wallet.lnbits invoice key",
-                    &section.invoice_key_env,
-                    &section.invoice_key_file,
-                )?
-                .ok_or_else(|| {
-                    invalid("wallet.lnbits needs invoice_key_env or invoice_key_file".into())
-                })?;
-                let admin_key = secret(
-                    "wallet.lnbits admin key",
-                    &section.admin_key_env,
-                    &section.admin_key_file,
-                )?;
-                WalletChoice::Lnbits(LnbitsConfig {
-                    url: section.url.clone(),
-                    invoice_key,
-                    admin_key,
-                    webhook_url: section.webhook_url.clone(),
-                    websocket: section.websocket,
-                })
-            }
-            "nwc" => {
-                let section = &file.wallet.nwc;
-                let uri = secret("wallet.nwc uri", &section.uri_env, &section.uri_file)?
-                    .ok_or_else(|| invalid("wallet.nwc needs uri_env or uri_file".into()))?;
-                WalletChoice::Nwc(NwcConfig {
-                    uri,
-                    timeout: std::time::Duration::from_secs(section.timeout_secs.max(1)),
-                })
-            }
-            other => {
-                return Err(invalid(format!(
-                    "wallet.backend: `{other}` is not one of dev, lnbits, nwc"
-                )))
-            }
-        };
+        let wallet = wallet::choice(&file.wallet)?;
 
         let jobs = JobConfig {
             kinds: service.kinds.clone(),
@@ -601,52 +482,6 @@ mod tests {
         file.wallet.late_lookup_days = 0;
         let err = Config::build(file, RelaysFile::default(), dev).expect_err("lookups too short");
         assert!(err.to_string().contains("late_lookup_days"), "{err}");
-    }
-
-    #[test]
-    fn http_settings_are_checked() {
-        let dev = Overrides {
-            dev: true,
-            ..Overrides::default()
-        };
-        let refused = |edit: fn(&mut HttpSection), key: &str| {
-            let mut file = FileConfig::default();
-            edit(&mut file.http);
-            let err = Config::build(file, RelaysFile::default(), dev.clone()).expect_err("refused");
-            assert!(err.to_string().contains(key), "{key}: {err}");
-        };
-        refused(
-            |h| h.public_url = Some("dvm.example.com".into()),
-            "public_url",
-        );
-        refused(|h| h.auth_window_secs = 0, "auth_window_secs");
-        refused(|h| h.auth_replay_capacity = 0, "auth_replay_capacity");
-        refused(|h| h.max_body_bytes = 100, "max_body_bytes");
-        refused(|h| h.body_timeout_secs = 0, "body_timeout_secs");
-        refused(|h| h.max_topup_msat = 999, "max_topup_msat");
-        refused(
-            |h| h.max_challenges_per_ip_per_minute = 0,
-            "max_challenges_per_ip_per_minute",
-        );
-        refused(
-            |h| h.l402_token_lifetime_secs = 5,
-            "l402_token_lifetime_secs",
-        );
-        refused(
-            |h| h.trusted_proxies = vec!["proxy.local".into()],
-            "trusted_proxies",
-        );
-        refused(
-            |h| h.cors_origins = vec!["app.example".into()],
-            "cors_origins",
-        );
-        let mut file = FileConfig::default();
-        file.http.public_url = Some("https://dvm.example.com".into());
-        let config = Config::build(file, RelaysFile::default(), dev).expect("valid");
-        assert_eq!(
-            config.http.public_url.as_deref(),
-            Some("https://dvm.example.com")
-        );
     }
 
     #[test]
