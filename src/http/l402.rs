@@ -62,23 +62,38 @@ impl L402Door {
 }
 
 /// One token bucket per client address.
+/// An IPv6 client is one /64 (what one host or customer is usually given); an IPv4 client is
+/// its address.
 struct PerClient {
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, InvoiceLimiter>>,
+    clients: Mutex<Clients>,
+}
+
+#[derive(Default)]
+struct Clients {
+    buckets: HashMap<IpAddr, InvoiceLimiter>,
+    /// When full buckets were last forgotten: a scan of the map runs at most once a second,
+    /// so a flood of new addresses cannot make every challenge pay for one.
+    pruned_at: Option<Instant>,
 }
 
 impl PerClient {
     fn per_minute(per_minute: u32) -> Self {
         Self {
             per_minute,
-            buckets: Mutex::default(),
+            clients: Mutex::default(),
         }
     }
 
     fn try_take(&self, client: IpAddr, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let client = client_key(client);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let Clients { buckets, pruned_at } = &mut *clients;
         if !buckets.contains_key(&client) && buckets.len() >= MAX_TRACKED_CLIENTS {
-            buckets.retain(|_, bucket| !bucket.is_full_at(now));
+            if pruned_at.is_none_or(|at| now.saturating_duration_since(at).as_secs() >= 1) {
+                buckets.retain(|_, bucket| !bucket.is_full_at(now));
+                *pruned_at = Some(now);
+            }
             if buckets.len() >= MAX_TRACKED_CLIENTS {
                 return false;
             }
@@ -87,6 +102,20 @@ impl PerClient {
             .entry(client)
             .or_insert_with(|| InvoiceLimiter::per_minute(self.per_minute))
             .try_take_at(now)
+    }
+}
+
+/// The bucket a client address counts against: IPv4 as it is (also when mapped into IPv6),
+/// IPv6 by its /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -299,5 +328,28 @@ pub(super) async fn owner(
         Who::Nobody => Err(refused(CredentialError::Malformed(
             "sign with NIP-98 or send the L402 credential the job was paid with".to_owned(),
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_ipv6_slash_64_is_one_client() {
+        let limits = PerClient::per_minute(2);
+        let now = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert!(limits.try_take(a, now));
+        assert!(limits.try_take(b, now));
+        assert!(!limits.try_take(a, now), "the /64 has used its two");
+        assert!(limits.try_take(other, now), "another /64 has its own");
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        assert_eq!(
+            client_key(mapped),
+            "192.0.2.1".parse::<IpAddr>().expect("ip")
+        );
     }
 }
