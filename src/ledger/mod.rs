@@ -104,7 +104,7 @@ pub enum LedgerError {
 /// the caller's store transaction.
 pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
     let key = entry.account.key();
-    let balance = balance_in(tx, &entry.account)?;
+    let balance = balance_by_key(tx, &key)?;
     let next = match entry.kind.sign() {
         1 => balance.saturating_add(entry.msat),
         -1 => balance
@@ -152,8 +152,12 @@ pub fn entries_of(
 
 /// Inside a write: the spendable balance of `account` in msat.
 pub fn balance_in(tx: &Tx<'_>, account: &Account) -> Result<u64, TxFailure> {
+    balance_by_key(tx, &account.key())
+}
+
+fn balance_by_key(tx: &Tx<'_>, key: &[u8]) -> Result<u64, TxFailure> {
     Ok(tx
-        .get_raw(Tree::Accounts, &account.key())?
+        .get_raw(Tree::Accounts, key)?
         .and_then(|raw| be_u64(&raw))
         .unwrap_or(0))
 }
