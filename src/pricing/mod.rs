@@ -1,11 +1,15 @@
-//! Pricing: the operator's rate card, the quote asked before a job runs, and the exact charge
-//! after it ran. Pure.
+//! Pricing: the operator's rate card, the estimate quoted before a job runs, and the exact
+//! charge after it ran. Pure.
 //!
-//! The quote assumes the whole `max_tokens` budget is used; the charge uses the exact usage the
-//! backend reported, so `charge <= quote` whenever the prompt count was exact, and the
-//! difference stays with the customer.
+//! The cap ([`RateCard::quote`]) assumes the whole `max_tokens` budget is used; the
+//! [`estimator`] learns what jobs really generate and quotes a p50 and a p90 below it. The
+//! charge uses the exact usage the backend reported, never more than the job was paid.
+
+pub mod estimator;
 
 use serde::{Deserialize, Serialize};
+
+pub use estimator::{Estimate, Estimator, Outcome};
 
 use crate::infer::Usage;
 
@@ -48,6 +52,22 @@ impl RateCard {
                 usage.completion_tokens,
                 self.completion_msat_per_1k_tokens,
             ))
+    }
+}
+
+impl RateCard {
+    /// The most completion tokens `funds_msat` pays for after the base fee and `prompt_tokens`
+    /// (so `charge` of them never exceeds the funds); `u32::MAX` when completion is free.
+    pub fn completion_tokens_within(&self, funds_msat: u64, prompt_tokens: u32) -> u32 {
+        let fixed = self.quote(prompt_tokens, 0);
+        let Some(left) = funds_msat.checked_sub(fixed) else {
+            return 0;
+        };
+        if self.completion_msat_per_1k_tokens == 0 {
+            return u32::MAX;
+        }
+        let tokens = u128::from(left) * 1000 / u128::from(self.completion_msat_per_1k_tokens);
+        u32::try_from(tokens).unwrap_or(u32::MAX)
     }
 }
 
@@ -102,6 +122,24 @@ mod tests {
             });
             assert!(charge <= CARD.quote(57, 300));
         }
+    }
+
+    #[test]
+    fn completion_within_funds_never_costs_more_than_the_funds() {
+        for funds in [0, 999, 1_000, 1_113, 1_114, 5_000, 123_457] {
+            let tokens = CARD.completion_tokens_within(funds, 57);
+            if funds < CARD.quote(57, 0) {
+                assert_eq!(tokens, 0);
+                continue;
+            }
+            assert!(CARD.quote(57, tokens) <= funds, "{funds}: {tokens}");
+            assert!(CARD.quote(57, tokens + 1) > funds, "{funds}: {tokens} is not the most");
+        }
+        let free = RateCard {
+            completion_msat_per_1k_tokens: 0,
+            ..CARD
+        };
+        assert_eq!(free.completion_tokens_within(5_000, 57), u32::MAX);
     }
 
     #[test]
