@@ -430,8 +430,8 @@ mod tests {
         let histogram = &estimator.lengths["m/5050"];
         assert!(histogram.total < DECAY_AT);
         assert_eq!(histogram.total, histogram.bins.iter().sum::<u32>());
-        let json = serde_json::to_string(&estimator).unwrap();
-        let back: Estimator = serde_json::from_str(&json).unwrap();
+        let json = serde_json::to_string(&estimator).expect("serializes");
+        let back: Estimator = serde_json::from_str(&json).expect("deserializes");
         assert_eq!(back, estimator);
         assert!(json.len() < 4_096, "{} bytes", json.len());
     }
