@@ -185,6 +185,10 @@ impl Daemon {
             metrics.clone(),
         );
 
+        if let Err(e) = pipeline.load_estimates().await {
+            tracing::warn!(error = %e, "cannot read what the estimator learned; starting from the priors");
+        }
+
         let listener = TcpListener::bind(config.http_listen)
             .await
             .map_err(|source| DaemonError::Listen {
@@ -311,6 +315,9 @@ impl Daemon {
         if tokio::time::timeout(STOP_TIMEOUT, drain).await.is_err() {
             tracing::warn!("tasks did not stop in time; their jobs resume on the next start");
             self.tasks.abort_all();
+        }
+        if let Err(e) = self.pipeline.save_estimates(true).await {
+            tracing::warn!(error = %e, "cannot save what the estimator learned");
         }
         self.relays.shutdown().await;
         if let Some((cancel, handle)) = self.embedded.take() {

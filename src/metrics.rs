@@ -151,6 +151,11 @@ pub struct Metrics {
     http_jobs: [AtomicU64; 2],
     /// 402 answers that minted an invoice, by kind: an L402 challenge, an npub's top-up.
     challenges: [AtomicU64; 2],
+    /// Jobs the estimator learned from, and of those the ones stopped at their budget.
+    estimated_jobs: AtomicU64,
+    truncated_jobs: AtomicU64,
+    /// Moving average of p90 coverage, in millionths.
+    coverage_ppm: AtomicU64,
 }
 
 /// What a 402 sold.
@@ -238,6 +243,17 @@ impl Metrics {
         self.http_jobs[usize::from(!chat)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The estimator learned from a job (stopped at its budget when `truncated`); its p90
+    /// coverage is now `coverage`.
+    pub fn estimated(&self, coverage: f64, truncated: bool) {
+        self.estimated_jobs.fetch_add(1, Ordering::Relaxed);
+        if truncated {
+            self.truncated_jobs.fetch_add(1, Ordering::Relaxed);
+        }
+        let ppm = (coverage.clamp(0.0, 1.0) * 1e6).round() as u64;
+        self.coverage_ppm.store(ppm, Ordering::Relaxed);
+    }
+
     /// A 402 minted an invoice.
     pub fn challenged(&self, kind: Challenge) {
         self.challenges[kind as usize].fetch_add(1, Ordering::Relaxed);
@@ -303,6 +319,23 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
+        counter(
+            &mut out,
+            "dvmd_estimated_jobs_total",
+            "Jobs run on an estimate (the estimator learned from them).",
+            self.estimated_jobs.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_jobs_truncated_at_budget_total",
+            "Jobs stopped at the completion tokens their payment covered, before they were done.",
+            self.truncated_jobs.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_estimate_p90_coverage Moving average of the share of jobs that cost at or under their quoted p90.\n# TYPE dvmd_estimate_p90_coverage gauge\ndvmd_estimate_p90_coverage {:.4}",
+            self.coverage_ppm.load(Ordering::Relaxed) as f64 / 1e6
+        );
         counter(
             &mut out,
             "dvmd_payments_confirmed_total",

@@ -296,6 +296,17 @@ impl OpenAiError {
         }
     }
 
+    /// The same answer with what the call is expected to cost beside its invoice: `estimate`
+    /// (p50, p90, confidence, cap) in the top-up or L402 object of a 402.
+    pub(super) fn with_estimate(mut self, estimate: &crate::pricing::Estimate) -> Self {
+        if let Some(extra) = &mut self.extra {
+            if let Some(object) = extra.1.as_object_mut() {
+                object.insert("estimate".to_owned(), estimate_json(estimate));
+            }
+        }
+        self
+    }
+
     pub(super) fn invalid(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -492,6 +503,18 @@ async fn account(
 #[serde(deny_unknown_fields)]
 struct TopUp {
     amount_msat: u64,
+}
+
+/// An estimate as the API shows it.
+pub(super) fn estimate_json(estimate: &crate::pricing::Estimate) -> serde_json::Value {
+    json!({
+        "p50_msat": estimate.p50_msat,
+        "p90_msat": estimate.p90_msat,
+        "confidence": estimate.confidence,
+        "cap_msat": estimate.cap_msat,
+        "prompt_tokens": estimate.prompt_tokens,
+        "max_tokens": estimate.max_tokens,
+    })
 }
 
 /// The 402 for a call the caller's balance does not cover: an invoice for the shortfall,

@@ -226,24 +226,24 @@ pub(super) async fn open(
     answer_now: bool,
 ) -> Result<Job, OpenAiError> {
     let (api, pipeline) = parts(state)?;
-    let max_tokens = generation.max_tokens;
-    let priced = pipeline.price_http(generation).await.map_err(refused)?;
-    if let Some(bid) = bid_msat {
-        crate::job::quote::check_bid(
-            bid,
-            priced.quote_msat,
-            priced.request.prompt_tokens,
-            max_tokens,
-        )
+    let priced = pipeline
+        .price_http(kind, generation, bid_msat)
+        .await
         .map_err(refused)?;
-    }
     let quote = priced.quote_msat;
     let account = match &caller.who {
         Who::Npub(who) => Account::from(*who),
-        Who::Token(credential) => token_account(api, pipeline, credential, quote).await?,
+        Who::Token(credential) => token_account(api, pipeline, credential, quote)
+            .await
+            .map_err(|e| e.with_estimate(&priced.estimate))?,
         Who::Nobody => {
-            let why = format!("this call is quoted {quote} msat");
-            return Err(challenge(api, pipeline, caller.client, quote, quote, &why).await);
+            let estimate = &priced.estimate;
+            let why = format!(
+                "this call is quoted {quote} msat (expected {} msat, 90% within {} msat, {}% confidence, at most {} msat)",
+                estimate.p50_msat, estimate.p90_msat, estimate.confidence, estimate.cap_msat
+            );
+            let challenged = challenge(api, pipeline, caller.client, quote, quote, &why).await;
+            return Err(challenged.with_estimate(&priced.estimate));
         }
     };
     match pipeline
@@ -262,7 +262,8 @@ pub(super) async fn open(
                 );
                 challenge(api, pipeline, caller.client, quote, quote, &why).await
             }
-        }),
+        }
+        .with_estimate(&priced.estimate)),
         Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
     }
 }
@@ -461,7 +462,9 @@ fn dvmd(finished: &Finished) -> Value {
     json!({
         "job": job.id.to_hex(),
         "quote_msat": job.quote_msat,
+        "estimate": job.estimate.as_ref().map(super::api::estimate_json),
         "charge_msat": charged,
         "released_msat": job.funds_msat().saturating_sub(charged),
+        "receipt": job.receipt,
     })
 }

@@ -34,6 +34,7 @@ use crate::incident::Incident;
 use crate::infer::{FinishReason, GenerateEvent, GenerateRequest, InferError, Usage};
 use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration};
+use crate::pricing::{Estimate, Finish, Receipt};
 
 /// Pieces of an answer buffered between the worker and a slow client.
 pub const LIVE_BUFFER: usize = 256;
@@ -55,7 +56,12 @@ pub struct HttpRequest {
 pub struct Priced {
     /// The request.
     pub request: HttpRequest,
-    /// Its quote, msat: the most it can cost, reserved when it opens.
+    /// What it is expected to cost.
+    pub estimate: Estimate,
+    /// The caller's bid, if any: the most it may cost.
+    pub bid_msat: Option<u64>,
+    /// What the account must hold to open it, msat: the p90, never above the bid. Opening
+    /// reserves up to the cap (within the bid) when the balance has it.
     pub quote_msat: u64,
 }
 
@@ -111,23 +117,34 @@ impl Job {
     pub fn http(account: Account, door: Door, kind: u16, priced: &Priced, now: u64) -> Self {
         let request = serde_json::to_string(&priced.request).unwrap_or_default();
         let mut job = Self::new(JobId::random(), account, kind, door, request, now);
-        job.quote_msat = Some(priced.quote_msat);
+        job.price_with(priced.estimate, priced.bid_msat);
         job
     }
 }
 
 impl Pipeline {
-    /// Price a validated generation for an HTTP door: the model must be ours and the prompt and
-    /// its budget must fit the context window (the checks a relay job's quote makes).
-    pub async fn price_http(&self, generation: TextGeneration) -> Result<Priced, RequestError> {
-        let (quote_msat, prompt_tokens) = self.price(&generation).await?;
+    /// Price a validated generation of `kind` for an HTTP door: the model must be ours, the
+    /// prompt and its budget must fit the context window, and a bid must pay for at least the
+    /// prompt and one token (the checks a relay job's quote makes).
+    pub async fn price_http(
+        &self,
+        kind: u16,
+        generation: TextGeneration,
+        bid_msat: Option<u64>,
+    ) -> Result<Priced, RequestError> {
+        let estimate = self.price(kind, &generation).await?;
+        if let Some(bid) = bid_msat {
+            super::quote::check_bid(bid, &estimate)?;
+        }
         Ok(Priced {
             request: HttpRequest {
                 generation: generation.request,
                 max_tokens: generation.max_tokens,
-                prompt_tokens,
+                prompt_tokens: estimate.prompt_tokens,
             },
-            quote_msat,
+            quote_msat: estimate.p90_msat.min(bid_msat.unwrap_or(u64::MAX)),
+            estimate,
+            bid_msat,
         })
     }
 
@@ -220,7 +237,8 @@ impl Pipeline {
             }
         };
         let started = Instant::now();
-        let generated = self.generate_live(&request, live.as_ref()).await;
+        let budget = job.budget_tokens(&self.inner.config.rate_card);
+        let generated = self.generate_live(&request, budget, live.as_ref()).await;
         self.inner.metrics.inference.observe(started.elapsed());
         let generated = match generated {
             Ok(generated) => generated,
@@ -228,7 +246,11 @@ impl Pipeline {
         };
         let inner = &self.inner;
         let usage = generated.usage;
-        let charge = inner.config.rate_card.charge(usage).min(job.funds_msat());
+        let finish = generated.finish.map_or(Finish::Left, |finish| {
+            Finish::of(finish, usage.completion_tokens, budget)
+        });
+        let receipt = Receipt::new(inner.config.rate_card, usage, job.funds_msat(), finish);
+        let charge = receipt.charged_msat;
         let left = generated.finish.is_none().then(|| {
             format!(
                 "the client left after {} completion tokens; charged for those",
@@ -242,6 +264,7 @@ impl Pipeline {
             .update_durably(&job.id, move |stored, _| {
                 stored.result = Some(text.clone());
                 stored.usage = Some(usage);
+                stored.receipt = Some(receipt);
                 stored.charge_msat = Some(charge);
                 stored.reason.clone_from(&left);
                 Ok(())
@@ -259,7 +282,10 @@ impl Pipeline {
                 return;
             }
         };
-        tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "http job generated");
+        if finish != Finish::Left {
+            self.learn(&job, usage, finish == Finish::Budget).await;
+        }
+        tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, finish = finish.as_str(), "http job generated");
         let finish = generated.finish.unwrap_or(FinishReason::Stop);
         self.finish_direct(job, live, finish).await;
     }
@@ -317,21 +343,24 @@ impl Pipeline {
         }
     }
 
-    /// Generate, passing each piece to `live` as it comes. A client that went away stops the
+    /// Generate at most `budget` completion tokens (what the job's funds pay for) when that is
+    /// set, passing each piece to `live` as it comes. A client that went away stops the
     /// generation (the stream is dropped), and the usage is the counted prompt and one token
     /// per piece generated: each piece is at least one token, so this never charges more than
     /// was generated.
     async fn generate_live(
         &self,
         request: &HttpRequest,
+        budget: Option<u32>,
         live: Option<&LiveSink>,
     ) -> Result<Generated, String> {
+        let max_tokens = budget.map_or(request.max_tokens, |b| b.min(request.max_tokens));
         let inner = &self.inner;
         let timeout = Duration::from_secs(inner.config.job_timeout_secs);
         let run = async {
             let mut stream = inner
                 .backend
-                .generate(request.generation.clone(), request.max_tokens)
+                .generate(request.generation.clone(), max_tokens)
                 .await?;
             let mut text = String::new();
             let mut pieces = 0u32;

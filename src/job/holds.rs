@@ -37,7 +37,9 @@ impl Book {
                     }));
                 }
                 let quote = job.quote_msat.unwrap_or(0);
-                let needed = quote.saturating_sub(job.credit_msat);
+                // Up to the job's limit (its cap, within the bid): a job paid from credit
+                // runs to its cap, and what it does not use is released when it settles.
+                let needed = job.limit_msat().saturating_sub(job.credit_msat);
                 let balance = ledger::balance_in(tx, &job.customer)?;
                 let take = needed.min(balance);
                 if take > 0 {
@@ -57,10 +59,10 @@ impl Book {
             .await
     }
 
-    /// Store a new job (an HTTP job, `Received` with its quote) `Running`, its whole quote
-    /// reserved from its account's balance, in one write, durable before this returns when
-    /// `durable`. `Ok(Err(balance))` when the balance does not cover the quote: nothing is
-    /// stored. Transactions run one at a time on the store writer, so two calls racing for one
+    /// Store a new job (an HTTP job, `Received` with its quote) `Running`, with as much of its
+    /// account's balance reserved as its limit allows (at least its quote), in one write,
+    /// durable before this returns when `durable`. `Ok(Err(balance))` when the balance does not
+    /// cover the quote: nothing is stored. Transactions run one at a time on the store writer, so two calls racing for one
     /// balance cannot both reserve it.
     pub async fn open_on_credit(
         &self,
@@ -78,10 +80,11 @@ impl Book {
             if balance < quote {
                 return Ok(Err(balance));
             }
+            let take = balance.min(job.limit_msat().max(quote));
             job.transition(JobState::Quoted, at).map_err(abort)?;
-            post(tx, EntryKind::Reserve, job.customer, quote, &job, at)?;
-            job.credit_msat = quote;
-            job.held_msat = quote;
+            post(tx, EntryKind::Reserve, job.customer, take, &job, at)?;
+            job.credit_msat = take;
+            job.held_msat = take;
             job.transition(JobState::Running, at).map_err(abort)?;
             tx.put(Tree::Jobs, job.id.as_bytes(), &job)?;
             Ok(Ok(job))

@@ -16,6 +16,7 @@ pub mod account;
 pub mod book;
 pub mod checkpoint;
 pub mod direct;
+pub mod estimates;
 pub mod holds;
 pub mod id;
 pub mod invoices;

@@ -124,6 +124,8 @@ pub(crate) struct Inner {
     pub(crate) checking: std::sync::Mutex<std::collections::HashMap<PaymentHash, bool>>,
     /// A reconcile pass started because settlement hints lagged is running.
     pub(crate) lag_pass: std::sync::atomic::AtomicBool,
+    /// What jobs cost, learned from the ones that ran (see [`super::estimates`]).
+    pub(crate) estimator: std::sync::Mutex<super::estimates::Learned>,
 }
 
 /// The job pipeline. Cheap to clone.
@@ -165,6 +167,7 @@ impl Pipeline {
             tasks: TaskTracker::new(),
             checking: std::sync::Mutex::default(),
             lag_pass: std::sync::atomic::AtomicBool::new(false),
+            estimator: std::sync::Mutex::default(),
         };
         (
             Self {

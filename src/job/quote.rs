@@ -12,7 +12,7 @@ use super::record::{Job, JobInvoice};
 use super::state::JobState;
 use crate::incident::Incident;
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, RequestError, TextGeneration};
-use crate::pricing;
+use crate::pricing::{self, Estimate};
 use crate::wallet::{InvoiceDescription, InvoiceRequest};
 
 /// How long quoting may spend asking the backend to count prompt tokens.
@@ -24,18 +24,19 @@ impl Pipeline {
     /// Quote a received job and ask for payment, or refuse it with an `error` feedback.
     pub(crate) async fn process(&self, job: Job, event: Event, request: JobRequest) {
         let started = Instant::now();
-        let quote = match self.quote(&job, &event, &request).await {
-            Ok(quote) => quote,
+        let estimate = match self.quote(&job, &event, &request).await {
+            Ok(estimate) => estimate,
             Err(reason) => return self.reject(&job.id, &event, reason.to_string()).await,
         };
-        if quote == 0 {
+        if estimate.cap_msat == 0 {
             return self.start_free(job, &event).await;
         }
+        let bid = request.bid_msat;
         let quoted = self
             .inner
             .book
             .transition(&job.id, JobState::Quoted, move |job| {
-                job.quote_msat = Some(quote)
+                job.price_with(estimate, bid)
             })
             .await;
         match quoted {
@@ -85,7 +86,7 @@ impl Pipeline {
         }
     }
 
-    /// The price of `request`, or why it cannot run. Everything that would make a paid job
+    /// The estimate for `request`, or why it cannot run. Everything that would make a paid job
     /// undeliverable is refused here, before any invoice: a model we do not run, a prompt and
     /// budget that overflow the context window, a result larger than relays accept.
     async fn quote(
@@ -93,7 +94,7 @@ impl Pipeline {
         job: &Job,
         event: &Event,
         request: &JobRequest,
-    ) -> Result<u64, RequestError> {
+    ) -> Result<Estimate, RequestError> {
         let config = &self.inner.config;
         let generation = TextGeneration::from_request(request, &config.limits)?;
         request.may_pay_from_credit(&self.inner.keys.public_key())?;
@@ -105,11 +106,11 @@ impl Pipeline {
                 limit: config.max_result_bytes,
             });
         }
-        let (quote, prompt_tokens) = self.price(&generation).await?;
+        let estimate = self.price(event.kind.as_u16(), &generation).await?;
         if let Some(bid) = request.bid_msat {
-            check_bid(bid, quote, prompt_tokens, generation.max_tokens)?;
+            check_bid(bid, &estimate)?;
         }
-        Ok(quote)
+        Ok(estimate)
     }
 
     /// The model asked for, if any, must be the one served.
@@ -124,12 +125,13 @@ impl Pipeline {
         }
     }
 
-    /// The quote for a validated generation and the prompt tokens it counts, whichever door it
-    /// came in by: the model must be ours, and the prompt and its budget must fit the context.
+    /// The estimate for a validated generation of `kind`, whichever door it came in by: the
+    /// model must be ours, and the prompt and its budget must fit the context.
     pub(crate) async fn price(
         &self,
+        kind: u16,
         generation: &TextGeneration,
-    ) -> Result<(u64, u32), RequestError> {
+    ) -> Result<Estimate, RequestError> {
         let config = &self.inner.config;
         self.check_model(generation)?;
         let counted = tokio::time::timeout(
@@ -163,8 +165,7 @@ impl Pipeline {
                 context_tokens: config.context_tokens,
             });
         }
-        let quote = config.rate_card.quote(prompt_tokens, generation.max_tokens);
-        Ok((quote, prompt_tokens))
+        Ok(self.estimate(kind, prompt_tokens, generation.max_tokens))
     }
 
     /// Ask for payment of a `Quoted` job: run it on the customer's credit if that covers the
@@ -220,7 +221,7 @@ impl Pipeline {
         };
         // The reserved amount is the customer's whole balance here, which stays private: the
         // text does not say it.
-        let info = if job.credit_msat > 0 {
+        let mut info = if job.credit_msat > 0 {
             format!(
                 "pay {} msat to run this job (the rest is reserved from your credit)",
                 amount.msat
@@ -228,7 +229,14 @@ impl Pipeline {
         } else {
             format!("pay {} msat to run this job", amount.msat)
         };
-        let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
+        if let Some(estimate) = &job.estimate {
+            info = format!(
+                "{info}; expected {} msat, 90% of such jobs within {} msat ({}% confidence), at most {} msat; what is not used is credited back",
+                estimate.p50_msat, estimate.p90_msat, estimate.confidence, estimate.cap_msat
+            );
+        }
+        let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount))
+            .tag_maybe(job.estimate.as_ref().map(nip90::estimate_tag));
         let Some(feedback) = self.sign(job.id, feedback) else {
             // Refused rather than left `Quoted`: that releases any credit it reserved.
             let reason = "this service cannot sign its answer right now; nothing was charged";
@@ -302,20 +310,23 @@ impl Pipeline {
     }
 }
 
-/// A bid below the quote is refused, saying what the quote counts.
-pub(crate) fn check_bid(
-    bid: u64,
-    quote: u64,
-    prompt_tokens: u32,
-    max_tokens: u32,
-) -> Result<(), RequestError> {
-    if bid >= quote {
+/// A bid that cannot pay for the prompt and one completion token is refused, saying what the
+/// estimate counts. A bid under the p90 is taken: the job is asked for the bid, and generation
+/// stops where the bid runs out.
+pub(crate) fn check_bid(bid: u64, estimate: &Estimate) -> Result<(), RequestError> {
+    if bid >= estimate.floor_msat {
         return Ok(());
     }
     Err(RequestError::BadParam {
         name: "bid".to_owned(),
         reason: format!(
-            "bid {bid} msat is below the quote of {quote} msat ({prompt_tokens} prompt tokens, up to {max_tokens} completion tokens)"
+            "bid {bid} msat is below the least this job can cost, {} msat ({} prompt tokens and one completion token; p50 {} msat, p90 {} msat, cap {} msat for up to {} completion tokens)",
+            estimate.floor_msat,
+            estimate.prompt_tokens,
+            estimate.p50_msat,
+            estimate.p90_msat,
+            estimate.cap_msat,
+            estimate.max_tokens
         ),
     })
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{IllegalTransition, JobState};
 use crate::infer::Usage;
+use crate::pricing::{Estimate, RateCard, Receipt};
 use crate::wallet::PaymentHash;
 
 fn is_relay(door: &Door) -> bool {
@@ -90,8 +91,16 @@ pub struct Job {
     /// Relays to answer on besides our write relays: the request's `relays` tag and the relay
     /// it arrived from.
     pub reply_relays: Vec<String>,
-    /// The price asked, msat.
+    /// What the job must be funded with before it runs, msat: its estimate's p90, never above
+    /// the bid (for records from before the estimator, the worst case).
     pub quote_msat: Option<u64>,
+    /// The estimate quoted (p50, p90, confidence, cap, prompt tokens counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    /// The most the job may hold, msat: its cap, never above the bid. Credit is reserved up to
+    /// this, so a job paid from credit can run to its cap; `None` means `quote_msat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_msat: Option<u64>,
     /// The invoice, once issued.
     pub invoice: Option<JobInvoice>,
     /// What the wallet confirmed as paid, msat.
@@ -113,6 +122,9 @@ pub struct Job {
     pub charge_msat: Option<u64>,
     /// Exact token usage.
     pub usage: Option<Usage>,
+    /// The usage receipt (rates, paid, charged, returned, why it stopped), as shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Receipt>,
     /// The signed result event, persisted before it is published (relay jobs).
     pub result_event: Option<String>,
     /// The generated text, persisted before any of it counts as delivered (HTTP jobs).
@@ -163,6 +175,8 @@ impl Job {
             updated_at: now,
             reply_relays: Vec::new(),
             quote_msat: None,
+            estimate: None,
+            limit_msat: None,
             invoice: None,
             paid_msat: 0,
             credit_msat: 0,
@@ -170,6 +184,7 @@ impl Job {
             payer: None,
             charge_msat: None,
             usage: None,
+            receipt: None,
             result_event: None,
             result: None,
             last_feedback: None,
@@ -192,6 +207,31 @@ impl Job {
     /// What the job may be charged at most: its payment and the credit it reserved.
     pub fn funds_msat(&self) -> u64 {
         self.paid_msat.saturating_add(self.credit_msat)
+    }
+
+    /// The most credit the job may reserve, msat.
+    pub fn limit_msat(&self) -> u64 {
+        self.limit_msat.or(self.quote_msat).unwrap_or(0)
+    }
+
+    /// Price the job as `estimate` says for a customer who bid `bid_msat`: it must be funded
+    /// with the p90 and may hold up to the cap, neither above the bid.
+    pub fn price_with(&mut self, estimate: Estimate, bid_msat: Option<u64>) {
+        let bid = bid_msat.unwrap_or(u64::MAX);
+        self.quote_msat = Some(estimate.p90_msat.min(bid));
+        self.limit_msat = Some(estimate.cap_msat.min(bid));
+        self.estimate = Some(estimate);
+    }
+
+    /// The completion tokens the job's funds pay for, when that is less than it asked for:
+    /// generation stops there. `None` for a free job or one funded to its cap.
+    pub fn budget_tokens(&self, card: &RateCard) -> Option<u32> {
+        let estimate = self.estimate?;
+        if self.quote_msat == Some(0) {
+            return None;
+        }
+        let tokens = card.completion_tokens_within(self.funds_msat(), estimate.prompt_tokens);
+        (tokens < estimate.max_tokens).then_some(tokens)
     }
 
     /// The request event, re-parsed from the stored JSON.

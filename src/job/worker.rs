@@ -15,6 +15,7 @@ use super::state::JobState;
 use crate::incident::Incident;
 use crate::infer::{self, InferError, Usage};
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, TextGeneration};
+use crate::pricing::{Finish, Receipt};
 use crate::relay::outbox::Undelivered;
 
 /// How long an answer waits for the `processing` feedback to go out first.
@@ -155,10 +156,13 @@ impl Pipeline {
         let processing = Announcement(processing);
 
         let started = Instant::now();
-        let generated = self.generate(&event).await;
+        let generated = self.generate(&job, &event).await;
         inner.metrics.inference.observe(started.elapsed());
         match generated {
-            Ok((text, usage)) => self.complete(&job, &event, text, usage, processing).await,
+            Ok((text, usage, finish)) => {
+                self.complete(&job, &event, text, usage, finish, processing)
+                    .await
+            }
             Err(reason) => {
                 processing.wait().await;
                 self.fail(&job, Some(&event), reason).await
@@ -190,39 +194,37 @@ impl Pipeline {
         }
     }
 
-    async fn generate(&self, event: &Event) -> Result<(String, Usage), String> {
+    /// Run the model for `job`, held to the completion tokens its funds pay for.
+    async fn generate(&self, job: &Job, event: &Event) -> Result<(String, Usage, Finish), String> {
         let inner = &self.inner;
         let request = JobRequest::parse(event).ok_or("not a job request")?;
         let generation = TextGeneration::from_request(&request, &inner.config.limits)
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(inner.config.job_timeout_secs);
+        let budget = job.budget_tokens(&inner.config.rate_card);
+        let max_tokens = budget.map_or(generation.max_tokens, |b| b.min(generation.max_tokens));
         let run = async {
-            let stream = inner
-                .backend
-                .generate(generation.request, generation.max_tokens)
-                .await?;
+            let stream = inner.backend.generate(generation.request, max_tokens).await?;
             infer::collect(stream).await
         };
-        let (text, usage, _) = within(timeout, run).await?;
-        Ok((text, usage))
+        let (text, usage, finish) = within(timeout, run).await?;
+        Ok((text, usage, Finish::of(finish, usage.completion_tokens, budget)))
     }
 
-    /// Price the exact usage, persist the signed result, then deliver it.
+    /// Price the exact usage, persist the signed result with its receipt, then deliver it.
     async fn complete(
         &self,
         job: &Job,
         event: &Event,
         text: String,
         usage: Usage,
+        finish: Finish,
         processing: Announcement,
     ) {
         let inner = &self.inner;
-        let charge = inner.config.rate_card.charge(usage).min(job.funds_msat());
-        let amount = PaymentAmount {
-            msat: charge,
-            bolt11: None,
-        };
-        let result = match nip90::result(event, &text, Some(&amount)).sign_with_keys(&inner.keys) {
+        let receipt = Receipt::new(inner.config.rate_card, usage, job.funds_msat(), finish);
+        let charge = receipt.charged_msat;
+        let result = match nip90::result(event, &text, Some(&receipt)).sign_with_keys(&inner.keys) {
             Ok(result) => result,
             Err(e) => {
                 processing.wait().await;
@@ -243,6 +245,7 @@ impl Pipeline {
             .update_durably(&job.id, move |stored, _| {
                 stored.result_event = Some(json.clone());
                 stored.usage = Some(usage);
+                stored.receipt = Some(receipt);
                 stored.charge_msat = Some(charge);
                 Ok(())
             })
@@ -251,8 +254,9 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot store result"),
         };
+        self.learn(&job, usage, finish == Finish::Budget).await;
         processing.wait().await;
-        tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, "job generated");
+        tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, finish = finish.as_str(), "job generated");
         self.deliver(job, event.clone(), result);
     }
 

@@ -9,7 +9,10 @@ pub mod response;
 pub mod text_generation;
 
 pub use request::{InputType, JobInput, JobRequest, RequestError, Targeting, PAY_FROM_CREDIT};
-pub use response::{feedback, result, result_size_bound, PaymentAmount, RESULT_BYTES_PER_TOKEN};
+pub use response::{
+    estimate_tag, feedback, receipt_tags, result, result_size_bound, PaymentAmount,
+    RESULT_BYTES_PER_TOKEN,
+};
 pub use text_generation::{TextGeneration, TextGenerationLimits};
 
 use nostr_sdk::Event;

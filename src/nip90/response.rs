@@ -3,6 +3,7 @@
 use nostr_sdk::{Event, EventBuilder, JsonUtil, Kind, Tag, TagKind};
 
 use super::{result_kind, JobStatus, FEEDBACK_KIND};
+use crate::pricing::{Estimate, Receipt};
 
 /// An `["amount", msat, bolt11?]` tag: what the job costs and how to pay it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +39,51 @@ pub fn feedback(
     EventBuilder::new(Kind::from(FEEDBACK_KIND), "").tags(tags)
 }
 
+/// `["estimate", p50_msat, p90_msat, confidence, cap_msat]`: what a job is expected to cost,
+/// on the `payment-required` feedback (documented in `nips/dvmd-5050.md`).
+pub fn estimate_tag(estimate: &Estimate) -> Tag {
+    Tag::custom(
+        TagKind::custom("estimate"),
+        [
+            estimate.p50_msat.to_string(),
+            estimate.p90_msat.to_string(),
+            estimate.confidence.to_string(),
+            estimate.cap_msat.to_string(),
+        ],
+    )
+}
+
+/// The usage receipt as result tags (documented in `nips/dvmd-5050.md`): `["usage", prompt,
+/// completion]`, `["rates", base_fee_msat, prompt_msat_per_1k, completion_msat_per_1k]`,
+/// `["paid", msat]`, `["returned", msat]`, `["finish", why]`; the charge is the `amount` tag.
+pub fn receipt_tags(receipt: &Receipt) -> Vec<Tag> {
+    let tag = |name: &str, values: Vec<String>| Tag::custom(TagKind::custom(name), values);
+    let rates = &receipt.rates;
+    vec![
+        tag(
+            "usage",
+            vec![
+                receipt.prompt_tokens.to_string(),
+                receipt.completion_tokens.to_string(),
+            ],
+        ),
+        tag(
+            "rates",
+            vec![
+                rates.base_fee_msat.to_string(),
+                rates.prompt_msat_per_1k_tokens.to_string(),
+                rates.completion_msat_per_1k_tokens.to_string(),
+            ],
+        ),
+        tag("paid", vec![receipt.paid_msat.to_string()]),
+        tag("returned", vec![receipt.returned_msat.to_string()]),
+        tag("finish", vec![receipt.finish.as_str().to_owned()]),
+    ]
+}
+
 /// The result event answering `request`: kind + 1000, with `request` (the request JSON), `e`,
-/// `p`, the request's `i` tags, and the `amount` charged.
-pub fn result(request: &Event, content: &str, amount: Option<&PaymentAmount>) -> EventBuilder {
+/// `p`, the request's `i` tags, the `amount` charged and, when given, the usage receipt.
+pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> EventBuilder {
     let mut tags = vec![
         Tag::custom(TagKind::custom("request"), [request.as_json()]),
         Tag::event(request.id),
@@ -53,13 +96,21 @@ pub fn result(request: &Event, content: &str, amount: Option<&PaymentAmount>) ->
             .filter(|tag| tag.as_slice().first().is_some_and(|name| name == "i"))
             .cloned(),
     );
-    tags.extend(amount.map(PaymentAmount::tag));
+    if let Some(receipt) = receipt {
+        let amount = PaymentAmount {
+            msat: receipt.charged_msat,
+            bolt11: None,
+        };
+        tags.push(amount.tag());
+        tags.extend(receipt_tags(receipt));
+    }
     EventBuilder::new(Kind::from(result_kind(request.kind.as_u16())), content).tags(tags)
 }
 
 /// Bytes of a result event beyond its content and its `request` and `i` tags: id, pubkey,
-/// sig, kind, created_at, `e`, `p`, `amount`, field names and punctuation (about 450), with room.
-const RESULT_OVERHEAD_BYTES: usize = 640;
+/// sig, kind, created_at, `e`, `p`, `amount`, the receipt's tags, field names and punctuation
+/// (about 650), with room.
+const RESULT_OVERHEAD_BYTES: usize = 900;
 
 /// Bytes per completion token the bound assumes (UTF-8 text, JSON-escaped).
 pub const RESULT_BYTES_PER_TOKEN: usize = 4;
@@ -150,11 +201,21 @@ mod tests {
         let json = req.as_json();
         // The worst completion the bound allows: 50 tokens of 4 bytes that each escape.
         let content = "\"\\".repeat(50);
-        let amount = PaymentAmount {
-            msat: u64::MAX,
-            bolt11: None,
+        // The longest receipt: every figure at its widest.
+        let receipt = Receipt {
+            prompt_tokens: u32::MAX,
+            completion_tokens: u32::MAX,
+            rates: crate::pricing::RateCard {
+                base_fee_msat: u64::MAX,
+                prompt_msat_per_1k_tokens: u64::MAX,
+                completion_msat_per_1k_tokens: u64::MAX,
+            },
+            paid_msat: u64::MAX,
+            charged_msat: u64::MAX,
+            returned_msat: u64::MAX,
+            finish: crate::pricing::Finish::Budget,
         };
-        let res = result(&req, &content, Some(&amount))
+        let res = result(&req, &content, Some(&receipt))
             .sign_with_keys(&Keys::generate())
             .expect("sign");
         let bound = result_size_bound(&req, &json, 50);
@@ -172,11 +233,13 @@ mod tests {
     #[test]
     fn result_carries_request_and_inputs() {
         let req = request();
-        let amount = PaymentAmount {
-            msat: 1_500,
-            bolt11: None,
+        let usage = crate::infer::Usage {
+            prompt_tokens: 20,
+            completion_tokens: 46,
         };
-        let res = result(&req, "hi there", Some(&amount))
+        let rates = crate::pricing::RateCard::default();
+        let receipt = Receipt::new(rates, usage, 2_000, crate::pricing::Finish::Stop);
+        let res = result(&req, "hi there", Some(&receipt))
             .sign_with_keys(&Keys::generate())
             .expect("sign");
         assert_eq!(res.kind.as_u16(), 6050);
@@ -184,7 +247,13 @@ mod tests {
         let embedded = &values(&res, "request")[0][0];
         assert_eq!(Event::from_json(embedded).expect("request json"), req);
         assert_eq!(values(&res, "i"), vec![vec!["hello", "text"]]);
+        // 1000 base + 40 for 20 prompt tokens + 460 for 46 completion tokens.
         assert_eq!(values(&res, "amount"), vec![vec!["1500"]]);
+        assert_eq!(values(&res, "usage"), vec![vec!["20", "46"]]);
+        assert_eq!(values(&res, "rates"), vec![vec!["1000", "2000", "10000"]]);
+        assert_eq!(values(&res, "paid"), vec![vec!["2000"]]);
+        assert_eq!(values(&res, "returned"), vec![vec!["500"]]);
+        assert_eq!(values(&res, "finish"), vec![vec!["stop"]]);
         assert_eq!(values(&res, "e"), vec![vec![req.id.to_hex()]]);
     }
 }

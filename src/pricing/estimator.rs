@@ -64,6 +64,8 @@ pub struct Estimate {
     pub p90_msat: u64,
     /// The worst case (every token of `max_tokens` generated), msat.
     pub cap_msat: u64,
+    /// The least the job can cost (the prompt and one completion token), msat.
+    pub floor_msat: u64,
     /// How sure the estimate is, 0-100.
     pub confidence: u8,
     /// The histogram percentile read for the p90 after calibration, per mille.
@@ -255,6 +257,7 @@ impl Estimator {
             p50_msat,
             p90_msat,
             cap_msat: card.quote(prompt_tokens, max_tokens),
+            floor_msat: card.quote(prompt_tokens, max_tokens.min(1)),
             confidence: (100.0 * thin * spread).round().clamp(0.0, 100.0) as u8,
             percentile_permille: (percentile * 1000.0).round() as u16,
             history: n,

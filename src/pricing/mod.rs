@@ -6,10 +6,12 @@
 //! charge uses the exact usage the backend reported, never more than the job was paid.
 
 pub mod estimator;
+pub mod receipt;
 
 use serde::{Deserialize, Serialize};
 
 pub use estimator::{Estimate, Estimator, Outcome};
+pub use receipt::{Finish, Receipt};
 
 use crate::infer::Usage;
 
