@@ -142,7 +142,7 @@ impl Pipeline {
                 max_tokens: generation.max_tokens,
                 prompt_tokens: estimate.prompt_tokens,
             },
-            quote_msat: estimate.p90_msat.min(bid_msat.unwrap_or(u64::MAX)),
+            quote_msat: estimate.ask(bid_msat).due_msat,
             estimate,
             bid_msat,
         })

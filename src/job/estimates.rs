@@ -79,7 +79,9 @@ impl Pipeline {
         let Some(raw) = raw else { return Ok(()) };
         match decode::<Estimator>(Tree::Meta.name(), &raw) {
             Ok(estimator) => self.learned().estimator = estimator,
-            Err(e) => tracing::warn!(error = %e, "the stored estimator does not parse; starting from the priors"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored estimator does not parse; starting from the priors")
+            }
         }
         Ok(())
     }
@@ -91,10 +93,11 @@ impl Pipeline {
             learned.unsaved = 0;
             encode(Tree::Meta.name(), &learned.estimator)?
         };
-        let write = move |tx: &crate::store::Tx<'_>| -> Result<(), crate::store::TxError<StoreError>> {
-            tx.put_raw(Tree::Meta, KEY, &raw)?;
-            Ok(())
-        };
+        let write =
+            move |tx: &crate::store::Tx<'_>| -> Result<(), crate::store::TxError<StoreError>> {
+                tx.put_raw(Tree::Meta, KEY, &raw)?;
+                Ok(())
+            };
         let store = self.inner.book.store();
         if durable {
             store.commit(write).await

@@ -214,12 +214,12 @@ impl Job {
         self.limit_msat.or(self.quote_msat).unwrap_or(0)
     }
 
-    /// Price the job as `estimate` says for a customer who bid `bid_msat`: it must be funded
-    /// with the p90 and may hold up to the cap, neither above the bid.
+    /// Price the job as `estimate` says for a customer who bid `bid_msat` (see
+    /// [`Estimate::ask`]).
     pub fn price_with(&mut self, estimate: Estimate, bid_msat: Option<u64>) {
-        let bid = bid_msat.unwrap_or(u64::MAX);
-        self.quote_msat = Some(estimate.p90_msat.min(bid));
-        self.limit_msat = Some(estimate.cap_msat.min(bid));
+        let ask = estimate.ask(bid_msat);
+        self.quote_msat = Some(ask.due_msat);
+        self.limit_msat = Some(ask.limit_msat);
         self.estimate = Some(estimate);
     }
 

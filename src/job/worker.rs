@@ -204,11 +204,18 @@ impl Pipeline {
         let budget = job.budget_tokens(&inner.config.rate_card);
         let max_tokens = budget.map_or(generation.max_tokens, |b| b.min(generation.max_tokens));
         let run = async {
-            let stream = inner.backend.generate(generation.request, max_tokens).await?;
+            let stream = inner
+                .backend
+                .generate(generation.request, max_tokens)
+                .await?;
             infer::collect(stream).await
         };
         let (text, usage, finish) = within(timeout, run).await?;
-        Ok((text, usage, Finish::of(finish, usage.completion_tokens, budget)))
+        Ok((
+            text,
+            usage,
+            Finish::of(finish, usage.completion_tokens, budget),
+        ))
     }
 
     /// Price the exact usage, persist the signed result with its receipt, then deliver it.

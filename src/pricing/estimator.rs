@@ -74,6 +74,35 @@ pub struct Estimate {
     pub history: u32,
 }
 
+/// What a job is asked for, from its estimate and the customer's bid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    /// What it must be funded with before it runs, msat.
+    pub due_msat: u64,
+    /// The most it may hold (credit is reserved up to this), msat.
+    pub limit_msat: u64,
+}
+
+impl Estimate {
+    /// The ask for a customer who bid `bid_msat`: funded with the p90, holding up to the cap,
+    /// neither above the bid. A bid under the p90 is asked for in whole sats, rounded down
+    /// (wallets that work in sats round invoices up), unless that would not pay for one token.
+    pub fn ask(&self, bid_msat: Option<u64>) -> Ask {
+        let bid = bid_msat.unwrap_or(u64::MAX);
+        let due_msat = if bid < self.p90_msat {
+            Some(bid / 1000 * 1000)
+                .filter(|whole| *whole >= self.floor_msat)
+                .unwrap_or(bid)
+        } else {
+            self.p90_msat
+        };
+        Ask {
+            due_msat,
+            limit_msat: self.cap_msat.min(bid),
+        }
+    }
+}
+
 /// A completion-length histogram.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Histogram {
@@ -240,9 +269,12 @@ impl Estimator {
             let mixed = weight * f64::from(learned) + (1.0 - weight) * f64::from(prior);
             (mixed.ceil() as u32).min(max_tokens)
         };
-        let p50_tokens = blend(history.and_then(|h| h.quantile(0.5)), max_tokens.div_ceil(2));
-        let p90_tokens = blend(history.and_then(|h| h.quantile(percentile)), max_tokens)
-            .max(p50_tokens);
+        let p50_tokens = blend(
+            history.and_then(|h| h.quantile(0.5)),
+            max_tokens.div_ceil(2),
+        );
+        let p90_tokens =
+            blend(history.and_then(|h| h.quantile(percentile)), max_tokens).max(p50_tokens);
         let p50_msat = card.quote(prompt_tokens, p50_tokens);
         let p90_msat = card.quote(prompt_tokens, p90_tokens);
         let spread = if p90_msat == 0 {
@@ -335,6 +367,54 @@ mod tests {
     }
 
     #[test]
+    fn the_ask_is_the_p90_within_the_bid_in_whole_sats() {
+        let estimate = Estimate {
+            p50_msat: 2_000,
+            p90_msat: 5_000,
+            cap_msat: 11_000,
+            floor_msat: 1_100,
+            ..Estimate::default()
+        };
+        let ask = |bid| estimate.ask(bid);
+        assert_eq!(
+            ask(None),
+            Ask {
+                due_msat: 5_000,
+                limit_msat: 11_000
+            }
+        );
+        assert_eq!(
+            ask(Some(20_000)),
+            Ask {
+                due_msat: 5_000,
+                limit_msat: 11_000
+            }
+        );
+        assert_eq!(
+            ask(Some(7_000)),
+            Ask {
+                due_msat: 5_000,
+                limit_msat: 7_000
+            }
+        );
+        assert_eq!(
+            ask(Some(4_321)),
+            Ask {
+                due_msat: 4_000,
+                limit_msat: 4_321
+            }
+        );
+        // Rounding down would not pay for a token: the bid as it is.
+        assert_eq!(
+            ask(Some(1_500)),
+            Ask {
+                due_msat: 1_500,
+                limit_msat: 1_500
+            }
+        );
+    }
+
+    #[test]
     fn bins_cover_every_length_once_and_in_order() {
         let mut last_bin = 0;
         for tokens in 0..100_000u32 {
@@ -382,8 +462,14 @@ mod tests {
         let estimate = estimator.estimate(&CARD, "m", 5050, 50, 1_000);
         let tokens = |msat: u64| (msat - CARD.quote(50, 0)) / 10;
         // Lengths 40..100 nine times in ten: the median is within them, the p90 near 100.
-        assert!((40..=110).contains(&tokens(estimate.p50_msat)), "{estimate:?}");
-        assert!((90..=450).contains(&tokens(estimate.p90_msat)), "{estimate:?}");
+        assert!(
+            (40..=110).contains(&tokens(estimate.p50_msat)),
+            "{estimate:?}"
+        );
+        assert!(
+            (90..=450).contains(&tokens(estimate.p90_msat)),
+            "{estimate:?}"
+        );
         assert!(estimate.p90_msat < estimate.cap_msat / 2, "{estimate:?}");
         assert!(estimate.confidence > 20, "{estimate:?}");
         // Another model or kind has learned nothing.

@@ -10,7 +10,7 @@ pub mod receipt;
 
 use serde::{Deserialize, Serialize};
 
-pub use estimator::{Estimate, Estimator, Outcome};
+pub use estimator::{Ask, Estimate, Estimator, Outcome};
 pub use receipt::{Finish, Receipt};
 
 use crate::infer::Usage;
@@ -135,7 +135,10 @@ mod tests {
                 continue;
             }
             assert!(CARD.quote(57, tokens) <= funds, "{funds}: {tokens}");
-            assert!(CARD.quote(57, tokens + 1) > funds, "{funds}: {tokens} is not the most");
+            assert!(
+                CARD.quote(57, tokens + 1) > funds,
+                "{funds}: {tokens} is not the most"
+            );
         }
         let free = RateCard {
             completion_msat_per_1k_tokens: 0,

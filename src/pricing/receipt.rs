@@ -85,9 +85,15 @@ mod tests {
 
     #[test]
     fn a_length_stop_at_the_budget_is_the_budget() {
-        assert_eq!(Finish::of(FinishReason::Length, 40, Some(40)), Finish::Budget);
+        assert_eq!(
+            Finish::of(FinishReason::Length, 40, Some(40)),
+            Finish::Budget
+        );
         assert_eq!(Finish::of(FinishReason::Length, 40, None), Finish::Length);
-        assert_eq!(Finish::of(FinishReason::Length, 40, Some(90)), Finish::Length);
+        assert_eq!(
+            Finish::of(FinishReason::Length, 40, Some(90)),
+            Finish::Length
+        );
         assert_eq!(Finish::of(FinishReason::Stop, 40, Some(40)), Finish::Stop);
     }
 

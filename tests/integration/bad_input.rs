@@ -11,7 +11,7 @@ use nostr_sdk::{EventBuilder, Keys, Kind, Tag};
 use crate::harness::{self, REPLY_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
+async fn a_bid_below_the_least_a_job_can_cost_is_refused_and_a_lower_bid_is_asked_for() {
     let data = harness::data_dir();
     let daemon = harness::start(harness::dev_config(data.path(), |_| {}), None).await;
     let ready = daemon.ready().clone();
@@ -27,15 +27,32 @@ async fn bid_below_the_quote_gets_an_error_naming_the_quote() {
         .await
         .expect("post");
     let info = harness::error_info(&mut alice, &request.id).await;
-    // base 1000 + 100 completion tokens at 10 msat each, plus the prompt: well above 2000.
-    assert!(info.contains("bid 1 msat is below the quote of"), "{info}");
-    let quote: u64 = info
-        .split("quote of ")
+    // The base fee of 1000, the prompt and one completion token at 10 msat.
+    assert!(
+        info.contains("bid 1 msat is below the least this job can cost"),
+        "{info}"
+    );
+    let floor: u64 = info
+        .split("can cost, ")
         .nth(1)
         .and_then(|s| s.split(' ').next())
         .and_then(|s| s.parse().ok())
-        .expect("the quote is named");
-    assert!(quote > 2_000, "{info}");
+        .expect("the least cost is named");
+    assert!((1_010..1_200).contains(&floor), "{info}");
+
+    // A bid over that but under the p90 (with no history, the cap: over 2000) is taken, and
+    // the invoice asks for the bid: the job will stop where it runs out.
+    let low = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "100")],
+            Some(1_500),
+            None,
+        ))
+        .await
+        .expect("post");
+    let (asked, _) = harness::invoice(&mut alice, &low.id).await;
+    assert_eq!(asked, 1_500);
 
     let job = daemon
         .pipeline()

@@ -174,6 +174,13 @@ async fn the_openai_sdk_chats_on_an_npubs_balance_whole_and_streamed() {
     let asked = top_up["amount_msat"].as_u64().expect("amount");
     assert_eq!(asked, quote.div_ceil(1000).max(1) * 1000, "{top_up}");
     assert_eq!(top_up["credits"], keys.public_key().to_hex());
+    // What the call is expected to cost, beside the invoice: with no history yet, the p90 is
+    // the cap, and the quote is the p90.
+    let estimate = &top_up["estimate"];
+    assert_eq!(estimate["p90_msat"], quote, "{top_up}");
+    assert_eq!(estimate["cap_msat"], quote, "{top_up}");
+    assert!(estimate["p50_msat"].as_u64().expect("p50") < quote);
+    assert_eq!(estimate["confidence"], 0);
     assert!(http_jobs(&daemon).is_empty(), "a 402 opens no job");
 
     // Paid, it credits the npub; the retry (a new NIP-98 event) is served.
@@ -197,7 +204,32 @@ async fn the_openai_sdk_chats_on_an_npubs_balance_whole_and_streamed() {
         assert!((1..=12).contains(&completion), "{answer}");
         let charge = answer["dvmd"]["charge_msat"].as_u64().expect("charge");
         assert!(charge > 0 && charge <= quote, "{answer}");
-        assert_eq!(answer["dvmd"]["quote_msat"], quote);
+        // Learning from the calls before it can only bring the quote down.
+        assert!(answer["dvmd"]["quote_msat"].as_u64().expect("quote") <= quote);
+        // The receipt: the usage at the rates, what the call held, charged and gave back.
+        let receipt = &answer["dvmd"]["receipt"];
+        assert_eq!(receipt["charged_msat"], charge, "{answer}");
+        assert_eq!(receipt["completion_tokens"], completion, "{answer}");
+        let rates = &receipt["rates"];
+        let at = |tokens: &Value, rate: &Value| {
+            (tokens.as_u64().expect("tokens") * rate.as_u64().expect("rate")).div_ceil(1000)
+        };
+        assert_eq!(
+            charge,
+            rates["base_fee_msat"].as_u64().expect("base")
+                + at(
+                    &receipt["prompt_tokens"],
+                    &rates["prompt_msat_per_1k_tokens"]
+                )
+                + at(
+                    &receipt["completion_tokens"],
+                    &rates["completion_msat_per_1k_tokens"]
+                ),
+            "{answer}"
+        );
+        let paid = receipt["paid_msat"].as_u64().expect("paid");
+        assert_eq!(receipt["returned_msat"], paid - charge, "{answer}");
+        assert!(["stop", "length"].contains(&receipt["finish"].as_str().expect("finish")));
         charged += charge;
     }
     assert!(

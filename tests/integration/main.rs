@@ -9,6 +9,7 @@ mod conformance;
 mod credit;
 mod delivery;
 mod embedded_relay;
+mod estimates;
 mod gaps;
 mod interop;
 mod l402_api;
