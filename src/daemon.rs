@@ -343,7 +343,12 @@ fn announce(
     let (name, about) = &config.profile;
     let lud16 = lnurl.map(LnurlConfig::lud16);
     let profile = crate::nip89::profile(name, about, lud16.as_deref());
-    let handler = crate::nip89::announcement(&config.jobs.kinds, name, about, lud16.as_deref());
+    let offer = crate::nip89::Offer {
+        kinds: &config.jobs.kinds,
+        model: &config.jobs.model,
+        rates: &config.jobs.rate_card,
+    };
+    let handler = crate::nip89::announcement(offer, name, about, lud16.as_deref());
     for (what, builder) in [("profile", profile), ("NIP-89 announcement", handler)] {
         let event = match builder.sign_with_keys(keys) {
             Ok(event) => event,

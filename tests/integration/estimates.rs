@@ -154,6 +154,23 @@ async fn a_job_paid_under_its_p90_stops_at_its_budget_with_a_receipt_nostr_tools
     assert!(charged <= paid);
     assert_eq!(returned, paid - charged);
 
+    // The rates the receipt names are the ones the NIP-89 announcement publishes.
+    let announced = harness::nostr_tools_query(
+        &ready.relay_url,
+        &json!({"kinds": [31990], "authors": [ready.pubkey.to_hex()]}),
+    );
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let handler = &announced[0]["event"];
+    assert_eq!(
+        (
+            tag_number(handler, "rates", 1),
+            tag_number(handler, "rates", 2),
+            tag_number(handler, "rates", 3)
+        ),
+        (base, prompt_rate, completion_rate)
+    );
+    assert!(!tag_text(handler, "model").is_empty());
+
     // The book and the ledger say the same: the change is the customer's credit.
     assert_eq!(job.charge_msat, Some(charged));
     let alice_key = alice.keys().public_key();
