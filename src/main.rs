@@ -157,6 +157,19 @@ enum BenchCommand {
     /// Many customers at once: jobs/s, request -> result latency, lost jobs, and the daemon's
     /// CPU, RSS and /healthz latency (a daemon started as a child process, unless --relay).
     Load(bench::load::LoadOptions),
+    /// The estimator on the shipped prompt set through the embedded model: p90 coverage on the
+    /// held-out half, up-front payment against the worst case, refunds, truncation.
+    Pricing {
+        /// GGUF model (default: the bundled dev model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Completion budget per job.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+        /// Run only the first N prompts.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Embedded model throughput: prompt and generation tokens per second.
     Model {
         /// GGUF model (default: the bundled dev model).
@@ -364,6 +377,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Load(options) => bench::load::run(options)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?,
+            BenchCommand::Pricing {
+                model,
+                max_tokens,
+                limit,
+            } => bench::pricing::run(
+                model.unwrap_or_else(config::dev_model_path),
+                max_tokens,
+                limit,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?,
             BenchCommand::Model {
                 model,
                 tokens,

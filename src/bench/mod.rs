@@ -2,6 +2,7 @@
 
 pub mod http;
 pub mod load;
+pub mod pricing;
 pub mod stub;
 
 use std::path::PathBuf;
