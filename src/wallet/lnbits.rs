@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::secret::Secret;
 use super::{
-    bolt11, Invoice, InvoiceDescription, InvoiceRequest, PaymentHash, PaymentSent, PaymentStatus,
-    Wallet, WalletError,
+    bolt11, Invoice, InvoiceDescription, InvoiceRequest, OutgoingStatus, PaymentHash, PaymentSent,
+    PaymentStatus, Wallet, WalletError,
 };
 
 const SETTLEMENT_HINTS: usize = 4096;
@@ -341,6 +341,41 @@ impl Wallet for LnbitsWallet {
             .map(i64::unsigned_abs)
             .unwrap_or(0);
         Ok(PaymentSent { preimage, fee_msat })
+    }
+
+    async fn lookup_payment(
+        &self,
+        payment_hash: &PaymentHash,
+    ) -> Result<OutgoingStatus, WalletError> {
+        let path = format!("/api/v1/payments/{payment_hash}");
+        let value = match self
+            .call(reqwest::Method::GET, &path, &self.config.invoice_key, None)
+            .await
+        {
+            Ok(value) => value,
+            Err(WalletError::Refused(why)) if why.contains("not found") => {
+                return Ok(OutgoingStatus::Unknown)
+            }
+            Err(e) => return Err(e),
+        };
+        let details = &value["details"];
+        // An outgoing payment's amount is negative; a positive one is an invoice we issued.
+        if details["amount"].as_i64().is_none_or(|amount| amount >= 0) {
+            return Ok(OutgoingStatus::Unknown);
+        }
+        let status = details["status"]
+            .as_str()
+            .or_else(|| value["status"].as_str());
+        let paid = value["paid"].as_bool().unwrap_or(false) || status == Some("success");
+        Ok(if paid {
+            OutgoingStatus::Succeeded {
+                fee_msat: details["fee"].as_i64().map_or(0, i64::unsigned_abs),
+            }
+        } else if status == Some("failed") {
+            OutgoingStatus::Failed
+        } else {
+            OutgoingStatus::Pending
+        })
     }
 
     async fn balance(&self) -> Result<u64, WalletError> {

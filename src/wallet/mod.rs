@@ -112,6 +112,23 @@ pub enum PaymentStatus {
     Unknown,
 }
 
+/// What the wallet knows of a payment it was asked to send, by payment hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutgoingStatus {
+    /// It arrived; the routing fee it cost, msat.
+    Succeeded {
+        /// Routing fee, msat.
+        fee_msat: u64,
+    },
+    /// It failed for good: no money left, and none will.
+    Failed,
+    /// In flight: it may still succeed or fail.
+    Pending,
+    /// The wallet has no payment to that hash (never sent, or forgotten). Not proof that none
+    /// was sent: a payout keeps being looked up.
+    Unknown,
+}
+
 /// An outgoing payment that succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentSent {
@@ -158,8 +175,16 @@ pub trait Wallet: Send + Sync + 'static {
     /// Ask the wallet itself whether `payment_hash` was paid: the only answer money moves on.
     async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError>;
 
-    /// Pay a BOLT11 invoice, spending at most `max_fee_msat` on routing.
+    /// Pay a BOLT11 invoice, spending at most `max_fee_msat` on routing. An error does not
+    /// mean nothing was sent: ask [`Wallet::lookup_payment`].
     async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError>;
+
+    /// Ask the wallet what became of a payment it was asked to send to `payment_hash`: the
+    /// only answer a payout's money moves on.
+    async fn lookup_payment(
+        &self,
+        payment_hash: &PaymentHash,
+    ) -> Result<OutgoingStatus, WalletError>;
 
     /// Spendable balance in msat.
     async fn balance(&self) -> Result<u64, WalletError>;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bitcoin::hashes::{sha256, Hash};
 use nostr_sdk::nips::nip47::{
     ErrorCode, LookupInvoiceRequest, MakeInvoiceRequest, NostrWalletConnectURI, Notification,
-    NotificationResult, PayInvoiceRequest, Request, Response, TransactionState,
+    NotificationResult, PayInvoiceRequest, Request, Response, TransactionState, TransactionType,
 };
 use nostr_sdk::{
     Alphabet, Client, Event, Filter, Keys, Kind, RelayPoolNotification, SingleLetterTag, Timestamp,
@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::secret::Secret;
 use super::{
-    bolt11, Invoice, InvoiceDescription, InvoiceRequest, PaymentHash, PaymentSent, PaymentStatus,
-    Wallet, WalletError,
+    bolt11, Invoice, InvoiceDescription, InvoiceRequest, OutgoingStatus, PaymentHash, PaymentSent,
+    PaymentStatus, Wallet, WalletError,
 };
 use crate::relay::transport::NoDelayTransport;
 
@@ -239,6 +239,49 @@ impl Wallet for NwcWallet {
                     PaymentStatus::Expired
                 }
                 _ => PaymentStatus::Pending,
+            }
+        })
+    }
+
+    async fn lookup_payment(
+        &self,
+        payment_hash: &PaymentHash,
+    ) -> Result<OutgoingStatus, WalletError> {
+        let request = Request::lookup_invoice(LookupInvoiceRequest {
+            payment_hash: Some(payment_hash.to_hex()),
+            invoice: None,
+        });
+        let response = match self.call(request).await {
+            Ok(response) => response,
+            Err(WalletError::Refused(why)) if why.contains("not found") => {
+                return Ok(OutgoingStatus::Unknown)
+            }
+            Err(e) => return Err(e),
+        };
+        let found = response
+            .to_lookup_invoice()
+            .map_err(|e| unavailable("lookup_invoice", e))?;
+        if PaymentHash::from_hex(&found.payment_hash)? != *payment_hash {
+            return Err(unavailable(
+                "lookup_invoice",
+                "answer for another payment hash",
+            ));
+        }
+        if found.transaction_type != Some(TransactionType::Outgoing) {
+            return Ok(OutgoingStatus::Unknown);
+        }
+        let settled = found.state == Some(TransactionState::Settled)
+            || (found.state.is_none() && found.settled_at.is_some());
+        Ok(if settled {
+            OutgoingStatus::Succeeded {
+                fee_msat: found.fees_paid,
+            }
+        } else {
+            match found.state {
+                Some(TransactionState::Failed | TransactionState::Expired) => {
+                    OutgoingStatus::Failed
+                }
+                _ => OutgoingStatus::Pending,
             }
         })
     }

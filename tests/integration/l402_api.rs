@@ -51,6 +51,12 @@ impl Wallet for Counting {
     async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
         self.inner.pay(bolt11, max_fee_msat).await
     }
+    async fn lookup_payment(
+        &self,
+        hash: &PaymentHash,
+    ) -> Result<dvmd::wallet::OutgoingStatus, WalletError> {
+        self.inner.lookup_payment(hash).await
+    }
     async fn balance(&self) -> Result<u64, WalletError> {
         self.inner.balance().await
     }

@@ -12,7 +12,7 @@ use dvmd::wallet::dev::DevWallet;
 use dvmd::wallet::lnbits::{LnbitsConfig, LnbitsWallet};
 use dvmd::wallet::secret::Secret;
 use dvmd::wallet::{
-    bolt11, InvoiceDescription, InvoiceRequest, PaymentStatus, Wallet, WalletError,
+    bolt11, InvoiceDescription, InvoiceRequest, OutgoingStatus, PaymentStatus, Wallet, WalletError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -139,6 +139,35 @@ pub async fn conformance(wallet: Arc<dyn Wallet>, other: &dyn Counterparty) {
     assert!(
         after <= before,
         "paying does not add money: {before} -> {after}"
+    );
+    // The wallet says what became of it: sent, within the fee allowed.
+    match wallet
+        .lookup_payment(&target_info.payment_hash)
+        .await
+        .expect("lookup_payment")
+    {
+        OutgoingStatus::Succeeded { fee_msat } => assert!(fee_msat <= 10_000),
+        other => panic!("a payment just sent looks {other:?}"),
+    }
+    // A hash it never paid is unknown, not failed: nothing proves it was not sent elsewhere.
+    // An invoice it issued itself is not an outgoing payment either.
+    assert_eq!(
+        wallet
+            .lookup_payment(&dvmd::wallet::PaymentHash([7; 32]))
+            .await
+            .expect("lookup_payment"),
+        OutgoingStatus::Unknown
+    );
+    let own = wallet
+        .create_invoice(memo(1_000, 600))
+        .await
+        .expect("invoice");
+    assert_eq!(
+        wallet
+            .lookup_payment(&own.payment_hash)
+            .await
+            .expect("lookup_payment"),
+        OutgoingStatus::Unknown
     );
 
     // Insufficient balance is its own error, and moves nothing.
