@@ -277,6 +277,11 @@ pub struct WalletSection {
     /// For how many days after expiry an unpaid invoice is still looked up (at most once a day
     /// once its job expired), so a late payment is credited; then a "not paid" answer closes it.
     pub late_lookup_days: u64,
+    /// The most routing fee a payout may cost: this much...
+    pub payout_max_fee_base_msat: u64,
+    /// ...plus this many parts per million of the amount. Held from the balance with the
+    /// amount while the payout is in flight; what is not used goes back.
+    pub payout_max_fee_ppm: u64,
     /// `[wallet.lnbits]`
     pub lnbits: LnbitsSection,
     /// `[wallet.nwc]`
@@ -312,6 +317,8 @@ impl Default for WalletSection {
             reconcile_interval_secs: 30,
             unpaid_grace_secs: 24 * 60 * 60,
             late_lookup_days: 30,
+            payout_max_fee_base_msat: 10_000,
+            payout_max_fee_ppm: 5_000,
             lnbits: LnbitsSection::default(),
             nwc: NwcSection::default(),
         }

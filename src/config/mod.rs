@@ -383,6 +383,10 @@ impl Config {
             reconcile_interval_secs: file.wallet.reconcile_interval_secs,
             unpaid_grace_secs: file.wallet.unpaid_grace_secs,
             late_lookup_secs: file.wallet.late_lookup_days.saturating_mul(24 * 60 * 60),
+            payout_fee: crate::job::payouts::PayoutFee {
+                base_msat: file.wallet.payout_max_fee_base_msat,
+                ppm: file.wallet.payout_max_fee_ppm,
+            },
             zap_provider: match &file.zaps.provider_pubkey {
                 Some(hex) => Some(nostr_sdk::PublicKey::parse(hex).map_err(|e| {
                     invalid(format!(

@@ -228,6 +228,7 @@ pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
         .route("/v1/models", get(models))
         .route("/v1/account", get(account))
         .route("/v1/account/topup", post(topup))
+        .route("/v1/account/withdraw", post(super::withdraw::withdraw))
         .route("/v1/chat/completions", post(super::chat::completions))
         .route("/v1/jobs", post(super::jobs::create))
         .route("/v1/jobs/{id}", get(super::jobs::show))

@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod l402;
 pub mod lnurl;
 pub mod nip98;
+pub mod withdraw;
 
 use std::sync::Arc;
 

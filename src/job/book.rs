@@ -42,6 +42,9 @@ pub enum BookError {
     /// The wallet issued a payment hash we already hold: refused, or one payment would pay twice.
     #[error("payment hash {0} was already issued")]
     PaymentHashReused(PaymentHash),
+    /// A record that should be there is not.
+    #[error("missing: {0}")]
+    Missing(String),
 }
 
 /// Result of inserting a newly received job.

@@ -247,6 +247,21 @@ pub fn audit(reader: &crate::store::Reader<'_>) -> Result<ledger::Totals, BookEr
         ))
         .into());
     }
+    // What is in flight is exactly what the pending payouts booked.
+    let mut pending = 0u64;
+    for item in reader.scan::<super::payouts::Payout>(Tree::Payouts) {
+        let (_, payout) = item?;
+        if payout.state == super::payouts::PayoutState::Pending {
+            pending = pending.saturating_add(payout.amount_msat + payout.max_fee_msat);
+        }
+    }
+    if pending != totals.in_flight_msat {
+        return Err(LedgerError::Invariant(format!(
+            "pending payouts book {pending} msat; the ledger has {} msat in flight",
+            totals.in_flight_msat
+        ))
+        .into());
+    }
     Ok(totals)
 }
 

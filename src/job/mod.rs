@@ -21,6 +21,7 @@ pub mod holds;
 pub mod id;
 pub mod invoices;
 pub mod payment;
+pub mod payouts;
 pub mod pipeline;
 pub mod quote;
 pub mod record;

@@ -103,6 +103,9 @@ impl Pipeline {
         let every = Duration::from_secs(self.inner.config.reconcile_interval_secs.max(1));
         loop {
             self.reconcile_once().await;
+            // Payouts in flight, too (first on start: the recovery of a payout interrupted
+            // between its booking and the wallet's answer).
+            self.reconcile_payouts().await;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}

@@ -72,6 +72,8 @@ pub struct JobConfig {
     pub unpaid_grace_secs: u64,
     /// How long after its expiry an unpaid invoice is still looked up, seconds.
     pub late_lookup_secs: u64,
+    /// The most routing fee a payout may cost.
+    pub payout_fee: super::payouts::PayoutFee,
     /// The `nostrPubkey` of an external Lightning address provider whose zap receipts are
     /// accepted as payment (after NIP-57 appendix F); `None` trusts no receipt.
     pub zap_provider: Option<nostr_sdk::PublicKey>,

@@ -2,8 +2,14 @@
 //! see [`Account`]), append-only entries, and the invariant check.
 //!
 //! Amounts are msat. An entry moves money into or out of a customer's spendable balance:
-//! `payment_in` (+), `charge` (-), `payout` (-), `expiry` (-), `reserve` (-), `release` (+);
+//! `payment_in` (+), `charge` (-), `expiry` (-), `reserve` (-), `release` (+);
 //! `refund_credit` is a memo that records what a settled job gave back to the balance.
+//!
+//! A payout (money sent to the customer over Lightning) is two-phase. `payout_pending` (-)
+//! takes the amount plus the most routing fee allowed off the balance, before the wallet is
+//! called; the money is *in flight*. When our wallet says the payment succeeded, `payout`
+//! (memo) and `routing_fee` (memo) record what left, and `payout_fee_returned` (+) gives back
+//! the fee not used; when it says the payment failed, `payout_failed` (+) gives it all back.
 //!
 //! A job's money is *held* while it runs: a payment for a job is credited (`payment_in`) and
 //! reserved for it (`reserve`) in the transaction that makes the job `Paid`, and a job paid from
@@ -11,9 +17,12 @@
 //! what the job cost (`charge`), so the change is spendable again and nothing else can spend
 //! money a running job may still be charged. The invariant, checked by `dvmd ledger check` and
 //! by the tests after every scenario:
-//! `sum(payment_in) = sum(charge) + sum(payout) + sum(expiry) + sum(balances) + held`, where
-//! `held = sum(reserve) - sum(release)`; every account's balance equals the sum of its own
-//! entries, and no job has more released than it reserved.
+//! `sum(payment_in) = sum(charge) + sum(payout) + sum(routing_fee) + sum(expiry) +
+//! sum(balances) + held + in_flight`, where `held = sum(reserve) - sum(release)` and
+//! `in_flight` is `sum(payout_pending)` less what landed (`payout`, `routing_fee`,
+//! `payout_fee_returned`, `payout_failed`); every account's balance equals the sum of its own
+//! entries, no job has more released than it reserved, and nothing more landed than was put in
+//! flight.
 //!
 //! Writes happen only inside the store transactions of `job::book`, so a balance never changes
 //! without the job transition that explains it.
@@ -41,7 +50,7 @@ pub enum EntryKind {
     Charge,
     /// Memo: what a settled job left on the balance (paid - charged).
     RefundCredit,
-    /// Money sent back to the customer over Lightning.
+    /// Memo: money that reached the customer over Lightning (out of what was in flight).
     Payout,
     /// An unclaimed balance that lapsed to the operator.
     Expiry,
@@ -49,15 +58,24 @@ pub enum EntryKind {
     Reserve,
     /// A job's hold given back to the balance when it settles or ends unpaid.
     Release,
+    /// A payout's amount and its most routing fee, taken off the balance before the wallet is
+    /// called (in flight until the wallet says what became of it).
+    PayoutPending,
+    /// Memo: the routing fee a payout cost (out of what was in flight).
+    RoutingFee,
+    /// The routing fee a paid payout did not use, back to the balance.
+    PayoutFeeReturned,
+    /// A payout our wallet says failed: all of it back to the balance.
+    PayoutFailed,
 }
 
 impl EntryKind {
     /// The effect on the account balance: +1, -1, or 0 for memos.
     fn sign(self) -> i8 {
         match self {
-            Self::PaymentIn | Self::Release => 1,
-            Self::Charge | Self::Payout | Self::Expiry | Self::Reserve => -1,
-            Self::RefundCredit => 0,
+            Self::PaymentIn | Self::Release | Self::PayoutFeeReturned | Self::PayoutFailed => 1,
+            Self::Charge | Self::Expiry | Self::Reserve | Self::PayoutPending => -1,
+            Self::RefundCredit | Self::Payout | Self::RoutingFee => 0,
         }
     }
 }
@@ -181,6 +199,16 @@ pub struct Totals {
     pub refund_credit_msat: u64,
     /// Sum of `payout`.
     pub payout_msat: u64,
+    /// Sum of `payout_pending`.
+    pub payout_pending_msat: u64,
+    /// Sum of `routing_fee`.
+    pub routing_fee_msat: u64,
+    /// Sum of `payout_fee_returned`.
+    pub payout_fee_returned_msat: u64,
+    /// Sum of `payout_failed`.
+    pub payout_failed_msat: u64,
+    /// In flight now: pending payouts, amount plus most fee.
+    pub in_flight_msat: u64,
     /// Sum of `expiry`.
     pub expiry_msat: u64,
     /// Sum of `reserve`.
@@ -246,6 +274,10 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
             EntryKind::Expiry => &mut totals.expiry_msat,
             EntryKind::Reserve => &mut totals.reserve_msat,
             EntryKind::Release => &mut totals.release_msat,
+            EntryKind::PayoutPending => &mut totals.payout_pending_msat,
+            EntryKind::RoutingFee => &mut totals.routing_fee_msat,
+            EntryKind::PayoutFeeReturned => &mut totals.payout_fee_returned_msat,
+            EntryKind::PayoutFailed => &mut totals.payout_failed_msat,
         };
         *slot = slot.saturating_add(entry.msat);
         *by_account.entry(entry.account).or_default() +=
@@ -271,6 +303,19 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
         .reserve_msat
         .checked_sub(totals.release_msat)
         .ok_or_else(|| LedgerError::Invariant("more released than reserved".to_owned()))?;
+    let landed = u128::from(totals.payout_msat)
+        + u128::from(totals.routing_fee_msat)
+        + u128::from(totals.payout_fee_returned_msat)
+        + u128::from(totals.payout_failed_msat);
+    totals.in_flight_msat = u128::from(totals.payout_pending_msat)
+        .checked_sub(landed)
+        .and_then(|left| u64::try_from(left).ok())
+        .ok_or_else(|| {
+            LedgerError::Invariant(format!(
+                "payouts: {landed} msat landed (paid, fees, returned, failed) of {} msat put in flight",
+                totals.payout_pending_msat
+            ))
+        })?;
     for item in reader.scan_raw(Tree::Accounts) {
         let (key, raw) = item?;
         let account = Account::from_key(&key).ok_or_else(|| {
@@ -309,18 +354,22 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     }
     let out = u128::from(totals.charge_msat)
         + u128::from(totals.payout_msat)
+        + u128::from(totals.routing_fee_msat)
         + u128::from(totals.expiry_msat)
         + u128::from(totals.balances_msat)
-        + u128::from(totals.held_msat);
+        + u128::from(totals.held_msat)
+        + u128::from(totals.in_flight_msat);
     if u128::from(totals.payment_in_msat) != out {
         return Err(LedgerError::Invariant(format!(
-            "payments in {} msat != charges {} + payouts {} + expiries {} + balances {} + held {}",
+            "payments in {} msat != charges {} + payouts {} + routing fees {} + expiries {} + balances {} + held {} + in flight {}",
             totals.payment_in_msat,
             totals.charge_msat,
             totals.payout_msat,
+            totals.routing_fee_msat,
             totals.expiry_msat,
             totals.balances_msat,
-            totals.held_msat
+            totals.held_msat,
+            totals.in_flight_msat
         )));
     }
     Ok(totals)

@@ -45,7 +45,7 @@ use writer::{Applied, Command, Status, Write};
 /// 6: HTTP jobs and L402 tokens: a job's `door` and `result`, token accounts (`l402:<hash>`,
 ///    33-byte keys), the `l402_tokens` tree. Nothing is rewritten; the bump keeps an older build
 ///    from reading accounts and jobs it does not know.
-pub const SCHEMA_VERSION: u64 = 6;
+pub const SCHEMA_VERSION: u64 = 7;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -77,13 +77,15 @@ pub enum Tree {
     Feedback,
     /// L402 tokens minted, by payment hash: the token id and what it was issued for.
     L402Tokens,
+    /// Payouts (money sent to customers), by the payment hash of the invoice paid.
+    Payouts,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 10] = [
+    pub const ALL: [Tree; 11] = [
         Self::Jobs,
         Self::Payments,
         Self::OpenPayments,
@@ -93,6 +95,7 @@ impl Tree {
         Self::DevWallet,
         Self::Feedback,
         Self::L402Tokens,
+        Self::Payouts,
         Self::Meta,
     ];
 
@@ -108,6 +111,7 @@ impl Tree {
             Self::DevWallet => "dev_wallet",
             Self::Feedback => "feedback",
             Self::L402Tokens => "l402_tokens",
+            Self::Payouts => "payouts",
             Self::Meta => "meta",
         }
     }

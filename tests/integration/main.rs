@@ -26,4 +26,5 @@ mod restart;
 mod store_fault;
 mod two_relays;
 mod wallets;
+mod withdraw;
 mod zaps;

@@ -1,0 +1,429 @@
+//! Payouts: money a customer's account sends out over Lightning (`POST /v1/account/withdraw`).
+//!
+//! Two-phase, so a payment hash pays once and money is never lost:
+//!
+//! 1. `payout_pending` is booked before the wallet is called, durably, in one write with the
+//!    payout record (the exact BOLT11 and its payment hash): the amount plus the most routing
+//!    fee allowed leave the balance and are *in flight*. A hash already paid out, or one this
+//!    service issued itself, is refused.
+//! 2. The wallet pays. Whatever `pay` answers, the money moves only on what our wallet's
+//!    [`Wallet::lookup_payment`] (or a `pay` that returned the preimage) says:
+//!    - succeeded: `payout` and `routing_fee` record what left, `payout_fee_returned` gives
+//!      back the fee not used;
+//!    - failed: `payout_failed` gives all of it back;
+//!    - pending, unknown, an error, a timeout: it stays `payout_pending` and is looked up again
+//!      on every reconcile pass and after a restart. Nothing ever pays the same hash again, and
+//!      no new invoice is fetched for it (a new hash would pay twice).
+//!
+//! One exception to "unknown stays pending": once the invoice has expired (plus
+//! [`EXPIRED_UNKNOWN_GRACE_SECS`]) and our wallet still knows no payment to its hash, nothing
+//! was sent and nothing can be any more, so it is failed and the credit restored. Without it a
+//! payout the wallet refused before sending (no route, no balance) would hold the customer's
+//! money for ever.
+//!
+//! [`Wallet::lookup_payment`]: crate::wallet::Wallet::lookup_payment
+
+use serde::{Deserialize, Serialize};
+
+use super::book::{Book, BookError};
+use super::pipeline::{unix_now, Pipeline};
+use crate::ledger::{self, Account, Entry, EntryKind};
+use crate::store::{Tree, Tx, TxError};
+use crate::wallet::{bolt11, OutgoingStatus, PaymentHash, WalletError};
+
+/// After its invoice expired, how long a payout our wallet knows nothing of stays pending
+/// before it is failed.
+pub const EXPIRED_UNKNOWN_GRACE_SECS: u64 = 60 * 60;
+
+/// The most routing fee a payout may cost: `base_msat + amount * ppm / 1e6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayoutFee {
+    /// Flat part, msat.
+    pub base_msat: u64,
+    /// Parts per million of the amount.
+    pub ppm: u64,
+}
+
+impl PayoutFee {
+    /// The most fee for paying `amount_msat`.
+    pub fn max_for(&self, amount_msat: u64) -> u64 {
+        let proportional = u128::from(amount_msat) * u128::from(self.ppm) / 1_000_000;
+        self.base_msat
+            .saturating_add(u64::try_from(proportional).unwrap_or(u64::MAX))
+    }
+}
+
+/// Where a payout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum PayoutState {
+    /// Booked, in flight: the wallet was (or is about to be) asked to pay.
+    Pending,
+    /// Our wallet says it arrived.
+    Paid {
+        /// Routing fee charged, msat.
+        fee_msat: u64,
+    },
+    /// Our wallet says it failed (or knew nothing of it long after the invoice expired).
+    Failed,
+}
+
+/// One payout, by the payment hash of the invoice it pays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payout {
+    /// Whose balance pays.
+    pub account: Account,
+    /// The invoice paid, exactly as sent to the wallet.
+    pub bolt11: String,
+    /// Its payment hash.
+    pub payment_hash: PaymentHash,
+    /// The invoice's amount, msat.
+    pub amount_msat: u64,
+    /// The most routing fee allowed, msat (held with the amount while in flight).
+    pub max_fee_msat: u64,
+    /// Unix seconds the invoice expires.
+    pub expires_at: u64,
+    /// Where it is.
+    #[serde(flatten)]
+    pub state: PayoutState,
+    /// What the wallet said last, when that was not an answer.
+    pub note: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+/// Why a payout was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum PayoutRefusal {
+    /// The invoice is unusable (no amount, expired, not BOLT11).
+    #[error("{0}")]
+    Invoice(String),
+    /// The balance does not cover the amount and the most fee.
+    #[error("the balance of {balance_msat} msat does not cover {amount_msat} msat plus at most {max_fee_msat} msat of routing fee")]
+    Balance {
+        /// The spendable balance.
+        balance_msat: u64,
+        /// The invoice's amount.
+        amount_msat: u64,
+        /// The most fee.
+        max_fee_msat: u64,
+    },
+    /// This hash was paid out before, or is an invoice of this service.
+    #[error("{0}")]
+    Hash(String),
+    /// The store failed.
+    #[error(transparent)]
+    Book(#[from] BookError),
+}
+
+impl From<crate::store::StoreError> for PayoutRefusal {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::Book(BookError::Store(e))
+    }
+}
+
+fn abort(refusal: PayoutRefusal) -> TxError<PayoutRefusal> {
+    TxError::Abort(refusal)
+}
+
+fn entry(kind: EntryKind, payout: &Payout, msat: u64, at: u64) -> Entry {
+    Entry {
+        kind,
+        account: payout.account,
+        msat,
+        job: None,
+        payment_hash: Some(payout.payment_hash.to_hex()),
+        at,
+    }
+}
+
+fn post<E>(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<E>>
+where
+    E: From<BookError>,
+{
+    ledger::post(tx, entry).map_err(|e| e.map_abort(|e| E::from(BookError::Ledger(e))))
+}
+
+impl Book {
+    /// Phase 1: book `payout` pending (its amount and most fee off the balance) with its
+    /// record, durably, before the wallet is called.
+    pub async fn begin_payout(&self, payout: Payout) -> Result<Payout, PayoutRefusal> {
+        self.store()
+            .commit(move |tx| {
+                let hash = payout.payment_hash.0;
+                if tx.contains(Tree::Payouts, &hash)? {
+                    return Err(abort(PayoutRefusal::Hash(
+                        "this invoice was paid out before; a payment hash is paid once".to_owned(),
+                    )));
+                }
+                if tx.contains(Tree::Payments, &hash)? {
+                    return Err(abort(PayoutRefusal::Hash(
+                        "this is an invoice of this service; it cannot pay itself".to_owned(),
+                    )));
+                }
+                let total = payout.amount_msat.saturating_add(payout.max_fee_msat);
+                let balance = ledger::balance_in(tx, &payout.account)?;
+                if balance < total {
+                    return Err(abort(PayoutRefusal::Balance {
+                        balance_msat: balance,
+                        amount_msat: payout.amount_msat,
+                        max_fee_msat: payout.max_fee_msat,
+                    }));
+                }
+                post(
+                    tx,
+                    &entry(EntryKind::PayoutPending, &payout, total, payout.created_at),
+                )?;
+                tx.put(Tree::Payouts, &hash, &payout)?;
+                Ok(payout.clone())
+            })
+            .await
+    }
+
+    /// Phase 2: what the wallet said of a pending payout, booked. A payout no longer pending
+    /// is returned as it is (the answer came twice).
+    pub async fn finish_payout(
+        &self,
+        hash: &PaymentHash,
+        state: PayoutState,
+    ) -> Result<Payout, BookError> {
+        let (hash, at) = (*hash, unix_now());
+        self.store()
+            .commit(move |tx| {
+                let mut payout: Payout = tx
+                    .get(Tree::Payouts, &hash.0)?
+                    .ok_or_else(|| abort_book(BookError::Missing(format!("payout {hash}"))))?;
+                if payout.state != PayoutState::Pending {
+                    return Ok(payout);
+                }
+                match state {
+                    PayoutState::Pending => return Ok(payout),
+                    PayoutState::Paid { fee_msat } => {
+                        // A wallet that spent more fee than allowed: the customer pays the most
+                        // allowed, the operator the rest.
+                        let fee = fee_msat.min(payout.max_fee_msat);
+                        post(
+                            tx,
+                            &entry(EntryKind::Payout, &payout, payout.amount_msat, at),
+                        )?;
+                        if fee > 0 {
+                            post(tx, &entry(EntryKind::RoutingFee, &payout, fee, at))?;
+                        }
+                        let unused = payout.max_fee_msat - fee;
+                        if unused > 0 {
+                            post(
+                                tx,
+                                &entry(EntryKind::PayoutFeeReturned, &payout, unused, at),
+                            )?;
+                        }
+                        payout.state = PayoutState::Paid { fee_msat: fee };
+                    }
+                    PayoutState::Failed => {
+                        let total = payout.amount_msat + payout.max_fee_msat;
+                        post(tx, &entry(EntryKind::PayoutFailed, &payout, total, at))?;
+                        payout.state = PayoutState::Failed;
+                    }
+                }
+                payout.note = None;
+                payout.updated_at = at;
+                tx.put(Tree::Payouts, &hash.0, &payout)?;
+                Ok(payout)
+            })
+            .await
+    }
+
+    /// Note what the wallet said of a payout that stays pending.
+    async fn note_payout(&self, hash: &PaymentHash, note: String) -> Result<(), BookError> {
+        let (hash, at) = (*hash, unix_now());
+        self.store()
+            .apply(move |tx| {
+                let Some(mut payout) = tx.get::<Payout>(Tree::Payouts, &hash.0)? else {
+                    return Ok(());
+                };
+                if payout.state == PayoutState::Pending {
+                    payout.note = Some(note.clone());
+                    payout.updated_at = at;
+                    tx.put(Tree::Payouts, &hash.0, &payout)?;
+                }
+                Ok::<_, TxError<BookError>>(())
+            })
+            .await
+    }
+
+    /// Every payout still pending.
+    pub async fn pending_payouts(&self) -> Result<Vec<Payout>, BookError> {
+        self.store()
+            .read(|r| {
+                let mut pending = Vec::new();
+                for item in r.scan::<Payout>(Tree::Payouts) {
+                    let (_, payout) = item?;
+                    if payout.state == PayoutState::Pending {
+                        pending.push(payout);
+                    }
+                }
+                Ok(pending)
+            })
+            .await
+    }
+
+    /// A payout by hash.
+    pub async fn payout(&self, hash: &PaymentHash) -> Result<Option<Payout>, BookError> {
+        let hash = *hash;
+        self.store()
+            .read(move |r| Ok(r.get(Tree::Payouts, &hash.0)?))
+            .await
+    }
+}
+
+fn abort_book(e: BookError) -> TxError<BookError> {
+    TxError::Abort(e)
+}
+
+impl Pipeline {
+    /// Pay `bolt11` from `account`'s balance: book it pending, then ask the wallet. Returns the
+    /// payout as it stands when the wallet answered (paid, failed, or still pending; a pending
+    /// one is looked up until it ends).
+    pub async fn withdraw(&self, account: Account, bolt11: &str) -> Result<Payout, PayoutRefusal> {
+        let bolt11 = bolt11.trim();
+        let info = bolt11::decode(bolt11).map_err(|e| PayoutRefusal::Invoice(e.to_string()))?;
+        let amount_msat = info
+            .amount_msat
+            .filter(|a| *a > 0)
+            .ok_or_else(|| PayoutRefusal::Invoice("the invoice names no amount".to_owned()))?;
+        let now = unix_now();
+        if info.expires_at <= now + 10 {
+            return Err(PayoutRefusal::Invoice("the invoice has expired".to_owned()));
+        }
+        let payout = Payout {
+            account,
+            bolt11: bolt11.to_owned(),
+            payment_hash: info.payment_hash,
+            amount_msat,
+            max_fee_msat: self.inner.config.payout_fee.max_for(amount_msat),
+            expires_at: info.expires_at,
+            state: PayoutState::Pending,
+            note: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let payout = self.inner.book.begin_payout(payout).await?;
+        tracing::info!(account = %account, payment_hash = %payout.payment_hash, amount_msat, max_fee_msat = payout.max_fee_msat, "payout pending; paying");
+        let paid = self
+            .inner
+            .wallet
+            .pay(&payout.bolt11, payout.max_fee_msat)
+            .await;
+        let ended = match paid {
+            // The preimage is the proof; the fee is what the wallet says it spent.
+            Ok(sent) if preimage_matches(&sent.preimage, &payout.payment_hash) => {
+                self.inner
+                    .book
+                    .finish_payout(
+                        &payout.payment_hash,
+                        PayoutState::Paid {
+                            fee_msat: sent.fee_msat,
+                        },
+                    )
+                    .await
+            }
+            Ok(_) => {
+                let why = "the wallet answered with a preimage that is not this invoice's";
+                self.look_up_payout(&payout, Some(why.to_owned())).await
+            }
+            Err(e) => self.look_up_payout(&payout, Some(pay_error(&e))).await,
+        };
+        Ok(ended?)
+    }
+
+    /// Ask the wallet what became of a pending payout and book what it says; `said` is what
+    /// the wallet answered before (kept as a note when it stays pending).
+    async fn look_up_payout(
+        &self,
+        payout: &Payout,
+        said: Option<String>,
+    ) -> Result<Payout, BookError> {
+        let book = &self.inner.book;
+        let hash = &payout.payment_hash;
+        let state = match self.inner.wallet.lookup_payment(hash).await {
+            Ok(OutgoingStatus::Succeeded { fee_msat }) => PayoutState::Paid { fee_msat },
+            Ok(OutgoingStatus::Failed) => PayoutState::Failed,
+            Ok(OutgoingStatus::Unknown)
+                if unix_now() > payout.expires_at + EXPIRED_UNKNOWN_GRACE_SECS =>
+            {
+                PayoutState::Failed
+            }
+            Ok(status) => {
+                let note = match said {
+                    Some(said) => format!("{said}; the wallet says {status:?}"),
+                    None => format!("the wallet says {status:?}"),
+                };
+                book.note_payout(hash, note).await?;
+                return Ok(book.payout(hash).await?.unwrap_or_else(|| payout.clone()));
+            }
+            Err(e) => {
+                let note = format!("lookup failed: {}", pay_error(&e));
+                book.note_payout(hash, note).await?;
+                return Ok(book.payout(hash).await?.unwrap_or_else(|| payout.clone()));
+            }
+        };
+        let ended = book.finish_payout(hash, state).await?;
+        match ended.state {
+            PayoutState::Paid { fee_msat } => {
+                tracing::info!(payment_hash = %hash, fee_msat, "payout arrived")
+            }
+            PayoutState::Failed => {
+                tracing::warn!(payment_hash = %hash, "payout failed; the amount is back on the balance")
+            }
+            PayoutState::Pending => {}
+        }
+        Ok(ended)
+    }
+
+    /// Look up every pending payout once (on start, and on each reconcile pass).
+    pub async fn reconcile_payouts(&self) {
+        let pending = match self.inner.book.pending_payouts().await {
+            Ok(pending) => pending,
+            Err(e) => return tracing::error!(error = %e, "cannot read pending payouts"),
+        };
+        for payout in pending {
+            if let Err(e) = self.look_up_payout(&payout, None).await {
+                tracing::error!(payment_hash = %payout.payment_hash, error = %e, "cannot book a payout's outcome");
+            }
+        }
+    }
+}
+
+fn preimage_matches(preimage: &[u8; 32], hash: &PaymentHash) -> bool {
+    use bitcoin::hashes::{sha256, Hash};
+    sha256::Hash::hash(preimage).to_byte_array() == hash.0
+}
+
+/// A wallet error as a note, with no internals a customer should not see.
+fn pay_error(e: &WalletError) -> String {
+    match e {
+        WalletError::InsufficientBalance { .. } => "the service's wallet is short".to_owned(),
+        WalletError::InvalidInvoice(why) => format!("the invoice was refused: {why}"),
+        _ => format!(
+            "the wallet did not confirm it ({})",
+            crate::incident::Incident::log("paying out", e)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_fee_is_base_plus_ppm() {
+        let fee = PayoutFee {
+            base_msat: 10_000,
+            ppm: 5_000,
+        };
+        assert_eq!(fee.max_for(0), 10_000);
+        assert_eq!(fee.max_for(1_000_000), 15_000);
+        assert_eq!(fee.max_for(u64::MAX), u64::MAX);
+    }
+}

@@ -1,0 +1,407 @@
+//! Payouts from customers' accounts (`POST /v1/account/withdraw`) on real LNbits: a withdraw
+//! that arrives, a hash paid once, a balance that does not cover it; and the faults, injected
+//! next to the real wallet: a pay call that errors after the payment went out (it stays pending
+//! and is paid once), the daemon stopping between the booking and the wallet's answer (found
+//! paid on the next start, debited once), a payment the wallet says failed (credit restored).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dvmd::daemon::{Daemon, Parts};
+use dvmd::job::payouts::PayoutState;
+use dvmd::ledger::Account;
+use dvmd::wallet::{
+    Invoice, InvoiceRequest, OutgoingStatus, PaymentHash, PaymentSent, PaymentStatus, Wallet,
+    WalletError,
+};
+use nostr_sdk::Keys;
+use serde_json::Value;
+
+use crate::harness;
+use crate::lnbits::{Lnbits, LnbitsAccount};
+
+/// How the wallet misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// `pay` sends the payment, then answers an error; the first two lookups fail too.
+    ErrorsAfterSending,
+    /// `pay` sends the payment and never answers.
+    HangsAfterSending,
+    /// `pay` sends nothing and errors; the lookup says the payment failed.
+    Fails,
+}
+
+struct FaultWallet {
+    inner: Arc<dyn Wallet>,
+    fault: Fault,
+    lookups: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Wallet for FaultWallet {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+    async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
+        self.inner.create_invoice(request).await
+    }
+    async fn lookup(&self, hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
+        self.inner.lookup(hash).await
+    }
+    async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
+        match self.fault {
+            Fault::ErrorsAfterSending => {
+                self.inner.pay(bolt11, max_fee_msat).await?;
+                Err(WalletError::Unavailable("connection reset".into()))
+            }
+            Fault::HangsAfterSending => {
+                self.inner.pay(bolt11, max_fee_msat).await?;
+                std::future::pending().await
+            }
+            Fault::Fails => Err(WalletError::Unavailable("no route".into())),
+        }
+    }
+    async fn lookup_payment(&self, hash: &PaymentHash) -> Result<OutgoingStatus, WalletError> {
+        let n = self.lookups.fetch_add(1, Ordering::SeqCst);
+        match self.fault {
+            Fault::ErrorsAfterSending if n < 2 => Err(WalletError::Unavailable("timed out".into())),
+            Fault::Fails => Ok(OutgoingStatus::Failed),
+            _ => self.inner.lookup_payment(hash).await,
+        }
+    }
+    async fn balance(&self) -> Result<u64, WalletError> {
+        self.inner.balance().await
+    }
+    fn settlements(&self) -> tokio::sync::broadcast::Receiver<PaymentHash> {
+        self.inner.settlements()
+    }
+}
+
+/// A daemon on `lnbits` paying from `service` (admin key), its wallet wrapped in `fault`.
+async fn daemon(
+    data: &std::path::Path,
+    lnbits: &Lnbits,
+    service: &LnbitsAccount,
+    fault: Option<Fault>,
+) -> Daemon {
+    let (inkey, adminkey) = (data.join("lnbits.inkey"), data.join("lnbits.adminkey"));
+    std::fs::write(&inkey, &service.inkey).expect("write key");
+    std::fs::write(&adminkey, &service.adminkey).expect("write key");
+    let config = harness::dev_config(data, |file| {
+        file.wallet.backend = "lnbits".into();
+        file.wallet.lnbits.url = lnbits.url.clone();
+        file.wallet.lnbits.invoice_key_env = None;
+        file.wallet.lnbits.invoice_key_file = Some(inkey);
+        file.wallet.lnbits.admin_key_env = None;
+        file.wallet.lnbits.admin_key_file = Some(adminkey);
+    });
+    let parts = Parts {
+        backend: Some(Arc::new(dvmd::infer::instant::InstantBackend::new("-"))),
+        wrap_wallet: fault.map(|fault| {
+            Arc::new(move |inner| {
+                Arc::new(FaultWallet {
+                    inner,
+                    fault,
+                    lookups: AtomicU32::new(0),
+                }) as Arc<dyn Wallet>
+            }) as dvmd::daemon::WalletWrap
+        }),
+    };
+    Daemon::start(config, parts).await.expect("daemon starts")
+}
+
+/// Credit `keys`' account with `sats` paid from the customer's LNbits wallet.
+async fn top_up(daemon: &Daemon, lnbits: &Lnbits, payer: &LnbitsAccount, keys: &Keys, sats: u64) {
+    let url = format!("{}/v1/account/topup", daemon.ready().http_url);
+    let body = format!(r#"{{"amount_msat":{}}}"#, sats * 1000);
+    let (status, topup) = post(&url, keys, &body).await;
+    assert_eq!(status, 200, "{topup}");
+    lnbits
+        .pay(payer, topup["bolt11"].as_str().expect("bolt11"))
+        .await;
+    let hash = PaymentHash::try_from(topup["payment_hash"].as_str().expect("hash").to_owned())
+        .expect("hash");
+    harness::wait_for_booking(daemon.pipeline().book(), &hash).await;
+}
+
+async fn post(url: &str, keys: &Keys, body: &str) -> (u16, Value) {
+    let header = harness::nip98_with_nonce(keys, url, "POST", Some(body));
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("Authorization", header)
+        .header("Content-Type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("json"))
+}
+
+async fn withdraw(daemon: &Daemon, keys: &Keys, bolt11: &str) -> (u16, Value) {
+    let url = format!("{}/v1/account/withdraw", daemon.ready().http_url);
+    post(&url, keys, &format!(r#"{{"bolt11":"{bolt11}"}}"#)).await
+}
+
+async fn invoice(lnbits: &Lnbits, wallet: &LnbitsAccount, sats: u64) -> String {
+    let invoice = lnbits
+        .create_invoice_json(
+            wallet,
+            serde_json::json!({"out": false, "amount": sats, "memo": "withdraw"}),
+        )
+        .await;
+    invoice["bolt11"]
+        .as_str()
+        .or_else(|| invoice["payment_request"].as_str())
+        .expect("bolt11")
+        .to_owned()
+}
+
+/// Wait until the payout of `hash` is no longer pending.
+async fn ended(daemon: &Daemon, hash: &str) -> PayoutState {
+    let hash = PaymentHash::try_from(hash.to_owned()).expect("hash");
+    for _ in 0..300 {
+        let payout = daemon
+            .pipeline()
+            .book()
+            .payout(&hash)
+            .await
+            .expect("read")
+            .expect("payout");
+        if payout.state != PayoutState::Pending {
+            return payout.state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("payout {hash} still pending");
+}
+
+fn account_of(keys: &Keys) -> Account {
+    keys.public_key().into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdraw_arrives_once_and_only_from_what_the_balance_holds() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data = harness::data_dir();
+    let daemon = daemon(data.path(), &lnbits, &service, None).await;
+    let alice = Keys::generate();
+    top_up(&daemon, &lnbits, &customer, &alice, 100).await;
+    let before = lnbits.balance_msat(&customer).await;
+
+    let bolt11 = invoice(&lnbits, &customer, 40).await;
+    let (status, payout) = withdraw(&daemon, &alice, &bolt11).await;
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(payout["state"], "paid", "{payout}");
+    let fee = payout["fee_msat"].as_u64().expect("fee");
+    assert!(fee <= payout["max_fee_msat"].as_u64().expect("max fee"));
+    assert_eq!(lnbits.balance_msat(&customer).await, before + 40_000);
+
+    // The same invoice again: a payment hash pays once.
+    let (status, again) = withdraw(&daemon, &alice, &bolt11).await;
+    assert_eq!(status, 400, "{again}");
+    assert!(again["error"]["message"]
+        .as_str()
+        .expect("message")
+        .contains("paid out before"));
+    // More than the balance holds (with the most fee): 402, nothing moves.
+    let big = invoice(&lnbits, &customer, 59).await;
+    let (status, short) = withdraw(&daemon, &alice, &big).await;
+    assert_eq!(status, 402, "{short}");
+    // An invoice of this service's own: refused.
+    let url = format!("{}/v1/account/topup", daemon.ready().http_url);
+    let (_, own) = post(&url, &alice, r#"{"amount_msat":1000}"#).await;
+    let (status, _) = withdraw(&daemon, &alice, own["bolt11"].as_str().expect("bolt11")).await;
+    assert_eq!(status, 400);
+    assert_eq!(lnbits.balance_msat(&customer).await, before + 40_000);
+
+    // The account shows the two phases; the balance is what is left.
+    let url = format!("{}/v1/account", daemon.ready().http_url);
+    let header = harness::nostr_tools_nip98(&alice, &url, "get", None);
+    let shown: Value = reqwest::Client::new()
+        .get(&url)
+        .header("Authorization", header)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    let kinds: Vec<&str> = shown["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"payout_pending") && kinds.contains(&"payout"),
+        "{shown}"
+    );
+    assert_eq!(shown["balance_msat"], 100_000 - 40_000 - fee, "{shown}");
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (40_000, 0));
+    assert_eq!(
+        harness::account_balance(&store, &account_of(&alice)),
+        100_000 - 40_000 - fee
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pay_call_that_errors_after_sending_stays_pending_and_is_paid_once() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data = harness::data_dir();
+    let daemon = daemon(
+        data.path(),
+        &lnbits,
+        &service,
+        Some(Fault::ErrorsAfterSending),
+    )
+    .await;
+    let alice = Keys::generate();
+    top_up(&daemon, &lnbits, &customer, &alice, 100).await;
+    let before = lnbits.balance_msat(&customer).await;
+
+    let bolt11 = invoice(&lnbits, &customer, 30).await;
+    let (status, payout) = withdraw(&daemon, &alice, &bolt11).await;
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(
+        payout["state"], "pending",
+        "an error is not an answer: {payout}"
+    );
+    // The note says the wallet has not answered (its words stay in the operator's log).
+    assert!(payout["note"]
+        .as_str()
+        .expect("note")
+        .contains("lookup failed"));
+    // The reconciler asks again (every second here) and books what the wallet then says.
+    let state = ended(&daemon, payout["payment_hash"].as_str().expect("hash")).await;
+    assert!(matches!(state, PayoutState::Paid { .. }), "{state:?}");
+    assert_eq!(
+        lnbits.balance_msat(&customer).await,
+        before + 30_000,
+        "paid once"
+    );
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (30_000, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_between_booking_and_the_wallets_answer_is_settled_on_the_next_start() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data = harness::data_dir();
+    let first = daemon(
+        data.path(),
+        &lnbits,
+        &service,
+        Some(Fault::HangsAfterSending),
+    )
+    .await;
+    let alice = Keys::generate();
+    top_up(&first, &lnbits, &customer, &alice, 100).await;
+    let before = lnbits.balance_msat(&customer).await;
+
+    // The wallet sends and never answers; the daemon goes away with the payout booked pending
+    // and nothing after it, as a kill -9 would leave it on disk.
+    let bolt11 = invoice(&lnbits, &customer, 25).await;
+    let pipeline = first.pipeline().clone();
+    let account = account_of(&alice);
+    let paying = tokio::spawn(async move { pipeline.withdraw(account, &bolt11).await });
+    for _ in 0..200 {
+        if lnbits.balance_msat(&customer).await > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lnbits.balance_msat(&customer).await,
+        before + 25_000,
+        "sent"
+    );
+    paying.abort();
+    let pending = first
+        .pipeline()
+        .book()
+        .pending_payouts()
+        .await
+        .expect("read");
+    assert_eq!(pending.len(), 1);
+    let hash = pending[0].payment_hash.to_string();
+    first.stop().await;
+    assert_eq!(
+        harness::ledger_ok(&harness::open_store(data.path())).in_flight_msat,
+        25_000 + pending[0].max_fee_msat
+    );
+
+    // The next start looks it up (it never pays it again) and books it paid.
+    let second = daemon(data.path(), &lnbits, &service, None).await;
+    let state = ended(&second, &hash).await;
+    assert!(matches!(state, PayoutState::Paid { .. }), "{state:?}");
+    assert_eq!(
+        lnbits.balance_msat(&customer).await,
+        before + 25_000,
+        "paid once"
+    );
+    second.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (25_000, 0));
+    let fee = match state {
+        PayoutState::Paid { fee_msat } => fee_msat,
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        harness::account_balance(&store, &account_of(&alice)),
+        100_000 - 25_000 - fee,
+        "debited once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payout_the_wallet_says_failed_gives_the_credit_back() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data = harness::data_dir();
+    let daemon = daemon(data.path(), &lnbits, &service, Some(Fault::Fails)).await;
+    let alice = Keys::generate();
+    top_up(&daemon, &lnbits, &customer, &alice, 50).await;
+    let before = lnbits.balance_msat(&customer).await;
+
+    let bolt11 = invoice(&lnbits, &customer, 20).await;
+    let (status, payout) = withdraw(&daemon, &alice, &bolt11).await;
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(payout["state"], "failed", "{payout}");
+    assert_eq!(lnbits.balance_msat(&customer).await, before);
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (0, 0));
+    assert_eq!(
+        harness::account_balance(&store, &account_of(&alice)),
+        50_000,
+        "all of it back"
+    );
+}
