@@ -282,6 +282,9 @@ pub struct WalletSection {
     /// ...plus this many parts per million of the amount. Held from the balance with the
     /// amount while the payout is in flight; what is not used goes back.
     pub payout_max_fee_ppm: u64,
+    /// Let a withdrawal to a Lightning address fetch from a loopback host over plain HTTP.
+    /// For tests only: customer-named hosts are otherwise HTTPS on public addresses only.
+    pub payout_lnurl_allow_loopback_http: bool,
     /// `[wallet.lnbits]`
     pub lnbits: LnbitsSection,
     /// `[wallet.nwc]`
@@ -319,6 +322,7 @@ impl Default for WalletSection {
             late_lookup_days: 30,
             payout_max_fee_base_msat: 10_000,
             payout_max_fee_ppm: 5_000,
+            payout_lnurl_allow_loopback_http: false,
             lnbits: LnbitsSection::default(),
             nwc: NwcSection::default(),
         }

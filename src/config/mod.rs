@@ -387,6 +387,7 @@ impl Config {
                 base_msat: file.wallet.payout_max_fee_base_msat,
                 ppm: file.wallet.payout_max_fee_ppm,
             },
+            payout_lnurl_allow_loopback_http: file.wallet.payout_lnurl_allow_loopback_http,
             zap_provider: match &file.zaps.provider_pubkey {
                 Some(hex) => Some(nostr_sdk::PublicKey::parse(hex).map_err(|e| {
                     invalid(format!(

@@ -29,7 +29,7 @@ use super::book::{Book, BookError};
 use super::pipeline::{unix_now, Pipeline};
 use crate::ledger::{self, Account, Entry, EntryKind};
 use crate::store::{Tree, Tx, TxError};
-use crate::wallet::{bolt11, OutgoingStatus, PaymentHash, WalletError};
+use crate::wallet::{bolt11, lnurl, OutgoingStatus, PaymentHash, WalletError};
 
 /// After its invoice expired, how long a payout our wallet knows nothing of stays pending
 /// before it is failed.
@@ -335,6 +335,38 @@ impl Pipeline {
             Err(e) => self.look_up_payout(&payout, Some(pay_error(&e))).await,
         };
         Ok(ended?)
+    }
+
+    /// Pay out to a Lightning address: `amount_msat`, or the whole balance less the most fee,
+    /// in whole sats rounded down (the rest stays as credit). The invoice comes from the host
+    /// the address names, fetched as [`lnurl::Reach::Customer`] allows, and must ask exactly
+    /// that amount and commit to the address's metadata.
+    pub async fn withdraw_to_address(
+        &self,
+        account: Account,
+        address: &str,
+        amount_msat: Option<u64>,
+    ) -> Result<Payout, PayoutRefusal> {
+        let amount = match amount_msat {
+            Some(amount) => amount,
+            None => {
+                let balance = self.balance_of(account).await?;
+                let fee = self.inner.config.payout_fee.max_for(balance);
+                balance.saturating_sub(fee) / 1000 * 1000
+            }
+        };
+        if amount < 1000 || amount % 1000 != 0 {
+            return Err(PayoutRefusal::Invoice(format!(
+                "a payout to an address is whole sats, at least 1 sat, not {amount} msat"
+            )));
+        }
+        let reach = lnurl::Reach::Customer {
+            allow_loopback_http: self.inner.config.payout_lnurl_allow_loopback_http,
+        };
+        let bolt11 = lnurl::invoice_for_address(&reach, address, amount)
+            .await
+            .map_err(|e| PayoutRefusal::Invoice(format!("{address}: {e}")))?;
+        self.withdraw(account, &bolt11).await
     }
 
     /// Ask the wallet what became of a pending payout and book what it says; `said` is what

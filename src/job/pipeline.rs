@@ -74,6 +74,8 @@ pub struct JobConfig {
     pub late_lookup_secs: u64,
     /// The most routing fee a payout may cost.
     pub payout_fee: super::payouts::PayoutFee,
+    /// Let withdrawals to a Lightning address fetch from loopback over plain HTTP (tests).
+    pub payout_lnurl_allow_loopback_http: bool,
     /// The `nostrPubkey` of an external Lightning address provider whose zap receipts are
     /// accepted as payment (after NIP-57 appendix F); `None` trusts no receipt.
     pub zap_provider: Option<nostr_sdk::PublicKey>,

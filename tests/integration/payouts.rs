@@ -11,7 +11,7 @@ use dvmd::wallet::{lnurl, Wallet, WalletError};
 use crate::harness;
 use crate::lnbits::{Lnbits, LnbitsAccount};
 
-async fn daemon_b(
+pub async fn daemon_b(
     data: &std::path::Path,
     lnbits: &Lnbits,
     account: &LnbitsAccount,

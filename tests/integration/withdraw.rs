@@ -85,6 +85,16 @@ async fn daemon(
     service: &LnbitsAccount,
     fault: Option<Fault>,
 ) -> Daemon {
+    daemon_with(data, lnbits, service, fault, |_| {}).await
+}
+
+async fn daemon_with(
+    data: &std::path::Path,
+    lnbits: &Lnbits,
+    service: &LnbitsAccount,
+    fault: Option<Fault>,
+    edit: impl FnOnce(&mut dvmd::config::FileConfig),
+) -> Daemon {
     let (inkey, adminkey) = (data.join("lnbits.inkey"), data.join("lnbits.adminkey"));
     std::fs::write(&inkey, &service.inkey).expect("write key");
     std::fs::write(&adminkey, &service.adminkey).expect("write key");
@@ -95,6 +105,7 @@ async fn daemon(
         file.wallet.lnbits.invoice_key_file = Some(inkey);
         file.wallet.lnbits.admin_key_env = None;
         file.wallet.lnbits.admin_key_file = Some(adminkey);
+        edit(file);
     });
     let parts = Parts {
         backend: Some(Arc::new(dvmd::infer::instant::InstantBackend::new("-"))),
@@ -404,4 +415,61 @@ async fn a_payout_the_wallet_says_failed_gives_the_credit_back() {
         50_000,
         "all of it back"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_refused() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer, other) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+        lnbits.create_wallet("dvmd-b").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    // B: another dvmd with a Lightning address (`dvmd@host`) on its own LNbits wallet.
+    let data_b = harness::data_dir();
+    let b = crate::payouts::daemon_b(data_b.path(), &lnbits, &other).await;
+    let address = format!("dvmd@{}", b.ready().http_url.trim_start_matches("http://"));
+
+    // A, with the tests-only setting that lets a loopback LNURL host through.
+    let data = harness::data_dir();
+    let a = daemon_with(data.path(), &lnbits, &service, None, |file| {
+        file.wallet.payout_lnurl_allow_loopback_http = true;
+    })
+    .await;
+    let alice = Keys::generate();
+    top_up(&a, &lnbits, &customer, &alice, 100).await;
+    let url = format!("{}/v1/account/withdraw", a.ready().http_url);
+    let before = lnbits.balance_msat(&other).await;
+    let body = format!(r#"{{"lightning_address":"{address}","amount_msat":30000}}"#);
+    let (status, payout) = post(&url, &alice, &body).await;
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(payout["state"], "paid", "{payout}");
+    assert_eq!(lnbits.balance_msat(&other).await, before + 30_000);
+
+    // Without an amount: the whole balance less the most fee, in whole sats.
+    let body = format!(r#"{{"lightning_address":"{address}"}}"#);
+    let (status, rest) = post(&url, &alice, &body).await;
+    assert_eq!(status, 200, "{rest}");
+    let sent = rest["amount_msat"].as_u64().expect("amount");
+    assert_eq!(sent % 1000, 0);
+    assert!(sent + rest["max_fee_msat"].as_u64().expect("fee") <= 70_000);
+    a.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+
+    // Without the setting, the same loopback host is refused, as is any private address.
+    let data = harness::data_dir();
+    let strict = daemon(data.path(), &lnbits, &service, None).await;
+    top_up(&strict, &lnbits, &customer, &alice, 50).await;
+    let url = format!("{}/v1/account/withdraw", strict.ready().http_url);
+    for target in [address.as_str(), "alice@10.0.0.1", "alice@169.254.169.254"] {
+        let body = format!(r#"{{"lightning_address":"{target}","amount_msat":10000}}"#);
+        let (status, refused) = post(&url, &alice, &body).await;
+        assert_eq!(status, 400, "{target}: {refused}");
+    }
+    strict.stop().await;
+    let store = harness::open_store(data.path());
+    assert_eq!(harness::ledger_ok(&store).in_flight_msat, 0);
+    assert_eq!(harness::account_balance(&store, &account_of(&alice)), 50_000);
+    b.stop().await;
 }
