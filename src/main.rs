@@ -130,6 +130,17 @@ enum LedgerCommand {
         #[command(flatten)]
         files: Files,
     },
+    /// List ledger entries, oldest first: all, one account's, or one job's.
+    Show {
+        #[command(flatten)]
+        files: Files,
+        /// Only this account: an npub (bech32 or hex) or `l402:<payment hash>`.
+        #[arg(long)]
+        account: Option<String>,
+        /// Only this job (hex id).
+        #[arg(long)]
+        job: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -346,6 +357,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store(&files)?;
             let totals = store.read_blocking(dvmd::job::audit)?;
             println!("ledger ok: {}", serde_json::to_string_pretty(&totals)?);
+        }
+        Command::Ledger {
+            command:
+                LedgerCommand::Show {
+                    files,
+                    account,
+                    job,
+                },
+        } => {
+            let account = account
+                .map(|a| a.parse::<dvmd::ledger::Account>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let job = job
+                .map(|j| {
+                    dvmd::job::JobId::from_hex(&j)
+                        .ok_or_else(|| anyhow::anyhow!("`{j}` is not a job id (64 hex digits)"))
+                })
+                .transpose()?;
+            let store = open_store(&files)?;
+            let entries = store.read_blocking(|r| dvmd::ledger::entries(r))?;
+            for (seq, entry) in entries {
+                if account.is_some_and(|a| a != entry.account)
+                    || job.is_some_and(|j| entry.job != Some(j))
+                {
+                    continue;
+                }
+                println!(
+                    "{seq:>8} {} {:<20} {:>14} msat  {}{}{}",
+                    entry.at,
+                    serde_json::to_value(entry.kind)?.as_str().unwrap_or("?"),
+                    entry.msat,
+                    entry.account.to_human(),
+                    entry.job.map(|j| format!(" job={j}")).unwrap_or_default(),
+                    entry
+                        .payment_hash
+                        .map(|h| format!(" hash={h}"))
+                        .unwrap_or_default(),
+                );
+            }
         }
         Command::Jobs { files } => {
             let store = open_store(&files)?;

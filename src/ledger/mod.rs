@@ -168,6 +168,16 @@ pub fn entries_of(
     Ok(entries)
 }
 
+/// Every entry with its sequence number, oldest first.
+pub fn entries(reader: &Reader<'_>) -> Result<Vec<(u64, Entry)>, LedgerError> {
+    let mut all = Vec::new();
+    for item in reader.scan::<Entry>(Tree::Entries) {
+        let (seq, entry) = item?;
+        all.push((be_u64(&seq).unwrap_or_default(), entry));
+    }
+    Ok(all)
+}
+
 /// Inside a write: the spendable balance of `account` in msat.
 pub fn balance_in(tx: &Tx<'_>, account: &Account) -> Result<u64, TxFailure> {
     balance_by_key(tx, &account.key())

@@ -256,13 +256,59 @@ async fn a_withdraw_arrives_once_and_only_from_what_the_balance_holds() {
     );
     assert_eq!(shown["balance_msat"], 100_000 - 40_000 - fee, "{shown}");
     daemon.stop().await;
-    let store = harness::open_store(data.path());
-    let totals = harness::ledger_ok(&store);
-    assert_eq!((totals.payout_msat, totals.in_flight_msat), (40_000, 0));
-    assert_eq!(
-        harness::account_balance(&store, &account_of(&alice)),
-        100_000 - 40_000 - fee
-    );
+    {
+        let store = harness::open_store(data.path());
+        let totals = harness::ledger_ok(&store);
+        assert_eq!((totals.payout_msat, totals.in_flight_msat), (40_000, 0));
+        assert_eq!(
+            harness::account_balance(&store, &account_of(&alice)),
+            100_000 - 40_000 - fee
+        );
+    }
+
+    // The operator's view: `dvmd ledger show` lists the account's entries, `dvmd ledger check`
+    // passes; an entry that moves money behind the balance's back fails it, saying where.
+    let dvmd = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dvmd"))
+            .args(args)
+            .arg("--config")
+            .arg(data.path().join("none.toml"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .expect("run dvmd")
+    };
+    let npub = alice.public_key().to_hex();
+    let shown = dvmd(&["ledger", "show", "--account", &npub]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{shown:?}");
+    for kind in ["payment_in", "payout_pending", "payout ", "payout_fee_returned"] {
+        assert!(text.contains(kind), "{kind} in:\n{text}");
+    }
+    assert!(dvmd(&["ledger", "check"]).status.success());
+    {
+        let store = harness::open_store(data.path());
+        store
+            .commit(move |tx| {
+                let stray = dvmd::ledger::Entry {
+                    kind: dvmd::ledger::EntryKind::PaymentIn,
+                    account: account_of(&Keys::generate()),
+                    msat: 1,
+                    job: None,
+                    payment_hash: None,
+                    at: 0,
+                };
+                tx.put(dvmd::store::Tree::Entries, &u64::MAX.to_be_bytes(), &stray)?;
+                Ok::<_, dvmd::store::TxError<dvmd::store::StoreError>>(())
+            })
+            .await
+            .expect("write");
+        store.close().await.expect("close");
+    }
+    let broken = dvmd(&["ledger", "check"]);
+    assert!(!broken.status.success());
+    let said = String::from_utf8_lossy(&broken.stderr);
+    assert!(said.contains("ledger invariant violated"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,6 +516,9 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
     strict.stop().await;
     let store = harness::open_store(data.path());
     assert_eq!(harness::ledger_ok(&store).in_flight_msat, 0);
-    assert_eq!(harness::account_balance(&store, &account_of(&alice)), 50_000);
+    assert_eq!(
+        harness::account_balance(&store, &account_of(&alice)),
+        50_000
+    );
     b.stop().await;
 }
