@@ -377,7 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .transpose()?;
             let store = open_store(&files)?;
-            let entries = store.read_blocking(|r| dvmd::ledger::entries(r))?;
+            let entries = store.read_blocking(dvmd::ledger::entries)?;
             for (seq, entry) in entries {
                 if account.is_some_and(|a| a != entry.account)
                     || job.is_some_and(|j| entry.job != Some(j))
