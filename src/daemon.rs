@@ -203,11 +203,16 @@ impl Daemon {
             })?;
         let listen_url = format!("http://{http_addr}");
         let root_key = identity::l402_root_key(&config.data_dir)?;
-        let api = Arc::new(http::api::ApiConfig::new(
-            &config.http,
-            &listen_url,
-            root_key,
-        ));
+        let mut api = http::api::ApiConfig::new(&config.http, &listen_url, root_key);
+        api.admin_token = Some(identity::admin_token(&config.data_dir)?);
+        let api = Arc::new(api);
+        // Where `dvmd account withdraw` finds this daemon (its listener, on loopback).
+        let loopback =
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http_addr.port());
+        let admin_url = config.data_dir.join(identity::ADMIN_URL_FILE);
+        if let Err(e) = std::fs::write(&admin_url, format!("http://{loopback}\n")) {
+            tracing::warn!(error = %e, path = %admin_url.display(), "cannot write the admin URL");
+        }
         let lnurl = config.lnurl.as_ref().map(|section| LnurlConfig {
             username: section.username.clone(),
             public_url: section

@@ -11,6 +11,10 @@ use nostr_sdk::{Keys, SecretKey};
 pub const KEY_FILE: &str = "service.key";
 /// File name of the L402 root key inside the data directory.
 pub const L402_ROOT_KEY_FILE: &str = "l402-root.key";
+/// The operator's token for the running daemon's `/admin/*` endpoints, in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The loopback URL of the running daemon's HTTP listener, in the data directory.
+pub const ADMIN_URL_FILE: &str = "admin.url";
 
 /// Errors of key handling (never carrying the key).
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +99,18 @@ pub fn l402_root_key(data_dir: &Path) -> Result<[u8; 32], IdentityError> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut key).map_err(|_| IdentityError::Invalid(path))?;
     Ok(key)
+}
+
+/// The operator's token for the running daemon's `/admin/*` endpoints, created on first use
+/// (mode 0600): whoever can read the data directory is the operator.
+pub fn admin_token(data_dir: &Path) -> Result<String, IdentityError> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if !path.exists() {
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        write_private(&path, &token)?;
+        return Ok(token);
+    }
+    Ok(read_private(&path)?.trim().to_owned())
 }
 
 /// Read a secret file that only its owner may read.

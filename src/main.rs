@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: WalletCommand,
     },
+    /// Customers' accounts, as the operator.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
     /// Ledger tools.
     Ledger {
         #[command(subcommand)]
@@ -120,6 +125,28 @@ enum WalletCommand {
         /// Most to spend on routing fees, msat.
         #[arg(long, default_value_t = 10_000)]
         max_fee_msat: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Pay out from a customer's account on their behalf: through the running daemon's
+    /// loopback admin endpoint, or, with the daemon stopped, on the store directly.
+    Withdraw {
+        #[command(flatten)]
+        files: Files,
+        /// Whose account: an npub (bech32 or hex) or `l402:<payment hash>`.
+        #[arg(long)]
+        account: String,
+        /// A BOLT11 invoice with an amount...
+        #[arg(long, conflicts_with = "address")]
+        bolt11: Option<String>,
+        /// ...or a Lightning address (name@host).
+        #[arg(long, required_unless_present = "bolt11")]
+        address: Option<String>,
+        /// Whole sats, in msat, for an address (default: the whole balance less the most fee).
+        #[arg(long, requires = "address")]
+        amount_msat: Option<u64>,
     },
 }
 
@@ -223,6 +250,67 @@ fn load_offline(files: &Files) -> anyhow::Result<Config> {
             ..Overrides::default()
         },
     )
+}
+
+/// `dvmd account withdraw`: through the running daemon's admin endpoint when it answers, else
+/// (the daemon stopped) on the store and the configured wallet directly.
+async fn withdraw_as_operator(
+    files: &Files,
+    asked: dvmd::http::withdraw::Withdraw,
+) -> anyhow::Result<serde_json::Value> {
+    let config = load_offline(files)?;
+    let read = |name: &str| std::fs::read_to_string(config.data_dir.join(name));
+    if let (Ok(url), Ok(token)) = (
+        read(dvmd::identity::ADMIN_URL_FILE),
+        read(dvmd::identity::ADMIN_TOKEN_FILE),
+    ) {
+        let body = serde_json::json!({
+            "account": asked.account,
+            "bolt11": asked.bolt11,
+            "lightning_address": asked.lightning_address,
+            "amount_msat": asked.amount_msat,
+        });
+        let sent = reqwest::Client::new()
+            .post(format!("{}/admin/withdraw", url.trim()))
+            .bearer_auth(token.trim())
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(response) => {
+                let status = response.status();
+                let answer: serde_json::Value = response.json().await?;
+                if !status.is_success() {
+                    anyhow::bail!(
+                        "the daemon refused ({status}): {}",
+                        answer["error"]["message"]
+                    );
+                }
+                return Ok(answer);
+            }
+            // Nobody listens: the daemon is stopped, so the store is ours.
+            Err(e) if e.is_connect() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let account = asked
+        .account
+        .as_deref()
+        .unwrap_or_default()
+        .parse::<dvmd::ledger::Account>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let target = asked.target().map_err(|e| anyhow::anyhow!(e))?;
+    let store = Store::open(&config.data_dir.join("store"))?;
+    let (wallet, _) = wallet::open(&config.wallet, &store).await?;
+    let payer = dvmd::job::payouts::Payer {
+        book: Book::new(store.clone()),
+        wallet,
+        fee: config.jobs.payout_fee,
+        allow_loopback_http: config.jobs.payout_lnurl_allow_loopback_http,
+    };
+    let payout = payer.pay_out(account, target).await?;
+    store.close().await?;
+    Ok(dvmd::http::withdraw::view(&payout))
 }
 
 /// The store of a stopped daemon, for the offline tools.
@@ -349,6 +437,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         sent.fee_msat
                     );
                 }
+            }
+        }
+        Command::Account {
+            command:
+                AccountCommand::Withdraw {
+                    files,
+                    account,
+                    bolt11,
+                    address,
+                    amount_msat,
+                },
+        } => {
+            let asked = dvmd::http::withdraw::Withdraw {
+                bolt11,
+                lightning_address: address,
+                amount_msat,
+                account: Some(account),
+            };
+            let payout = withdraw_as_operator(&files, asked).await?;
+            println!("{}", serde_json::to_string_pretty(&payout)?);
+            if payout["state"] == "failed" {
+                anyhow::bail!(
+                    "the wallet says the payout failed; the amount is back on the balance"
+                );
             }
         }
         Command::Ledger {

@@ -66,6 +66,8 @@ pub struct ApiConfig {
     pub l402: super::l402::L402Door,
     /// Origins allowed to call from a browser.
     pub cors: Cors,
+    /// The operator's token for `/admin/*` (from the data directory; absent: no admin door).
+    pub admin_token: Option<String>,
 }
 
 /// The reverse proxies named in `[http] trusted_proxies`. Only a connection from one of them
@@ -216,6 +218,7 @@ impl ApiConfig {
             topups: InvoiceLimiter::per_minute(http.max_topups_per_minute),
             l402: super::l402::L402Door::new(http, root_key),
             cors: Cors::new(&http.cors_origins),
+            admin_token: None,
         }
     }
 }
@@ -229,6 +232,7 @@ pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
         .route("/v1/account", get(account))
         .route("/v1/account/topup", post(topup))
         .route("/v1/account/withdraw", post(super::withdraw::withdraw))
+        .route("/admin/withdraw", post(super::withdraw::admin_withdraw))
         .route("/v1/chat/completions", post(super::chat::completions))
         .route("/v1/jobs", post(super::jobs::create))
         .route("/v1/jobs/{id}", get(super::jobs::show))

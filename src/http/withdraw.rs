@@ -21,14 +21,51 @@ use serde_json::{json, Value};
 use super::api::{parts, OpenAiError, ReadBody};
 use super::l402::{caller, owner};
 use super::HttpState;
-use crate::job::payouts::{Payout, PayoutRefusal, PayoutState};
+use crate::job::payouts::{Payout, PayoutRefusal, PayoutState, Target};
 
-#[derive(Deserialize)]
+/// A withdrawal as the API takes it.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Withdraw {
-    bolt11: Option<String>,
-    lightning_address: Option<String>,
-    amount_msat: Option<u64>,
+pub struct Withdraw {
+    /// A BOLT11 invoice with an amount.
+    pub bolt11: Option<String>,
+    /// Or a Lightning address...
+    pub lightning_address: Option<String>,
+    /// ...and whole sats, in msat (default: the whole balance less the most fee).
+    pub amount_msat: Option<u64>,
+    /// Only on `/admin/withdraw`: whose account pays (an npub or `l402:<hash>`).
+    #[serde(default)]
+    pub account: Option<String>,
+}
+
+const EXPECTED: &str =
+    r#"expected {"bolt11": "lnbc..."} or {"lightning_address": "name@host", "amount_msat": N}"#;
+
+impl Withdraw {
+    /// Where it goes.
+    pub fn target(self) -> Result<Target, String> {
+        match (self.bolt11, self.lightning_address) {
+            (Some(bolt11), None) if self.amount_msat.is_none() => Ok(Target::Bolt11(bolt11)),
+            (None, Some(address)) => Ok(Target::Address {
+                address,
+                amount_msat: self.amount_msat,
+            }),
+            _ => Err(EXPECTED.to_owned()),
+        }
+    }
+}
+
+fn refused(e: PayoutRefusal) -> OpenAiError {
+    match e {
+        PayoutRefusal::Book(e) => OpenAiError::unavailable("store", &e),
+        PayoutRefusal::Balance { .. } => OpenAiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            "insufficient_balance",
+            e.to_string(),
+        ),
+        refused => OpenAiError::invalid(refused.to_string()),
+    }
 }
 
 pub(super) async fn withdraw(
@@ -42,36 +79,86 @@ pub(super) async fn withdraw(
     let (api, pipeline) = parts(&state)?;
     let caller = caller(api, peer, &method, &uri, &headers, &body)?;
     let account = owner(api, pipeline, caller).await?;
-    const EXPECTED: &str =
-        r#"expected {"bolt11": "lnbc..."} or {"lightning_address": "name@host", "amount_msat": N}"#;
     let asked: Withdraw = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("{EXPECTED}: {e}")))?;
-    let paid = match (asked.bolt11, asked.lightning_address) {
-        (Some(bolt11), None) if asked.amount_msat.is_none() => {
-            pipeline.withdraw(account, &bolt11).await
-        }
-        (None, Some(address)) => {
-            pipeline
-                .withdraw_to_address(account, &address, asked.amount_msat)
-                .await
-        }
-        _ => return Err(OpenAiError::invalid(EXPECTED)),
-    };
-    let payout = paid.map_err(|e| match e {
-        PayoutRefusal::Book(e) => OpenAiError::unavailable("store", &e),
-        PayoutRefusal::Balance { .. } => OpenAiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "insufficient_quota",
-            "insufficient_balance",
-            e.to_string(),
-        ),
-        refused => OpenAiError::invalid(refused.to_string()),
-    })?;
+    if asked.account.is_some() {
+        return Err(OpenAiError::invalid(
+            "`account` is the signer's; only the operator's /admin/withdraw names one",
+        ));
+    }
+    let target = asked.target().map_err(OpenAiError::invalid)?;
+    let payout = pipeline
+        .payer()
+        .pay_out(account, target)
+        .await
+        .map_err(refused)?;
     Ok(Json(view(&payout)))
 }
 
+/// `POST /admin/withdraw`: the operator pays out from a customer's account (`dvmd account
+/// withdraw`). Answers only loopback connections that carry the data directory's admin token
+/// (`Authorization: Bearer <admin.token>`).
+pub(super) async fn admin_withdraw(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Result<Json<Value>, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let allowed = peer.ip().is_loopback()
+        && api
+            .admin_token
+            .as_deref()
+            .is_some_and(|token| same_secret(token, presented.trim()));
+    if !allowed {
+        return Err(OpenAiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "admin_only",
+            "the admin door takes loopback connections with the data directory's admin token"
+                .to_owned(),
+        ));
+    }
+    let asked: Withdraw = serde_json::from_slice(&body)
+        .map_err(|e| OpenAiError::invalid(format!("{EXPECTED}: {e}")))?;
+    let account = asked
+        .account
+        .as_deref()
+        .ok_or_else(|| OpenAiError::invalid("name the `account` that pays"))?
+        .parse::<crate::ledger::Account>()
+        .map_err(OpenAiError::invalid)?;
+    let target = asked.target().map_err(OpenAiError::invalid)?;
+    let payout = pipeline
+        .payer()
+        .pay_out(account, target)
+        .await
+        .map_err(refused)?;
+    tracing::info!(account = %account, payment_hash = %payout.payment_hash, "payout by the operator");
+    Ok(Json(view(&payout)))
+}
+
+/// Whether two secrets are equal, compared in constant time (over their hashes, so the length
+/// does not show either).
+fn same_secret(a: &str, b: &str) -> bool {
+    use bitcoin::hashes::{sha256, Hash};
+    let (a, b) = (
+        sha256::Hash::hash(a.as_bytes()),
+        sha256::Hash::hash(b.as_bytes()),
+    );
+    a.as_byte_array()
+        .iter()
+        .zip(b.as_byte_array())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
+}
+
 /// A payout as its owner sees it.
-pub(super) fn view(payout: &Payout) -> Value {
+pub fn view(payout: &Payout) -> Value {
     let (state, fee_msat) = match payout.state {
         PayoutState::Pending => ("pending", None),
         PayoutState::Paid { fee_msat } => ("paid", Some(fee_msat)),

@@ -281,7 +281,85 @@ fn abort_book(e: BookError) -> TxError<BookError> {
     TxError::Abort(e)
 }
 
+/// What pays out: the book, the wallet and the payout settings. The daemon's pipeline has one
+/// ([`Pipeline::payer`]); `dvmd account withdraw` builds one on the store when the daemon is
+/// stopped.
+#[derive(Clone)]
+pub struct Payer {
+    /// The book the payouts are booked in.
+    pub book: Book,
+    /// The wallet that pays.
+    pub wallet: std::sync::Arc<dyn crate::wallet::Wallet>,
+    /// The most routing fee a payout may cost.
+    pub fee: PayoutFee,
+    /// Let Lightning-address hosts on loopback through over plain HTTP (tests).
+    pub allow_loopback_http: bool,
+}
+
 impl Pipeline {
+    /// The pipeline's payer.
+    pub fn payer(&self) -> Payer {
+        let inner = &self.inner;
+        Payer {
+            book: inner.book.clone(),
+            wallet: inner.wallet.clone(),
+            fee: inner.config.payout_fee,
+            allow_loopback_http: inner.config.payout_lnurl_allow_loopback_http,
+        }
+    }
+
+    /// See [`Payer::withdraw`].
+    pub async fn withdraw(&self, account: Account, bolt11: &str) -> Result<Payout, PayoutRefusal> {
+        self.payer().withdraw(account, bolt11).await
+    }
+
+    /// See [`Payer::withdraw_to_address`].
+    pub async fn withdraw_to_address(
+        &self,
+        account: Account,
+        address: &str,
+        amount_msat: Option<u64>,
+    ) -> Result<Payout, PayoutRefusal> {
+        self.payer()
+            .withdraw_to_address(account, address, amount_msat)
+            .await
+    }
+
+    /// See [`Payer::reconcile`].
+    pub async fn reconcile_payouts(&self) {
+        self.payer().reconcile().await
+    }
+}
+
+/// Where a payout goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A BOLT11 invoice with an amount.
+    Bolt11(String),
+    /// A Lightning address, and how much (default: the whole balance less the most fee).
+    Address {
+        /// `name@host`.
+        address: String,
+        /// Whole sats, in msat.
+        amount_msat: Option<u64>,
+    },
+}
+
+impl Payer {
+    /// Pay out to `target` from `account`.
+    pub async fn pay_out(&self, account: Account, target: Target) -> Result<Payout, PayoutRefusal> {
+        match target {
+            Target::Bolt11(bolt11) => self.withdraw(account, &bolt11).await,
+            Target::Address {
+                address,
+                amount_msat,
+            } => {
+                self.withdraw_to_address(account, &address, amount_msat)
+                    .await
+            }
+        }
+    }
+
     /// Pay `bolt11` from `account`'s balance: book it pending, then ask the wallet. Returns the
     /// payout as it stands when the wallet answered (paid, failed, or still pending; a pending
     /// one is looked up until it ends).
@@ -301,25 +379,20 @@ impl Pipeline {
             bolt11: bolt11.to_owned(),
             payment_hash: info.payment_hash,
             amount_msat,
-            max_fee_msat: self.inner.config.payout_fee.max_for(amount_msat),
+            max_fee_msat: self.fee.max_for(amount_msat),
             expires_at: info.expires_at,
             state: PayoutState::Pending,
             note: None,
             created_at: now,
             updated_at: now,
         };
-        let payout = self.inner.book.begin_payout(payout).await?;
+        let payout = self.book.begin_payout(payout).await?;
         tracing::info!(account = %account, payment_hash = %payout.payment_hash, amount_msat, max_fee_msat = payout.max_fee_msat, "payout pending; paying");
-        let paid = self
-            .inner
-            .wallet
-            .pay(&payout.bolt11, payout.max_fee_msat)
-            .await;
+        let paid = self.wallet.pay(&payout.bolt11, payout.max_fee_msat).await;
         let ended = match paid {
             // The preimage is the proof; the fee is what the wallet says it spent.
             Ok(sent) if preimage_matches(&sent.preimage, &payout.payment_hash) => {
-                self.inner
-                    .book
+                self.book
                     .finish_payout(
                         &payout.payment_hash,
                         PayoutState::Paid {
@@ -350,8 +423,12 @@ impl Pipeline {
         let amount = match amount_msat {
             Some(amount) => amount,
             None => {
-                let balance = self.balance_of(account).await?;
-                let fee = self.inner.config.payout_fee.max_for(balance);
+                let balance = self
+                    .book
+                    .store()
+                    .read(move |r| Ok::<_, BookError>(ledger::balance(r, &account)?))
+                    .await?;
+                let fee = self.fee.max_for(balance);
                 balance.saturating_sub(fee) / 1000 * 1000
             }
         };
@@ -361,7 +438,7 @@ impl Pipeline {
             )));
         }
         let reach = lnurl::Reach::Customer {
-            allow_loopback_http: self.inner.config.payout_lnurl_allow_loopback_http,
+            allow_loopback_http: self.allow_loopback_http,
         };
         let bolt11 = lnurl::invoice_for_address(&reach, address, amount)
             .await
@@ -376,9 +453,9 @@ impl Pipeline {
         payout: &Payout,
         said: Option<String>,
     ) -> Result<Payout, BookError> {
-        let book = &self.inner.book;
+        let book = &self.book;
         let hash = &payout.payment_hash;
-        let state = match self.inner.wallet.lookup_payment(hash).await {
+        let state = match self.wallet.lookup_payment(hash).await {
             Ok(OutgoingStatus::Succeeded { fee_msat }) => PayoutState::Paid { fee_msat },
             Ok(OutgoingStatus::Failed) => PayoutState::Failed,
             Ok(OutgoingStatus::Unknown)
@@ -414,8 +491,8 @@ impl Pipeline {
     }
 
     /// Look up every pending payout once (on start, and on each reconcile pass).
-    pub async fn reconcile_payouts(&self) {
-        let pending = match self.inner.book.pending_payouts().await {
+    pub async fn reconcile(&self) {
+        let pending = match self.book.pending_payouts().await {
             Ok(pending) => pending,
             Err(e) => return tracing::error!(error = %e, "cannot read pending payouts"),
         };

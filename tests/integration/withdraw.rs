@@ -15,7 +15,7 @@ use dvmd::wallet::{
     Invoice, InvoiceRequest, OutgoingStatus, PaymentHash, PaymentSent, PaymentStatus, Wallet,
     WalletError,
 };
-use nostr_sdk::Keys;
+use nostr_sdk::{Keys, ToBech32};
 use serde_json::Value;
 
 use crate::harness;
@@ -282,7 +282,12 @@ async fn a_withdraw_arrives_once_and_only_from_what_the_balance_holds() {
     let shown = dvmd(&["ledger", "show", "--account", &npub]);
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.status.success(), "{shown:?}");
-    for kind in ["payment_in", "payout_pending", "payout ", "payout_fee_returned"] {
+    for kind in [
+        "payment_in",
+        "payout_pending",
+        "payout ",
+        "payout_fee_returned",
+    ] {
         assert!(text.contains(kind), "{kind} in:\n{text}");
     }
     assert!(dvmd(&["ledger", "check"]).status.success());
@@ -521,4 +526,86 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
         50_000
     );
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_withdraws_for_a_customer_through_the_daemon_or_the_store() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data = harness::data_dir();
+    let daemon = daemon(data.path(), &lnbits, &service, None).await;
+    let alice = Keys::generate();
+    top_up(&daemon, &lnbits, &customer, &alice, 100).await;
+    let before = lnbits.balance_msat(&customer).await;
+
+    // The same LNbits wallet in a dvmd.toml for the command (keys from the environment).
+    let config = data.path().join("dvmd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[wallet]\nbackend = \"lnbits\"\n[wallet.lnbits]\nurl = \"{}\"\nadmin_key_env = \"LNBITS_ADMIN_KEY\"\n",
+            lnbits.url
+        ),
+    )
+    .expect("write config");
+    let npub = alice.public_key().to_bech32().expect("npub");
+    let withdraw = |bolt11: String| {
+        let (config, data, service) = (config.clone(), data.path().to_owned(), service.clone());
+        let npub = npub.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_dvmd"))
+                .args([
+                    "account",
+                    "withdraw",
+                    "--account",
+                    &npub,
+                    "--bolt11",
+                    &bolt11,
+                ])
+                .arg("--config")
+                .arg(&config)
+                .arg("--data-dir")
+                .arg(&data)
+                .env("LNBITS_INVOICE_KEY", &service.inkey)
+                .env("LNBITS_ADMIN_KEY", &service.adminkey)
+                .output()
+                .expect("run dvmd")
+        })
+    };
+
+    // The daemon runs (its store is locked): through its loopback admin endpoint.
+    let first = withdraw(invoice(&lnbits, &customer, 20).await)
+        .await
+        .expect("join");
+    assert!(first.status.success(), "{first:?}");
+    let answer: Value = serde_json::from_slice(&first.stdout).expect("json");
+    assert_eq!(answer["state"], "paid", "{answer}");
+    assert_eq!(lnbits.balance_msat(&customer).await, before + 20_000);
+    // Without the data directory's token the admin door is shut.
+    let url = format!("{}/admin/withdraw", daemon.ready().http_url);
+    let forbidden = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth("guess")
+        .body("{}")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(forbidden.status(), 403);
+    daemon.stop().await;
+
+    // Stopped: the command opens the store and pays with the configured wallet itself.
+    let second = withdraw(invoice(&lnbits, &customer, 15).await)
+        .await
+        .expect("join");
+    assert!(second.status.success(), "{second:?}");
+    let answer: Value = serde_json::from_slice(&second.stdout).expect("json");
+    assert_eq!(answer["state"], "paid", "{answer}");
+    assert_eq!(lnbits.balance_msat(&customer).await, before + 35_000);
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (35_000, 0));
 }
