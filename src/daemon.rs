@@ -247,6 +247,7 @@ impl Daemon {
         pipeline.recover().await;
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
         tasks.spawn(pipeline.clone().reconcile(cancel.child_token()));
+        tasks.spawn(pipeline.clone().run_auto_payouts(cancel.child_token()));
         tasks.spawn(intake::run(
             relays.clone(),
             pipeline.clone(),

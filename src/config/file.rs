@@ -285,6 +285,12 @@ pub struct WalletSection {
     /// Let a withdrawal to a Lightning address fetch from a loopback host over plain HTTP.
     /// For tests only: customer-named hosts are otherwise HTTPS on public addresses only.
     pub payout_lnurl_allow_loopback_http: bool,
+    /// Automatic payouts (opted in per npub): days without a ledger entry before change and
+    /// refunds go home to the profile's `lud16`.
+    pub auto_payout_idle_days: u64,
+    /// The least an automatic payout sends, msat (default: 200 times
+    /// `payout_max_fee_base_msat`, so the flat fee is at most 0.5% of it).
+    pub auto_payout_min_msat: Option<u64>,
     /// `[wallet.lnbits]`
     pub lnbits: LnbitsSection,
     /// `[wallet.nwc]`
@@ -323,6 +329,8 @@ impl Default for WalletSection {
             payout_max_fee_base_msat: 10_000,
             payout_max_fee_ppm: 5_000,
             payout_lnurl_allow_loopback_http: false,
+            auto_payout_idle_days: 7,
+            auto_payout_min_msat: None,
             lnbits: LnbitsSection::default(),
             nwc: NwcSection::default(),
         }

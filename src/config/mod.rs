@@ -388,6 +388,13 @@ impl Config {
                 ppm: file.wallet.payout_max_fee_ppm,
             },
             payout_lnurl_allow_loopback_http: file.wallet.payout_lnurl_allow_loopback_http,
+            auto_payout: crate::job::auto_payout::AutoPayoutPolicy {
+                idle_days: file.wallet.auto_payout_idle_days,
+                min_msat: file
+                    .wallet
+                    .auto_payout_min_msat
+                    .unwrap_or(file.wallet.payout_max_fee_base_msat.saturating_mul(200)),
+            },
             zap_provider: match &file.zaps.provider_pubkey {
                 Some(hex) => Some(nostr_sdk::PublicKey::parse(hex).map_err(|e| {
                     invalid(format!(

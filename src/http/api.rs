@@ -232,6 +232,7 @@ pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
         .route("/v1/account", get(account))
         .route("/v1/account/topup", post(topup))
         .route("/v1/account/withdraw", post(super::withdraw::withdraw))
+        .route("/v1/account/settings", post(settings))
         .route("/admin/withdraw", post(super::withdraw::admin_withdraw))
         .route("/v1/chat/completions", post(super::chat::completions))
         .route("/v1/jobs", post(super::jobs::create))
@@ -499,8 +500,47 @@ async fn account(
         "pubkey": who.to_hex(),
         "npub": who.to_bech32().unwrap_or_default(),
         "balance_msat": view.balance_msat,
+        "settings": pipeline
+            .book()
+            .settings(who.into())
+            .await
+            .map_err(|e| OpenAiError::unavailable("store", &e))?,
         "entries": view.entries,
         "jobs": view.jobs,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    auto_payout: bool,
+}
+
+/// `POST /v1/account/settings {"auto_payout": true|false}` (NIP-98): send change and refunds
+/// home automatically to the `lud16` of the signer's kind 0 profile (see `job::auto_payout`).
+async fn settings(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Result<impl IntoResponse, OpenAiError> {
+    let (api, pipeline) = parts(&state)?;
+    let who = authenticate(api, peer, &method, &uri, &headers, &body)?;
+    let Settings { auto_payout } = serde_json::from_slice(&body)
+        .map_err(|e| OpenAiError::invalid(format!("expected {{\"auto_payout\": true}}: {e}")))?;
+    let settings = pipeline
+        .book()
+        .set_auto_payout(who.into(), auto_payout)
+        .await
+        .map_err(|e| OpenAiError::unavailable("store", &e))?;
+    let policy = pipeline.inner.config.auto_payout;
+    Ok(Json(json!({
+        "object": "account_settings",
+        "auto_payout": settings.auto_payout,
+        "idle_days": policy.idle_days,
+        "min_msat": policy.min_msat,
     })))
 }
 

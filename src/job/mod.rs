@@ -13,6 +13,7 @@
 //! - [`account`]: an account's balance and history, and invoices that top it up.
 
 pub mod account;
+pub mod auto_payout;
 pub mod book;
 pub mod checkpoint;
 pub mod direct;

@@ -76,6 +76,8 @@ pub struct JobConfig {
     pub payout_fee: super::payouts::PayoutFee,
     /// Let withdrawals to a Lightning address fetch from loopback over plain HTTP (tests).
     pub payout_lnurl_allow_loopback_http: bool,
+    /// When change and refunds go home to npubs that opted in.
+    pub auto_payout: super::auto_payout::AutoPayoutPolicy,
     /// The `nostrPubkey` of an external Lightning address provider whose zap receipts are
     /// accepted as payment (after NIP-57 appendix F); `None` trusts no receipt.
     pub zap_provider: Option<nostr_sdk::PublicKey>,

@@ -36,6 +36,11 @@ impl Outbox {
         Self { relays, cancel }
     }
 
+    /// The relays it publishes to (also read for profiles).
+    pub fn relays(&self) -> &Relays {
+        &self.relays
+    }
+
     /// Deliver a result: publish `event` to our write relays and `reply_relays` until one
     /// accepts it. A relay that answers `OK false` `max_refusals` times is given up for this
     /// event; once every write relay is given up, the event is [`Undelivered::Refused`].

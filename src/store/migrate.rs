@@ -27,7 +27,8 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         3 | 4 => index_entries_by_account(trees)?,
         // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`: nothing is rewritten.
         5 => tracing::info!("store migrated to schema 7 (HTTP jobs, L402 tokens, payouts)"),
-        // 6 -> 7 adds `payouts` and the payout entry kinds: nothing is rewritten.
+        // 6 -> 7 adds `payouts`, `account_settings` and the payout entry kinds: nothing is
+        // rewritten.
         6 => tracing::info!("store migrated to schema 7 (payouts)"),
         found => return Err(StoreError::Schema { found }),
     }

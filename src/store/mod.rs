@@ -79,13 +79,15 @@ pub enum Tree {
     L402Tokens,
     /// Payouts (money sent to customers), by the payment hash of the invoice paid.
     Payouts,
+    /// Customers' settings (automatic payout), by account key.
+    AccountSettings,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 11] = [
+    pub const ALL: [Tree; 12] = [
         Self::Jobs,
         Self::Payments,
         Self::OpenPayments,
@@ -96,6 +98,7 @@ impl Tree {
         Self::Feedback,
         Self::L402Tokens,
         Self::Payouts,
+        Self::AccountSettings,
         Self::Meta,
     ];
 
@@ -112,6 +115,7 @@ impl Tree {
             Self::Feedback => "feedback",
             Self::L402Tokens => "l402_tokens",
             Self::Payouts => "payouts",
+            Self::AccountSettings => "account_settings",
             Self::Meta => "meta",
         }
     }

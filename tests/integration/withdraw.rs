@@ -609,3 +609,95 @@ async fn the_operator_withdraws_for_a_customer_through_the_daemon_or_the_store()
     let totals = harness::ledger_ok(&store);
     assert_eq!((totals.payout_msat, totals.in_flight_msat), (35_000, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_goes_home_to_the_profiles_address_after_the_idle_period_and_top_ups_stay() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer, other) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+        lnbits.create_wallet("home").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data_b = harness::data_dir();
+    let home = crate::payouts::daemon_b(data_b.path(), &lnbits, &other).await;
+    let address = format!(
+        "dvmd@{}",
+        home.ready().http_url.trim_start_matches("http://")
+    );
+    let data = harness::data_dir();
+    let a = daemon_with(data.path(), &lnbits, &service, None, |file| {
+        file.wallet.payout_lnurl_allow_loopback_http = true;
+    })
+    .await;
+    let ready = a.ready().clone();
+    let mut alice = dvmd::customer::Customer::connect(&ready.relay_url)
+        .await
+        .expect("connect");
+    let keys = alice.keys().clone();
+
+    // Alice opts in, names her address in her profile, and tops up credit (which stays).
+    let url = format!("{}/v1/account/settings", ready.http_url);
+    let (status, settings) = post(&url, &keys, r#"{"auto_payout":true}"#).await;
+    assert_eq!(status, 200, "{settings}");
+    assert_eq!(settings["auto_payout"], true);
+    alice
+        .post(nostr_sdk::EventBuilder::metadata(
+            &nostr_sdk::Metadata::new().name("alice").lud16(&address),
+        ))
+        .await
+        .expect("profile");
+    top_up(&a, &lnbits, &customer, &keys, 50).await;
+
+    // A job paid by invoice (not from credit) uses little of its quote: the change is owed.
+    let job = alice
+        .post(dvmd::customer::text_request(
+            "Say hi.",
+            &[("max_tokens", "300")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(&mut alice, &job.id).await;
+    lnbits.pay(&customer, &bolt11).await;
+    let settled =
+        harness::wait_for_state(a.pipeline().book(), &job.id, dvmd::job::JobState::Settled).await;
+    let change = settled.paid_msat - settled.charge_msat.expect("charged");
+    assert!(change >= 2_000, "a change worth sending: {settled:?}");
+
+    let policy = dvmd::job::auto_payout::AutoPayoutPolicy {
+        idle_days: 7,
+        min_msat: 1_000,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let day = 24 * 60 * 60;
+    assert_eq!(
+        a.pipeline().auto_payouts(policy, now).await,
+        0,
+        "not idle yet"
+    );
+    let before = lnbits.balance_msat(&other).await;
+    assert_eq!(a.pipeline().auto_payouts(policy, now + 8 * day).await, 1);
+    let sent = change / 1000 * 1000;
+    assert_eq!(
+        lnbits.balance_msat(&other).await,
+        before + sent,
+        "the change, in whole sats"
+    );
+    // Counted: the next sweep sends nothing more, and the top-up is still Alice's.
+    assert_eq!(a.pipeline().auto_payouts(policy, now + 9 * day).await, 0);
+    alice.shutdown().await;
+    a.stop().await;
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (sent, 0));
+    assert_eq!(
+        harness::account_balance(&store, &account_of(&keys)),
+        50_000 + change - sent - totals.routing_fee_msat
+    );
+    home.stop().await;
+}

@@ -1,0 +1,264 @@
+//! Automatic payouts: change and refunds sent home to an npub that opted in
+//! (`POST /v1/account/settings {"auto_payout": true}`).
+//!
+//! What goes home is what the npub paid for jobs over Lightning and did not use: the change of
+//! a job paid by invoice or zap, and the whole payment of a job that failed. Credit it topped
+//! up, and the change of jobs paid from that credit, stay (the npub put them there to spend).
+//! It counts from the opt-in (or the last automatic payout) and goes out when:
+//!
+//! - the account has been idle (no ledger entry) for `auto_payout_idle_days`;
+//! - what is owed is at least `auto_payout_min_msat` (default: 200 times the flat part of the
+//!   most routing fee, so the fee costs at most 0.5% plus its proportional part; see
+//!   `nips/dvmd-5050.md`);
+//! - the npub's kind 0 profile, read from our relays, names a Lightning address (`lud16`).
+//!
+//! It is paid like any withdrawal ([`super::payouts`]), in whole sats rounded down, never more
+//! than the balance less the most fee. The sweep runs every hour; `now` is a parameter so the
+//! tests can move the clock.
+
+use nostr_sdk::{Filter, Kind, PublicKey, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use super::book::{Book, BookError};
+use super::payouts::{PayoutRefusal, Target};
+use super::pipeline::Pipeline;
+use super::record::Job;
+use crate::ledger::{self, Account, EntryKind};
+use crate::store::{Tree, TxError, ENTRY_SEQUENCE};
+
+/// An account's settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSettings {
+    /// Send change and refunds home automatically.
+    pub auto_payout: bool,
+    /// Ledger entries up to this sequence number were counted already (the opt-in, or the
+    /// last automatic payout).
+    #[serde(default)]
+    pub counted_to_seq: u64,
+}
+
+/// When the sweep pays out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoPayoutPolicy {
+    /// Days without a ledger entry before an account's change goes home.
+    pub idle_days: u64,
+    /// The least worth sending, msat.
+    pub min_msat: u64,
+}
+
+impl Book {
+    /// An account's settings (the defaults when it has none).
+    pub async fn settings(&self, account: Account) -> Result<AccountSettings, BookError> {
+        self.store()
+            .read(move |r| {
+                Ok(r.get(Tree::AccountSettings, &account.key())?
+                    .unwrap_or_default())
+            })
+            .await
+    }
+
+    /// Opt `account` in or out of automatic payouts; counting starts now.
+    pub async fn set_auto_payout(
+        &self,
+        account: Account,
+        on: bool,
+    ) -> Result<AccountSettings, BookError> {
+        self.store()
+            .commit(move |tx| {
+                let next = tx
+                    .get_raw(Tree::Meta, ENTRY_SEQUENCE)?
+                    .and_then(|raw| crate::store::be_u64(&raw))
+                    .unwrap_or(0);
+                let mut settings: AccountSettings = tx
+                    .get(Tree::AccountSettings, &account.key())?
+                    .unwrap_or_default();
+                if settings.auto_payout != on {
+                    settings = AccountSettings {
+                        auto_payout: on,
+                        counted_to_seq: next,
+                    };
+                    tx.put(Tree::AccountSettings, &account.key(), &settings)?;
+                }
+                Ok::<_, TxError<BookError>>(settings)
+            })
+            .await
+    }
+
+    /// Accounts that opted in.
+    async fn opted_in(&self) -> Result<Vec<(Account, AccountSettings)>, BookError> {
+        self.store()
+            .read(|r| {
+                let mut all = Vec::new();
+                for item in r.scan_raw(Tree::AccountSettings) {
+                    let (key, raw) = item?;
+                    let settings: AccountSettings =
+                        crate::store::decode(Tree::AccountSettings.name(), &raw)?;
+                    if let (true, Some(account)) = (settings.auto_payout, Account::from_key(&key)) {
+                        all.push((account, settings));
+                    }
+                }
+                Ok(all)
+            })
+            .await
+    }
+
+    /// What `account` is owed home since its settings last counted, and when it last moved:
+    /// (owed msat, newest entry's time, newest sequence number).
+    async fn owed_home(
+        &self,
+        account: Account,
+        counted_to: u64,
+    ) -> Result<(u64, u64, u64), BookError> {
+        self.store()
+            .read(move |r| {
+                let (mut owed, mut last_at, mut newest) = (0u64, 0u64, counted_to);
+                // Newest first; an account's history since the last payout is short.
+                for (seq, entry) in ledger::entries_of(r, &account, usize::MAX)? {
+                    last_at = last_at.max(entry.at);
+                    newest = newest.max(seq + 1);
+                    if seq < counted_to {
+                        break;
+                    }
+                    if entry.kind != EntryKind::RefundCredit {
+                        continue;
+                    }
+                    let Some(id) = entry.job else { continue };
+                    let Some(job) = r.get::<Job>(Tree::Jobs, id.as_bytes())? else {
+                        continue;
+                    };
+                    if job.payer() == account && job.paid_msat > 0 {
+                        let charged = job.charge_msat.unwrap_or(0).min(job.paid_msat);
+                        owed = owed.saturating_add(job.paid_msat - charged);
+                    }
+                }
+                Ok((owed, last_at, newest))
+            })
+            .await
+    }
+
+    /// Count `account`'s entries up to `seq` as done.
+    async fn counted(&self, account: Account, seq: u64) -> Result<(), BookError> {
+        self.store()
+            .apply(move |tx| {
+                let mut settings: AccountSettings = tx
+                    .get(Tree::AccountSettings, &account.key())?
+                    .unwrap_or_default();
+                settings.counted_to_seq = settings.counted_to_seq.max(seq);
+                tx.put(Tree::AccountSettings, &account.key(), &settings)?;
+                Ok::<_, TxError<BookError>>(())
+            })
+            .await
+    }
+}
+
+/// The `lud16` of a kind 0 profile's content.
+pub fn lud16_of(profile_json: &str) -> Option<String> {
+    let profile: serde_json::Value = serde_json::from_str(profile_json).ok()?;
+    let address = profile["lud16"].as_str()?.trim();
+    (address.contains('@') && address.len() <= 320).then(|| address.to_owned())
+}
+
+impl Pipeline {
+    /// The Lightning address in `npub`'s newest kind 0 profile on our relays.
+    async fn lightning_address_of(&self, npub: PublicKey) -> Option<String> {
+        let filter = Filter::new().author(npub).kind(Kind::Metadata);
+        let relays = self.inner.outbox.relays();
+        let profiles = relays.fetch(&filter, Timestamp::from(0), None).await.ok()?;
+        let newest = profiles.iter().max_by_key(|p| p.created_at)?;
+        lud16_of(&newest.content)
+    }
+
+    /// One sweep: send every opted-in, idle account's change home. Returns how many payouts
+    /// were made.
+    pub async fn auto_payouts(&self, policy: AutoPayoutPolicy, now: u64) -> usize {
+        let book = &self.inner.book;
+        let accounts = match book.opted_in().await {
+            Ok(accounts) => accounts,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list automatic payouts");
+                return 0;
+            }
+        };
+        let mut paid = 0;
+        for (account, settings) in accounts {
+            match self.auto_payout(account, settings, policy, now).await {
+                Ok(true) => paid += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(account = %account, error = %e, "automatic payout not made")
+                }
+            }
+        }
+        paid
+    }
+
+    async fn auto_payout(
+        &self,
+        account: Account,
+        settings: AccountSettings,
+        policy: AutoPayoutPolicy,
+        now: u64,
+    ) -> Result<bool, PayoutRefusal> {
+        let Some(npub) = account.npub() else {
+            return Ok(false);
+        };
+        let book = &self.inner.book;
+        let (owed, last_at, newest) = book.owed_home(account, settings.counted_to_seq).await?;
+        let idle = now.saturating_sub(last_at) >= policy.idle_days * 24 * 60 * 60;
+        if !idle || owed < policy.min_msat {
+            return Ok(false);
+        }
+        let Some(address) = self.lightning_address_of(npub).await else {
+            tracing::info!(account = %account, owed, "automatic payout waits for a lud16 in the profile");
+            return Ok(false);
+        };
+        let balance = self.balance_of(account).await?;
+        let fee = self.inner.config.payout_fee.max_for(balance);
+        let amount = owed.min(balance.saturating_sub(fee)) / 1000 * 1000;
+        if amount < policy.min_msat.max(1000) {
+            return Ok(false);
+        }
+        let target = Target::Address {
+            address: address.clone(),
+            amount_msat: Some(amount),
+        };
+        // Nothing booked (the address did not answer): it is tried again on the next sweep.
+        let payout = self.payer().pay_out(account, target).await?;
+        // Booked: counted, whatever the wallet says. A payout that fails gives the amount back
+        // to the balance, where it stays for the npub to spend or withdraw, rather than being
+        // retried every hour.
+        book.counted(account, newest).await?;
+        tracing::info!(account = %account, address = %address, amount, state = ?payout.state, "automatic payout");
+        Ok(true)
+    }
+}
+
+impl Pipeline {
+    /// Sweep for automatic payouts every hour until `cancel` fires.
+    pub async fn run_auto_payouts(self, cancel: tokio_util::sync::CancellationToken) {
+        let policy = self.inner.config.auto_payout;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(60 * 60)) => {}
+            }
+            self.auto_payouts(policy, super::pipeline::unix_now()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_lightning_address_of_a_profile() {
+        assert_eq!(
+            lud16_of(r#"{"name":"a","lud16":"alice@example.com"}"#).as_deref(),
+            Some("alice@example.com")
+        );
+        assert_eq!(lud16_of(r#"{"name":"a"}"#), None);
+        assert_eq!(lud16_of(r#"{"lud16":"not an address"}"#), None);
+        assert_eq!(lud16_of("not json"), None);
+    }
+}
