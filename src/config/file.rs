@@ -291,6 +291,9 @@ pub struct WalletSection {
     /// The least an automatic payout sends, msat (default: 200 times
     /// `payout_max_fee_base_msat`, so the flat fee is at most 0.5% of it).
     pub auto_payout_min_msat: Option<u64>,
+    /// Credit on an account with no ledger entry for this many days lapses to the operator,
+    /// recorded as an `expiry` entry. Unset (the default): credit never expires.
+    pub credit_expiry_days: Option<u64>,
     /// `[wallet.lnbits]`
     pub lnbits: LnbitsSection,
     /// `[wallet.nwc]`
@@ -331,6 +334,7 @@ impl Default for WalletSection {
             payout_lnurl_allow_loopback_http: false,
             auto_payout_idle_days: 7,
             auto_payout_min_msat: None,
+            credit_expiry_days: None,
             lnbits: LnbitsSection::default(),
             nwc: NwcSection::default(),
         }

@@ -388,6 +388,7 @@ impl Config {
                 ppm: file.wallet.payout_max_fee_ppm,
             },
             payout_lnurl_allow_loopback_http: file.wallet.payout_lnurl_allow_loopback_http,
+            credit_expiry_days: file.wallet.credit_expiry_days,
             auto_payout: crate::job::auto_payout::AutoPayoutPolicy {
                 idle_days: file.wallet.auto_payout_idle_days,
                 min_msat: file

@@ -233,8 +233,71 @@ impl Pipeline {
     }
 }
 
+impl Book {
+    /// Unclaimed credit: every balance whose account has had no ledger entry for
+    /// `after_days` lapses to the operator, each as an `expiry` entry (never silently).
+    /// Returns the accounts and amounts expired.
+    pub async fn expire_credit(
+        &self,
+        after_days: u64,
+        now: u64,
+    ) -> Result<Vec<(Account, u64)>, BookError> {
+        let cutoff = now.saturating_sub(after_days.saturating_mul(24 * 60 * 60));
+        let idle = self
+            .store()
+            .read(move |r| {
+                let mut idle = Vec::new();
+                for item in r.scan_raw(Tree::Accounts) {
+                    let (key, raw) = item?;
+                    let balance = crate::store::be_u64(&raw).unwrap_or(0);
+                    let Some(account) = Account::from_key(&key) else {
+                        continue;
+                    };
+                    if balance == 0 {
+                        continue;
+                    }
+                    let last = ledger::entries_of(r, &account, 1)?;
+                    if last.first().is_some_and(|(_, entry)| entry.at < cutoff) {
+                        idle.push(account);
+                    }
+                }
+                Ok::<_, BookError>(idle)
+            })
+            .await?;
+        let mut expired = Vec::new();
+        for account in idle {
+            let lapsed = self
+                .store()
+                .commit(move |tx| {
+                    // Looked at again inside the write: an entry since means it is not idle.
+                    let balance = ledger::balance_in(tx, &account)?;
+                    if balance == 0 {
+                        return Ok(0);
+                    }
+                    let entry = ledger::Entry {
+                        kind: EntryKind::Expiry,
+                        account,
+                        msat: balance,
+                        job: None,
+                        payment_hash: None,
+                        at: now,
+                    };
+                    ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))?;
+                    Ok::<_, TxError<BookError>>(balance)
+                })
+                .await?;
+            if lapsed > 0 {
+                tracing::warn!(account = %account, msat = lapsed, after_days, "unclaimed credit expired");
+                expired.push((account, lapsed));
+            }
+        }
+        Ok(expired)
+    }
+}
+
 impl Pipeline {
-    /// Sweep for automatic payouts every hour until `cancel` fires.
+    /// Every hour until `cancel` fires: automatic payouts, then (when the operator set an
+    /// expiry) unclaimed credit.
     pub async fn run_auto_payouts(self, cancel: tokio_util::sync::CancellationToken) {
         let policy = self.inner.config.auto_payout;
         loop {
@@ -242,7 +305,13 @@ impl Pipeline {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(60 * 60)) => {}
             }
-            self.auto_payouts(policy, super::pipeline::unix_now()).await;
+            let now = super::pipeline::unix_now();
+            self.auto_payouts(policy, now).await;
+            if let Some(days) = self.inner.config.credit_expiry_days {
+                if let Err(e) = self.inner.book.expire_credit(days, now).await {
+                    tracing::error!(error = %e, "cannot expire unclaimed credit");
+                }
+            }
         }
     }
 }
@@ -250,6 +319,28 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::book::tests::{balance, book, top_up, totals};
+    use nostr_sdk::Keys;
+
+    #[tokio::test]
+    async fn unclaimed_credit_expires_as_entries_after_the_idle_period_only() {
+        let book = book();
+        let (alice, bob) = (Keys::generate().public_key(), Keys::generate().public_key());
+        top_up(&book, alice, 1, 5_000).await;
+        top_up(&book, bob, 2, 7_000).await;
+        let now = crate::job::pipeline::unix_now();
+        let day = 24 * 60 * 60;
+        assert!(book
+            .expire_credit(30, now + 29 * day)
+            .await
+            .expect("sweep")
+            .is_empty());
+        let expired = book.expire_credit(30, now + 31 * day).await.expect("sweep");
+        assert_eq!(expired.len(), 2);
+        assert_eq!(balance(&book, alice).await, 0);
+        let totals = totals(&book).await;
+        assert_eq!((totals.expiry_msat, totals.balances_msat), (12_000, 0));
+    }
 
     #[test]
     fn reads_the_lightning_address_of_a_profile() {

@@ -76,6 +76,8 @@ pub struct JobConfig {
     pub payout_fee: super::payouts::PayoutFee,
     /// Let withdrawals to a Lightning address fetch from loopback over plain HTTP (tests).
     pub payout_lnurl_allow_loopback_http: bool,
+    /// Days of inactivity after which unclaimed credit lapses (`None`: never).
+    pub credit_expiry_days: Option<u64>,
     /// When change and refunds go home to npubs that opted in.
     pub auto_payout: super::auto_payout::AutoPayoutPolicy,
     /// The `nostrPubkey` of an external Lightning address provider whose zap receipts are
