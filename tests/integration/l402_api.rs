@@ -590,3 +590,58 @@ async fn challenges_are_limited_per_client_and_proxies_are_trusted_only_when_nam
     assert_eq!(account(false).await.expect("send").status(), 401);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_leftover_value_can_leave_by_its_own_credential() {
+    let data = harness::data_dir();
+    let daemon = harness::start(
+        harness::dev_config(data.path(), |_| {}),
+        Some(Arc::new(InstantBackend::new("unused"))),
+    )
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let token = buy(&http, 30_000).await;
+    let preimage = harness::dev_pay(&http, &token.invoice).await;
+    let auth = format!("L402 {}:{preimage}", token.macaroon);
+    assert_eq!(token_balance(&http, &auth).await.1["balance_msat"], 30_000);
+
+    // Somewhere to send it: an invoice of the dev wallet's own (the only kind it pays), not
+    // one this service issued for a payment.
+    let dev = daemon.dev_wallet().expect("dev wallet");
+    let target = dev
+        .create_invoice(dvmd::wallet::InvoiceRequest {
+            amount_msat: 12_000,
+            description: dvmd::wallet::InvoiceDescription::Memo("home".into()),
+            expiry_secs: 600,
+        })
+        .await
+        .expect("invoice");
+    let withdraw = |auth: String, bolt11: String| {
+        let url = format!("{http}/v1/account/withdraw");
+        async move {
+            let response = reqwest::Client::new()
+                .post(&url)
+                .header("Authorization", auth)
+                .json(&json!({ "bolt11": bolt11 }))
+                .send()
+                .await
+                .expect("send");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let (status, payout) = withdraw(auth.clone(), target.bolt11.clone()).await;
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(payout["state"], "paid", "{payout}");
+    assert_eq!(payout["account"], format!("l402:{}", token.hash));
+    // What is left: the amount and the fee the dev wallet did not charge.
+    let (_, left) = token_balance(&http, &auth).await;
+    assert_eq!(left["balance_msat"], 18_000, "{left}");
+    // A credential that does not hold is refused before anything moves.
+    let forged = format!("L402 {}:{}", token.macaroon, "00".repeat(32));
+    let (status, _) = withdraw(forged, target.bolt11).await;
+    assert_eq!(status, 401);
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!((totals.payout_msat, totals.in_flight_msat), (12_000, 0));
+}
