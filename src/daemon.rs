@@ -112,6 +112,9 @@ pub struct Daemon {
     store: Store,
     dev_wallet: Option<Arc<DevWallet>>,
     embedded: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// Where this daemon told `dvmd account withdraw` to find it (removed when it stops, so
+    /// the admin token never goes to whatever listens on that port later).
+    admin_url: std::path::PathBuf,
 }
 
 impl Daemon {
@@ -270,6 +273,7 @@ impl Daemon {
             store,
             dev_wallet,
             embedded,
+            admin_url,
         })
     }
 
@@ -322,6 +326,7 @@ impl Daemon {
             tracing::warn!("tasks did not stop in time; their jobs resume on the next start");
             self.tasks.abort_all();
         }
+        let _ = std::fs::remove_file(&self.admin_url);
         if let Err(e) = self.pipeline.save_estimates(true).await {
             tracing::warn!(error = %e, "cannot save what the estimator learned");
         }
