@@ -141,6 +141,24 @@ impl Daemon {
             Some(backend) => backend,
             None => build_backend(&config.backend).await?,
         };
+        let mut config = config;
+        if let Some(cost) = config.jobs.hardware_cost_msat_per_hour {
+            let (prompt_secs, completion_secs) = measure_token_seconds(backend.as_ref()).await?;
+            let card = crate::pricing::RateCard::from_hardware(
+                config.jobs.rate_card.base_fee_msat,
+                cost,
+                prompt_secs,
+                completion_secs,
+            );
+            tracing::info!(
+                cost_msat_per_hour = cost,
+                prompt_ms_per_token = prompt_secs * 1e3,
+                completion_ms_per_token = completion_secs * 1e3,
+                ?card,
+                "token rates derived from the hardware"
+            );
+            config.jobs.rate_card = card;
+        }
 
         let mut tasks = JoinSet::new();
         let mut embedded = None;
@@ -340,6 +358,44 @@ impl Daemon {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Seconds per prompt token and per completion token on `backend`: a one-token generation is
+/// almost all prompt processing; a longer one gives the completion rate.
+async fn measure_token_seconds(backend: &dyn Backend) -> Result<(f64, f64), DaemonError> {
+    use crate::infer::{ChatMessage, GenerateRequest, Sampling};
+    const PROMPT: &str = "Explain, in a few friendly sentences, how a Lightning invoice is paid \
+        and why the preimage proves the payment. Mention relays and signatures once.";
+    const TOKENS: u32 = 48;
+    let request = GenerateRequest {
+        model: None,
+        messages: vec![ChatMessage::user(PROMPT)],
+        sampling: Sampling {
+            temperature: Some(0.0),
+            seed: Some(1),
+            ..Sampling::default()
+        },
+    };
+    let run = |max_tokens: u32| {
+        let request = request.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let stream = backend.generate(request, max_tokens).await?;
+            let (_, usage, _) = crate::infer::collect(stream).await?;
+            Ok::<_, crate::infer::InferError>((started.elapsed().as_secs_f64(), usage))
+        }
+    };
+    let measured = async {
+        // Warm once (caches, first allocation), then measure.
+        run(1).await?;
+        let (prompt_time, short) = run(1).await?;
+        let (total, long) = run(TOKENS).await?;
+        let prompt_secs = prompt_time / f64::from(short.prompt_tokens.max(1));
+        let completion_secs = (total - prompt_time).max(0.0)
+            / f64::from(long.completion_tokens.saturating_sub(1).max(1));
+        Ok::<_, crate::infer::InferError>((prompt_secs, completion_secs))
+    };
+    Ok(measured.await?)
 }
 
 /// Publish the kind 0 profile and the NIP-89 announcement in the background (re-sent on every

@@ -150,6 +150,11 @@ pub struct PricingSection {
     pub completion_msat_per_1k_tokens: u64,
     /// Invoice lifetime.
     pub invoice_expiry_secs: u64,
+    /// Derive the token rates from the hardware instead: what the machine costs per hour,
+    /// msat (margin included). Set, the daemon measures seconds per prompt and completion token
+    /// on its backend at start and prices each token at its share of the hour; the two
+    /// `*_per_1k_tokens` keys are then ignored.
+    pub hardware_cost_msat_per_hour: Option<u64>,
 }
 
 impl Default for PricingSection {
@@ -160,6 +165,7 @@ impl Default for PricingSection {
             prompt_msat_per_1k_tokens: card.prompt_msat_per_1k_tokens,
             completion_msat_per_1k_tokens: card.completion_msat_per_1k_tokens,
             invoice_expiry_secs: 600,
+            hardware_cost_msat_per_hour: None,
         }
     }
 }

@@ -363,6 +363,7 @@ impl Config {
                 prompt_msat_per_1k_tokens: file.pricing.prompt_msat_per_1k_tokens,
                 completion_msat_per_1k_tokens: file.pricing.completion_msat_per_1k_tokens,
             },
+            hardware_cost_msat_per_hour: file.pricing.hardware_cost_msat_per_hour,
             limits: TextGenerationLimits {
                 default_max_tokens: tg.default_max_tokens,
                 max_tokens_limit: tg.max_tokens_limit,

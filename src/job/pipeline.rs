@@ -44,6 +44,9 @@ pub struct JobConfig {
     pub kinds: Vec<u16>,
     /// Prices.
     pub rate_card: RateCard,
+    /// When set, the daemon derives the token rates from this hardware cost (msat per hour)
+    /// and the seconds per token it measures at start.
+    pub hardware_cost_msat_per_hour: Option<u64>,
     /// Kind 5050 limits.
     pub limits: TextGenerationLimits,
     /// Largest request event accepted, bytes of JSON.

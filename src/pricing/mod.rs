@@ -58,6 +58,30 @@ impl RateCard {
 }
 
 impl RateCard {
+    /// A rate card from the hardware's cost: each token costs the share of an hour it takes.
+    /// `cost_msat_per_hour` is what the machine costs the operator (margin included);
+    /// `prompt_secs` and `completion_secs` are measured seconds per token. Rounded up.
+    pub fn from_hardware(
+        base_fee_msat: u64,
+        cost_msat_per_hour: u64,
+        prompt_secs: f64,
+        completion_secs: f64,
+    ) -> Self {
+        let per_1k = |secs: f64| {
+            let msat = cost_msat_per_hour as f64 * secs.max(0.0) * 1000.0 / 3600.0;
+            if msat.is_finite() {
+                msat.ceil().min(u64::MAX as f64) as u64
+            } else {
+                u64::MAX
+            }
+        };
+        Self {
+            base_fee_msat,
+            prompt_msat_per_1k_tokens: per_1k(prompt_secs),
+            completion_msat_per_1k_tokens: per_1k(completion_secs),
+        }
+    }
+
     /// The most completion tokens `funds_msat` pays for after the base fee and `prompt_tokens`
     /// (so `charge` of them never exceeds the funds); `u32::MAX` when completion is free.
     pub fn completion_tokens_within(&self, funds_msat: u64, prompt_tokens: u32) -> u32 {
@@ -145,6 +169,20 @@ mod tests {
             ..CARD
         };
         assert_eq!(free.completion_tokens_within(5_000, 57), u32::MAX);
+    }
+
+    #[test]
+    fn a_hardware_hour_priced_by_the_second() {
+        // 36,000,000 msat an hour is 10 msat a second; 20 ms a completion token is 0.2 msat,
+        // 200 msat per 1000; 1 ms a prompt token, 10 msat per 1000.
+        let card = RateCard::from_hardware(500, 36_000_000, 0.001, 0.020);
+        assert_eq!(card.base_fee_msat, 500);
+        assert_eq!(card.prompt_msat_per_1k_tokens, 10);
+        assert_eq!(card.completion_msat_per_1k_tokens, 200);
+        assert_eq!(
+            RateCard::from_hardware(0, 1, 1e-9, f64::NAN).prompt_msat_per_1k_tokens,
+            1
+        );
     }
 
     #[test]

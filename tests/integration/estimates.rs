@@ -257,3 +257,66 @@ async fn the_estimator_learns_from_jobs_and_remembers_across_a_restart() {
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rates_derived_from_the_hardware_cost_are_served_announced_and_charged() {
+    let data = harness::data_dir();
+    // 3,600,000,000 msat an hour: a millisecond of the model costs 1 msat.
+    let daemon = harness::start(
+        harness::dev_config(data.path(), |file| {
+            file.pricing.hardware_cost_msat_per_hour = Some(3_600_000_000);
+        }),
+        None,
+    )
+    .await;
+    let ready = daemon.ready().clone();
+    let models: Value = reqwest::get(format!("{}/v1/models", ready.http_url))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let pricing = &models["data"][0]["pricing"];
+    let completion = pricing["completion_msat_per_1k_tokens"]
+        .as_u64()
+        .expect("rate");
+    let prompt = pricing["prompt_msat_per_1k_tokens"].as_u64().expect("rate");
+    // Measured on this machine: a completion token takes longer than a prompt token, and both
+    // take a measurable time (the configured 10,000 and 2,000 are ignored).
+    assert!(completion > prompt && prompt > 0, "{pricing}");
+    assert_ne!((prompt, completion), (2_000, 10_000));
+
+    // The announcement says the same, and a paid job is charged at those rates.
+    let announced = harness::nostr_tools_query(
+        &ready.relay_url,
+        &json!({"kinds": [31990], "authors": [ready.pubkey.to_hex()]}),
+    );
+    let handler = &announced[0]["event"];
+    assert_eq!(
+        (
+            tag_number(handler, "rates", 2),
+            tag_number(handler, "rates", 3)
+        ),
+        (prompt, completion)
+    );
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "Name a colour.",
+            &[("max_tokens", "16")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11, _) = payment_required(&mut alice, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let result = harness::result(&mut alice, &request.id).await;
+    assert_eq!(
+        tag(&result, "rates").expect("rates")[2..],
+        [prompt.to_string(), completion.to_string()]
+    );
+    alice.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
