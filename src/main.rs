@@ -162,7 +162,7 @@ enum LedgerCommand {
         #[command(flatten)]
         files: Files,
         /// Only this account: an npub (bech32 or hex) or `l402:<payment hash>`.
-        #[arg(long)]
+        #[arg(long, alias = "npub")]
         account: Option<String>,
         /// Only this job (hex id).
         #[arg(long)]

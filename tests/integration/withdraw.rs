@@ -701,3 +701,171 @@ async fn change_goes_home_to_the_profiles_address_after_the_idle_period_and_top_
     );
     home.stop().await;
 }
+
+/// A loopback proxy in front of LNbits that forwards everything, except that an outgoing
+/// payment (`POST /api/v1/payments` with `"out": true`) is forwarded and then never answered:
+/// the payment goes out, and the daemon never hears so.
+async fn swallowing_proxy(lnbits_url: String) -> String {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let http = reqwest::Client::new();
+    let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let (http, lnbits_url) = (http.clone(), lnbits_url.clone());
+        async move {
+            let mut request = http.request(
+                reqwest::Method::from_bytes(method.as_str().as_bytes()).expect("method"),
+                format!(
+                    "{lnbits_url}{}",
+                    uri.path_and_query().map_or("/", |p| p.as_str())
+                ),
+            );
+            for name in ["x-api-key", "content-type"] {
+                if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) {
+                    request = request.header(name, value);
+                }
+            }
+            let outgoing = method == Method::POST
+                && uri.path() == "/api/v1/payments"
+                && serde_json::from_slice::<Value>(&body).is_ok_and(|b| b["out"] == true);
+            let response = request.body(body).send().await.expect("LNbits");
+            if outgoing {
+                std::future::pending::<()>().await;
+            }
+            let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
+            (status, response.bytes().await.expect("body"))
+        }
+    };
+    let app = axum::Router::new().fallback(forward);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_the_booking_and_the_wallets_answer_pays_once_and_debits_once() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data = harness::data_dir();
+    std::fs::write(data.path().join("inkey"), &service.inkey).expect("key");
+    std::fs::write(data.path().join("adminkey"), &service.adminkey).expect("key");
+    let config = |url: &str| {
+        format!(
+            "backend = \"lnbits\"\n[wallet.lnbits]\nurl = \"{url}\"\nwebsocket = false\ninvoice_key_env = \"NONE_SET\"\ninvoice_key_file = \"{}\"\nadmin_key_file = \"{}\"\n",
+            data.path().join("inkey").display(),
+            data.path().join("adminkey").display()
+        )
+    };
+    let proxy = swallowing_proxy(lnbits.url.clone()).await;
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let first = harness::DaemonProcess::spawn(data.path(), relay_port, http_port, &config(&proxy));
+    let http = first.http_url.clone();
+    let alice = Keys::generate();
+
+    // 100 sats of credit, paid from the customer's LNbits wallet.
+    let (status, topup) = post(
+        &format!("{http}/v1/account/topup"),
+        &alice,
+        r#"{"amount_msat":100000}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{topup}");
+    lnbits
+        .pay(&customer, topup["bolt11"].as_str().expect("bolt11"))
+        .await;
+    let balance = |http: String| {
+        let alice = alice.clone();
+        async move {
+            let url = format!("{http}/v1/account");
+            let header = harness::nip98_with_nonce(&alice, &url, "GET", None);
+            let shown: Value = reqwest::Client::new()
+                .get(&url)
+                .header("Authorization", header)
+                .send()
+                .await
+                .expect("GET")
+                .json()
+                .await
+                .expect("json");
+            shown
+        }
+    };
+    for _ in 0..200 {
+        if balance(http.clone()).await["balance_msat"] == 100_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(balance(http.clone()).await["balance_msat"], 100_000);
+
+    // The withdrawal goes out through LNbits; its answer never comes back; kill -9.
+    let before = lnbits.balance_msat(&customer).await;
+    let bolt11 = invoice(&lnbits, &customer, 25).await;
+    let waiting = {
+        let (url, alice) = (format!("{http}/v1/account/withdraw"), alice.clone());
+        tokio::spawn(
+            async move { post(&url, &alice, &format!(r#"{{"bolt11":"{bolt11}"}}"#)).await },
+        )
+    };
+    for _ in 0..200 {
+        if lnbits.balance_msat(&customer).await > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lnbits.balance_msat(&customer).await,
+        before + 25_000,
+        "sent"
+    );
+    first.kill();
+    waiting.abort();
+    {
+        let store = harness::open_store(data.path());
+        let totals = harness::ledger_ok(&store);
+        assert!(
+            totals.in_flight_msat >= 25_000,
+            "booked before the wallet was called"
+        );
+    }
+
+    // Restarted on LNbits directly: the payout is looked up, found paid, booked once.
+    let second =
+        harness::DaemonProcess::spawn(data.path(), relay_port, http_port, &config(&lnbits.url));
+    let mut shown = Value::Null;
+    for _ in 0..200 {
+        shown = balance(second.http_url.clone()).await;
+        let kinds: Vec<&str> = shown["entries"]
+            .as_array()
+            .map(|e| e.iter().filter_map(|e| e["kind"].as_str()).collect())
+            .unwrap_or_default();
+        if kinds.contains(&"payout") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.terminate();
+    assert_eq!(
+        lnbits.balance_msat(&customer).await,
+        before + 25_000,
+        "paid once"
+    );
+    let store = harness::open_store(data.path());
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(
+        (totals.payout_msat, totals.in_flight_msat),
+        (25_000, 0),
+        "{shown}"
+    );
+    assert_eq!(
+        harness::account_balance(&store, &account_of(&alice)),
+        100_000 - 25_000 - totals.routing_fee_msat,
+        "debited once"
+    );
+}
