@@ -51,6 +51,7 @@ impl Pipeline {
             completion_tokens: usage.completion_tokens,
             cost_msat: config.rate_card.charge(usage),
             truncated,
+            funds_msat: job.funds_msat(),
         };
         let due = {
             let mut learned = self.learned();

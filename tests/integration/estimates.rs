@@ -261,10 +261,10 @@ async fn the_estimator_learns_from_jobs_and_remembers_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_rates_derived_from_the_hardware_cost_are_served_announced_and_charged() {
     let data = harness::data_dir();
-    // 3,600,000,000 msat an hour: a millisecond of the model costs 1 msat.
+    // 3,600,000 msat an hour: a millisecond of the model costs 1 msat.
     let daemon = harness::start(
         harness::dev_config(data.path(), |file| {
-            file.pricing.hardware_cost_msat_per_hour = Some(3_600_000_000);
+            file.pricing.hardware_cost_msat_per_hour = Some(3_600_000);
         }),
         None,
     )

@@ -107,6 +107,7 @@ pub async fn run(path: PathBuf, max_tokens: u32, limit: Option<usize>) -> Result
                 completion_tokens: run.completion_tokens,
                 cost_msat: card.charge(run),
                 truncated,
+                funds_msat: paid,
             },
         );
         if i >= warm_up {
