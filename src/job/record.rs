@@ -91,8 +91,9 @@ pub struct Job {
     /// Relays to answer on besides our write relays: the request's `relays` tag and the relay
     /// it arrived from.
     pub reply_relays: Vec<String>,
-    /// What the job must be funded with before it runs, msat: its estimate's p90, never above
-    /// the bid (for records from before the estimator, the worst case).
+    /// What the job must be funded with before it runs, msat: enough for 96% of such jobs (at
+    /// least the p90), never above the bid (for records from before the estimator, the worst
+    /// case).
     pub quote_msat: Option<u64>,
     /// The estimate quoted (p50, p90, confidence, cap, prompt tokens counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]

