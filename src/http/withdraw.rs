@@ -79,20 +79,31 @@ pub(super) async fn withdraw(
     let (api, pipeline) = parts(&state)?;
     let caller = caller(api, peer, &method, &uri, &headers, &body)?;
     let account = owner(api, pipeline, caller).await?;
-    let asked: Withdraw = serde_json::from_slice(&body)
-        .map_err(|e| OpenAiError::invalid(format!("{EXPECTED}: {e}")))?;
+    let asked = parse(&body)?;
     if asked.account.is_some() {
         return Err(OpenAiError::invalid(
             "`account` is the signer's; only the operator's /admin/withdraw names one",
         ));
     }
+    let payout = pay_out(pipeline, account, asked).await?;
+    Ok(Json(view(&payout)))
+}
+
+fn parse(body: &[u8]) -> Result<Withdraw, OpenAiError> {
+    serde_json::from_slice(body).map_err(|e| OpenAiError::invalid(format!("{EXPECTED}: {e}")))
+}
+
+async fn pay_out(
+    pipeline: &crate::job::Pipeline,
+    account: crate::ledger::Account,
+    asked: Withdraw,
+) -> Result<Payout, OpenAiError> {
     let target = asked.target().map_err(OpenAiError::invalid)?;
-    let payout = pipeline
+    pipeline
         .payer()
         .pay_out(account, target)
         .await
-        .map_err(refused)?;
-    Ok(Json(view(&payout)))
+        .map_err(refused)
 }
 
 /// `POST /admin/withdraw`: the operator pays out from a customer's account (`dvmd account
@@ -124,20 +135,14 @@ pub(super) async fn admin_withdraw(
                 .to_owned(),
         ));
     }
-    let asked: Withdraw = serde_json::from_slice(&body)
-        .map_err(|e| OpenAiError::invalid(format!("{EXPECTED}: {e}")))?;
+    let asked = parse(&body)?;
     let account = asked
         .account
         .as_deref()
         .ok_or_else(|| OpenAiError::invalid("name the `account` that pays"))?
         .parse::<crate::ledger::Account>()
         .map_err(OpenAiError::invalid)?;
-    let target = asked.target().map_err(OpenAiError::invalid)?;
-    let payout = pipeline
-        .payer()
-        .pay_out(account, target)
-        .await
-        .map_err(refused)?;
+    let payout = pay_out(pipeline, account, asked).await?;
     tracing::info!(account = %account, payment_hash = %payout.payment_hash, "payout by the operator");
     Ok(Json(view(&payout)))
 }

@@ -164,6 +164,23 @@ impl LnbitsWallet {
         Err(classify(status.as_u16(), &detail))
     }
 
+    /// LNbits' record of `payment_hash` in this wallet, incoming or outgoing; `None` when it
+    /// has none.
+    async fn payment(
+        &self,
+        payment_hash: &PaymentHash,
+    ) -> Result<Option<serde_json::Value>, WalletError> {
+        let path = format!("/api/v1/payments/{payment_hash}");
+        match self
+            .call(reqwest::Method::GET, &path, &self.config.invoice_key, None)
+            .await
+        {
+            Ok(value) => Ok(Some(value)),
+            Err(WalletError::Refused(why)) if why.contains("not found") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn admin_key(&self) -> Result<&Secret, WalletError> {
         self.config.admin_key.as_ref().ok_or_else(|| {
             WalletError::Refused(
@@ -254,16 +271,8 @@ impl Wallet for LnbitsWallet {
     }
 
     async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
-        let path = format!("/api/v1/payments/{payment_hash}");
-        let value = match self
-            .call(reqwest::Method::GET, &path, &self.config.invoice_key, None)
-            .await
-        {
-            Ok(value) => value,
-            Err(WalletError::Refused(why)) if why.contains("not found") => {
-                return Ok(PaymentStatus::Unknown)
-            }
-            Err(e) => return Err(e),
+        let Some(value) = self.payment(payment_hash).await? else {
+            return Ok(PaymentStatus::Unknown);
         };
         let paid = value["paid"].as_bool().unwrap_or(false)
             || value["status"].as_str() == Some("success")
@@ -347,16 +356,8 @@ impl Wallet for LnbitsWallet {
         &self,
         payment_hash: &PaymentHash,
     ) -> Result<OutgoingStatus, WalletError> {
-        let path = format!("/api/v1/payments/{payment_hash}");
-        let value = match self
-            .call(reqwest::Method::GET, &path, &self.config.invoice_key, None)
-            .await
-        {
-            Ok(value) => value,
-            Err(WalletError::Refused(why)) if why.contains("not found") => {
-                return Ok(OutgoingStatus::Unknown)
-            }
-            Err(e) => return Err(e),
+        let Some(value) = self.payment(payment_hash).await? else {
+            return Ok(OutgoingStatus::Unknown);
         };
         let details = &value["details"];
         // An outgoing payment's amount is negative; a positive one is an invoice we issued.

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bitcoin::hashes::{sha256, Hash};
 use nostr_sdk::nips::nip47::{
-    ErrorCode, LookupInvoiceRequest, MakeInvoiceRequest, NostrWalletConnectURI, Notification,
-    NotificationResult, PayInvoiceRequest, Request, Response, TransactionState, TransactionType,
+    ErrorCode, LookupInvoiceRequest, LookupInvoiceResponse, MakeInvoiceRequest,
+    NostrWalletConnectURI, Notification, NotificationResult, PayInvoiceRequest, Request, Response,
+    TransactionState, TransactionType,
 };
 use nostr_sdk::{
     Alphabet, Client, Event, Filter, Keys, Kind, RelayPoolNotification, SingleLetterTag, Timestamp,
@@ -53,6 +54,33 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> WalletError {
 }
 
 impl NwcWallet {
+    /// The wallet service's record of `payment_hash` (`lookup_invoice`), incoming or
+    /// outgoing; `None` when it has none.
+    async fn transaction(
+        &self,
+        payment_hash: &PaymentHash,
+    ) -> Result<Option<LookupInvoiceResponse>, WalletError> {
+        let request = Request::lookup_invoice(LookupInvoiceRequest {
+            payment_hash: Some(payment_hash.to_hex()),
+            invoice: None,
+        });
+        let response = match self.call(request).await {
+            Ok(response) => response,
+            Err(WalletError::Refused(why)) if why.contains("not found") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let found = response
+            .to_lookup_invoice()
+            .map_err(|e| unavailable("lookup_invoice", e))?;
+        if PaymentHash::from_hex(&found.payment_hash)? != *payment_hash {
+            return Err(unavailable(
+                "lookup_invoice",
+                "answer for another payment hash",
+            ));
+        }
+        Ok(Some(found))
+    }
+
     /// Connect to the URI's relays and subscribe to the service's responses and notifications.
     pub async fn connect(config: NwcConfig) -> Result<Self, WalletError> {
         let uri = NostrWalletConnectURI::parse(config.uri.expose())
@@ -204,26 +232,9 @@ impl Wallet for NwcWallet {
     }
 
     async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
-        let request = Request::lookup_invoice(LookupInvoiceRequest {
-            payment_hash: Some(payment_hash.to_hex()),
-            invoice: None,
-        });
-        let response = match self.call(request).await {
-            Ok(response) => response,
-            Err(WalletError::Refused(why)) if why.contains("not found") => {
-                return Ok(PaymentStatus::Unknown)
-            }
-            Err(e) => return Err(e),
+        let Some(found) = self.transaction(payment_hash).await? else {
+            return Ok(PaymentStatus::Unknown);
         };
-        let found = response
-            .to_lookup_invoice()
-            .map_err(|e| unavailable("lookup_invoice", e))?;
-        if PaymentHash::from_hex(&found.payment_hash)? != *payment_hash {
-            return Err(unavailable(
-                "lookup_invoice",
-                "answer for another payment hash",
-            ));
-        }
         let settled = found.state == Some(TransactionState::Settled)
             || (found.state.is_none() && found.settled_at.is_some());
         Ok(if settled {
@@ -247,26 +258,9 @@ impl Wallet for NwcWallet {
         &self,
         payment_hash: &PaymentHash,
     ) -> Result<OutgoingStatus, WalletError> {
-        let request = Request::lookup_invoice(LookupInvoiceRequest {
-            payment_hash: Some(payment_hash.to_hex()),
-            invoice: None,
-        });
-        let response = match self.call(request).await {
-            Ok(response) => response,
-            Err(WalletError::Refused(why)) if why.contains("not found") => {
-                return Ok(OutgoingStatus::Unknown)
-            }
-            Err(e) => return Err(e),
+        let Some(found) = self.transaction(payment_hash).await? else {
+            return Ok(OutgoingStatus::Unknown);
         };
-        let found = response
-            .to_lookup_invoice()
-            .map_err(|e| unavailable("lookup_invoice", e))?;
-        if PaymentHash::from_hex(&found.payment_hash)? != *payment_hash {
-            return Err(unavailable(
-                "lookup_invoice",
-                "answer for another payment hash",
-            ));
-        }
         if found.transaction_type != Some(TransactionType::Outgoing) {
             return Ok(OutgoingStatus::Unknown);
         }

@@ -122,6 +122,17 @@ async fn daemon_with(
     Daemon::start(config, parts).await.expect("daemon starts")
 }
 
+/// LNbits with the service's wallet and a customer's, funded with 1,000 sats.
+async fn bank() -> (Lnbits, LnbitsAccount, LnbitsAccount) {
+    let lnbits = Lnbits::start().await;
+    let (service, customer) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    (lnbits, service, customer)
+}
+
 /// Credit `keys`' account with `sats` paid from the customer's LNbits wallet.
 async fn top_up(daemon: &Daemon, lnbits: &Lnbits, payer: &LnbitsAccount, keys: &Keys, sats: u64) {
     let url = format!("{}/v1/account/topup", daemon.ready().http_url);
@@ -194,12 +205,7 @@ fn account_of(keys: &Keys) -> Account {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdraw_arrives_once_and_only_from_what_the_balance_holds() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
+    let (lnbits, service, customer) = bank().await;
     let data = harness::data_dir();
     let daemon = daemon(data.path(), &lnbits, &service, None).await;
     let alice = Keys::generate();
@@ -318,12 +324,7 @@ async fn a_withdraw_arrives_once_and_only_from_what_the_balance_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pay_call_that_errors_after_sending_stays_pending_and_is_paid_once() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
+    let (lnbits, service, customer) = bank().await;
     let data = harness::data_dir();
     let daemon = daemon(
         data.path(),
@@ -364,12 +365,7 @@ async fn a_pay_call_that_errors_after_sending_stays_pending_and_is_paid_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_between_booking_and_the_wallets_answer_is_settled_on_the_next_start() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
+    let (lnbits, service, customer) = bank().await;
     let data = harness::data_dir();
     let first = daemon(
         data.path(),
@@ -440,12 +436,7 @@ async fn a_stop_between_booking_and_the_wallets_answer_is_settled_on_the_next_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payout_the_wallet_says_failed_gives_the_credit_back() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
+    let (lnbits, service, customer) = bank().await;
     let data = harness::data_dir();
     let daemon = daemon(data.path(), &lnbits, &service, Some(Fault::Fails)).await;
     let alice = Keys::generate();
@@ -530,12 +521,7 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_withdraws_for_a_customer_through_the_daemon_or_the_store() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
+    let (lnbits, service, customer) = bank().await;
     let data = harness::data_dir();
     let daemon = daemon(data.path(), &lnbits, &service, None).await;
     let alice = Keys::generate();
@@ -746,12 +732,7 @@ async fn swallowing_proxy(lnbits_url: String) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_the_booking_and_the_wallets_answer_pays_once_and_debits_once() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
+    let (lnbits, service, customer) = bank().await;
     let data = harness::data_dir();
     std::fs::write(data.path().join("inkey"), &service.inkey).expect("key");
     std::fs::write(data.path().join("adminkey"), &service.adminkey).expect("key");
