@@ -123,7 +123,8 @@ pub struct Job {
     pub charge_msat: Option<u64>,
     /// Exact token usage.
     pub usage: Option<Usage>,
-    /// The usage receipt (rates, paid, charged, returned, why it stopped), as shown.
+    /// The usage receipt (rates, paid, charged, returned, why it stopped) of an HTTP job, as
+    /// shown (a relay job's is in its signed result event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<Receipt>,
     /// The signed result event, persisted before it is published (relay jobs).

@@ -250,9 +250,9 @@ impl Pipeline {
         let stored = inner
             .book
             .update_durably(&job.id, move |stored, _| {
+                // The receipt travels in the signed result; the record keeps only the usage.
                 stored.result_event = Some(json.clone());
                 stored.usage = Some(usage);
-                stored.receipt = Some(receipt);
                 stored.charge_msat = Some(charge);
                 Ok(())
             })
