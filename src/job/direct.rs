@@ -283,7 +283,7 @@ impl Pipeline {
             }
         };
         if finish != Finish::Left {
-            self.learn(&job, usage, finish == Finish::Budget).await;
+            self.learn(&job, usage, finish == Finish::Budget);
         }
         tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, finish = finish.as_str(), "http job generated");
         let finish = generated.finish.unwrap_or(FinishReason::Stop);

@@ -40,8 +40,9 @@ impl Pipeline {
 
     /// Learn from `job`, which generated `usage` (stopped at its budget when `truncated`).
     /// Jobs quoted before the estimator existed, free jobs, and jobs whose client left before
-    /// the end teach nothing.
-    pub(crate) async fn learn(&self, job: &Job, usage: Usage, truncated: bool) {
+    /// the end teach nothing. A save that falls due runs in a task of its own, off the
+    /// worker's path.
+    pub(crate) fn learn(&self, job: &Job, usage: Usage, truncated: bool) {
         let Some(estimate) = job.estimate else {
             return;
         };
@@ -62,9 +63,12 @@ impl Pipeline {
             learned.unsaved >= SAVE_EVERY
         };
         if due {
-            if let Err(e) = self.save_estimates(false).await {
-                tracing::warn!(error = %e, "cannot save the estimator");
-            }
+            let pipeline = self.clone();
+            self.inner.tasks.spawn(async move {
+                if let Err(e) = pipeline.save_estimates(false).await {
+                    tracing::warn!(error = %e, "cannot save the estimator");
+                }
+            });
         }
     }
 

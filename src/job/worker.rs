@@ -261,7 +261,7 @@ impl Pipeline {
             Ok(job) => job,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot store result"),
         };
-        self.learn(&job, usage, finish == Finish::Budget).await;
+        self.learn(&job, usage, finish == Finish::Budget);
         processing.wait().await;
         tracing::info!(job = %job.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, charge_msat = charge, finish = finish.as_str(), "job generated");
         self.deliver(job, event.clone(), result);
