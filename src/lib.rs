@@ -66,6 +66,7 @@ pub mod job;
 pub mod l402;
 pub mod ledger;
 pub mod metrics;
+pub mod mpp;
 pub mod nip57;
 pub mod nip89;
 pub mod nip90;

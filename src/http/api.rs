@@ -283,6 +283,9 @@ pub struct OpenAiError {
     pub(super) challenges: Vec<String>,
     /// Beside `error`: a named object (the top-up invoice or the L402 challenge of a 402).
     pub(super) extra: Option<Box<(&'static str, serde_json::Value)>>,
+    /// An RFC 9457 problem `type` and `title` (a refused HTTP `Payment` credential): the body
+    /// also carries `type`, `title`, `status` and `detail`, as `application/problem+json`.
+    pub(super) problem: Option<Box<(String, &'static str)>>,
 }
 
 impl OpenAiError {
@@ -299,7 +302,18 @@ impl OpenAiError {
             message,
             challenges: Vec::new(),
             extra: None,
+            problem: None,
         }
+    }
+
+    /// Its status.
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The same answer with another message.
+    pub(super) fn set_message(&mut self, message: String) {
+        self.message = message;
     }
 
     /// The same answer with what the call is expected to cost beside its invoice: `estimate`
@@ -379,9 +393,27 @@ impl IntoResponse for OpenAiError {
             let (name, value) = *extra;
             body[name] = value;
         }
+        let problem = self.problem.is_some();
+        if let Some(problem) = self.problem {
+            let (kind, title) = *problem;
+            body["type"] = json!(kind);
+            body["title"] = json!(title);
+            body["status"] = json!(self.status.as_u16());
+            body["detail"] = json!(self.message);
+        }
         let body = Json(body);
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
+        if problem {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+        }
+        if self.status == StatusCode::PAYMENT_REQUIRED {
+            // A 402's invoice and challenge are for this caller once: no cache may keep them.
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
         for challenge in &self.challenges {
             if let Ok(value) = HeaderValue::from_str(challenge) {
                 headers.append(header::WWW_AUTHENTICATE, value);

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use axum::extract::ConnectInfo;
 
 use super::api::{parts, shortfall, OpenAiError, ReadBody};
-use super::l402::{caller, challenge, token_account, Caller, Who};
+use super::l402::{caller, challenge, payment_account, refuse_payment, token_account, Caller, Who};
 use super::HttpState;
 use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
 use crate::job::direct::{Finished, LiveEvent, OpenError, LIVE_BUFFER};
@@ -194,6 +194,21 @@ fn param(name: &str, reason: &str) -> OpenAiError {
     OpenAiError::invalid(format!("`{name}`: {reason}"))
 }
 
+/// `Payment-Receipt` on an answer an HTTP `Payment` credential paid for; such an answer is for
+/// that payer only (`Cache-Control: private`, as the draft requires).
+pub(super) fn add_receipt(response: &mut Response, receipt: Option<&str>) {
+    let Some(Ok(value)) = receipt.map(HeaderValue::from_str) else {
+        return;
+    };
+    let headers = response.headers_mut();
+    headers.insert("payment-receipt", value);
+    let cache = match headers.get(header::CACHE_CONTROL) {
+        Some(existing) if existing == "no-cache" => "private, no-cache",
+        _ => "private",
+    };
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+}
+
 /// What pricing refused, as the API says it.
 pub(super) fn refused(e: RequestError) -> OpenAiError {
     match e {
@@ -213,9 +228,16 @@ pub(super) fn refused(e: RequestError) -> OpenAiError {
     }
 }
 
+/// A job opened, with the `Payment-Receipt` its answer carries when an HTTP `Payment`
+/// credential paid for it.
+pub(super) struct Opened {
+    pub(super) job: Job,
+    pub(super) receipt: Option<String>,
+}
+
 /// Open an HTTP job on the caller's account, or say why not: a 402 with a top-up invoice for an
-/// npub whose balance is short, an L402 challenge for a caller with no credential or a token
-/// that ran dry, 401 for a credential that does not hold.
+/// npub whose balance is short, an L402 and `Payment` challenge for a caller with no credential
+/// or a token that ran dry, 401 for a credential that does not hold (402 for a `Payment` one).
 pub(super) async fn open(
     state: &HttpState,
     caller: Caller,
@@ -224,18 +246,31 @@ pub(super) async fn open(
     generation: TextGeneration,
     bid_msat: Option<u64>,
     answer_now: bool,
-) -> Result<Job, OpenAiError> {
+) -> Result<Opened, OpenAiError> {
     let (api, pipeline) = parts(state)?;
     let priced = pipeline
         .price_http(kind, generation, bid_msat)
         .await
         .map_err(refused)?;
     let quote = priced.quote_msat;
+    let mut receipt = None;
     let account = match &caller.who {
         Who::Npub(who) => Account::from(*who),
         Who::Token(credential) => token_account(api, pipeline, credential, quote)
             .await
             .map_err(|e| e.with_estimate(&priced.estimate))?,
+        Who::Payment(credential) => {
+            let (account, paid) =
+                payment_account(api, pipeline, caller.client, credential, Some(quote))
+                    .await
+                    .map_err(|e| e.with_estimate(&priced.estimate))?;
+            receipt = paid;
+            account
+        }
+        Who::BadPayment(e) => {
+            let refused = refuse_payment(api, pipeline, caller.client, e, Some(quote)).await;
+            return Err(refused.with_estimate(&priced.estimate));
+        }
         Who::Nobody => {
             let estimate = &priced.estimate;
             let why = format!(
@@ -250,7 +285,7 @@ pub(super) async fn open(
         .open_http(account, door, kind, &priced, answer_now)
         .await
     {
-        Ok(job) => Ok(job),
+        Ok(job) => Ok(Opened { job, receipt }),
         Err(OpenError::Shortfall {
             quote_msat,
             balance_msat,
@@ -282,7 +317,7 @@ pub(super) async fn completions(
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;
     let generation = request.generation(&pipeline.inner.config.limits)?;
-    let job = open(
+    let Opened { job, receipt } = open(
         &state,
         who,
         Door::HttpChat,
@@ -292,7 +327,7 @@ pub(super) async fn completions(
         stream,
     )
     .await?;
-    let answer = Answer::of(pipeline, &job);
+    let answer = Answer::of(pipeline, &job, receipt);
     let (live, rx) = mpsc::channel(LIVE_BUFFER);
     pipeline.run_http(job, Some(live)).await;
     Ok(if stream {
@@ -309,19 +344,23 @@ struct Answer {
     job: String,
     model: String,
     created: u64,
+    /// The `Payment-Receipt` (an HTTP `Payment` credential paid for the call).
+    receipt: Option<String>,
 }
 
 impl Answer {
-    fn of(pipeline: &Pipeline, job: &Job) -> Self {
+    fn of(pipeline: &Pipeline, job: &Job, receipt: Option<String>) -> Self {
         Self {
             id: format!("chatcmpl-{}", job.id),
             job: job.id.to_hex(),
             model: pipeline.inner.config.model.clone(),
             created: job.received_at,
+            receipt,
         }
     }
 
     fn header(&self, response: &mut Response) {
+        add_receipt(response, self.receipt.as_deref());
         if let Ok(value) = HeaderValue::from_str(&self.job) {
             response.headers_mut().insert("x-dvmd-job", value);
         }

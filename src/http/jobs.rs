@@ -98,7 +98,7 @@ pub(super) async fn create(
     }
     let generation = TextGeneration::from_parts(&inputs, &params, &config.limits)
         .map_err(super::chat::refused)?;
-    let job = open(
+    let super::chat::Opened { job, receipt } = open(
         &state,
         who,
         Door::HttpJob,
@@ -115,6 +115,7 @@ pub(super) async fn create(
     if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
+    super::chat::add_receipt(&mut response, receipt.as_deref());
     Ok(response)
 }
 

@@ -10,6 +10,13 @@
 //! - `POST /v1/l402/token {"amount_msat"}` answers 402 for that amount: a prepaid token.
 //!   `GET /v1/l402/balance` shows what a token has left.
 //!
+//! - The same 402 offers the HTTP `Payment` scheme (`WWW-Authenticate: Payment …`, method
+//!   `lightning`, intent `charge`; [`crate::mpp`]) for the same invoice. `Authorization:
+//!   Payment <credential>` is accepted once per challenge; the answer carries `Payment-Receipt`.
+//!   What the call leaves stays on the payment hash's account (the L402 credential of the same
+//!   402 spends or withdraws it). A refused `Payment` credential gets a fresh challenge and the
+//!   draft's problem type. Every 402 is `Cache-Control: no-store`.
+//!
 //! Challenges cost an invoice and a stored record each, so they share a token bucket overall
 //! and one per client address (`X-Forwarded-For` counts only from `[http] trusted_proxies`; see
 //! [`super::api::Proxies`]).
@@ -31,10 +38,11 @@ use super::api::{authenticate, parts, ApiConfig, OpenAiError, ReadBody};
 use super::lnurl::InvoiceLimiter;
 use super::HttpState;
 use crate::job::account::check_top_up;
-use crate::job::tokens::{ChallengeError, TokenRefusal};
+use crate::job::tokens::{ChallengeError, PaymentRefusal, PaymentScheme, TokenRefusal};
 use crate::job::Pipeline;
 use crate::l402::{self, Credential, CredentialError, Grant, Use};
 use crate::ledger::Account;
+use crate::mpp;
 use crate::wallet::WalletError;
 
 /// Client addresses a per-address bucket is kept for; when full, buckets that have refilled
@@ -44,6 +52,10 @@ const MAX_TRACKED_CLIENTS: usize = 65_536;
 /// The L402 settings and per-process state.
 pub struct L402Door {
     root_key: [u8; 32],
+    /// Binds HTTP `Payment` challenge ids (derived from the root key).
+    payment_key: [u8; 32],
+    /// The HTTP `Payment` `realm`: the host of `[http] public_url`, or `dvmd`.
+    realm: String,
     token_lifetime_secs: u64,
     overall: InvoiceLimiter,
     per_client: PerClient,
@@ -52,13 +64,28 @@ pub struct L402Door {
 impl L402Door {
     /// From `[http]` and the root key in the data dir.
     pub fn new(http: &crate::config::HttpSection, root_key: [u8; 32]) -> Self {
+        let realm = http
+            .public_url
+            .as_deref()
+            .and_then(|url| reqwest::Url::parse(url).ok())
+            .and_then(|url| url.host_str().map(str::to_owned))
+            .unwrap_or_else(|| "dvmd".to_owned());
         Self {
+            payment_key: derive_key(&root_key, b"dvmd http payment challenge ids"),
+            realm,
             root_key,
             token_lifetime_secs: http.l402_token_lifetime_secs,
             overall: InvoiceLimiter::per_minute(http.max_challenges_per_minute),
             per_client: PerClient::per_minute(http.max_challenges_per_ip_per_minute),
         }
     }
+}
+
+fn derive_key(root_key: &[u8], purpose: &[u8]) -> [u8; 32] {
+    use bitcoin::hashes::{sha256, Hash, HashEngine, Hmac, HmacEngine};
+    let mut engine = HmacEngine::<sha256::Hash>::new(root_key);
+    engine.input(purpose);
+    Hmac::<sha256::Hash>::from_engine(engine).to_byte_array()
 }
 
 /// One token bucket per client address.
@@ -125,6 +152,11 @@ pub(super) enum Who {
     Npub(PublicKey),
     /// An L402 credential, not yet checked against the call.
     Token(Box<Credential>),
+    /// An HTTP `Payment` credential, not yet checked.
+    Payment(Box<mpp::Credential>),
+    /// An HTTP `Payment` credential that does not parse (refused with a fresh challenge once
+    /// the call is priced).
+    BadPayment(mpp::Refusal),
     /// No credential: the answer is a challenge.
     Nobody,
 }
@@ -149,10 +181,20 @@ pub(super) fn caller(
         None => Who::Nobody,
         Some(value) => {
             let text = value.to_str().unwrap_or_default();
-            match l402::parse_authorization(text) {
-                Some(Ok(credential)) => Who::Token(Box::new(credential)),
-                Some(Err(e)) => return Err(refused(e)),
-                None => Who::Npub(authenticate(api, peer, method, uri, headers, body)?),
+            if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
+                return Err(OpenAiError::invalid(
+                    "send one Authorization header".to_owned(),
+                ));
+            }
+            match (
+                mpp::parse_authorization(text),
+                l402::parse_authorization(text),
+            ) {
+                (Some(Ok(credential)), _) => Who::Payment(Box::new(credential)),
+                (Some(Err(e)), _) => Who::BadPayment(e),
+                (None, Some(Ok(credential))) => Who::Token(Box::new(credential)),
+                (None, Some(Err(e))) => return Err(refused(e)),
+                (None, None) => Who::Npub(authenticate(api, peer, method, uri, headers, body)?),
             }
         }
     };
@@ -168,6 +210,80 @@ fn refused(e: CredentialError) -> OpenAiError {
     );
     error.challenges = vec!["L402".to_owned(), "Nostr".to_owned()];
     error
+}
+
+/// A refused HTTP `Payment` credential: 402 with the draft's problem type (beside the OpenAI
+/// error), and the fresh challenge `fresh` when there is one.
+pub(super) fn payment_refused(e: &mpp::Refusal, fresh: Option<OpenAiError>) -> OpenAiError {
+    let (kind, title) = e.problem();
+    let status = match e {
+        mpp::Refusal::Unsupported(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::PAYMENT_REQUIRED,
+    };
+    let mut error = match fresh {
+        // No challenge could be issued (too many just now, the wallet is down): say that.
+        Some(fresh) if fresh.status() != StatusCode::PAYMENT_REQUIRED => return fresh,
+        Some(fresh) if status == StatusCode::PAYMENT_REQUIRED => fresh,
+        _ => OpenAiError::new(
+            status,
+            "authentication_error",
+            "invalid_payment",
+            String::new(),
+        ),
+    };
+    error.set_message(e.to_string());
+    error.problem = Some(Box::new((kind, title)));
+    error
+}
+
+/// The account an HTTP `Payment` credential pays into (`spend`: the call may run, and the
+/// challenge is used up), with its receipt; or the refusal, with a fresh challenge for
+/// `quote_msat` when there is a call to sell.
+pub(super) async fn payment_account(
+    api: &ApiConfig,
+    pipeline: &Pipeline,
+    client: IpAddr,
+    credential: &mpp::Credential,
+    quote_msat: Option<u64>,
+) -> Result<(Account, Option<String>), OpenAiError> {
+    match pipeline
+        .payment_account(credential, quote_msat.is_some())
+        .await
+    {
+        Ok((account, hash)) => {
+            let receipt = quote_msat.map(|_| {
+                mpp::receipt(
+                    &credential.challenge.id,
+                    &hash,
+                    crate::job::pipeline::unix_now(),
+                )
+            });
+            Ok((account, receipt))
+        }
+        Err(PaymentRefusal::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
+        Err(PaymentRefusal::Credential(e)) => {
+            Err(refuse_payment(api, pipeline, client, &e, quote_msat).await)
+        }
+    }
+}
+
+/// A refused HTTP `Payment` credential, with a fresh challenge for `quote_msat` when there is a
+/// call to sell.
+pub(super) async fn refuse_payment(
+    api: &ApiConfig,
+    pipeline: &Pipeline,
+    client: IpAddr,
+    e: &mpp::Refusal,
+    quote_msat: Option<u64>,
+) -> OpenAiError {
+    let fresh = match quote_msat {
+        Some(quote) => {
+            let why = format!("this call is quoted {quote} msat");
+            Some(challenge(api, pipeline, client, quote, quote, &why).await)
+        }
+        None => None,
+    };
+    payment_refused(e, fresh)
 }
 
 /// The account a token spends from for a call quoted `quote_msat`, or why not.
@@ -225,8 +341,12 @@ pub(super) async fn challenge(
         model: pipeline.inner.config.model.clone(),
         budget_msat: budget_msat.max(amount_msat),
     };
+    let scheme = PaymentScheme {
+        key: &api.l402.payment_key,
+        realm: &api.l402.realm,
+    };
     let issued = pipeline
-        .l402_challenge(&api.l402.root_key, amount_msat, grant.clone())
+        .l402_challenge(&api.l402.root_key, scheme, amount_msat, grant.clone())
         .await;
     let challenge = match issued {
         Ok(challenge) => challenge,
@@ -243,11 +363,14 @@ pub(super) async fn challenge(
         "insufficient_quota",
         "payment_required",
         format!(
-            "{why}: pay the invoice ({} msat), then send `Authorization: L402 <macaroon>:<preimage>` (or use `<macaroon>:<preimage>` as the API key)",
+            "{why}: pay the invoice ({} msat), then send `Authorization: L402 <macaroon>:<preimage>` (or use `<macaroon>:<preimage>` as the API key), or answer the `Payment` challenge",
             challenge.invoice.amount_msat
         ),
     );
     error.challenges = l402::challenges(&challenge.macaroon, bolt11).to_vec();
+    if let Some(payment) = &challenge.payment {
+        error.challenges.push(payment.header());
+    }
     error.extra = Some(Box::new((
         "l402",
         json!({
@@ -325,6 +448,12 @@ pub(super) async fn owner(
     match caller.who {
         Who::Npub(who) => Ok(who.into()),
         Who::Token(credential) => token_account(api, pipeline, &credential, 0).await,
+        Who::Payment(credential) => {
+            payment_account(api, pipeline, caller.client, &credential, None)
+                .await
+                .map(|(account, _)| account)
+        }
+        Who::BadPayment(e) => Err(payment_refused(&e, None)),
         Who::Nobody => Err(refused(CredentialError::Malformed(
             "sign with NIP-98 or send the L402 credential the job was paid with".to_owned(),
         ))),

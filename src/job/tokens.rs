@@ -7,6 +7,12 @@
 //! whichever comes first: the reconciler, a wallet hint, or the first credential presented
 //! (which asks the wallet once; once booked, no credential costs a wallet call). Every
 //! credential naming the hash spends from that one account until it is empty.
+//!
+//! The same 402 offers the HTTP `Payment` scheme ([`crate::mpp`], `charge` intent) for the same
+//! invoice: its challenge is stored by id in the same write. A `Payment` credential is accepted
+//! once (the challenge is marked used in a durable write before the call runs); what the call
+//! leaves stays on the payment hash's account, which the L402 credential of the same 402 spends
+//! and withdraws.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +21,7 @@ use super::invoices::PaymentRecord;
 use super::pipeline::{unix_now, Pipeline};
 use crate::l402::{self, Grant, Identifier, Macaroon};
 use crate::ledger::{self, Account};
+use crate::mpp;
 use crate::store::Tree;
 use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, PaymentHash, WalletError};
 
@@ -43,6 +50,31 @@ pub struct Challenge {
     pub macaroon: Macaroon,
     /// The invoice.
     pub invoice: Invoice,
+    /// The HTTP `Payment` challenge for the same invoice (none when the invoice's network is
+    /// one the Lightning method cannot name).
+    pub payment: Option<mpp::Challenge>,
+}
+
+/// What mints the HTTP `Payment` challenge beside each L402 one.
+#[derive(Debug, Clone, Copy)]
+pub struct PaymentScheme<'a> {
+    /// The key binding challenge ids.
+    pub key: &'a [u8],
+    /// The `realm`.
+    pub realm: &'a str,
+}
+
+/// An HTTP `Payment` challenge, as the book keeps it (keyed by its id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentChallengeRecord {
+    /// The challenge as sent: a credential must echo it exactly.
+    pub challenge: mpp::Challenge,
+    /// The payment hash it sells (the account it pays into).
+    pub payment_hash: PaymentHash,
+    /// Unix seconds after which it is refused (the invoice's expiry).
+    pub expires_at: u64,
+    /// When a credential used it (unix seconds); a used challenge is never accepted again.
+    pub used_at: Option<u64>,
 }
 
 /// Why a credential's payment is not (yet) good.
@@ -65,6 +97,7 @@ impl Pipeline {
     pub async fn l402_challenge(
         &self,
         root_key: &[u8],
+        scheme: PaymentScheme<'_>,
         amount_msat: u64,
         grant: Grant,
     ) -> Result<Challenge, ChallengeError> {
@@ -89,10 +122,73 @@ impl Pipeline {
             budget_msat: grant.budget_msat,
             issued_at: unix_now(),
         };
-        inner.book.register_token(&hash, record, token).await?;
+        let payment = mpp::network_of(&invoice.bolt11).map(|network| {
+            let charge = mpp::Charge {
+                amount_sats: invoice.amount_msat / 1000,
+                description: "dvmd L402 token",
+                invoice: &invoice.bolt11,
+                payment_hash: &hash,
+                network,
+            };
+            mpp::Challenge::charge(scheme.key, scheme.realm, &charge, invoice.expires_at)
+        });
+        let stored = payment.clone().map(|challenge| PaymentChallengeRecord {
+            challenge,
+            payment_hash: hash,
+            expires_at: invoice.expires_at,
+            used_at: None,
+        });
+        inner
+            .book
+            .register_token(&hash, record, token, stored)
+            .await?;
         inner.metrics.challenged(crate::metrics::Challenge::L402);
         tracing::info!(payment_hash = %hash, msat = invoice.amount_msat, "L402 challenge issued");
-        Ok(Challenge { macaroon, invoice })
+        Ok(Challenge {
+            macaroon,
+            invoice,
+            payment,
+        })
+    }
+
+    /// The account an HTTP `Payment` credential pays into, once every check holds: the
+    /// challenge was issued here and is echoed exactly, has not expired, the preimage pays its
+    /// hash, and the wallet has seen the invoice paid. With `spend`, the challenge is marked
+    /// used (durably, before this returns; of two concurrent credentials one wins): the call
+    /// may run. Without, it only proves the caller holds the payment (to read its jobs).
+    pub async fn payment_account(
+        &self,
+        credential: &mpp::Credential,
+        spend: bool,
+    ) -> Result<(Account, PaymentHash), PaymentRefusal> {
+        let book = &self.inner.book;
+        let id = credential.challenge.id.clone();
+        let stored = book
+            .payment_challenge(&id)
+            .await?
+            .ok_or(mpp::Refusal::UnknownChallenge)?;
+        if stored.challenge != credential.challenge || (spend && stored.used_at.is_some()) {
+            return Err(mpp::Refusal::UnknownChallenge.into());
+        }
+        if unix_now() >= stored.expires_at && spend {
+            return Err(mpp::Refusal::Expired(stored.challenge.expires).into());
+        }
+        let hash = stored.payment_hash;
+        if credential.payment_hash() != hash {
+            return Err(mpp::Refusal::InvalidPreimage.into());
+        }
+        let booked = |record: Option<PaymentRecord>| record.is_some_and(|r| r.consumed);
+        if !booked(book.payment(&hash).await?) {
+            // As for an L402 credential: the first to arrive asks the wallet once.
+            self.check_payment(&hash).await;
+            if !booked(book.payment(&hash).await?) {
+                return Err(mpp::Refusal::Unpaid.into());
+            }
+        }
+        if spend && !book.use_payment_challenge(&id, unix_now()).await? {
+            return Err(mpp::Refusal::UnknownChallenge.into());
+        }
+        Ok((Account::Token(hash), hash))
     }
 
     /// The account a verified credential spends from, once its payment is booked: looked up in
@@ -126,6 +222,17 @@ impl Pipeline {
     }
 }
 
+/// Why an HTTP `Payment` credential is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PaymentRefusal {
+    /// The credential does not hold (the draft's problem types).
+    #[error(transparent)]
+    Credential(#[from] mpp::Refusal),
+    /// The store failed.
+    #[error(transparent)]
+    Book(#[from] BookError),
+}
+
 /// Why a challenge could not be issued.
 #[derive(Debug, thiserror::Error)]
 pub enum ChallengeError {
@@ -138,12 +245,14 @@ pub enum ChallengeError {
 }
 
 impl super::Book {
-    /// Record a token's invoice and the token in one durable write; a reused hash is refused.
+    /// Record a token's invoice, the token and its HTTP `Payment` challenge in one durable
+    /// write; a reused hash is refused.
     pub async fn register_token(
         &self,
         hash: &PaymentHash,
         record: PaymentRecord,
         token: TokenRecord,
+        payment: Option<PaymentChallengeRecord>,
     ) -> Result<(), BookError> {
         let hash = *hash;
         self.store()
@@ -156,7 +265,45 @@ impl super::Book {
                 tx.put(Tree::Payments, &hash.0, &record)?;
                 tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
                 tx.put(Tree::L402Tokens, &hash.0, &token)?;
+                if let Some(payment) = &payment {
+                    tx.put(
+                        Tree::MppChallenges,
+                        payment.challenge.id.as_bytes(),
+                        payment,
+                    )?;
+                }
                 Ok(())
+            })
+            .await
+    }
+
+    /// The HTTP `Payment` challenge issued with `id`.
+    pub async fn payment_challenge(
+        &self,
+        id: &str,
+    ) -> Result<Option<PaymentChallengeRecord>, BookError> {
+        let id = id.to_owned();
+        self.store()
+            .read(move |r| Ok(r.get(Tree::MppChallenges, id.as_bytes())?))
+            .await
+    }
+
+    /// Mark the challenge `id` used, durably; false if it was used already.
+    pub async fn use_payment_challenge(&self, id: &str, now: u64) -> Result<bool, BookError> {
+        let id = id.to_owned();
+        self.store()
+            .commit(move |tx| {
+                let Some(mut record) =
+                    tx.get::<PaymentChallengeRecord>(Tree::MppChallenges, id.as_bytes())?
+                else {
+                    return Ok(false);
+                };
+                if record.used_at.is_some() {
+                    return Ok(false);
+                }
+                record.used_at = Some(now);
+                tx.put(Tree::MppChallenges, id.as_bytes(), &record)?;
+                Ok(true)
             })
             .await
     }

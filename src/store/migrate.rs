@@ -26,10 +26,12 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         // 3 -> 4 adds holds: nothing on disk changes shape.
         3 | 4 => index_entries_by_account(trees)?,
         // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`: nothing is rewritten.
-        5 => tracing::info!("store migrated to schema 7 (HTTP jobs, L402 tokens, payouts)"),
+        5 => tracing::info!("store migrated to schema 8 (HTTP jobs, L402 tokens, payouts)"),
         // 6 -> 7 adds `payouts`, `account_settings` and the payout entry kinds: nothing is
         // rewritten.
-        6 => tracing::info!("store migrated to schema 7 (payouts)"),
+        6 => tracing::info!("store migrated to schema 8 (payouts, HTTP Payment challenges)"),
+        // 7 -> 8 adds `mpp_challenges`: nothing is rewritten.
+        7 => tracing::info!("store migrated to schema 8 (HTTP Payment challenges)"),
         found => return Err(StoreError::Schema { found }),
     }
     if meta.get(ENTRY_SEQUENCE)?.is_none() {

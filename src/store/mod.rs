@@ -45,7 +45,9 @@ use writer::{Applied, Command, Status, Write};
 /// 6: HTTP jobs and L402 tokens: a job's `door` and `result`, token accounts (`l402:<hash>`,
 ///    33-byte keys), the `l402_tokens` tree. Nothing is rewritten; the bump keeps an older build
 ///    from reading accounts and jobs it does not know.
-pub const SCHEMA_VERSION: u64 = 7;
+/// 7: `payouts`, `account_settings` and the payout entry kinds.
+/// 8: `mpp_challenges`, the HTTP `Payment` challenges by id. Nothing is rewritten.
+pub const SCHEMA_VERSION: u64 = 8;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -81,13 +83,16 @@ pub enum Tree {
     Payouts,
     /// Customers' settings (automatic payout), by account key.
     AccountSettings,
+    /// HTTP `Payment` (MPP) challenges by id: the payment hash each sells, and whether a
+    /// credential has used it (a challenge is accepted once).
+    MppChallenges,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 12] = [
+    pub const ALL: [Tree; 13] = [
         Self::Jobs,
         Self::Payments,
         Self::OpenPayments,
@@ -99,6 +104,7 @@ impl Tree {
         Self::L402Tokens,
         Self::Payouts,
         Self::AccountSettings,
+        Self::MppChallenges,
         Self::Meta,
     ];
 
@@ -116,6 +122,7 @@ impl Tree {
             Self::L402Tokens => "l402_tokens",
             Self::Payouts => "payouts",
             Self::AccountSettings => "account_settings",
+            Self::MppChallenges => "mpp_challenges",
             Self::Meta => "meta",
         }
     }

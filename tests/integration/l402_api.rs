@@ -92,8 +92,12 @@ async fn challenge(response: reqwest::Response) -> Challenge {
         .iter()
         .map(|v| v.to_str().expect("text").to_owned())
         .collect();
-    assert_eq!(values.len(), 2, "{values:?}");
+    assert_eq!(values.len(), 3, "{values:?}");
     assert!(values[0].starts_with("LSAT ") && values[1].starts_with("L402 "));
+    assert!(
+        values[2].starts_with("Payment "),
+        "the HTTP Payment scheme beside: {values:?}"
+    );
     assert_eq!(
         values[0].trim_start_matches("LSAT "),
         values[1].trim_start_matches("L402 "),

@@ -11,6 +11,7 @@ mod delivery;
 mod embedded_relay;
 mod estimates;
 mod gaps;
+mod http_payment;
 mod interop;
 mod l402_api;
 mod lnbits;

@@ -1,0 +1,408 @@
+//! The HTTP `Payment` scheme (draft-httpauth-payment, Lightning method, `charge` intent) on
+//! loopback with the dev wallet: the challenge read with this file's own parser (not dvmd's),
+//! checked against the L402 challenge of the same 402; a charge round trip with its
+//! `Payment-Receipt`; every refusal (a used challenge, a preimage for another challenge, an
+//! altered echo, an expired challenge) answered 402 with the draft's problem type and a fresh
+//! challenge; two concurrent calls with one credential, of which one runs; and what a call
+//! leaves on the payment hash's account, spent by the L402 credential of the same 402.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use dvmd::daemon::Daemon;
+use dvmd::infer::instant::InstantBackend;
+use dvmd::wallet::Wallet;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::harness;
+
+/// One `Payment` challenge, as a client reads it.
+struct Offer {
+    params: HashMap<String, String>,
+    request: Value,
+    /// The macaroon of the L402 challenge in the same 402.
+    macaroon: String,
+}
+
+impl Offer {
+    fn invoice(&self) -> &str {
+        self.request["methodDetails"]["invoice"]
+            .as_str()
+            .expect("invoice")
+    }
+
+    /// `Authorization: Payment …` echoing this challenge, with `preimage`.
+    fn credential(&self, preimage: &str) -> String {
+        let mut echo = serde_json::Map::new();
+        for name in ["id", "realm", "method", "intent", "request", "expires"] {
+            echo.insert(name.into(), json!(self.params[name]));
+        }
+        let wire = json!({ "challenge": echo, "payload": { "preimage": preimage } });
+        format!("Payment {}", URL_SAFE_NO_PAD.encode(wire.to_string()))
+    }
+}
+
+/// Split `Payment a="b", c="d"` into its auth-params (quoted-strings unescaped).
+fn auth_params(value: &str) -> HashMap<String, String> {
+    let mut rest = value.strip_prefix("Payment ").expect("Payment scheme");
+    let mut params = HashMap::new();
+    while let Some((name, after)) = rest.split_once('=') {
+        let after = after.strip_prefix('"').expect("quoted");
+        let mut text = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().expect("closing quote") {
+                (_, '\\') => text.push(chars.next().expect("escaped").1),
+                (i, '"') => break i,
+                (_, c) => text.push(c),
+            }
+        };
+        params.insert(name.trim().to_owned(), text);
+        rest = after[end + 1..].trim_start_matches([',', ' ']);
+    }
+    params
+}
+
+/// Read a 402: its `Payment` challenge, and the L402 challenge beside it.
+async fn offer(response: reqwest::Response) -> Offer {
+    assert_eq!(response.status(), 402);
+    assert_eq!(
+        response
+            .headers()
+            .get("cache-control")
+            .map(|v| v.to_str().expect("text")),
+        Some("no-store"),
+        "a 402 is never cached"
+    );
+    let values: Vec<String> = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("text").to_owned())
+        .collect();
+    let payment = values
+        .iter()
+        .find(|v| v.starts_with("Payment "))
+        .unwrap_or_else(|| panic!("a Payment challenge: {values:?}"));
+    let params = auth_params(payment);
+    for name in ["id", "realm", "method", "intent", "request", "expires"] {
+        assert!(!params[name].is_empty(), "{name} in {payment}");
+    }
+    assert_eq!(
+        (params["method"].as_str(), params["intent"].as_str()),
+        ("lightning", "charge")
+    );
+    let raw = URL_SAFE_NO_PAD
+        .decode(&params["request"])
+        .expect("base64url, no padding");
+    let text = String::from_utf8(raw).expect("utf-8");
+    let request: Value = serde_json::from_str(&text).expect("json");
+    // JCS: the members sorted, no whitespace; here every value is a string.
+    let canonical = {
+        let details = &request["methodDetails"];
+        format!(
+            r#"{{"amount":{},"currency":{},"description":{},"methodDetails":{{"invoice":{},"network":{},"paymentHash":{}}}}}"#,
+            request["amount"],
+            request["currency"],
+            request["description"],
+            details["invoice"],
+            details["network"],
+            details["paymentHash"]
+        )
+    };
+    assert_eq!(text, canonical, "the request is JCS");
+    let body: Value = response.json().await.expect("json");
+    let l402 = &body["l402"];
+    assert_eq!(
+        request["methodDetails"]["invoice"], l402["invoice"],
+        "one invoice for both"
+    );
+    assert_eq!(
+        request["methodDetails"]["paymentHash"],
+        l402["payment_hash"]
+    );
+    assert_eq!(
+        request["methodDetails"]["network"], "regtest",
+        "the dev wallet's invoices"
+    );
+    assert_eq!(request["currency"], "sat");
+    let sats: u64 = request["amount"]
+        .as_str()
+        .expect("a string")
+        .parse()
+        .expect("whole sats");
+    assert_eq!(sats * 1000, l402["amount_msat"].as_u64().expect("amount"));
+    Offer {
+        params,
+        request,
+        macaroon: l402["macaroon"].as_str().expect("macaroon").to_owned(),
+    }
+}
+
+fn chat(model: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": "Say something." }],
+        "max_tokens": max_tokens,
+    })
+}
+
+async fn call(http: &str, auth: Option<&str>) -> reqwest::Response {
+    let model = harness::served_model(http).await;
+    let mut request = reqwest::Client::new()
+        .post(format!("{http}/v1/chat/completions"))
+        .json(&chat(&model, 8));
+    if let Some(auth) = auth {
+        request = request.header("Authorization", auth);
+    }
+    request.send().await.expect("send")
+}
+
+/// A refusal: 402, the problem type named, a fresh challenge (another id) beside it.
+async fn refused(response: reqwest::Response, problem: &str, used_id: &str) {
+    assert_eq!(response.status(), 402);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().expect("text")),
+        Some("application/problem+json")
+    );
+    assert!(
+        response.headers().get("payment-receipt").is_none(),
+        "no receipt on an error"
+    );
+    let fresh = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("text").to_owned())
+        .find(|v| v.starts_with("Payment "))
+        .expect("a fresh challenge");
+    assert_ne!(
+        auth_params(&fresh)["id"],
+        used_id,
+        "never the same challenge again"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        body["type"],
+        format!("https://paymentauth.org/problems/{problem}"),
+        "{body}"
+    );
+    assert_eq!(body["status"], 402);
+    assert!(
+        body["detail"].is_string() && body["error"]["message"].is_string(),
+        "{body}"
+    );
+}
+
+async fn start(edit: impl FnOnce(&mut dvmd::config::FileConfig)) -> (tempfile::TempDir, Daemon) {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("paid by the Payment scheme"));
+    let daemon = harness::start(harness::dev_config(data.path(), edit), Some(backend)).await;
+    (data, daemon)
+}
+
+async fn l402_balance(http: &str, macaroon: &str, preimage: &str) -> u64 {
+    let response = reqwest::Client::new()
+        .get(format!("{http}/v1/l402/balance"))
+        .header("Authorization", format!("L402 {macaroon}:{preimage}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    body["balance_msat"].as_u64().expect("balance")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_pays_one_call_once_and_every_refusal_names_its_problem() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+
+    let first = offer(call(&http, None).await).await;
+    let id = first.params["id"].clone();
+    let preimage = harness::dev_pay(&http, first.invoice()).await;
+    let paid = Sha256::digest(hex::decode(&preimage).expect("hex"));
+    assert_eq!(
+        first.request["methodDetails"]["paymentHash"],
+        hex::encode(paid)
+    );
+
+    // An altered echo (a later expiry) does not match what was issued.
+    let mut altered = Offer {
+        params: first.params.clone(),
+        request: first.request.clone(),
+        macaroon: String::new(),
+    };
+    altered
+        .params
+        .insert("expires".into(), "2099-01-01T00:00:00Z".into());
+    refused(
+        call(&http, Some(&altered.credential(&preimage))).await,
+        "lightning/unknown-challenge",
+        &id,
+    )
+    .await;
+
+    // The credential: 200, with a receipt naming the challenge and the payment hash.
+    let response = call(&http, Some(&first.credential(&preimage))).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("cache-control")
+            .map(|v| v.to_str().expect("text")),
+        Some("private")
+    );
+    let receipt = response
+        .headers()
+        .get("payment-receipt")
+        .expect("receipt")
+        .to_str()
+        .expect("text");
+    let receipt: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(receipt).expect("base64url")).expect("json");
+    assert_eq!(receipt["challengeId"], id.as_str());
+    assert_eq!(
+        receipt["reference"],
+        hex::encode(paid),
+        "the payment hash, never the preimage"
+    );
+    assert_eq!(
+        (receipt["method"].as_str(), receipt["status"].as_str()),
+        (Some("lightning"), Some("success"))
+    );
+    assert!(receipt["timestamp"]
+        .as_str()
+        .expect("timestamp")
+        .ends_with('Z'));
+    let answer: Value = response.json().await.expect("json");
+    let charged = answer["dvmd"]["charge_msat"].as_u64().expect("charge");
+
+    // The same credential again: the challenge is used.
+    refused(
+        call(&http, Some(&first.credential(&preimage))).await,
+        "lightning/unknown-challenge",
+        &id,
+    )
+    .await;
+
+    // A preimage that paid one challenge, presented for another.
+    let other = offer(call(&http, None).await).await;
+    refused(
+        call(&http, Some(&other.credential(&preimage))).await,
+        "lightning/invalid-preimage",
+        &other.params["id"],
+    )
+    .await;
+    // A preimage nobody paid.
+    refused(
+        call(&http, Some(&other.credential(&"ab".repeat(32)))).await,
+        "lightning/invalid-preimage",
+        &other.params["id"],
+    )
+    .await;
+    // Malformed: not base64url JSON.
+    refused(
+        call(&http, Some("Payment not-json")).await,
+        "lightning/malformed-credential",
+        "",
+    )
+    .await;
+
+    // What the call left stays on the payment hash's account: the L402 credential of the same
+    // 402 reads (and spends) it.
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let amount = first.request["amount"]
+        .as_str()
+        .expect("amount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+    assert_eq!(
+        l402_balance(&http, &first.macaroon, &preimage).await,
+        amount - charged
+    );
+
+    // Two calls at once with one fresh credential: one runs, the other is refused.
+    let third = offer(call(&http, None).await).await;
+    let preimage = harness::dev_pay(&http, third.invoice()).await;
+    let auth = third.credential(&preimage);
+    let (a, b) = tokio::join!(call(&http, Some(&auth)), call(&http, Some(&auth)));
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 402], "one payment, one call");
+
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let store = daemon.pipeline().book().store();
+    assert_eq!(
+        harness::jobs(store).len(),
+        2,
+        "two calls ran, one per challenge"
+    );
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_challenge_is_refused_and_its_payment_stays_withdrawable() {
+    let (data, daemon) = start(|file| {
+        file.pricing.invoice_expiry_secs = 60;
+        // The dev wallet charges no routing fee; reserve none, so all of 2 sats can leave.
+        file.wallet.payout_max_fee_base_msat = 0;
+        file.wallet.payout_max_fee_ppm = 0;
+    })
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let offered = offer(call(&http, None).await).await;
+    let preimage = harness::dev_pay(&http, offered.invoice()).await;
+    // Wait out the challenge (it expires with its invoice).
+    tokio::time::sleep(std::time::Duration::from_secs(61)).await;
+    refused(
+        call(&http, Some(&offered.credential(&preimage))).await,
+        "lightning/expired-invoice",
+        &offered.params["id"],
+    )
+    .await;
+    // Nothing ran and nothing was charged: the payment is on its account, whole.
+    let amount = offered.request["amount"]
+        .as_str()
+        .expect("amount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+    assert_eq!(
+        l402_balance(&http, &offered.macaroon, &preimage).await,
+        amount
+    );
+    assert!(harness::jobs(daemon.pipeline().book().store()).is_empty());
+    // The Payment credential still proves whose it is: it can take the money home.
+    let dev = daemon.dev_wallet().expect("dev wallet");
+    let home = dev
+        .create_invoice(dvmd::wallet::InvoiceRequest {
+            amount_msat: amount,
+            description: dvmd::wallet::InvoiceDescription::Memo("home".into()),
+            expiry_secs: 600,
+        })
+        .await
+        .expect("invoice");
+    let response = reqwest::Client::new()
+        .post(format!("{http}/v1/account/withdraw"))
+        .header("Authorization", offered.credential(&preimage))
+        .json(&json!({ "bolt11": home.bolt11 }))
+        .send()
+        .await
+        .expect("send");
+    let status = response.status();
+    let payout: Value = response.json().await.expect("json");
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(payout["state"], "paid", "{payout}");
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!(totals.payout_msat, amount);
+}
