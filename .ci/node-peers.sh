@@ -18,7 +18,8 @@
 # serializes concurrent first runs.
 #
 # The packages are pure JavaScript (no native builds, no downloads at install
-# time). @getalby/sdk 8.x declares engines.node >=22; it works on node 20 when
+# time). mppx (the HTTP Payment scheme's reference client) is ESM; the peers
+# load it with require(), which node >= 20.19 does. @getalby/sdk 8.x declares engines.node >=22; it works on node 20 when
 # a WebSocket implementation is provided (nwc_service.mjs installs `ws` as
 # globalThis.WebSocket before loading the SDK), so npm's EBADENGINE warning is
 # expected and harmless on node 20.
@@ -48,7 +49,8 @@ SPEC="$(cat "$SRC/package.json" "$SRC/package-lock.json" | sha256sum | cut -d' '
 fast_path() {
     [[ -f "$STAMP" ]] || return 1
     [[ "$(<"$STAMP")" == "$SPEC" ]] || return 1
-    [[ -f "$DIR/node_modules/@getalby/sdk/package.json" && -f "$DIR/node_modules/ws/package.json" ]] || return 1
+    [[ -f "$DIR/node_modules/@getalby/sdk/package.json" && -f "$DIR/node_modules/ws/package.json" \
+        && -f "$DIR/node_modules/mppx/package.json" ]] || return 1
     printf '%s\n' "$DIR"
 }
 
@@ -87,6 +89,7 @@ log "npm ci finished in $(( $(date +%s) - start ))s"
 # The service must load: the SDK, the bolt11 decoder and ws.
 if ! out="$(cd "$DIR" && "$NODE" -e '
     require("@getalby/sdk/nwc"); require("@getalby/lightning-tools/bolt11"); require("ws");
+    require("mppx"); require("mppx/client");
     console.log(JSON.parse(require("fs").readFileSync("node_modules/@getalby/sdk/package.json", "utf8")).version)' 2>&1)"; then
     printf '%s\n' "$out" >&2
     die "the installed packages do not load (rm -rf $DIR to reinstall)"

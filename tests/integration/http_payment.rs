@@ -406,3 +406,74 @@ async fn an_expired_challenge_is_refused_and_its_payment_stays_withdrawable() {
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
     assert_eq!(totals.payout_msat, amount);
 }
+
+/// npm `mppx`, the draft's reference client, reads our challenges with its own parser, pays
+/// through its own credential path (echoing the challenge as it re-encodes it: a request that
+/// is not canonical JSON would not match what we issued), and reads our receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mppx_pays_a_call_through_its_own_client() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let url = format!("{http}/v1/chat/completions");
+    let body = chat(&model, 8).to_string();
+    let lines = {
+        let (url, body, http) = (url.clone(), body.clone(), http.clone());
+        tokio::task::spawn_blocking(move || {
+            harness::node_peer(
+                "mpp_charge.mjs",
+                &["--url", &url, "--body", &body, "--pay", &http],
+            )
+        })
+        .await
+        .expect("node")
+    };
+    let out = &lines[0];
+    let offered = out["offered"].as_array().expect("challenges");
+    let ours = offered
+        .iter()
+        .find(|c| c["method"] == "lightning")
+        .unwrap_or_else(|| panic!("mppx read a lightning challenge: {out}"));
+    assert_eq!(ours["intent"], "charge");
+    assert_eq!(ours["request"]["currency"], "sat", "{ours}");
+    assert_eq!(ours["request"]["methodDetails"]["network"], "regtest");
+    assert!(
+        ours["expires"].as_str().is_some_and(|e| e.ends_with('Z')),
+        "{ours}"
+    );
+
+    assert_eq!(out["status"], 200, "{out}");
+    let receipt = &out["receipt"];
+    assert_eq!(receipt["status"], "success", "{out}");
+    assert_eq!(receipt["method"], "lightning");
+    let reference = receipt["reference"].as_str().expect("reference");
+    let hash = dvmd::wallet::PaymentHash::try_from(reference.to_owned()).expect("a payment hash");
+    let charged = out["body"]["dvmd"]["charge_msat"].as_u64().expect("charge");
+    assert!(
+        out["body"]["choices"][0]["message"]["content"].is_string(),
+        "{out}"
+    );
+
+    // The paid call ran on the payment hash's account; what it left is there.
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let store = daemon.pipeline().book().store();
+    let jobs = harness::jobs(store);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].customer, dvmd::ledger::Account::Token(hash));
+    let left = daemon
+        .pipeline()
+        .balance_of(dvmd::ledger::Account::Token(hash))
+        .await
+        .expect("balance");
+    let paid = daemon
+        .pipeline()
+        .book()
+        .payment(&hash)
+        .await
+        .expect("read")
+        .expect("the payment")
+        .amount_msat;
+    assert_eq!(left, paid - charged);
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
