@@ -20,7 +20,9 @@
 //!                 stored record), charged the exact usage
 //! job::tokens     L402 (http::l402, l402): a call with no credential gets 402 with a
 //!                 macaroon and an invoice (COMMIT first) whose payment credits the token's
-//!                 own account; `L402 <macaroon>:<preimage>` spends from it
+//!                 own account; `L402 <macaroon>:<preimage>` spends from it; the same 402
+//!                 offers the HTTP `Payment` scheme (mpp) for the same invoice, its challenge
+//!                 stored by id and accepted once
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + payment_in + reserve + Paid, one tx
@@ -41,7 +43,7 @@
 //!
 //! # Where things live
 //! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`nip57`], [`l402`]
-//!   (macaroons), [`pricing`], [`job::state`].
+//!   (macaroons), [`mpp`] (the HTTP `Payment` scheme), [`pricing`], [`job::state`].
 //! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
 //!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
