@@ -97,7 +97,7 @@ impl Customer {
     pub async fn connect_with(relay_url: &str, keys: Keys) -> Result<Self, CustomerError> {
         let client = Client::builder()
             .signer(keys.clone())
-            .websocket_transport(NoDelayTransport)
+            .websocket_transport(NoDelayTransport::default())
             .build();
         client
             .add_relay(relay_url)

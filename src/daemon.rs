@@ -191,7 +191,7 @@ impl Daemon {
                 .unwrap_or_default();
             (config.relays.clone(), first)
         };
-        let relays = Relays::connect(&keys, &roles).await?;
+        let relays = Relays::connect(&keys, &roles, config.reply_relays.clone()).await?;
         relays.wait_connected(RELAY_CONNECT_WAIT).await;
 
         let metrics = Arc::new(Metrics::default());

@@ -54,7 +54,7 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
 
     let store = Store::temporary()?;
     let keys = Keys::generate();
-    let relays = Relays::connect(&keys, &[]).await?;
+    let relays = Relays::connect(&keys, &[], Default::default()).await?;
     let config = Config::build(
         FileConfig::default(),
         RelaysFile::default(),

@@ -33,6 +33,21 @@ pub struct FileConfig {
     pub zaps: ZapsSection,
     /// `[store]`
     pub store: StoreSection,
+    /// `[reply_relays]`
+    pub reply_relays: ReplyRelaysSection,
+}
+
+/// `[reply_relays]`: which relays named in requests (their `relays` tag) dvmd connects to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplyRelaysSection {
+    /// Also reach private, loopback and link-local addresses (default false: only public
+    /// addresses, checked on the address dialed).
+    pub allow_private: bool,
+    /// Hosts reached whatever their addresses (a domain covers its subdomains).
+    pub allow: Vec<String>,
+    /// Hosts never reached.
+    pub deny: Vec<String>,
 }
 
 /// `[store]`: the sled database in the data directory.

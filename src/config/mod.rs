@@ -110,6 +110,8 @@ pub struct Config {
     pub lnurl: Option<LnurlSection>,
     /// How the store is opened.
     pub store: crate::store::StoreOptions,
+    /// Which relays named in requests are reached (`[reply_relays]`).
+    pub reply_relays: crate::relay::ReplyRelayPolicy,
 }
 
 /// Overrides from the command line (flags win over everything).
@@ -425,6 +427,11 @@ impl Config {
             lnurl: file.lnurl.enabled.then(|| file.lnurl.clone()),
             store: crate::store::StoreOptions {
                 cache_capacity_bytes: file.store.cache_capacity_mib * 1024 * 1024,
+            },
+            reply_relays: crate::relay::ReplyRelayPolicy {
+                allow_private: file.reply_relays.allow_private,
+                allow: file.reply_relays.allow.clone(),
+                deny: file.reply_relays.deny.clone(),
             },
         })
     }

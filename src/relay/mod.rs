@@ -2,12 +2,14 @@
 //! relay acknowledges, and the embedded relay for dev mode and tests.
 
 pub mod embedded;
+pub mod guard;
 pub mod intake;
 pub mod outbox;
 pub mod pool;
 pub mod transport;
 
 pub use embedded::{EmbeddedRelay, RelayOptions as EmbeddedRelayOptions};
+pub use guard::ReplyRelayPolicy;
 pub use outbox::Outbox;
 pub use pool::{RelayRole, Relays};
 

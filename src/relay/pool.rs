@@ -15,6 +15,7 @@ use nostr_sdk::{
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use super::guard::{RelayGuard, ReplyRelayPolicy};
 use super::transport::NoDelayTransport;
 use super::RelayError;
 
@@ -58,6 +59,8 @@ pub struct Relays {
     read: Arc<Vec<RelayUrl>>,
     write: Arc<Vec<RelayUrl>>,
     reply: Arc<Mutex<HashSet<RelayUrl>>>,
+    /// Which reply relays may be reached (checked again by the transport at connect time).
+    guard: Arc<RelayGuard>,
 }
 
 /// Job requests of `kinds`.
@@ -85,11 +88,17 @@ pub fn receipts_filter(provider: &nostr_sdk::PublicKey, us: &nostr_sdk::PublicKe
 impl Relays {
     /// Add the configured relays and start connecting (in the background: an unreachable relay
     /// does not stop the daemon, the pool keeps retrying).
-    pub async fn connect(keys: &Keys, roles: &[RelayRole]) -> Result<Self, RelayError> {
+    /// Relays that requests name are reached only as `reply` allows (see [`super::guard`]).
+    pub async fn connect(
+        keys: &Keys,
+        roles: &[RelayRole],
+        reply: ReplyRelayPolicy,
+    ) -> Result<Self, RelayError> {
+        let guard = RelayGuard::new(roles.iter().map(|r| r.url.as_str()), reply);
         let client =
             Client::builder()
                 .signer(keys.clone())
-                .websocket_transport(NoDelayTransport)
+                .websocket_transport(NoDelayTransport::guarded(guard.clone()))
                 .opts(ClientOptions::new().automatic_authentication(true).pool(
                     RelayPoolOptions::new().notification_channel_size(NOTIFICATION_CHANNEL_SIZE),
                 ))
@@ -120,6 +129,7 @@ impl Relays {
             read: Arc::new(read),
             write: Arc::new(write),
             reply: Arc::new(Mutex::new(HashSet::new())),
+            guard: Arc::new(guard),
         })
     }
 
@@ -345,6 +355,14 @@ impl Relays {
         let mut reply = self.reply.lock().await;
         if reply.contains(&url) {
             return Some(url);
+        }
+        // Refused before it takes a place in the pool: a denied host or a private address
+        // literal (a name is checked on its resolved addresses when the transport dials it).
+        if let Ok(parsed) = nostr_sdk::Url::parse(url.as_str()) {
+            if let Err(e) = self.guard.precheck(parsed.host_str().unwrap_or_default()) {
+                tracing::info!(relay = %url, error = %e, "not publishing to a reply relay");
+                return None;
+            }
         }
         if reply.len() >= MAX_REPLY_RELAYS_IN_POOL {
             tracing::debug!(relay = %url, "reply relay cap reached; not adding");

@@ -3,8 +3,14 @@
 //! The sdk's default transport leaves Nagle on, which with delayed ACKs adds ~43 ms to every
 //! small message on loopback (23 jobs/s instead of ~1700). This one connects the TCP stream
 //! itself, sets nodelay, then does the websocket (and TLS, for wss) handshake on it.
+//!
+//! With a [`RelayGuard`] (the daemon's relay pool), a relay that is not one of ours is dialed
+//! only at the addresses the guard admits, resolved here: the address checked is the address
+//! connected to.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,9 +25,48 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use super::guard::RelayGuard;
+
 /// Direct connections with TCP_NODELAY (proxies and Tor are not supported by this transport).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoDelayTransport;
+#[derive(Debug, Clone, Default)]
+pub struct NoDelayTransport {
+    guard: Option<Arc<RelayGuard>>,
+}
+
+impl NoDelayTransport {
+    /// Dial relays that are not ours only where `guard` admits.
+    pub fn guarded(guard: RelayGuard) -> Self {
+        Self {
+            guard: Some(Arc::new(guard)),
+        }
+    }
+
+    /// The addresses to dial for `host:port`: all of them for our own relays (or without a
+    /// guard), else the ones the guard admits.
+    async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, TransportError> {
+        let lookup_host = host.trim_start_matches('[').trim_end_matches(']');
+        let guard = match &self.guard {
+            Some(guard) if !guard.is_ours(host, port) => guard,
+            _ => {
+                return Ok(tokio::net::lookup_host((lookup_host, port))
+                    .await
+                    .map_err(TransportError::backend)?
+                    .collect())
+            }
+        };
+        guard
+            .precheck(host)
+            .map_err(|e| TransportError::backend(ConnectError(e.to_string())))?;
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((lookup_host, port))
+            .await
+            .map_err(TransportError::backend)?
+            .collect();
+        guard.admit(host, &resolved).map_err(|e| {
+            tracing::info!(error = %e, "not connecting to a reply relay");
+            TransportError::backend(ConnectError(e.to_string()))
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -49,7 +94,8 @@ impl WebSocketTransport for NoDelayTransport {
                 TransportError::backend(ConnectError("relay URL has no port".into()))
             })?;
             let connect = async {
-                let tcp = TcpStream::connect((host.as_str(), port))
+                let addresses = self.addresses(&host, port).await?;
+                let tcp = TcpStream::connect(addresses.as_slice())
                     .await
                     .map_err(TransportError::backend)?;
                 tcp.set_nodelay(true).map_err(TransportError::backend)?;

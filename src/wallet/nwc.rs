@@ -88,7 +88,7 @@ impl NwcWallet {
         let keys = Keys::new(uri.secret.clone());
         let client = Client::builder()
             .signer(keys.clone())
-            .websocket_transport(NoDelayTransport)
+            .websocket_transport(NoDelayTransport::default())
             .build();
         for relay in &uri.relays {
             client

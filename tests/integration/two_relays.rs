@@ -221,7 +221,9 @@ async fn a_silent_relay_does_not_hold_up_the_job() {
     let (silent, seen) = silent_relay(cancel.clone()).await;
     let data = harness::data_dir();
     let backend = Arc::new(InstantBackend::new("Still here."));
-    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    // The silent relay is on loopback: reply relays on private addresses must be allowed.
+    let config = harness::dev_config(data.path(), |file| file.reply_relays.allow_private = true);
+    let daemon = harness::start(config, Some(backend)).await;
     let ready = daemon.ready().clone();
     let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
     // The request names the silent relay for replies: every event goes there too, and it never
@@ -269,6 +271,84 @@ async fn a_silent_relay_does_not_hold_up_the_job() {
     assert!(
         seen.lock().expect("lock").contains(&result.id.to_hex()),
         "the reply relay named in the request gets the result too"
+    );
+    alice.shutdown().await;
+    daemon.stop().await;
+    cancel.cancel();
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
+/// A TCP listener that counts the connections it accepts (and closes them).
+async fn counting_listener(
+    cancel: CancellationToken,
+) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(_) => { counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst); }
+                    Err(_) => break,
+                },
+            }
+        }
+    });
+    (port, count)
+}
+
+/// Any key can name reply relays; by default dvmd never dials a private address for one:
+/// not a loopback literal, not an IPv4-mapped one, not a name (`localhost`) that resolves to
+/// loopback. The job is answered on our own relay all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_relays_on_private_addresses_are_never_dialed() {
+    let cancel = CancellationToken::new();
+    let (literal, literal_seen) = counting_listener(cancel.clone()).await;
+    let (mapped, mapped_seen) = counting_listener(cancel.clone()).await;
+    let (named, named_seen) = counting_listener(cancel.clone()).await;
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("Answered where it should be."));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(
+            customer::text_request("Hello", &[("max_tokens", "4")], None, None).tag(Tag::custom(
+                TagKind::custom("relays"),
+                [
+                    format!("ws://127.0.0.1:{literal}"),
+                    format!("ws://[::ffff:127.0.0.1]:{mapped}"),
+                    format!("ws://localhost:{named}"),
+                ],
+            )),
+        )
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    alice
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Result(_))
+        })
+        .await
+        .expect("the result comes on our relay");
+    // Give a dial every chance to happen.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dialed =
+        |seen: &Arc<std::sync::atomic::AtomicUsize>| seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (
+            dialed(&literal_seen),
+            dialed(&mapped_seen),
+            dialed(&named_seen)
+        ),
+        (0, 0, 0),
+        "no connection to a private address a customer named"
     );
     alice.shutdown().await;
     daemon.stop().await;
