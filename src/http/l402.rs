@@ -408,9 +408,11 @@ pub(super) async fn buy(
     Err(challenge(api, pipeline, client, amount_msat, amount_msat, &why).await)
 }
 
-/// `GET /v1/l402/balance`: what an L402 token has left.
+/// `GET /v1/l402/balance`: what an L402 token has left (or the account an HTTP `Payment`
+/// credential paid into: the credential proves it, and is not used up by asking).
 pub(super) async fn balance(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
@@ -418,23 +420,35 @@ pub(super) async fn balance(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let credential = match l402::parse_authorization(text) {
-        Some(Ok(credential)) => credential,
-        Some(Err(e)) => return Err(refused(e)),
-        None => {
+    let client = api.proxies.client(peer.ip(), &headers);
+    let (account, hash) = match (
+        mpp::parse_authorization(text),
+        l402::parse_authorization(text),
+    ) {
+        (Some(Ok(credential)), _) => {
+            let (account, _) = payment_account(api, pipeline, client, &credential, None).await?;
+            (account, credential.payment_hash())
+        }
+        (Some(Err(e)), _) => return Err(payment_refused(&e, None)),
+        (None, Some(Ok(credential))) => (
+            token_account(api, pipeline, &credential, 0).await?,
+            credential.id.payment_hash,
+        ),
+        (None, Some(Err(e))) => return Err(refused(e)),
+        (None, None) => {
             return Err(refused(CredentialError::Malformed(
-                "send Authorization: L402 <macaroon>:<preimage>".to_owned(),
+                "send Authorization: L402 <macaroon>:<preimage> (or a Payment credential)"
+                    .to_owned(),
             )))
         }
     };
-    let account = token_account(api, pipeline, &credential, 0).await?;
     let balance_msat = pipeline
         .balance_of(account)
         .await
         .map_err(|e| OpenAiError::unavailable("store", &e))?;
     Ok(Json(json!({
         "object": "l402_balance",
-        "payment_hash": credential.id.payment_hash.to_string(),
+        "payment_hash": hash.to_string(),
         "balance_msat": balance_msat,
     })))
 }
