@@ -67,6 +67,7 @@ pub mod infer;
 pub mod job;
 pub mod l402;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod mpp;
 pub mod nip57;

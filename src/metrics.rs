@@ -24,16 +24,19 @@ pub enum Dropped {
     Duplicate,
     /// Larger than `max_request_bytes` (answered, not stored).
     TooLarge,
+    /// Over its npub's `requests_per_npub_per_minute` (not answered, not stored).
+    RateLimited,
 }
 
 impl Dropped {
-    const ALL: [Dropped; 6] = [
+    const ALL: [Dropped; 7] = [
         Self::BadSignature,
         Self::WrongKind,
         Self::NotForUs,
         Self::Stale,
         Self::Duplicate,
         Self::TooLarge,
+        Self::RateLimited,
     ];
 
     fn label(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Dropped {
             Self::Stale => "stale",
             Self::Duplicate => "duplicate",
             Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -120,6 +120,9 @@ pub struct ServiceSection {
     pub kinds: Vec<u16>,
     /// Requests older than this are ignored.
     pub max_request_age_secs: u64,
+    /// Job requests one npub may post a minute (in a burst, refilled at this rate); more are
+    /// dropped before anything is stored, quoted or invoiced.
+    pub requests_per_npub_per_minute: u32,
     /// Largest request event, bytes of JSON.
     pub max_request_bytes: usize,
     /// Largest result event dvmd will have to publish, bytes of JSON (relays refuse larger
@@ -144,6 +147,7 @@ impl Default for ServiceSection {
             data_dir: None,
             kinds: vec![KIND_TEXT_GENERATION],
             max_request_age_secs: 600,
+            requests_per_npub_per_minute: 120,
             max_request_bytes: 64 * 1024,
             max_result_bytes: 64 * 1024,
             result_refusals: 3,

@@ -380,6 +380,7 @@ impl Config {
             },
             model: backend.model_name(),
             max_age_secs: service.max_request_age_secs,
+            requests_per_npub_per_minute: service.requests_per_npub_per_minute,
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,

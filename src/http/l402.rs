@@ -21,9 +21,7 @@
 //! and one per client address (`X-Forwarded-For` counts only from `[http] trusted_proxies`; see
 //! [`super::api::Proxies`]).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, State};
@@ -42,6 +40,7 @@ use crate::job::tokens::{ChallengeError, PaymentRefusal, PaymentScheme, TokenRef
 use crate::job::Pipeline;
 use crate::l402::{self, Credential, CredentialError, Grant, Use};
 use crate::ledger::Account;
+use crate::limits::Buckets;
 use crate::mpp;
 use crate::wallet::WalletError;
 
@@ -88,47 +87,17 @@ fn derive_key(root_key: &[u8], purpose: &[u8]) -> [u8; 32] {
     Hmac::<sha256::Hash>::from_engine(engine).to_byte_array()
 }
 
-/// One token bucket per client address.
-/// An IPv6 client is one /64 (what one host or customer is usually given); an IPv4 client is
-/// its address.
-struct PerClient {
-    per_minute: u32,
-    clients: Mutex<Clients>,
-}
-
-#[derive(Default)]
-struct Clients {
-    buckets: HashMap<IpAddr, InvoiceLimiter>,
-    /// When full buckets were last forgotten: a scan of the map runs at most once a second,
-    /// so a flood of new addresses cannot make every challenge pay for one.
-    pruned_at: Option<Instant>,
-}
+/// One token bucket per client address (see [`client_key`]).
+struct PerClient(Buckets<IpAddr>);
 
 impl PerClient {
     fn per_minute(per_minute: u32) -> Self {
-        Self {
-            per_minute,
-            clients: Mutex::default(),
-        }
+        let burst = f64::from(per_minute.max(1));
+        Self(Buckets::new(burst, burst / 60.0, MAX_TRACKED_CLIENTS))
     }
 
     fn try_take(&self, client: IpAddr, now: Instant) -> bool {
-        let client = client_key(client);
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let Clients { buckets, pruned_at } = &mut *clients;
-        if !buckets.contains_key(&client) && buckets.len() >= MAX_TRACKED_CLIENTS {
-            if pruned_at.is_none_or(|at| now.saturating_duration_since(at).as_secs() >= 1) {
-                buckets.retain(|_, bucket| !bucket.is_full_at(now));
-                *pruned_at = Some(now);
-            }
-            if buckets.len() >= MAX_TRACKED_CLIENTS {
-                return false;
-            }
-        }
-        buckets
-            .entry(client)
-            .or_insert_with(|| InvoiceLimiter::per_minute(self.per_minute))
-            .try_take_at(now)
+        self.0.try_take(client_key(client), now)
     }
 }
 

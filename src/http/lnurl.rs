@@ -1,6 +1,6 @@
 //! LNURL-pay (LUD-06, LUD-16) with NIP-57 zaps: `/.well-known/lnurlp/<name>` and its callback.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
@@ -29,49 +29,10 @@ pub struct LnurlConfig {
     pub limiter: Arc<InvoiceLimiter>,
 }
 
-/// A token bucket over the callback's invoices: `per_minute` at most in a burst, refilled at
-/// `per_minute` a minute. Each callback costs a wallet invoice and a stored record, and anyone
-/// can call it.
-#[derive(Debug)]
-pub struct InvoiceLimiter {
-    capacity: f64,
-    per_sec: f64,
-    bucket: Mutex<(f64, Instant)>,
-}
-
-impl InvoiceLimiter {
-    /// A full bucket of `per_minute` tokens.
-    pub fn per_minute(per_minute: u32) -> Self {
-        let capacity = f64::from(per_minute.max(1));
-        Self {
-            capacity,
-            per_sec: capacity / 60.0,
-            bucket: Mutex::new((capacity, Instant::now())),
-        }
-    }
-
-    /// Whether the bucket has refilled by `now` (forgetting it loses nothing).
-    pub fn is_full_at(&self, now: Instant) -> bool {
-        let bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, last) = *bucket;
-        tokens + now.saturating_duration_since(last).as_secs_f64() * self.per_sec >= self.capacity
-    }
-
-    /// Take one token at `now`, if there is one.
-    pub fn try_take_at(&self, now: Instant) -> bool {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, last) = *bucket;
-        let refilled = now.saturating_duration_since(last).as_secs_f64() * self.per_sec;
-        let tokens = (tokens + refilled).min(self.capacity);
-        if tokens >= 1.0 {
-            *bucket = (tokens - 1.0, now);
-            true
-        } else {
-            *bucket = (tokens, now);
-            false
-        }
-    }
-}
+/// The callback's invoices share one token bucket (`per_minute` in a burst, refilled at
+/// `per_minute` a minute): each costs a wallet invoice and a stored record, and anyone can call
+/// it.
+pub use crate::limits::TokenBucket as InvoiceLimiter;
 
 impl LnurlConfig {
     /// `name@host` for profiles and announcements.

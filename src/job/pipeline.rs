@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use nostr_sdk::{Event, JsonUtil, Keys, Timestamp};
+use nostr_sdk::{Event, JsonUtil, Keys, PublicKey, Timestamp};
 
 use super::id::JobId;
 use tokio::sync::{mpsc, Mutex, Semaphore, TryAcquireError};
@@ -34,6 +34,10 @@ use crate::wallet::{PaymentHash, Wallet};
 pub(crate) const FEEDBACK_ATTEMPTS: u32 = 5;
 /// Requests (and cancellations, receipts) being admitted, quoted and invoiced at once.
 pub const INTAKE_TASKS: usize = 512;
+
+/// Npubs whose request buckets are kept at once; beyond that, buckets that have refilled are
+/// forgotten, and a new npub is dropped until there is room (see [`crate::limits::Buckets`]).
+const MAX_RATE_LIMITED_NPUBS: usize = 100_000;
 /// Paid jobs waiting for a worker.
 pub const RUN_QUEUE_CAPACITY: usize = 1024;
 
@@ -62,6 +66,8 @@ pub struct JobConfig {
     pub model: String,
     /// Requests older than this are ignored, seconds.
     pub max_age_secs: u64,
+    /// Job requests one npub may post a minute (burst and refill); more are dropped.
+    pub requests_per_npub_per_minute: u32,
     /// Invoice lifetime, seconds.
     pub invoice_expiry_secs: u64,
     /// Concurrent jobs on the model.
@@ -129,6 +135,8 @@ pub(crate) struct Inner {
     pub(crate) queue: mpsc::Sender<WorkItem>,
     /// Room for intake tasks (see [`INTAKE_TASKS`]).
     pub(crate) intake: Arc<Semaphore>,
+    /// Each npub's bucket of job requests (see [`Pipeline::precheck`]).
+    pub(crate) per_npub: crate::limits::Buckets<PublicKey>,
     pub(crate) tasks: TaskTracker,
     /// Payment hashes being looked up because of a hint, each with whether another hint came
     /// in meanwhile (then it is looked up once more). Hints for one hash never run in parallel.
@@ -165,6 +173,10 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> (Self, WorkQueue) {
         let (queue, rx) = mpsc::channel(RUN_QUEUE_CAPACITY);
+        let per_npub = {
+            let per_minute = f64::from(config.requests_per_npub_per_minute.max(1));
+            crate::limits::Buckets::new(per_minute, per_minute / 60.0, MAX_RATE_LIMITED_NPUBS)
+        };
         let inner = Inner {
             config,
             keys,
@@ -175,6 +187,7 @@ impl Pipeline {
             metrics,
             queue,
             intake: Arc::new(Semaphore::new(INTAKE_TASKS)),
+            per_npub,
             tasks: TaskTracker::new(),
             checking: std::sync::Mutex::default(),
             lag_pass: std::sync::atomic::AtomicBool::new(false),
@@ -204,7 +217,8 @@ impl Pipeline {
         self.inner.tasks.wait().await;
     }
 
-    /// The cheap checks, run in the intake loop itself: kind, targeting, age. No IO.
+    /// The cheap checks, run in the intake loop itself: kind, targeting, age, and the npub's
+    /// request bucket (last: only requests we would serve count). No IO.
     pub fn precheck(&self, event: &Verified) -> Result<JobRequest, Dropped> {
         let inner = &self.inner;
         let event = event.event();
@@ -217,6 +231,9 @@ impl Pipeline {
         }
         if request.is_stale(Timestamp::now(), inner.config.max_age_secs) {
             return Err(Dropped::Stale);
+        }
+        if !inner.per_npub.try_take(event.pubkey, Instant::now()) {
+            return Err(Dropped::RateLimited);
         }
         Ok(request)
     }

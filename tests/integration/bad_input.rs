@@ -257,3 +257,78 @@ async fn malformed_and_foreign_requests() {
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
     assert_eq!(totals.payment_in_msat, 0, "no money taken for refused jobs");
 }
+
+/// One key posting far over its request bucket: what is over is dropped before anything is
+/// stored, quoted or invoiced (no wallet call, no disk write, no reply), and another customer
+/// is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_key_is_dropped_before_it_costs_anything() {
+    const LIMIT: usize = 20;
+    const FLOOD: usize = 120;
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("still serving"));
+    let config = harness::dev_config(data.path(), |file| {
+        file.service.requests_per_npub_per_minute = LIMIT as u32;
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut flooder = Customer::connect(&ready.relay_url).await.expect("connect");
+    let mut flooder_key = None;
+    for i in 0..FLOOD {
+        let posted = flooder
+            .post(customer::text_request(
+                &format!("flood {i}"),
+                &[("max_tokens", "4")],
+                None,
+                None,
+            ))
+            .await
+            .expect("post");
+        flooder_key = Some(posted.pubkey);
+    }
+    // Someone else, right after: quoted and served.
+    let mut bob = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = bob
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(&mut bob, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    bob.wait_for(&request.id, REPLY_TIMEOUT, |r| {
+        matches!(r, Reply::Result(_))
+    })
+    .await
+    .expect("served during the flood");
+
+    let metrics = reqwest::get(format!("{}/metrics", ready.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(&format!(
+            "dvmd_events_dropped_total{{reason=\"rate_limited\"}} {}\n",
+            FLOOD - LIMIT
+        )),
+        "{metrics}"
+    );
+    let store = daemon.pipeline().book().store();
+    let flooded = harness::jobs(store)
+        .into_iter()
+        .filter(|job| job.customer == dvmd::ledger::Account::from(flooder_key.expect("posted")))
+        .count();
+    assert_eq!(
+        flooded, LIMIT,
+        "only the bucket's worth was stored (and invoiced)"
+    );
+    flooder.shutdown().await;
+    bob.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}

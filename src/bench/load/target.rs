@@ -46,7 +46,8 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
         "[pricing]\nbase_fee_msat = 0\nprompt_msat_per_1k_tokens = 0\ncompletion_msat_per_1k_tokens = 0\n"
     };
     let config = format!(
-        "[service]\nworkers = {}\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
+        // Each bench customer posts back to back, far over a real customer's rate.
+        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
         options.workers,
         stub.base_url(),
         std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default()
