@@ -272,7 +272,7 @@ async fn a_flood_from_one_key_is_dropped_before_it_costs_anything() {
     });
     let daemon = harness::start(config, Some(backend)).await;
     let ready = daemon.ready().clone();
-    let mut flooder = Customer::connect(&ready.relay_url).await.expect("connect");
+    let flooder = Customer::connect(&ready.relay_url).await.expect("connect");
     let mut flooder_key = None;
     for i in 0..FLOOD {
         let posted = flooder
