@@ -123,6 +123,9 @@ pub struct ServiceSection {
     /// Job requests one npub may post a minute (in a burst, refilled at this rate); more are
     /// dropped before anything is stored, quoted or invoiced.
     pub requests_per_npub_per_minute: u32,
+    /// Invoices one npub may leave unpaid at once; a job request beyond that gets an `error`
+    /// feedback, and no invoice (no wallet call).
+    pub max_open_invoices_per_npub: u32,
     /// Largest request event, bytes of JSON.
     pub max_request_bytes: usize,
     /// Largest result event dvmd will have to publish, bytes of JSON (relays refuse larger
@@ -148,6 +151,7 @@ impl Default for ServiceSection {
             kinds: vec![KIND_TEXT_GENERATION],
             max_request_age_secs: 600,
             requests_per_npub_per_minute: 120,
+            max_open_invoices_per_npub: 20,
             max_request_bytes: 64 * 1024,
             max_result_bytes: 64 * 1024,
             result_refusals: 3,

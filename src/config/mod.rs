@@ -381,6 +381,7 @@ impl Config {
             model: backend.model_name(),
             max_age_secs: service.max_request_age_secs,
             requests_per_npub_per_minute: service.requests_per_npub_per_minute,
+            max_open_invoices_per_npub: service.max_open_invoices_per_npub.max(1),
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,

@@ -21,6 +21,7 @@ pub mod estimates;
 pub mod holds;
 pub mod id;
 pub mod invoices;
+pub mod open_invoices;
 pub mod payment;
 pub mod payouts;
 pub mod pipeline;

@@ -120,6 +120,7 @@ impl Pipeline {
             Ok(open) => open,
             Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
         };
+        self.recount_open_invoices(&open);
         let now = super::pipeline::unix_now();
         for (hash, record) in open {
             if record.next_lookup_at <= now {
@@ -224,16 +225,19 @@ impl Pipeline {
         );
         match booked {
             Ok(PaymentOutcome::Paid(job)) => {
+                self.release_invoice_slot(&job.customer);
                 inner.metrics.payment_confirmed(amount_msat);
                 inner.metrics.entered(JobState::Paid);
                 tracing::info!(job = %job.id, msat = amount_msat, payment_hash = %hash, "invoice paid");
                 self.enqueue(*job, Some(confirmed_at)).await;
             }
             Ok(PaymentOutcome::Credited { account, job }) => {
+                self.release_invoice_slot(&account);
                 inner.metrics.payment_confirmed(amount_msat);
                 tracing::info!(%account, job = ?job, msat = amount_msat, "payment credited to the account");
             }
             Ok(PaymentOutcome::Underpaid(job)) => {
+                self.release_invoice_slot(&job.customer);
                 inner.metrics.payment_confirmed(amount_msat);
                 tracing::warn!(job = %job.id, msat = amount_msat, "payment below the invoice amount; credited to the customer");
             }

@@ -68,6 +68,8 @@ pub struct JobConfig {
     pub max_age_secs: u64,
     /// Job requests one npub may post a minute (burst and refill); more are dropped.
     pub requests_per_npub_per_minute: u32,
+    /// Invoices one account may leave unpaid; a request beyond gets an `error`.
+    pub max_open_invoices_per_npub: u32,
     /// Invoice lifetime, seconds.
     pub invoice_expiry_secs: u64,
     /// Concurrent jobs on the model.
@@ -137,6 +139,8 @@ pub(crate) struct Inner {
     pub(crate) intake: Arc<Semaphore>,
     /// Each npub's bucket of job requests (see [`Pipeline::precheck`]).
     pub(crate) per_npub: crate::limits::Buckets<PublicKey>,
+    /// Unpaid invoices per account (see [`super::open_invoices`]).
+    pub(crate) open_invoices: super::open_invoices::OpenInvoices,
     pub(crate) tasks: TaskTracker,
     /// Payment hashes being looked up because of a hint, each with whether another hint came
     /// in meanwhile (then it is looked up once more). Hints for one hash never run in parallel.
@@ -188,6 +192,7 @@ impl Pipeline {
             queue,
             intake: Arc::new(Semaphore::new(INTAKE_TASKS)),
             per_npub,
+            open_invoices: Default::default(),
             tasks: TaskTracker::new(),
             checking: std::sync::Mutex::default(),
             lag_pass: std::sync::atomic::AtomicBool::new(false),

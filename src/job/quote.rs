@@ -197,6 +197,20 @@ impl Pipeline {
             description: InvoiceDescription::Memo(format!("dvmd job {}", &job.id.to_hex()[..16])),
             expiry_secs: inner.config.invoice_expiry_secs,
         };
+        let customer = job.customer;
+        if !self.take_invoice_slot(&customer) {
+            let reason = format!(
+                "you have {} unpaid invoices here; pay one or let them expire, then ask again; nothing was charged",
+                self.open_invoices_of(&customer)
+            );
+            return self.reject(&job.id, event, reason).await;
+        }
+        // Released unless the invoice ends up recorded (and then when it is paid or closed).
+        let mut slot = Slot {
+            pipeline: self,
+            account: customer,
+            keep: false,
+        };
         let invoice = match inner.wallet.create_invoice(request).await {
             Ok(invoice) => invoice,
             Err(e) => {
@@ -262,6 +276,7 @@ impl Pipeline {
                 return self.reject(&job.id, event, reason).await;
             }
         };
+        slot.keep = true;
         inner.metrics.entered(JobState::AwaitingPayment);
         tracing::info!(job = %job.id, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "invoice issued");
         if self
@@ -329,4 +344,20 @@ pub(crate) fn check_bid(bid: u64, estimate: &Estimate) -> Result<(), RequestErro
             estimate.max_tokens
         ),
     })
+}
+
+/// An open-invoice slot taken for a job (see [`super::open_invoices`]): given back when dropped
+/// unless the invoice was recorded.
+struct Slot<'a> {
+    pipeline: &'a Pipeline,
+    account: crate::ledger::Account,
+    keep: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.pipeline.release_invoice_slot(&self.account);
+        }
+    }
 }

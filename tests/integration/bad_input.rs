@@ -332,3 +332,81 @@ async fn a_flood_from_one_key_is_dropped_before_it_costs_anything() {
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
 }
+
+/// A key that asks and never pays holds at most `max_open_invoices_per_npub` invoices: the
+/// next request gets an `error` and costs no wallet call; paying one frees a place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaid_invoices_are_capped_per_npub_and_paying_frees_a_place() {
+    const CAP: usize = 3;
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("paid at last"));
+    let config = harness::dev_config(data.path(), |file| {
+        file.service.max_open_invoices_per_npub = CAP as u32;
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let mut invoices = Vec::new();
+    for i in 0..CAP {
+        let request = alice
+            .post(customer::text_request(
+                &format!("ask {i}"),
+                &[("max_tokens", "4")],
+                None,
+                None,
+            ))
+            .await
+            .expect("post");
+        invoices.push((
+            request.id,
+            harness::invoice(&mut alice, &request.id).await.1,
+        ));
+    }
+    let over = alice
+        .post(customer::text_request(
+            "one too many",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let info = harness::error_info(&mut alice, &over.id).await;
+    assert!(info.contains("3 unpaid invoices"), "{info}");
+    let store = daemon.pipeline().book().store();
+    let open = daemon
+        .pipeline()
+        .book()
+        .open_payments()
+        .await
+        .expect("open");
+    assert_eq!(open.len(), CAP, "no invoice for the refused request");
+
+    // Paying one frees a place.
+    let (paid, bolt11) = &invoices[0];
+    harness::dev_pay(&ready.http_url, bolt11).await;
+    alice
+        .wait_for(paid, REPLY_TIMEOUT, |r| matches!(r, Reply::Result(_)))
+        .await
+        .expect("the paid job runs");
+    let again = alice
+        .post(customer::text_request(
+            "now there is room",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    harness::invoice(&mut alice, &again.id).await;
+    assert_eq!(
+        harness::jobs(store)
+            .iter()
+            .filter(|j| j.state == JobState::Rejected)
+            .count(),
+        1
+    );
+    alice.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
