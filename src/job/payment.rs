@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use nostr_sdk::Event;
 
 use super::id::JobId;
@@ -19,6 +20,9 @@ use super::state::JobState;
 use crate::nip57;
 use crate::nip90::{self, JobStatus};
 use crate::wallet::{PaymentHash, PaymentStatus};
+
+/// Wallet lookups one reconcile pass keeps in flight at once.
+pub const RECONCILE_LOOKUPS_IN_FLIGHT: usize = 8;
 
 /// The longest wait between two lookups of an invoice past expiry.
 const LATE_LOOKUP_EVERY: u64 = 24 * 60 * 60;
@@ -122,11 +126,14 @@ impl Pipeline {
         };
         self.recount_open_invoices(&open);
         let now = super::pipeline::unix_now();
-        for (hash, record) in open {
-            if record.next_lookup_at <= now {
+        // A few lookups at a time: a pass over many open invoices does not wait on each in
+        // turn, and never has more than this many wallet calls in flight.
+        futures::stream::iter(open)
+            .filter(|(_, record)| std::future::ready(record.next_lookup_at <= now))
+            .for_each_concurrent(RECONCILE_LOOKUPS_IN_FLIGHT, |(hash, _)| async move {
                 self.check_payment(&hash).await;
-            }
-        }
+            })
+            .await;
     }
 
     /// Ask our wallet about `hash` and book what it says.

@@ -580,3 +580,124 @@ async fn an_invoice_that_cannot_be_recorded_gives_the_reserved_credit_back() {
         "the credit is spendable again"
     );
 }
+
+/// The real dev wallet with every lookup held 100 ms (the fault: a slow wallet), counting how
+/// many are in flight at once.
+struct SlowLookups {
+    inner: std::sync::Arc<dyn dvmd::wallet::Wallet>,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl dvmd::wallet::Wallet for SlowLookups {
+    fn name(&self) -> &'static str {
+        "slow-lookups"
+    }
+    async fn create_invoice(
+        &self,
+        request: dvmd::wallet::InvoiceRequest,
+    ) -> Result<dvmd::wallet::Invoice, dvmd::wallet::WalletError> {
+        self.inner.create_invoice(request).await
+    }
+    async fn lookup(
+        &self,
+        hash: &dvmd::wallet::PaymentHash,
+    ) -> Result<dvmd::wallet::PaymentStatus, dvmd::wallet::WalletError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        self.inner.lookup(hash).await
+    }
+    async fn pay(
+        &self,
+        bolt11: &str,
+        max_fee_msat: u64,
+    ) -> Result<dvmd::wallet::PaymentSent, dvmd::wallet::WalletError> {
+        self.inner.pay(bolt11, max_fee_msat).await
+    }
+    async fn lookup_payment(
+        &self,
+        hash: &dvmd::wallet::PaymentHash,
+    ) -> Result<dvmd::wallet::OutgoingStatus, dvmd::wallet::WalletError> {
+        self.inner.lookup_payment(hash).await
+    }
+    async fn balance(&self) -> Result<u64, dvmd::wallet::WalletError> {
+        self.inner.balance().await
+    }
+    fn settlements(&self) -> tokio::sync::broadcast::Receiver<dvmd::wallet::PaymentHash> {
+        self.inner.settlements()
+    }
+    async fn follow(&self, cancel: tokio_util::sync::CancellationToken) {
+        self.inner.follow(cancel).await
+    }
+}
+
+/// A reconcile pass over many open invoices keeps a few lookups in flight, never more than
+/// its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_pass_looks_up_a_few_invoices_at_a_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    const OPEN: usize = 24;
+    let data = harness::data_dir();
+    let in_flight = std::sync::Arc::new(AtomicUsize::new(0));
+    let most = std::sync::Arc::new(AtomicUsize::new(0));
+    let (counted, seen) = (in_flight.clone(), most.clone());
+    let config = harness::dev_config(data.path(), |file| {
+        // Only the passes this test runs.
+        file.wallet.reconcile_interval_secs = 3600;
+    });
+    let daemon = dvmd::daemon::Daemon::start(
+        config,
+        dvmd::daemon::Parts {
+            backend: Some(std::sync::Arc::new(
+                dvmd::infer::instant::InstantBackend::new("unused"),
+            )),
+            wrap_wallet: Some(std::sync::Arc::new(move |inner| {
+                std::sync::Arc::new(SlowLookups {
+                    inner,
+                    in_flight: counted.clone(),
+                    most: seen.clone(),
+                }) as std::sync::Arc<dyn dvmd::wallet::Wallet>
+            })),
+        },
+    )
+    .await
+    .expect("daemon starts");
+    let ready = daemon.ready().clone();
+    // Two customers, twelve unpaid invoices each (under the per-npub cap).
+    for _ in 0..2 {
+        let mut customer = Customer::connect(&ready.relay_url).await.expect("connect");
+        for i in 0..OPEN / 2 {
+            let request = customer
+                .post(customer::text_request(
+                    &format!("ask {i}"),
+                    &[("max_tokens", "4")],
+                    None,
+                    None,
+                ))
+                .await
+                .expect("post");
+            harness::invoice(&mut customer, &request.id).await;
+        }
+        customer.shutdown().await;
+    }
+    // Let the start-up pass finish before measuring.
+    while in_flight.load(SeqCst) > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    most.store(0, SeqCst);
+    daemon.pipeline().reconcile_once().await;
+    let bound = dvmd::job::payment::RECONCILE_LOOKUPS_IN_FLIGHT;
+    let most = most.load(SeqCst);
+    // More than one at a time (one by one, a pass over many invoices waits on each in turn),
+    // never more than the bound.
+    assert!(
+        (2..=bound).contains(&most),
+        "{most} lookups in flight at most, bound {bound}"
+    );
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
