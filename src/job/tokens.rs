@@ -177,13 +177,8 @@ impl Pipeline {
         if credential.payment_hash() != hash {
             return Err(mpp::Refusal::InvalidPreimage.into());
         }
-        let booked = |record: Option<PaymentRecord>| record.is_some_and(|r| r.consumed);
-        if !booked(book.payment(&hash).await?) {
-            // As for an L402 credential: the first to arrive asks the wallet once.
-            self.check_payment(&hash).await;
-            if !booked(book.payment(&hash).await?) {
-                return Err(mpp::Refusal::Unpaid.into());
-            }
+        if !self.confirm_booked(&hash, book.payment(&hash).await?).await? {
+            return Err(mpp::Refusal::Unpaid.into());
         }
         if spend && !book.use_payment_challenge(&id, unix_now()).await? {
             return Err(mpp::Refusal::UnknownChallenge.into());
@@ -201,15 +196,26 @@ impl Pipeline {
         if token.token_id != hex::encode(id.token_id) {
             return Err(TokenRefusal::Unknown);
         }
-        let booked = |record: Option<PaymentRecord>| record.is_some_and(|r| r.consumed);
-        if !booked(record) {
-            // The first credential before the reconciler or a hint: ask the wallet once.
-            self.check_payment(&hash).await;
-            if !booked(book.payment(&hash).await?) {
-                return Err(TokenRefusal::Unpaid);
-            }
+        if !self.confirm_booked(&hash, record).await? {
+            return Err(TokenRefusal::Unpaid);
         }
         Ok(Account::Token(hash))
+    }
+
+    /// Whether the payment of `hash` is booked (`record` is what the caller read of it): if
+    /// not yet, the wallet is asked once (the first credential can arrive before the
+    /// reconciler or a hint); once booked, no credential costs a wallet call.
+    async fn confirm_booked(
+        &self,
+        hash: &PaymentHash,
+        record: Option<PaymentRecord>,
+    ) -> Result<bool, BookError> {
+        let booked = |record: Option<PaymentRecord>| record.is_some_and(|r| r.consumed);
+        if booked(record) {
+            return Ok(true);
+        }
+        self.check_payment(hash).await;
+        Ok(booked(self.inner.book.payment(hash).await?))
     }
 
     /// A token account's spendable balance, msat.
