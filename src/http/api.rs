@@ -2,47 +2,34 @@
 //! relays use.
 //!
 //! - `GET /v1/models`: the model served and its prices (no auth).
-//! - `GET /v1/account[?limit=N]`: the caller's balance and latest ledger entries (NIP-98).
-//! - `POST /v1/account/topup {"amount_msat"}`: an invoice that credits the caller's npub once
-//!   our wallet confirms it (NIP-98). It is recorded before it is returned, bound to no job,
-//!   and reserves nothing.
+//! - `GET /v1/account`, `POST /v1/account/topup`, `/v1/account/settings`: the caller's own
+//!   account ([`super::account`], NIP-98).
 //! - `POST /v1/chat/completions` ([`super::chat`]) and `POST /v1/jobs`, `GET /v1/jobs/{id}`
 //!   ([`super::jobs`]): jobs billed to the caller's npub (NIP-98); 402 with a top-up invoice
 //!   for the shortfall when the balance does not cover the quote.
 //!
 //! NIP-98 events are checked against `[http] public_url` plus the request's path and query
-//! (see [`super::nip98`]). Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`,
+//! (see [`super::nip98`]). Errors ([`super::error::OpenAiError`]) have OpenAI's shape, `{"error": {"message", "type", "code"}}`,
 //! with the status that says what to do: 401 (sign again), 402 (pay `top_up`, then sign
 //! again), 400/404/413 (fix the request), 429 (wait `Retry-After` seconds), 503 (the wallet or
 //! store is down; retry later).
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nostr_sdk::{PublicKey, Timestamp, ToBech32};
-use serde::Deserialize;
+use nostr_sdk::{PublicKey, Timestamp};
 use serde_json::json;
 
+pub use super::error::OpenAiError;
 use super::lnurl::InvoiceLimiter;
 use super::nip98::{AuthError, Verifier};
 use super::HttpState;
-use crate::incident::Incident;
-use crate::job::account::{check_top_up, TopUpRefusal};
 use crate::job::Pipeline;
-use crate::wallet::WalletError;
-
-/// Entries `GET /v1/account` returns when the query names no `limit`, and the most it returns.
-const DEFAULT_ENTRIES: usize = 50;
-const MAX_ENTRIES: usize = 500;
-/// What a 429 tells the caller to wait, seconds.
-const RETRY_AFTER_SECS: u64 = 60;
 
 /// The API's settings and per-process state.
 pub struct ApiConfig {
@@ -229,10 +216,10 @@ pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
     let allowed = api.map(|api| api.cors.clone()).unwrap_or_default();
     Router::new()
         .route("/v1/models", get(models))
-        .route("/v1/account", get(account))
-        .route("/v1/account/topup", post(topup))
+        .route("/v1/account", get(super::account::account))
+        .route("/v1/account/topup", post(super::account::topup))
         .route("/v1/account/withdraw", post(super::withdraw::withdraw))
-        .route("/v1/account/settings", post(settings))
+        .route("/v1/account/settings", post(super::account::settings))
         .route("/admin/withdraw", post(super::withdraw::admin_withdraw))
         .route("/v1/chat/completions", post(super::chat::completions))
         .route("/v1/jobs", post(super::jobs::create))
@@ -269,166 +256,6 @@ impl axum::extract::FromRequest<HttpState> for ReadBody {
                 format!("the request body did not arrive within {secs} s"),
             )),
         }
-    }
-}
-
-/// An error in OpenAI's shape.
-#[derive(Debug)]
-pub struct OpenAiError {
-    status: StatusCode,
-    kind: &'static str,
-    code: &'static str,
-    message: String,
-    /// `WWW-Authenticate` values (a 401 or 402 that says how to authenticate).
-    pub(super) challenges: Vec<String>,
-    /// Beside `error`: a named object (the top-up invoice or the L402 challenge of a 402).
-    pub(super) extra: Option<Box<(&'static str, serde_json::Value)>>,
-    /// An RFC 9457 problem `type` and `title` (a refused HTTP `Payment` credential): the body
-    /// also carries `type`, `title`, `status` and `detail`, as `application/problem+json`.
-    pub(super) problem: Option<Box<(String, &'static str)>>,
-}
-
-impl OpenAiError {
-    pub(super) fn new(
-        status: StatusCode,
-        kind: &'static str,
-        code: &'static str,
-        message: String,
-    ) -> Self {
-        Self {
-            status,
-            kind,
-            code,
-            message,
-            challenges: Vec::new(),
-            extra: None,
-            problem: None,
-        }
-    }
-
-    /// Its status.
-    pub(super) fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// The same answer with another message.
-    pub(super) fn set_message(&mut self, message: String) {
-        self.message = message;
-    }
-
-    /// The same answer with what the call is expected to cost beside its invoice: `estimate`
-    /// (p50, p90, confidence, cap) in the top-up or L402 object of a 402.
-    pub(super) fn with_estimate(mut self, estimate: &crate::pricing::Estimate) -> Self {
-        if let Some(extra) = &mut self.extra {
-            if let Some(object) = extra.1.as_object_mut() {
-                object.insert("estimate".to_owned(), estimate_json(estimate));
-            }
-        }
-        self
-    }
-
-    pub(super) fn invalid(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_request",
-            message.into(),
-        )
-    }
-
-    pub(super) fn unavailable(what: &str, error: &dyn std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "unavailable",
-            format!(
-                "the {what} is unavailable right now; retry later ({})",
-                Incident::log(what, error)
-            ),
-        )
-    }
-
-    pub(super) fn rate_limited(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "rate_limited",
-            message.into(),
-        )
-    }
-}
-
-impl From<AuthError> for OpenAiError {
-    fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Busy => Self::rate_limited(e.to_string()),
-            e => Self::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "invalid_nip98",
-                e.to_string(),
-            ),
-        }
-    }
-}
-
-impl From<BytesRejection> for OpenAiError {
-    fn from(e: BytesRejection) -> Self {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
-        } else {
-            "invalid_body"
-        };
-        Self::new(status, "invalid_request_error", code, e.body_text())
-    }
-}
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({
-            "error": { "message": self.message, "type": self.kind, "code": self.code, "param": null }
-        });
-        if let Some(extra) = self.extra {
-            let (name, value) = *extra;
-            body[name] = value;
-        }
-        let problem = self.problem.is_some();
-        if let Some(problem) = self.problem {
-            let (kind, title) = *problem;
-            body["type"] = json!(kind);
-            body["title"] = json!(title);
-            body["status"] = json!(self.status.as_u16());
-            body["detail"] = json!(self.message);
-        }
-        let body = Json(body);
-        let mut response = (self.status, body).into_response();
-        let headers = response.headers_mut();
-        if problem {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/problem+json"),
-            );
-        }
-        if self.status == StatusCode::PAYMENT_REQUIRED {
-            // A 402's invoice and challenge are for this caller once: no cache may keep them.
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        }
-        for challenge in &self.challenges {
-            if let Ok(value) = HeaderValue::from_str(challenge) {
-                headers.append(header::WWW_AUTHENTICATE, value);
-            }
-        }
-        match self.status {
-            StatusCode::UNAUTHORIZED if self.challenges.is_empty() => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Nostr"));
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-            }
-            _ => {}
-        }
-        response
     }
 }
 
@@ -502,194 +329,5 @@ async fn models(State(state): State<HttpState>) -> Result<impl IntoResponse, Ope
             "max_tokens_limit": config.limits.max_tokens_limit,
             "context_tokens": config.context_tokens,
         }],
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AccountQuery {
-    limit: Option<usize>,
-}
-
-async fn account(
-    State(state): State<HttpState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    query: Result<Query<AccountQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<impl IntoResponse, OpenAiError> {
-    let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, peer, &method, &uri, &headers, &[])?;
-    let Query(query) = query.map_err(|e| OpenAiError::invalid(e.body_text()))?;
-    let limit = query.limit.unwrap_or(DEFAULT_ENTRIES).min(MAX_ENTRIES);
-    let view = pipeline
-        .account(who.into(), limit)
-        .await
-        .map_err(|e| OpenAiError::unavailable("store", &e))?;
-    Ok(Json(json!({
-        "object": "account",
-        "pubkey": who.to_hex(),
-        "npub": who.to_bech32().unwrap_or_default(),
-        "balance_msat": view.balance_msat,
-        "settings": pipeline
-            .book()
-            .settings(who.into())
-            .await
-            .map_err(|e| OpenAiError::unavailable("store", &e))?,
-        "entries": view.entries,
-        "jobs": view.jobs,
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Settings {
-    auto_payout: bool,
-}
-
-/// `POST /v1/account/settings {"auto_payout": true|false}` (NIP-98): send change and refunds
-/// home automatically to the `lud16` of the signer's kind 0 profile (see `job::auto_payout`).
-async fn settings(
-    State(state): State<HttpState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    ReadBody(body): ReadBody,
-) -> Result<impl IntoResponse, OpenAiError> {
-    let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, peer, &method, &uri, &headers, &body)?;
-    let Settings { auto_payout } = serde_json::from_slice(&body)
-        .map_err(|e| OpenAiError::invalid(format!("expected {{\"auto_payout\": true}}: {e}")))?;
-    let settings = pipeline
-        .book()
-        .set_auto_payout(who.into(), auto_payout)
-        .await
-        .map_err(|e| OpenAiError::unavailable("store", &e))?;
-    let policy = pipeline.inner.config.auto_payout;
-    Ok(Json(json!({
-        "object": "account_settings",
-        "auto_payout": settings.auto_payout,
-        "idle_days": policy.idle_days,
-        "min_msat": policy.min_msat,
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TopUp {
-    amount_msat: u64,
-}
-
-/// An estimate as the API shows it.
-pub(super) fn estimate_json(estimate: &crate::pricing::Estimate) -> serde_json::Value {
-    json!({
-        "p50_msat": estimate.p50_msat,
-        "p90_msat": estimate.p90_msat,
-        "confidence": estimate.confidence,
-        "cap_msat": estimate.cap_msat,
-        "prompt_tokens": estimate.prompt_tokens,
-        "max_tokens": estimate.max_tokens,
-    })
-}
-
-/// The 402 for a call the caller's balance does not cover: an invoice for the shortfall,
-/// rounded up to whole sats, that credits the caller when paid. It is bound to no call and
-/// reserves nothing; the caller retries with a new NIP-98 event once it is paid. Minting it takes
-/// a token from the top-up flood limit.
-pub(super) async fn shortfall(
-    api: &ApiConfig,
-    pipeline: &Pipeline,
-    who: PublicKey,
-    quote_msat: u64,
-    balance_msat: u64,
-) -> OpenAiError {
-    let amount_msat = quote_msat
-        .saturating_sub(balance_msat)
-        .div_ceil(1000)
-        .max(1)
-        * 1000;
-    if !api.topups.try_take_at(Instant::now()) {
-        return OpenAiError::rate_limited(format!(
-            "your balance of {balance_msat} msat does not cover the quote of {quote_msat} msat, and too many top-up invoices were issued just now; retry in a minute"
-        ));
-    }
-    let invoice = pipeline
-        .top_up_invoice(who.into(), amount_msat, amount_msat.max(api.max_topup_msat))
-        .await;
-    let invoice = match invoice {
-        Ok(invoice) => invoice,
-        Err(e) => return top_up_refused(e),
-    };
-    pipeline
-        .metrics()
-        .challenged(crate::metrics::Challenge::TopUp);
-    let mut error = OpenAiError::new(
-        StatusCode::PAYMENT_REQUIRED,
-        "insufficient_quota",
-        "insufficient_balance",
-        format!(
-            "your balance of {balance_msat} msat does not cover the quote of {quote_msat} msat; pay the invoice in `top_up` ({} msat) to credit your account, then retry with a new NIP-98 event",
-            invoice.amount_msat
-        ),
-    );
-    error.extra = Some(Box::new((
-        "top_up",
-        json!({
-            "bolt11": invoice.bolt11,
-            "payment_hash": invoice.payment_hash.to_string(),
-            "amount_msat": invoice.amount_msat,
-            "expires_at": invoice.expires_at,
-            "credits": who.to_hex(),
-            "quote_msat": quote_msat,
-            "balance_msat": balance_msat,
-        }),
-    )));
-    error
-}
-
-fn top_up_refused(e: TopUpRefusal) -> OpenAiError {
-    match e {
-        TopUpRefusal::Amount(reason) => OpenAiError::invalid(reason),
-        TopUpRefusal::Wallet(e @ WalletError::InvalidInvoice(_)) => {
-            OpenAiError::invalid(e.to_string())
-        }
-        TopUpRefusal::Wallet(e) => OpenAiError::unavailable("wallet", &e),
-        TopUpRefusal::Book(e) => OpenAiError::unavailable("store", &e),
-    }
-}
-
-async fn topup(
-    State(state): State<HttpState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    ReadBody(body): ReadBody,
-) -> Result<impl IntoResponse, OpenAiError> {
-    let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, peer, &method, &uri, &headers, &body)?;
-    let TopUp { amount_msat } = serde_json::from_slice(&body)
-        .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
-    // A refused amount costs no invoice, so it takes no token from the flood limit.
-    check_top_up(amount_msat, api.max_topup_msat)
-        .map_err(|e| OpenAiError::invalid(e.to_string()))?;
-    if !api.topups.try_take_at(Instant::now()) {
-        return Err(OpenAiError::rate_limited(
-            "too many top-up invoices right now; retry in a minute",
-        ));
-    }
-    let invoice = pipeline
-        .top_up_invoice(who.into(), amount_msat, api.max_topup_msat)
-        .await
-        .map_err(top_up_refused)?;
-    Ok(Json(json!({
-        "object": "topup",
-        "bolt11": invoice.bolt11,
-        "payment_hash": invoice.payment_hash.to_string(),
-        "amount_msat": invoice.amount_msat,
-        "expires_at": invoice.expires_at,
-        "credits": who.to_hex(),
     })))
 }

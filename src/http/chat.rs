@@ -25,7 +25,8 @@ use std::net::SocketAddr;
 
 use axum::extract::ConnectInfo;
 
-use super::api::{parts, shortfall, OpenAiError, ReadBody};
+use super::account::shortfall;
+use super::api::{parts, OpenAiError, ReadBody};
 use super::l402::{caller, challenge, payment_account, refuse_payment, token_account, Caller, Who};
 use super::HttpState;
 use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
@@ -501,7 +502,7 @@ fn dvmd(finished: &Finished) -> Value {
     json!({
         "job": job.id.to_hex(),
         "quote_msat": job.quote_msat,
-        "estimate": job.estimate.as_ref().map(super::api::estimate_json),
+        "estimate": job.estimate.as_ref().map(super::error::estimate_json),
         "charge_msat": charged,
         "released_msat": job.funds_msat().saturating_sub(charged),
         "receipt": job.receipt,

@@ -162,7 +162,7 @@ fn view(job: &Job) -> Value {
         "state": job.state.as_str(),
         "reason": job.reason,
         "quote_msat": job.quote_msat,
-        "estimate": job.estimate.as_ref().map(super::api::estimate_json),
+        "estimate": job.estimate.as_ref().map(super::error::estimate_json),
         "reserved_msat": job.credit_msat,
         "held_msat": job.held_msat,
         "charge_msat": charged,

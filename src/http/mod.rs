@@ -1,6 +1,7 @@
 //! The HTTP listener: `/healthz`, `/metrics` (Prometheus text), the Lightning address, the
 //! `/v1` API ([`api`]), and in dev mode `/dev/pay`.
 
+pub mod account;
 pub mod api;
 pub mod chat;
 pub mod error;

@@ -177,7 +177,10 @@ impl Pipeline {
         if credential.payment_hash() != hash {
             return Err(mpp::Refusal::InvalidPreimage.into());
         }
-        if !self.confirm_booked(&hash, book.payment(&hash).await?).await? {
+        if !self
+            .confirm_booked(&hash, book.payment(&hash).await?)
+            .await?
+        {
             return Err(mpp::Refusal::Unpaid.into());
         }
         if spend && !book.use_payment_challenge(&id, unix_now()).await? {
