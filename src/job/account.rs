@@ -9,9 +9,8 @@ use super::book::BookError;
 use super::id::JobId;
 use super::invoices::PaymentRecord;
 use super::pipeline::Pipeline;
-use super::record::{Door, Job};
+use super::record::Door;
 use crate::ledger::{self, Entry};
-use crate::store::Tree;
 use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, WalletError};
 
 /// An account's balance, its latest ledger entries and the jobs they name.
@@ -90,7 +89,7 @@ impl Pipeline {
                 let mut seen = std::collections::HashSet::new();
                 for id in entries.iter().filter_map(|(_, e)| e.job) {
                     if seen.insert(id) {
-                        if let Some(job) = r.get::<Job>(Tree::Jobs, id.as_bytes())? {
+                        if let Some(job) = super::book::read_job(r, &id)? {
                             jobs.push(JobSummary {
                                 id,
                                 door: job.door,

@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use super::book::{Book, BookError};
 use super::payouts::{PayoutRefusal, Target};
 use super::pipeline::Pipeline;
-use super::record::Job;
 use crate::ledger::{self, Account, EntryKind};
 use crate::store::{Tree, TxError, ENTRY_SEQUENCE};
 
@@ -123,7 +122,7 @@ impl Book {
                         continue;
                     }
                     let Some(id) = entry.job else { continue };
-                    let Some(job) = r.get::<Job>(Tree::Jobs, id.as_bytes())? else {
+                    let Some(job) = super::book::read_job(r, &id)? else {
                         continue;
                     };
                     if job.payer() == account && job.paid_msat > 0 {

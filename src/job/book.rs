@@ -15,7 +15,7 @@ use super::invoices::PaymentRecord;
 use super::record::{Job, JobInvoice};
 use super::state::{IllegalTransition, JobState};
 use crate::ledger::LedgerError;
-use crate::store::{Store, StoreError, Tree, Tx, TxError};
+use crate::store::{be_u64, job_key, Reader, Store, StoreError, Tree, Tx, TxError, TxFailure};
 use crate::wallet::PaymentHash;
 
 /// Errors of the job book.
@@ -75,8 +75,51 @@ pub(super) fn abort<E: Into<BookError>>(e: E) -> TxError<BookError> {
 
 /// Inside a transaction: the job stored under `id`.
 pub(super) fn stored_job(tx: &Tx<'_>, id: &JobId) -> Result<Job, TxError<BookError>> {
-    tx.get(Tree::Jobs, id.as_bytes())?
-        .ok_or_else(|| abort(BookError::NoJob(*id)))
+    find_job(tx, id)?.ok_or_else(|| abort(BookError::NoJob(*id)))
+}
+
+// Job records live under their time key ([`job_key`]) and are found by id through
+// `Tree::JobKeys`; these four functions are the only code that knows it.
+
+/// Inside a transaction: the job stored under `id`, if any.
+pub(super) fn find_job(tx: &Tx<'_>, id: &JobId) -> Result<Option<Job>, TxFailure> {
+    match tx
+        .get_raw(Tree::JobKeys, id.as_bytes())?
+        .as_deref()
+        .and_then(be_u64)
+    {
+        Some(received_at) => tx.get(Tree::Jobs, &job_key(received_at, id.as_bytes())),
+        None => Ok(None),
+    }
+}
+
+/// Inside a transaction: store a job that is not in the book yet, and index it by id.
+pub(super) fn insert_job(tx: &Tx<'_>, job: &Job) -> Result<(), TxFailure> {
+    let id = job.id.as_bytes();
+    tx.put_raw(Tree::JobKeys, id, &job.received_at.to_be_bytes())?;
+    tx.put(Tree::Jobs, &job_key(job.received_at, id), job)
+}
+
+/// Inside a transaction: store the new state of a job read with [`find_job`] or
+/// [`stored_job`] (its key never changes: `received_at` is set once, when it arrives).
+pub(super) fn put_job(tx: &Tx<'_>, job: &Job) -> Result<(), TxFailure> {
+    tx.put(
+        Tree::Jobs,
+        &job_key(job.received_at, job.id.as_bytes()),
+        job,
+    )
+}
+
+/// The job stored under `id`, if any, for a read.
+pub(crate) fn read_job(reader: &Reader<'_>, id: &JobId) -> Result<Option<Job>, StoreError> {
+    match reader
+        .get_raw(Tree::JobKeys, id.as_bytes())?
+        .as_deref()
+        .and_then(be_u64)
+    {
+        Some(received_at) => reader.get(Tree::Jobs, &job_key(received_at, id.as_bytes())),
+        None => Ok(None),
+    }
 }
 
 impl Book {
@@ -95,10 +138,10 @@ impl Book {
         let job = job.clone();
         self.store
             .apply(move |tx| {
-                if let Some(existing) = tx.get::<Job>(Tree::Jobs, job.id.as_bytes())? {
+                if let Some(existing) = find_job(tx, &job.id)? {
                     return Ok(Admission::Duplicate(Box::new(existing)));
                 }
-                tx.put(Tree::Jobs, job.id.as_bytes(), &job)?;
+                insert_job(tx, &job)?;
                 Ok(Admission::New)
             })
             .await
@@ -107,9 +150,7 @@ impl Book {
     /// The job stored under `id`.
     pub async fn get(&self, id: &JobId) -> Result<Option<Job>, BookError> {
         let id = *id;
-        self.store
-            .read(move |r| Ok(r.get(Tree::Jobs, id.as_bytes())?))
-            .await
+        self.store.read(move |r| Ok(read_job(r, &id)?)).await
     }
 
     /// Apply `change` to job `id` atomically and return the new record. `change` may be rerun
@@ -141,7 +182,7 @@ impl Book {
                 // Rejected, expired or cancelled: whatever credit it reserved is spendable again.
                 super::holds::release_unpaid(tx, &mut job, at)?;
             }
-            tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+            put_job(tx, &job)?;
             Ok(job)
         };
         if durable {
@@ -216,7 +257,7 @@ impl Book {
                 tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), id.as_bytes())?;
                 tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
                 tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
-                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                put_job(tx, &job)?;
                 Ok(job)
             })
             .await
@@ -252,7 +293,7 @@ impl Book {
             .await
     }
 
-    /// Every job (for `dvmd jobs` and tests), oldest first.
+    /// Every job (for `dvmd jobs` and tests), oldest first (the key order).
     pub async fn all(&self) -> Result<Vec<Job>, BookError> {
         self.store.read(all_jobs).await
     }
@@ -281,7 +322,6 @@ fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {
     for item in reader.scan::<Job>(Tree::Jobs) {
         jobs.push(item?.1);
     }
-    jobs.sort_by_key(|job| job.received_at);
     Ok(jobs)
 }
 
@@ -479,6 +519,53 @@ pub(crate) mod tests {
             Admission::Duplicate(stored) => assert_eq!(stored.state, JobState::Quoted),
             Admission::New => panic!("a second sighting must not be new"),
         }
+    }
+
+    #[tokio::test]
+    async fn jobs_are_kept_in_the_order_they_arrived_and_found_by_id() {
+        let book = book();
+        let keys = Keys::generate();
+        let mut jobs = Vec::new();
+        for (n, at) in [30u64, 10, 20].into_iter().enumerate() {
+            let request = EventBuilder::new(Kind::from(5050), n.to_string())
+                .sign_with_keys(&keys)
+                .expect("sign");
+            let job = Job::received(&request, vec![], at);
+            assert!(matches!(
+                book.admit(&job).await.expect("admit"),
+                Admission::New
+            ));
+            jobs.push(job);
+        }
+        // The same request seen again later (another relay, a restart) is the same job, though
+        // "now" has moved on: the id index finds it, whatever its time key.
+        let again = Job::received_as(
+            &EventBuilder::new(Kind::from(5050), "0")
+                .sign_with_keys(&keys)
+                .expect("sign"),
+            jobs[0].request.clone(),
+            vec![],
+            99,
+        );
+        assert_eq!(again.id, jobs[0].id);
+        assert!(matches!(
+            book.admit(&again).await.expect("admit"),
+            Admission::Duplicate(stored) if stored.received_at == 30
+        ));
+        let changed = book
+            .transition(&jobs[1].id, JobState::Quoted, |j| j.quote_msat = Some(5))
+            .await
+            .expect("quoted");
+        assert_eq!(changed.received_at, 10);
+        let all = book.all().await.expect("all");
+        let order: Vec<u64> = all.iter().map(|j| j.received_at).collect();
+        assert_eq!(order, vec![10, 20, 30], "one record each, oldest first");
+        assert_eq!(all[0].state, JobState::Quoted, "updated in place");
+        for job in &jobs {
+            let found = book.get(&job.id).await.expect("get").expect("found");
+            assert_eq!(found.received_at, job.received_at);
+        }
+        assert!(book.get(&JobId::random()).await.expect("get").is_none());
     }
 
     #[tokio::test]

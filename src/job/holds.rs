@@ -5,7 +5,7 @@
 use super::id::JobId;
 use crate::ledger::Account;
 
-use super::book::{abort, now, stored_job, Book, BookError};
+use super::book::{abort, find_job, insert_job, now, put_job, stored_job, Book, BookError};
 use super::record::Job;
 use super::state::{IllegalTransition, JobState};
 use crate::ledger::{self, Entry, EntryKind, LedgerError};
@@ -53,7 +53,7 @@ impl Book {
                         job.last_feedback = Some(json.clone());
                     }
                 }
-                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                put_job(tx, &job)?;
                 Ok(job)
             })
             .await
@@ -72,7 +72,7 @@ impl Book {
         let at = now();
         let write = move |tx: &Tx<'_>| {
             let mut job = job.clone();
-            if tx.contains(Tree::Jobs, job.id.as_bytes())? {
+            if find_job(tx, &job.id)?.is_some() {
                 return Err(abort(BookError::JobExists(job.id)));
             }
             let quote = job.quote_msat.unwrap_or(0);
@@ -86,7 +86,7 @@ impl Book {
             job.credit_msat = take;
             job.held_msat = take;
             job.transition(JobState::Running, at).map_err(abort)?;
-            tx.put(Tree::Jobs, job.id.as_bytes(), &job)?;
+            insert_job(tx, &job)?;
             Ok(Ok(job))
         };
         if durable {
@@ -219,7 +219,7 @@ fn settle_in(
         post(tx, EntryKind::RefundCredit, account, change, job, at)?;
     }
     job.held_msat = 0;
-    tx.put(Tree::Jobs, job.id.as_bytes(), &*job)?;
+    put_job(tx, &*job)?;
     Ok(())
 }
 
@@ -286,7 +286,7 @@ mod tests {
                 let mut job = stored_job(tx, &id)?;
                 job.state = JobState::Delivered;
                 job.paid_msat = 1_000;
-                tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+                put_job(tx, &job)?;
                 post(tx, EntryKind::PaymentIn, account.into(), 1_000, &job, 0)?;
                 post(tx, EntryKind::Charge, account.into(), 600, &job, 0)?;
                 Ok::<_, TxError<BookError>>(())

@@ -6,7 +6,7 @@ use super::id::JobId;
 use crate::ledger::Account;
 use serde::{Deserialize, Serialize};
 
-use super::book::{abort, now, stored_job, Book, BookError};
+use super::book::{abort, now, put_job, stored_job, Book, BookError};
 use super::holds::post;
 use super::record::Job;
 use super::state::JobState;
@@ -146,7 +146,7 @@ fn book_consumed(
     // Held for the job from now on, so no other job can spend it before this one settles.
     post(tx, EntryKind::Reserve, record.account, paid_msat, &job, at)?;
     job.held_msat += paid_msat;
-    tx.put(Tree::Jobs, id.as_bytes(), &job)?;
+    put_job(tx, &job)?;
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }
 

@@ -84,7 +84,7 @@ pub struct Job {
     pub state: JobState,
     /// Why it was rejected or failed.
     pub reason: Option<String>,
-    /// Unix seconds when first seen.
+    /// Unix seconds when first seen. Part of the job's store key, so it never changes.
     pub received_at: u64,
     /// Unix seconds of the last transition.
     pub updated_at: u64,

@@ -1,8 +1,8 @@
 //! Schema migrations, run on open before the writer starts.
 
 use super::{
-    account_entry_key, be_u64, decode, StoreError, Tree, Trees, ENTRY_SEQUENCE, META_SCHEMA_KEY,
-    SCHEMA_VERSION,
+    account_entry_key, be_u64, decode, job_key, StoreError, Tree, Trees, ENTRY_SEQUENCE,
+    META_SCHEMA_KEY, SCHEMA_VERSION,
 };
 
 /// Bring a store written by an older schema up to [`SCHEMA_VERSION`], before the writer starts.
@@ -25,14 +25,17 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         }
         // 3 -> 4 adds holds: nothing on disk changes shape.
         3 | 4 => index_entries_by_account(trees)?,
-        // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`: nothing is rewritten.
-        5 => tracing::info!("store migrated to schema 8 (HTTP jobs, L402 tokens, payouts)"),
-        // 6 -> 7 adds `payouts`, `account_settings` and the payout entry kinds: nothing is
+        // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`, 6 -> 7 `payouts`,
+        // `account_settings` and the payout entry kinds, 7 -> 8 `mpp_challenges`: nothing is
         // rewritten.
-        6 => tracing::info!("store migrated to schema 8 (payouts, HTTP Payment challenges)"),
-        // 7 -> 8 adds `mpp_challenges`: nothing is rewritten.
-        7 => tracing::info!("store migrated to schema 8 (HTTP Payment challenges)"),
+        5..=8 => {}
         found => return Err(StoreError::Schema { found }),
+    }
+    if found < 9 {
+        key_jobs_by_time(trees)?;
+    }
+    if found != SCHEMA_VERSION {
+        tracing::info!(from = found, to = SCHEMA_VERSION, "store migrated");
     }
     if meta.get(ENTRY_SEQUENCE)?.is_none() {
         meta.insert(ENTRY_SEQUENCE, &0u64.to_be_bytes())?;
@@ -96,6 +99,38 @@ fn index_entries_by_account(trees: &Trees) -> Result<(), StoreError> {
     tracing::info!(
         indexed,
         "store migrated to schema 5 (ledger entries by account)"
+    );
+    Ok(())
+}
+
+/// Migration 8 -> 9: move every job from its id key to its time key ([`job_key`]) and index it
+/// by id. Each job is written under its new key before its old key is removed, so a migration
+/// cut short by a crash resumes where it stopped (the schema version moves only at the end).
+fn key_jobs_by_time(trees: &Trees) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Received {
+        received_at: u64,
+    }
+    let jobs = &trees.trees[Tree::Jobs as usize];
+    let index = &trees.trees[Tree::JobKeys as usize];
+    // The old keys first (32 bytes each), so the scan never meets a key it just wrote.
+    let mut old = Vec::new();
+    for key in jobs.iter().keys() {
+        let key = key?;
+        if let Ok(id) = <[u8; 32]>::try_from(key.as_ref()) {
+            old.push(id);
+        }
+    }
+    for id in &old {
+        let Some(raw) = jobs.get(id)? else { continue };
+        let received: Received = decode("jobs", &raw)?;
+        jobs.insert(job_key(received.received_at, id), raw)?;
+        index.insert(id, &received.received_at.to_be_bytes())?;
+        jobs.remove(id)?;
+    }
+    tracing::info!(
+        moved = old.len(),
+        "store migrated to schema 9 (jobs keyed by time)"
     );
     Ok(())
 }

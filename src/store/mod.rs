@@ -47,7 +47,9 @@ use writer::{Applied, Command, Status, Write};
 ///    from reading accounts and jobs it does not know.
 /// 7: `payouts`, `account_settings` and the payout entry kinds.
 /// 8: `mpp_challenges`, the HTTP `Payment` challenges by id. Nothing is rewritten.
-pub const SCHEMA_VERSION: u64 = 8;
+/// 9: jobs keyed by time (`received_at ‖ id`, see [`job_key`]) with the `job_keys` index by
+///    id: every job record is moved to its new key on upgrade.
+pub const SCHEMA_VERSION: u64 = 9;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -59,8 +61,14 @@ pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
 /// The trees dvmd keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tree {
-    /// Job records by job id.
+    /// Job records by [`job_key`]: the time the job was received, then its id. Jobs arrive in
+    /// time order, so writes and lookups touch the tail of the tree and sled keeps only that
+    /// tail in memory (keyed by the random id alone, every leaf was touched in turn and stayed
+    /// resident: memory grew with the number of jobs ever seen).
     Jobs = 0,
+    /// Index of [`Tree::Jobs`] by job id: id (32 bytes) to `received_at` (8, big endian),
+    /// written with the job's first record. Small, so random ids cost little here.
+    JobKeys,
     /// Invoices we issued, by payment hash: which job each pays, and whether it was consumed.
     Payments,
     /// Index of the payment hashes the reconciler still looks up (neither consumed nor closed),
@@ -92,8 +100,9 @@ pub enum Tree {
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 13] = [
+    pub const ALL: [Tree; 14] = [
         Self::Jobs,
+        Self::JobKeys,
         Self::Payments,
         Self::OpenPayments,
         Self::Accounts,
@@ -112,6 +121,7 @@ impl Tree {
     pub fn name(self) -> &'static str {
         match self {
             Self::Jobs => "jobs",
+            Self::JobKeys => "job_keys",
             Self::Payments => "payments",
             Self::OpenPayments => "open_payments",
             Self::Accounts => "accounts",
@@ -533,6 +543,15 @@ pub fn decode<T: DeserializeOwned>(tree: &'static str, raw: &[u8]) -> Result<T, 
 /// Read a big-endian u64 (sequence numbers, versions, balances).
 pub fn be_u64(raw: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(raw.try_into().ok()?))
+}
+
+/// The [`Tree::Jobs`] key of the job `id` received at `received_at` (unix seconds): 8 bytes big
+/// endian, then the 32-byte id.
+pub fn job_key(received_at: u64, id: &[u8; 32]) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..8].copy_from_slice(&received_at.to_be_bytes());
+    key[8..].copy_from_slice(id);
+    key
 }
 
 /// The [`Tree::AccountEntries`] key of the entry numbered `seq` (its `entries` key, 8 bytes

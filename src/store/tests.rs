@@ -333,13 +333,18 @@ fn an_unknown_schema_is_refused() {
 }
 
 #[test]
-fn a_version_5_store_opens_as_7_with_its_jobs_and_accounts_as_they_were() {
+fn a_version_5_store_opens_as_current_with_its_jobs_and_accounts_as_they_were() {
     old_store_opens_as_current(5);
 }
 
 #[test]
-fn a_version_6_store_opens_as_7_with_its_jobs_and_accounts_as_they_were() {
+fn a_version_6_store_opens_as_current_with_its_jobs_and_accounts_as_they_were() {
     old_store_opens_as_current(6);
+}
+
+#[test]
+fn a_version_8_store_opens_as_current_with_its_jobs_and_accounts_as_they_were() {
+    old_store_opens_as_current(8);
 }
 
 fn old_store_opens_as_current(from: u64) {
@@ -352,9 +357,25 @@ fn old_store_opens_as_current(from: u64) {
         .sign_with_keys(&keys)
         .expect("sign");
     let job = Job::received(&request, vec![], 1);
+    // Received later, and a second, earlier job that a migration cut short had already copied
+    // to its time key (its id key is still there too).
+    let later = Job::received(
+        &EventBuilder::new(Kind::from(5050u16), "later")
+            .sign_with_keys(&keys)
+            .expect("sign"),
+        vec![],
+        7,
+    );
+    let copied = Job::received(
+        &EventBuilder::new(Kind::from(5050u16), "copied")
+            .sign_with_keys(&keys)
+            .expect("sign"),
+        vec![],
+        0,
+    );
     let npub = Account::from(keys.public_key());
     {
-        // Schema 5 or 6 as it was written: a relay job and an npub's balance.
+        // Schema 5 to 8 as it was written: relay jobs under their ids and an npub's balance.
         let db = sled::open(dir.path()).expect("sled");
         let meta = db.open_tree("meta").expect("meta");
         meta.insert(META_SCHEMA_KEY, &from.to_be_bytes())
@@ -366,10 +387,16 @@ fn old_store_opens_as_current(from: u64) {
             !json.contains("door") && !json.contains("\"result\""),
             "{json}"
         );
-        db.open_tree("jobs")
-            .expect("jobs")
-            .insert(job.id.as_bytes(), json.as_bytes())
-            .expect("job");
+        let jobs = db.open_tree("jobs").expect("jobs");
+        for j in [&later, &job, &copied] {
+            jobs.insert(j.id.as_bytes(), serde_json::to_vec(j).expect("json"))
+                .expect("job");
+        }
+        jobs.insert(
+            super::job_key(0, copied.id.as_bytes()),
+            serde_json::to_vec(&copied).expect("json"),
+        )
+        .expect("copied");
         db.flush().expect("flush");
     }
     let store = Store::open(dir.path()).expect("open");
@@ -395,11 +422,29 @@ fn old_store_opens_as_current(from: u64) {
         .read_blocking(move |r| {
             Ok::<_, ledger::LedgerError>((
                 r.get_raw(Tree::Meta, META_SCHEMA_KEY)?,
-                r.get::<Job>(Tree::Jobs, id.as_bytes())?,
+                crate::job::book::read_job(r, &id)?,
                 ledger::check(r)?,
             ))
         })
         .expect("read");
+    let keys: Vec<Vec<u8>> = store
+        .read_blocking(|r| r.keys(Tree::Jobs).collect())
+        .expect("keys");
+    let expected: Vec<Vec<u8>> = [(0, &copied), (1, &job), (7, &later)]
+        .iter()
+        .map(|(at, j)| super::job_key(*at, j.id.as_bytes()).to_vec())
+        .collect();
+    assert_eq!(
+        keys, expected,
+        "every job once, under its time key, oldest first"
+    );
+    for j in [&copied, &later] {
+        let id = j.id;
+        let read = store
+            .read_blocking(move |r| crate::job::book::read_job(r, &id))
+            .expect("read");
+        assert_eq!(read.as_ref(), Some(j), "found by id through the index");
+    }
     assert_eq!(version.as_deref().and_then(be_u64), Some(SCHEMA_VERSION));
     let stored = stored.expect("the job");
     assert_eq!(stored.door, Door::Relay);
