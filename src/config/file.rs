@@ -56,12 +56,15 @@ pub struct ReplyRelaysSection {
 pub struct StoreSection {
     /// sled's page cache, MiB (sled's own default is 1 GiB).
     pub cache_capacity_mib: u64,
+    /// Hours after they ended that jobs which ended without money are removed (0: never).
+    pub prune_unpaid_after_hours: u64,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         Self {
             cache_capacity_mib: crate::store::DEFAULT_CACHE_CAPACITY_BYTES / (1024 * 1024),
+            prune_unpaid_after_hours: 24,
         }
     }
 }
@@ -118,7 +121,7 @@ pub struct ServiceSection {
     pub data_dir: Option<PathBuf>,
     /// Request kinds served.
     pub kinds: Vec<u16>,
-    /// Requests older than this are ignored.
+    /// Requests dated further than this from now, before or after, are ignored.
     pub max_request_age_secs: u64,
     /// Job requests one npub may post a minute (in a burst, refilled at this rate); more are
     /// dropped before anything is stored, quoted or invoiced.

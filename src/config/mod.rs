@@ -380,6 +380,12 @@ impl Config {
             },
             model: backend.model_name(),
             max_age_secs: service.max_request_age_secs,
+            prune: (file.store.prune_unpaid_after_hours > 0).then(|| {
+                crate::job::prune::PrunePolicy {
+                    retention_secs: file.store.prune_unpaid_after_hours.saturating_mul(60 * 60),
+                    max_request_age_secs: service.max_request_age_secs,
+                }
+            }),
             requests_per_npub_per_minute: service.requests_per_npub_per_minute,
             max_open_invoices_per_npub: service.max_open_invoices_per_npub.max(1),
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,

@@ -296,7 +296,8 @@ impl Book {
 
 impl Pipeline {
     /// Every hour until `cancel` fires: automatic payouts, then (when the operator set an
-    /// expiry) unclaimed credit.
+    /// expiry) unclaimed credit, then the records of jobs that ended without money
+    /// ([`Book::prune_unpaid`](super::book::Book::prune_unpaid)).
     pub async fn run_auto_payouts(self, cancel: tokio_util::sync::CancellationToken) {
         let policy = self.inner.config.auto_payout;
         loop {
@@ -309,6 +310,19 @@ impl Pipeline {
             if let Some(days) = self.inner.config.credit_expiry_days {
                 if let Err(e) = self.inner.book.expire_credit(days, now).await {
                     tracing::error!(error = %e, "cannot expire unclaimed credit");
+                }
+            }
+            if let Some(policy) = self.inner.config.prune {
+                match self.inner.book.prune_unpaid(now, policy).await {
+                    Ok(pass) if pass.removed > 0 => {
+                        tracing::info!(
+                            removed = pass.removed,
+                            read = pass.scanned,
+                            "pruned jobs that ended without money"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot prune ended jobs"),
                 }
             }
         }

@@ -6,7 +6,7 @@ use super::id::JobId;
 use crate::ledger::Account;
 use serde::{Deserialize, Serialize};
 
-use super::book::{abort, now, put_job, stored_job, Book, BookError};
+use super::book::{abort, find_job, now, put_job, stored_job, Book, BookError};
 use super::holds::post;
 use super::record::Job;
 use super::state::JobState;
@@ -118,7 +118,11 @@ fn book_consumed(
     let Some(id) = record.job else {
         return Ok(credited);
     };
-    let mut job = stored_job(tx, &id)?;
+    // A job that ended unpaid may have been pruned since: its late payment is credited all
+    // the same.
+    let Some(mut job) = find_job(tx, &id)? else {
+        return Ok(credited);
+    };
     if job.state != JobState::AwaitingPayment {
         return Ok(credited);
     }

@@ -25,6 +25,7 @@ pub mod open_invoices;
 pub mod payment;
 pub mod payouts;
 pub mod pipeline;
+pub mod prune;
 pub mod quote;
 pub mod record;
 pub mod recovery;

@@ -64,8 +64,10 @@ pub struct JobConfig {
     pub context_tokens: u32,
     /// The model served: a request's `model` param must name it.
     pub model: String,
-    /// Requests older than this are ignored, seconds.
+    /// Requests dated further than this from now are ignored, seconds.
     pub max_age_secs: u64,
+    /// When the records of jobs that ended without money are removed (`None`: never).
+    pub prune: Option<super::prune::PrunePolicy>,
     /// Job requests one npub may post a minute (burst and refill); more are dropped.
     pub requests_per_npub_per_minute: u32,
     /// Invoices one account may leave unpaid; a request beyond gets an `error`.

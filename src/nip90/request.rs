@@ -294,13 +294,14 @@ impl JobRequest {
         }
     }
 
-    /// Whether the request is stale at `now`: past its NIP-40 expiration, or older than
-    /// `max_age_secs`.
+    /// Whether the request is stale at `now`: past its NIP-40 expiration, or dated more than
+    /// `max_age_secs` away from now, before or after (a request dated far ahead would stay
+    /// admissible, and its record could never be pruned, until then).
     pub fn is_stale(&self, now: Timestamp, max_age_secs: u64) -> bool {
         if self.expiration.is_some_and(|exp| exp <= now) {
             return true;
         }
-        now.as_secs().saturating_sub(self.created_at.as_secs()) > max_age_secs
+        now.as_secs().abs_diff(self.created_at.as_secs()) > max_age_secs
     }
 
     /// Whether the customer's credit may pay for this request: always when it names `us` (a
@@ -491,5 +492,10 @@ mod tests {
         assert!(!fresh.is_stale(Timestamp::now(), 60));
         let later = Timestamp::from_secs(fresh.created_at.as_secs() + 61);
         assert!(fresh.is_stale(later, 60));
+        // Dated ahead: fine within the age, stale beyond it.
+        let earlier = Timestamp::from_secs(fresh.created_at.as_secs() - 60);
+        assert!(!fresh.is_stale(earlier, 60));
+        let much_earlier = Timestamp::from_secs(fresh.created_at.as_secs() - 61);
+        assert!(fresh.is_stale(much_earlier, 60));
     }
 }

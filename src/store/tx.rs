@@ -167,6 +167,18 @@ impl Reader<'_> {
             .map(|key| Ok(key?.to_vec()))
     }
 
+    /// The (key, record) pairs of `tree` with keys in `range`, in key order.
+    pub fn scan_range<T: DeserializeOwned, K: AsRef<[u8]>>(
+        &self,
+        tree: Tree,
+        range: impl std::ops::RangeBounds<K>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, T), StoreError>> + '_ {
+        self.tree(tree).range(range).map(move |item| {
+            let (key, raw) = item?;
+            Ok((key.to_vec(), decode(tree.name(), &raw)?))
+        })
+    }
+
     /// Every (key, record) of `tree`, in key order.
     pub fn scan<T: DeserializeOwned>(
         &self,
