@@ -196,6 +196,13 @@ impl Daemon {
 
         let metrics = Arc::new(Metrics::default());
         let outbox = Outbox::new(relays.clone(), cancel.child_token());
+        let trust = crate::trust::Trust::load(
+            store.clone(),
+            config.jobs.trust,
+            crate::job::pipeline::unix_now(),
+        )
+        .await
+        .map_err(|crate::trust::TrustError::Store(e)| DaemonError::Store(e))?;
         let (pipeline, queue) = Pipeline::new(
             config.jobs.clone(),
             keys.clone(),
@@ -204,6 +211,7 @@ impl Daemon {
             backend,
             outbox,
             metrics.clone(),
+            Arc::new(trust),
         );
 
         if let Err(e) = pipeline.load_estimates().await {
@@ -266,6 +274,8 @@ impl Daemon {
         // Workers first: recovery fills the (bounded) run queue.
         tasks.spawn(pipeline.clone().run_workers(queue, cancel.child_token()));
         pipeline.recover().await;
+        let labeller = pipeline.clone();
+        tasks.spawn(async move { labeller.publish_unlabelled().await });
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
         tasks.spawn(pipeline.clone().reconcile(cancel.child_token()));
         tasks.spawn(pipeline.clone().run_auto_payouts(cancel.child_token()));
@@ -414,6 +424,7 @@ fn announce(
         kinds: &config.jobs.kinds,
         model: &config.jobs.model,
         rates: &config.jobs.rate_card,
+        new_min_pow: config.jobs.trust.new_min_pow,
     };
     let handler = crate::nip89::announcement(offer, name, about, lud16.as_deref());
     for (what, builder) in [("profile", profile), ("NIP-89 announcement", handler)] {

@@ -76,4 +76,5 @@ pub mod nip90;
 pub mod pricing;
 pub mod relay;
 pub mod store;
+pub mod trust;
 pub mod wallet;

@@ -82,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         command: AccountCommand,
     },
+    /// Customers' trust tiers (see nips/dvmd-trust.md).
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
     /// Ledger tools.
     Ledger {
         #[command(subcommand)]
@@ -153,6 +158,29 @@ enum AccountCommand {
         /// Whole sats, in msat, for an address (default: the whole balance less the most fee).
         #[arg(long, requires = "address")]
         amount_msat: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// One npub's standing and tier, or every npub that has one: through the running daemon's
+    /// loopback admin endpoint, or, with the daemon stopped, from the store.
+    Show {
+        #[command(flatten)]
+        files: Files,
+        /// An npub (bech32 or hex).
+        npub: Option<String>,
+    },
+    /// Set an npub's tier (blocked, new, known, trusted, allowlisted), or `auto` to leave it
+    /// to its payment history. The change is labelled (NIP-32) by the running daemon, or on
+    /// its next start.
+    Set {
+        #[command(flatten)]
+        files: Files,
+        /// An npub (bech32 or hex).
+        npub: String,
+        /// The tier, or `auto`.
+        tier: String,
     },
 }
 
@@ -258,6 +286,44 @@ fn load_offline(files: &Files) -> anyhow::Result<Config> {
     )
 }
 
+/// Call the running daemon's admin endpoint `path` (GET, or POST with `body`). `None` when no
+/// daemon answers (it is stopped: the store is the caller's).
+async fn admin_call(
+    config: &Config,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let read = |name: &str| std::fs::read_to_string(config.data_dir.join(name));
+    let (Ok(url), Ok(token)) = (
+        read(dvmd::identity::ADMIN_URL_FILE),
+        read(dvmd::identity::ADMIN_TOKEN_FILE),
+    ) else {
+        return Ok(None);
+    };
+    let client = reqwest::Client::new();
+    let url = format!("{}{path}", url.trim());
+    let request = match body {
+        Some(body) => client.post(url).json(&body),
+        None => client.get(url),
+    };
+    match request.bearer_auth(token.trim()).send().await {
+        Ok(response) => {
+            let status = response.status();
+            let answer: serde_json::Value = response.json().await?;
+            if !status.is_success() {
+                anyhow::bail!(
+                    "the daemon refused ({status}): {}",
+                    answer["error"]["message"]
+                );
+            }
+            Ok(Some(answer))
+        }
+        // Nobody listens: the daemon is stopped, so the store is ours.
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `dvmd account withdraw`: through the running daemon's admin endpoint when it answers, else
 /// (the daemon stopped) on the store and the configured wallet directly.
 async fn withdraw_as_operator(
@@ -265,39 +331,14 @@ async fn withdraw_as_operator(
     asked: dvmd::http::withdraw::Withdraw,
 ) -> anyhow::Result<serde_json::Value> {
     let config = load_offline(files)?;
-    let read = |name: &str| std::fs::read_to_string(config.data_dir.join(name));
-    if let (Ok(url), Ok(token)) = (
-        read(dvmd::identity::ADMIN_URL_FILE),
-        read(dvmd::identity::ADMIN_TOKEN_FILE),
-    ) {
-        let body = serde_json::json!({
-            "account": asked.account,
-            "bolt11": asked.bolt11,
-            "lightning_address": asked.lightning_address,
-            "amount_msat": asked.amount_msat,
-        });
-        let sent = reqwest::Client::new()
-            .post(format!("{}/admin/withdraw", url.trim()))
-            .bearer_auth(token.trim())
-            .json(&body)
-            .send()
-            .await;
-        match sent {
-            Ok(response) => {
-                let status = response.status();
-                let answer: serde_json::Value = response.json().await?;
-                if !status.is_success() {
-                    anyhow::bail!(
-                        "the daemon refused ({status}): {}",
-                        answer["error"]["message"]
-                    );
-                }
-                return Ok(answer);
-            }
-            // Nobody listens: the daemon is stopped, so the store is ours.
-            Err(e) if e.is_connect() => {}
-            Err(e) => return Err(e.into()),
-        }
+    let body = serde_json::json!({
+        "account": asked.account,
+        "bolt11": asked.bolt11,
+        "lightning_address": asked.lightning_address,
+        "amount_msat": asked.amount_msat,
+    });
+    if let Some(answer) = admin_call(&config, "/admin/withdraw", Some(body)).await? {
+        return Ok(answer);
     }
     let account = asked
         .account
@@ -317,6 +358,69 @@ async fn withdraw_as_operator(
     let payout = payer.pay_out(account, target).await?;
     store.close().await?;
     Ok(dvmd::http::withdraw::view(&payout))
+}
+
+/// `dvmd trust show|set`: through the running daemon's admin endpoint when it answers, else on
+/// the store (a change is labelled when the daemon next starts).
+async fn trust(command: TrustCommand) -> anyhow::Result<serde_json::Value> {
+    use dvmd::trust::{Tier, Trust};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let parse = |text: &str| {
+        nostr_sdk::PublicKey::parse(text.trim())
+            .map_err(|e| anyhow::anyhow!("`{text}` is not an npub or hex pubkey: {e}"))
+    };
+    match command {
+        TrustCommand::Show { files, npub } => {
+            let config = load_offline(&files)?;
+            let path = match &npub {
+                Some(npub) => format!("/admin/trust?npub={}", parse(npub)?.to_hex()),
+                None => "/admin/trust".to_owned(),
+            };
+            if let Some(answer) = admin_call(&config, &path, None).await? {
+                return Ok(answer);
+            }
+            let store = Store::open(&config.data_dir.join("store"))?;
+            let trust = Trust::load(store.clone(), config.jobs.trust, now).await?;
+            let views: Vec<serde_json::Value> = match npub {
+                Some(npub) => {
+                    let npub = parse(&npub)?;
+                    let standing = trust.standing(&npub).await?;
+                    let tier = standing.tier(&config.jobs.trust.thresholds, now);
+                    vec![dvmd::http::admin::standing_view(&npub, &standing, tier)]
+                }
+                None => trust
+                    .all(now)
+                    .await?
+                    .iter()
+                    .map(|(npub, standing, tier)| {
+                        dvmd::http::admin::standing_view(npub, standing, *tier)
+                    })
+                    .collect(),
+            };
+            store.close().await?;
+            Ok(serde_json::json!({ "object": "list", "data": views }))
+        }
+        TrustCommand::Set { files, npub, tier } => {
+            let config = load_offline(&files)?;
+            let npub = parse(&npub)?;
+            let setting = match tier.as_str() {
+                "auto" => None,
+                tier => Some(tier.parse::<Tier>().map_err(|e| anyhow::anyhow!(e))?),
+            };
+            let body = serde_json::json!({ "npub": npub.to_hex(), "tier": tier });
+            if let Some(answer) = admin_call(&config, "/admin/trust", Some(body)).await? {
+                return Ok(answer);
+            }
+            let store = Store::open(&config.data_dir.join("store"))?;
+            let trust = Trust::load(store.clone(), config.jobs.trust, now).await?;
+            let (standing, _) = trust.set(&npub, setting, now).await?;
+            let tier = standing.tier(&config.jobs.trust.thresholds, now);
+            store.close().await?;
+            Ok(dvmd::http::admin::standing_view(&npub, &standing, tier))
+        }
+    }
 }
 
 /// The store of a stopped daemon, for the offline tools.
@@ -468,6 +572,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "the wallet says the payout failed; the amount is back on the balance"
                 );
             }
+        }
+        Command::Trust { command } => {
+            println!("{}", serde_json::to_string_pretty(&trust(command).await?)?);
         }
         Command::Ledger {
             command: LedgerCommand::Check { files },

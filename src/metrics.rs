@@ -26,10 +26,16 @@ pub enum Dropped {
     TooLarge,
     /// Over its npub's `requests_per_npub_per_minute` (not answered, not stored).
     RateLimited,
+    /// From an npub the operator blocked.
+    Blocked,
+    /// From a `new` npub, with less proof of work than `[trust] new_min_pow`.
+    NoProofOfWork,
+    /// From a `new` npub when all new npubs together used `[trust] new_requests_per_minute`.
+    NewKeysBusy,
 }
 
 impl Dropped {
-    const ALL: [Dropped; 7] = [
+    const ALL: [Dropped; 10] = [
         Self::BadSignature,
         Self::WrongKind,
         Self::NotForUs,
@@ -37,6 +43,9 @@ impl Dropped {
         Self::Duplicate,
         Self::TooLarge,
         Self::RateLimited,
+        Self::Blocked,
+        Self::NoProofOfWork,
+        Self::NewKeysBusy,
     ];
 
     fn label(self) -> &'static str {
@@ -48,6 +57,9 @@ impl Dropped {
             Self::Duplicate => "duplicate",
             Self::TooLarge => "too_large",
             Self::RateLimited => "rate_limited",
+            Self::Blocked => "blocked",
+            Self::NoProofOfWork => "no_proof_of_work",
+            Self::NewKeysBusy => "new_keys_busy",
         }
     }
 }

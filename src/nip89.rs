@@ -34,12 +34,16 @@ pub struct Offer<'a> {
     pub model: &'a str,
     /// Its prices.
     pub rates: &'a RateCard,
+    /// NIP-13 difficulty asked of requests from keys that have not paid us (0: none).
+    pub new_min_pow: u8,
 }
 
 /// A kind 31990 announcement of `offer`, with a kind-0-style profile in the content. Besides
 /// NIP-89's `d` and `k` tags it carries `["model", name]` and the rate card as
 /// `["rates", base_fee_msat, prompt_msat_per_1k_tokens, completion_msat_per_1k_tokens]`, the
-/// form of the usage receipt's `rates` tag (`nips/dvmd-5050.md`).
+/// form of the usage receipt's `rates` tag (`nips/dvmd-5050.md`), and, when requests from keys
+/// that have not paid us must carry NIP-13 proof of work, `["pow", difficulty]`
+/// (`nips/dvmd-trust.md`).
 pub fn announcement(
     offer: Offer<'_>,
     name: &str,
@@ -63,6 +67,12 @@ pub fn announcement(
             rates.completion_msat_per_1k_tokens.to_string(),
         ],
     ));
+    if offer.new_min_pow > 0 {
+        tags.push(Tag::custom(
+            TagKind::custom("pow"),
+            [offer.new_min_pow.to_string()],
+        ));
+    }
     EventBuilder::new(Kind::from(HANDLER_KIND), profile_json(name, about, lud16)).tags(tags)
 }
 
@@ -78,6 +88,7 @@ mod tests {
             kinds: &[5050],
             model: "smol",
             rates: &RateCard::default(),
+            new_min_pow: 0,
         };
         let event = announcement(offer, "dvmd", "text generation", Some("dvmd@example.com"))
             .sign_with_keys(&Keys::generate())
@@ -91,8 +102,27 @@ mod tests {
             .map(str::to_owned)
             .to_vec();
         assert!(tags.contains(&rates), "{tags:?}");
+        assert!(!tags.iter().any(|t| t[0] == "pow"), "no work asked: no tag");
         let profile: serde_json::Value = serde_json::from_str(&event.content).expect("json");
         assert_eq!(profile["name"], "dvmd");
         assert_eq!(profile["lud16"], "dvmd@example.com");
+    }
+
+    #[test]
+    fn announces_the_proof_of_work_asked_of_new_keys() {
+        let offer = Offer {
+            kinds: &[5050],
+            model: "smol",
+            rates: &RateCard::default(),
+            new_min_pow: 12,
+        };
+        let event = announcement(offer, "dvmd", "", None)
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        let tags: Vec<Vec<String>> = event.tags.iter().map(|t| t.as_slice().to_vec()).collect();
+        assert!(
+            tags.contains(&vec!["pow".to_owned(), "12".to_owned()]),
+            "{tags:?}"
+        );
     }
 }

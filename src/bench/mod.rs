@@ -58,6 +58,7 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
     // The requests come from one key, far faster than its request bucket allows.
     let mut file = FileConfig::default();
     file.service.requests_per_npub_per_minute = u32::MAX;
+    file.trust.new_requests_per_minute = u32::MAX;
     let config = Config::build(
         file,
         RelaysFile::default(),
@@ -66,6 +67,7 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
             ..Overrides::default()
         },
     )?;
+    let trust = crate::trust::Trust::load(store.clone(), config.jobs.trust, 0).await?;
     let (pipeline, _queue) = Pipeline::new(
         config.jobs,
         keys,
@@ -74,6 +76,7 @@ pub async fn intake(n: usize) -> Result<(), BenchError> {
         Arc::new(InstantBackend::new("hello")),
         Outbox::new(relays, CancellationToken::new()),
         Arc::new(Metrics::default()),
+        Arc::new(trust),
     );
 
     // Warm up both paths (allocator, the store's first pages) on events that are not measured.
@@ -163,6 +166,7 @@ async fn bench_daemon(
     let mut file = FileConfig::default();
     // A bench customer posts back to back, far over a real customer's rate.
     file.service.requests_per_npub_per_minute = u32::MAX;
+    file.trust.new_requests_per_minute = u32::MAX;
     edit(&mut file);
     let config = Config::build(
         file,

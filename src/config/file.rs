@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub zaps: ZapsSection,
     /// `[store]`
     pub store: StoreSection,
+    /// `[trust]`
+    pub trust: TrustSection,
     /// `[reply_relays]`
     pub reply_relays: ReplyRelaysSection,
 }
@@ -48,6 +50,46 @@ pub struct ReplyRelaysSection {
     pub allow: Vec<String>,
     /// Hosts never reached.
     pub deny: Vec<String>,
+}
+
+/// `[trust]`: tiers per npub (see `nips/dvmd-trust.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustSection {
+    /// `known`: msat paid (charged for settled jobs), at least.
+    pub known_min_paid_msat: u64,
+    /// `known`: paid jobs settled, at least.
+    pub known_min_jobs: u64,
+    /// `trusted`: msat paid, at least.
+    pub trusted_min_paid_msat: u64,
+    /// `trusted`: paid jobs settled, at least.
+    pub trusted_min_jobs: u64,
+    /// `trusted`: days since the first payment, at least.
+    pub trusted_min_age_days: u64,
+    /// NIP-13 proof of work (leading zero bits of the request id) a `new` npub's job request
+    /// must carry; 0 asks none.
+    pub new_min_pow: u8,
+    /// Job requests all `new` npubs together may post a minute (burst and refill).
+    pub new_requests_per_minute: u32,
+    /// Publish a NIP-32 label (kind 1985) when an npub's tier changes.
+    pub publish_labels: bool,
+}
+
+impl Default for TrustSection {
+    fn default() -> Self {
+        let thresholds = crate::trust::Thresholds::default();
+        let policy = crate::trust::TrustPolicy::default();
+        Self {
+            known_min_paid_msat: thresholds.known_paid_msat,
+            known_min_jobs: thresholds.known_jobs,
+            trusted_min_paid_msat: thresholds.trusted_paid_msat,
+            trusted_min_jobs: thresholds.trusted_jobs,
+            trusted_min_age_days: thresholds.trusted_age_secs / (24 * 60 * 60),
+            new_min_pow: policy.new_min_pow,
+            new_requests_per_minute: policy.new_requests_per_minute,
+            publish_labels: policy.publish_labels,
+        }
+    }
 }
 
 /// `[store]`: the sled database in the data directory.

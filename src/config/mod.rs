@@ -380,6 +380,18 @@ impl Config {
             },
             model: backend.model_name(),
             max_age_secs: service.max_request_age_secs,
+            trust: crate::trust::TrustPolicy {
+                thresholds: crate::trust::Thresholds {
+                    known_paid_msat: file.trust.known_min_paid_msat,
+                    known_jobs: file.trust.known_min_jobs,
+                    trusted_paid_msat: file.trust.trusted_min_paid_msat,
+                    trusted_jobs: file.trust.trusted_min_jobs,
+                    trusted_age_secs: file.trust.trusted_min_age_days.saturating_mul(24 * 60 * 60),
+                },
+                new_min_pow: file.trust.new_min_pow,
+                new_requests_per_minute: file.trust.new_requests_per_minute.max(1),
+                publish_labels: file.trust.publish_labels,
+            },
             prune: (file.store.prune_unpaid_after_hours > 0).then(|| {
                 crate::job::prune::PrunePolicy {
                     retention_secs: file.store.prune_unpaid_after_hours.saturating_mul(60 * 60),

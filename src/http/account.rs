@@ -51,6 +51,7 @@ pub(super) async fn account(
         "pubkey": who.to_hex(),
         "npub": who.to_bech32().unwrap_or_default(),
         "balance_msat": view.balance_msat,
+        "tier": pipeline.trust().tier(&who),
         "settings": pipeline
             .book()
             .settings(who.into())

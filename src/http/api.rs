@@ -221,6 +221,10 @@ pub fn routes(api: Option<&ApiConfig>) -> Router<HttpState> {
         .route("/v1/account/withdraw", post(super::withdraw::withdraw))
         .route("/v1/account/settings", post(super::account::settings))
         .route("/admin/withdraw", post(super::withdraw::admin_withdraw))
+        .route(
+            "/admin/trust",
+            get(super::admin::trust_show).post(super::admin::trust_set),
+        )
         .route("/v1/chat/completions", post(super::chat::completions))
         .route("/v1/jobs", post(super::jobs::create))
         .route("/v1/jobs/{id}", get(super::jobs::show))

@@ -314,6 +314,7 @@ pub(super) async fn completions(
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let who = caller(api, peer, &method, &uri, &headers, &body)?;
+    super::l402::refuse_blocked(pipeline, &who)?;
     let request: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;

@@ -60,6 +60,7 @@ pub(super) async fn create(
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let who = caller(api, peer, &method, &uri, &headers, &body)?;
+    super::l402::refuse_blocked(pipeline, &who)?;
     let new: NewJob = serde_json::from_slice(&body).map_err(|e| {
         OpenAiError::invalid(format!(
             "expected {{\"kind\", \"inputs\": [{{\"value\", \"type\"}}], \"params\": {{}}, \"bid_msat\"}}: {e}"

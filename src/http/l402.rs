@@ -136,6 +136,26 @@ pub(super) struct Caller {
     pub(super) client: IpAddr,
 }
 
+/// A new job from an npub the operator blocked is refused (403); its account stays readable
+/// and withdrawable.
+pub(super) fn refuse_blocked(
+    pipeline: &crate::job::Pipeline,
+    caller: &Caller,
+) -> Result<(), OpenAiError> {
+    match &caller.who {
+        Who::Npub(npub) if pipeline.trust().tier(npub) == crate::trust::Tier::Blocked => {
+            Err(OpenAiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "blocked",
+                "this service takes no jobs from this key; its balance can still be withdrawn"
+                    .to_owned(),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Read the caller: NIP-98 (`Nostr`), L402 (`L402`, `LSAT`, `Bearer`), or none.
 pub(super) fn caller(
     api: &ApiConfig,

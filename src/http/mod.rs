@@ -2,6 +2,7 @@
 //! `/v1` API ([`api`]), and in dev mode `/dev/pay`.
 
 pub mod account;
+pub mod admin;
 pub mod api;
 pub mod chat;
 pub mod error;

@@ -116,25 +116,7 @@ pub(super) async fn admin_withdraw(
     ReadBody(body): ReadBody,
 ) -> Result<Json<Value>, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let allowed = peer.ip().is_loopback()
-        && api
-            .admin_token
-            .as_deref()
-            .is_some_and(|token| same_secret(token, presented.trim()));
-    if !allowed {
-        return Err(OpenAiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "admin_only",
-            "the admin door takes loopback connections with the data directory's admin token"
-                .to_owned(),
-        ));
-    }
+    super::admin::check(api, peer, &headers)?;
     let asked = parse(&body)?;
     let account = asked
         .account
@@ -145,21 +127,6 @@ pub(super) async fn admin_withdraw(
     let payout = pay_out(pipeline, account, asked).await?;
     tracing::info!(account = %account, payment_hash = %payout.payment_hash, "payout by the operator");
     Ok(Json(view(&payout)))
-}
-
-/// Whether two secrets are equal, compared in constant time (over their hashes, so the length
-/// does not show either).
-fn same_secret(a: &str, b: &str) -> bool {
-    use bitcoin::hashes::{sha256, Hash};
-    let (a, b) = (
-        sha256::Hash::hash(a.as_bytes()),
-        sha256::Hash::hash(b.as_bytes()),
-    );
-    a.as_byte_array()
-        .iter()
-        .zip(b.as_byte_array())
-        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
-        == 0
 }
 
 /// A payout as its owner sees it.

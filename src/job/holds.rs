@@ -219,6 +219,10 @@ fn settle_in(
         post(tx, EntryKind::RefundCredit, account, change, job, at)?;
     }
     job.held_msat = 0;
+    // What it paid counts towards the payer's tier, in the same write.
+    if let Some(npub) = job.payer().npub() {
+        crate::trust::settled_in(tx, &npub, charge, at)?;
+    }
     put_job(tx, &*job)?;
     Ok(())
 }

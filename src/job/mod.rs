@@ -29,6 +29,7 @@ pub mod prune;
 pub mod quote;
 pub mod record;
 pub mod recovery;
+pub mod reputation;
 pub mod state;
 pub mod tokens;
 pub mod worker;

@@ -66,6 +66,8 @@ pub struct JobConfig {
     pub model: String,
     /// Requests dated further than this from now are ignored, seconds.
     pub max_age_secs: u64,
+    /// Trust tiers: thresholds, proof of work and the bucket of `new` npubs.
+    pub trust: crate::trust::TrustPolicy,
     /// When the records of jobs that ended without money are removed (`None`: never).
     pub prune: Option<super::prune::PrunePolicy>,
     /// Job requests one npub may post a minute (burst and refill); more are dropped.
@@ -141,6 +143,8 @@ pub(crate) struct Inner {
     pub(crate) intake: Arc<Semaphore>,
     /// Each npub's bucket of job requests (see [`Pipeline::precheck`]).
     pub(crate) per_npub: crate::limits::Buckets<PublicKey>,
+    /// Every npub's tier (see [`crate::trust`]).
+    pub(crate) trust: Arc<crate::trust::Trust>,
     /// Unpaid invoices per account (see [`super::open_invoices`]).
     pub(crate) open_invoices: super::open_invoices::OpenInvoices,
     pub(crate) tasks: TaskTracker,
@@ -177,6 +181,7 @@ impl Pipeline {
         backend: Arc<dyn Backend>,
         outbox: Outbox,
         metrics: Arc<Metrics>,
+        trust: Arc<crate::trust::Trust>,
     ) -> (Self, WorkQueue) {
         let (queue, rx) = mpsc::channel(RUN_QUEUE_CAPACITY);
         let per_npub = {
@@ -194,6 +199,7 @@ impl Pipeline {
             queue,
             intake: Arc::new(Semaphore::new(INTAKE_TASKS)),
             per_npub,
+            trust,
             open_invoices: Default::default(),
             tasks: TaskTracker::new(),
             checking: std::sync::Mutex::default(),
@@ -213,6 +219,11 @@ impl Pipeline {
         &self.inner.book
     }
 
+    /// Every npub's tier.
+    pub fn trust(&self) -> &crate::trust::Trust {
+        &self.inner.trust
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
@@ -224,8 +235,10 @@ impl Pipeline {
         self.inner.tasks.wait().await;
     }
 
-    /// The cheap checks, run in the intake loop itself: kind, targeting, age, and the npub's
-    /// request bucket (last: only requests we would serve count). No IO.
+    /// The cheap checks, run in the intake loop itself: kind, targeting, age, the author's tier
+    /// (blocked, or `new` without the proof of work asked), the npub's request bucket, and for
+    /// a `new` npub the bucket all new npubs share (last: only requests we would serve count,
+    /// and a key over its own limit takes nothing from the others). No IO.
     pub fn precheck(&self, event: &Verified) -> Result<JobRequest, Dropped> {
         let inner = &self.inner;
         let event = event.event();
@@ -239,8 +252,16 @@ impl Pipeline {
         if request.is_stale(Timestamp::now(), inner.config.max_age_secs) {
             return Err(Dropped::Stale);
         }
-        if !inner.per_npub.try_take(event.pubkey, Instant::now()) {
+        let tier = inner.trust.screen(event).map_err(|refusal| match refusal {
+            crate::trust::Refusal::Blocked => Dropped::Blocked,
+            crate::trust::Refusal::Pow { .. } => Dropped::NoProofOfWork,
+        })?;
+        let now = Instant::now();
+        if !inner.per_npub.try_take(event.pubkey, now) {
             return Err(Dropped::RateLimited);
+        }
+        if tier == crate::trust::Tier::New && !inner.trust.take_new_key_slot(now) {
+            return Err(Dropped::NewKeysBusy);
         }
         Ok(request)
     }

@@ -166,9 +166,9 @@ mod tests {
 
     use super::*;
     use crate::job::book::tests::{balance, book, feedback, invoice, quoted_for, top_up, totals};
+    use crate::job::book::Admission;
     use crate::job::invoices::PaymentOutcome;
     use crate::wallet::PaymentHash;
-    use crate::job::book::Admission;
 
     const DAY: u64 = 24 * 60 * 60;
     const POLICY: PrunePolicy = PrunePolicy {

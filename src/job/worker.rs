@@ -390,6 +390,7 @@ impl Pipeline {
         let charged = job.charge_msat.unwrap_or(0);
         metrics.charged(charged, usage.prompt_tokens, usage.completion_tokens);
         tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.credit_msat, change_msat = job.funds_msat() - charged, "job settled");
+        self.note_settlement(job);
     }
 }
 

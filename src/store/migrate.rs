@@ -27,8 +27,8 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         3 | 4 => index_entries_by_account(trees)?,
         // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`, 6 -> 7 `payouts`,
         // `account_settings` and the payout entry kinds, 7 -> 8 `mpp_challenges`: nothing is
-        // rewritten.
-        5..=8 => {}
+        // rewritten (nor is anything for 9 -> 10, which adds `trust`).
+        5..=9 => {}
         found => return Err(StoreError::Schema { found }),
     }
     if found < 9 {

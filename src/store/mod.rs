@@ -49,7 +49,9 @@ use writer::{Applied, Command, Status, Write};
 /// 8: `mpp_challenges`, the HTTP `Payment` challenges by id. Nothing is rewritten.
 /// 9: jobs keyed by time (`received_at ‖ id`, see [`job_key`]) with the `job_keys` index by
 ///    id: every job record is moved to its new key on upgrade.
-pub const SCHEMA_VERSION: u64 = 9;
+/// 10: `trust`, each npub's standing (what it paid, the operator's setting, its last label).
+///    Nothing is rewritten.
+pub const SCHEMA_VERSION: u64 = 10;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -94,13 +96,15 @@ pub enum Tree {
     /// HTTP `Payment` (MPP) challenges by id: the payment hash each sells, and whether a
     /// credential has used it (a challenge is accepted once).
     MppChallenges,
+    /// Each npub's standing (`trust::Standing`), by its 32 bytes.
+    Trust,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 14] = [
+    pub const ALL: [Tree; 15] = [
         Self::Jobs,
         Self::JobKeys,
         Self::Payments,
@@ -114,6 +118,7 @@ impl Tree {
         Self::Payouts,
         Self::AccountSettings,
         Self::MppChallenges,
+        Self::Trust,
         Self::Meta,
     ];
 
@@ -133,6 +138,7 @@ impl Tree {
             Self::Payouts => "payouts",
             Self::AccountSettings => "account_settings",
             Self::MppChallenges => "mpp_challenges",
+            Self::Trust => "trust",
             Self::Meta => "meta",
         }
     }

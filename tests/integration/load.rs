@@ -117,7 +117,9 @@ async fn stub_daemon() -> (StubServer, tempfile::TempDir, DaemonProcess) {
     let stub = StubServer::start().await.expect("stub server");
     let data = harness::data_dir();
     let config = format!(
-        "[service]\nworkers = 8\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        // Fifty customers who have not paid before, all at once: more than the requests all new
+        // keys share by default.
+        "[service]\nworkers = 8\n[trust]\nnew_requests_per_minute = 100000\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
         stub.base_url()
     );
     let daemon = DaemonProcess::spawn(

@@ -25,6 +25,7 @@ mod payouts;
 mod receipts;
 mod restart;
 mod store_fault;
+mod trust;
 mod two_relays;
 mod wallets;
 mod withdraw;

@@ -47,7 +47,7 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
     };
     let config = format!(
         // Each bench customer posts back to back, far over a real customer's rate.
-        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
+        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n[trust]\nnew_requests_per_minute = 4000000000\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
         options.workers,
         stub.base_url(),
         std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default()

@@ -1,0 +1,333 @@
+//! Trust tiers on a real daemon: promotion from real paid jobs, labels read back by an
+//! independent client (npm nostr-tools), the operator's block on both doors, proof of work
+//! for new keys, and a flood of fresh keys that cannot take a known customer's capacity.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::infer::instant::InstantBackend;
+use dvmd::job::JobState;
+use dvmd::trust::Tier;
+use nostr_sdk::{Keys, PublicKey, ToBech32};
+use serde_json::{json, Value};
+
+use crate::harness::{self, REPLY_TIMEOUT};
+
+/// Post a job as `customer`, pay it through the dev wallet, wait for its result.
+async fn paid_job(customer: &mut Customer, http: &str, prompt: &str) -> nostr_sdk::EventId {
+    let request = customer
+        .post(customer::text_request(
+            prompt,
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(customer, &request.id).await;
+    harness::dev_pay(http, &bolt11).await;
+    customer
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Result(_))
+        })
+        .await
+        .expect("result");
+    request.id
+}
+
+/// The tier labels of `npub` by `service` that nostr-tools reads from the relay.
+fn tier_labels(relay: &str, service: &PublicKey, npub: &PublicKey) -> Vec<String> {
+    let filter = json!({
+        "kinds": [1985],
+        "authors": [service.to_hex()],
+        "#L": ["dvmd.trust"],
+        "#p": [npub.to_hex()],
+    });
+    harness::nostr_tools_query(relay, &filter)
+        .iter()
+        .filter_map(|line| {
+            let tags = line["event"]["tags"].as_array()?;
+            tags.iter()
+                .find(|t| t[0] == "l" && t[2] == "dvmd.trust")
+                .and_then(|t| t[1].as_str().map(str::to_owned))
+        })
+        .collect()
+}
+
+/// Wait until nostr-tools sees exactly `expected` as `npub`'s labels.
+async fn wait_for_labels(relay: &str, service: &PublicKey, npub: &PublicKey, expected: &[&str]) {
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = tier_labels(relay, service, npub);
+        if seen == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("labels of {npub}: {seen:?}, expected {expected:?}");
+}
+
+async fn wait_for_tier(daemon: &dvmd::daemon::Daemon, npub: &PublicKey, tier: Tier) {
+    for _ in 0..100 {
+        if daemon.pipeline().trust().tier(npub) == tier {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{npub} never became {tier}");
+}
+
+async fn dropped(http: &str, reason: &str) -> u64 {
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let prefix = format!("dvmd_events_dropped_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_for_dropped(http: &str, reason: &str, count: u64) {
+    for _ in 0..100 {
+        if dropped(http, reason).await == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "dropped {reason}: {}, expected {count}",
+        dropped(http, reason).await
+    );
+}
+
+async fn admin(daemon_data: &std::path::Path, http: &str, body: Option<Value>) -> Value {
+    let token = std::fs::read_to_string(daemon_data.join(dvmd::identity::ADMIN_TOKEN_FILE))
+        .expect("admin token");
+    let client = reqwest::Client::new();
+    let request = match body {
+        Some(body) => client.post(format!("{http}/admin/trust")).json(&body),
+        None => client.get(format!("{http}/admin/trust")),
+    };
+    let response = request
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .expect("admin");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paying_promotes_labels_follow_and_a_blocked_npub_is_refused_on_both_doors() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("thanks for paying"));
+    let config = harness::dev_config(data.path(), |file| {
+        file.trust.known_min_paid_msat = 1;
+        file.trust.known_min_jobs = 2;
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let (relay, http, service) = (
+        ready.relay_url.clone(),
+        ready.http_url.clone(),
+        ready.pubkey,
+    );
+    let mut alice = Customer::connect(&relay).await.expect("connect");
+    let npub = alice.keys().public_key();
+
+    let first = paid_job(&mut alice, &http, "one").await;
+    harness::wait_for_state(daemon.pipeline().book(), &first, JobState::Settled).await;
+    assert_eq!(
+        daemon.pipeline().trust().tier(&npub),
+        Tier::New,
+        "one job: not yet"
+    );
+    let second = paid_job(&mut alice, &http, "two").await;
+    harness::wait_for_state(daemon.pipeline().book(), &second, JobState::Settled).await;
+    wait_for_tier(&daemon, &npub, Tier::Known).await;
+    wait_for_labels(&relay, &service, &npub, &["known"]).await;
+
+    // Her account says so.
+    let url = format!("{http}/v1/account");
+    let account: Value = reqwest::Client::new()
+        .get(&url)
+        .header(
+            "authorization",
+            harness::nip98_with_nonce(alice.keys(), &url, "get", None),
+        )
+        .send()
+        .await
+        .expect("account")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(account["tier"], "known", "{account}");
+    let shown = admin(data.path(), &http, None).await;
+    assert_eq!(shown["data"][0]["tier"], "known", "{shown}");
+    assert_eq!(shown["data"][0]["settled_jobs"], 2, "{shown}");
+
+    // The operator blocks her: the label is replaced (the old one deleted), her requests are
+    // dropped before anything is stored, and the HTTP doors refuse her new jobs.
+    let set = admin(
+        data.path(),
+        &http,
+        Some(json!({"npub": npub.to_bech32().expect("npub"), "tier": "blocked"})),
+    )
+    .await;
+    assert_eq!(set["tier"], "blocked", "{set}");
+    wait_for_labels(&relay, &service, &npub, &["blocked"]).await;
+    let jobs_before = harness::jobs(daemon.pipeline().book().store()).len();
+    alice
+        .post(customer::text_request(
+            "three",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    wait_for_dropped(&http, "blocked", 1).await;
+    assert_eq!(
+        harness::jobs(daemon.pipeline().book().store()).len(),
+        jobs_before,
+        "nothing stored"
+    );
+    let url = format!("{http}/v1/chat/completions");
+    let body = json!({"model": "x", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let refused = reqwest::Client::new()
+        .post(&url)
+        .header(
+            "authorization",
+            harness::nip98_with_nonce(alice.keys(), &url, "post", Some(&body)),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(refused.status(), 403);
+    let refused: Value = refused.json().await.expect("json");
+    assert_eq!(refused["error"]["code"], "blocked", "{refused}");
+
+    // Back to what her history says.
+    admin(
+        data.path(),
+        &http,
+        Some(json!({"npub": npub.to_hex(), "tier": "auto"})),
+    )
+    .await;
+    wait_for_labels(&relay, &service, &npub, &["known"]).await;
+    alice.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_show_proof_of_work_as_announced() {
+    const POW: u8 = 12;
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("worked for it"));
+    let config = harness::dev_config(data.path(), |file| file.trust.new_min_pow = POW);
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let (relay, http) = (ready.relay_url.clone(), ready.http_url.clone());
+
+    let announced = harness::nostr_tools_query(
+        &relay,
+        &json!({"kinds": [31990], "authors": [ready.pubkey.to_hex()]}),
+    );
+    let tags = &announced.first().expect("announcement")["event"]["tags"];
+    assert!(
+        tags.as_array()
+            .expect("tags")
+            .contains(&json!(["pow", POW.to_string()])),
+        "{tags}"
+    );
+
+    let mut bob = Customer::connect(&relay).await.expect("connect");
+    let lazy = loop {
+        let event = customer::text_request("no work", &[("max_tokens", "4")], None, None)
+            .sign_with_keys(bob.keys())
+            .expect("sign");
+        if !event.id.check_pow(POW) {
+            break event;
+        }
+    };
+    bob.send(&lazy).await.expect("send");
+    wait_for_dropped(&http, "no_proof_of_work", 1).await;
+
+    let worked = bob
+        .post(customer::text_request("some work", &[("max_tokens", "4")], None, None).pow(POW))
+        .await
+        .expect("post");
+    assert!(worked.id.check_pow(POW));
+    let (asked, _) = harness::invoice(&mut bob, &worked.id).await;
+    assert!(asked > 0);
+    bob.shutdown().await;
+    daemon.stop().await;
+}
+
+/// 2,000 fresh keys, one request each (each far under its own limit), against a bucket of 50 a
+/// minute for all new keys: 50 are served, the rest cost nothing, and a known customer's job
+/// in the middle of it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_fresh_keys_leaves_a_known_customer_served() {
+    const FRESH: usize = 2_000;
+    const NEW_PER_MINUTE: u32 = 50;
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("still here"));
+    let config = harness::dev_config(data.path(), |file| {
+        file.trust.new_requests_per_minute = NEW_PER_MINUTE;
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let (relay, http) = (ready.relay_url.clone(), ready.http_url.clone());
+    let mut carol = Customer::connect(&relay).await.expect("connect");
+    daemon
+        .pipeline()
+        .trust()
+        .set(&carol.keys().public_key(), Some(Tier::Known), 0)
+        .await
+        .expect("known");
+
+    let flooder = Customer::connect(&relay).await.expect("connect");
+    let flood: Vec<_> = (0..FRESH)
+        .map(|i| {
+            customer::text_request(&format!("fresh {i}"), &[("max_tokens", "4")], None, None)
+                .sign_with_keys(&Keys::generate())
+                .expect("sign")
+        })
+        .collect();
+    for event in &flood[..FRESH / 2] {
+        flooder.send(event).await.expect("send");
+    }
+    let id = paid_job(&mut carol, &http, "mine").await;
+    for event in &flood[FRESH / 2..] {
+        flooder.send(event).await.expect("send");
+    }
+    wait_for_dropped(
+        &http,
+        "new_keys_busy",
+        (FRESH - NEW_PER_MINUTE as usize) as u64,
+    )
+    .await;
+    let store = daemon.pipeline().book().store();
+    let carol_account = dvmd::ledger::Account::from(carol.keys().public_key());
+    let jobs = harness::jobs(store);
+    assert_eq!(
+        jobs.iter().filter(|j| j.customer != carol_account).count(),
+        NEW_PER_MINUTE as usize,
+        "only the new keys' bucket was stored and invoiced"
+    );
+    assert!(jobs.iter().any(|j| j.id == id.into()));
+    flooder.shutdown().await;
+    carol.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
