@@ -2,7 +2,9 @@
 //!
 //! # How a job flows
 //! ```text
-//! relay::intake   verify id+sig (nip90::Verified), screen (kind, p-targeting, age)
+//! relay::intake   verify id+sig (nip90::Verified), screen (kind, p-targeting, age,
+//!                 the author's trust tier: blocked, NIP-13 work and a shared bucket for new
+//!                 keys, then the npub's own bucket)
 //!                 -> job::Pipeline::handle (waits for one of INTAKE_TASKS permits);
 //!                 gaps (lagged buffer, reconnected relay) are fetched again;
 //!                 a kind 5 from the customer cancels a job not yet paid
@@ -30,7 +32,11 @@
 //! job::worker     Running -> `processing` beside infer::Backend (bounded pool)
 //!                 -> commit signed result -> delivery task: publish until acked (or every
 //!                 relay refused: Failed, credited) -> Delivered -> `success`
-//!                 -> book.settle: release the hold, charge exact usage, Settled
+//!                 -> book.settle: release the hold, charge exact usage, Settled (and count
+//!                 the charge towards the payer's trust tier, same write)
+//! job::reputation a tier change -> NIP-32 label (trust::labels), the old one deleted
+//! job::prune      hourly: records of jobs that ended without money, once their request is
+//!                 too old to be admitted again
 //! job::recovery   on start, every unfinished job resumes from its persisted state
 //! ```
 //! A job's id is a [`job::JobId`] (a relay job's is its request event id); a ledger account is
@@ -43,7 +49,8 @@
 //!
 //! # Where things live
 //! - Pure protocol and policy (no IO): [`nip90`] (tag model), [`nip57`], [`l402`]
-//!   (macaroons), [`mpp`] (the HTTP `Payment` scheme), [`pricing`], [`job::state`].
+//!   (macaroons), [`mpp`] (the HTTP `Payment` scheme), [`pricing`], [`job::state`], the tiers
+//!   and labels of [`trust`] (its registry keeps them in memory over the store).
 //! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
 //!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
