@@ -73,6 +73,9 @@ pub struct TrustSection {
     pub new_requests_per_minute: u32,
     /// Publish a NIP-32 label (kind 1985) when an npub's tier changes.
     pub publish_labels: bool,
+    /// Publish a NIP-32 label of each relay job's outcome (paid, unpaid, delivered, refunded,
+    /// failed).
+    pub publish_job_labels: bool,
 }
 
 impl Default for TrustSection {
@@ -88,6 +91,7 @@ impl Default for TrustSection {
             new_min_pow: policy.new_min_pow,
             new_requests_per_minute: policy.new_requests_per_minute,
             publish_labels: policy.publish_labels,
+            publish_job_labels: policy.publish_job_labels,
         }
     }
 }

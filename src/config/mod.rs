@@ -391,6 +391,7 @@ impl Config {
                 new_min_pow: file.trust.new_min_pow,
                 new_requests_per_minute: file.trust.new_requests_per_minute.max(1),
                 publish_labels: file.trust.publish_labels,
+                publish_job_labels: file.trust.publish_job_labels,
             },
             prune: (file.store.prune_unpaid_after_hours > 0).then(|| {
                 crate::job::prune::PrunePolicy {

@@ -296,6 +296,7 @@ impl Pipeline {
             Ok(job) => {
                 self.inner.metrics.entered(JobState::Expired);
                 tracing::info!(job = %id, "invoice expired unpaid");
+                self.label_job(&job);
                 if let Ok(event) = job.request_event() {
                     self.expired_feedback(&job, &event).await;
                 }

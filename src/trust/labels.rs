@@ -37,6 +37,65 @@ pub fn tier_label(npub: &PublicKey, tier: Tier, created_at: u64) -> EventBuilder
         ])
 }
 
+/// The namespace of job outcome labels.
+pub const JOB_NAMESPACE: &str = "dvmd.job";
+
+/// How a relay job ended, as its label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered and charged.
+    Paid,
+    /// An invoice was asked for and never paid; nothing ran.
+    Unpaid,
+    /// Delivered at no charge (a free job).
+    Delivered,
+    /// Failed after it was paid: what was paid went back to the payer's balance.
+    Refunded,
+    /// Failed with nothing paid.
+    Failed,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Paid => "paid",
+            Self::Unpaid => "unpaid",
+            Self::Delivered => "delivered",
+            Self::Refunded => "refunded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The label of a job's outcome: targets `target` (the result event, or the request when there
+/// is no result) and the customer, with the payment hash as evidence when a Lightning payment
+/// was asked for:
+/// ```text
+/// ["L", "dvmd.job"]
+/// ["l", "<outcome>", "dvmd.job"]
+/// ["e", "<result or request id>"]
+/// ["p", "<customer hex>"]
+/// ["payment_hash", "<hex>"]      (when there was an invoice)
+/// ```
+pub fn job_label(
+    outcome: Outcome,
+    target: &EventId,
+    customer: &PublicKey,
+    payment_hash: Option<&str>,
+) -> EventBuilder {
+    let mut tags = vec![
+        Tag::custom(TagKind::custom("L"), [JOB_NAMESPACE]),
+        Tag::custom(TagKind::custom("l"), [outcome.as_str(), JOB_NAMESPACE]),
+        Tag::event(*target),
+        Tag::public_key(*customer),
+    ];
+    if let Some(hash) = payment_hash {
+        tags.push(Tag::custom(TagKind::custom("payment_hash"), [hash]));
+    }
+    EventBuilder::new(Kind::Label, "").tags(tags)
+}
+
 /// The deletion (NIP-09) of a superseded label, dated `created_at` (no earlier than the label:
 /// relays delete only what is not newer than the deletion).
 pub fn deletion(label: &EventId, created_at: u64) -> EventBuilder {

@@ -189,6 +189,8 @@ pub struct TrustPolicy {
     pub new_requests_per_minute: u32,
     /// Publish NIP-32 labels for tier changes.
     pub publish_labels: bool,
+    /// Publish a NIP-32 label of each relay job's outcome.
+    pub publish_job_labels: bool,
 }
 
 impl Default for TrustPolicy {
@@ -198,6 +200,7 @@ impl Default for TrustPolicy {
             new_min_pow: 0,
             new_requests_per_minute: 600,
             publish_labels: true,
+            publish_job_labels: true,
         }
     }
 }

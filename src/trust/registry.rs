@@ -267,6 +267,7 @@ mod tests {
             new_min_pow: 0,
             new_requests_per_minute: 2,
             publish_labels: true,
+            publish_job_labels: true,
         }
     }
 

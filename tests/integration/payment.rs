@@ -488,6 +488,24 @@ async fn an_invoice_the_wallet_forgot_expires_the_job_and_a_late_payment_is_cred
     let book = daemon.pipeline().book();
     let job = harness::wait_for_state(book, &request.id, JobState::Expired).await;
     let hash = job.invoice.expect("invoice").payment_hash;
+    // Labelled `unpaid` on the request, with the payment hash, as nostr-tools reads it.
+    let mut labels = Vec::new();
+    for _ in 0..50 {
+        labels =
+            crate::trust::job_labels(&ready.relay_url, &ready.pubkey, &alice.keys().public_key());
+        if !labels.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        labels,
+        vec![(
+            "unpaid".to_owned(),
+            request.id.to_hex(),
+            Some(hash.to_string())
+        )]
+    );
     // ... but the payment hash is still looked up.
     let record = book.payment(&hash).await.expect("read").expect("record");
     assert!(!record.consumed && !record.closed, "{record:?}");

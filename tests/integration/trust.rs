@@ -14,8 +14,13 @@ use serde_json::{json, Value};
 
 use crate::harness::{self, REPLY_TIMEOUT};
 
-/// Post a job as `customer`, pay it through the dev wallet, wait for its result.
-async fn paid_job(customer: &mut Customer, http: &str, prompt: &str) -> nostr_sdk::EventId {
+/// Post a job as `customer`, pay it through the dev wallet, wait for its result; the request's
+/// id and the result's.
+async fn paid_job(
+    customer: &mut Customer,
+    http: &str,
+    prompt: &str,
+) -> (nostr_sdk::EventId, nostr_sdk::EventId) {
     let request = customer
         .post(customer::text_request(
             prompt,
@@ -27,13 +32,45 @@ async fn paid_job(customer: &mut Customer, http: &str, prompt: &str) -> nostr_sd
         .expect("post");
     let (_, bolt11) = harness::invoice(customer, &request.id).await;
     harness::dev_pay(http, &bolt11).await;
-    customer
+    let result = customer
         .wait_for(&request.id, REPLY_TIMEOUT, |r| {
             matches!(r, Reply::Result(_))
         })
         .await
         .expect("result");
-    request.id
+    let Reply::Result(result) = result else {
+        unreachable!("waited for a result")
+    };
+    (request.id, result.id)
+}
+
+/// The job outcome labels of `npub` by `service` that nostr-tools reads: (outcome, target
+/// event, payment hash), sorted.
+pub fn job_labels(
+    relay: &str,
+    service: &PublicKey,
+    npub: &PublicKey,
+) -> Vec<(String, String, Option<String>)> {
+    let filter = json!({
+        "kinds": [1985],
+        "authors": [service.to_hex()],
+        "#L": ["dvmd.job"],
+        "#p": [npub.to_hex()],
+    });
+    let tag = |tags: &Vec<Value>, name: &str| {
+        tags.iter()
+            .find(|t| t[0] == name)
+            .and_then(|t| t[1].as_str().map(str::to_owned))
+    };
+    let mut labels: Vec<_> = harness::nostr_tools_query(relay, &filter)
+        .iter()
+        .filter_map(|line| {
+            let tags = line["event"]["tags"].as_array()?;
+            Some((tag(tags, "l")?, tag(tags, "e")?, tag(tags, "payment_hash")))
+        })
+        .collect();
+    labels.sort();
+    labels
 }
 
 /// The tier labels of `npub` by `service` that nostr-tools reads from the relay.
@@ -141,17 +178,36 @@ async fn paying_promotes_labels_follow_and_a_blocked_npub_is_refused_on_both_doo
     let mut alice = Customer::connect(&relay).await.expect("connect");
     let npub = alice.keys().public_key();
 
-    let first = paid_job(&mut alice, &http, "one").await;
+    let (first, first_result) = paid_job(&mut alice, &http, "one").await;
     harness::wait_for_state(daemon.pipeline().book(), &first, JobState::Settled).await;
     assert_eq!(
         daemon.pipeline().trust().tier(&npub),
         Tier::New,
         "one job: not yet"
     );
-    let second = paid_job(&mut alice, &http, "two").await;
-    harness::wait_for_state(daemon.pipeline().book(), &second, JobState::Settled).await;
+    let (second, second_result) = paid_job(&mut alice, &http, "two").await;
+    let first_job =
+        harness::wait_for_state(daemon.pipeline().book(), &first, JobState::Settled).await;
+    let second_job =
+        harness::wait_for_state(daemon.pipeline().book(), &second, JobState::Settled).await;
     wait_for_tier(&daemon, &npub, Tier::Known).await;
     wait_for_labels(&relay, &service, &npub, &["known"]).await;
+    // Each job's outcome is labelled too, on its result, with its payment hash as evidence.
+    let hash = |job: dvmd::job::Job| Some(job.invoice.expect("invoice").payment_hash.to_string());
+    let mut expected = vec![
+        ("paid".to_owned(), first_result.to_hex(), hash(first_job)),
+        ("paid".to_owned(), second_result.to_hex(), hash(second_job)),
+    ];
+    expected.sort();
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = job_labels(&relay, &service, &npub);
+        if seen.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, expected);
 
     // Her account says so.
     let url = format!("{http}/v1/account");
@@ -307,7 +363,7 @@ async fn a_flood_of_fresh_keys_leaves_a_known_customer_served() {
     for event in &flood[..FRESH / 2] {
         flooder.send(event).await.expect("send");
     }
-    let id = paid_job(&mut carol, &http, "mine").await;
+    let (id, _) = paid_job(&mut carol, &http, "mine").await;
     for event in &flood[FRESH / 2..] {
         flooder.send(event).await.expect("send");
     }
