@@ -71,6 +71,9 @@ pub struct TrustSection {
     pub new_min_pow: u8,
     /// Job requests all `new` npubs together may post a minute (burst and refill).
     pub new_requests_per_minute: u32,
+    /// Unpaid invoices the whole service may hold when a `new` npub asks for one (at most
+    /// `[service] max_open_invoices`; the rest is kept for npubs that have paid).
+    pub new_max_open_invoices: u32,
     /// Publish a NIP-32 label (kind 1985) when an npub's tier changes.
     pub publish_labels: bool,
     /// Publish a NIP-32 label of each relay job's outcome (paid, unpaid, delivered, refunded,
@@ -90,6 +93,7 @@ impl Default for TrustSection {
             trusted_min_age_days: thresholds.trusted_age_secs / (24 * 60 * 60),
             new_min_pow: policy.new_min_pow,
             new_requests_per_minute: policy.new_requests_per_minute,
+            new_max_open_invoices: policy.new_max_open_invoices,
             publish_labels: policy.publish_labels,
             publish_job_labels: policy.publish_job_labels,
         }
@@ -175,6 +179,9 @@ pub struct ServiceSection {
     /// Invoices one npub may leave unpaid at once; a job request beyond that gets an `error`
     /// feedback, and no invoice (no wallet call).
     pub max_open_invoices_per_npub: u32,
+    /// Invoices all customers together may leave unpaid at once (each costs reconciler
+    /// lookups); a job request beyond gets an `error` and no wallet call.
+    pub max_open_invoices: u32,
     /// Largest request event, bytes of JSON.
     pub max_request_bytes: usize,
     /// Largest result event dvmd will have to publish, bytes of JSON (relays refuse larger
@@ -201,6 +208,7 @@ impl Default for ServiceSection {
             max_request_age_secs: 600,
             requests_per_npub_per_minute: 120,
             max_open_invoices_per_npub: 20,
+            max_open_invoices: 2_000,
             max_request_bytes: 64 * 1024,
             max_result_bytes: 64 * 1024,
             result_refusals: 3,

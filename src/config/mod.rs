@@ -390,6 +390,10 @@ impl Config {
                 },
                 new_min_pow: file.trust.new_min_pow,
                 new_requests_per_minute: file.trust.new_requests_per_minute.max(1),
+                new_max_open_invoices: file
+                    .trust
+                    .new_max_open_invoices
+                    .min(service.max_open_invoices),
                 publish_labels: file.trust.publish_labels,
                 publish_job_labels: file.trust.publish_job_labels,
             },
@@ -401,6 +405,7 @@ impl Config {
             }),
             requests_per_npub_per_minute: service.requests_per_npub_per_minute,
             max_open_invoices_per_npub: service.max_open_invoices_per_npub.max(1),
+            max_open_invoices: service.max_open_invoices.max(1),
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,

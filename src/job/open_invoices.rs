@@ -1,4 +1,7 @@
-//! A cap on the invoices one account may leave unpaid (`[service] max_open_invoices_per_npub`).
+//! Caps on unpaid invoices: per account (`[service] max_open_invoices_per_npub`), and for the
+//! whole service (`[service] max_open_invoices`), of which keys that have not paid us yet (tier
+//! `new`) may hold only `[trust] new_max_open_invoices`: the rest is kept for customers who
+//! have, so a flood of fresh keys cannot make the service refuse them.
 //!
 //! Each invoice costs a wallet call, and each open one costs a lookup on every reconcile pass,
 //! so a key that posts requests and never pays must not make either grow without end. The
@@ -25,17 +28,41 @@ impl OpenInvoices {
     }
 }
 
+/// Why no invoice slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoSlot {
+    /// The account holds its share (this many).
+    Account(u32),
+    /// The service holds as many as it allows for this caller's tier.
+    Service,
+}
+
 impl Pipeline {
-    /// Take one of `account`'s open-invoice slots; false when it has none left.
-    pub(crate) fn take_invoice_slot(&self, account: &Account) -> bool {
-        let cap = self.inner.config.max_open_invoices_per_npub;
+    /// Take one of `account`'s open-invoice slots, if it and the service have one left for it
+    /// (`new` npubs within their share of the service's).
+    pub(crate) fn take_invoice_slot(&self, account: &Account) -> Result<(), NoSlot> {
+        let config = &self.inner.config;
+        let service_cap = match account.npub() {
+            Some(npub) if self.inner.trust.tier(&npub) == crate::trust::Tier::New => {
+                config.trust.new_max_open_invoices
+            }
+            _ => config.max_open_invoices,
+        };
+        let cap = config.max_open_invoices_per_npub;
         self.inner.open_invoices.with(|open| {
+            let total: u64 = open.values().map(|n| u64::from(*n)).sum();
             let count = open.entry(*account).or_default();
             if *count >= cap {
-                return false;
+                return Err(NoSlot::Account(*count));
+            }
+            if total >= u64::from(service_cap) {
+                if *count == 0 {
+                    open.remove(account);
+                }
+                return Err(NoSlot::Service);
             }
             *count += 1;
-            true
+            Ok(())
         })
     }
 

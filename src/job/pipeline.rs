@@ -74,6 +74,9 @@ pub struct JobConfig {
     pub requests_per_npub_per_minute: u32,
     /// Invoices one account may leave unpaid; a request beyond gets an `error`.
     pub max_open_invoices_per_npub: u32,
+    /// Invoices all accounts together may leave unpaid (`new` npubs: see
+    /// [`crate::trust::TrustPolicy::new_max_open_invoices`]).
+    pub max_open_invoices: u32,
     /// Invoice lifetime, seconds.
     pub invoice_expiry_secs: u64,
     /// Concurrent jobs on the model.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use nostr_sdk::{Event, JsonUtil};
 
 use super::book::BookError;
+use super::open_invoices::NoSlot;
 use super::pipeline::Pipeline;
 use super::record::{Job, JobInvoice};
 use super::state::JobState;
@@ -198,11 +199,13 @@ impl Pipeline {
             expiry_secs: inner.config.invoice_expiry_secs,
         };
         let customer = job.customer;
-        if !self.take_invoice_slot(&customer) {
-            let reason = format!(
-                "you have {} unpaid invoices here; pay one or let them expire, then ask again; nothing was charged",
-                self.open_invoices_of(&customer)
-            );
+        if let Err(full) = self.take_invoice_slot(&customer) {
+            let reason = match full {
+                NoSlot::Account(open) => format!(
+                    "you have {open} unpaid invoices here; pay one or let them expire, then ask again; nothing was charged"
+                ),
+                NoSlot::Service => "this service has too many unpaid invoices open right now; try again in a few minutes; nothing was charged".to_owned(),
+            };
             return self.reject(&job.id, event, reason).await;
         }
         // Released unless the invoice ends up recorded (and then when it is paid or closed).

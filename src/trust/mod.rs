@@ -187,6 +187,9 @@ pub struct TrustPolicy {
     pub new_min_pow: u8,
     /// Job requests all `new` npubs together may post a minute (burst and refill).
     pub new_requests_per_minute: u32,
+    /// Unpaid invoices the service holds at most when a `new` npub asks for one (the rest of
+    /// `[service] max_open_invoices` is kept for npubs that have paid before).
+    pub new_max_open_invoices: u32,
     /// Publish NIP-32 labels for tier changes.
     pub publish_labels: bool,
     /// Publish a NIP-32 label of each relay job's outcome.
@@ -199,6 +202,7 @@ impl Default for TrustPolicy {
             thresholds: Thresholds::default(),
             new_min_pow: 0,
             new_requests_per_minute: 600,
+            new_max_open_invoices: 1_500,
             publish_labels: true,
             publish_job_labels: true,
         }

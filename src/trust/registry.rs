@@ -266,6 +266,7 @@ mod tests {
             },
             new_min_pow: 0,
             new_requests_per_minute: 2,
+            new_max_open_invoices: 1_500,
             publish_labels: true,
             publish_job_labels: true,
         }

@@ -387,3 +387,50 @@ async fn a_flood_of_fresh_keys_leaves_a_known_customer_served() {
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
 }
+
+/// The service holds at most `max_open_invoices` unpaid invoices, and fresh keys fill only their
+/// share of it: a known customer still gets an invoice when they are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_keys_fill_only_their_share_of_the_services_unpaid_invoices() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("unused"));
+    let config = harness::dev_config(data.path(), |file| {
+        file.service.max_open_invoices = 3;
+        file.trust.new_max_open_invoices = 2;
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let ask = |prompt: &str| customer::text_request(prompt, &[("max_tokens", "4")], None, None);
+    let mut fresh = Vec::new();
+    for i in 0..3 {
+        let mut key = Customer::connect(&ready.relay_url).await.expect("connect");
+        let request = key.post(ask(&format!("fresh {i}"))).await.expect("post");
+        if i < 2 {
+            harness::invoice(&mut key, &request.id).await;
+        } else {
+            let info = harness::error_info(&mut key, &request.id).await;
+            assert!(info.contains("too many unpaid invoices"), "{info}");
+        }
+        fresh.push(key);
+    }
+    let mut dave = Customer::connect(&ready.relay_url).await.expect("connect");
+    daemon
+        .pipeline()
+        .trust()
+        .set(&dave.keys().public_key(), Some(Tier::Known), 0)
+        .await
+        .expect("known");
+    let request = dave.post(ask("known")).await.expect("post");
+    harness::invoice(&mut dave, &request.id).await;
+    let again = dave.post(ask("known again")).await.expect("post");
+    let info = harness::error_info(&mut dave, &again.id).await;
+    assert!(
+        info.contains("too many unpaid invoices"),
+        "the service's cap: {info}"
+    );
+    for key in fresh {
+        key.shutdown().await;
+    }
+    dave.shutdown().await;
+    daemon.stop().await;
+}
