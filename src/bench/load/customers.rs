@@ -212,6 +212,11 @@ impl LoadCustomer {
         }
     }
 
+    /// The customer's key.
+    pub(super) fn public_key(&self) -> nostr_sdk::PublicKey {
+        self.keys.public_key()
+    }
+
     pub(super) fn close(&self) {
         self.reader.abort();
     }

@@ -16,6 +16,7 @@
 //! `DVMD_BENCH_WRAPPER` is put in front of its command line (`heaptrack`, `perf record -g --`).
 
 mod customers;
+mod flood;
 mod target;
 
 use std::process::Child;
@@ -58,6 +59,14 @@ pub struct LoadOptions {
     /// Workers of the daemon the bench starts.
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Also flood it: this many fresh keys post one job request each (each far under its own
+    /// limit) while the customers run; the customers are made `known` first, and the daemon
+    /// keeps the default `[trust]` limits for new keys (the bench's own daemon only).
+    #[arg(long, default_value_t = 0, conflicts_with = "relay")]
+    pub flood: usize,
+    /// Flood requests offered a second.
+    #[arg(long, default_value_t = 200.0)]
+    pub flood_rate: f64,
 }
 
 /// Run the load and print the figures.
@@ -79,6 +88,11 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     let mut customers = Vec::with_capacity(options.customers);
     for _ in 0..options.customers {
         customers.push(Arc::new(LoadCustomer::connect(&target.relay).await?));
+    }
+    if options.flood > 0 {
+        for customer in &customers {
+            target.make_known(&http, &customer.public_key()).await?;
+        }
     }
     // Every customer's subscription is live before the first request.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -114,6 +128,16 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     ));
     let sampler = pid.map(|pid| tokio::spawn(sample_rss(pid, record.clone())));
     let cpu_before = pid.and_then(cpu_seconds);
+    let flood = if options.flood > 0 {
+        let events = flood::sign(options.flood, target.service)?;
+        Some(tokio::spawn(flood::offer(
+            target.relay.clone(),
+            events,
+            options.flood_rate,
+        )))
+    } else {
+        None
+    };
     let started = Instant::now();
     let job = Arc::new(JobSpec {
         service: target.service,
@@ -126,6 +150,10 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
         Some(rate) => open_loop(&customers, options.jobs, rate, &job, &record).await,
     }
     let wall = started.elapsed();
+    let flood = match flood {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
     let cpu = match (pid.and_then(cpu_seconds), cpu_before) {
         (Some(after), Some(before)) => Some(after - before),
         _ => None,
@@ -157,6 +185,9 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
         None => String::new(),
     };
     report(&options, &record, wall, cpu, pid, health, &metrics);
+    if let Some(flood) = flood {
+        flood::report(&options, &record, flood, &metrics);
+    }
     for customer in &customers {
         customer.close();
     }

@@ -35,6 +35,36 @@ impl Drop for Target {
     }
 }
 
+impl Target {
+    /// Make `npub` a `known` customer through the daemon's admin door.
+    pub(super) async fn make_known(
+        &self,
+        http: &reqwest::Client,
+        npub: &PublicKey,
+    ) -> Result<(), BenchError> {
+        let data = self
+            .data
+            .as_ref()
+            .ok_or("a flood needs the bench's own daemon")?;
+        let token =
+            std::fs::read_to_string(data.join("data").join(crate::identity::ADMIN_TOKEN_FILE))?;
+        let response = http
+            .post(format!("{}/admin/trust", self.http))
+            .bearer_auth(token.trim())
+            .json(&serde_json::json!({ "npub": npub.to_hex(), "tier": "known" }))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "the daemon refused to make {npub} known: {}",
+                response.status()
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
 /// Start the stub and `dvmd run --dev` as a child process on free ports.
 pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchError> {
     let stub = StubServer::start().await?;
@@ -45,9 +75,16 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
     } else {
         "[pricing]\nbase_fee_msat = 0\nprompt_msat_per_1k_tokens = 0\ncompletion_msat_per_1k_tokens = 0\n"
     };
+    // A flood meets the default limits for new keys; otherwise the bench's own (new) customers
+    // would be held to them.
+    let trust = if options.flood > 0 {
+        ""
+    } else {
+        "[trust]\nnew_requests_per_minute = 4000000000\n"
+    };
     let config = format!(
         // Each bench customer posts back to back, far over a real customer's rate.
-        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n[trust]\nnew_requests_per_minute = 4000000000\n{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
+        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n{trust}{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
         options.workers,
         stub.base_url(),
         std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default()
