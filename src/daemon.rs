@@ -278,6 +278,7 @@ impl Daemon {
         tasks.spawn(async move { labeller.publish_unlabelled().await });
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
         tasks.spawn(pipeline.clone().reconcile(cancel.child_token()));
+        tasks.spawn(relays.clone().release_reply_relays(cancel.child_token()));
         tasks.spawn(pipeline.clone().run_auto_payouts(cancel.child_token()));
         tasks.spawn(intake::run(
             relays.clone(),

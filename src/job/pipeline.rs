@@ -222,6 +222,11 @@ impl Pipeline {
         &self.inner.book
     }
 
+    /// The relay pool answers go out through.
+    pub fn relays(&self) -> &crate::relay::Relays {
+        self.inner.outbox.relays()
+    }
+
     /// Every npub's tier.
     pub fn trust(&self) -> &crate::trust::Trust {
         &self.inner.trust

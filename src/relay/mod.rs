@@ -11,7 +11,7 @@ pub mod transport;
 pub use embedded::{EmbeddedRelay, RelayOptions as EmbeddedRelayOptions};
 pub use guard::ReplyRelayPolicy;
 pub use outbox::Outbox;
-pub use pool::{RelayRole, Relays};
+pub use pool::{RelayRole, Relays, MAX_REPLY_RELAYS_IN_POOL, REPLY_RELAY_IDLE};
 
 /// Errors of the relay layer.
 #[derive(Debug, thiserror::Error)]

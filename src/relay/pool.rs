@@ -1,7 +1,7 @@
 //! The relays dvmd talks to: a nostr-sdk `Client` with our nodelay transport, the operator's
 //! relays by role, and reply relays that requests name in their `relays` tag.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +19,13 @@ use super::guard::{RelayGuard, ReplyRelayPolicy};
 use super::transport::NoDelayTransport;
 use super::RelayError;
 
-/// At most this many relays learned from requests are kept in the pool, so customers cannot
+/// At most this many relays learned from requests are in the pool at once, so customers cannot
 /// make the daemon hold an unbounded number of connections.
 pub const MAX_REPLY_RELAYS_IN_POOL: usize = 64;
+/// A relay learned from a request is dropped from the pool (and its connection closed) once
+/// nothing was sent to it for this long: the connection serves the job that named it, and the
+/// places under [`MAX_REPLY_RELAYS_IN_POOL`] go back to later requests.
+pub const REPLY_RELAY_IDLE: Duration = Duration::from_secs(60);
 
 /// Room for bursts between the pool and the intake loop; intake only screens (the store work
 /// runs in tasks), so it drains this quickly. An overflow is detected and caught up. Every slot
@@ -58,7 +62,8 @@ pub struct Relays {
     client: Client,
     read: Arc<Vec<RelayUrl>>,
     write: Arc<Vec<RelayUrl>>,
-    reply: Arc<Mutex<HashSet<RelayUrl>>>,
+    /// Relays learned from requests, with when something was last sent to each.
+    reply: Arc<Mutex<HashMap<RelayUrl, std::time::Instant>>>,
     /// Which reply relays may be reached (checked again by the transport at connect time).
     guard: Arc<RelayGuard>,
 }
@@ -128,7 +133,7 @@ impl Relays {
             client,
             read: Arc::new(read),
             write: Arc::new(write),
-            reply: Arc::new(Mutex::new(HashSet::new())),
+            reply: Arc::new(Mutex::new(HashMap::new())),
             guard: Arc::new(guard),
         })
     }
@@ -353,7 +358,8 @@ impl Relays {
             return Some(url);
         }
         let mut reply = self.reply.lock().await;
-        if reply.contains(&url) {
+        if let Some(used) = reply.get_mut(&url) {
+            *used = std::time::Instant::now();
             return Some(url);
         }
         // Refused before it takes a place in the pool: a denied host or a private address
@@ -373,8 +379,45 @@ impl Relays {
             tracing::debug!(relay = %url, error = %e, "cannot add reply relay");
             return None;
         }
-        reply.insert(url.clone());
+        reply.insert(url.clone(), std::time::Instant::now());
         Some(url)
+    }
+
+    /// Drop from the pool (closing their connections) the relays learned from requests that
+    /// nothing was sent to for `idle`; returns them.
+    pub async fn release_idle_reply_relays(&self, idle: Duration) -> Vec<RelayUrl> {
+        let mut reply = self.reply.lock().await;
+        let idle: Vec<RelayUrl> = reply
+            .iter()
+            .filter(|(_, used)| used.elapsed() >= idle)
+            .map(|(url, _)| url.clone())
+            .collect();
+        for url in &idle {
+            reply.remove(url);
+            if let Err(e) = self.client.pool().force_remove_relay(url.clone()).await {
+                tracing::debug!(relay = %url, error = %e, "reply relay already gone");
+            }
+        }
+        idle
+    }
+
+    /// Relays learned from requests now in the pool.
+    pub async fn reply_relays_in_pool(&self) -> usize {
+        self.reply.lock().await.len()
+    }
+
+    /// Every [`REPLY_RELAY_IDLE`] / 2 until `cancel` fires: release idle reply relays.
+    pub async fn release_reply_relays(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(REPLY_RELAY_IDLE / 2) => {}
+            }
+            let released = self.release_idle_reply_relays(REPLY_RELAY_IDLE).await;
+            if !released.is_empty() {
+                tracing::debug!(relays = released.len(), "idle reply relays released");
+            }
+        }
     }
 
     /// Disconnect every relay.

@@ -272,6 +272,56 @@ async fn a_silent_relay_does_not_hold_up_the_job() {
         seen.lock().expect("lock").contains(&result.id.to_hex()),
         "the reply relay named in the request gets the result too"
     );
+
+    // Its connection serves the job that named it: once idle it is released from the pool,
+    // and a later request that names it again gets it dialed again.
+    let relays = daemon.pipeline().relays();
+    assert_eq!(relays.reply_relays_in_pool().await, 1);
+    assert!(
+        relays
+            .release_idle_reply_relays(dvmd::relay::REPLY_RELAY_IDLE)
+            .await
+            .is_empty(),
+        "kept while in use"
+    );
+    // (Idle for "at least zero": the job's last answer went out a moment ago.)
+    let released = relays.release_idle_reply_relays(Duration::ZERO).await;
+    assert_eq!(
+        released
+            .iter()
+            .map(|u| u.as_str_without_trailing_slash())
+            .collect::<Vec<_>>(),
+        vec![silent.as_str()]
+    );
+    assert_eq!(relays.reply_relays_in_pool().await, 0);
+    let again = alice
+        .post(
+            customer::text_request("Again", &[("max_tokens", "4")], None, None).tag(Tag::custom(
+                TagKind::custom("relays"),
+                [ready.relay_url.clone(), silent.clone()],
+            )),
+        )
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(&mut alice, &again.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let Reply::Result(result) = alice
+        .wait_for(&again.id, bound, |r| matches!(r, Reply::Result(_)))
+        .await
+        .expect("result")
+    else {
+        unreachable!()
+    };
+    for _ in 0..100 {
+        if seen.lock().expect("lock").contains(&result.id.to_hex()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.lock().expect("lock").contains(&result.id.to_hex()),
+        "dialed again for the next request that names it"
+    );
     alice.shutdown().await;
     daemon.stop().await;
     cancel.cancel();
