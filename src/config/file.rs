@@ -79,6 +79,8 @@ pub struct TrustSection {
     /// Publish a NIP-32 label of each relay job's outcome (paid, unpaid, delivered, refunded,
     /// failed).
     pub publish_job_labels: bool,
+    /// Allowlisted npubs' jobs run free (on both doors).
+    pub allowlisted_free: bool,
 }
 
 impl Default for TrustSection {
@@ -96,6 +98,7 @@ impl Default for TrustSection {
             new_max_open_invoices: policy.new_max_open_invoices,
             publish_labels: policy.publish_labels,
             publish_job_labels: policy.publish_job_labels,
+            allowlisted_free: policy.allowlisted_free,
         }
     }
 }

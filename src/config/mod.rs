@@ -396,6 +396,7 @@ impl Config {
                     .min(service.max_open_invoices),
                 publish_labels: file.trust.publish_labels,
                 publish_job_labels: file.trust.publish_job_labels,
+                allowlisted_free: file.trust.allowlisted_free,
             },
             prune: (file.store.prune_unpaid_after_hours > 0).then(|| {
                 crate::job::prune::PrunePolicy {

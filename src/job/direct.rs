@@ -163,7 +163,12 @@ impl Pipeline {
         priced: &Priced,
         answer_now: bool,
     ) -> Result<Job, OpenError> {
-        let job = Job::http(account, door, kind, priced, unix_now());
+        let mut job = Job::http(account, door, kind, priced, unix_now());
+        if self.runs_free(&account) {
+            // Nothing to reserve, nothing charged, no budget to stop at.
+            job.quote_msat = Some(0);
+            job.limit_msat = Some(0);
+        }
         let opened = self.inner.book.open_on_credit(job, answer_now).await?;
         match opened {
             Ok(job) => {
@@ -171,7 +176,7 @@ impl Pipeline {
                 metrics.entered(JobState::Received);
                 metrics.entered(JobState::Quoted);
                 metrics.entered(JobState::Running);
-                metrics.paid_from_credit(priced.quote_msat);
+                metrics.paid_from_credit(job.quote_msat.unwrap_or(0));
                 metrics.http_job_opened(door == Door::HttpChat);
                 tracing::info!(job = %job.id, door = door.as_str(), account = %job.customer, quote_msat = priced.quote_msat, "http job opened");
                 Ok(job)

@@ -232,6 +232,15 @@ impl Pipeline {
         &self.inner.trust
     }
 
+    /// Whether `account`'s jobs run free: an allowlisted npub, when `[trust] allowlisted_free`.
+    pub(crate) fn runs_free(&self, account: &crate::ledger::Account) -> bool {
+        let trust = &self.inner.trust;
+        trust.policy().allowlisted_free
+            && account
+                .npub()
+                .is_some_and(|npub| trust.tier(&npub) == crate::trust::Tier::Allowlisted)
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics

@@ -29,7 +29,7 @@ impl Pipeline {
             Ok(estimate) => estimate,
             Err(reason) => return self.reject(&job.id, &event, reason.to_string()).await,
         };
-        if estimate.cap_msat == 0 {
+        if estimate.cap_msat == 0 || self.runs_free(&job.customer) {
             return self.start_free(job, &event).await;
         }
         let bid = request.bid_msat;

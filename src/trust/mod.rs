@@ -194,6 +194,8 @@ pub struct TrustPolicy {
     pub publish_labels: bool,
     /// Publish a NIP-32 label of each relay job's outcome.
     pub publish_job_labels: bool,
+    /// Allowlisted npubs' jobs run free.
+    pub allowlisted_free: bool,
 }
 
 impl Default for TrustPolicy {
@@ -205,6 +207,7 @@ impl Default for TrustPolicy {
             new_max_open_invoices: 1_500,
             publish_labels: true,
             publish_job_labels: true,
+            allowlisted_free: true,
         }
     }
 }

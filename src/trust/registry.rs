@@ -269,6 +269,7 @@ mod tests {
             new_max_open_invoices: 1_500,
             publish_labels: true,
             publish_job_labels: true,
+            allowlisted_free: true,
         }
     }
 

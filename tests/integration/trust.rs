@@ -434,3 +434,69 @@ async fn fresh_keys_fill_only_their_share_of_the_services_unpaid_invoices() {
     dave.shutdown().await;
     daemon.stop().await;
 }
+
+/// An allowlisted npub's jobs run free on both doors: no invoice, no charge, nothing held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowlisted_npubs_run_free_on_both_doors() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("on the house"));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut erin = Customer::connect(&ready.relay_url).await.expect("connect");
+    let npub = erin.keys().public_key();
+    daemon
+        .pipeline()
+        .trust()
+        .set(&npub, Some(Tier::Allowlisted), 0)
+        .await
+        .expect("allowlisted");
+    let request = erin
+        .post(customer::text_request(
+            "hello",
+            &[("max_tokens", "4")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let result = erin
+        .wait_for(&request.id, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(dvmd::nip90::JobStatus::PaymentRequired),
+                        ..
+                    }
+            )
+        })
+        .await
+        .expect("answer");
+    assert!(matches!(result, Reply::Result(_)), "no invoice: {result:?}");
+    let job =
+        harness::wait_for_state(daemon.pipeline().book(), &request.id, JobState::Settled).await;
+    assert_eq!((job.paid_msat, job.charge_msat), (0, Some(0)));
+
+    // Over HTTP, with no balance at all.
+    let url = format!("{}/v1/chat/completions", ready.http_url);
+    let model = harness::served_model(&ready.http_url).await;
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let answer = reqwest::Client::new()
+        .post(&url)
+        .header(
+            "authorization",
+            harness::nip98_with_nonce(erin.keys(), &url, "post", Some(&body)),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.expect("json");
+    assert_eq!(answer["dvmd"]["receipt"]["charged_msat"], 0, "{answer}");
+    erin.shutdown().await;
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!((totals.payment_in_msat, totals.charge_msat), (0, 0));
+}
