@@ -296,7 +296,8 @@ impl Book {
 
 impl Pipeline {
     /// Every hour until `cancel` fires: automatic payouts, then (when the operator set an
-    /// expiry) unclaimed credit, then the records of jobs that ended without money
+    /// expiry) unclaimed credit, then every npub's tier again (time alone promotes) with the
+    /// labels of any change, then the records of jobs that ended without money
     /// ([`Book::prune_unpaid`](super::book::Book::prune_unpaid)).
     pub async fn run_auto_payouts(self, cancel: tokio_util::sync::CancellationToken) {
         let policy = self.inner.config.auto_payout;
@@ -312,6 +313,7 @@ impl Pipeline {
                     tracing::error!(error = %e, "cannot expire unclaimed credit");
                 }
             }
+            self.publish_unlabelled().await;
             if let Some(policy) = self.inner.config.prune {
                 match self.inner.book.prune_unpaid(now, policy).await {
                     Ok(pass) if pass.removed > 0 => {

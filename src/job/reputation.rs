@@ -77,8 +77,12 @@ impl Pipeline {
         }
     }
 
-    /// Publish every tier label that is not out yet (on start).
+    /// Work out every npub's tier again (time alone promotes: `trusted` needs an age) and
+    /// publish every tier label that is not out yet. On start, and hourly.
     pub async fn publish_unlabelled(&self) {
+        if let Err(e) = self.inner.trust.reload(unix_now()).await {
+            return tracing::error!(error = %e, "cannot read the trust standings");
+        }
         match self.inner.trust.unlabelled(unix_now()).await {
             Ok(changes) => {
                 for change in changes {

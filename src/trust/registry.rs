@@ -122,6 +122,19 @@ impl Trust {
         self.new_keys.try_take_at(now)
     }
 
+    /// Read every standing again and work out each tier at `now` (time alone can promote).
+    pub async fn reload(&self, now: u64) -> Result<(), TrustError> {
+        let thresholds = self.policy.thresholds;
+        let tiers: HashMap<PublicKey, Tier> = all(&self.store)
+            .await?
+            .iter()
+            .map(|(npub, standing)| (*npub, standing.tier(&thresholds, now)))
+            .filter(|(_, tier)| *tier != Tier::New)
+            .collect();
+        *self.tiers.write().unwrap_or_else(|e| e.into_inner()) = tiers;
+        Ok(())
+    }
+
     /// `npub`'s standing as stored.
     pub async fn standing(&self, npub: &PublicKey) -> Result<Standing, TrustError> {
         let key = npub.to_bytes();
@@ -329,10 +342,33 @@ mod tests {
         );
         assert_eq!(trust.screen(&request(&Keys::generate(), 0)), Ok(Tier::New));
 
+        // Time alone promotes: bob has paid what `trusted` asks, but not for long enough yet.
+        let aged = TrustPolicy {
+            thresholds: Thresholds {
+                trusted_paid_msat: 1_000,
+                trusted_jobs: 1,
+                trusted_age_secs: 100,
+                ..policy().thresholds
+            },
+            ..policy()
+        };
+        let bob = Keys::generate().public_key();
+        store
+            .commit(move |tx| {
+                settled_in(tx, &bob, 1_500, 10)?;
+                Ok::<_, crate::store::TxError<TrustError>>(())
+            })
+            .await
+            .expect("settle");
+        let later = Trust::load(store.clone(), aged, 20).await.expect("load");
+        assert_eq!(later.tier(&bob), Tier::Known);
+        later.reload(110).await.expect("reload");
+        assert_eq!(later.tier(&bob), Tier::Trusted, "a week (here 100 s) later");
+
         // A restart reads it all back.
         let again = Trust::load(store, policy(), 50).await.expect("load");
         assert_eq!(again.tier(&alice), Tier::Blocked);
-        assert_eq!(again.unlabelled(50).await.expect("unlabelled").len(), 1);
+        assert_eq!(again.unlabelled(50).await.expect("unlabelled").len(), 2);
     }
 
     #[tokio::test]
