@@ -24,6 +24,13 @@
 //! entries, no job has more released than it reserved, and nothing more landed than was put in
 //! flight.
 //!
+//! A job run before it is paid (pay-after, for trusted npubs) is charged on credit: `debt` (+)
+//! lends the charge to the balance and `charge` (-) takes it, so the account owes it (its
+//! *receivable*, kept per account in the `receivables` tree). A payment into an account that
+//! owes repays first: `debt_repaid` (-) takes from the balance what the payment brought. With
+//! `receivable = sum(debt) - sum(debt_repaid)`, the invariant becomes `sum(payment_in) +
+//! receivable = ...` (the rest as above), and each account's receivable equals its own entries.
+//!
 //! Writes happen only inside the store transactions of `job::book`, so a balance never changes
 //! without the job transition that explains it.
 
@@ -67,14 +74,27 @@ pub enum EntryKind {
     PayoutFeeReturned,
     /// A payout our wallet says failed: all of it back to the balance.
     PayoutFailed,
+    /// A pay-after job's charge lent to the balance (the charge entry beside it takes it): the
+    /// account owes it.
+    Debt,
+    /// What a payment into an account that owes repaid, taken from the balance.
+    DebtRepaid,
 }
 
 impl EntryKind {
     /// The effect on the account balance: +1, -1, or 0 for memos.
     fn sign(self) -> i8 {
         match self {
-            Self::PaymentIn | Self::Release | Self::PayoutFeeReturned | Self::PayoutFailed => 1,
-            Self::Charge | Self::Expiry | Self::Reserve | Self::PayoutPending => -1,
+            Self::PaymentIn
+            | Self::Release
+            | Self::PayoutFeeReturned
+            | Self::PayoutFailed
+            | Self::Debt => 1,
+            Self::Charge
+            | Self::Expiry
+            | Self::Reserve
+            | Self::PayoutPending
+            | Self::DebtRepaid => -1,
             Self::RefundCredit | Self::Payout | Self::RoutingFee => 0,
         }
     }
@@ -135,6 +155,21 @@ pub fn post(tx: &Tx<'_>, entry: &Entry) -> Result<(), TxError<LedgerError>> {
         _ => balance,
     };
     tx.put_raw(Tree::Accounts, &key, &next.to_be_bytes())?;
+    let owed_change = match entry.kind {
+        EntryKind::Debt => Some(owed_by_key(tx, &key)?.saturating_add(entry.msat)),
+        EntryKind::DebtRepaid => Some(owed_by_key(tx, &key)?.checked_sub(entry.msat).ok_or(
+            TxError::Abort(LedgerError::Invariant(format!(
+                "{} repays {} msat more than it owes",
+                entry.account, entry.msat
+            ))),
+        )?),
+        _ => None,
+    };
+    match owed_change {
+        Some(0) => tx.remove(Tree::Receivables, &key)?,
+        Some(owed) => tx.put_raw(Tree::Receivables, &key, &owed.to_be_bytes())?,
+        None => {}
+    }
     let seq = tx.next_sequence(ENTRY_SEQUENCE)?.to_be_bytes();
     tx.put(Tree::Entries, &seq, entry)?;
     tx.put_raw(Tree::AccountEntries, &account_entry_key(&key, &seq), &[])?;
@@ -176,6 +211,52 @@ pub fn entries(reader: &Reader<'_>) -> Result<Vec<(u64, Entry)>, LedgerError> {
         all.push((be_u64(&seq).unwrap_or_default(), entry));
     }
     Ok(all)
+}
+
+/// Inside a write: what `account` owes for jobs run before they were paid, msat.
+pub fn owed_in(tx: &Tx<'_>, account: &Account) -> Result<u64, TxFailure> {
+    owed_by_key(tx, &account.key())
+}
+
+fn owed_by_key(tx: &Tx<'_>, key: &[u8]) -> Result<u64, TxFailure> {
+    Ok(tx
+        .get_raw(Tree::Receivables, key)?
+        .and_then(|raw| be_u64(&raw))
+        .unwrap_or(0))
+}
+
+/// What `account` owes for jobs run before they were paid, msat.
+pub fn owed(reader: &Reader<'_>, account: &Account) -> Result<u64, LedgerError> {
+    Ok(reader
+        .get_raw(Tree::Receivables, &account.key())?
+        .and_then(|raw| be_u64(&raw))
+        .unwrap_or(0))
+}
+
+/// Inside a write: repay what `account` owes from its balance, as far as the balance goes
+/// (a payment just came in). Returns what was repaid and what is still owed.
+pub fn repay_in(
+    tx: &Tx<'_>,
+    account: &Account,
+    job: Option<JobId>,
+    at: u64,
+) -> Result<(u64, u64), TxError<LedgerError>> {
+    let owed = owed_in(tx, account)?;
+    let repaid = owed.min(balance_in(tx, account)?);
+    if repaid > 0 {
+        post(
+            tx,
+            &Entry {
+                kind: EntryKind::DebtRepaid,
+                account: *account,
+                msat: repaid,
+                job,
+                payment_hash: None,
+                at,
+            },
+        )?;
+    }
+    Ok((repaid, owed - repaid))
 }
 
 /// Inside a write: the spendable balance of `account` in msat.
@@ -229,6 +310,12 @@ pub struct Totals {
     pub held_msat: u64,
     /// Sum of account balances.
     pub balances_msat: u64,
+    /// Sum of `debt`.
+    pub debt_msat: u64,
+    /// Sum of `debt_repaid`.
+    pub debt_repaid_msat: u64,
+    /// Owed now for jobs run before they were paid: `debt - debt_repaid`.
+    pub receivable_msat: u64,
     /// Number of entries.
     pub entries: u64,
     /// Number of accounts.
@@ -271,6 +358,7 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
     let mut totals = Totals::default();
     let mut by_account: HashMap<Account, i128> = HashMap::new();
     let mut by_job: HashMap<JobId, i128> = HashMap::new();
+    let mut owed_by_account: HashMap<Account, i128> = HashMap::new();
     let mut unindexed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     for item in reader.scan::<Entry>(Tree::Entries) {
         let (seq, entry) = item?;
@@ -288,7 +376,25 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
             EntryKind::RoutingFee => &mut totals.routing_fee_msat,
             EntryKind::PayoutFeeReturned => &mut totals.payout_fee_returned_msat,
             EntryKind::PayoutFailed => &mut totals.payout_failed_msat,
+            EntryKind::Debt => &mut totals.debt_msat,
+            EntryKind::DebtRepaid => &mut totals.debt_repaid_msat,
         };
+        match entry.kind {
+            EntryKind::Debt => {
+                *owed_by_account.entry(entry.account).or_default() += i128::from(entry.msat)
+            }
+            EntryKind::DebtRepaid => {
+                let owed = owed_by_account.entry(entry.account).or_default();
+                *owed -= i128::from(entry.msat);
+                if *owed < 0 {
+                    return Err(LedgerError::Invariant(format!(
+                        "{} repaid {} msat more than it owed",
+                        entry.account, -*owed
+                    )));
+                }
+            }
+            _ => {}
+        }
         *slot = slot.saturating_add(entry.msat);
         *by_account.entry(entry.account).or_default() +=
             i128::from(entry.kind.sign()) * i128::from(entry.msat);
@@ -342,6 +448,26 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
             )));
         }
     }
+    totals.receivable_msat = totals.debt_msat - totals.debt_repaid_msat;
+    for item in reader.scan_raw(Tree::Receivables) {
+        let (key, raw) = item?;
+        let account = Account::from_key(&key).ok_or_else(|| {
+            LedgerError::Invariant(format!("bad receivable key {}", hex::encode(&key)))
+        })?;
+        let owed = be_u64(&raw)
+            .ok_or_else(|| LedgerError::Invariant(format!("bad receivable for {account}")))?;
+        let from_entries = owed_by_account.remove(&account).unwrap_or(0);
+        if from_entries != i128::from(owed) {
+            return Err(LedgerError::Invariant(format!(
+                "{account}: owes {owed} msat, its debt entries say {from_entries} msat"
+            )));
+        }
+    }
+    if let Some((account, owed)) = owed_by_account.into_iter().find(|(_, owed)| *owed != 0) {
+        return Err(LedgerError::Invariant(format!(
+            "{account}: debt entries say it owes {owed} msat, but no receivable is recorded"
+        )));
+    }
     for key in reader.keys(Tree::AccountEntries) {
         let key = key?;
         if !unindexed.remove(&key) {
@@ -369,10 +495,11 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
         + u128::from(totals.balances_msat)
         + u128::from(totals.held_msat)
         + u128::from(totals.in_flight_msat);
-    if u128::from(totals.payment_in_msat) != out {
+    if u128::from(totals.payment_in_msat) + u128::from(totals.receivable_msat) != out {
         return Err(LedgerError::Invariant(format!(
-            "payments in {} msat != charges {} + payouts {} + routing fees {} + expiries {} + balances {} + held {} + in flight {}",
+            "payments in {} msat + receivable {} != charges {} + payouts {} + routing fees {} + expiries {} + balances {} + held {} + in flight {}",
             totals.payment_in_msat,
+            totals.receivable_msat,
             totals.charge_msat,
             totals.payout_msat,
             totals.routing_fee_msat,
@@ -516,6 +643,54 @@ mod tests {
                     Tree::Accounts,
                     &alice.key(),
                     &5_000u64.to_be_bytes(),
+                )?)
+            })
+            .await?;
+        assert!(matches!(
+            store.read(check).await,
+            Err(LedgerError::Invariant(_))
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_debt_is_a_receivable_until_a_payment_repays_it() -> Result<(), LedgerError> {
+        let store = Store::temporary()?;
+        let alice = Account::from(Keys::generate().public_key());
+        // A pay-after job charged 700: lent to the balance, then taken.
+        apply(&store, entry(EntryKind::Debt, alice, 700)).await?;
+        apply(&store, entry(EntryKind::Charge, alice, 700)).await?;
+        let totals = store.read(check).await?;
+        assert_eq!((totals.receivable_msat, totals.balances_msat), (700, 0));
+        assert_eq!(store.read(move |r| owed(r, &alice)).await?, 700);
+
+        // She pays 500, then 1,000: the debt is repaid first, the rest is her balance.
+        for paid in [500, 1_000] {
+            store
+                .commit(move |tx| {
+                    post(tx, &entry(EntryKind::PaymentIn, alice, paid))?;
+                    repay_in(tx, &alice, None, 0)
+                })
+                .await?;
+        }
+        let totals = store.read(check).await?;
+        assert_eq!(
+            (
+                totals.receivable_msat,
+                totals.debt_repaid_msat,
+                totals.balances_msat
+            ),
+            (0, 700, 800)
+        );
+        assert_eq!(store.read(move |r| owed(r, &alice)).await?, 0);
+
+        // A receivable that its entries do not explain is caught.
+        store
+            .commit(move |tx| {
+                Ok::<_, TxError<LedgerError>>(tx.put_raw(
+                    Tree::Receivables,
+                    &alice.key(),
+                    &5u64.to_be_bytes(),
                 )?)
             })
             .await?;

@@ -49,8 +49,9 @@ use writer::{Applied, Command, Status, Write};
 /// 8: `mpp_challenges`, the HTTP `Payment` challenges by id. Nothing is rewritten.
 /// 9: jobs keyed by time (`received_at ‖ id`, see [`job_key`]) with the `job_keys` index by
 ///    id: every job record is moved to its new key on upgrade.
-/// 10: `trust`, each npub's standing (what it paid, the operator's setting, its last label).
-///    Nothing is rewritten.
+/// 10: `trust`, each npub's standing (what it paid, the operator's setting, its last label),
+///    and `receivables` with the `debt` and `debt_repaid` entry kinds (pay-after). Nothing is
+///    rewritten.
 pub const SCHEMA_VERSION: u64 = 10;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
@@ -98,13 +99,16 @@ pub enum Tree {
     MppChallenges,
     /// Each npub's standing (`trust::Standing`), by its 32 bytes.
     Trust,
+    /// What each account owes for jobs run before they were paid (8 bytes, big endian), by
+    /// account key; no record when it owes nothing.
+    Receivables,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 15] = [
+    pub const ALL: [Tree; 16] = [
         Self::Jobs,
         Self::JobKeys,
         Self::Payments,
@@ -119,6 +123,7 @@ impl Tree {
         Self::AccountSettings,
         Self::MppChallenges,
         Self::Trust,
+        Self::Receivables,
         Self::Meta,
     ];
 
@@ -139,6 +144,7 @@ impl Tree {
             Self::AccountSettings => "account_settings",
             Self::MppChallenges => "mpp_challenges",
             Self::Trust => "trust",
+            Self::Receivables => "receivables",
             Self::Meta => "meta",
         }
     }
