@@ -66,6 +66,11 @@ pub struct TrustSection {
     pub trusted_min_jobs: u64,
     /// `trusted`: days since the first payment, at least.
     pub trusted_min_age_days: u64,
+    /// What a `trusted` npub may owe at once for jobs run before they are paid (pay-after, for
+    /// requests that name this service); 0 turns pay-after off.
+    pub trusted_credit_msat: u64,
+    /// Seconds a pay-after debt may stay unpaid; past it the npub is `new` until it pays.
+    pub debt_deadline_secs: u64,
     /// NIP-13 proof of work (leading zero bits of the request id) a `new` npub's job request
     /// must carry; 0 asks none.
     pub new_min_pow: u8,
@@ -93,6 +98,8 @@ impl Default for TrustSection {
             trusted_min_paid_msat: thresholds.trusted_paid_msat,
             trusted_min_jobs: thresholds.trusted_jobs,
             trusted_min_age_days: thresholds.trusted_age_secs / (24 * 60 * 60),
+            trusted_credit_msat: policy.trusted_credit_msat,
+            debt_deadline_secs: thresholds.debt_deadline_secs,
             new_min_pow: policy.new_min_pow,
             new_requests_per_minute: policy.new_requests_per_minute,
             new_max_open_invoices: policy.new_max_open_invoices,

@@ -387,9 +387,11 @@ impl Config {
                     trusted_paid_msat: file.trust.trusted_min_paid_msat,
                     trusted_jobs: file.trust.trusted_min_jobs,
                     trusted_age_secs: file.trust.trusted_min_age_days.saturating_mul(24 * 60 * 60),
+                    debt_deadline_secs: file.trust.debt_deadline_secs,
                 },
                 new_min_pow: file.trust.new_min_pow,
                 new_requests_per_minute: file.trust.new_requests_per_minute.max(1),
+                trusted_credit_msat: file.trust.trusted_credit_msat,
                 new_max_open_invoices: file
                     .trust
                     .new_max_open_invoices

@@ -182,6 +182,9 @@ fn settle_in(
     at: u64,
 ) -> Result<(), TxError<BookError>> {
     job.transition(JobState::Settled, at).map_err(abort)?;
+    if job.pay_after {
+        return settle_pay_after(tx, job, charge_msat, at);
+    }
     let mut charge = charge_msat.min(job.funds_msat());
     // Records from before holds (schema 3) hold nothing: their payment is on the payer's
     // balance, where credit jobs may have spent some of it since. Charge no more than is
@@ -222,6 +225,32 @@ fn settle_in(
     // What it paid counts towards the payer's tier, in the same write.
     if let Some(npub) = job.payer().npub() {
         crate::trust::settled_in(tx, &npub, charge, at)?;
+    }
+    put_job(tx, &*job)?;
+    Ok(())
+}
+
+/// Inside a transaction: settle a pay-after job (it held nothing): its charge, at most its
+/// limit, is lent to the customer's balance and taken (`debt`, `charge`), what the balance
+/// holds repays it at once (a payment of the result's invoice may have come first), and the
+/// rest is owed, from now.
+fn settle_pay_after(
+    tx: &Tx<'_>,
+    job: &mut Job,
+    charge_msat: u64,
+    at: u64,
+) -> Result<(), TxError<BookError>> {
+    let charge = charge_msat.min(job.limit_msat());
+    job.charge_msat = Some(charge);
+    post(tx, EntryKind::Debt, job.customer, charge, job, at)?;
+    post(tx, EntryKind::Charge, job.customer, charge, job, at)?;
+    let (_, owed) = ledger::repay_in(tx, &job.customer, Some(job.id), at)
+        .map_err(|e| e.map_abort(BookError::Ledger))?;
+    if let Some(npub) = job.customer.npub() {
+        crate::trust::close_pay_after_in(tx, &npub, job.limit_msat(), owed > 0, at)?;
+        if owed == 0 {
+            crate::trust::debt_cleared_in(tx, &npub)?;
+        }
     }
     put_job(tx, &*job)?;
     Ok(())

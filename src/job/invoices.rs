@@ -101,6 +101,27 @@ fn book_consumed(
     paid_msat: u64,
     at: u64,
 ) -> Result<PaymentOutcome, TxError<BookError>> {
+    let outcome = book_payment(tx, hash, record, paid_msat, at)?;
+    // What the account owes for jobs run before they were paid is repaid first, from what is
+    // left once the paid job (if any) holds its part.
+    let (repaid, owed) = ledger::repay_in(tx, &record.account, record.job, at)
+        .map_err(|e| e.map_abort(BookError::Ledger))?;
+    if repaid > 0 && owed == 0 {
+        if let Some(npub) = record.account.npub() {
+            crate::trust::debt_cleared_in(tx, &npub)?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// [`book_consumed`] before any debt is repaid.
+fn book_payment(
+    tx: &Tx<'_>,
+    hash: &PaymentHash,
+    record: &PaymentRecord,
+    paid_msat: u64,
+    at: u64,
+) -> Result<PaymentOutcome, TxError<BookError>> {
     tx.put(Tree::Payments, &hash.0, record)?;
     let entry = Entry {
         kind: EntryKind::PaymentIn,

@@ -22,6 +22,7 @@ pub mod holds;
 pub mod id;
 pub mod invoices;
 pub mod open_invoices;
+pub mod pay_after;
 pub mod payment;
 pub mod payouts;
 pub mod pipeline;

@@ -181,6 +181,14 @@ impl Pipeline {
             // Free jobs skip the wallet entirely.
             return self.enqueue(job, None).await;
         }
+        let job = if self.may_pay_after(&job, event) {
+            match self.start_pay_after(job, event).await {
+                Some(job) => job,
+                None => return,
+            }
+        } else {
+            job
+        };
         let may_spend = JobRequest::parse(event)
             .and_then(|request| request.may_pay_from_credit(&inner.keys.public_key()).ok())
             .unwrap_or(false);

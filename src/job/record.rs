@@ -115,6 +115,10 @@ pub struct Job {
     /// payment is charged from the balance as it was then.
     #[serde(default)]
     pub held_msat: u64,
+    /// Run before it is paid (a `trusted` npub's request that names us): nothing is held; the
+    /// charge becomes a debt at settlement, and the result carries an invoice for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pay_after: bool,
     /// Who paid, when not the customer (someone else zapped the job). The charge and the
     /// change go to the account that paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,6 +187,7 @@ impl Job {
             paid_msat: 0,
             credit_msat: 0,
             held_msat: 0,
+            pay_after: false,
             payer: None,
             charge_msat: None,
             usage: None,
@@ -232,8 +237,17 @@ impl Job {
         if self.quote_msat == Some(0) {
             return None;
         }
-        let tokens = card.completion_tokens_within(self.funds_msat(), estimate.prompt_tokens);
+        let tokens = card.completion_tokens_within(self.spendable_msat(), estimate.prompt_tokens);
         (tokens < estimate.max_tokens).then_some(tokens)
+    }
+
+    /// What the job may be charged: its funds, or for a pay-after job its limit (what it may owe).
+    pub fn spendable_msat(&self) -> u64 {
+        if self.pay_after {
+            self.limit_msat()
+        } else {
+            self.funds_msat()
+        }
     }
 
     /// The request event, re-parsed from the stored JSON.

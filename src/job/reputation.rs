@@ -159,7 +159,7 @@ fn outcome(job: &Job) -> Option<(Outcome, nostr_sdk::EventId)> {
                 .as_deref()
                 .and_then(|json| nostr_sdk::Event::from_json(json).ok())
                 .map_or(request, |result| result.id);
-            if job.charge_msat.unwrap_or(0) > 0 {
+            if job.charge_msat.unwrap_or(0) > 0 && !job.pay_after {
                 Some((Outcome::Paid, target))
             } else {
                 Some((Outcome::Delivered, target))

@@ -229,9 +229,21 @@ impl Pipeline {
         processing: Announcement,
     ) {
         let inner = &self.inner;
-        let receipt = Receipt::new(inner.config.rate_card, usage, job.funds_msat(), finish);
+        let mut receipt = Receipt::new(inner.config.rate_card, usage, job.spendable_msat(), finish);
+        if job.pay_after {
+            // Nothing was paid, nothing goes back: the charge is owed.
+            (receipt.paid_msat, receipt.returned_msat) = (0, 0);
+        }
         let charge = receipt.charged_msat;
-        let result = match nip90::result(event, &text, Some(&receipt)).sign_with_keys(&inner.keys) {
+        let invoice = if job.pay_after && charge > 0 {
+            self.invoice_pay_after(job, charge).await
+        } else {
+            None
+        };
+        let bolt11 = invoice.as_ref().map(|invoice| invoice.bolt11.as_str());
+        let signed = nip90::result_invoiced(event, &text, Some(&receipt), bolt11)
+            .sign_with_keys(&inner.keys);
+        let result = match signed {
             Ok(result) => result,
             Err(e) => {
                 processing.wait().await;
@@ -254,6 +266,9 @@ impl Pipeline {
                 stored.result_event = Some(json.clone());
                 stored.usage = Some(usage);
                 stored.charge_msat = Some(charge);
+                if invoice.is_some() {
+                    stored.invoice = invoice.clone();
+                }
                 Ok(())
             })
             .await;
@@ -328,6 +343,9 @@ impl Pipeline {
         if let Some(success) = success {
             self.publish_feedback(&settled, &success, FEEDBACK_ATTEMPTS)
                 .await;
+        }
+        if settled.pay_after {
+            self.ask_after(&settled, event).await;
         }
     }
 

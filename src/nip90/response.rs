@@ -84,6 +84,17 @@ pub fn receipt_tags(receipt: &Receipt) -> Vec<Tag> {
 /// The result event answering `request`: kind + 1000, with `request` (the request JSON), `e`,
 /// `p`, the request's `i` tags, the `amount` charged and, when given, the usage receipt.
 pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> EventBuilder {
+    result_invoiced(request, content, receipt, None)
+}
+
+/// [`result`], with `bolt11` in the `amount` tag: a pay-after job's result carries the invoice
+/// for what it used.
+pub fn result_invoiced(
+    request: &Event,
+    content: &str,
+    receipt: Option<&Receipt>,
+    bolt11: Option<&str>,
+) -> EventBuilder {
     let mut tags = vec![
         Tag::custom(TagKind::custom("request"), [request.as_json()]),
         Tag::event(request.id),
@@ -99,7 +110,7 @@ pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> Even
     if let Some(receipt) = receipt {
         let amount = PaymentAmount {
             msat: receipt.charged_msat,
-            bolt11: None,
+            bolt11: bolt11.map(str::to_owned),
         };
         tags.push(amount.tag());
         tags.extend(receipt_tags(receipt));
@@ -108,9 +119,9 @@ pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> Even
 }
 
 /// Bytes of a result event beyond its content and its `request` and `i` tags: id, pubkey,
-/// sig, kind, created_at, `e`, `p`, `amount`, the receipt's tags, field names and punctuation
-/// (about 650), with room.
-const RESULT_OVERHEAD_BYTES: usize = 900;
+/// sig, kind, created_at, `e`, `p`, `amount` (with a BOLT11 invoice for a pay-after job, up
+/// to about 450), the receipt's tags, field names and punctuation (about 1,100), with room.
+const RESULT_OVERHEAD_BYTES: usize = 1_400;
 
 /// Bytes per completion token the bound assumes (UTF-8 text, JSON-escaped).
 pub const RESULT_BYTES_PER_TOKEN: usize = 4;

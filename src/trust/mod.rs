@@ -27,7 +27,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use registry::{settled_in, Refusal, TierChange, Trust, TrustError};
+pub use registry::{
+    close_pay_after_in, debt_cleared_in, open_pay_after_in, settled_in, Refusal, TierChange, Trust,
+    TrustError,
+};
 
 /// What dvmd lets an npub do (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -99,6 +102,9 @@ pub struct Thresholds {
     pub trusted_jobs: u64,
     /// `trusted`: seconds since the first payment, at least.
     pub trusted_age_secs: u64,
+    /// A debt (a pay-after job's charge) unpaid this long after it was made demotes to `new`
+    /// until it is paid.
+    pub debt_deadline_secs: u64,
 }
 
 impl Default for Thresholds {
@@ -109,6 +115,7 @@ impl Default for Thresholds {
             trusted_paid_msat: 1_000_000,
             trusted_jobs: 50,
             trusted_age_secs: 7 * 24 * 60 * 60,
+            debt_deadline_secs: 24 * 60 * 60,
         }
     }
 }
@@ -135,12 +142,24 @@ pub struct Standing {
     pub paid_msat: u64,
     /// Settled jobs with a charge.
     pub settled_jobs: u64,
+    /// What its pay-after jobs now running may still owe (their limits), msat: counted
+    /// against its credit beside what it owes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pay_after_open_msat: u64,
+    /// Since when it has owed something for jobs run before they were paid (the oldest debt
+    /// not yet repaid); `None` when it owes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owed_since: Option<u64>,
     /// The operator's setting, which overrides history (`dvmd trust set`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator: Option<Tier>,
     /// The tier label last published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<PublishedLabel>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Standing {
@@ -158,6 +177,13 @@ impl Standing {
     pub fn tier(&self, thresholds: &Thresholds, now: u64) -> Tier {
         if let Some(tier) = self.operator {
             return tier;
+        }
+        if self
+            .owed_since
+            .is_some_and(|since| now >= since.saturating_add(thresholds.debt_deadline_secs))
+        {
+            // A debt past its deadline: no more credit until it is paid.
+            return Tier::New;
         }
         let age = self
             .first_paid_at
@@ -187,6 +213,9 @@ pub struct TrustPolicy {
     pub new_min_pow: u8,
     /// Job requests all `new` npubs together may post a minute (burst and refill).
     pub new_requests_per_minute: u32,
+    /// What a `trusted` npub may owe at once for jobs run before they are paid (pay-after,
+    /// only for requests that name us); 0 turns pay-after off.
+    pub trusted_credit_msat: u64,
     /// Unpaid invoices the service holds at most when a `new` npub asks for one (the rest of
     /// `[service] max_open_invoices` is kept for npubs that have paid before).
     pub new_max_open_invoices: u32,
@@ -204,6 +233,7 @@ impl Default for TrustPolicy {
             thresholds: Thresholds::default(),
             new_min_pow: 0,
             new_requests_per_minute: 600,
+            trusted_credit_msat: 100_000,
             new_max_open_invoices: 1_500,
             publish_labels: true,
             publish_job_labels: true,
@@ -245,6 +275,18 @@ mod tests {
         assert_eq!(standing.tier(&t, 100 + 7 * DAY), Tier::Trusted);
         standing.operator = Some(Tier::Blocked);
         assert_eq!(standing.tier(&t, 100 + 7 * DAY), Tier::Blocked);
+        standing.operator = None;
+        standing.owed_since = Some(100 + 7 * DAY);
+        assert_eq!(
+            standing.tier(&t, 100 + 8 * DAY - 1),
+            Tier::Trusted,
+            "owes, not late"
+        );
+        assert_eq!(
+            standing.tier(&t, 100 + 8 * DAY),
+            Tier::New,
+            "a debt past its deadline"
+        );
         standing.operator = Some(Tier::Allowlisted);
         assert_eq!(Standing::default().tier(&t, 0), Tier::New);
         assert_eq!(standing.tier(&t, 0), Tier::Allowlisted);

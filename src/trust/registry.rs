@@ -65,6 +65,58 @@ pub fn settled_in(tx: &Tx<'_>, npub: &PublicKey, msat: u64, at: u64) -> Result<(
     tx.put(Tree::Trust, &key, &standing)
 }
 
+/// Inside the write that starts a pay-after job of `npub` that may owe up to `limit`: whether
+/// what it owes (`owed`), what its running pay-after jobs may owe, and `limit` stay within
+/// `credit`; if so the job's limit is counted as open.
+pub fn open_pay_after_in(
+    tx: &Tx<'_>,
+    npub: &PublicKey,
+    limit: u64,
+    owed: u64,
+    credit: u64,
+) -> Result<bool, TxFailure> {
+    let key = npub.to_bytes();
+    let mut standing: Standing = tx.get(Tree::Trust, &key)?.unwrap_or_default();
+    let exposure = owed
+        .saturating_add(standing.pay_after_open_msat)
+        .saturating_add(limit);
+    if exposure > credit {
+        return Ok(false);
+    }
+    standing.pay_after_open_msat += limit;
+    tx.put(Tree::Trust, &key, &standing)?;
+    Ok(true)
+}
+
+/// Inside the write that settles a pay-after job of `npub` opened with `limit`: it is no longer
+/// open, and if `npub` now owes something, it owes from `at` (if it did not already).
+pub fn close_pay_after_in(
+    tx: &Tx<'_>,
+    npub: &PublicKey,
+    limit: u64,
+    owes: bool,
+    at: u64,
+) -> Result<(), TxFailure> {
+    let key = npub.to_bytes();
+    let mut standing: Standing = tx.get(Tree::Trust, &key)?.unwrap_or_default();
+    standing.pay_after_open_msat = standing.pay_after_open_msat.saturating_sub(limit);
+    if owes {
+        standing.owed_since.get_or_insert(at);
+    }
+    tx.put(Tree::Trust, &key, &standing)
+}
+
+/// Inside the write that repaid the last of what `npub` owed: it owes nothing now.
+pub fn debt_cleared_in(tx: &Tx<'_>, npub: &PublicKey) -> Result<(), TxFailure> {
+    let key = npub.to_bytes();
+    if let Some(mut standing) = tx.get::<Standing>(Tree::Trust, &key)? {
+        if standing.owed_since.take().is_some() {
+            tx.put(Tree::Trust, &key, &standing)?;
+        }
+    }
+    Ok(())
+}
+
 impl Trust {
     /// The registry over `store`, with every standing read into memory.
     pub async fn load(store: Store, policy: TrustPolicy, now: u64) -> Result<Self, TrustError> {
@@ -279,6 +331,7 @@ mod tests {
             },
             new_min_pow: 0,
             new_requests_per_minute: 2,
+            trusted_credit_msat: 100_000,
             new_max_open_invoices: 1_500,
             publish_labels: true,
             publish_job_labels: true,

@@ -500,3 +500,190 @@ async fn allowlisted_npubs_run_free_on_both_doors() {
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
     assert_eq!((totals.payment_in_msat, totals.charge_msat), (0, 0));
 }
+
+/// The result of `request` and the first `payment-required` after it, as `customer` sees them.
+async fn result_then_invoice(
+    customer: &mut Customer,
+    request: &nostr_sdk::EventId,
+) -> (nostr_sdk::Event, String) {
+    let first = customer
+        .wait_for(request, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(dvmd::nip90::JobStatus::PaymentRequired),
+                        ..
+                    }
+            )
+        })
+        .await
+        .expect("answer");
+    let Reply::Result(result) = first else {
+        panic!("asked to pay before the result: {first:?}")
+    };
+    let amount = result
+        .tags
+        .iter()
+        .find(|t| t.as_slice().first().is_some_and(|n| n == "amount"))
+        .map(|t| t.as_slice().to_vec())
+        .expect("amount tag");
+    let bolt11 = amount
+        .get(2)
+        .cloned()
+        .expect("the result carries an invoice");
+    let (asked, shown) = harness::invoice(customer, request).await;
+    assert_eq!(
+        shown, bolt11,
+        "payment-required repeats the result's invoice"
+    );
+    assert_eq!(asked.to_string(), amount[1]);
+    (*result, bolt11)
+}
+
+async fn owed(daemon: &dvmd::daemon::Daemon, npub: PublicKey) -> u64 {
+    let account = dvmd::ledger::Account::from(npub);
+    daemon
+        .pipeline()
+        .book()
+        .store()
+        .read(move |r| dvmd::ledger::owed(r, &account))
+        .await
+        .expect("owed")
+}
+
+/// A trusted npub's request that names us runs first; the result carries the invoice for its
+/// exact usage, the charge is a receivable in the ledger, and paying it clears the debt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_npub_pays_after_and_the_debt_clears() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("now pay me"));
+    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut frank = Customer::connect(&ready.relay_url).await.expect("connect");
+    let npub = frank.keys().public_key();
+    daemon
+        .pipeline()
+        .trust()
+        .set(&npub, Some(Tier::Trusted), 0)
+        .await
+        .expect("trusted");
+    let request = frank
+        .post(customer::text_request(
+            "hello",
+            &[("max_tokens", "4")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11) = result_then_invoice(&mut frank, &request.id).await;
+    let book = daemon.pipeline().book();
+    let job = harness::wait_for_state(book, &request.id, JobState::Settled).await;
+    let charge = job.charge_msat.expect("charged");
+    assert!(charge > 0 && job.pay_after && job.paid_msat == 0, "{job:?}");
+    assert_eq!(owed(&daemon, npub).await, charge);
+    let totals = harness::ledger_ok(book.store());
+    assert_eq!(
+        (
+            totals.receivable_msat,
+            totals.charge_msat,
+            totals.payment_in_msat
+        ),
+        (charge, charge, 0)
+    );
+
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    for _ in 0..100 {
+        if owed(&daemon, npub).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owed(&daemon, npub).await, 0, "the payment repaid the debt");
+    let totals = harness::ledger_ok(book.store());
+    assert_eq!(
+        (
+            totals.receivable_msat,
+            totals.payment_in_msat,
+            totals.balances_msat
+        ),
+        (0, charge, 0)
+    );
+    assert_eq!(
+        daemon
+            .pipeline()
+            .trust()
+            .standing(&npub)
+            .await
+            .expect("standing")
+            .owed_since,
+        None
+    );
+    frank.shutdown().await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
+/// A debt left unpaid past its deadline makes the npub `new` (labelled so): its next request
+/// is invoiced first. A request that does not name us, or one past the credit, never runs
+/// before it is paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaid_debt_past_its_deadline_demotes_and_ends_pay_after() {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new("owed"));
+    let config = harness::dev_config(data.path(), |file| {
+        file.trust.debt_deadline_secs = 1;
+        // Room for one small job's limit, not two.
+        file.trust.trusted_credit_msat = 2_000;
+        // Trusted by history as soon as there is any (the tier stays the history's, so the
+        // debt can demote it; the operator's word would outrank the debt).
+        file.trust.known_min_jobs = 0;
+        file.trust.known_min_paid_msat = 0;
+        file.trust.trusted_min_jobs = 0;
+        file.trust.trusted_min_paid_msat = 0;
+        file.trust.trusted_min_age_days = 0;
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let (relay, service) = (ready.relay_url.clone(), ready.pubkey);
+    let mut gina = Customer::connect(&relay).await.expect("connect");
+    let npub = gina.keys().public_key();
+    daemon
+        .pipeline()
+        .trust()
+        .set(&npub, None, 0)
+        .await
+        .expect("a standing");
+    assert_eq!(daemon.pipeline().trust().tier(&npub), Tier::Trusted);
+    daemon.pipeline().publish_unlabelled().await;
+    wait_for_labels(&relay, &service, &npub, &["trusted"]).await;
+    let ask = |prompt: &str, to: Option<PublicKey>| {
+        customer::text_request(prompt, &[("max_tokens", "4")], None, to)
+    };
+
+    // Untargeted: every service sees it, so it is invoiced even for a trusted npub.
+    let open = gina.post(ask("anyone", None)).await.expect("post");
+    harness::invoice(&mut gina, &open.id).await;
+    // Named: runs first.
+    let first = gina.post(ask("first", Some(service))).await.expect("post");
+    result_then_invoice(&mut gina, &first.id).await;
+    harness::wait_for_state(daemon.pipeline().book(), &first.id, JobState::Settled).await;
+    assert!(owed(&daemon, npub).await > 0);
+    // The credit has no room for another: invoiced first.
+    let full = gina.post(ask("full", Some(service))).await.expect("post");
+    harness::invoice(&mut gina, &full.id).await;
+
+    // Past the deadline, unpaid: `new` again, labelled so, and invoiced first.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    daemon.pipeline().publish_unlabelled().await;
+    assert_eq!(daemon.pipeline().trust().tier(&npub), Tier::New);
+    wait_for_labels(&relay, &service, &npub, &["new"]).await;
+    gina.shutdown().await;
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert!(
+        totals.receivable_msat > 0,
+        "the debt is still owed: {totals:?}"
+    );
+}
