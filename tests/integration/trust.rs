@@ -583,6 +583,21 @@ async fn a_trusted_npub_pays_after_and_the_debt_clears() {
     let charge = job.charge_msat.expect("charged");
     assert!(charge > 0 && job.pay_after && job.paid_msat == 0, "{job:?}");
     assert_eq!(owed(&daemon, npub).await, charge);
+    let url = format!("{}/v1/account", ready.http_url);
+    let account: Value = reqwest::Client::new()
+        .get(&url)
+        .header(
+            "authorization",
+            harness::nip98_with_nonce(frank.keys(), &url, "get", None),
+        )
+        .send()
+        .await
+        .expect("account")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(account["owed_msat"], charge, "{account}");
+    assert_eq!(account["tier"], "trusted", "{account}");
     let totals = harness::ledger_ok(book.store());
     assert_eq!(
         (
