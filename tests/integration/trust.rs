@@ -702,3 +702,63 @@ async fn an_unpaid_debt_past_its_deadline_demotes_and_ends_pay_after() {
         "the debt is still owed: {totals:?}"
     );
 }
+
+/// `dvmd trust set|show`: through the running daemon's admin door, and on the store once it is
+/// stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_command_goes_through_the_daemon_and_works_on_a_stopped_one() {
+    let data = harness::data_dir();
+    let daemon = harness::start(
+        harness::dev_config(data.path(), |_| {}),
+        Some(Arc::new(InstantBackend::new("unused"))),
+    )
+    .await;
+    let npub = Keys::generate().public_key();
+    let bech32 = npub.to_bech32().expect("npub");
+    let dir = data.path().to_owned();
+    let dvmd = move |args: Vec<String>| {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_dvmd"))
+                .arg("trust")
+                .args(&args)
+                .arg("--data-dir")
+                .arg(&dir)
+                .output()
+                .expect("run dvmd");
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).expect("json")
+        })
+    };
+    let set = dvmd(vec!["set".into(), bech32.clone(), "blocked".into()])
+        .await
+        .expect("join");
+    assert_eq!(set["tier"], "blocked", "{set}");
+    assert_eq!(
+        daemon.pipeline().trust().tier(&npub),
+        Tier::Blocked,
+        "the running daemon took it"
+    );
+    let shown = dvmd(vec!["show".into()]).await.expect("join");
+    assert_eq!(shown["data"][0]["npub"], bech32.as_str(), "{shown}");
+    assert_eq!(shown["data"][0]["set_by_operator"], "blocked", "{shown}");
+    daemon.stop().await;
+
+    // Stopped: on the store.
+    let set = dvmd(vec!["set".into(), npub.to_hex(), "auto".into()])
+        .await
+        .expect("join");
+    assert_eq!(
+        (set["tier"].as_str(), set["set_by_operator"].is_null()),
+        (Some("new"), true)
+    );
+    let shown = dvmd(vec!["show".into(), bech32]).await.expect("join");
+    assert_eq!(shown["data"][0]["tier"], "new", "{shown}");
+    let again = harness::start(
+        harness::dev_config(data.path(), |_| {}),
+        Some(Arc::new(InstantBackend::new("unused"))),
+    )
+    .await;
+    assert_eq!(again.pipeline().trust().tier(&npub), Tier::New);
+    again.stop().await;
+}
