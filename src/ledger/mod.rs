@@ -219,16 +219,26 @@ pub fn owed_in(tx: &Tx<'_>, account: &Account) -> Result<u64, TxFailure> {
 }
 
 fn owed_by_key(tx: &Tx<'_>, key: &[u8]) -> Result<u64, TxFailure> {
-    Ok(tx
-        .get_raw(Tree::Receivables, key)?
-        .and_then(|raw| be_u64(&raw))
-        .unwrap_or(0))
+    amount_in(tx, Tree::Receivables, key)
 }
 
 /// What `account` owes for jobs run before they were paid, msat.
 pub fn owed(reader: &Reader<'_>, account: &Account) -> Result<u64, LedgerError> {
+    amount(reader, Tree::Receivables, account)
+}
+
+/// Inside a write: the amount (8 bytes big endian, none: 0) under `key` in `tree`.
+fn amount_in(tx: &Tx<'_>, tree: Tree, key: &[u8]) -> Result<u64, TxFailure> {
+    Ok(tx
+        .get_raw(tree, key)?
+        .and_then(|raw| be_u64(&raw))
+        .unwrap_or(0))
+}
+
+/// The amount (8 bytes big endian, none: 0) under `account`'s key in `tree`.
+fn amount(reader: &Reader<'_>, tree: Tree, account: &Account) -> Result<u64, LedgerError> {
     Ok(reader
-        .get_raw(Tree::Receivables, &account.key())?
+        .get_raw(tree, &account.key())?
         .and_then(|raw| be_u64(&raw))
         .unwrap_or(0))
 }
@@ -265,18 +275,12 @@ pub fn balance_in(tx: &Tx<'_>, account: &Account) -> Result<u64, TxFailure> {
 }
 
 fn balance_by_key(tx: &Tx<'_>, key: &[u8]) -> Result<u64, TxFailure> {
-    Ok(tx
-        .get_raw(Tree::Accounts, key)?
-        .and_then(|raw| be_u64(&raw))
-        .unwrap_or(0))
+    amount_in(tx, Tree::Accounts, key)
 }
 
 /// The spendable balance of `account` in msat (what jobs hold is not part of it).
 pub fn balance(reader: &Reader<'_>, account: &Account) -> Result<u64, LedgerError> {
-    Ok(reader
-        .get_raw(Tree::Accounts, &account.key())?
-        .and_then(|raw| be_u64(&raw))
-        .unwrap_or(0))
+    amount(reader, Tree::Accounts, account)
 }
 
 /// Totals by entry kind and over balances, as the invariant check computed them.

@@ -115,6 +115,45 @@ async fn wait_for_tier(daemon: &dvmd::daemon::Daemon, npub: &PublicKey, tier: Ti
     panic!("{npub} never became {tier}");
 }
 
+/// A daemon on `config` with the instant backend answering `text`, and a customer the operator
+/// put in `tier`.
+async fn daemon_with(
+    data: &tempfile::TempDir,
+    edit: impl FnOnce(&mut dvmd::config::FileConfig),
+    text: &str,
+    tier: Option<Tier>,
+) -> (dvmd::daemon::Daemon, Customer) {
+    let backend = Arc::new(InstantBackend::new(text));
+    let daemon = harness::start(harness::dev_config(data.path(), edit), Some(backend)).await;
+    let customer = Customer::connect(&daemon.ready().relay_url)
+        .await
+        .expect("connect");
+    daemon
+        .pipeline()
+        .trust()
+        .set(&customer.keys().public_key(), tier, 0)
+        .await
+        .expect("tier");
+    (daemon, customer)
+}
+
+/// `GET /v1/account` signed by `keys`.
+async fn account_of(http: &str, keys: &Keys) -> Value {
+    let url = format!("{http}/v1/account");
+    reqwest::Client::new()
+        .get(&url)
+        .header(
+            "authorization",
+            harness::nip98_with_nonce(keys, &url, "get", None),
+        )
+        .send()
+        .await
+        .expect("account")
+        .json()
+        .await
+        .expect("json")
+}
+
 async fn dropped(http: &str, reason: &str) -> u64 {
     let metrics = reqwest::get(format!("{http}/metrics"))
         .await
@@ -210,19 +249,7 @@ async fn paying_promotes_labels_follow_and_a_blocked_npub_is_refused_on_both_doo
     assert_eq!(seen, expected);
 
     // Her account says so.
-    let url = format!("{http}/v1/account");
-    let account: Value = reqwest::Client::new()
-        .get(&url)
-        .header(
-            "authorization",
-            harness::nip98_with_nonce(alice.keys(), &url, "get", None),
-        )
-        .send()
-        .await
-        .expect("account")
-        .json()
-        .await
-        .expect("json");
+    let account = account_of(&http, alice.keys()).await;
     assert_eq!(account["tier"], "known", "{account}");
     let shown = admin(data.path(), &http, None).await;
     assert_eq!(shown["data"][0]["tier"], "known", "{shown}");
@@ -439,17 +466,9 @@ async fn fresh_keys_fill_only_their_share_of_the_services_unpaid_invoices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlisted_npubs_run_free_on_both_doors() {
     let data = harness::data_dir();
-    let backend = Arc::new(InstantBackend::new("on the house"));
-    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let (daemon, mut erin) =
+        daemon_with(&data, |_| {}, "on the house", Some(Tier::Allowlisted)).await;
     let ready = daemon.ready().clone();
-    let mut erin = Customer::connect(&ready.relay_url).await.expect("connect");
-    let npub = erin.keys().public_key();
-    daemon
-        .pipeline()
-        .trust()
-        .set(&npub, Some(Tier::Allowlisted), 0)
-        .await
-        .expect("allowlisted");
     let request = erin
         .post(customer::text_request(
             "hello",
@@ -557,17 +576,9 @@ async fn owed(daemon: &dvmd::daemon::Daemon, npub: PublicKey) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trusted_npub_pays_after_and_the_debt_clears() {
     let data = harness::data_dir();
-    let backend = Arc::new(InstantBackend::new("now pay me"));
-    let daemon = harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await;
+    let (daemon, mut frank) = daemon_with(&data, |_| {}, "now pay me", Some(Tier::Trusted)).await;
     let ready = daemon.ready().clone();
-    let mut frank = Customer::connect(&ready.relay_url).await.expect("connect");
     let npub = frank.keys().public_key();
-    daemon
-        .pipeline()
-        .trust()
-        .set(&npub, Some(Tier::Trusted), 0)
-        .await
-        .expect("trusted");
     let request = frank
         .post(customer::text_request(
             "hello",
@@ -583,19 +594,7 @@ async fn a_trusted_npub_pays_after_and_the_debt_clears() {
     let charge = job.charge_msat.expect("charged");
     assert!(charge > 0 && job.pay_after && job.paid_msat == 0, "{job:?}");
     assert_eq!(owed(&daemon, npub).await, charge);
-    let url = format!("{}/v1/account", ready.http_url);
-    let account: Value = reqwest::Client::new()
-        .get(&url)
-        .header(
-            "authorization",
-            harness::nip98_with_nonce(frank.keys(), &url, "get", None),
-        )
-        .send()
-        .await
-        .expect("account")
-        .json()
-        .await
-        .expect("json");
+    let account = account_of(&ready.http_url, frank.keys()).await;
     assert_eq!(account["owed_msat"], charge, "{account}");
     assert_eq!(account["tier"], "trusted", "{account}");
     let totals = harness::ledger_ok(book.store());
@@ -646,8 +645,7 @@ async fn a_trusted_npub_pays_after_and_the_debt_clears() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpaid_debt_past_its_deadline_demotes_and_ends_pay_after() {
     let data = harness::data_dir();
-    let backend = Arc::new(InstantBackend::new("owed"));
-    let config = harness::dev_config(data.path(), |file| {
+    let edit = |file: &mut dvmd::config::FileConfig| {
         file.trust.debt_deadline_secs = 1;
         // Room for one small job's limit, not two.
         file.trust.trusted_credit_msat = 2_000;
@@ -658,18 +656,12 @@ async fn an_unpaid_debt_past_its_deadline_demotes_and_ends_pay_after() {
         file.trust.trusted_min_jobs = 0;
         file.trust.trusted_min_paid_msat = 0;
         file.trust.trusted_min_age_days = 0;
-    });
-    let daemon = harness::start(config, Some(backend)).await;
+    };
+    // No operator's word (`None`), but a standing: history decides.
+    let (daemon, mut gina) = daemon_with(&data, edit, "owed", None).await;
     let ready = daemon.ready().clone();
     let (relay, service) = (ready.relay_url.clone(), ready.pubkey);
-    let mut gina = Customer::connect(&relay).await.expect("connect");
     let npub = gina.keys().public_key();
-    daemon
-        .pipeline()
-        .trust()
-        .set(&npub, None, 0)
-        .await
-        .expect("a standing");
     assert_eq!(daemon.pipeline().trust().tier(&npub), Tier::Trusted);
     daemon.pipeline().publish_unlabelled().await;
     wait_for_labels(&relay, &service, &npub, &["trusted"]).await;
