@@ -14,7 +14,7 @@ PEERS_VENV   := $(CACHE)/venv-peers
 DEBIAN_PKGS  := cmake clang libclang-dev
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test model deps peers llama-server lnbits node-peers check bench clean-cache
+.PHONY: run test model deps browser peers llama-server lnbits node-peers check bench clean-cache
 
 ## run: the daemon with an in-process relay, the dev wallet and the bundled model
 run: deps $(MODEL)
@@ -22,7 +22,7 @@ run: deps $(MODEL)
 	./target/release/dvmd run --dev --data-dir $(CACHE)/dev-data
 
 ## test: formatting, lints, unit and integration tests on real parts
-test: deps $(MODEL) peers llama-server lnbits node-peers check
+test: deps browser $(MODEL) peers llama-server lnbits node-peers check
 	DVMD_MODEL=$(MODEL) \
 	DVMD_PEERS_PYTHON=$(PEERS_VENV)/bin/python \
 	DVMD_LLAMA_SERVER=$$(bash .ci/llama-server.sh) \
@@ -50,6 +50,12 @@ $(MODEL):
 deps:
 	@if ! command -v cmake >/dev/null || ! command -v clang >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBIAN_PKGS); \
+	fi
+
+## browser: Debian's chromium, for the sign-in page's test (driven by npm playwright-core)
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
 	fi
 
 ## peers: independent clients (PyPI nostr-sdk) in a venv in the cache

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod l402;
 pub mod lnurl;
 pub mod nip98;
+pub mod page;
 pub mod withdraw;
 
 use std::sync::Arc;
@@ -62,7 +63,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/hooks/wallet", post(wallet_hook))
         .route("/.well-known/lnurlp/{name}", get(lnurl::pay_request))
         .route("/lnurlp/{name}/callback", get(lnurl::callback))
-        .merge(api::routes(state.api.as_deref()));
+        .merge(api::routes(state.api.as_deref()))
+        .merge(page::routes());
     if state.dev_wallet.is_some() {
         router = router.route("/dev/pay", post(dev_pay));
     }

@@ -37,6 +37,14 @@ pub struct JobSummary {
     pub quote_msat: Option<u64>,
     /// What it was charged, msat, once it ran.
     pub charge_msat: Option<u64>,
+    /// What it was funded with (paid, or reserved from credit), msat.
+    pub paid_msat: u64,
+    /// What went back to the balance once it was charged, msat.
+    pub returned_msat: Option<u64>,
+    /// Prompt tokens, once it ran.
+    pub prompt_tokens: Option<u32>,
+    /// Completion tokens, once it ran.
+    pub completion_tokens: Option<u32>,
     /// Unix seconds of its last transition.
     pub updated_at: u64,
 }
@@ -96,6 +104,13 @@ impl Pipeline {
                                 state: job.state.as_str(),
                                 quote_msat: job.quote_msat,
                                 charge_msat: job.charge_msat,
+                                paid_msat: job.funds_msat(),
+                                returned_msat: job
+                                    .charge_msat
+                                    .filter(|_| job.state == super::JobState::Settled)
+                                    .map(|charge| job.funds_msat().saturating_sub(charge)),
+                                prompt_tokens: job.usage.map(|u| u.prompt_tokens),
+                                completion_tokens: job.usage.map(|u| u.completion_tokens),
                                 updated_at: job.updated_at,
                             });
                         }

@@ -4,6 +4,7 @@ mod harness;
 
 mod account_api;
 mod bad_input;
+mod browser;
 mod chat_api;
 mod conformance;
 mod credit;

@@ -95,18 +95,7 @@ async fn daemon_with(
     fault: Option<Fault>,
     edit: impl FnOnce(&mut dvmd::config::FileConfig),
 ) -> Daemon {
-    let (inkey, adminkey) = (data.join("lnbits.inkey"), data.join("lnbits.adminkey"));
-    std::fs::write(&inkey, &service.inkey).expect("write key");
-    std::fs::write(&adminkey, &service.adminkey).expect("write key");
-    let config = harness::dev_config(data, |file| {
-        file.wallet.backend = "lnbits".into();
-        file.wallet.lnbits.url = lnbits.url.clone();
-        file.wallet.lnbits.invoice_key_env = None;
-        file.wallet.lnbits.invoice_key_file = Some(inkey);
-        file.wallet.lnbits.admin_key_env = None;
-        file.wallet.lnbits.admin_key_file = Some(adminkey);
-        edit(file);
-    });
+    let config = lnbits_config(data, lnbits, service, edit);
     let parts = Parts {
         backend: Some(Arc::new(dvmd::infer::instant::InstantBackend::new("-"))),
         wrap_wallet: fault.map(|fault| {
@@ -122,8 +111,29 @@ async fn daemon_with(
     Daemon::start(config, parts).await.expect("daemon starts")
 }
 
+/// A dev daemon's config on the service's LNbits wallet (its keys in files in `data`).
+pub(crate) fn lnbits_config(
+    data: &std::path::Path,
+    lnbits: &Lnbits,
+    service: &LnbitsAccount,
+    edit: impl FnOnce(&mut dvmd::config::FileConfig),
+) -> dvmd::config::Config {
+    let (inkey, adminkey) = (data.join("lnbits.inkey"), data.join("lnbits.adminkey"));
+    std::fs::write(&inkey, &service.inkey).expect("write key");
+    std::fs::write(&adminkey, &service.adminkey).expect("write key");
+    harness::dev_config(data, |file| {
+        file.wallet.backend = "lnbits".into();
+        file.wallet.lnbits.url = lnbits.url.clone();
+        file.wallet.lnbits.invoice_key_env = None;
+        file.wallet.lnbits.invoice_key_file = Some(inkey);
+        file.wallet.lnbits.admin_key_env = None;
+        file.wallet.lnbits.admin_key_file = Some(adminkey);
+        edit(file);
+    })
+}
+
 /// LNbits with the service's wallet and a customer's, funded with 1,000 sats.
-async fn bank() -> (Lnbits, LnbitsAccount, LnbitsAccount) {
+pub(crate) async fn bank() -> (Lnbits, LnbitsAccount, LnbitsAccount) {
     let lnbits = Lnbits::start().await;
     let (service, customer) = (
         lnbits.create_wallet("dvmd").await,
@@ -166,7 +176,7 @@ async fn withdraw(daemon: &Daemon, keys: &Keys, bolt11: &str) -> (u16, Value) {
     post(&url, keys, &format!(r#"{{"bolt11":"{bolt11}"}}"#)).await
 }
 
-async fn invoice(lnbits: &Lnbits, wallet: &LnbitsAccount, sats: u64) -> String {
+pub(crate) async fn invoice(lnbits: &Lnbits, wallet: &LnbitsAccount, sats: u64) -> String {
     let invoice = lnbits
         .create_invoice_json(
             wallet,
