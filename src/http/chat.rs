@@ -507,5 +507,6 @@ fn dvmd(finished: &Finished) -> Value {
         "charge_msat": charged,
         "released_msat": job.funds_msat().saturating_sub(charged),
         "receipt": job.receipt,
+        "pay_after": job.pay_after.then(|| super::jobs::owed_invoice(job)),
     })
 }

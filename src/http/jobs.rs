@@ -170,8 +170,18 @@ fn view(job: &Job) -> Value {
         "released_msat": charged.map(|c| job.funds_msat().saturating_sub(c)),
         "usage": job.usage,
         "receipt": job.receipt,
+        "pay_after": job.pay_after.then(|| owed_invoice(job)),
         "result": job.result,
         "created_at": job.received_at,
         "updated_at": job.updated_at,
+    })
+}
+
+/// What a pay-after job owes and the invoice that pays it (`null` until it ran).
+pub(super) fn owed_invoice(job: &Job) -> Value {
+    json!({
+        "owed_msat": job.charge_msat,
+        "bolt11": job.invoice.as_ref().map(|invoice| invoice.bolt11.clone()),
+        "payment_hash": job.invoice.as_ref().map(|invoice| invoice.payment_hash.to_string()),
     })
 }

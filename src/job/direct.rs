@@ -34,7 +34,7 @@ use crate::incident::Incident;
 use crate::infer::{FinishReason, GenerateEvent, GenerateRequest, InferError, Usage};
 use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration};
-use crate::pricing::{Estimate, Finish, Receipt};
+use crate::pricing::{Estimate, Finish};
 
 /// Pieces of an answer buffered between the worker and a slow client.
 pub const LIVE_BUFFER: usize = 256;
@@ -169,14 +169,40 @@ impl Pipeline {
             job.quote_msat = Some(0);
             job.limit_msat = Some(0);
         }
-        let opened = self.inner.book.open_on_credit(job, answer_now).await?;
+        let pay_after = self.may_pay_after_http(&account);
+        let opened = match self
+            .inner
+            .book
+            .open_on_credit(job.clone(), answer_now)
+            .await?
+        {
+            // Short of balance, but trusted: run now, and pay for what it used after.
+            Err(_) if pay_after => {
+                let credit = self.inner.trust.policy().trusted_credit_msat;
+                match self
+                    .inner
+                    .book
+                    .open_pay_after_new(job, credit, answer_now)
+                    .await?
+                {
+                    Ok(job) => {
+                        tracing::info!(job = %job.id, door = door.as_str(), account = %job.customer, limit_msat = job.limit_msat(), "http job runs before it is paid");
+                        Ok(job)
+                    }
+                    Err(balance) => Err(balance),
+                }
+            }
+            opened => opened,
+        };
         match opened {
             Ok(job) => {
                 let metrics = &self.inner.metrics;
                 metrics.entered(JobState::Received);
                 metrics.entered(JobState::Quoted);
                 metrics.entered(JobState::Running);
-                metrics.paid_from_credit(job.quote_msat.unwrap_or(0));
+                if !job.pay_after {
+                    metrics.paid_from_credit(job.quote_msat.unwrap_or(0));
+                }
                 metrics.http_job_opened(door == Door::HttpChat);
                 tracing::info!(job = %job.id, door = door.as_str(), account = %job.customer, quote_msat = priced.quote_msat, "http job opened");
                 Ok(job)
@@ -254,8 +280,13 @@ impl Pipeline {
         let finish = generated.finish.map_or(Finish::Left, |finish| {
             Finish::of(finish, usage.completion_tokens, budget)
         });
-        let receipt = Receipt::new(inner.config.rate_card, usage, job.funds_msat(), finish);
+        let receipt = job.receipt_for(inner.config.rate_card, usage, finish);
         let charge = receipt.charged_msat;
+        let invoice = if job.pay_after && charge > 0 {
+            self.invoice_pay_after(&job, charge).await
+        } else {
+            None
+        };
         let left = generated.finish.is_none().then(|| {
             format!(
                 "the client left after {} completion tokens; charged for those",
@@ -271,6 +302,9 @@ impl Pipeline {
                 stored.usage = Some(usage);
                 stored.receipt = Some(receipt);
                 stored.charge_msat = Some(charge);
+                if invoice.is_some() {
+                    stored.invoice = invoice.clone();
+                }
                 stored.reason.clone_from(&left);
                 Ok(())
             })

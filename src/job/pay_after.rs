@@ -1,5 +1,7 @@
 //! Pay-after: a `trusted` (or `allowlisted`) npub's job request that names this service runs
-//! before it is paid, within a credit limit (`[trust] trusted_credit_msat`).
+//! before it is paid, within a credit limit (`[trust] trusted_credit_msat`). Over HTTP, the
+//! same npub's call that its balance does not cover opens the same way
+//! ([`Book::open_pay_after_new`]), and its answer carries the invoice.
 //!
 //! - Start: `Quoted -> Running` with nothing held, in a write that checks what the npub owes,
 //!   plus the limits of its pay-after jobs still running, plus this job's limit, against the
@@ -65,7 +67,56 @@ impl Book {
     }
 }
 
+impl Book {
+    /// Store a new HTTP job `Running` as a pay-after job, if `credit_msat` has room for its
+    /// limit (see the module docs), durable before this returns when `durable`; otherwise
+    /// `Ok(Err(balance))` with the account's balance, and nothing is stored.
+    pub async fn open_pay_after_new(
+        &self,
+        job: Job,
+        credit_msat: u64,
+        durable: bool,
+    ) -> Result<Result<Job, u64>, BookError> {
+        let at = super::book::now();
+        let write = move |tx: &crate::store::Tx<'_>| {
+            let mut job = job.clone();
+            if super::book::find_job(tx, &job.id)?.is_some() {
+                return Err(abort(BookError::JobExists(job.id)));
+            }
+            let Some(npub) = job.customer.npub() else {
+                return Ok(Err(ledger::balance_in(tx, &job.customer)?));
+            };
+            let owed = ledger::owed_in(tx, &job.customer)?;
+            let limit = job.limit_msat();
+            if !crate::trust::open_pay_after_in(tx, &npub, limit, owed, credit_msat)? {
+                return Ok(Err(ledger::balance_in(tx, &job.customer)?));
+            }
+            job.transition(JobState::Quoted, at).map_err(abort)?;
+            job.transition(JobState::Running, at).map_err(abort)?;
+            job.pay_after = true;
+            super::book::insert_job(tx, &job)?;
+            Ok(Ok(job))
+        };
+        if durable {
+            self.store().commit(write).await
+        } else {
+            self.store().apply(write).await
+        }
+    }
+}
+
 impl Pipeline {
+    /// Whether an HTTP call of `account` short of balance may run before it is paid: pay-after
+    /// is on and the account is a `trusted` or `allowlisted` npub (an HTTP call names us by
+    /// being made to us).
+    pub(super) fn may_pay_after_http(&self, account: &crate::ledger::Account) -> bool {
+        let trust = &self.inner.trust;
+        trust.policy().trusted_credit_msat > 0
+            && account
+                .npub()
+                .is_some_and(|npub| matches!(trust.tier(&npub), Tier::Trusted | Tier::Allowlisted))
+    }
+
     /// Whether `job` may run before it is paid: pay-after is on, its customer is `trusted` or
     /// `allowlisted`, and the request names this service.
     pub(super) fn may_pay_after(&self, job: &Job, event: &Event) -> bool {

@@ -241,6 +241,21 @@ impl Job {
         (tokens < estimate.max_tokens).then_some(tokens)
     }
 
+    /// The receipt of its run: charged for `usage` within what it may be charged (a pay-after
+    /// job's charge is owed: nothing paid, nothing returned).
+    pub fn receipt_for(
+        &self,
+        card: RateCard,
+        usage: crate::infer::Usage,
+        finish: crate::pricing::Finish,
+    ) -> Receipt {
+        if self.pay_after {
+            Receipt::owed(card, usage, self.limit_msat(), finish)
+        } else {
+            Receipt::new(card, usage, self.funds_msat(), finish)
+        }
+    }
+
     /// What the job may be charged: its funds, or for a pay-after job its limit (what it may owe).
     pub fn spendable_msat(&self) -> u64 {
         if self.pay_after {

@@ -15,7 +15,7 @@ use super::state::JobState;
 use crate::incident::Incident;
 use crate::infer::{self, InferError, Usage};
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount, TextGeneration};
-use crate::pricing::{Finish, Receipt};
+use crate::pricing::Finish;
 use crate::relay::outbox::Undelivered;
 
 /// How long an answer waits for the `processing` feedback to go out first.
@@ -229,11 +229,7 @@ impl Pipeline {
         processing: Announcement,
     ) {
         let inner = &self.inner;
-        let mut receipt = Receipt::new(inner.config.rate_card, usage, job.spendable_msat(), finish);
-        if job.pay_after {
-            // Nothing was paid, nothing goes back: the charge is owed.
-            (receipt.paid_msat, receipt.returned_msat) = (0, 0);
-        }
+        let receipt = job.receipt_for(inner.config.rate_card, usage, finish);
         let charge = receipt.charged_msat;
         let invoice = if job.pay_after && charge > 0 {
             self.invoice_pay_after(job, charge).await

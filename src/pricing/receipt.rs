@@ -64,6 +64,16 @@ pub struct Receipt {
 }
 
 impl Receipt {
+    /// The receipt of a pay-after job held to `limit_msat`: charged for `usage` (at most the
+    /// limit), nothing paid yet, nothing returned (the charge is owed).
+    pub fn owed(rates: RateCard, usage: Usage, limit_msat: u64, finish: Finish) -> Self {
+        Self {
+            paid_msat: 0,
+            returned_msat: 0,
+            ..Self::new(rates, usage, limit_msat, finish)
+        }
+    }
+
     /// The receipt for `usage` at `rates` of a job funded with `paid_msat`.
     pub fn new(rates: RateCard, usage: Usage, paid_msat: u64, finish: Finish) -> Self {
         let charged_msat = rates.charge(usage).min(paid_msat);

@@ -634,6 +634,44 @@ async fn a_trusted_npub_pays_after_and_the_debt_clears() {
             .owed_since,
         None
     );
+
+    // Over HTTP, with an empty balance: answered, and told what it owes and how to pay it.
+    let url = format!("{}/v1/chat/completions", ready.http_url);
+    let model = harness::served_model(&ready.http_url).await;
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let answer = reqwest::Client::new()
+        .post(&url)
+        .header(
+            "authorization",
+            harness::nip98_with_nonce(frank.keys(), &url, "post", Some(&body)),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.expect("json");
+    let owes = &answer["dvmd"]["pay_after"];
+    let owed_msat = owes["owed_msat"].as_u64().expect("owed");
+    assert!(owed_msat > 0, "{answer}");
+    assert_eq!(answer["dvmd"]["receipt"]["paid_msat"], 0, "{answer}");
+    for _ in 0..100 {
+        if owed(&daemon, npub).await == owed_msat {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owed(&daemon, npub).await, owed_msat, "settled as a debt");
+    harness::dev_pay(&ready.http_url, owes["bolt11"].as_str().expect("bolt11")).await;
+    for _ in 0..100 {
+        if owed(&daemon, npub).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owed(&daemon, npub).await, 0, "paid");
+    harness::ledger_ok(book.store());
     frank.shutdown().await;
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
