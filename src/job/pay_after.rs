@@ -135,6 +135,18 @@ impl Pipeline {
         })
     }
 
+    /// Whether the customer's balance covers `quote` (then the job is paid from credit, not
+    /// run on a debt the same balance would repay at once).
+    pub(super) async fn credit_covers(&self, job: &Job, quote: u64) -> bool {
+        let account = job.customer;
+        self.inner
+            .book
+            .store()
+            .read(move |r| ledger::balance(r, &account))
+            .await
+            .is_ok_and(|balance| balance >= quote)
+    }
+
     /// Start `job` as a pay-after job and queue it. Returns it back when its customer's credit
     /// has no room for it (it is invoiced instead), `None` when it started or ended meanwhile.
     pub(super) async fn start_pay_after(&self, job: Job, event: &Event) -> Option<Job> {

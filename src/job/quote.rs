@@ -181,7 +181,7 @@ impl Pipeline {
             // Free jobs skip the wallet entirely.
             return self.enqueue(job, None).await;
         }
-        let job = if self.may_pay_after(&job, event) {
+        let job = if self.may_pay_after(&job, event) && !self.credit_covers(&job, quote).await {
             match self.start_pay_after(job, event).await {
                 Some(job) => job,
                 None => return,

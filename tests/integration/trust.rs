@@ -672,6 +672,27 @@ async fn a_trusted_npub_pays_after_and_the_debt_clears() {
     }
     assert_eq!(owed(&daemon, npub).await, 0, "paid");
     harness::ledger_ok(book.store());
+
+    // With a balance that covers the quote, the job is paid from it, not run on a debt.
+    harness::http_top_up(&daemon, frank.keys(), 50_000).await;
+    let covered = frank
+        .post(customer::text_request(
+            "covered",
+            &[("max_tokens", "4")],
+            None,
+            Some(ready.pubkey),
+        ))
+        .await
+        .expect("post");
+    frank
+        .wait_for(&covered.id, REPLY_TIMEOUT, |r| {
+            matches!(r, Reply::Result(_))
+        })
+        .await
+        .expect("result");
+    let job = harness::wait_for_state(book, &covered.id, JobState::Settled).await;
+    assert!(!job.pay_after && job.credit_msat > 0, "{job:?}");
+    assert_eq!(owed(&daemon, npub).await, 0);
     frank.shutdown().await;
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
