@@ -10,8 +10,9 @@
 //!                 a kind 5 from the customer cancels a job not yet paid
 //! job::pipeline   task: dedup insert -> quote (pricing; refuse what could not be delivered)
 //!                 -> free: Running | credit covers it: reserve + Running (book.spend_credit)
-//!                 | invoice for the rest (wallet) -> commit AwaitingPayment
-//!                 -> `payment-required` (relay::outbox)
+//!                 | trusted npub that names us: Running on credit it owes (job::pay_after;
+//!                 the result carries the invoice) | invoice for the rest (wallet)
+//!                 -> commit AwaitingPayment -> `payment-required` (relay::outbox)
 //! job::zap        LNURL callback (http::lnurl): a zap naming the job gets its own invoice
 //! job::account    HTTP /v1 (http::api, NIP-98 says whose): balance and history, top-up
 //!                 invoices that credit the npub (booked like any payment: job::payment)
