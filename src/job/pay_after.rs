@@ -208,17 +208,8 @@ impl Pipeline {
                 return None;
             }
         };
-        let record = PaymentRecord {
-            job: None,
-            account: job.customer,
-            amount_msat: invoice.amount_msat,
-            expires_at: invoice.expires_at,
-            bolt11: invoice.bolt11.clone(),
-            zap_request: None,
-            consumed: false,
-            closed: false,
-            next_lookup_at: 0,
-        };
+        // On the account, not the job: the payment repays the account's debt.
+        let record = PaymentRecord::issued(None, job.customer, &invoice, None);
         if let Err(e) = inner
             .book
             .register_invoice(&invoice.payment_hash, record)
