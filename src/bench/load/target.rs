@@ -84,11 +84,14 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
     };
     let config = format!(
         // Each bench customer posts back to back, far over a real customer's rate.
-        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n{trust}{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n{}",
+        "[service]\nworkers = {}\nrequests_per_npub_per_minute = 4000000000\n{trust}{pricing}[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n[lnurl]\nenabled = false\n",
         options.workers,
         stub.base_url(),
-        std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default()
     );
+    let config = with_extra(
+        &config,
+        &std::env::var("DVMD_BENCH_EXTRA_CONFIG").unwrap_or_default(),
+    )?;
     let config_path = data.join("dvmd.toml");
     std::fs::write(&config_path, config)?;
     let child = spawn_daemon(&config_path, &data.join("data"))?;
@@ -128,6 +131,27 @@ pub(super) async fn start_daemon(options: &LoadOptions) -> Result<Target, BenchE
     target.http = field("http")?;
     target.service = PublicKey::from_hex(&field("pubkey")?)?;
     Ok(target)
+}
+
+/// `config` with the TOML `extra` laid over it, key by key (so `extra` may name a table the
+/// bench's own config has, such as `[trust]`).
+fn with_extra(config: &str, extra: &str) -> Result<String, BenchError> {
+    fn lay(base: &mut toml::Table, over: toml::Table) {
+        for (key, value) in over {
+            match (base.get_mut(&key), value) {
+                (Some(toml::Value::Table(inner)), toml::Value::Table(over)) => lay(inner, over),
+                (_, value) => {
+                    base.insert(key, value);
+                }
+            }
+        }
+    }
+    let mut base: toml::Table = config.parse()?;
+    let extra: toml::Table = extra
+        .parse()
+        .map_err(|e| format!("DVMD_BENCH_EXTRA_CONFIG: {e}"))?;
+    lay(&mut base, extra);
+    Ok(toml::to_string(&base)?)
 }
 
 /// `DVMD_BENCH_WRAPPER` (say `heaptrack` or `perf record -g --`) is put in front of the
@@ -201,4 +225,23 @@ pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // USER_HZ is 100 on every Linux dvmd runs on.
     Some((utime + stime) / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn extra_config_is_laid_over_the_benchs_own_table_by_table() {
+        let merged = super::with_extra(
+            "[trust]\nnew_requests_per_minute = 5\n[service]\nworkers = 8\n",
+            "[trust]\npublish_job_labels = false\n",
+        )
+        .expect("merge");
+        let merged: toml::Table = merged.parse().expect("toml");
+        assert_eq!(
+            merged["trust"]["new_requests_per_minute"].as_integer(),
+            Some(5)
+        );
+        assert_eq!(merged["trust"]["publish_job_labels"].as_bool(), Some(false));
+        assert_eq!(merged["service"]["workers"].as_integer(), Some(8));
+    }
 }
