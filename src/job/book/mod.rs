@@ -1,0 +1,290 @@
+//! The job book: job records in the store and the transactions that move a job and its money
+//! together. The records of the invoices we issued, and the bookings of payments, are in
+//! [`super::invoices`].
+//!
+//! Each money-moving method is one store transaction over the trees it touches (jobs,
+//! payments, accounts, entries), so a crash leaves either all of it or none of it. Methods whose
+//! change allows a side effect (showing an invoice, settling) commit it durably before they
+//! return; the rest are applied and become durable with the next group commit.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::id::JobId;
+
+use super::invoices::PaymentRecord;
+use super::record::{Job, JobInvoice};
+use super::state::{IllegalTransition, JobState};
+use crate::ledger::LedgerError;
+mod rows;
+
+pub(crate) use rows::read_job;
+pub(super) use rows::{find_job, insert_job, put_job};
+
+use crate::store::{Store, StoreError, Tree, Tx, TxError};
+use crate::wallet::PaymentHash;
+
+/// Errors of the job book.
+#[derive(Debug, thiserror::Error)]
+pub enum BookError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The ledger refused.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The transition table refused.
+    #[error(transparent)]
+    Transition(#[from] IllegalTransition),
+    /// No such job.
+    #[error("no job {0}")]
+    NoJob(JobId),
+    /// A new job's id is taken.
+    #[error("job {0} already exists")]
+    JobExists(JobId),
+    /// The job is not waiting for a payment.
+    #[error("job {0} is {1:?}, not waiting for payment")]
+    NotAwaitingPayment(JobId, JobState),
+    /// The wallet issued a payment hash we already hold: refused, or one payment would pay twice.
+    #[error("payment hash {0} was already issued")]
+    PaymentHashReused(PaymentHash),
+    /// A record that should be there is not.
+    #[error("missing: {0}")]
+    Missing(String),
+}
+
+/// Result of inserting a newly received job.
+#[derive(Debug)]
+pub enum Admission {
+    /// First sighting: the job is now `Received`.
+    New,
+    /// Seen before (another relay, a restart): the stored job.
+    Duplicate(Box<Job>),
+}
+
+/// The job book over a [`Store`].
+#[derive(Clone)]
+pub struct Book {
+    store: Store,
+}
+
+pub(super) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) fn abort<E: Into<BookError>>(e: E) -> TxError<BookError> {
+    TxError::Abort(e.into())
+}
+
+/// Inside a transaction: the job stored under `id`.
+pub(super) fn stored_job(tx: &Tx<'_>, id: &JobId) -> Result<Job, TxError<BookError>> {
+    find_job(tx, id)?.ok_or_else(|| abort(BookError::NoJob(*id)))
+}
+
+impl Book {
+    /// The book over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Record a first sighting, or return the job already stored under that id.
+    pub async fn admit(&self, job: &Job) -> Result<Admission, BookError> {
+        let job = job.clone();
+        self.store
+            .apply(move |tx| {
+                if let Some(existing) = find_job(tx, &job.id)? {
+                    return Ok(Admission::Duplicate(Box::new(existing)));
+                }
+                insert_job(tx, &job)?;
+                Ok(Admission::New)
+            })
+            .await
+    }
+
+    /// The job stored under `id`.
+    pub async fn get(&self, id: &JobId) -> Result<Option<Job>, BookError> {
+        let id = *id;
+        self.store.read(move |r| Ok(read_job(r, &id)?)).await
+    }
+
+    /// Apply `change` to job `id` atomically and return the new record. `change` may be rerun
+    /// on conflict, so it must only modify the job it is given.
+    pub async fn update<F>(&self, id: &JobId, change: F) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
+    {
+        self.change(id, change, false).await
+    }
+
+    /// [`Book::update`], durable before it returns: for a change a side effect depends on.
+    pub async fn update_durably<F>(&self, id: &JobId, change: F) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
+    {
+        self.change(id, change, true).await
+    }
+
+    async fn change<F>(&self, id: &JobId, change: F, durable: bool) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
+    {
+        let (id, at) = (*id, now());
+        let write = move |tx: &Tx<'_>| {
+            let mut job = stored_job(tx, &id)?;
+            change(&mut job, at).map_err(TxError::Abort)?;
+            if job.state.is_terminal() && job.state != JobState::Settled {
+                // Rejected, expired or cancelled: whatever credit it reserved is spendable again.
+                super::holds::release_unpaid(tx, &mut job, at)?;
+            }
+            put_job(tx, &job)?;
+            Ok(job)
+        };
+        if durable {
+            self.store.commit(write).await
+        } else {
+            self.store.apply(write).await
+        }
+    }
+
+    /// Move job `id` to `next` and let `change` fill in fields. Applied, not awaited durable:
+    /// the transitions that allow a money-moving side effect have their own methods, which
+    /// commit.
+    pub async fn transition<F>(
+        &self,
+        id: &JobId,
+        next: JobState,
+        change: F,
+    ) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job) + Send + 'static,
+    {
+        self.change(id, transition_to(next, change), false).await
+    }
+
+    /// [`Book::transition`], durable before it returns (a refusal or an expiry the customer is
+    /// about to be told of).
+    pub async fn transition_durably<F>(
+        &self,
+        id: &JobId,
+        next: JobState,
+        change: F,
+    ) -> Result<Job, BookError>
+    where
+        F: Fn(&mut Job) + Send + 'static,
+    {
+        self.change(id, transition_to(next, change), true).await
+    }
+
+    /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
+    /// index its payment hash, durably. Only after this returns may the invoice be shown.
+    pub async fn await_payment(
+        &self,
+        id: &JobId,
+        invoice: JobInvoice,
+        feedback: &nostr_sdk::Event,
+    ) -> Result<Job, BookError> {
+        use nostr_sdk::JsonUtil;
+        let (id, at) = (*id, now());
+        let (feedback_id, feedback_json) = (feedback.id, feedback.as_json());
+        self.store
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                job.transition(JobState::AwaitingPayment, at)
+                    .map_err(abort)?;
+                job.invoice = Some(invoice.clone());
+                job.last_feedback = Some(feedback_json.clone());
+                if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {
+                    // A wallet reusing a payment hash would let one payment pay twice.
+                    return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
+                }
+                let record = PaymentRecord {
+                    job: Some(id),
+                    account: job.customer,
+                    amount_msat: invoice.amount_msat,
+                    expires_at: invoice.expires_at,
+                    bolt11: invoice.bolt11.clone(),
+                    zap_request: None,
+                    consumed: false,
+                    closed: false,
+                    next_lookup_at: 0,
+                };
+                tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), id.as_bytes())?;
+                tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
+                tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
+                put_job(tx, &job)?;
+                Ok(job)
+            })
+            .await
+    }
+
+    /// The job a feedback event of ours answers.
+    pub async fn job_of_feedback(
+        &self,
+        feedback: &nostr_sdk::EventId,
+    ) -> Result<Option<JobId>, BookError> {
+        let feedback = *feedback;
+        self.store
+            .read(move |r| {
+                Ok(r.get_raw(Tree::Feedback, feedback.as_bytes())?
+                    .and_then(|raw| JobId::from_slice(&raw)))
+            })
+            .await
+    }
+
+    /// Every job not in a terminal state (for recovery on start).
+    pub async fn unfinished(&self) -> Result<Vec<Job>, BookError> {
+        self.store
+            .read(|r| {
+                let mut jobs = Vec::new();
+                for item in r.scan::<Job>(Tree::Jobs) {
+                    let (_, job) = item?;
+                    if !job.state.is_terminal() {
+                        jobs.push(job);
+                    }
+                }
+                Ok(jobs)
+            })
+            .await
+    }
+
+    /// Every job (for `dvmd jobs` and tests), oldest first (the key order).
+    pub async fn all(&self) -> Result<Vec<Job>, BookError> {
+        self.store.read(all_jobs).await
+    }
+
+    /// [`Book::all`] on this thread (command-line tools).
+    pub fn all_blocking(&self) -> Result<Vec<Job>, BookError> {
+        self.store.read_blocking(all_jobs)
+    }
+}
+
+/// A change that moves a job to `next` (if the table allows it), then lets `change` fill in
+/// fields.
+fn transition_to(
+    next: JobState,
+    change: impl Fn(&mut Job) + Send + 'static,
+) -> impl Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static {
+    move |job, at| {
+        job.transition(next, at)?;
+        change(job);
+        Ok(())
+    }
+}
+
+fn all_jobs(reader: &crate::store::Reader<'_>) -> Result<Vec<Job>, BookError> {
+    let mut jobs = Vec::new();
+    for item in reader.scan::<Job>(Tree::Jobs) {
+        jobs.push(item?.1);
+    }
+    Ok(jobs)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
