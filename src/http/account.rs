@@ -46,20 +46,13 @@ pub(super) async fn account(
         .account(who.into(), limit)
         .await
         .map_err(|e| OpenAiError::unavailable("store", &e))?;
-    let account = crate::ledger::Account::from(who);
-    let owed_msat = pipeline
-        .book()
-        .store()
-        .read(move |r| crate::ledger::owed(r, &account))
-        .await
-        .map_err(|e| OpenAiError::unavailable("store", &e))?;
     Ok(Json(json!({
         "object": "account",
         "pubkey": who.to_hex(),
         "npub": who.to_bech32().unwrap_or_default(),
         "balance_msat": view.balance_msat,
         "tier": pipeline.trust().tier(&who),
-        "owed_msat": owed_msat,
+        "owed_msat": view.owed_msat,
         "settings": pipeline
             .book()
             .settings(who.into())

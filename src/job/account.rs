@@ -18,6 +18,8 @@ use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, WalletError};
 pub struct AccountView {
     /// Spendable now, msat (what running jobs hold is not part of it).
     pub balance_msat: u64,
+    /// Owed for jobs run before they were paid (pay-after), msat.
+    pub owed_msat: u64,
     /// The latest entries, newest first.
     pub entries: Vec<NumberedEntry>,
     /// The jobs those entries name, most recent first.
@@ -87,7 +89,7 @@ pub fn check_top_up(amount_msat: u64, max_msat: u64) -> Result<(), TopUpRefusal>
 impl Pipeline {
     /// `account`'s balance and its latest `limit` ledger entries.
     pub async fn account(&self, account: Account, limit: usize) -> Result<AccountView, BookError> {
-        let (balance_msat, entries, jobs) = self
+        let (balance_msat, owed_msat, entries, jobs) = self
             .inner
             .book
             .store()
@@ -116,11 +118,17 @@ impl Pipeline {
                         }
                     }
                 }
-                Ok::<_, ledger::LedgerError>((ledger::balance(r, &account)?, entries, jobs))
+                Ok::<_, ledger::LedgerError>((
+                    ledger::balance(r, &account)?,
+                    ledger::owed(r, &account)?,
+                    entries,
+                    jobs,
+                ))
             })
             .await?;
         Ok(AccountView {
             balance_msat,
+            owed_msat,
             entries: entries
                 .into_iter()
                 .map(|(seq, entry)| NumberedEntry { seq, entry })

@@ -26,6 +26,16 @@ impl Pipeline {
         let (Some(npub), true) = (job.payer().npub(), job.charge_msat.unwrap_or(0) > 0) else {
             return;
         };
+        // A settlement only promotes: nothing to read for an npub at the top already (or held
+        // where it is by the operator).
+        if matches!(
+            self.inner.trust.tier(&npub),
+            crate::trust::Tier::Trusted
+                | crate::trust::Tier::Allowlisted
+                | crate::trust::Tier::Blocked
+        ) {
+            return;
+        }
         let pipeline = self.clone();
         self.inner.tasks.spawn(async move {
             pipeline.retier(&npub).await;
