@@ -379,6 +379,7 @@ async fn measure_token_seconds(backend: &dyn Backend) -> Result<(f64, f64), Daem
         and why the preimage proves the payment. Mention relays and signatures once.";
     const TOKENS: u32 = 48;
     let request = GenerateRequest {
+        continue_from: None,
         model: None,
         messages: vec![ChatMessage::user(PROMPT)],
         sampling: Sampling {

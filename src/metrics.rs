@@ -170,6 +170,8 @@ pub struct Metrics {
     /// Jobs the estimator learned from, and of those the ones stopped at their budget.
     estimated_jobs: AtomicU64,
     truncated_jobs: AtomicU64,
+    /// Jobs awaiting their continuation that ended with the text so far (unpaid or cancelled).
+    continuations_given_up: AtomicU64,
     /// Moving average of p90 coverage, in millionths.
     coverage_ppm: AtomicU64,
 }
@@ -270,6 +272,11 @@ impl Metrics {
         self.coverage_ppm.store(ppm, Ordering::Relaxed);
     }
 
+    /// A job awaiting its continuation ended with the text so far.
+    pub fn continuation_given_up(&self) {
+        self.continuations_given_up.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A 402 minted an invoice.
     pub fn challenged(&self, kind: Challenge) {
         self.challenges[kind as usize].fetch_add(1, Ordering::Relaxed);
@@ -346,6 +353,12 @@ impl Metrics {
             "dvmd_jobs_truncated_at_budget_total",
             "Jobs stopped at the completion tokens their payment covered, before they were done.",
             self.truncated_jobs.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_continuations_given_up_total",
+            "Jobs that stopped at their budget, asked for their continuation and ended with the text so far (unpaid in time, or cancelled).",
+            self.continuations_given_up.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             out,

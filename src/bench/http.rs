@@ -157,6 +157,7 @@ async fn chat(calls: usize) -> Result<(), BenchError> {
     let mut client_alone = Vec::with_capacity(calls);
     for i in 0..calls + warmup {
         let request = crate::infer::GenerateRequest {
+            continue_from: None,
             model: None,
             messages: vec![crate::infer::ChatMessage::user("Say hello.")],
             sampling: crate::infer::Sampling::default(),

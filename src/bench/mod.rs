@@ -374,6 +374,7 @@ pub async fn model(
         started.elapsed().as_secs_f64() * 1e3
     );
     let request = GenerateRequest {
+        continue_from: None,
         model: None,
         messages: vec![ChatMessage::user(MODEL_BENCH_PROMPT)],
         sampling: Sampling {

@@ -240,6 +240,11 @@ pub struct PricingSection {
     pub completion_msat_per_1k_tokens: u64,
     /// Invoice lifetime.
     pub invoice_expiry_secs: u64,
+    /// How long a relay job that reached what it was paid for before it was done waits for the
+    /// customer to pay for the rest (its `partial` feedback carries the text so far, its
+    /// `payment-required` the invoice). Unpaid by then, the text so far is the result, charged
+    /// as generated. 0: never ask; such a job ends at its budget at once (`finish` `budget`).
+    pub continuation_wait_secs: u64,
     /// Derive the token rates from the hardware instead: what the machine costs per hour,
     /// msat (margin included). Set, the daemon measures seconds per prompt and completion token
     /// on its backend at start and prices each token at its share of the hour; the two
@@ -255,6 +260,7 @@ impl Default for PricingSection {
             prompt_msat_per_1k_tokens: card.prompt_msat_per_1k_tokens,
             completion_msat_per_1k_tokens: card.completion_msat_per_1k_tokens,
             invoice_expiry_secs: 600,
+            continuation_wait_secs: 300,
             hardware_cost_msat_per_hour: None,
         }
     }

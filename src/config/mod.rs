@@ -410,6 +410,7 @@ impl Config {
             max_open_invoices_per_npub: service.max_open_invoices_per_npub.max(1),
             max_open_invoices: service.max_open_invoices.max(1),
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,
+            continuation_wait_secs: file.pricing.continuation_wait_secs,
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,
             reconcile_interval_secs: file.wallet.reconcile_interval_secs,

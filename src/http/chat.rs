@@ -163,6 +163,7 @@ impl ChatRequest {
         };
         Ok(TextGeneration {
             request: GenerateRequest {
+                continue_from: None,
                 model: self.model,
                 messages,
                 sampling: Sampling {

@@ -21,12 +21,28 @@ impl InstantBackend {
         }
     }
 
-    /// One "token" per whitespace-separated word, the prompt one per 4 bytes.
+    /// The words of the reply still to say: after those `request` continues from.
+    fn words<'a>(&'a self, request: &GenerateRequest) -> Vec<&'a str> {
+        let said = request
+            .continue_from
+            .as_deref()
+            .map_or(0, |said| said.split_whitespace().count());
+        self.reply.split_whitespace().skip(said).collect()
+    }
+
+    /// One "token" per whitespace-separated word, the prompt (and what it continues from) one
+    /// per 4 bytes.
     fn usage(&self, request: &GenerateRequest, max_tokens: u32) -> Usage {
-        let prompt_bytes: usize = request.messages.iter().map(|m| m.content.len()).sum();
+        let said = request.continue_from.as_deref().map_or(0, str::len);
+        let prompt_bytes: usize = request
+            .messages
+            .iter()
+            .map(|m| m.content.len())
+            .sum::<usize>()
+            + said;
         Usage {
             prompt_tokens: u32::try_from(prompt_bytes.div_ceil(4)).unwrap_or(u32::MAX),
-            completion_tokens: u32::try_from(self.reply.split_whitespace().count())
+            completion_tokens: u32::try_from(self.words(request).len())
                 .unwrap_or(u32::MAX)
                 .min(max_tokens),
         }
@@ -52,8 +68,11 @@ impl Backend for InstantBackend {
         max_tokens: u32,
     ) -> Result<GenerateStream, InferError> {
         let usage = self.usage(&request, max_tokens);
-        let words: Vec<&str> = self.reply.split_whitespace().collect();
-        let text = words[..usage.completion_tokens as usize].join(" ");
+        let words = self.words(&request);
+        let mut text = words[..usage.completion_tokens as usize].join(" ");
+        if request.continue_from.is_some() && !text.is_empty() {
+            text.insert(0, ' ');
+        }
         let finish = if (usage.completion_tokens as usize) < words.len() {
             FinishReason::Length
         } else {

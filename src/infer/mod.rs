@@ -52,6 +52,11 @@ pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
     /// Sampling parameters.
     pub sampling: Sampling,
+    /// Text the assistant already said in answer to `messages`: generation goes on from its end
+    /// (a job continued after it stopped at its budget). The prompt then ends with it, so its
+    /// tokens count as prompt tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continue_from: Option<String>,
 }
 
 /// Exact token counts of one generation.

@@ -8,7 +8,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    Backend, FinishReason, GenerateEvent, GenerateRequest, GenerateStream, InferError, Usage,
+    Backend, ChatMessage, FinishReason, GenerateEvent, GenerateRequest, GenerateStream, InferError,
+    Usage,
 };
 
 /// Where and how to reach the server.
@@ -135,9 +136,20 @@ impl Backend for OpenAiBackend {
         request: GenerateRequest,
         max_tokens: u32,
     ) -> Result<GenerateStream, InferError> {
+        let mut messages = request.messages;
+        if let Some(said) = request.continue_from {
+            // A last assistant message is continued, not answered: llama-server (its default
+            // `prefill_assistant`) and Ollama do this as it is; vLLM is told by the two flags
+            // below, which the others ignore.
+            messages.push(ChatMessage {
+                role: "assistant".to_owned(),
+                content: said,
+            });
+        }
+        let continuing = messages.last().is_some_and(|m| m.role == "assistant");
         let mut body = json!({
             "model": request.model.clone().unwrap_or_else(|| self.config.model.clone()),
-            "messages": request.messages,
+            "messages": messages,
             "max_tokens": max_tokens,
             "stream": true,
             "stream_options": { "include_usage": true },
@@ -155,6 +167,10 @@ impl Backend for OpenAiBackend {
         }
         if let Some(seed) = sampling.seed {
             body["seed"] = json!(seed);
+        }
+        if continuing {
+            body["continue_final_message"] = json!(true);
+            body["add_generation_prompt"] = json!(false);
         }
         let url = format!(
             "{}/chat/completions",

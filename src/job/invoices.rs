@@ -144,6 +144,9 @@ fn book_payment(
     let Some(mut job) = find_job(tx, &id)? else {
         return Ok(credited);
     };
+    if job.continues_on(hash) {
+        return continue_paid(tx, job, record, paid_msat, at);
+    }
     if job.state != JobState::AwaitingPayment {
         return Ok(credited);
     }
@@ -169,6 +172,26 @@ fn book_payment(
     job.paid_msat = paid_msat;
     job.payer = (record.account != job.customer).then_some(record.account);
     // Held for the job from now on, so no other job can spend it before this one settles.
+    post(tx, EntryKind::Reserve, record.account, paid_msat, &job, at)?;
+    job.held_msat += paid_msat;
+    put_job(tx, &job)?;
+    Ok(PaymentOutcome::Paid(Box::new(job)))
+}
+
+/// Inside a transaction: the continuation of `job` was paid: `AwaitingContinuation -> Paid`,
+/// the payment added to what it holds (so it runs on to its `max_tokens`), unless it is short.
+fn continue_paid(
+    tx: &Tx<'_>,
+    mut job: Job,
+    record: &PaymentRecord,
+    paid_msat: u64,
+    at: u64,
+) -> Result<PaymentOutcome, TxError<BookError>> {
+    if paid_msat < record.amount_msat {
+        return Ok(PaymentOutcome::Underpaid(Box::new(job)));
+    }
+    job.transition(JobState::Paid, at).map_err(abort)?;
+    job.paid_msat += paid_msat;
     post(tx, EntryKind::Reserve, record.account, paid_msat, &job, at)?;
     job.held_msat += paid_msat;
     put_job(tx, &job)?;

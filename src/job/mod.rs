@@ -16,6 +16,7 @@ pub mod account;
 pub mod auto_payout;
 pub mod book;
 pub mod checkpoint;
+pub mod continuation;
 pub mod direct;
 pub mod estimates;
 pub mod holds;

@@ -79,6 +79,9 @@ pub struct JobConfig {
     pub max_open_invoices: u32,
     /// Invoice lifetime, seconds.
     pub invoice_expiry_secs: u64,
+    /// How long a relay job stopped at its budget waits for its continuation to be paid,
+    /// seconds (the continuation invoice's lifetime); 0: it ends at its budget at once.
+    pub continuation_wait_secs: u64,
     /// Concurrent jobs on the model.
     pub workers: usize,
     /// Longest a job may run on the model, seconds.
@@ -376,7 +379,8 @@ impl Pipeline {
     /// A customer's kind 5 deletion naming its own job requests (NIP-90 cancellation). A job
     /// not yet paid (being quoted, or awaiting payment) becomes `Cancelled` and gets an `error`
     /// feedback saying so, which is also what a duplicate of the request is shown from then
-    /// on. A paid job runs anyway: the customer paid for it. A payment that arrives after the
+    /// on. A paid job runs anyway: the customer paid for it; one awaiting its continuation ends
+    /// with the text so far as its result. A payment that arrives after the
     /// cancellation is credited to the payer, like any late payment. Deletions signed by anyone
     /// else are ignored.
     pub async fn handle_cancellation(&self, deletion: Verified) {
@@ -402,6 +406,10 @@ impl Pipeline {
         };
         if job.customer != *by {
             return tracing::debug!(job = %id, %by, "cancellation by someone else ignored");
+        }
+        if job.state == JobState::AwaitingContinuation {
+            // Stopped at its budget and asking for more: the text so far is the result.
+            return self.give_up_continuation(id, "cancelled").await;
         }
         if !job.state.can_become(JobState::Cancelled) {
             return tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");

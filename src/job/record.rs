@@ -133,7 +133,8 @@ pub struct Job {
     pub receipt: Option<Receipt>,
     /// The signed result event, persisted before it is published (relay jobs).
     pub result_event: Option<String>,
-    /// The generated text, persisted before any of it counts as delivered (HTTP jobs).
+    /// The generated text, persisted before any of it counts as delivered (HTTP jobs); for a
+    /// relay job continued after its budget, the text generated so far (its `usage` counts it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
     /// The latest signed feedback event, replayed to duplicates of the request.
@@ -237,7 +238,11 @@ impl Job {
         if self.quote_msat == Some(0) {
             return None;
         }
-        let tokens = card.completion_tokens_within(self.spendable_msat(), estimate.prompt_tokens);
+        // A job that ran before (and is continued) knows its prompt's exact count.
+        let prompt_tokens = self
+            .usage
+            .map_or(estimate.prompt_tokens, |u| u.prompt_tokens);
+        let tokens = card.completion_tokens_within(self.spendable_msat(), prompt_tokens);
         (tokens < estimate.max_tokens).then_some(tokens)
     }
 
@@ -263,6 +268,17 @@ impl Job {
         } else {
             self.funds_msat()
         }
+    }
+
+    /// Whether the job waits for `hash` to pay for its continuation: it stopped at its budget,
+    /// showed that invoice, and was not given up yet (a given-up job has its result).
+    pub fn continues_on(&self, hash: &PaymentHash) -> bool {
+        self.state == JobState::AwaitingContinuation
+            && self.result_event.is_none()
+            && self
+                .invoice
+                .as_ref()
+                .is_some_and(|i| i.payment_hash == *hash)
     }
 
     /// The request event, re-parsed from the stored JSON.

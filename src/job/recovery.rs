@@ -41,7 +41,11 @@ impl Pipeline {
                 Err(e)
                     if matches!(
                         job.state,
-                        JobState::Paid | JobState::Running | JobState::Delivered | JobState::Failed
+                        JobState::Paid
+                            | JobState::Running
+                            | JobState::AwaitingContinuation
+                            | JobState::Delivered
+                            | JobState::Failed
                     ) =>
                 {
                     tracing::error!(job = %job.id, error = %e, "stored request unreadable; failing the job");
@@ -83,6 +87,25 @@ impl Pipeline {
                         }
                         if let Some(invoice) = &job.invoice {
                             pipeline.check_payment(&invoice.payment_hash).await;
+                        }
+                    });
+                }
+                // Given up: its result is stored, deliver it.
+                JobState::AwaitingContinuation if job.result_event.is_some() => {
+                    report.queued += 1;
+                    self.enqueue(job, None).await;
+                }
+                JobState::AwaitingContinuation => {
+                    report.awaiting_payment += 1;
+                    // Show the invoice again, ask the wallet, and give it up when its time is up.
+                    let pipeline = self.clone();
+                    self.inner.tasks.spawn(async move {
+                        if let Some(feedback) = job.last_feedback.as_deref() {
+                            pipeline.republish(&job, feedback).await;
+                        }
+                        if let Some(invoice) = &job.invoice {
+                            pipeline.check_payment(&invoice.payment_hash).await;
+                            pipeline.continuation_deadline(job.id, invoice.expires_at);
                         }
                     });
                 }

@@ -20,6 +20,11 @@ pub enum JobState {
     Paid,
     /// A worker is generating (or publishing a result it generated).
     Running,
+    /// A relay job stopped at what its funds paid for before it was done: the text so far was
+    /// shown (`partial`) with an invoice for the rest (`payment-required`), and no worker holds
+    /// it. Paid, it runs on from the text so far; given up (unpaid in time, or cancelled), its
+    /// text so far is the result, delivered and charged as generated.
+    AwaitingContinuation,
     /// The result was acknowledged by at least one relay.
     Delivered,
     /// The job could not be completed after payment; the customer is owed.
@@ -44,13 +49,14 @@ pub struct IllegalTransition {
 
 impl JobState {
     /// Every state, for exhaustive tests and metrics.
-    pub const ALL: [JobState; 11] = [
+    pub const ALL: [JobState; 12] = [
         Self::Received,
         Self::Rejected,
         Self::Quoted,
         Self::AwaitingPayment,
         Self::Paid,
         Self::Running,
+        Self::AwaitingContinuation,
         Self::Delivered,
         Self::Failed,
         Self::Settled,
@@ -60,7 +66,9 @@ impl JobState {
 
     /// The transition table. `Quoted -> Rejected` covers a wallet that cannot issue an invoice:
     /// nothing was paid, so the job ends like any other refusal. A customer may cancel any job
-    /// not yet paid, including one still being quoted.
+    /// not yet paid, including one still being quoted. A job awaiting its continuation runs again
+    /// only through `Paid` (its continuation confirmed by our wallet); given up, it goes straight
+    /// to delivering what it has.
     pub fn can_become(self, next: JobState) -> bool {
         use JobState::*;
         matches!(
@@ -78,6 +86,10 @@ impl JobState {
                 | (Paid, Running)
                 | (Running, Delivered)
                 | (Running, Failed)
+                | (Running, AwaitingContinuation)
+                | (AwaitingContinuation, Paid)
+                | (AwaitingContinuation, Delivered)
+                | (AwaitingContinuation, Failed)
                 | (Delivered, Settled)
                 | (Failed, Settled)
         )
@@ -109,6 +121,7 @@ impl JobState {
             Self::AwaitingPayment => "awaiting_payment",
             Self::Paid => "paid",
             Self::Running => "running",
+            Self::AwaitingContinuation => "awaiting_continuation",
             Self::Delivered => "delivered",
             Self::Failed => "failed",
             Self::Settled => "settled",
@@ -123,7 +136,7 @@ mod tests {
     use super::JobState::*;
     use super::*;
 
-    const LEGAL: [(JobState, JobState); 15] = [
+    const LEGAL: [(JobState, JobState); 19] = [
         (Received, Rejected),
         (Received, Quoted),
         (Received, Cancelled),
@@ -137,6 +150,10 @@ mod tests {
         (Paid, Running),
         (Running, Delivered),
         (Running, Failed),
+        (Running, AwaitingContinuation),
+        (AwaitingContinuation, Paid),
+        (AwaitingContinuation, Delivered),
+        (AwaitingContinuation, Failed),
         (Delivered, Settled),
         (Failed, Settled),
     ];
@@ -176,6 +193,7 @@ mod tests {
             }
         }
         assert!(!AwaitingPayment.can_become(Running));
+        assert!(!AwaitingContinuation.can_become(Running));
         assert!(!Settled.can_become(Running));
         assert!(!Delivered.can_become(Running));
     }

@@ -23,11 +23,13 @@ const PROCESSING_BEFORE_ANSWER: Duration = Duration::from_secs(2);
 
 /// The `processing` feedback in flight. Answers (result or `error`) wait for it, so the customer
 /// never sees them out of order, even from a backend that answers at once.
-struct Announcement(tokio::task::JoinHandle<()>);
+struct Announcement(Option<tokio::task::JoinHandle<()>>);
 
 impl Announcement {
-    async fn wait(self) {
-        let _ = tokio::time::timeout(PROCESSING_BEFORE_ANSWER, self.0).await;
+    async fn wait(&mut self) {
+        if let Some(task) = self.0.take() {
+            let _ = tokio::time::timeout(PROCESSING_BEFORE_ANSWER, task).await;
+        }
     }
 }
 
@@ -73,6 +75,8 @@ impl Pipeline {
         match job.state {
             JobState::Paid | JobState::Running => {}
             JobState::Quoted if free => {}
+            // Given up with the text so far as its result: deliver it.
+            JobState::AwaitingContinuation if job.result_event.is_some() => {}
             JobState::Delivered | JobState::Failed => {
                 return self.settle(&job, job.charge_msat.unwrap_or(0)).await
             }
@@ -83,7 +87,10 @@ impl Pipeline {
             Err(e) => {
                 let incident = Incident::log("stored request", &e);
                 let reason = format!("this service lost the request ({incident})");
-                let job = if job.state == JobState::Running {
+                let job = if matches!(
+                    job.state,
+                    JobState::Running | JobState::AwaitingContinuation
+                ) {
                     job
                 } else {
                     match self.start(&job, None).await {
@@ -111,7 +118,12 @@ impl Pipeline {
             // Started by whoever queued it (a job paid from credit), `processing` stored.
             Some(processing) if job.state == JobState::Running => (job, *processing),
             _ => {
-                let processing = nip90::feedback(&event, JobStatus::Processing, "generating", None);
+                let info = if job.result.is_some() {
+                    "continuing from the text so far"
+                } else {
+                    "generating"
+                };
+                let processing = nip90::feedback(&event, JobStatus::Processing, info, None);
                 let Some(processing) = self.sign(job.id, processing) else {
                     return;
                 };
@@ -153,7 +165,7 @@ impl Pipeline {
                 }
             }
         });
-        let processing = Announcement(processing);
+        let processing = Announcement(Some(processing));
 
         let started = Instant::now();
         let generated = self.generate(&job, &event).await;
@@ -164,6 +176,7 @@ impl Pipeline {
                     .await
             }
             Err(reason) => {
+                let mut processing = processing;
                 processing.wait().await;
                 self.fail(&job, Some(&event), reason).await
             }
@@ -194,15 +207,24 @@ impl Pipeline {
         }
     }
 
-    /// Run the model for `job`, held to the completion tokens its funds pay for.
+    /// Run the model for `job`, held to the completion tokens its funds pay for. A job paid
+    /// for its continuation goes on from the text it said so far; the text and usage returned
+    /// are the whole job's (its prompt counted once: the re-read is the service's).
     async fn generate(&self, job: &Job, event: &Event) -> Result<(String, Usage, Finish), String> {
         let inner = &self.inner;
         let request = JobRequest::parse(event).ok_or("not a job request")?;
-        let generation = TextGeneration::from_request(&request, &inner.config.limits)
+        let mut generation = TextGeneration::from_request(&request, &inner.config.limits)
             .map_err(|e| e.to_string())?;
         let timeout = Duration::from_secs(inner.config.job_timeout_secs);
         let budget = job.budget_tokens(&inner.config.rate_card);
-        let max_tokens = budget.map_or(generation.max_tokens, |b| b.min(generation.max_tokens));
+        let said = job.usage.zip(job.result.clone());
+        let done = said
+            .as_ref()
+            .map_or(0, |(usage, _)| usage.completion_tokens);
+        let max_tokens = budget
+            .map_or(generation.max_tokens, |b| b.min(generation.max_tokens))
+            .saturating_sub(done);
+        generation.request.continue_from = said.as_ref().map(|(_, text)| text.clone());
         let run = async {
             let stream = inner
                 .backend
@@ -210,7 +232,22 @@ impl Pipeline {
                 .await?;
             infer::collect(stream).await
         };
-        let (text, usage, finish) = within(timeout, run).await?;
+        let (text, usage, finish) = if max_tokens == 0 {
+            (String::new(), Usage::default(), infer::FinishReason::Length)
+        } else {
+            within(timeout, run).await?
+        };
+        let (text, usage) = match said {
+            Some((before, mut said)) => {
+                said.push_str(&text);
+                let usage = Usage {
+                    prompt_tokens: before.prompt_tokens,
+                    completion_tokens: before.completion_tokens + usage.completion_tokens,
+                };
+                (said, usage)
+            }
+            None => (text, usage),
+        };
         Ok((
             text,
             usage,
@@ -226,9 +263,15 @@ impl Pipeline {
         text: String,
         usage: Usage,
         finish: Finish,
-        processing: Announcement,
+        mut processing: Announcement,
     ) {
         let inner = &self.inner;
+        if finish == Finish::Budget && self.may_continue(job, event) {
+            processing.wait().await;
+            if self.offer_continuation(job, event, &text, usage).await {
+                return;
+            }
+        }
         let receipt = job.receipt_for(inner.config.rate_card, usage, finish);
         let charge = receipt.charged_msat;
         let invoice = if job.pay_after && charge > 0 {
@@ -260,6 +303,7 @@ impl Pipeline {
             .update_durably(&job.id, move |stored, _| {
                 // The receipt travels in the signed result; the record keeps only the usage.
                 stored.result_event = Some(json.clone());
+                stored.result = None;
                 stored.usage = Some(usage);
                 stored.charge_msat = Some(charge);
                 if invoice.is_some() {
@@ -280,7 +324,7 @@ impl Pipeline {
 
     /// Deliver the stored result in a task of its own, so the worker moves on to the next job
     /// at once however long the relays take.
-    fn deliver(&self, job: Job, event: Event, result: Event) {
+    pub(super) fn deliver(&self, job: Job, event: Event, result: Event) {
         let pipeline = self.clone();
         self.inner.tasks.spawn(async move {
             pipeline.publish_result(&job, &event, &result).await;
@@ -348,7 +392,7 @@ impl Pipeline {
     /// `Running -> Failed`, settle with no charge (everything paid stays with the customer as
     /// credit, and reserved credit is released, flushed), then say why: the `error` names the
     /// credit, so it goes out after it.
-    async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
+    pub(super) async fn fail(&self, job: &Job, event: Option<&Event>, reason: String) {
         let inner = &self.inner;
         tracing::warn!(job = %job.id, reason = %reason, paid_msat = job.paid_msat, credit_msat = job.credit_msat, payer = %job.payer(), "job failed; the payment is credited to the payer");
         let recorded = reason.clone();

@@ -39,6 +39,20 @@ pub fn feedback(
     EventBuilder::new(Kind::from(FEEDBACK_KIND), "").tags(tags)
 }
 
+/// A `partial` feedback answering `request`: the text generated so far as its content, and
+/// `info` in its status tag.
+pub fn partial(request: &Event, text: &str, info: &str) -> EventBuilder {
+    let tags = [
+        Tag::custom(
+            TagKind::custom("status"),
+            [JobStatus::Partial.as_str(), info],
+        ),
+        Tag::event(request.id),
+        Tag::public_key(request.pubkey),
+    ];
+    EventBuilder::new(Kind::from(FEEDBACK_KIND), text).tags(tags)
+}
+
 /// `["estimate", p50_msat, p90_msat, confidence, cap_msat]`: what a job is expected to cost,
 /// on the `payment-required` feedback (documented in `nips/dvmd-5050.md`).
 pub fn estimate_tag(estimate: &Estimate) -> Tag {

@@ -94,6 +94,7 @@ impl TextGeneration {
         };
         Ok(Self {
             request: GenerateRequest {
+                continue_from: None,
                 model: param(params, "model").map(str::to_owned),
                 messages: vec![ChatMessage::user(prompt)],
                 sampling,

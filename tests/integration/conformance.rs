@@ -14,6 +14,7 @@ use crate::harness;
 
 fn request(prompt: &str) -> GenerateRequest {
     GenerateRequest {
+        continue_from: None,
         model: None,
         messages: vec![ChatMessage::user(prompt)],
         sampling: Sampling {
@@ -82,6 +83,30 @@ pub async fn conformance(backend: &dyn Backend) {
         .await
         .expect("collect");
     assert_eq!(again, text, "greedy decoding is deterministic");
+
+    // Continued from what it said so far, greedy generation goes on where it stopped (a job
+    // continued after its budget): the two parts are the text of one run, and the prompt now
+    // counts the text so far.
+    let (whole, _, _) = infer::collect(backend.generate(request(long), 16).await.expect("whole"))
+        .await
+        .expect("collect");
+    let (first, first_usage, _) =
+        infer::collect(backend.generate(request(long), 8).await.expect("first"))
+            .await
+            .expect("collect");
+    let on = GenerateRequest {
+        continue_from: Some(first.clone()),
+        ..request(long)
+    };
+    let (rest, rest_usage, _) = infer::collect(backend.generate(on, 8).await.expect("rest"))
+        .await
+        .expect("collect");
+    assert!(
+        rest_usage.prompt_tokens > first_usage.prompt_tokens,
+        "{rest_usage:?} {first_usage:?}"
+    );
+    assert!((1..=8).contains(&rest_usage.completion_tokens));
+    assert_eq!(format!("{first}{rest}"), whole, "{first:?} + {rest:?}");
 
     // Dropping a stream mid-way cancels it, and the backend stays usable.
     let mut stream = backend

@@ -536,3 +536,15 @@ impl Backend for GatedBackend {
         self.inner.generate(request, max_tokens).await
     }
 }
+
+/// A kind 5 deletion naming `request`, as NIP-90 clients cancel a job.
+pub fn cancellation(request: &nostr_sdk::Event, by: &nostr_sdk::Keys) -> nostr_sdk::Event {
+    use nostr_sdk::{EventBuilder, Kind, Tag, TagKind};
+    EventBuilder::new(Kind::EventDeletion, "cancel")
+        .tags([
+            Tag::event(request.id),
+            Tag::custom(TagKind::custom("k"), [request.kind.as_u16().to_string()]),
+        ])
+        .sign_with_keys(by)
+        .expect("sign")
+}

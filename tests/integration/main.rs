@@ -7,6 +7,7 @@ mod bad_input;
 mod browser;
 mod chat_api;
 mod conformance;
+mod continuation;
 mod credit;
 mod delivery;
 mod embedded_relay;

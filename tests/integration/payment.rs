@@ -170,18 +170,6 @@ async fn failure_after_payment_is_reported_and_credited() {
     assert_eq!(harness::balance(&store, &request.pubkey), quote);
 }
 
-/// A kind 5 deletion naming `request`, as NIP-90 clients cancel a job.
-fn cancellation(request: &nostr_sdk::Event, by: &nostr_sdk::Keys) -> nostr_sdk::Event {
-    use nostr_sdk::{EventBuilder, Kind, Tag, TagKind};
-    EventBuilder::new(Kind::EventDeletion, "cancel")
-        .tags([
-            Tag::event(request.id),
-            Tag::custom(TagKind::custom("k"), [request.kind.as_u16().to_string()]),
-        ])
-        .sign_with_keys(by)
-        .expect("sign")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
     let data = harness::data_dir();
@@ -211,8 +199,12 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
     // deletion of someone else's event, but other relays pass them on, so it goes straight to
     // the pipeline, as intake would hand it over.
     let mallory = nostr_sdk::Keys::generate();
-    assert!(alice.send(&cancellation(kept, &mallory)).await.is_err());
-    let forged = dvmd::nip90::Verified::check(cancellation(kept, &mallory)).expect("signed");
+    assert!(alice
+        .send(&harness::cancellation(kept, &mallory))
+        .await
+        .is_err());
+    let forged =
+        dvmd::nip90::Verified::check(harness::cancellation(kept, &mallory)).expect("signed");
     daemon.pipeline().apply_cancellation(&forged).await;
     assert_eq!(
         book.get(&kept.id.into())
@@ -225,7 +217,7 @@ async fn a_customer_cancels_before_paying_and_a_late_payment_is_credited() {
     );
     // Alice's deletion of the second job, through the relay, cancels it.
     alice
-        .send(&cancellation(cancelled, alice.keys()))
+        .send(&harness::cancellation(cancelled, alice.keys()))
         .await
         .expect("send");
     harness::wait_for_state(&book, &cancelled.id, JobState::Cancelled).await;
@@ -339,7 +331,7 @@ async fn a_job_cancelled_while_being_quoted_never_shows_an_invoice() {
         .expect("post");
     harness::wait_for_state(&book, &request.id, JobState::Received).await;
     alice
-        .send(&cancellation(&request, alice.keys()))
+        .send(&harness::cancellation(&request, alice.keys()))
         .await
         .expect("send");
     harness::wait_for_state(&book, &request.id, JobState::Cancelled).await;

@@ -78,6 +78,7 @@ pub async fn run(path: PathBuf, max_tokens: u32, limit: Option<usize>) -> Result
     let started = Instant::now();
     for (i, (_, prompt)) in prompts.iter().enumerate() {
         let request = GenerateRequest {
+            continue_from: None,
             model: None,
             messages: vec![ChatMessage::user(*prompt)],
             sampling: Sampling {

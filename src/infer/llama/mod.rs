@@ -220,7 +220,12 @@ fn special_text(vocab: &LlamaVocab<'_>, token: LlamaToken) -> String {
 
 impl Loaded {
     fn tokenize(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, InferError> {
-        let rendered = self.template.render(&request.messages, true)?;
+        let mut rendered = self.template.render(&request.messages, true)?;
+        if let Some(said) = &request.continue_from {
+            // The assistant's turn is open at the end of the rendered prompt: what it already
+            // said goes there, and generation goes on from it.
+            rendered.push_str(said);
+        }
         let mut prompt = rendered.as_str();
         // Mirrors llama.cpp's own chat path so counts match what llama-server would charge.
         if self.add_bos && !self.bos_text.is_empty() {
@@ -468,6 +473,7 @@ mod tests {
 
     fn request(prompt: &str, seed: u32) -> GenerateRequest {
         GenerateRequest {
+            continue_from: None,
             model: None,
             messages: vec![
                 ChatMessage {

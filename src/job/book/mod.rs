@@ -198,27 +198,35 @@ impl Book {
                 let mut job = stored_job(tx, &id)?;
                 job.transition(JobState::AwaitingPayment, at)
                     .map_err(abort)?;
-                job.invoice = Some(invoice.clone());
-                job.last_feedback = Some(feedback_json.clone());
-                if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {
-                    // A wallet reusing a payment hash would let one payment pay twice.
-                    return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
-                }
-                let record = PaymentRecord {
-                    job: Some(id),
-                    account: job.customer,
-                    amount_msat: invoice.amount_msat,
-                    expires_at: invoice.expires_at,
-                    bolt11: invoice.bolt11.clone(),
-                    zap_request: None,
-                    consumed: false,
-                    closed: false,
-                    next_lookup_at: 0,
-                };
-                tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), id.as_bytes())?;
-                tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
-                tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
-                put_job(tx, &job)?;
+                wait_for(tx, &mut job, &invoice, feedback_id, &feedback_json)?;
+                Ok(job)
+            })
+            .await
+    }
+
+    /// `Running -> AwaitingContinuation`: a relay job stopped at its budget before it was done.
+    /// Record the text so far, its usage, the invoice for the rest and the signed feedback that
+    /// shows it, and index its payment hash, durably. Only after this returns may the invoice
+    /// be shown. What the job holds stays held.
+    pub async fn await_continuation(
+        &self,
+        id: &JobId,
+        said: String,
+        usage: crate::infer::Usage,
+        invoice: JobInvoice,
+        feedback: &nostr_sdk::Event,
+    ) -> Result<Job, BookError> {
+        use nostr_sdk::JsonUtil;
+        let (id, at) = (*id, now());
+        let (feedback_id, feedback_json) = (feedback.id, feedback.as_json());
+        self.store
+            .commit(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                job.transition(JobState::AwaitingContinuation, at)
+                    .map_err(abort)?;
+                job.result = Some(said.clone());
+                job.usage = Some(usage);
+                wait_for(tx, &mut job, &invoice, feedback_id, &feedback_json)?;
                 Ok(job)
             })
             .await
@@ -263,6 +271,38 @@ impl Book {
     pub fn all_blocking(&self) -> Result<Vec<Job>, BookError> {
         self.store.read_blocking(all_jobs)
     }
+}
+
+/// Inside a transaction: `job` now waits for `invoice` (payable to whoever pays for the job),
+/// shown by the feedback `feedback_id`: record both and index the payment hash as open.
+fn wait_for(
+    tx: &Tx<'_>,
+    job: &mut Job,
+    invoice: &JobInvoice,
+    feedback_id: nostr_sdk::EventId,
+    feedback_json: &str,
+) -> Result<(), TxError<BookError>> {
+    if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {
+        // A wallet reusing a payment hash would let one payment pay twice.
+        return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
+    }
+    job.invoice = Some(invoice.clone());
+    job.last_feedback = Some(feedback_json.to_owned());
+    let record = PaymentRecord {
+        job: Some(job.id),
+        account: job.payer(),
+        amount_msat: invoice.amount_msat,
+        expires_at: invoice.expires_at,
+        bolt11: invoice.bolt11.clone(),
+        zap_request: None,
+        consumed: false,
+        closed: false,
+        next_lookup_at: 0,
+    };
+    tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), job.id.as_bytes())?;
+    tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
+    tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
+    Ok(put_job(tx, job)?)
 }
 
 /// A change that moves a job to `next` (if the table allows it), then lets `change` fill in

@@ -1,0 +1,208 @@
+//! Continuation instead of truncation: a relay job that reaches what it was paid for before it
+//! is done is not cut off.
+//!
+//! A job pays its quote (enough for most such jobs), so some run out before they are done. Such
+//! a job goes `Running -> AwaitingContinuation`, with the text so far, its usage and an invoice
+//! for the rest of its `max_tokens` stored in one commit; then the customer sees a `partial`
+//! feedback with the text so far and a `payment-required` with the invoice. No worker waits:
+//! the job holds its payment and nothing else.
+//! - Paid (our wallet confirms the hash, `invoices::continue_paid`): `-> Paid`, the payment added
+//!   to what it holds, and a worker runs it on from the text so far (the prompt is re-read with
+//!   the text so far at its end: the service pays for that re-read; the customer pays for the
+//!   prompt once and for every completion token once).
+//! - Not paid within `[pricing] continuation_wait_secs` (our wallet asked once more), or the
+//!   customer cancels: the text so far is the result (`finish` `budget`), charged as generated,
+//!   delivered and settled like any result. A payment that arrives later is credited.
+//!
+//! Offered only where asking for more is what the customer would want: a relay job paid by the
+//! customer (not zapped by someone else, not run on pay-after credit) whose request sets no
+//! `bid` (a bid is the most they pay: their job ends at it, as before).
+
+use std::time::Duration;
+
+use nostr_sdk::{Event, JsonUtil};
+
+use super::book::BookError;
+use super::id::JobId;
+use super::pipeline::{unix_now, Pipeline, FEEDBACK_ATTEMPTS};
+use super::record::{Door, Job, JobInvoice};
+use super::state::JobState;
+use crate::incident::Incident;
+use crate::infer::Usage;
+use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount};
+use crate::pricing::Finish;
+use crate::wallet::{InvoiceDescription, InvoiceRequest};
+
+impl Pipeline {
+    /// Whether `job`, stopped at its budget, may ask for its continuation (see the module).
+    pub(super) fn may_continue(&self, job: &Job, event: &Event) -> bool {
+        self.inner.config.continuation_wait_secs > 0
+            && job.door == Door::Relay
+            && !job.pay_after
+            && job.payer.is_none()
+            && job.quote_msat.is_some_and(|quote| quote > 0)
+            && job.estimate.is_some()
+            && JobRequest::parse(event).is_some_and(|request| request.bid_msat.is_none())
+    }
+
+    /// Ask for the rest of `job`, which stopped at its budget having said `said` (`usage` so
+    /// far): invoice what running on to its `max_tokens` costs beyond what it holds, store it
+    /// with the text so far (`AwaitingContinuation`), then show both. `false` if it could not
+    /// be asked (no invoice slot, the wallet or the store refused): the caller then delivers
+    /// the text so far as the result.
+    pub(super) async fn offer_continuation(
+        &self,
+        job: &Job,
+        event: &Event,
+        said: &str,
+        usage: Usage,
+    ) -> bool {
+        let inner = &self.inner;
+        let Some(estimate) = job.estimate else {
+            return false;
+        };
+        let card = inner.config.rate_card;
+        let whole = card.charge(Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: estimate.max_tokens,
+        });
+        let due = whole.saturating_sub(job.funds_msat());
+        if due == 0 || self.take_invoice_slot(&job.payer()).is_err() {
+            return false;
+        }
+        let wait = inner.config.continuation_wait_secs;
+        let request = InvoiceRequest {
+            amount_msat: due,
+            description: InvoiceDescription::Memo(format!(
+                "dvmd job {} continued",
+                &job.id.to_hex()[..16]
+            )),
+            expiry_secs: wait,
+        };
+        let invoice = match inner.wallet.create_invoice(request).await {
+            Ok(invoice) => JobInvoice {
+                bolt11: invoice.bolt11,
+                payment_hash: invoice.payment_hash,
+                amount_msat: invoice.amount_msat,
+                expires_at: invoice.expires_at,
+            },
+            Err(e) => {
+                self.release_invoice_slot(&job.payer());
+                Incident::log("issuing a continuation invoice", &e);
+                return false;
+            }
+        };
+        let left = estimate.max_tokens - usage.completion_tokens;
+        let partial = nip90::partial(
+            event,
+            said,
+            &format!(
+                "stopped at the {} tokens paid for; {left} more may follow",
+                usage.completion_tokens
+            ),
+        );
+        let amount = PaymentAmount {
+            msat: invoice.amount_msat,
+            bolt11: Some(invoice.bolt11.clone()),
+        };
+        let info = format!(
+            "pay {} msat within {wait} s to continue for up to {left} more tokens (the text so far is in the partial feedback); unpaid, the text so far is the result, charged as generated; what is not used is credited back",
+            invoice.amount_msat
+        );
+        let asked = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
+        let (Some(partial), Some(asked)) = (self.sign(job.id, partial), self.sign(job.id, asked))
+        else {
+            self.release_invoice_slot(&job.payer());
+            return false;
+        };
+        let stored =
+            inner
+                .book
+                .await_continuation(&job.id, said.to_owned(), usage, invoice.clone(), &asked);
+        let job = match stored.await {
+            Ok(job) => job,
+            Err(e) => {
+                self.release_invoice_slot(&job.payer());
+                tracing::error!(job = %job.id, error = %e, "cannot record the continuation invoice");
+                return false;
+            }
+        };
+        inner.metrics.entered(JobState::AwaitingContinuation);
+        tracing::info!(job = %job.id, completion_tokens = usage.completion_tokens, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "budget reached before the end; continuation offered");
+        self.publish_feedback(&job, &partial, FEEDBACK_ATTEMPTS)
+            .await;
+        self.publish_feedback(&job, &asked, FEEDBACK_ATTEMPTS).await;
+        self.continuation_deadline(job.id, invoice.expires_at);
+        true
+    }
+
+    /// At `expires_at` (unix seconds), ask our wallet once more about the continuation of job
+    /// `id`, then give it up if it is still unpaid.
+    pub(super) fn continuation_deadline(&self, id: JobId, expires_at: u64) {
+        let pipeline = self.clone();
+        let wait = Duration::from_secs(expires_at.saturating_sub(unix_now()));
+        self.inner.tasks.spawn(async move {
+            tokio::time::sleep(wait).await;
+            let invoice = match pipeline.inner.book.get(&id).await {
+                Ok(Some(job)) if job.state == JobState::AwaitingContinuation => job.invoice,
+                Ok(_) => return,
+                Err(e) => {
+                    return tracing::error!(job = %id, error = %e, "cannot read a job awaiting its continuation")
+                }
+            };
+            if let Some(invoice) = invoice {
+                pipeline.check_payment(&invoice.payment_hash).await;
+            }
+            pipeline.give_up_continuation(&id, "unpaid").await;
+        });
+    }
+
+    /// Deliver the text so far of job `id` as its result (`finish` `budget`), charged as
+    /// generated, if it still awaits its continuation: the result is signed and stored
+    /// (durably, before it is shown), then delivered and settled like any result.
+    pub(super) async fn give_up_continuation(&self, id: &JobId, why: &str) {
+        let inner = &self.inner;
+        let job = match inner.book.get(id).await {
+            Ok(Some(job))
+                if job.state == JobState::AwaitingContinuation && job.result_event.is_none() =>
+            {
+                job
+            }
+            Ok(_) => return,
+            Err(e) => return tracing::error!(job = %id, error = %e, "cannot read job"),
+        };
+        let Ok(event) = job.request_event() else {
+            let reason = "this service lost the request".to_owned();
+            return self.fail(&job, None, reason).await;
+        };
+        let said = job.result.clone().unwrap_or_default();
+        let usage = job.usage.unwrap_or_default();
+        let receipt = job.receipt_for(inner.config.rate_card, usage, Finish::Budget);
+        let charge = receipt.charged_msat;
+        let Some(result) = self.sign(
+            job.id,
+            nip90::result_invoiced(&event, &said, Some(&receipt), None),
+        ) else {
+            return;
+        };
+        let json = result.as_json();
+        let stored = inner.book.update_durably(id, move |stored, _| {
+            // Paid meanwhile: it runs on instead.
+            if stored.state != JobState::AwaitingContinuation || stored.result_event.is_some() {
+                return Err(BookError::NotAwaitingPayment(stored.id, stored.state));
+            }
+            stored.result_event = Some(json.clone());
+            stored.charge_msat = Some(charge);
+            stored.result = None;
+            Ok(())
+        });
+        let job = match stored.await {
+            Ok(job) => job,
+            Err(e) => return tracing::info!(job = %id, error = %e, "continuation not given up"),
+        };
+        tracing::info!(job = %id, why, completion_tokens = usage.completion_tokens, charge_msat = charge, "continuation given up; the text so far is the result");
+        inner.metrics.continuation_given_up();
+        self.learn(&job, usage, true);
+        self.deliver(job, event, result);
+    }
+}

@@ -1,0 +1,286 @@
+//! Continuation instead of truncation, on embedded defaults (relay, dev wallet, the real
+//! model): a job that reaches what it paid for before it is done shows the text so far in a
+//! `partial` feedback and asks for the rest with a `payment-required`. Paid, it goes on from
+//! the text so far and is charged every token once; left unpaid, the text so far is its result,
+//! charged as generated, and a payment made after that is credited. The ledger invariant holds
+//! after each, and an independent client (npm nostr-tools) finds the `partial` feedback by its
+//! own filter.
+
+use dvmd::customer::{self, Customer, Reply};
+use dvmd::daemon::Daemon;
+use dvmd::job::{Job, JobState};
+use dvmd::nip90::JobStatus;
+use nostr_sdk::{Event, EventId, PublicKey};
+use serde_json::json;
+
+use crate::harness::{self, REPLY_TIMEOUT};
+
+/// How long a continuation waits for its payment in these tests, seconds.
+const WAIT_SECS: u64 = 8;
+
+/// The value at `at` of the first tag named `name`.
+fn tag(event: &Event, name: &str, at: usize) -> String {
+    event
+        .tags
+        .iter()
+        .map(|t| t.as_slice())
+        .find(|t| t.first().is_some_and(|n| n == name))
+        .and_then(|t| t.get(at).cloned())
+        .unwrap_or_else(|| panic!("no {name}[{at}] in {event:?}"))
+}
+
+fn number(event: &Event, name: &str, at: usize) -> u64 {
+    tag(event, name, at).parse().expect("a number")
+}
+
+/// Teach the estimator that such jobs are short: six answers of a few tokens bring the quote
+/// (enough for most such jobs) well under what a long answer costs.
+async fn teach_short_answers(daemon: &Daemon, us: PublicKey) {
+    let ready = daemon.ready();
+    let mut teacher = Customer::connect(&ready.relay_url).await.expect("connect");
+    for seed in 0..6 {
+        let request = customer::text_request(
+            "Name one planet of the solar system.",
+            &[
+                ("max_tokens", "200"),
+                ("temperature", "0"),
+                ("seed", &seed.to_string()),
+            ],
+            None,
+            Some(us),
+        );
+        let job = teacher.post(request).await.expect("post");
+        let (_, bolt11) = harness::invoice(&mut teacher, &job.id).await;
+        harness::dev_pay(&ready.http_url, &bolt11).await;
+        harness::wait_for_state(daemon.pipeline().book(), &job.id, JobState::Settled).await;
+    }
+    teacher.shutdown().await;
+}
+
+/// A long story, asked of us with no bid, paid as quoted; returns the request and what was
+/// paid.
+async fn paid_story(daemon: &Daemon, customer: &mut Customer, seed: u32) -> (Event, u64) {
+    let ready = daemon.ready();
+    let request = customer::text_request(
+        "Write a long story about a dragon who learns to bake bread.",
+        &[
+            ("max_tokens", "200"),
+            ("temperature", "0"),
+            ("seed", &seed.to_string()),
+        ],
+        None,
+        Some(ready.pubkey),
+    );
+    let job = customer.post(request).await.expect("post");
+    let (paid, bolt11) = harness::invoice(customer, &job.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    (job, paid)
+}
+
+/// The `partial` feedback about `job` (its content: the text so far), then the
+/// `payment-required` that asks for the rest: (text so far, msat, bolt11).
+async fn asked_to_continue(customer: &mut Customer, job: &EventId) -> (String, u64, String) {
+    let partial = customer
+        .wait_for(job, REPLY_TIMEOUT, |r| {
+            matches!(
+                r,
+                Reply::Result(_)
+                    | Reply::Feedback {
+                        status: Some(JobStatus::Partial | JobStatus::Error),
+                        ..
+                    }
+            )
+        })
+        .await
+        .expect("partial");
+    let Reply::Feedback {
+        status: Some(JobStatus::Partial),
+        event,
+        ..
+    } = partial
+    else {
+        panic!("expected a partial feedback, got {partial:?}");
+    };
+    let (msat, bolt11) = harness::invoice(customer, job).await;
+    (event.content.clone(), msat, bolt11)
+}
+
+async fn job(daemon: &Daemon, id: &EventId) -> Job {
+    daemon
+        .pipeline()
+        .book()
+        .get(&(*id).into())
+        .await
+        .expect("read")
+        .expect("job")
+}
+
+/// `dvmd ledger check` on the running daemon's store.
+async fn ledger_check(daemon: &Daemon) {
+    daemon
+        .pipeline()
+        .book()
+        .store()
+        .read(dvmd::job::audit)
+        .await
+        .expect("the ledger invariant holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_with_what_it_has() {
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.pricing.continuation_wait_secs = WAIT_SECS;
+    });
+    let daemon = harness::start(config, None).await;
+    let ready = daemon.ready().clone();
+    teach_short_answers(&daemon, ready.pubkey).await;
+
+    // Three stories run out of what they paid (all quoted before any ran on): the text so
+    // far, and an invoice for the rest.
+    let mut bob = Customer::connect(&ready.relay_url).await.expect("connect");
+    let mut carol = Customer::connect(&ready.relay_url).await.expect("connect");
+    let mut dave = Customer::connect(&ready.relay_url).await.expect("connect");
+    let (story, first) = paid_story(&daemon, &mut bob, 1).await;
+    let (tale, carol_paid) = paid_story(&daemon, &mut carol, 2).await;
+    let (saga, dave_paid) = paid_story(&daemon, &mut dave, 3).await;
+    let story = story.id;
+    let (so_far, more, bolt11) = asked_to_continue(&mut bob, &story).await;
+    assert!(!so_far.is_empty());
+    let waiting = job(&daemon, &story).await;
+    assert_eq!(waiting.state, JobState::AwaitingContinuation);
+    let said = waiting.usage.expect("usage so far");
+    assert!(said.completion_tokens < 200, "{said:?}");
+    assert_eq!(waiting.held_msat, first, "the first payment stays held");
+    // The rest is priced for the rest of max_tokens: with what the job holds, it pays for all
+    // 200 (a wallet that works in whole sats rounds up).
+    let card = dvmd::pricing::RateCard::default();
+    let whole = card.charge(dvmd::infer::Usage {
+        prompt_tokens: said.prompt_tokens,
+        completion_tokens: 200,
+    });
+    assert!(
+        (whole - first..whole - first + 1000).contains(&more),
+        "{more} for {whole} - {first}"
+    );
+    ledger_check(&daemon).await;
+
+    // Paid: it goes on from the text so far, and every token is charged once.
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    // nostr-tools finds the partial feedback by its own filter, with the text so far.
+    let feedback = harness::nostr_tools_query(
+        &ready.relay_url,
+        &json!({"kinds": [7000], "#e": [story.to_hex()], "#p": [bob.keys().public_key().to_hex()]}),
+    );
+    let partial = feedback
+        .iter()
+        .map(|f| &f["event"])
+        .find(|e| e["tags"][0][1] == "partial")
+        .unwrap_or_else(|| panic!("no partial feedback in {feedback:?}"));
+    assert_eq!(partial["content"], so_far.as_str());
+    let result = harness::result(&mut bob, &story).await;
+    assert!(
+        result.content.starts_with(&so_far) && result.content.len() > so_far.len(),
+        "{so_far:?} then {:?}",
+        result.content
+    );
+    assert_ne!(tag(&result, "finish", 1), "budget");
+    let (prompt, completion) = (number(&result, "usage", 1), number(&result, "usage", 2));
+    assert_eq!(
+        prompt,
+        u64::from(said.prompt_tokens),
+        "the prompt is paid once"
+    );
+    assert!(completion > u64::from(said.completion_tokens));
+    let (paid, charged, returned) = (
+        number(&result, "paid", 1),
+        number(&result, "amount", 1),
+        number(&result, "returned", 1),
+    );
+    assert_eq!(paid, first + more);
+    let usage = dvmd::infer::Usage {
+        prompt_tokens: prompt as u32,
+        completion_tokens: completion as u32,
+    };
+    assert_eq!(charged, card.charge(usage));
+    assert_eq!(returned, paid - charged);
+    let settled =
+        harness::wait_for_state(daemon.pipeline().book(), &story, JobState::Settled).await;
+    assert_eq!(settled.charge_msat, Some(charged));
+    ledger_check(&daemon).await;
+
+    // Carol cancels instead (kind 5): the text so far is her result at once, charged as
+    // generated, and paying the rest after that is credited to her, not run.
+    let (so_far, more, bolt11) = asked_to_continue(&mut carol, &tale.id).await;
+    carol
+        .send(&harness::cancellation(&tale, carol.keys()))
+        .await
+        .expect("cancel");
+    let charged = ends_with_what_it_has(&daemon, &mut carol, &tale.id, &so_far, carol_paid).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let hash = dvmd::wallet::bolt11::decode(&bolt11)
+        .expect("bolt11")
+        .payment_hash;
+    harness::wait_for_booking(daemon.pipeline().book(), &hash).await;
+    let after = job(&daemon, &tale.id).await;
+    assert_eq!(
+        after.state,
+        JobState::Settled,
+        "a late payment runs nothing"
+    );
+    ledger_check(&daemon).await;
+    let carol_owns = carol_paid - charged + more;
+
+    // Dave does not pay for the rest: after the wait, the text so far is his result.
+    let (so_far, _, _) = asked_to_continue(&mut dave, &saga.id).await;
+    let charged = ends_with_what_it_has(&daemon, &mut dave, &saga.id, &so_far, dave_paid).await;
+    ledger_check(&daemon).await;
+    let dave_owns = dave_paid - charged;
+
+    let metrics = reqwest::get(format!("{}/metrics", ready.http_url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("dvmd_continuations_given_up_total 2\n"),
+        "{metrics}"
+    );
+    let (carol_key, dave_key) = (carol.keys().public_key(), dave.keys().public_key());
+    for customer in [bob, carol, dave] {
+        customer.shutdown().await;
+    }
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    harness::ledger_ok(&store);
+    assert_eq!(harness::balance(&store, &carol_key), carol_owns);
+    assert_eq!(harness::balance(&store, &dave_key), dave_owns);
+}
+
+/// The result of `job`, given up with the text so far (`said`): `finish` `budget`, charged as
+/// generated within what was `paid`, settled. Returns the charge.
+async fn ends_with_what_it_has(
+    daemon: &Daemon,
+    customer: &mut Customer,
+    job: &EventId,
+    said: &str,
+    paid: u64,
+) -> u64 {
+    let result = harness::result(customer, job).await;
+    assert_eq!(result.content, said);
+    assert_eq!(tag(&result, "finish", 1), "budget");
+    let charged = number(&result, "amount", 1);
+    let usage = dvmd::infer::Usage {
+        prompt_tokens: number(&result, "usage", 1) as u32,
+        completion_tokens: number(&result, "usage", 2) as u32,
+    };
+    assert_eq!(
+        charged,
+        dvmd::pricing::RateCard::default().charge(usage).min(paid)
+    );
+    assert_eq!(number(&result, "paid", 1), paid);
+    let settled = harness::wait_for_state(daemon.pipeline().book(), job, JobState::Settled).await;
+    assert_eq!(settled.charge_msat, Some(charged));
+    charged
+}
