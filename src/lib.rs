@@ -35,6 +35,10 @@
 //!                 relay refused: Failed, credited) -> Delivered -> `success`
 //!                 -> book.settle: release the hold, charge exact usage, Settled (and count
 //!                 the charge towards the payer's trust tier, same write)
+//! job::continuation a relay job out of budget before it is done: AwaitingContinuation
+//!                 (text so far + invoice for the rest, COMMIT) -> `partial` +
+//!                 `payment-required`; paid -> Paid -> the worker runs on from the text so
+//!                 far; unpaid at the deadline or cancelled -> the text so far is the result
 //! job::reputation a tier change -> NIP-32 label (trust::labels), the old one deleted
 //! job::prune      hourly: records of jobs that ended without money, once their request is
 //!                 too old to be admitted again

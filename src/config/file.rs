@@ -242,8 +242,8 @@ pub struct PricingSection {
     pub invoice_expiry_secs: u64,
     /// How long a relay job that reached what it was paid for before it was done waits for the
     /// customer to pay for the rest (its `partial` feedback carries the text so far, its
-    /// `payment-required` the invoice). Unpaid by then, the text so far is the result, charged
-    /// as generated. 0: never ask; such a job ends at its budget at once (`finish` `budget`).
+    /// `payment-required` the invoice, which expires then). Unpaid by then (the next reconcile
+    /// pass finds it so), the text so far is the result, charged as generated. 0: never ask; such a job ends at its budget at once (`finish` `budget`).
     pub continuation_wait_secs: u64,
     /// Derive the token rates from the hardware instead: what the machine costs per hour,
     /// msat (margin included). Set, the daemon measures seconds per prompt and completion token

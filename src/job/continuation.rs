@@ -10,28 +10,26 @@
 //!   to what it holds, and a worker runs it on from the text so far (the prompt is re-read with
 //!   the text so far at its end: the service pays for that re-read; the customer pays for the
 //!   prompt once and for every completion token once).
-//! - Not paid within `[pricing] continuation_wait_secs` (our wallet asked once more), or the
-//!   customer cancels: the text so far is the result (`finish` `budget`), charged as generated,
+//! - Not paid within `[pricing] continuation_wait_secs` (the invoice's lifetime; the reconciler
+//!   gives it up when our wallet calls the invoice unpaid after that), or the customer cancels: the text so far is the result (`finish` `budget`), charged as generated,
 //!   delivered and settled like any result. A payment that arrives later is credited.
 //!
 //! Offered only where asking for more is what the customer would want: a relay job paid by the
 //! customer (not zapped by someone else, not run on pay-after credit) whose request sets no
 //! `bid` (a bid is the most they pay: their job ends at it, as before).
 
-use std::time::Duration;
-
 use nostr_sdk::{Event, JsonUtil};
 
 use super::book::BookError;
 use super::id::JobId;
-use super::pipeline::{unix_now, Pipeline, FEEDBACK_ATTEMPTS};
+use super::pipeline::{Pipeline, FEEDBACK_ATTEMPTS};
 use super::record::{Door, Job, JobInvoice};
 use super::state::JobState;
 use crate::incident::Incident;
 use crate::infer::Usage;
 use crate::nip90::{self, JobRequest, JobStatus, PaymentAmount};
 use crate::pricing::Finish;
-use crate::wallet::{InvoiceDescription, InvoiceRequest};
+use crate::wallet::{InvoiceDescription, InvoiceRequest, PaymentHash};
 
 impl Pipeline {
     /// Whether `job`, stopped at its budget, may ask for its continuation (see the module).
@@ -132,39 +130,25 @@ impl Pipeline {
         self.publish_feedback(&job, &partial, FEEDBACK_ATTEMPTS)
             .await;
         self.publish_feedback(&job, &asked, FEEDBACK_ATTEMPTS).await;
-        self.continuation_deadline(job.id, invoice.expires_at);
         true
     }
 
-    /// At `expires_at` (unix seconds), ask our wallet once more about the continuation of job
-    /// `id`, then give it up if it is still unpaid.
-    pub(super) fn continuation_deadline(&self, id: JobId, expires_at: u64) {
-        let pipeline = self.clone();
-        let wait = Duration::from_secs(expires_at.saturating_sub(unix_now()));
-        self.inner.tasks.spawn(async move {
-            tokio::time::sleep(wait).await;
-            let invoice = match pipeline.inner.book.get(&id).await {
-                Ok(Some(job)) if job.state == JobState::AwaitingContinuation => job.invoice,
-                Ok(_) => return,
-                Err(e) => {
-                    return tracing::error!(job = %id, error = %e, "cannot read a job awaiting its continuation")
-                }
-            };
-            if let Some(invoice) = invoice {
-                pipeline.check_payment(&invoice.payment_hash).await;
-            }
-            pipeline.give_up_continuation(&id, "unpaid").await;
-        });
-    }
-
     /// Deliver the text so far of job `id` as its result (`finish` `budget`), charged as
-    /// generated, if it still awaits its continuation: the result is signed and stored
-    /// (durably, before it is shown), then delivered and settled like any result.
-    pub(super) async fn give_up_continuation(&self, id: &JobId, why: &str) {
+    /// generated, if it still awaits its continuation (on the invoice `hash`, if given): the
+    /// result is signed and stored (durably, before it is shown), then delivered and settled
+    /// like any result.
+    pub(super) async fn give_up_continuation(
+        &self,
+        id: &JobId,
+        hash: Option<&PaymentHash>,
+        why: &str,
+    ) {
         let inner = &self.inner;
         let job = match inner.book.get(id).await {
             Ok(Some(job))
-                if job.state == JobState::AwaitingContinuation && job.result_event.is_none() =>
+                if job.state == JobState::AwaitingContinuation
+                    && job.result_event.is_none()
+                    && hash.is_none_or(|hash| job.continues_on(hash)) =>
             {
                 job
             }

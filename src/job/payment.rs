@@ -188,6 +188,10 @@ impl Pipeline {
         if now <= record.expires_at {
             return;
         }
+        if let Some(job) = &record.job {
+            // A job stopped at its budget whose continuation went unpaid ends with what it has.
+            self.give_up_continuation(job, Some(hash), "unpaid").await;
+        }
         let overdue = now - record.expires_at;
         if overdue > config.unpaid_grace_secs {
             if let Some(job) = &record.job {

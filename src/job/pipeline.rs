@@ -409,7 +409,7 @@ impl Pipeline {
         }
         if job.state == JobState::AwaitingContinuation {
             // Stopped at its budget and asking for more: the text so far is the result.
-            return self.give_up_continuation(id, "cancelled").await;
+            return self.give_up_continuation(id, None, "cancelled").await;
         }
         if !job.state.can_become(JobState::Cancelled) {
             return tracing::info!(job = %id, state = ?job.state, "cancellation too late; the job goes on");

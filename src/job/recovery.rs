@@ -97,7 +97,8 @@ impl Pipeline {
                 }
                 JobState::AwaitingContinuation => {
                     report.awaiting_payment += 1;
-                    // Show the invoice again, ask the wallet, and give it up when its time is up.
+                    // Show the invoice again and ask the wallet (which gives the job up if the
+                    // invoice expired unpaid meanwhile).
                     let pipeline = self.clone();
                     self.inner.tasks.spawn(async move {
                         if let Some(feedback) = job.last_feedback.as_deref() {
@@ -105,7 +106,6 @@ impl Pipeline {
                         }
                         if let Some(invoice) = &job.invoice {
                             pipeline.check_payment(&invoice.payment_hash).await;
-                            pipeline.continuation_deadline(job.id, invoice.expires_at);
                         }
                     });
                 }

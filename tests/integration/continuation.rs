@@ -33,11 +33,11 @@ fn number(event: &Event, name: &str, at: usize) -> u64 {
     tag(event, name, at).parse().expect("a number")
 }
 
-/// Teach the estimator that such jobs are short: six answers of a few tokens bring the quote
-/// (enough for most such jobs) well under what a long answer costs.
-async fn teach_short_answers(daemon: &Daemon, us: PublicKey) {
-    let ready = daemon.ready();
-    let mut teacher = Customer::connect(&ready.relay_url).await.expect("connect");
+/// Teach the estimator of the daemon at `relay_url` and `http_url` that such jobs are short:
+/// six answers of a few tokens bring the quote (enough for most such jobs) well under what a
+/// long answer costs.
+async fn teach_short_answers(relay_url: &str, http_url: &str, us: PublicKey) {
+    let mut teacher = Customer::connect(relay_url).await.expect("connect");
     for seed in 0..6 {
         let request = customer::text_request(
             "Name one planet of the solar system.",
@@ -51,17 +51,15 @@ async fn teach_short_answers(daemon: &Daemon, us: PublicKey) {
         );
         let job = teacher.post(request).await.expect("post");
         let (_, bolt11) = harness::invoice(&mut teacher, &job.id).await;
-        harness::dev_pay(&ready.http_url, &bolt11).await;
-        harness::wait_for_state(daemon.pipeline().book(), &job.id, JobState::Settled).await;
+        harness::dev_pay(http_url, &bolt11).await;
+        harness::result(&mut teacher, &job.id).await;
     }
     teacher.shutdown().await;
 }
 
-/// A long story, asked of us with no bid, paid as quoted; returns the request and what was
-/// paid.
-async fn paid_story(daemon: &Daemon, customer: &mut Customer, seed: u32) -> (Event, u64) {
-    let ready = daemon.ready();
-    let request = customer::text_request(
+/// A long story for `us`, with no bid.
+fn story(us: PublicKey, seed: u32) -> nostr_sdk::EventBuilder {
+    customer::text_request(
         "Write a long story about a dragon who learns to bake bread.",
         &[
             ("max_tokens", "200"),
@@ -69,8 +67,15 @@ async fn paid_story(daemon: &Daemon, customer: &mut Customer, seed: u32) -> (Eve
             ("seed", &seed.to_string()),
         ],
         None,
-        Some(ready.pubkey),
-    );
+        Some(us),
+    )
+}
+
+/// A long story, asked of us with no bid, paid as quoted; returns the request and what was
+/// paid.
+async fn paid_story(daemon: &Daemon, customer: &mut Customer, seed: u32) -> (Event, u64) {
+    let ready = daemon.ready();
+    let request = story(ready.pubkey, seed);
     let job = customer.post(request).await.expect("post");
     let (paid, bolt11) = harness::invoice(customer, &job.id).await;
     harness::dev_pay(&ready.http_url, &bolt11).await;
@@ -134,7 +139,7 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     });
     let daemon = harness::start(config, None).await;
     let ready = daemon.ready().clone();
-    teach_short_answers(&daemon, ready.pubkey).await;
+    teach_short_answers(&ready.relay_url, &ready.http_url, ready.pubkey).await;
 
     // Three stories run out of what they paid (all quoted before any ran on): the text so
     // far, and an invoice for the rest.
@@ -283,4 +288,56 @@ async fn ends_with_what_it_has(
     let settled = harness::wait_for_state(daemon.pipeline().book(), job, JobState::Settled).await;
     assert_eq!(settled.charge_msat, Some(charged));
     charged
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_after() {
+    use harness::DaemonProcess;
+    let data = harness::data_dir();
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let keys = nostr_sdk::Keys::generate();
+    let config = "[pricing]\ncontinuation_wait_secs = 600\n";
+
+    let first = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
+    let us = PublicKey::from_hex(&first.pubkey).expect("pubkey");
+    teach_short_answers(&first.relay_url, &first.http_url, us).await;
+    let mut bob = Customer::connect_with(&first.relay_url, keys.clone())
+        .await
+        .expect("connect");
+    let request = bob.post(story(us, 1)).await.expect("post");
+    let (first_paid, bolt11) = harness::invoice(&mut bob, &request.id).await;
+    harness::dev_pay(&first.http_url, &bolt11).await;
+    let (so_far, more, bolt11) = asked_to_continue(&mut bob, &request.id).await;
+    first.kill();
+    bob.shutdown().await;
+
+    // The embedded relay died with the daemon; the job, its text so far and its invoice live
+    // on in the store. Paid after the restart, it runs on from the text so far, once.
+    let second = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
+    let mut bob = Customer::connect_with(&second.relay_url, keys)
+        .await
+        .expect("reconnect");
+    harness::dev_pay(&second.http_url, &bolt11).await;
+    let result = harness::result(&mut bob, &request.id).await;
+    assert!(
+        result.content.starts_with(&so_far) && result.content.len() > so_far.len(),
+        "{so_far:?} then {:?}",
+        result.content
+    );
+    assert_eq!(number(&result, "paid", 1), first_paid + more);
+    second.terminate();
+    bob.shutdown().await;
+
+    let store = harness::open_store(data.path());
+    harness::ledger_ok(&store);
+    let job = harness::jobs(&store)
+        .into_iter()
+        .find(|job| job.id == request.id.into())
+        .expect("the job");
+    assert_eq!(job.state, JobState::Settled);
+    assert_eq!(job.paid_msat, first_paid + more);
+    assert_eq!(
+        harness::balance(&store, &request.pubkey),
+        first_paid + more - job.charge_msat.expect("charged")
+    );
 }
