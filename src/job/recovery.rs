@@ -76,29 +76,16 @@ impl Pipeline {
                         .tasks
                         .spawn(async move { pipeline.ask_payment(job, &event, None).await });
                 }
-                JobState::AwaitingPayment => {
-                    report.awaiting_payment += 1;
-                    // The invoice may have been persisted but never shown: show it again (the
-                    // same signed event), then ask the wallet whether it was paid meanwhile.
-                    let pipeline = self.clone();
-                    self.inner.tasks.spawn(async move {
-                        if let Some(feedback) = job.last_feedback.as_deref() {
-                            pipeline.republish(&job, feedback).await;
-                        }
-                        if let Some(invoice) = &job.invoice {
-                            pipeline.check_payment(&invoice.payment_hash).await;
-                        }
-                    });
-                }
-                // Given up: its result is stored, deliver it.
+                // Given up with the text so far: its result is stored, deliver it.
                 JobState::AwaitingContinuation if job.result_event.is_some() => {
                     report.queued += 1;
                     self.enqueue(job, None).await;
                 }
-                JobState::AwaitingContinuation => {
+                JobState::AwaitingPayment | JobState::AwaitingContinuation => {
                     report.awaiting_payment += 1;
-                    // Show the invoice again and ask the wallet (which gives the job up if the
-                    // invoice expired unpaid meanwhile).
+                    // The invoice may have been persisted but never shown: show it again (the
+                    // same signed event), then ask the wallet whether it was paid meanwhile
+                    // (an unpaid continuation whose invoice expired is given up then).
                     let pipeline = self.clone();
                     self.inner.tasks.spawn(async move {
                         if let Some(feedback) = job.last_feedback.as_deref() {

@@ -313,12 +313,7 @@ async fn a_flood_from_one_key_is_dropped_before_it_costs_anything() {
     let flooder_account = dvmd::ledger::Account::from(flooder_key.expect("posted"));
     let mut seen = (0, 0);
     for _ in 0..100 {
-        let metrics = reqwest::get(format!("{}/metrics", ready.http_url))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = harness::metrics(&ready.http_url).await;
         let dropped: usize = metrics
             .lines()
             .find_map(|l| l.strip_prefix("dvmd_events_dropped_total{reason=\"rate_limited\"} "))

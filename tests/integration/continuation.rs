@@ -242,12 +242,7 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     ledger_check(&daemon).await;
     let dave_owns = dave_paid - charged;
 
-    let metrics = reqwest::get(format!("{}/metrics", ready.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = harness::metrics(&ready.http_url).await;
     assert!(
         metrics.contains("dvmd_continuations_given_up_total 2\n"),
         "{metrics}"

@@ -191,12 +191,7 @@ async fn a_job_paid_under_its_p90_stops_at_its_budget_with_a_receipt_nostr_tools
     assert_eq!(job.charge_msat, Some(charged));
     let alice_key = alice.keys().public_key();
     alice.shutdown().await;
-    let metrics = reqwest::get(format!("{}/metrics", ready.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = harness::metrics(&ready.http_url).await;
     assert!(
         metrics.contains("dvmd_jobs_truncated_at_budget_total 1\n"),
         "{metrics}"

@@ -548,3 +548,13 @@ pub fn cancellation(request: &nostr_sdk::Event, by: &nostr_sdk::Keys) -> nostr_s
         .sign_with_keys(by)
         .expect("sign")
 }
+
+/// The Prometheus text of the daemon at `http_url`.
+pub async fn metrics(http_url: &str) -> String {
+    reqwest::get(format!("{http_url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}

@@ -190,17 +190,7 @@ impl Book {
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
-        use nostr_sdk::JsonUtil;
-        let (id, at) = (*id, now());
-        let (feedback_id, feedback_json) = (feedback.id, feedback.as_json());
-        self.store
-            .commit(move |tx| {
-                let mut job = stored_job(tx, &id)?;
-                job.transition(JobState::AwaitingPayment, at)
-                    .map_err(abort)?;
-                wait_for(tx, &mut job, &invoice, feedback_id, &feedback_json)?;
-                Ok(job)
-            })
+        self.wait_for(id, JobState::AwaitingPayment, invoice, feedback, |_| {})
             .await
     }
 
@@ -216,17 +206,54 @@ impl Book {
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
+        let next = JobState::AwaitingContinuation;
+        self.wait_for(id, next, invoice, feedback, move |job| {
+            job.result = Some(said.clone());
+            job.usage = Some(usage);
+        })
+        .await
+    }
+
+    /// Move job `id` to `next`, a state that waits for `invoice` shown by `feedback`; let
+    /// `change` fill in fields; record the invoice and the feedback, and index its payment hash
+    /// as open; durably.
+    async fn wait_for(
+        &self,
+        id: &JobId,
+        next: JobState,
+        invoice: JobInvoice,
+        feedback: &nostr_sdk::Event,
+        change: impl Fn(&mut Job) + Send + 'static,
+    ) -> Result<Job, BookError> {
         use nostr_sdk::JsonUtil;
         let (id, at) = (*id, now());
         let (feedback_id, feedback_json) = (feedback.id, feedback.as_json());
         self.store
             .commit(move |tx| {
                 let mut job = stored_job(tx, &id)?;
-                job.transition(JobState::AwaitingContinuation, at)
-                    .map_err(abort)?;
-                job.result = Some(said.clone());
-                job.usage = Some(usage);
-                wait_for(tx, &mut job, &invoice, feedback_id, &feedback_json)?;
+                job.transition(next, at).map_err(abort)?;
+                change(&mut job);
+                if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {
+                    // A wallet reusing a payment hash would let one payment pay twice.
+                    return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
+                }
+                job.invoice = Some(invoice.clone());
+                job.last_feedback = Some(feedback_json.clone());
+                let record = PaymentRecord {
+                    job: Some(job.id),
+                    account: job.payer(),
+                    amount_msat: invoice.amount_msat,
+                    expires_at: invoice.expires_at,
+                    bolt11: invoice.bolt11.clone(),
+                    zap_request: None,
+                    consumed: false,
+                    closed: false,
+                    next_lookup_at: 0,
+                };
+                tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), job.id.as_bytes())?;
+                tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
+                tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
+                put_job(tx, &job)?;
                 Ok(job)
             })
             .await
@@ -271,38 +298,6 @@ impl Book {
     pub fn all_blocking(&self) -> Result<Vec<Job>, BookError> {
         self.store.read_blocking(all_jobs)
     }
-}
-
-/// Inside a transaction: `job` now waits for `invoice` (payable to whoever pays for the job),
-/// shown by the feedback `feedback_id`: record both and index the payment hash as open.
-fn wait_for(
-    tx: &Tx<'_>,
-    job: &mut Job,
-    invoice: &JobInvoice,
-    feedback_id: nostr_sdk::EventId,
-    feedback_json: &str,
-) -> Result<(), TxError<BookError>> {
-    if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {
-        // A wallet reusing a payment hash would let one payment pay twice.
-        return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
-    }
-    job.invoice = Some(invoice.clone());
-    job.last_feedback = Some(feedback_json.to_owned());
-    let record = PaymentRecord {
-        job: Some(job.id),
-        account: job.payer(),
-        amount_msat: invoice.amount_msat,
-        expires_at: invoice.expires_at,
-        bolt11: invoice.bolt11.clone(),
-        zap_request: None,
-        consumed: false,
-        closed: false,
-        next_lookup_at: 0,
-    };
-    tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), job.id.as_bytes())?;
-    tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
-    tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
-    Ok(put_job(tx, job)?)
 }
 
 /// A change that moves a job to `next` (if the table allows it), then lets `change` fill in
