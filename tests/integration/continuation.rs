@@ -183,6 +183,14 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
         .find(|e| e["tags"][0][1] == "partial")
         .unwrap_or_else(|| panic!("no partial feedback in {feedback:?}"));
     assert_eq!(partial["content"], so_far.as_str());
+    // And the payment-required after it, whose invoice decodes to what its amount tag says.
+    let asked = feedback
+        .iter()
+        .filter(|f| f["event"]["tags"][0][1] == "payment-required")
+        .map(|f| &f["invoice"])
+        .find(|i| i["bolt11_msat"] == more)
+        .unwrap_or_else(|| panic!("no payment-required for {more} msat in {feedback:?}"));
+    assert_eq!(asked["msat"], more);
     let result = harness::result(&mut bob, &story).await;
     assert!(
         result.content.starts_with(&so_far) && result.content.len() > so_far.len(),

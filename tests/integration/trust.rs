@@ -596,6 +596,19 @@ async fn a_trusted_npub_pays_after_and_the_debt_clears() {
         .await
         .expect("post");
     let (_, bolt11) = result_then_invoice(&mut frank, &request.id).await;
+    // nostr-tools finds the result by its own filter, and its invoice decodes (with
+    // @getalby/lightning-tools) to the amount the tag names.
+    let found = harness::nostr_tools_query(
+        &ready.relay_url,
+        &serde_json::json!({"kinds": [6050], "#e": [request.id.to_hex()], "#p": [npub.to_hex()]}),
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    let invoice = &found[0]["invoice"];
+    assert_eq!(invoice["bolt11_msat"], invoice["msat"], "{invoice}");
+    let hash = dvmd::wallet::bolt11::decode(&bolt11)
+        .expect("bolt11")
+        .payment_hash;
+    assert_eq!(invoice["payment_hash"], hash.to_hex());
     let book = daemon.pipeline().book();
     let job = harness::wait_for_state(book, &request.id, JobState::Settled).await;
     let charge = job.charge_msat.expect("charged");

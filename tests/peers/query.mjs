@@ -12,6 +12,9 @@
 // `zap` is present for kind 9735 receipts: nostr-tools' NIP-57 validateZapRequest on the
 // `description` tag (null when valid) and the `bolt11` tag's amount as @getalby/lightning-tools
 // decodes it (nostr-tools' own getSatoshisAmountFromBolt11 reads no regtest `lnbcrt` amounts).
+// `invoice` is present for events whose `amount` tag carries a bolt11 (NIP-90 payment-required
+// feedback, a pay-after result): {"msat": <amount tag>, "bolt11_msat": N, "payment_hash": hex}
+// as @getalby/lightning-tools decodes the invoice.
 // Events that fail verifyEvent are reported on stderr and make the exit status 3.
 // Packages are found by peers.mjs ($DVMD_NODE_PEERS, then the dvmd cache).
 
@@ -66,6 +69,15 @@ await new Promise((resolve) => {
         line.zap = {
           request_error: validateZapRequest(tag(event, "description") || ""),
           sats: bolt11 ? decodeInvoice(bolt11)?.satoshi ?? null : null,
+        };
+      }
+      const amount = event.tags.find((t) => t[0] === "amount");
+      if (amount && amount[2]) {
+        const decoded = decodeInvoice(amount[2]);
+        line.invoice = {
+          msat: Number(amount[1]),
+          bolt11_msat: decoded ? decoded.millisatoshi : null,
+          payment_hash: decoded ? decoded.paymentHash : null,
         };
       }
       process.stdout.write(JSON.stringify(line) + "\n");
