@@ -344,3 +344,120 @@ async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_a
         first_paid + more - job.charge_msat.expect("charged")
     );
 }
+
+/// What one customer of the concurrent test did after being asked to continue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Then {
+    Pay,
+    Cancel,
+    /// Cancel and pay at once: either may win, and no money may be lost or counted twice.
+    Race,
+}
+
+/// Twelve customers at once, each asked to continue: some pay, some cancel, some do both at
+/// the same moment. Every job ends once, with one result; what each customer paid is either
+/// charged or on their account, to the msat; the ledger invariant holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_continuations_paid_cancelled_or_both_lose_nothing() {
+    use std::sync::Arc;
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.pricing.continuation_wait_secs = 60;
+        file.service.workers = 2;
+    });
+    let words: Vec<String> = (0..120).map(|i| format!("w{i}")).collect();
+    let backend = Arc::new(dvmd::infer::instant::InstantBackend::new(words.join(" ")));
+    let daemon = Arc::new(harness::start(config, Some(backend)).await);
+    let ready = daemon.ready().clone();
+
+    // Short answers first (max_tokens 4), so a request for 100 is quoted for far fewer.
+    let mut teacher = Customer::connect(&ready.relay_url).await.expect("connect");
+    for seed in 0..6 {
+        let request = customer::text_request(
+            "Name one planet of the solar system.",
+            &[("max_tokens", "4"), ("seed", &seed.to_string())],
+            None,
+            Some(ready.pubkey),
+        );
+        let job = teacher.post(request).await.expect("post");
+        let (_, bolt11) = harness::invoice(&mut teacher, &job.id).await;
+        harness::dev_pay(&ready.http_url, &bolt11).await;
+        harness::result(&mut teacher, &job.id).await;
+    }
+    teacher.shutdown().await;
+
+    let plans = [Then::Pay, Then::Cancel, Then::Race];
+    let runs = (0..12).map(|i| {
+        let daemon = daemon.clone();
+        let then = plans[i % 3];
+        async move {
+            let ready = daemon.ready().clone();
+            let mut customer = Customer::connect(&ready.relay_url).await.expect("connect");
+            let request = customer::text_request(
+                "Name one planet of the solar system.",
+                &[("max_tokens", "100"), ("seed", &(100 + i).to_string())],
+                None,
+                Some(ready.pubkey),
+            );
+            let request = customer.post(request).await.expect("post");
+            let (first, bolt11) = harness::invoice(&mut customer, &request.id).await;
+            harness::dev_pay(&ready.http_url, &bolt11).await;
+            let (so_far, more, bolt11) = asked_to_continue(&mut customer, &request.id).await;
+            let cancel = harness::cancellation(&request, customer.keys());
+            match then {
+                Then::Pay => {
+                    harness::dev_pay(&ready.http_url, &bolt11).await;
+                }
+                Then::Cancel => customer.send(&cancel).await.expect("cancel"),
+                Then::Race => {
+                    let (sent, _) = tokio::join!(
+                        customer.send(&cancel),
+                        harness::dev_pay(&ready.http_url, &bolt11)
+                    );
+                    sent.expect("cancel");
+                }
+            }
+            let result = harness::result(&mut customer, &request.id).await;
+            assert!(result.content.starts_with(&so_far), "{result:?}");
+            let paid_in = first + if then == Then::Cancel { 0 } else { more };
+            let key = customer.keys().public_key();
+            customer.shutdown().await;
+            (then, request.id, key, paid_in, result)
+        }
+    });
+    let outcomes = futures::future::join_all(runs).await;
+
+    for (then, id, key, paid_in, result) in &outcomes {
+        let job = harness::wait_for_state(daemon.pipeline().book(), id, JobState::Settled).await;
+        let charged = number(result, "amount", 1);
+        assert_eq!(job.charge_msat, Some(charged));
+        let finish = tag(result, "finish", 1);
+        match then {
+            Then::Pay => assert_ne!(finish, "budget", "{result:?}"),
+            Then::Cancel => assert_eq!(finish, "budget", "{result:?}"),
+            Then::Race => {}
+        }
+        // Every msat the customer paid is charged or theirs: a continuation paid after the
+        // cancellation won is credited, and its booking may land a moment after the result.
+        let account = dvmd::ledger::Account::from(*key);
+        let mut balance = 0;
+        for _ in 0..250 {
+            balance = daemon
+                .pipeline()
+                .book()
+                .store()
+                .read(move |r| dvmd::ledger::balance(r, &account))
+                .await
+                .expect("balance");
+            if balance + charged == *paid_in {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(balance + charged, *paid_in, "{then:?} {job:?}");
+    }
+    ledger_check(&daemon).await;
+    let daemon = Arc::into_inner(daemon).expect("the only handle");
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
