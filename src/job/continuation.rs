@@ -91,14 +91,7 @@ impl Pipeline {
             }
         };
         let left = estimate.max_tokens - usage.completion_tokens;
-        let partial = nip90::partial(
-            event,
-            said,
-            &format!(
-                "stopped at the {} tokens paid for; {left} more may follow",
-                usage.completion_tokens
-            ),
-        );
+        let partial = partial(event, said, usage, left);
         let amount = PaymentAmount {
             msat: invoice.amount_msat,
             bolt11: Some(invoice.bolt11.clone()),
@@ -189,4 +182,31 @@ impl Pipeline {
         self.learn(&job, usage, true);
         self.deliver(job, event, result);
     }
+
+    /// Show the text so far of `job`, awaiting its continuation, again (after a restart: the
+    /// `partial` feedback may never have gone out; it is signed anew, the text is the same).
+    pub(super) async fn show_partial(&self, job: &Job, event: &Event) {
+        let (Some(said), Some(usage), Some(estimate)) = (&job.result, job.usage, job.estimate)
+        else {
+            return;
+        };
+        let left = estimate.max_tokens.saturating_sub(usage.completion_tokens);
+        if let Some(partial) = self.sign(job.id, partial(event, said, usage, left)) {
+            self.publish_feedback(job, &partial, FEEDBACK_ATTEMPTS)
+                .await;
+        }
+    }
+}
+
+/// The `partial` feedback of a job that said `said` (`usage` so far) and may say `left` more
+/// tokens.
+fn partial(event: &Event, said: &str, usage: Usage, left: u32) -> nostr_sdk::EventBuilder {
+    nip90::partial(
+        event,
+        said,
+        &format!(
+            "stopped at the {} tokens paid for; {left} more may follow",
+            usage.completion_tokens
+        ),
+    )
 }

@@ -88,6 +88,9 @@ impl Pipeline {
                     // (an unpaid continuation whose invoice expired is given up then).
                     let pipeline = self.clone();
                     self.inner.tasks.spawn(async move {
+                        if job.state == JobState::AwaitingContinuation {
+                            pipeline.show_partial(&job, &event).await;
+                        }
                         if let Some(feedback) = job.last_feedback.as_deref() {
                             pipeline.republish(&job, feedback).await;
                         }

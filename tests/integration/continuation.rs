@@ -320,6 +320,12 @@ async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_a
     let mut bob = Customer::connect_with(&second.relay_url, keys)
         .await
         .expect("reconnect");
+    // Shown again: the text so far and the same invoice.
+    let (again, asked_again, shown) = asked_to_continue(&mut bob, &request.id).await;
+    assert_eq!(
+        (again, asked_again, &shown),
+        (so_far.clone(), more, &bolt11)
+    );
     harness::dev_pay(&second.http_url, &bolt11).await;
     let result = harness::result(&mut bob, &request.id).await;
     assert!(
