@@ -171,6 +171,8 @@ impl Backend for OpenAiBackend {
         if continuing {
             body["continue_final_message"] = json!(true);
             body["add_generation_prompt"] = json!(false);
+            // llama-server refuses to continue an answer of a template that thinks first.
+            body["chat_template_kwargs"] = json!({ "enable_thinking": false });
         }
         let url = format!(
             "{}/chat/completions",

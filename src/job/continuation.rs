@@ -18,7 +18,7 @@
 //! customer (not zapped by someone else, not run on pay-after credit) whose request sets no
 //! `bid` (a bid is the most they pay: their job ends at it, as before).
 
-use nostr_sdk::{Event, JsonUtil};
+use nostr_sdk::{Event, JsonUtil, Timestamp};
 
 use super::book::BookError;
 use super::id::JobId;
@@ -91,7 +91,6 @@ impl Pipeline {
             }
         };
         let left = estimate.max_tokens - usage.completion_tokens;
-        let partial = partial(event, said, usage, left);
         let amount = PaymentAmount {
             msat: invoice.amount_msat,
             bolt11: Some(invoice.bolt11.clone()),
@@ -101,8 +100,17 @@ impl Pipeline {
             invoice.amount_msat
         );
         let asked = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
-        let (Some(partial), Some(asked)) = (self.sign(job.id, partial), self.sign(job.id, asked))
-        else {
+        let asked = self.sign(job.id, asked);
+        // Dated a second before the invoice, so a client that shows the latest status of a
+        // job shows the invoice.
+        let partial = asked.as_ref().and_then(|asked| {
+            let before = Timestamp::from(asked.created_at.as_secs().saturating_sub(1));
+            self.sign(
+                job.id,
+                partial(event, said, usage, left).custom_created_at(before),
+            )
+        });
+        let (Some(partial), Some(asked)) = (partial, asked) else {
             self.release_invoice_slot(&job.payer());
             return false;
         };
@@ -120,9 +128,16 @@ impl Pipeline {
         };
         inner.metrics.entered(JobState::AwaitingContinuation);
         tracing::info!(job = %job.id, completion_tokens = usage.completion_tokens, msat = invoice.amount_msat, payment_hash = %invoice.payment_hash, "budget reached before the end; continuation offered");
-        self.publish_feedback(&job, &partial, FEEDBACK_ATTEMPTS)
-            .await;
-        self.publish_feedback(&job, &asked, FEEDBACK_ATTEMPTS).await;
+        // Published in a task: the worker moves on at once.
+        let pipeline = self.clone();
+        inner.tasks.spawn(async move {
+            pipeline
+                .publish_feedback(&job, &partial, FEEDBACK_ATTEMPTS)
+                .await;
+            pipeline
+                .publish_feedback(&job, &asked, FEEDBACK_ATTEMPTS)
+                .await;
+        });
         true
     }
 
@@ -136,8 +151,7 @@ impl Pipeline {
         hash: Option<&PaymentHash>,
         why: &str,
     ) {
-        let inner = &self.inner;
-        let job = match inner.book.get(id).await {
+        let job = match self.inner.book.get(id).await {
             Ok(Some(job))
                 if job.state == JobState::AwaitingContinuation
                     && job.result_event.is_none()
@@ -152,20 +166,34 @@ impl Pipeline {
             let reason = "this service lost the request".to_owned();
             return self.fail(&job, None, reason).await;
         };
+        self.end_with_text_so_far(&job, &event, why).await;
+    }
+
+    /// End `job` (awaiting its continuation, or running it) with the text it said before its
+    /// budget ran out as the result, charged as generated: used when its continuation is given
+    /// up, and when the continued run fails (the text so far was shown and is charged for; the
+    /// continuation's payment comes back as credit). Nothing happens if the job moved on
+    /// meanwhile (paid, or given up already).
+    pub(super) async fn end_with_text_so_far(&self, job: &Job, event: &Event, why: &str) {
+        let inner = &self.inner;
         let said = job.result.clone().unwrap_or_default();
         let usage = job.usage.unwrap_or_default();
         let receipt = job.receipt_for(inner.config.rate_card, usage, Finish::Budget);
         let charge = receipt.charged_msat;
         let Some(result) = self.sign(
             job.id,
-            nip90::result_invoiced(&event, &said, Some(&receipt), None),
+            nip90::result_invoiced(event, &said, Some(&receipt), None),
         ) else {
             return;
         };
         let json = result.as_json();
-        let stored = inner.book.update_durably(id, move |stored, _| {
-            // Paid meanwhile: it runs on instead.
-            if stored.state != JobState::AwaitingContinuation || stored.result_event.is_some() {
+        let (state, waited) = (job.state, job.continuation.clone());
+        let stored = inner.book.update_durably(&job.id, move |stored, _| {
+            // Paid meanwhile (or its continuation stopped at its budget again): it goes on.
+            if stored.state != state
+                || stored.result_event.is_some()
+                || stored.continuation != waited
+            {
                 return Err(BookError::NotAwaitingPayment(stored.id, stored.state));
             }
             stored.result_event = Some(json.clone());
@@ -175,12 +203,14 @@ impl Pipeline {
         });
         let job = match stored.await {
             Ok(job) => job,
-            Err(e) => return tracing::info!(job = %id, error = %e, "continuation not given up"),
+            Err(e) => {
+                return tracing::info!(job = %job.id, error = %e, "not ended with the text so far")
+            }
         };
-        tracing::info!(job = %id, why, completion_tokens = usage.completion_tokens, charge_msat = charge, "continuation given up; the text so far is the result");
+        tracing::info!(job = %job.id, why, completion_tokens = usage.completion_tokens, charge_msat = charge, "the text so far is the result");
         inner.metrics.continuation_given_up();
         self.learn(&job, usage, true);
-        self.deliver(job, event, result);
+        self.deliver(job, event.clone(), result);
     }
 
     /// Show the text so far of `job`, awaiting its continuation, again (after a restart: the
@@ -191,7 +221,15 @@ impl Pipeline {
             return;
         };
         let left = estimate.max_tokens.saturating_sub(usage.completion_tokens);
-        if let Some(partial) = self.sign(job.id, partial(event, said, usage, left)) {
+        // Dated before the stored invoice it is shown with, as when it was first shown.
+        let asked_at = job
+            .last_feedback
+            .as_deref()
+            .and_then(|json| Event::from_json(json).ok())
+            .map_or(Timestamp::now(), |asked| asked.created_at);
+        let before = Timestamp::from(asked_at.as_secs().saturating_sub(1));
+        let partial = partial(event, said, usage, left).custom_created_at(before);
+        if let Some(partial) = self.sign(job.id, partial) {
             self.publish_feedback(job, &partial, FEEDBACK_ATTEMPTS)
                 .await;
         }

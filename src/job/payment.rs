@@ -251,6 +251,10 @@ impl Pipeline {
                 self.release_invoice_slot(&job.customer);
                 inner.metrics.payment_confirmed(amount_msat);
                 tracing::warn!(job = %job.id, msat = amount_msat, "payment below the invoice amount; credited to the customer");
+                if job.state == JobState::AwaitingContinuation {
+                    // Its invoice is spent: nothing else can pay for the rest.
+                    self.give_up_continuation(&job.id, None, "underpaid").await;
+                }
             }
             Ok(PaymentOutcome::AlreadyConsumed | PaymentOutcome::Unknown) => {}
             Err(e) => tracing::error!(payment_hash = %hash, error = %e, "cannot book payment"),

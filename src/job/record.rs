@@ -104,6 +104,10 @@ pub struct Job {
     pub limit_msat: Option<u64>,
     /// The invoice, once issued.
     pub invoice: Option<JobInvoice>,
+    /// The invoice for the rest of a job that stopped at its budget before it was done (see
+    /// [`super::continuation`]); `invoice` stays the one that paid for the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<JobInvoice>,
     /// What the wallet confirmed as paid, msat.
     pub paid_msat: u64,
     /// What the job reserved from the customer's credit, msat: all of the quote for a job paid
@@ -185,6 +189,7 @@ impl Job {
             estimate: None,
             limit_msat: None,
             invoice: None,
+            continuation: None,
             paid_msat: 0,
             credit_msat: 0,
             held_msat: 0,
@@ -276,9 +281,17 @@ impl Job {
         self.state == JobState::AwaitingContinuation
             && self.result_event.is_none()
             && self
-                .invoice
+                .continuation
                 .as_ref()
                 .is_some_and(|i| i.payment_hash == *hash)
+    }
+
+    /// The invoice the job waits on now: the continuation's while it awaits one.
+    pub fn awaited_invoice(&self) -> Option<&JobInvoice> {
+        match self.state {
+            JobState::AwaitingContinuation => self.continuation.as_ref(),
+            _ => self.invoice.as_ref(),
+        }
     }
 
     /// The request event, re-parsed from the stored JSON.

@@ -94,7 +94,7 @@ impl Pipeline {
                         if let Some(feedback) = job.last_feedback.as_deref() {
                             pipeline.republish(&job, feedback).await;
                         }
-                        if let Some(invoice) = &job.invoice {
+                        if let Some(invoice) = job.awaited_invoice() {
                             pipeline.check_payment(&invoice.payment_hash).await;
                         }
                     });

@@ -75,8 +75,10 @@ impl Pipeline {
         match job.state {
             JobState::Paid | JobState::Running => {}
             JobState::Quoted if free => {}
-            // Given up with the text so far as its result: deliver it.
-            JobState::AwaitingContinuation if job.result_event.is_some() => {}
+            // Given up with the text so far as its result: deliver it (or, its request lost,
+            // fail it below).
+            JobState::AwaitingContinuation
+                if job.result_event.is_some() || job.request_event().is_err() => {}
             JobState::Delivered | JobState::Failed => {
                 return self.settle(&job, job.charge_msat.unwrap_or(0)).await
             }
@@ -178,6 +180,14 @@ impl Pipeline {
             Err(reason) => {
                 let mut processing = processing;
                 processing.wait().await;
+                if job.result.is_some() {
+                    // Its continuation failed: the text so far was shown and is charged for
+                    // as generated; the continuation's payment comes back as credit.
+                    tracing::warn!(job = %job.id, reason = %reason, "continuation failed; the text so far is the result");
+                    return self
+                        .end_with_text_so_far(&job, &event, "continuation failed")
+                        .await;
+                }
                 self.fail(&job, Some(&event), reason).await
             }
         }

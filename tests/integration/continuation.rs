@@ -82,32 +82,45 @@ async fn paid_story(daemon: &Daemon, customer: &mut Customer, seed: u32) -> (Eve
     (job, paid)
 }
 
-/// The `partial` feedback about `job` (its content: the text so far), then the
-/// `payment-required` that asks for the rest: (text so far, msat, bolt11).
+/// The `partial` feedback about `job` (its content: the text so far) and the
+/// `payment-required` that asks for the rest, in either order (a relay returns stored events
+/// newest first): (text so far, msat, bolt11).
 async fn asked_to_continue(customer: &mut Customer, job: &EventId) -> (String, u64, String) {
-    let partial = customer
-        .wait_for(job, REPLY_TIMEOUT, |r| {
-            matches!(
-                r,
-                Reply::Result(_)
-                    | Reply::Feedback {
-                        status: Some(JobStatus::Partial | JobStatus::Error),
-                        ..
-                    }
-            )
-        })
-        .await
-        .expect("partial");
-    let Reply::Feedback {
-        status: Some(JobStatus::Partial),
-        event,
-        ..
-    } = partial
-    else {
-        panic!("expected a partial feedback, got {partial:?}");
+    let (mut said, mut asked) = (None, None);
+    while said.is_none() || asked.is_none() {
+        let reply = customer
+            .wait_for(job, REPLY_TIMEOUT, |r| {
+                matches!(
+                    r,
+                    Reply::Result(_)
+                        | Reply::Feedback {
+                            status: Some(
+                                JobStatus::Partial | JobStatus::PaymentRequired | JobStatus::Error
+                            ),
+                            ..
+                        }
+                )
+            })
+            .await
+            .expect("partial and payment-required");
+        match reply {
+            Reply::Feedback {
+                status: Some(JobStatus::Partial),
+                event,
+                ..
+            } => said = Some(event.content.clone()),
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount: Some(amount),
+                ..
+            } => asked = Some((amount.msat, amount.bolt11.expect("bolt11"))),
+            other => panic!("expected partial and payment-required, got {other:?}"),
+        }
+    }
+    let (Some(said), Some((msat, bolt11))) = (said, asked) else {
+        unreachable!()
     };
-    let (msat, bolt11) = harness::invoice(customer, job).await;
-    (event.content.clone(), msat, bolt11)
+    (said, msat, bolt11)
 }
 
 async fn job(daemon: &Daemon, id: &EventId) -> Job {
@@ -187,10 +200,14 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     let asked = feedback
         .iter()
         .filter(|f| f["event"]["tags"][0][1] == "payment-required")
-        .map(|f| &f["invoice"])
-        .find(|i| i["bolt11_msat"] == more)
+        .find(|f| f["invoice"]["bolt11_msat"] == more)
         .unwrap_or_else(|| panic!("no payment-required for {more} msat in {feedback:?}"));
-    assert_eq!(asked["msat"], more);
+    assert_eq!(asked["invoice"]["msat"], more);
+    // Dated after the partial: a client showing a job's latest status shows the invoice.
+    assert!(
+        partial["created_at"].as_u64() < asked["event"]["created_at"].as_u64(),
+        "{partial} {asked}"
+    );
     let result = harness::result(&mut bob, &story).await;
     assert!(
         result.content.starts_with(&so_far) && result.content.len() > so_far.len(),
@@ -466,4 +483,88 @@ async fn concurrent_continuations_paid_cancelled_or_both_lose_nothing() {
     let daemon = Arc::into_inner(daemon).expect("the only handle");
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
+}
+
+/// The instant backend, with a fault injected: it fails every continuation.
+struct FailsToContinue(dvmd::infer::instant::InstantBackend);
+
+#[async_trait::async_trait]
+impl dvmd::infer::Backend for FailsToContinue {
+    fn name(&self) -> &str {
+        "fails-to-continue"
+    }
+
+    async fn count_prompt_tokens(
+        &self,
+        request: &dvmd::infer::GenerateRequest,
+    ) -> Result<Option<u32>, dvmd::infer::InferError> {
+        self.0.count_prompt_tokens(request).await
+    }
+
+    async fn generate(
+        &self,
+        request: dvmd::infer::GenerateRequest,
+        max_tokens: u32,
+    ) -> Result<dvmd::infer::GenerateStream, dvmd::infer::InferError> {
+        if request.continue_from.is_some() {
+            return Err(dvmd::infer::InferError::Backend("injected".to_owned()));
+        }
+        self.0.generate(request, max_tokens).await
+    }
+}
+
+/// A continuation that was paid but fails on the model ends with the text so far, charged as
+/// generated (it was shown), and the continuation's payment is the customer's again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_continuation_that_fails_ends_with_the_text_so_far_and_credits_the_payment() {
+    use std::sync::Arc;
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.pricing.continuation_wait_secs = 60;
+    });
+    let words: Vec<String> = (0..120).map(|i| format!("w{i}")).collect();
+    let backend = Arc::new(FailsToContinue(dvmd::infer::instant::InstantBackend::new(
+        words.join(" "),
+    )));
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    for seed in 0..6 {
+        let request = customer::text_request(
+            "Name one planet of the solar system.",
+            &[("max_tokens", "4"), ("seed", &seed.to_string())],
+            None,
+            Some(ready.pubkey),
+        );
+        let job = alice.post(request).await.expect("post");
+        let (_, bolt11) = harness::invoice(&mut alice, &job.id).await;
+        harness::dev_pay(&ready.http_url, &bolt11).await;
+        harness::result(&mut alice, &job.id).await;
+    }
+    let mut bob = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = customer::text_request(
+        "Name one planet of the solar system.",
+        &[("max_tokens", "100"), ("seed", "99")],
+        None,
+        Some(ready.pubkey),
+    );
+    let request = bob.post(request).await.expect("post");
+    let (first, bolt11) = harness::invoice(&mut bob, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let (so_far, more, bolt11) = asked_to_continue(&mut bob, &request.id).await;
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let charged =
+        ends_with_what_it_has(&daemon, &mut bob, &request.id, &so_far, first + more).await;
+    assert!(
+        charged <= first,
+        "charged {charged} of the first {first} msat"
+    );
+    ledger_check(&daemon).await;
+    let bob_key = bob.keys().public_key();
+    alice.shutdown().await;
+    bob.shutdown().await;
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    harness::ledger_ok(&store);
+    assert_eq!(harness::balance(&store, &bob_key), first + more - charged);
 }

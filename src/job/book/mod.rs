@@ -190,8 +190,17 @@ impl Book {
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
-        self.wait_for(id, JobState::AwaitingPayment, invoice, feedback, |_| {})
-            .await
+        let shown = invoice.clone();
+        self.wait_for(
+            id,
+            JobState::AwaitingPayment,
+            invoice,
+            feedback,
+            move |job| {
+                job.invoice = Some(shown.clone());
+            },
+        )
+        .await
     }
 
     /// `Running -> AwaitingContinuation`: a relay job stopped at its budget before it was done.
@@ -207,16 +216,18 @@ impl Book {
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
         let next = JobState::AwaitingContinuation;
+        let shown = invoice.clone();
         self.wait_for(id, next, invoice, feedback, move |job| {
             job.result = Some(said.clone());
             job.usage = Some(usage);
+            job.continuation = Some(shown.clone());
         })
         .await
     }
 
     /// Move job `id` to `next`, a state that waits for `invoice` shown by `feedback`; let
-    /// `change` fill in fields; record the invoice and the feedback, and index its payment hash
-    /// as open; durably.
+    /// `change` fill in fields (where the invoice goes among them); record the feedback and
+    /// the invoice's payment record, and index its hash as open; durably.
     async fn wait_for(
         &self,
         id: &JobId,
@@ -237,7 +248,6 @@ impl Book {
                     // A wallet reusing a payment hash would let one payment pay twice.
                     return Err(abort(BookError::PaymentHashReused(invoice.payment_hash)));
                 }
-                job.invoice = Some(invoice.clone());
                 job.last_feedback = Some(feedback_json.clone());
                 let record = PaymentRecord {
                     job: Some(job.id),
