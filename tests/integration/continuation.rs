@@ -34,15 +34,15 @@ fn number(event: &Event, name: &str, at: usize) -> u64 {
 }
 
 /// Teach the estimator of the daemon at `relay_url` and `http_url` that such jobs are short:
-/// six answers of a few tokens bring the quote (enough for most such jobs) well under what a
-/// long answer costs.
-async fn teach_short_answers(relay_url: &str, http_url: &str, us: PublicKey) {
+/// six answers of a few tokens (at most `max_tokens`) bring the quote (enough for most such
+/// jobs) well under what a long answer costs.
+async fn teach_short_answers(relay_url: &str, http_url: &str, us: PublicKey, max_tokens: &str) {
     let mut teacher = Customer::connect(relay_url).await.expect("connect");
     for seed in 0..6 {
         let request = customer::text_request(
             "Name one planet of the solar system.",
             &[
-                ("max_tokens", "200"),
+                ("max_tokens", max_tokens),
                 ("temperature", "0"),
                 ("seed", &seed.to_string()),
             ],
@@ -152,7 +152,7 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     });
     let daemon = harness::start(config, None).await;
     let ready = daemon.ready().clone();
-    teach_short_answers(&ready.relay_url, &ready.http_url, ready.pubkey).await;
+    teach_short_answers(&ready.relay_url, &ready.http_url, ready.pubkey, "200").await;
 
     // Three stories run out of what they paid (all quoted before any ran on): the text so
     // far, and an invoice for the rest.
@@ -320,7 +320,7 @@ async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_a
 
     let first = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
     let us = PublicKey::from_hex(&first.pubkey).expect("pubkey");
-    teach_short_answers(&first.relay_url, &first.http_url, us).await;
+    teach_short_answers(&first.relay_url, &first.http_url, us, "200").await;
     let mut bob = Customer::connect_with(&first.relay_url, keys.clone())
         .await
         .expect("connect");
@@ -368,6 +368,12 @@ async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_a
     );
 }
 
+/// A backend that answers at once, 120 words (tokens) long.
+fn long_answer() -> dvmd::infer::instant::InstantBackend {
+    let words: Vec<String> = (0..120).map(|i| format!("w{i}")).collect();
+    dvmd::infer::instant::InstantBackend::new(words.join(" "))
+}
+
 /// What one customer of the concurrent test did after being asked to continue.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Then {
@@ -388,26 +394,12 @@ async fn concurrent_continuations_paid_cancelled_or_both_lose_nothing() {
         file.pricing.continuation_wait_secs = 60;
         file.service.workers = 2;
     });
-    let words: Vec<String> = (0..120).map(|i| format!("w{i}")).collect();
-    let backend = Arc::new(dvmd::infer::instant::InstantBackend::new(words.join(" ")));
+    let backend = Arc::new(long_answer());
     let daemon = Arc::new(harness::start(config, Some(backend)).await);
     let ready = daemon.ready().clone();
 
     // Short answers first (max_tokens 4), so a request for 100 is quoted for far fewer.
-    let mut teacher = Customer::connect(&ready.relay_url).await.expect("connect");
-    for seed in 0..6 {
-        let request = customer::text_request(
-            "Name one planet of the solar system.",
-            &[("max_tokens", "4"), ("seed", &seed.to_string())],
-            None,
-            Some(ready.pubkey),
-        );
-        let job = teacher.post(request).await.expect("post");
-        let (_, bolt11) = harness::invoice(&mut teacher, &job.id).await;
-        harness::dev_pay(&ready.http_url, &bolt11).await;
-        harness::result(&mut teacher, &job.id).await;
-    }
-    teacher.shutdown().await;
+    teach_short_answers(&ready.relay_url, &ready.http_url, ready.pubkey, "4").await;
 
     let plans = [Then::Pay, Then::Cancel, Then::Race];
     let runs = (0..12).map(|i| {
@@ -522,25 +514,10 @@ async fn a_paid_continuation_that_fails_ends_with_the_text_so_far_and_credits_th
     let config = harness::dev_config(data.path(), |file| {
         file.pricing.continuation_wait_secs = 60;
     });
-    let words: Vec<String> = (0..120).map(|i| format!("w{i}")).collect();
-    let backend = Arc::new(FailsToContinue(dvmd::infer::instant::InstantBackend::new(
-        words.join(" "),
-    )));
+    let backend = Arc::new(FailsToContinue(long_answer()));
     let daemon = harness::start(config, Some(backend)).await;
     let ready = daemon.ready().clone();
-    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
-    for seed in 0..6 {
-        let request = customer::text_request(
-            "Name one planet of the solar system.",
-            &[("max_tokens", "4"), ("seed", &seed.to_string())],
-            None,
-            Some(ready.pubkey),
-        );
-        let job = alice.post(request).await.expect("post");
-        let (_, bolt11) = harness::invoice(&mut alice, &job.id).await;
-        harness::dev_pay(&ready.http_url, &bolt11).await;
-        harness::result(&mut alice, &job.id).await;
-    }
+    teach_short_answers(&ready.relay_url, &ready.http_url, ready.pubkey, "4").await;
     let mut bob = Customer::connect(&ready.relay_url).await.expect("connect");
     let request = customer::text_request(
         "Name one planet of the solar system.",
@@ -561,7 +538,6 @@ async fn a_paid_continuation_that_fails_ends_with_the_text_so_far_and_credits_th
     );
     ledger_check(&daemon).await;
     let bob_key = bob.keys().public_key();
-    alice.shutdown().await;
     bob.shutdown().await;
     daemon.stop().await;
     let store = harness::open_store(data.path());
