@@ -11,8 +11,11 @@
 //!   the text so far at its end: the service pays for that re-read; the customer pays for the
 //!   prompt once and for every completion token once).
 //! - Not paid within `[pricing] continuation_wait_secs` (the invoice's lifetime; the reconciler
-//!   gives it up when our wallet calls the invoice unpaid after that), or the customer cancels: the text so far is the result (`finish` `budget`), charged as generated,
+//!   gives it up when our wallet calls the invoice unpaid after that), paid short, or cancelled
+//!   by the customer: the text so far is the result (`finish` `budget`), charged as generated,
 //!   delivered and settled like any result. A payment that arrives later is credited.
+//! - Paid, but the continued run fails on the model: the same result (the text so far was
+//!   shown, so it is charged), and the continuation's payment comes back as credit.
 //!
 //! Offered only where asking for more is what the customer would want: a relay job paid by the
 //! customer (not zapped by someone else, not run on pay-after credit) whose request sets no
