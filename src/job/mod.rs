@@ -15,6 +15,7 @@
 pub mod account;
 pub mod auto_payout;
 pub mod book;
+pub mod cancel;
 pub mod checkpoint;
 pub mod continuation;
 pub mod direct;
