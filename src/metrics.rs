@@ -172,6 +172,8 @@ pub struct Metrics {
     truncated_jobs: AtomicU64,
     /// Jobs awaiting their continuation that ended with the text so far (unpaid or cancelled).
     continuations_given_up: AtomicU64,
+    /// HTTP `Payment` sessions closed, by refund outcome: succeeded, failed, skipped.
+    sessions_closed: [AtomicU64; 3],
     /// Moving average of p90 coverage, in millionths.
     coverage_ppm: AtomicU64,
 }
@@ -277,6 +279,16 @@ impl Metrics {
         self.continuations_given_up.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An HTTP `Payment` session closed (`by` a client or idle) with its refund's outcome.
+    pub fn session_closed(&self, _by: &str, refund_status: &str) {
+        let slot = match refund_status {
+            "succeeded" => 0,
+            "failed" => 1,
+            _ => 2,
+        };
+        self.sessions_closed[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A 402 minted an invoice.
     pub fn challenged(&self, kind: Challenge) {
         self.challenges[kind as usize].fetch_add(1, Ordering::Relaxed);
@@ -360,6 +372,17 @@ impl Metrics {
             "Jobs that stopped at their budget, asked for their continuation and ended with the text so far (unpaid in time, or cancelled).",
             self.continuations_given_up.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_sessions_closed_total HTTP Payment sessions closed (by the client or idle), by what became of the refund of their rest.\n# TYPE dvmd_sessions_closed_total counter"
+        );
+        for (i, refund) in ["succeeded", "failed", "skipped"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "dvmd_sessions_closed_total{{refund=\"{refund}\"}} {}",
+                self.sessions_closed[i].load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP dvmd_estimate_p90_coverage Moving average of the share of jobs that cost at or under their quoted p90.\n# TYPE dvmd_estimate_p90_coverage gauge\ndvmd_estimate_p90_coverage {:.4}",

@@ -1,5 +1,6 @@
 //! The HTTP `Payment` authentication scheme (IETF draft-httpauth-payment, "MPP") with its
-//! Lightning method, `charge` intent (tempoxyz/mpp-specs `specs/methods/lightning/`). Pure: no IO.
+//! Lightning method, `charge` and `session` intents (tempoxyz/mpp-specs
+//! `specs/methods/lightning/`). Pure: no IO.
 //!
 //! - Challenge: `WWW-Authenticate: Payment id="…", realm="…", method="lightning",
 //!   intent="charge", request="…", expires="…"`, where `request` is base64url (no padding) of
@@ -9,6 +10,13 @@
 //!   auth-params echoed>, "payload": {"preimage": "<64 lowercase hex>"}}`.
 //! - Receipt: `Payment-Receipt: <base64url JCS JSON>` `{"challengeId", "method", "reference"
 //!   (the payment hash, never the preimage), "status": "success", "timestamp"}`.
+//!
+//! - Session (`draft-lightning-session-00`): the challenge's request is `{"amount": "1",
+//!   "currency": "sat", "depositAmount", "depositInvoice", "description", "idleTimeout",
+//!   "paymentHash", "unitType"}`; a credential's payload names an `action`: `open` (`preimage`,
+//!   `returnInvoice`), `bearer` and `close` (`sessionId`, `preimage`), `topUp` (`sessionId`,
+//!   `topUpPreimage`). The receipt's `reference` is the session id (the deposit's payment
+//!   hash); a close's also carries `refundSats` and `refundStatus`.
 //!
 //! The `id` binds the challenge (the draft's recommended HMAC-SHA256 over `realm|method|intent|
 //! request|expires|digest|opaque`); dvmd also stores each challenge by `id`, so it can be
@@ -26,8 +34,10 @@ use crate::wallet::PaymentHash;
 
 /// The method this service offers.
 pub const METHOD: &str = "lightning";
-/// The intent this service offers.
+/// One call paid by one invoice.
 pub const INTENT_CHARGE: &str = "charge";
+/// A prepaid deposit spent call by call, topped up, and refunded on close.
+pub const INTENT_SESSION: &str = "session";
 /// The base of the draft's problem types (RFC 9457 `type`).
 const PROBLEMS: &str = "https://paymentauth.org/problems/";
 /// The longest credential read, in characters (the draft asks servers to take at least 4 KB).
@@ -65,7 +75,70 @@ pub struct Charge<'a> {
     pub network: &'static str,
 }
 
+/// What a `session` challenge offers.
+#[derive(Debug, Clone)]
+pub struct SessionOffer<'a> {
+    /// The deposit invoice amount, whole sats.
+    pub deposit_sats: u64,
+    /// The deposit invoice.
+    pub invoice: &'a str,
+    /// Its payment hash (the session id, once opened).
+    pub payment_hash: &'a PaymentHash,
+    /// What is sold.
+    pub description: &'a str,
+    /// The server's idle timeout, seconds.
+    pub idle_timeout_secs: u64,
+    /// What one unit (1 sat) buys.
+    pub unit_type: &'a str,
+}
+
 impl Challenge {
+    /// Mint the `session` challenge for `offer`, bound by `key`, expiring at `expires_at` (unix
+    /// seconds). The unit is one sat (`amount` `"1"`): dvmd meters tokens in msat at its rate
+    /// card, and counts whole sats only where the draft does (see [`spent_sats`]).
+    pub fn session(key: &[u8], realm: &str, offer: &SessionOffer<'_>, expires_at: u64) -> Self {
+        let request = json!({
+            "amount": "1",
+            "currency": "sat",
+            "depositAmount": offer.deposit_sats.to_string(),
+            "depositInvoice": offer.invoice,
+            "description": offer.description,
+            "idleTimeout": offer.idle_timeout_secs.to_string(),
+            "paymentHash": offer.payment_hash.to_string(),
+            "unitType": offer.unit_type,
+        });
+        Self::bound(key, realm, INTENT_SESSION, &request, expires_at)
+    }
+
+    fn bound(key: &[u8], realm: &str, intent: &str, request: &Value, expires_at: u64) -> Self {
+        let request = URL_SAFE_NO_PAD.encode(jcs(request));
+        let expires = rfc3339(expires_at);
+        let id = bind(key, realm, METHOD, intent, &request, &expires);
+        Self {
+            id,
+            realm: realm.to_owned(),
+            method: METHOD.to_owned(),
+            intent: intent.to_owned(),
+            request,
+            expires,
+        }
+    }
+
+    /// Whether `key` bound this challenge (its id is the HMAC of the rest): true only for a
+    /// challenge this service issued, unaltered.
+    pub fn is_bound_by(&self, key: &[u8]) -> bool {
+        let id = bind(
+            key,
+            &self.realm,
+            &self.method,
+            &self.intent,
+            &self.request,
+            &self.expires,
+        );
+        // Both are public values (the id is sent in the clear); no secret leaks by timing.
+        id == self.id
+    }
+
     /// Mint the challenge for `charge`, bound by `key`, expiring at `expires_at` (unix seconds).
     pub fn charge(key: &[u8], realm: &str, charge: &Charge<'_>, expires_at: u64) -> Self {
         let request = json!({
@@ -78,17 +151,7 @@ impl Challenge {
                 "paymentHash": charge.payment_hash.to_string(),
             },
         });
-        let request = URL_SAFE_NO_PAD.encode(jcs(&request));
-        let expires = rfc3339(expires_at);
-        let id = bind(key, realm, METHOD, INTENT_CHARGE, &request, &expires);
-        Self {
-            id,
-            realm: realm.to_owned(),
-            method: METHOD.to_owned(),
-            intent: INTENT_CHARGE.to_owned(),
-            request,
-            expires,
-        }
+        Self::bound(key, realm, INTENT_CHARGE, &request, expires_at)
     }
 
     /// The `WWW-Authenticate` value.
@@ -143,8 +206,37 @@ pub fn network_of(bolt11: &str) -> Option<&'static str> {
 pub struct Credential {
     /// The challenge echoed.
     pub challenge: Challenge,
-    /// The preimage presented.
+    /// The preimage presented (a `topUp`'s is the top-up invoice's).
     pub preimage: [u8; 32],
+    /// What it asks for.
+    pub action: Action,
+}
+
+/// What a credential asks for: a `charge`, or one of a `session`'s actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Pay this call with the challenge's invoice.
+    Charge,
+    /// Open a session on the paid deposit, refunding to `return_invoice` on close.
+    Open {
+        /// A BOLT11 invoice that names no amount.
+        return_invoice: String,
+    },
+    /// Spend from an open session.
+    Bearer {
+        /// The session id (the deposit's payment hash).
+        session: PaymentHash,
+    },
+    /// Add the paid top-up invoice of the echoed challenge to a session.
+    TopUp {
+        /// The session id.
+        session: PaymentHash,
+    },
+    /// Close a session and refund what it has left.
+    Close {
+        /// The session id.
+        session: PaymentHash,
+    },
 }
 
 impl Credential {
@@ -160,9 +252,24 @@ pub enum Refusal {
     /// Not base64url JSON of the credential's shape.
     #[error("malformed Payment credential: {0}")]
     Malformed(String),
-    /// Another method or intent than `lightning` / `charge`.
-    #[error("this service takes method `lightning` with intent `charge`, not `{0}`")]
+    /// Another method or intent than `lightning` / `charge` or `session`.
+    #[error("this service takes method `lightning` with intent `charge` or `session`, not `{0}`")]
     Unsupported(String),
+    /// Sessions are not offered (the wallet cannot refund to an invoice that names no amount).
+    #[error("{0}")]
+    SessionsOff(String),
+    /// No session has this id.
+    #[error("no session has this id")]
+    SessionNotFound,
+    /// The session is closed.
+    #[error("this session is closed")]
+    SessionClosed,
+    /// The session's balance does not cover the call.
+    #[error("{0}")]
+    InsufficientBalance(String),
+    /// The `returnInvoice` is not a BOLT11 invoice without amount on the deposit's network.
+    #[error("returnInvoice: {0}")]
+    InvalidReturnInvoice(String),
     /// No challenge was issued with this id, it was already used, or the echo differs.
     #[error("this challenge was not issued here, or was already used")]
     UnknownChallenge,
@@ -182,7 +289,17 @@ impl Refusal {
     pub fn problem(&self) -> (String, &'static str) {
         let (path, title) = match self {
             Self::Malformed(_) => ("lightning/malformed-credential", "Malformed Credential"),
-            Self::Unsupported(_) => ("method-unsupported", "Method Unsupported"),
+            Self::Unsupported(_) | Self::SessionsOff(_) => {
+                ("method-unsupported", "Method Unsupported")
+            }
+            Self::SessionNotFound => ("lightning/session-not-found", "Session Not Found"),
+            Self::SessionClosed => ("lightning/session-closed", "Session Closed"),
+            Self::InsufficientBalance(_) => {
+                ("lightning/insufficient-balance", "Insufficient Balance")
+            }
+            Self::InvalidReturnInvoice(_) => {
+                ("lightning/invalid-return-invoice", "Invalid Return Invoice")
+            }
             Self::UnknownChallenge => ("lightning/unknown-challenge", "Unknown Challenge"),
             Self::Expired(_) => ("lightning/expired-invoice", "Expired Invoice"),
             Self::InvalidPreimage => ("lightning/invalid-preimage", "Invalid Preimage"),
@@ -210,8 +327,13 @@ struct WireChallenge {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Payload {
     preimage: Option<String>,
+    action: Option<String>,
+    return_invoice: Option<String>,
+    session_id: Option<String>,
+    top_up_preimage: Option<String>,
 }
 
 /// Read an `Authorization` value: `None` unless its scheme is `Payment`.
@@ -234,21 +356,60 @@ fn parse_token(token: &str) -> Result<Credential, Refusal> {
     let wire: Wire = serde_json::from_slice(&raw)
         .map_err(|e| Refusal::Malformed(format!("not the credential's JSON: {e}")))?;
     let c = wire.challenge;
-    if c.method != METHOD || c.intent != INTENT_CHARGE {
+    let p = wire.payload;
+    if c.method != METHOD || (c.intent != INTENT_CHARGE && c.intent != INTENT_SESSION) {
         return Err(Refusal::Unsupported(format!("{}/{}", c.method, c.intent)));
     }
-    let preimage = wire
-        .payload
-        .preimage
-        .ok_or_else(|| malformed("payload.preimage is missing"))?;
-    let mut bytes = [0u8; 32];
-    let lower_hex = preimage.len() == 64
-        && preimage
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !lower_hex || hex::decode_to_slice(&preimage, &mut bytes).is_err() {
-        return Err(malformed("payload.preimage is not 64 lowercase hex digits"));
-    }
+    let session = |id: Option<String>| {
+        let id = id.ok_or_else(|| malformed("payload.sessionId is missing"))?;
+        let bytes = hex32(&id)
+            .ok_or_else(|| malformed("payload.sessionId is not 64 lowercase hex digits"))?;
+        Ok::<_, Refusal>(PaymentHash(bytes))
+    };
+    let (action, preimage, field) = if c.intent == INTENT_CHARGE {
+        (Action::Charge, p.preimage, "preimage")
+    } else {
+        match p.action.as_deref() {
+            Some("open") => {
+                let return_invoice = p
+                    .return_invoice
+                    .ok_or_else(|| malformed("payload.returnInvoice is missing"))?;
+                (Action::Open { return_invoice }, p.preimage, "preimage")
+            }
+            Some("bearer") => (
+                Action::Bearer {
+                    session: session(p.session_id)?,
+                },
+                p.preimage,
+                "preimage",
+            ),
+            Some("topUp") => (
+                Action::TopUp {
+                    session: session(p.session_id)?,
+                },
+                p.top_up_preimage,
+                "topUpPreimage",
+            ),
+            Some("close") => (
+                Action::Close {
+                    session: session(p.session_id)?,
+                },
+                p.preimage,
+                "preimage",
+            ),
+            Some(other) => {
+                return Err(Refusal::Malformed(format!(
+                    "payload.action `{other}` is not open, bearer, topUp or close"
+                )))
+            }
+            None => return Err(malformed("payload.action is missing")),
+        }
+    };
+    let preimage =
+        preimage.ok_or_else(|| Refusal::Malformed(format!("payload.{field} is missing")))?;
+    let bytes = hex32(&preimage).ok_or_else(|| {
+        Refusal::Malformed(format!("payload.{field} is not 64 lowercase hex digits"))
+    })?;
     Ok(Credential {
         challenge: Challenge {
             id: c.id,
@@ -259,7 +420,18 @@ fn parse_token(token: &str) -> Result<Credential, Refusal> {
             expires: c.expires.unwrap_or_default(),
         },
         preimage: bytes,
+        action,
     })
+}
+
+/// 32 bytes from 64 lowercase hex digits.
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    let lower_hex = text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let mut bytes = [0u8; 32];
+    (lower_hex && hex::decode_to_slice(text, &mut bytes).is_ok()).then_some(bytes)
 }
 
 /// The `Payment-Receipt` value for a charge paid by `payment_hash` under challenge `id`, at
@@ -273,6 +445,28 @@ pub fn receipt(id: &str, payment_hash: &PaymentHash, now: u64) -> String {
         "timestamp": rfc3339(now),
     });
     URL_SAFE_NO_PAD.encode(jcs(&receipt))
+}
+
+/// What a session's `Payment-Receipt` says: the session id as `reference`; a close also says
+/// what it refunded (`refundSats`, `refundStatus`: `succeeded`, `failed` or `skipped`).
+pub fn session_receipt(session: &PaymentHash, now: u64, refund: Option<(u64, &str)>) -> String {
+    let mut receipt = json!({
+        "method": METHOD,
+        "reference": session.to_string(),
+        "status": "success",
+        "timestamp": rfc3339(now),
+    });
+    if let Some((sats, status)) = refund {
+        receipt["refundSats"] = json!(sats);
+        receipt["refundStatus"] = json!(status);
+    }
+    URL_SAFE_NO_PAD.encode(jcs(&receipt))
+}
+
+/// Whole sats as the draft counts a session's spending, from exact msat: rounded down, in the
+/// customer's favour (the ledger keeps the msat; a refund pays them all).
+pub fn spent_sats(msat: u64) -> u64 {
+    msat / 1000
 }
 
 /// JSON in the JCS form (RFC 8785) for the values dvmd writes: object members sorted by their

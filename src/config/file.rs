@@ -508,6 +508,12 @@ pub struct HttpSection {
     /// How long an L402 token may be used after it is issued, seconds (its `dvmd_valid_until`
     /// caveat).
     pub l402_token_lifetime_secs: u64,
+    /// HTTP `Payment` sessions: an open session with no call, top-up or close for this long is
+    /// closed by the service and its rest refunded, seconds (the challenge's `idleTimeout`).
+    pub session_idle_secs: u64,
+    /// HTTP `Payment` sessions: how long a stream that ran dry waits for a top-up before it
+    /// ends (`session-timeout`) with what it said, seconds; the stream holds its worker.
+    pub session_topup_wait_secs: u64,
     /// Reverse proxies (IP addresses) whose `X-Forwarded-For` names the client, and whose
     /// `X-Forwarded-Proto` and `X-Forwarded-Host` name the public URL NIP-98 events must sign
     /// when `public_url` is not set. From anyone else these headers are ignored.
@@ -531,6 +537,8 @@ impl Default for HttpSection {
             max_challenges_per_minute: 600,
             max_challenges_per_ip_per_minute: 30,
             l402_token_lifetime_secs: 30 * 24 * 3600,
+            session_idle_secs: 300,
+            session_topup_wait_secs: 60,
             trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
         }

@@ -411,6 +411,8 @@ impl Config {
             max_open_invoices: service.max_open_invoices.max(1),
             invoice_expiry_secs: file.pricing.invoice_expiry_secs,
             continuation_wait_secs: file.pricing.continuation_wait_secs,
+            session_idle_secs: file.http.session_idle_secs,
+            session_topup_wait_secs: file.http.session_topup_wait_secs,
             workers: service.workers,
             job_timeout_secs: service.job_timeout_secs,
             reconcile_interval_secs: file.wallet.reconcile_interval_secs,

@@ -235,6 +235,8 @@ pub(super) fn refused(e: RequestError) -> OpenAiError {
 pub(super) struct Opened {
     pub(super) job: Job,
     pub(super) receipt: Option<String>,
+    /// The HTTP `Payment` session that pays, if one does.
+    pub(super) session: Option<crate::wallet::PaymentHash>,
 }
 
 /// Open an HTTP job on the caller's account, or say why not: a 402 with a top-up invoice for an
@@ -254,9 +256,23 @@ pub(super) async fn open(
         .price_http(kind, generation, bid_msat)
         .await
         .map_err(refused)?;
+    let mut priced = priced;
     let quote = priced.quote_msat;
     let mut receipt = None;
     let account = match &caller.who {
+        Who::Payment(credential) if credential.action != crate::mpp::Action::Charge => {
+            let paid = super::session::account(api, pipeline, caller.client, credential, quote)
+                .await
+                .unwrap_or_else(|| {
+                    Err(OpenAiError::invalid(
+                        "a topUp or close credential pays for no call".to_owned(),
+                    ))
+                });
+            let paid = paid.map_err(|e| e.with_estimate(&priced.estimate))?;
+            priced.request.session = Some(paid.session);
+            receipt = Some(paid.receipt);
+            paid.account
+        }
         Who::Npub(who) => Account::from(*who),
         Who::Token(credential) => token_account(api, pipeline, credential, quote)
             .await
@@ -287,12 +303,22 @@ pub(super) async fn open(
         .open_http(account, door, kind, &priced, answer_now)
         .await
     {
-        Ok(job) => Ok(Opened { job, receipt }),
+        Ok(job) => Ok(Opened {
+            job,
+            receipt,
+            session: priced.request.session,
+        }),
         Err(OpenError::Shortfall {
             quote_msat,
             balance_msat,
         }) => Err(match &caller.who {
             Who::Npub(who) => shortfall(api, pipeline, *who, quote_msat, balance_msat).await,
+            Who::Payment(_) if priced.request.session.is_some() => {
+                let why = crate::mpp::Refusal::InsufficientBalance(format!(
+                    "this session has {balance_msat} msat; this call needs at least {quote_msat} msat to start (its prompt and one token): top it up"
+                ));
+                refuse_payment(api, pipeline, caller.client, &why, Some(quote)).await
+            }
             _ => {
                 let why = format!(
                     "this token has {balance_msat} msat left and this call is quoted {quote_msat} msat"
@@ -315,12 +341,19 @@ pub(super) async fn completions(
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let who = caller(api, peer, &method, &uri, &headers, &body)?;
+    if let Some(answered) = super::session::action(&state, &who).await {
+        return answered;
+    }
     super::l402::refuse_blocked(pipeline, &who)?;
     let request: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;
     let generation = request.generation(&pipeline.inner.config.limits)?;
-    let Opened { job, receipt } = open(
+    let Opened {
+        job,
+        receipt,
+        session,
+    } = open(
         &state,
         who,
         Door::HttpChat,
@@ -330,7 +363,8 @@ pub(super) async fn completions(
         stream,
     )
     .await?;
-    let answer = Answer::of(pipeline, &job, receipt);
+    let mut answer = Answer::of(pipeline, &job, receipt);
+    answer.session = session;
     let (live, rx) = mpsc::channel(LIVE_BUFFER);
     pipeline.run_http(job, Some(live)).await;
     Ok(if stream {
@@ -349,6 +383,9 @@ struct Answer {
     created: u64,
     /// The `Payment-Receipt` (an HTTP `Payment` credential paid for the call).
     receipt: Option<String>,
+    /// The HTTP `Payment` session that pays: a stream then says `payment-need-topup`,
+    /// `session-timeout` and `payment-receipt` as the draft's events.
+    session: Option<crate::wallet::PaymentHash>,
 }
 
 impl Answer {
@@ -359,6 +396,7 @@ impl Answer {
             model: pipeline.inner.config.model.clone(),
             created: job.received_at,
             receipt,
+            session: None,
         }
     }
 
@@ -376,6 +414,8 @@ impl Answer {
             match event {
                 LiveEvent::Text(piece) => text.push_str(&piece),
                 LiveEvent::Failed(reason) => return Err(failed(reason)),
+                // A whole answer has no way to say it; it waits, or ends at what was said.
+                LiveEvent::NeedTopUp(_) | LiveEvent::SessionTimeout(_) => {}
                 LiveEvent::Done(finished) => {
                     let body = json!({
                         "id": self.id,
@@ -415,6 +455,12 @@ impl Answer {
                 let mut rx = rx?;
                 let bytes = match rx.recv().await {
                     Some(LiveEvent::Text(piece)) => answer.chunk(json!({ "content": piece }), None),
+                    Some(LiveEvent::NeedTopUp(wait)) => {
+                        named("payment-need-topup", &topup_json(&wait))
+                    }
+                    Some(LiveEvent::SessionTimeout(wait)) => {
+                        named("session-timeout", &topup_json(&wait))
+                    }
                     Some(LiveEvent::Done(finished)) => {
                         let mut last = answer.chunk(json!({}), Some(finished.finish)).to_vec();
                         let usage = json!({
@@ -427,6 +473,19 @@ impl Answer {
                             "dvmd": dvmd(&finished),
                         });
                         last.extend_from_slice(&sse(&usage));
+                        if let Some(session) = &answer.session {
+                            let job = &finished.job;
+                            let receipt = json!({
+                                "method": crate::mpp::METHOD,
+                                "reference": session.to_string(),
+                                "status": "success",
+                                "timestamp": crate::mpp::rfc3339(crate::job::pipeline::unix_now()),
+                                "spent": crate::mpp::spent_sats(job.charge_msat.unwrap_or(0)),
+                                "spentMsat": job.charge_msat.unwrap_or(0),
+                                "units": job.usage.map_or(0, |u| u.completion_tokens),
+                            });
+                            last.extend_from_slice(&named("payment-receipt", &receipt));
+                        }
                         last.extend_from_slice(b"data: [DONE]\n\n");
                         return Some((Ok(Bytes::from(last)), (None, None)));
                     }
@@ -470,6 +529,20 @@ impl Answer {
 
 fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// A named server-sent event.
+fn named(event: &str, value: &Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {value}\n\n"))
+}
+
+/// The draft's `payment-need-topup` and `session-timeout` data.
+fn topup_json(wait: &crate::job::direct::TopUpWait) -> Value {
+    json!({
+        "sessionId": wait.session.to_string(),
+        "balanceSpent": wait.spent_sats,
+        "balanceRequired": wait.required_sats,
+    })
 }
 
 fn failed(reason: String) -> OpenAiError {

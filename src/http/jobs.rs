@@ -60,6 +60,9 @@ pub(super) async fn create(
 ) -> Result<Response, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let who = caller(api, peer, &method, &uri, &headers, &body)?;
+    if let Some(answered) = super::session::action(&state, &who).await {
+        return answered;
+    }
     super::l402::refuse_blocked(pipeline, &who)?;
     let new: NewJob = serde_json::from_slice(&body).map_err(|e| {
         OpenAiError::invalid(format!(
@@ -99,7 +102,7 @@ pub(super) async fn create(
     }
     let generation = TextGeneration::from_parts(&inputs, &params, &config.limits)
         .map_err(super::chat::refused)?;
-    let super::chat::Opened { job, receipt } = open(
+    let super::chat::Opened { job, receipt, .. } = open(
         &state,
         who,
         Door::HttpJob,

@@ -16,6 +16,8 @@
 //!   What the call leaves stays on the payment hash's account (the L402 credential of the same
 //!   402 spends or withdraws it). A refused `Payment` credential gets a fresh challenge and the
 //!   draft's problem type. Every 402 is `Cache-Control: no-store`.
+//! - Where the wallet can refund to an invoice that names no amount, the same 402 also offers
+//!   intent `session` with the same invoice as its deposit ([`super::session`]).
 //!
 //! Challenges cost an invoice and a stored record each, so they share a token bucket overall
 //! and one per client address (`X-Forwarded-For` counts only from `[http] trusted_proxies`; see
@@ -77,6 +79,13 @@ impl L402Door {
             overall: InvoiceLimiter::per_minute(http.max_challenges_per_minute),
             per_client: PerClient::per_minute(http.max_challenges_per_ip_per_minute),
         }
+    }
+}
+
+impl L402Door {
+    /// The key that binds HTTP `Payment` challenge ids.
+    pub(super) fn payment_key(&self) -> &[u8] {
+        &self.payment_key
     }
 }
 
@@ -357,7 +366,7 @@ pub(super) async fn challenge(
         ),
     );
     error.challenges = l402::challenges(&challenge.macaroon, bolt11).to_vec();
-    if let Some(payment) = &challenge.payment {
+    for payment in challenge.payment.iter().chain(challenge.session.iter()) {
         error.challenges.push(payment.header());
     }
     error.extra = Some(Box::new((

@@ -1,5 +1,5 @@
 //! The HTTP listener: `/healthz`, `/metrics` (Prometheus text), the Lightning address, the
-//! `/v1` API ([`api`]), and in dev mode `/dev/pay`.
+//! `/v1` API ([`api`]), and in dev mode `/dev/pay` and `/dev/invoice`.
 
 pub mod account;
 pub mod admin;
@@ -11,6 +11,7 @@ pub mod l402;
 pub mod lnurl;
 pub mod nip98;
 pub mod page;
+pub mod session;
 pub mod withdraw;
 
 use std::sync::Arc;
@@ -66,7 +67,9 @@ pub fn router(state: HttpState) -> Router {
         .merge(api::routes(state.api.as_deref()))
         .merge(page::routes());
     if state.dev_wallet.is_some() {
-        router = router.route("/dev/pay", post(dev_pay));
+        router = router
+            .route("/dev/pay", post(dev_pay))
+            .route("/dev/invoice", post(dev_invoice));
     }
     router.with_state(state)
 }
@@ -142,4 +145,40 @@ async fn dev_pay(
         .ok_or_else(|| ApiError::bad_request("not in dev mode"))?;
     let preimage = wallet.settle(&body.bolt11).await?;
     Ok(Json(json!({ "preimage": hex::encode(preimage) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevInvoice {
+    #[serde(default)]
+    memo: String,
+    #[serde(default = "a_day")]
+    expiry_secs: u64,
+}
+
+fn a_day() -> u64 {
+    24 * 60 * 60
+}
+
+/// An invoice of the dev wallet that names no amount, for a client that needs one (an HTTP
+/// `Payment` session's `returnInvoice`); `GET`-able state is the wallet's own (`lookup`).
+async fn dev_invoice(
+    State(state): State<HttpState>,
+    body: Result<Json<DevInvoice>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(body) = body.map_err(|e| {
+        ApiError::bad_request(format!("expected {{\"memo\", \"expiry_secs\"}}: {e}"))
+    })?;
+    let wallet = state
+        .dev_wallet
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("not in dev mode"))?;
+    let invoice = wallet
+        .amountless_invoice(&body.memo, body.expiry_secs)
+        .await?;
+    Ok(Json(json!({
+        "bolt11": invoice.bolt11,
+        "payment_hash": invoice.payment_hash.to_string(),
+        "expires_at": invoice.expires_at,
+    })))
 }

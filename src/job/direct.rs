@@ -49,6 +49,10 @@ pub struct HttpRequest {
     /// Prompt tokens as counted for the quote (what a client that leaves early is charged for
     /// the prompt).
     pub prompt_tokens: u32,
+    /// The HTTP `Payment` session that pays (its id): the call opens with what the session
+    /// has, and a stream that runs dry waits for a top-up ([`super::sessions`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<crate::wallet::PaymentHash>,
 }
 
 /// A priced HTTP request, ready to open.
@@ -74,6 +78,21 @@ pub enum LiveEvent {
     Done(Box<Finished>),
     /// The job failed after it opened; nothing was charged and its hold was released.
     Failed(String),
+    /// An HTTP `Payment` session's stream ran dry: it waits for a top-up.
+    NeedTopUp(TopUpWait),
+    /// No top-up came in time: the answer ends with what it said (a `Done` follows).
+    SessionTimeout(TopUpWait),
+}
+
+/// A session stream waiting for a top-up, as the draft's `payment-need-topup` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopUpWait {
+    /// The session id.
+    pub session: crate::wallet::PaymentHash,
+    /// Whole sats the session has spent, this call's tokens so far included (rounded down).
+    pub spent_sats: u64,
+    /// Whole sats that would let this call run to its `max_tokens` (rounded up).
+    pub required_sats: u64,
 }
 
 /// A finished HTTP job.
@@ -112,6 +131,16 @@ struct Generated {
     finish: Option<FinishReason>,
 }
 
+impl Generated {
+    /// This, then `more` continued from it: the prompt counted once.
+    fn then(mut self, more: Generated) -> Self {
+        self.text.push_str(&more.text);
+        self.usage.completion_tokens += more.usage.completion_tokens;
+        self.finish = more.finish;
+        self
+    }
+}
+
 impl Job {
     /// A job that comes in through an HTTP door, not yet stored.
     pub fn http(account: Account, door: Door, kind: u16, priced: &Priced, now: u64) -> Self {
@@ -141,6 +170,7 @@ impl Pipeline {
                 generation: generation.request,
                 max_tokens: generation.max_tokens,
                 prompt_tokens: estimate.prompt_tokens,
+                session: None,
             },
             quote_msat: estimate.ask(bid_msat).due_msat,
             estimate,
@@ -164,7 +194,23 @@ impl Pipeline {
         answer_now: bool,
     ) -> Result<Job, OpenError> {
         let mut job = Job::http(account, door, kind, priced, unix_now());
-        if self.runs_free(&account) {
+        if priced.request.session.is_some() {
+            // A session call opens with what the session has, if that pays for its prompt and
+            // one token; a stream that runs dry asks for a top-up.
+            let balance = self.balance_of(account).await?;
+            let floor = self
+                .inner
+                .config
+                .rate_card
+                .quote(priced.request.prompt_tokens, 1);
+            if balance < floor {
+                return Err(OpenError::Shortfall {
+                    quote_msat: floor,
+                    balance_msat: balance,
+                });
+            }
+            job.quote_msat = job.quote_msat.map(|quote| quote.min(balance));
+        } else if self.runs_free(&account) {
             // Nothing to reserve, nothing charged, no budget to stop at.
             job.quote_msat = Some(0);
             job.limit_msat = Some(0);
@@ -268,8 +314,7 @@ impl Pipeline {
             }
         };
         let started = Instant::now();
-        let budget = job.budget_tokens(&self.inner.config.rate_card);
-        let generated = self.generate_live(&request, budget, live.as_ref()).await;
+        let (job, generated, budget) = self.generate_paid(job, &request, live.as_ref()).await;
         self.inner.metrics.inference.observe(started.elapsed());
         let generated = match generated {
             Ok(generated) => generated,
@@ -380,6 +425,144 @@ impl Pipeline {
             let said = format!("{reason}; nothing was charged");
             let _ = live.send(LiveEvent::Failed(said)).await;
         }
+    }
+
+    /// Generate what the job's funds pay for. A session's stream that runs dry before
+    /// `max_tokens` asks for a top-up and, once one is reserved for it, goes on from the text so
+    /// far (the prompt re-read is the service's: counted once). Returns the job as it stands
+    /// (its hold may have grown), what was generated, and the completion tokens its final funds
+    /// paid for. A later part that fails ends the answer with what was said.
+    async fn generate_paid(
+        &self,
+        mut job: Job,
+        request: &HttpRequest,
+        live: Option<&LiveSink>,
+    ) -> (Job, Result<Generated, String>, Option<u32>) {
+        let card = self.inner.config.rate_card;
+        let mut said: Option<Generated> = None;
+        let touch = |pipeline: &Self| {
+            if let Some(session) = &request.session {
+                pipeline.touch(session);
+            }
+        };
+        loop {
+            touch(self);
+            let budget = job.budget_tokens(&card);
+            let done = said.as_ref().map_or(0, |s| s.usage.completion_tokens);
+            let mut part = request.clone();
+            if let Some(before) = &said {
+                part.generation.continue_from = Some(before.text.clone());
+                part.max_tokens = request.max_tokens.saturating_sub(done);
+            }
+            let left = budget.map(|b| b.saturating_sub(done));
+            let generated = match (self.generate_live(&part, left, live).await, said.take()) {
+                (Ok(more), Some(before)) => before.then(more),
+                (Ok(first), None) => first,
+                (Err(reason), None) => return (job, Err(reason), budget),
+                (Err(reason), Some(before)) => {
+                    tracing::warn!(job = %job.id, reason = %reason, "a session call failed after its top-up; it ends with what it said");
+                    let before = Generated {
+                        finish: Some(FinishReason::Length),
+                        ..before
+                    };
+                    return (job, Ok(before), budget);
+                }
+            };
+            let ran_dry = generated.finish == Some(FinishReason::Length)
+                && budget.is_some_and(|b| generated.usage.completion_tokens >= b)
+                && generated.usage.completion_tokens < request.max_tokens;
+            touch(self);
+            let session = match request.session {
+                Some(session) if ran_dry => session,
+                _ => return (job, Ok(generated), budget),
+            };
+            job.usage = Some(generated.usage);
+            match self
+                .await_top_up(&job, session, request, &generated, live)
+                .await
+            {
+                Some(mut topped) => {
+                    topped.usage = Some(generated.usage);
+                    job = topped;
+                    said = Some(generated);
+                }
+                None => return (job, Ok(generated), budget),
+            }
+        }
+    }
+
+    /// Tell the stream the session ran dry, and wait `session_topup_wait_secs` for its balance
+    /// to pay for at least one more token: then reserve up to what the rest of `max_tokens`
+    /// costs and return the job holding it. `None` when the client left, or no top-up came
+    /// (the stream is told `session-timeout`).
+    async fn await_top_up(
+        &self,
+        job: &Job,
+        session: crate::wallet::PaymentHash,
+        request: &HttpRequest,
+        generated: &Generated,
+        live: Option<&LiveSink>,
+    ) -> Option<Job> {
+        let inner = &self.inner;
+        let card = inner.config.rate_card;
+        let usage = generated.usage;
+        let funds = job.funds_msat();
+        let whole = card.quote(usage.prompt_tokens, request.max_tokens);
+        let want = whole.saturating_sub(funds);
+        let next = Usage {
+            completion_tokens: usage.completion_tokens + 1,
+            ..usage
+        };
+        let min = card.charge(next).saturating_sub(funds).max(1);
+        let spent_msat = match (
+            self.session(&session).await,
+            self.balance_of(job.customer).await,
+        ) {
+            (Ok(Some(record)), Ok(balance)) => record
+                .deposited_msat
+                .saturating_sub(balance)
+                .saturating_sub(funds)
+                .saturating_add(card.charge(usage)),
+            _ => 0,
+        };
+        let wait = TopUpWait {
+            session,
+            spent_sats: crate::mpp::spent_sats(spent_msat),
+            required_sats: want.div_ceil(1000),
+        };
+        tracing::info!(job = %job.id, session = %session, completion_tokens = usage.completion_tokens, want_msat = want, "session stream ran dry; waiting for a top-up");
+        if let Some(live) = live {
+            if live.send(LiveEvent::NeedTopUp(wait)).await.is_err() {
+                return None;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(inner.config.session_topup_wait_secs);
+        loop {
+            match inner.book.add_hold(&job.id, want, min).await {
+                Ok(Some(job)) => {
+                    tracing::info!(job = %job.id, session = %session, held_msat = job.held_msat, "session topped up; the stream goes on");
+                    return Some(job);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "cannot reserve a top-up");
+                    return None;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || live.is_some_and(|live| live.is_closed()) {
+                break;
+            }
+            // A stream waiting on its session keeps it from idling out.
+            self.touch(&session);
+            // Woken by a top-up; looked at again each second in case the wake-up was missed.
+            self.topped_up_or(left.min(Duration::from_secs(1))).await;
+        }
+        tracing::info!(job = %job.id, session = %session, "no top-up in time; the answer ends with what it said");
+        if let Some(live) = live {
+            let _ = live.send(LiveEvent::SessionTimeout(wait)).await;
+        }
+        None
     }
 
     /// Generate at most `budget` completion tokens (what the job's funds pay for) when that is

@@ -96,6 +96,35 @@ impl Book {
         }
     }
 
+    /// Reserve more of its account's balance for a `Running` job (an HTTP `Payment` session's
+    /// stream that ran dry and was topped up): up to `want_msat`, and only when the balance
+    /// has at least `min_msat`. `None` (nothing written) when it has not.
+    pub async fn add_hold(
+        &self,
+        id: &JobId,
+        want_msat: u64,
+        min_msat: u64,
+    ) -> Result<Option<Job>, BookError> {
+        let (id, at) = (*id, now());
+        self.store()
+            .apply(move |tx| {
+                let mut job = stored_job(tx, &id)?;
+                if job.state != JobState::Running {
+                    return Ok(None);
+                }
+                let take = want_msat.min(ledger::balance_in(tx, &job.customer)?);
+                if take == 0 || take < min_msat {
+                    return Ok(None);
+                }
+                post(tx, EntryKind::Reserve, job.customer, take, &job, at)?;
+                job.credit_msat += take;
+                job.held_msat += take;
+                put_job(tx, &job)?;
+                Ok(Some(job))
+            })
+            .await
+    }
+
     /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
     /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
     /// job), in one durable transaction.

@@ -11,6 +11,7 @@
 //! - [`recovery`]: resuming every unfinished job on start.
 //! - [`direct`]: jobs that come in paid through an HTTP door, and their answers.
 //! - [`account`]: an account's balance and history, and invoices that top it up.
+//! - [`tokens`], [`sessions`]: L402 tokens and HTTP `Payment` charges, and `Payment` sessions.
 
 pub mod account;
 pub mod auto_payout;
@@ -33,6 +34,7 @@ pub mod quote;
 pub mod record;
 pub mod recovery;
 pub mod reputation;
+pub mod sessions;
 pub mod state;
 pub mod tokens;
 pub mod worker;

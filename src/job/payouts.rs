@@ -386,9 +386,62 @@ impl Payer {
             created_at: now,
             updated_at: now,
         };
+        self.send(payout, false).await
+    }
+
+    /// Pay `amount_msat` from `account` to `bolt11`, an invoice that names no amount (an HTTP
+    /// `Payment` session's return invoice), the same two phases as [`Payer::withdraw`]; the
+    /// wallet must be able to ([`Wallet::pays_amountless`]).
+    ///
+    /// [`Wallet::pays_amountless`]: crate::wallet::Wallet::pays_amountless
+    pub async fn refund_to(
+        &self,
+        account: Account,
+        bolt11: &str,
+        amount_msat: u64,
+    ) -> Result<Payout, PayoutRefusal> {
+        let bolt11 = bolt11.trim();
+        let info = bolt11::decode(bolt11).map_err(|e| PayoutRefusal::Invoice(e.to_string()))?;
+        if info.amount_msat.is_some_and(|a| a > 0) {
+            return Err(PayoutRefusal::Invoice(
+                "a refund goes to an invoice that names no amount".to_owned(),
+            ));
+        }
+        if amount_msat == 0 {
+            return Err(PayoutRefusal::Invoice("nothing to refund".to_owned()));
+        }
+        let now = unix_now();
+        if info.expires_at <= now + 10 {
+            return Err(PayoutRefusal::Invoice("the invoice has expired".to_owned()));
+        }
+        let payout = Payout {
+            account,
+            bolt11: bolt11.to_owned(),
+            payment_hash: info.payment_hash,
+            amount_msat,
+            max_fee_msat: self.fee.max_for(amount_msat),
+            expires_at: info.expires_at,
+            state: PayoutState::Pending,
+            note: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.send(payout, true).await
+    }
+
+    /// Book `payout` pending, then ask the wallet to pay it (with its amount, when the invoice
+    /// names none), and book what became of it.
+    async fn send(&self, payout: Payout, amountless: bool) -> Result<Payout, PayoutRefusal> {
+        let (account, amount_msat) = (payout.account, payout.amount_msat);
         let payout = self.book.begin_payout(payout).await?;
-        tracing::info!(account = %account, payment_hash = %payout.payment_hash, amount_msat, max_fee_msat = payout.max_fee_msat, "payout pending; paying");
-        let paid = self.wallet.pay(&payout.bolt11, payout.max_fee_msat).await;
+        tracing::info!(account = %account, payment_hash = %payout.payment_hash, amount_msat, max_fee_msat = payout.max_fee_msat, amountless, "payout pending; paying");
+        let paid = if amountless {
+            self.wallet
+                .pay_amountless(&payout.bolt11, amount_msat, payout.max_fee_msat)
+                .await
+        } else {
+            self.wallet.pay(&payout.bolt11, payout.max_fee_msat).await
+        };
         let ended = match paid {
             // The preimage is the proof; the fee is what the wallet says it spent.
             Ok(sent) if preimage_matches(&sent.preimage, &payout.payment_hash) => {

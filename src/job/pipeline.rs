@@ -83,6 +83,10 @@ pub struct JobConfig {
     /// How long a relay job stopped at its budget waits for its continuation to be paid,
     /// seconds (the continuation invoice's lifetime); 0: it ends at its budget at once.
     pub continuation_wait_secs: u64,
+    /// An HTTP `Payment` session idle this long is closed and refunded, seconds.
+    pub session_idle_secs: u64,
+    /// How long a session's stream that ran dry waits for a top-up, seconds.
+    pub session_topup_wait_secs: u64,
     /// Concurrent jobs on the model.
     pub workers: usize,
     /// Longest a job may run on the model, seconds.
@@ -162,6 +166,10 @@ pub(crate) struct Inner {
     pub(crate) lag_pass: std::sync::atomic::AtomicBool,
     /// What jobs cost, learned from the ones that ran (see [`super::estimates`]).
     pub(crate) estimator: std::sync::Mutex<super::estimates::Learned>,
+    /// HTTP `Payment` sessions' activity and top-ups (see [`super::sessions`]).
+    pub(crate) sessions: super::sessions::Live,
+    /// When this process started, unix seconds.
+    pub(crate) started_at: u64,
 }
 
 /// The job pipeline. Cheap to clone.
@@ -212,6 +220,8 @@ impl Pipeline {
             checking: std::sync::Mutex::default(),
             lag_pass: std::sync::atomic::AtomicBool::new(false),
             estimator: std::sync::Mutex::default(),
+            sessions: Default::default(),
+            started_at: unix_now(),
         };
         (
             Self {

@@ -53,6 +53,9 @@ pub struct Challenge {
     /// The HTTP `Payment` challenge for the same invoice (none when the invoice's network is
     /// one the Lightning method cannot name).
     pub payment: Option<mpp::Challenge>,
+    /// The HTTP `Payment` `session` challenge with the same invoice as its deposit (none when
+    /// sessions are not offered).
+    pub session: Option<mpp::Challenge>,
 }
 
 /// What mints the HTTP `Payment` challenge beside each L402 one.
@@ -75,6 +78,28 @@ pub struct PaymentChallengeRecord {
     pub expires_at: u64,
     /// When a credential used it (unix seconds); a used challenge is never accepted again.
     pub used_at: Option<u64>,
+    /// The session a `topUp` credential added this challenge's payment to (the same credential
+    /// again answers as it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topped_up: Option<PaymentHash>,
+}
+
+impl PaymentChallengeRecord {
+    /// The invoice the challenge sells (`methodDetails.invoice` of a charge, `depositInvoice`
+    /// of a session), read back from its request.
+    pub fn deposit_invoice(&self) -> String {
+        use base64::Engine;
+        let request = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&self.challenge.request)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+            .unwrap_or_default();
+        request["depositInvoice"]
+            .as_str()
+            .or_else(|| request["methodDetails"]["invoice"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// Why a credential's payment is not (yet) good.
@@ -122,7 +147,8 @@ impl Pipeline {
             budget_msat: grant.budget_msat,
             issued_at: unix_now(),
         };
-        let payment = mpp::network_of(&invoice.bolt11).map(|network| {
+        let network = mpp::network_of(&invoice.bolt11);
+        let payment = network.map(|network| {
             let charge = mpp::Charge {
                 amount_sats: invoice.amount_msat / 1000,
                 description: "dvmd L402 token",
@@ -132,12 +158,36 @@ impl Pipeline {
             };
             mpp::Challenge::charge(scheme.key, scheme.realm, &charge, invoice.expires_at)
         });
-        let stored = payment.clone().map(|challenge| PaymentChallengeRecord {
-            challenge,
-            payment_hash: hash,
-            expires_at: invoice.expires_at,
-            used_at: None,
+        // The same invoice opens (or tops up) a session, where the wallet can refund one.
+        let session = (network.is_some() && self.offers_sessions()).then(|| {
+            let card = inner.config.rate_card;
+            let unit = format!(
+                "sat of tokens ({} msat per prompt token, {} msat per completion token, {} msat per call)",
+                card.prompt_msat_per_1k_tokens as f64 / 1000.0,
+                card.completion_msat_per_1k_tokens as f64 / 1000.0,
+                card.base_fee_msat
+            );
+            let offer = mpp::SessionOffer {
+                deposit_sats: invoice.amount_msat / 1000,
+                invoice: &invoice.bolt11,
+                payment_hash: &hash,
+                description: "dvmd session deposit",
+                idle_timeout_secs: inner.config.session_idle_secs,
+                unit_type: &unit,
+            };
+            mpp::Challenge::session(scheme.key, scheme.realm, &offer, invoice.expires_at)
         });
+        let stored: Vec<_> = payment
+            .iter()
+            .chain(session.iter())
+            .map(|challenge| PaymentChallengeRecord {
+                challenge: challenge.clone(),
+                payment_hash: hash,
+                expires_at: invoice.expires_at,
+                used_at: None,
+                topped_up: None,
+            })
+            .collect();
         inner
             .book
             .register_token(&hash, record, token, stored)
@@ -148,6 +198,7 @@ impl Pipeline {
             macaroon,
             invoice,
             payment,
+            session,
         })
     }
 
@@ -205,6 +256,12 @@ impl Pipeline {
         Ok(Account::Token(hash))
     }
 
+    /// Whether the payment of `hash` is booked, asking the wallet once if not yet.
+    pub(super) async fn payment_booked(&self, hash: &PaymentHash) -> Result<bool, BookError> {
+        let record = self.inner.book.payment(hash).await?;
+        self.confirm_booked(hash, record).await
+    }
+
     /// Whether the payment of `hash` is booked (`record` is what the caller read of it): if
     /// not yet, the wallet is asked once (the first credential can arrive before the
     /// reconciler or a hint); once booked, no credential costs a wallet call.
@@ -254,14 +311,14 @@ pub enum ChallengeError {
 }
 
 impl super::Book {
-    /// Record a token's invoice, the token and its HTTP `Payment` challenge in one durable
+    /// Record a token's invoice, the token and its HTTP `Payment` challenges in one durable
     /// write; a reused hash is refused.
     pub async fn register_token(
         &self,
         hash: &PaymentHash,
         record: PaymentRecord,
         token: TokenRecord,
-        payment: Option<PaymentChallengeRecord>,
+        payment: Vec<PaymentChallengeRecord>,
     ) -> Result<(), BookError> {
         let hash = *hash;
         self.store()
@@ -274,7 +331,7 @@ impl super::Book {
                 tx.put(Tree::Payments, &hash.0, &record)?;
                 tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
                 tx.put(Tree::L402Tokens, &hash.0, &token)?;
-                if let Some(payment) = &payment {
+                for payment in &payment {
                     tx.put(
                         Tree::MppChallenges,
                         payment.challenge.id.as_bytes(),

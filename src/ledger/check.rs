@@ -46,6 +46,10 @@ pub struct Totals {
     pub debt_repaid_msat: u64,
     /// Owed now for jobs run before they were paid: `debt - debt_repaid`.
     pub receivable_msat: u64,
+    /// Sum of `transfer_out`.
+    pub transfer_out_msat: u64,
+    /// Sum of `transfer_in` (equal to `transfer_out`).
+    pub transfer_in_msat: u64,
     /// Number of entries.
     pub entries: u64,
     /// Number of accounts.
@@ -108,6 +112,8 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
             EntryKind::PayoutFailed => &mut totals.payout_failed_msat,
             EntryKind::Debt => &mut totals.debt_msat,
             EntryKind::DebtRepaid => &mut totals.debt_repaid_msat,
+            EntryKind::TransferOut => &mut totals.transfer_out_msat,
+            EntryKind::TransferIn => &mut totals.transfer_in_msat,
         };
         match entry.kind {
             EntryKind::Debt => {
@@ -144,6 +150,12 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
                 )));
             }
         }
+    }
+    if totals.transfer_in_msat != totals.transfer_out_msat {
+        return Err(LedgerError::Invariant(format!(
+            "transfers: {} msat out, {} msat in",
+            totals.transfer_out_msat, totals.transfer_in_msat
+        )));
     }
     totals.held_msat = totals
         .reserve_msat

@@ -31,6 +31,9 @@
 //! `receivable = sum(debt) - sum(debt_repaid)`, the invariant becomes `sum(payment_in) +
 //! receivable = ...` (the rest as above), and each account's receivable equals its own entries.
 //!
+//! A transfer moves a balance between two accounts of one customer: `transfer_out` (-) and
+//! `transfer_in` (+) of the same amount, in one write; the check requires their sums equal.
+//!
 //! Writes happen only inside the store transactions of `job::book`, so a balance never changes
 //! without the job transition that explains it.
 
@@ -79,6 +82,12 @@ pub enum EntryKind {
     Debt,
     /// What a payment into an account that owes repaid, taken from the balance.
     DebtRepaid,
+    /// Money moved to another account of the same customer (an HTTP `Payment` session's top-up:
+    /// the top-up invoice's account to the session's); a `transfer_in` of the same amount
+    /// beside it, in the same write.
+    TransferOut,
+    /// Money moved in from another account of the same customer (see `transfer_out`).
+    TransferIn,
 }
 
 impl EntryKind {
@@ -89,12 +98,14 @@ impl EntryKind {
             | Self::Release
             | Self::PayoutFeeReturned
             | Self::PayoutFailed
-            | Self::Debt => 1,
+            | Self::Debt
+            | Self::TransferIn => 1,
             Self::Charge
             | Self::Expiry
             | Self::Reserve
             | Self::PayoutPending
-            | Self::DebtRepaid => -1,
+            | Self::DebtRepaid
+            | Self::TransferOut => -1,
             Self::RefundCredit | Self::Payout | Self::RoutingFee => 0,
         }
     }

@@ -102,13 +102,16 @@ pub enum Tree {
     /// What each account owes for jobs run before they were paid (8 bytes, big endian), by
     /// account key; no record when it owes nothing.
     Receivables,
+    /// HTTP `Payment` sessions by id (the deposit's payment hash): the return invoice, what was
+    /// deposited, and how it closed (`job::sessions::SessionRecord`).
+    Sessions,
     /// Schema version, keys, counters and checkpoints.
     Meta,
 }
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 16] = [
+    pub const ALL: [Tree; 17] = [
         Self::Jobs,
         Self::JobKeys,
         Self::Payments,
@@ -124,6 +127,7 @@ impl Tree {
         Self::MppChallenges,
         Self::Trust,
         Self::Receivables,
+        Self::Sessions,
         Self::Meta,
     ];
 
@@ -145,6 +149,7 @@ impl Tree {
             Self::MppChallenges => "mpp_challenges",
             Self::Trust => "trust",
             Self::Receivables => "receivables",
+            Self::Sessions => "sessions",
             Self::Meta => "meta",
         }
     }

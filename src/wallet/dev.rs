@@ -73,12 +73,18 @@ impl DevWallet {
     /// Simulate a customer paying `bolt11`, one of this wallet's own invoices. Returns the
     /// preimage. Paying twice, an expired invoice or a foreign invoice is refused.
     pub async fn settle(&self, bolt11: &str) -> Result<[u8; 32], WalletError> {
-        self.mark_paid(bolt11, false).await
+        self.mark_paid(bolt11, false, None).await
     }
 
     /// Mark `bolt11` paid, durably, before anyone is told it happened; with `spend`, also record
-    /// that the money left this wallet (it paid its own invoice), in the same transaction.
-    async fn mark_paid(&self, bolt11: &str, spend: bool) -> Result<[u8; 32], WalletError> {
+    /// that the money left this wallet (it paid its own invoice), in the same transaction. An
+    /// invoice that names no amount is paid `chosen_msat` (and must be given one).
+    async fn mark_paid(
+        &self,
+        bolt11: &str,
+        spend: bool,
+        chosen_msat: Option<u64>,
+    ) -> Result<[u8; 32], WalletError> {
         let invoice = Bolt11Invoice::from_str(bolt11.trim())
             .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
         let hash = PaymentHash(invoice.payment_hash().to_byte_array());
@@ -100,6 +106,20 @@ impl DevWallet {
                     return Err(TxError::Abort(WalletError::Refused(
                         "invoice expired".to_owned(),
                     )));
+                }
+                match (record.amount_msat, chosen_msat) {
+                    (0, Some(chosen)) if chosen > 0 => record.amount_msat = chosen,
+                    (0, _) => {
+                        return Err(TxError::Abort(WalletError::InvalidInvoice(
+                            "the invoice names no amount; say how much to pay".to_owned(),
+                        )))
+                    }
+                    (_, None) => {}
+                    (_, Some(_)) => {
+                        return Err(TxError::Abort(WalletError::InvalidInvoice(
+                            "the invoice names its amount".to_owned(),
+                        )))
+                    }
                 }
                 record.paid_at = Some(now);
                 record.sent = spend;
@@ -124,6 +144,110 @@ impl DevWallet {
         Ok(preimage)
     }
 
+    /// Issue an invoice for `amount_msat`, or one that names no amount (the payer chooses).
+    async fn issue(
+        &self,
+        amount_msat: Option<u64>,
+        description: InvoiceDescription,
+        expiry_secs: u64,
+    ) -> Result<Invoice, WalletError> {
+        let mut preimage = [0u8; 32];
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut preimage);
+        rand::thread_rng().fill_bytes(&mut secret);
+        let payment_hash = sha256::Hash::hash(&preimage);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| WalletError::Unavailable(e.to_string()))?;
+        let sign = |msg: &bitcoin::secp256k1::Message| {
+            self.secp.sign_ecdsa_recoverable(msg, &self.node_key)
+        };
+        let builder = InvoiceBuilder::new(Currency::Regtest);
+        let built = match description {
+            InvoiceDescription::Memo(memo) => builder.description(memo),
+            InvoiceDescription::Hashed(text) => {
+                builder.description_hash(sha256::Hash::hash(text.as_bytes()))
+            }
+        };
+        let built = built
+            .payment_hash(payment_hash)
+            .payment_secret(PaymentSecret(secret))
+            .duration_since_epoch(now)
+            .expiry_time(Duration::from_secs(expiry_secs))
+            .min_final_cltv_expiry_delta(MIN_FINAL_CLTV_EXPIRY_DELTA);
+        let invoice = match amount_msat {
+            Some(msat) => built.amount_milli_satoshis(msat).build_signed(sign),
+            None => built.build_signed(sign),
+        }
+        .map_err(|e| WalletError::Refused(format!("cannot build invoice: {e}")))?;
+
+        let hash = PaymentHash(payment_hash.to_byte_array());
+        let expires_at = now.as_secs().saturating_add(expiry_secs);
+        let record = DevInvoice {
+            bolt11: invoice.to_string(),
+            preimage: hex::encode(preimage),
+            amount_msat: amount_msat.unwrap_or(0),
+            expires_at,
+            paid_at: None,
+            sent: false,
+        };
+        let stored = record.clone();
+        self.store
+            .apply(move |tx| {
+                Ok::<_, TxError<WalletError>>(tx.put(Tree::DevWallet, &hash.0, &stored)?)
+            })
+            .await?;
+        Ok(Invoice {
+            bolt11: record.bolt11,
+            payment_hash: hash,
+            amount_msat: amount_msat.unwrap_or(0),
+            expires_at,
+        })
+    }
+
+    /// An invoice of this wallet that names no amount, for a test client's return invoice
+    /// (HTTP `Payment` sessions refund to one); the dev wallet pays it with the amount asked.
+    pub async fn amountless_invoice(
+        &self,
+        memo: &str,
+        expiry_secs: u64,
+    ) -> Result<Invoice, WalletError> {
+        self.issue(None, InvoiceDescription::Memo(memo.to_owned()), expiry_secs)
+            .await
+    }
+
+    /// Pay one of its own invoices (anything else would pretend money left the machine):
+    /// `chosen_msat` for one that names no amount.
+    async fn pay_own(
+        &self,
+        bolt11: &str,
+        chosen_msat: Option<u64>,
+    ) -> Result<PaymentSent, WalletError> {
+        let invoice = Bolt11Invoice::from_str(bolt11.trim())
+            .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
+        let hash = PaymentHash(invoice.payment_hash().to_byte_array());
+        if self.record(&hash).await?.is_none() {
+            return Err(WalletError::Refused(
+                "the dev wallet pays only its own invoices".to_owned(),
+            ));
+        }
+        let amount = invoice.amount_milli_satoshis().or(chosen_msat).unwrap_or(0);
+        let balance = self.balance().await?;
+        if balance < amount {
+            return Err(WalletError::InsufficientBalance {
+                balance_msat: balance,
+                needed_msat: amount,
+            });
+        }
+        // Money left (and, being our own invoice, came back): the spend is recorded with the
+        // payment, so the balance nets to zero, as it would on a real node.
+        let preimage = self.mark_paid(bolt11, true, chosen_msat).await?;
+        Ok(PaymentSent {
+            preimage,
+            fee_msat: 0,
+        })
+    }
+
     async fn record(&self, hash: &PaymentHash) -> Result<Option<DevInvoice>, WalletError> {
         let hash = *hash;
         self.store
@@ -142,54 +266,12 @@ impl Wallet for DevWallet {
         if request.amount_msat == 0 {
             return Err(WalletError::Refused("amount must be positive".to_owned()));
         }
-        let mut preimage = [0u8; 32];
-        let mut secret = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut preimage);
-        rand::thread_rng().fill_bytes(&mut secret);
-        let payment_hash = sha256::Hash::hash(&preimage);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_err(|e| WalletError::Unavailable(e.to_string()))?;
-        let builder = InvoiceBuilder::new(Currency::Regtest)
-            .amount_milli_satoshis(request.amount_msat)
-            .payment_hash(payment_hash)
-            .payment_secret(PaymentSecret(secret))
-            .duration_since_epoch(now)
-            .expiry_time(Duration::from_secs(request.expiry_secs))
-            .min_final_cltv_expiry_delta(MIN_FINAL_CLTV_EXPIRY_DELTA);
-        let sign = |msg: &bitcoin::secp256k1::Message| {
-            self.secp.sign_ecdsa_recoverable(msg, &self.node_key)
-        };
-        let invoice = match request.description {
-            InvoiceDescription::Memo(memo) => builder.description(memo).build_signed(sign),
-            InvoiceDescription::Hashed(text) => builder
-                .description_hash(sha256::Hash::hash(text.as_bytes()))
-                .build_signed(sign),
-        }
-        .map_err(|e| WalletError::Refused(format!("cannot build invoice: {e}")))?;
-
-        let hash = PaymentHash(payment_hash.to_byte_array());
-        let expires_at = now.as_secs().saturating_add(request.expiry_secs);
-        let record = DevInvoice {
-            bolt11: invoice.to_string(),
-            preimage: hex::encode(preimage),
-            amount_msat: request.amount_msat,
-            expires_at,
-            paid_at: None,
-            sent: false,
-        };
-        let stored = record.clone();
-        self.store
-            .apply(move |tx| {
-                Ok::<_, TxError<WalletError>>(tx.put(Tree::DevWallet, &hash.0, &stored)?)
-            })
-            .await?;
-        Ok(Invoice {
-            bolt11: record.bolt11,
-            payment_hash: hash,
-            amount_msat: request.amount_msat,
-            expires_at,
-        })
+        self.issue(
+            Some(request.amount_msat),
+            request.description,
+            request.expiry_secs,
+        )
+        .await
     }
 
     async fn lookup(&self, payment_hash: &PaymentHash) -> Result<PaymentStatus, WalletError> {
@@ -206,30 +288,20 @@ impl Wallet for DevWallet {
     }
 
     async fn pay(&self, bolt11: &str, _max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
-        // Only its own invoices: anything else would pretend money left the machine.
-        let invoice = Bolt11Invoice::from_str(bolt11.trim())
-            .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
-        let hash = PaymentHash(invoice.payment_hash().to_byte_array());
-        if self.record(&hash).await?.is_none() {
-            return Err(WalletError::Refused(
-                "the dev wallet pays only its own invoices".to_owned(),
-            ));
-        }
-        let amount = invoice.amount_milli_satoshis().unwrap_or(0);
-        let balance = self.balance().await?;
-        if balance < amount {
-            return Err(WalletError::InsufficientBalance {
-                balance_msat: balance,
-                needed_msat: amount,
-            });
-        }
-        // Money left (and, being our own invoice, came back): the spend is recorded with the
-        // payment, so the balance nets to zero, as it would on a real node.
-        let preimage = self.mark_paid(bolt11, true).await?;
-        Ok(PaymentSent {
-            preimage,
-            fee_msat: 0,
-        })
+        self.pay_own(bolt11, None).await
+    }
+
+    fn pays_amountless(&self) -> bool {
+        true
+    }
+
+    async fn pay_amountless(
+        &self,
+        bolt11: &str,
+        amount_msat: u64,
+        _max_fee_msat: u64,
+    ) -> Result<PaymentSent, WalletError> {
+        self.pay_own(bolt11, Some(amount_msat)).await
     }
 
     async fn lookup_payment(&self, hash: &PaymentHash) -> Result<OutgoingStatus, WalletError> {

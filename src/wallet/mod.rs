@@ -179,6 +179,27 @@ pub trait Wallet: Send + Sync + 'static {
     /// mean nothing was sent: ask [`Wallet::lookup_payment`].
     async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError>;
 
+    /// Whether it can pay an invoice that names no amount ([`Wallet::pay_amountless`]): the
+    /// HTTP `Payment` session intent refunds to one, and is offered only when this holds.
+    fn pays_amountless(&self) -> bool {
+        false
+    }
+
+    /// Pay `amount_msat` to a BOLT11 invoice that names no amount, spending at most
+    /// `max_fee_msat` on routing. As with [`Wallet::pay`], an error does not mean nothing was
+    /// sent. Wallets that cannot ([`Wallet::pays_amountless`] false) refuse.
+    async fn pay_amountless(
+        &self,
+        _bolt11: &str,
+        _amount_msat: u64,
+        _max_fee_msat: u64,
+    ) -> Result<PaymentSent, WalletError> {
+        Err(WalletError::Refused(format!(
+            "the {} wallet cannot pay an invoice that names no amount",
+            self.name()
+        )))
+    }
+
     /// Ask the wallet what became of a payment it was asked to send to `payment_hash`: the
     /// only answer a payout's money moves on.
     async fn lookup_payment(

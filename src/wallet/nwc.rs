@@ -120,6 +120,42 @@ impl NwcWallet {
     }
 
     /// Send `request` and wait for the service's response to it.
+    /// `pay_invoice`, with `amount` (msat) for an invoice that names none.
+    async fn pay_invoice(
+        &self,
+        bolt11: &str,
+        amount: Option<u64>,
+        max_fee_msat: u64,
+    ) -> Result<PaymentSent, WalletError> {
+        let info = bolt11::decode(bolt11)?;
+        let response = self
+            .call(Request::pay_invoice(PayInvoiceRequest {
+                amount,
+                ..PayInvoiceRequest::new(bolt11.trim())
+            }))
+            .await?
+            .to_pay_invoice()
+            .map_err(|e| unavailable("pay_invoice", e))?;
+        let mut preimage = [0u8; 32];
+        hex::decode_to_slice(&response.preimage, &mut preimage)
+            .map_err(|_| unavailable("pay_invoice", "the preimage is not 32 bytes of hex"))?;
+        if sha256::Hash::hash(&preimage).to_byte_array() != info.payment_hash.0 {
+            return Err(unavailable(
+                "pay_invoice",
+                "the preimage does not match the payment hash",
+            ));
+        }
+        let fee_msat = response.fees_paid.unwrap_or(0);
+        if fee_msat > max_fee_msat {
+            tracing::warn!(
+                fee_msat,
+                max_fee_msat,
+                "nwc: the wallet paid more fee than allowed"
+            );
+        }
+        Ok(PaymentSent { preimage, fee_msat })
+    }
+
     async fn call(&self, request: Request) -> Result<Response, WalletError> {
         let method = request.method;
         let event = request
@@ -281,30 +317,22 @@ impl Wallet for NwcWallet {
     }
 
     async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
-        let info = bolt11::decode(bolt11)?;
-        let response = self
-            .call(Request::pay_invoice(PayInvoiceRequest::new(bolt11.trim())))
-            .await?
-            .to_pay_invoice()
-            .map_err(|e| unavailable("pay_invoice", e))?;
-        let mut preimage = [0u8; 32];
-        hex::decode_to_slice(&response.preimage, &mut preimage)
-            .map_err(|_| unavailable("pay_invoice", "the preimage is not 32 bytes of hex"))?;
-        if sha256::Hash::hash(&preimage).to_byte_array() != info.payment_hash.0 {
-            return Err(unavailable(
-                "pay_invoice",
-                "the preimage does not match the payment hash",
-            ));
-        }
-        let fee_msat = response.fees_paid.unwrap_or(0);
-        if fee_msat > max_fee_msat {
-            tracing::warn!(
-                fee_msat,
-                max_fee_msat,
-                "nwc: the wallet paid more fee than allowed"
-            );
-        }
-        Ok(PaymentSent { preimage, fee_msat })
+        self.pay_invoice(bolt11, None, max_fee_msat).await
+    }
+
+    /// NIP-47 `pay_invoice` takes an `amount` (msat) for an invoice that names none.
+    fn pays_amountless(&self) -> bool {
+        true
+    }
+
+    async fn pay_amountless(
+        &self,
+        bolt11: &str,
+        amount_msat: u64,
+        max_fee_msat: u64,
+    ) -> Result<PaymentSent, WalletError> {
+        self.pay_invoice(bolt11, Some(amount_msat), max_fee_msat)
+            .await
     }
 
     async fn balance(&self) -> Result<u64, WalletError> {

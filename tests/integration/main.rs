@@ -14,6 +14,7 @@ mod embedded_relay;
 mod estimates;
 mod gaps;
 mod http_payment;
+mod http_session;
 mod interop;
 mod l402_api;
 mod lnbits;

@@ -1,0 +1,571 @@
+//! The HTTP `Payment` scheme's `session` intent (draft-lightning-session-00) on loopback with
+//! the dev wallet, read with this file's own parser: a session opened on a paid deposit, spent
+//! by a stream until it runs dry (`payment-need-topup`), topped up from another 402 while the
+//! stream waits, resumed on the same connection to the end, then closed with its rest paid to
+//! an amountless return invoice (our wallet's own record of that invoice shows the amount). A
+//! stream nobody tops up ends with `session-timeout`; an idle session is closed and refunded by
+//! the service; every refusal names its problem; on LNbits (which cannot pay an amountless
+//! invoice) no session is offered and a session credential is refused with the reason. The
+//! ledger invariant is checked after each.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use dvmd::daemon::Daemon;
+use dvmd::infer::instant::InstantBackend;
+use dvmd::ledger::Account;
+use dvmd::wallet::{PaymentHash, PaymentStatus, Wallet};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::harness;
+
+/// 60 words: one "token" each on the instant backend.
+fn reply() -> String {
+    (1..=60)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// No base fee or prompt price, 100 msat per completion token: 10 tokens a sat, so the sums
+/// below are exact; refunds pay no routing fee on the dev wallet, and none is set aside.
+async fn start(edit: impl FnOnce(&mut dvmd::config::FileConfig)) -> (tempfile::TempDir, Daemon) {
+    let data = harness::data_dir();
+    let backend = Arc::new(InstantBackend::new(reply()));
+    let config = harness::dev_config(data.path(), |file| {
+        file.pricing.base_fee_msat = 0;
+        file.pricing.prompt_msat_per_1k_tokens = 0;
+        file.pricing.completion_msat_per_1k_tokens = 100_000;
+        file.wallet.payout_max_fee_base_msat = 0;
+        file.wallet.payout_max_fee_ppm = 0;
+        edit(file);
+    });
+    let daemon = harness::start(config, Some(backend)).await;
+    (data, daemon)
+}
+
+/// One `Payment` challenge of a 402, as a client reads it.
+#[derive(Clone)]
+struct Offer {
+    params: HashMap<String, String>,
+    request: Value,
+}
+
+impl Offer {
+    fn echo(&self) -> Value {
+        let mut echo = serde_json::Map::new();
+        for name in ["id", "realm", "method", "intent", "request", "expires"] {
+            echo.insert(name.into(), json!(self.params[name]));
+        }
+        Value::Object(echo)
+    }
+
+    fn credential(&self, payload: Value) -> String {
+        let wire = json!({ "challenge": self.echo(), "payload": payload });
+        format!("Payment {}", URL_SAFE_NO_PAD.encode(wire.to_string()))
+    }
+
+    fn invoice(&self) -> &str {
+        self.request["depositInvoice"]
+            .as_str()
+            .expect("depositInvoice")
+    }
+
+    fn hash(&self) -> String {
+        self.request["paymentHash"]
+            .as_str()
+            .expect("paymentHash")
+            .to_owned()
+    }
+}
+
+/// Split `Payment a="b", c="d"` into its auth-params.
+fn auth_params(value: &str) -> HashMap<String, String> {
+    let mut rest = value.strip_prefix("Payment ").expect("Payment scheme");
+    let mut params = HashMap::new();
+    while let Some((name, after)) = rest.split_once('=') {
+        let after = after.strip_prefix('"').expect("quoted");
+        let mut text = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().expect("closing quote") {
+                (_, '\\') => text.push(chars.next().expect("escaped").1),
+                (i, '"') => break i,
+                (_, c) => text.push(c),
+            }
+        };
+        params.insert(name.trim().to_owned(), text);
+        rest = after[end + 1..].trim_start_matches([',', ' ']);
+    }
+    params
+}
+
+/// The 402's challenges by intent, and its L402 macaroon.
+async fn challenges(response: reqwest::Response) -> (HashMap<String, Offer>, String) {
+    assert_eq!(response.status(), 402);
+    let mut offers = HashMap::new();
+    for value in response.headers().get_all("www-authenticate") {
+        let value = value.to_str().expect("text");
+        if !value.starts_with("Payment ") {
+            continue;
+        }
+        let params = auth_params(value);
+        let raw = URL_SAFE_NO_PAD
+            .decode(&params["request"])
+            .expect("base64url");
+        let request: Value = serde_json::from_slice(&raw).expect("json");
+        offers.insert(params["intent"].clone(), Offer { params, request });
+    }
+    let body: Value = response.json().await.expect("json");
+    let macaroon = body["l402"]["macaroon"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (offers, macaroon)
+}
+
+fn chat(model: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": "Count." }],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+async fn post(http: &str, body: &Value, auth: Option<&str>) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
+        .post(format!("{http}/v1/chat/completions"))
+        .json(body);
+    if let Some(auth) = auth {
+        request = request.header("Authorization", auth);
+    }
+    request.send().await.expect("send")
+}
+
+/// A fresh session challenge (and the L402 macaroon of its 402) for a call of `max_tokens`.
+async fn session_offer(http: &str, model: &str, max_tokens: u32) -> (Offer, String) {
+    let (offers, macaroon) =
+        challenges(post(http, &chat(model, max_tokens, false), None).await).await;
+    let offer = offers.get("session").expect("a session challenge").clone();
+    assert!(offers.contains_key("charge"), "beside the charge");
+    (offer, macaroon)
+}
+
+/// The draft's server-sent events of a stream, as (event name, data) pairs, read to the end.
+/// `on_event` sees each as it comes (and may act before the stream goes on).
+async fn read_events<F, Fut>(response: reqwest::Response, mut on_event: F) -> Vec<(String, String)>
+where
+    F: FnMut(&str, &str) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), body.next())
+        .await
+        .expect("the stream goes on")
+    {
+        buffer.push_str(std::str::from_utf8(&chunk.expect("chunk")).expect("utf-8"));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut name = "message".to_owned();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = value.to_owned();
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data.push_str(value);
+                }
+            }
+            on_event(&name, &data).await;
+            events.push((name, data));
+        }
+    }
+    events
+}
+
+/// The answer's text, from its chunks.
+fn text_of(events: &[(String, String)]) -> String {
+    events
+        .iter()
+        .filter(|(name, data)| name == "message" && data.as_str() != "[DONE]")
+        .filter_map(|(_, data)| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+fn data_of(events: &[(String, String)], name: &str) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, data)| serde_json::from_str(data).expect("json data"))
+        .collect()
+}
+
+async fn return_invoice(http: &str) -> (String, PaymentHash) {
+    let response = reqwest::Client::new()
+        .post(format!("{http}/dev/invoice"))
+        .json(&json!({ "memo": "session refund" }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let hash = PaymentHash::from_hex(body["payment_hash"].as_str().expect("hash")).expect("hex");
+    (body["bolt11"].as_str().expect("bolt11").to_owned(), hash)
+}
+
+fn receipt(response: &reqwest::Response) -> Value {
+    let value = response
+        .headers()
+        .get("payment-receipt")
+        .expect("a Payment-Receipt")
+        .to_str()
+        .expect("text");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(value).expect("base64url")).expect("json")
+}
+
+fn session_balance(daemon: &Daemon, session: &str) -> u64 {
+    let hash = PaymentHash::from_hex(session).expect("hex");
+    harness::account_balance(daemon.pipeline().book().store(), &Account::Token(hash))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_close() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+
+    // The 402 of a 60-token call: a deposit of its quote, 60 tokens at 10 a sat.
+    let (deposit, macaroon) = session_offer(&http, &model, 60).await;
+    let request = &deposit.request;
+    assert_eq!(
+        (request["amount"].as_str(), request["currency"].as_str()),
+        (Some("1"), Some("sat"))
+    );
+    assert_eq!(request["idleTimeout"], "300");
+    assert!(
+        request.get("methodDetails").is_none(),
+        "a session's request is flat"
+    );
+    let deposit_sats: u64 = request["depositAmount"]
+        .as_str()
+        .expect("depositAmount")
+        .parse()
+        .expect("sats");
+    assert!(deposit_sats >= 6, "the call's quote: {deposit_sats} sats");
+    let session = deposit.hash();
+    let preimage = harness::dev_pay(&http, deposit.invoice()).await;
+    let (refund_to, refund_hash) = return_invoice(&http).await;
+
+    // open, on a 20-token call: 2 sats spent.
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": refund_to,
+    }));
+    let answer = post(&http, &chat(&model, 20, false), Some(&open)).await;
+    assert_eq!(answer.status(), 200);
+    let opened = receipt(&answer);
+    assert_eq!(opened["reference"], session.as_str(), "the session id");
+    assert_eq!(opened["method"], "lightning");
+    let body: Value = answer.json().await.expect("json");
+    assert_eq!(body["dvmd"]["charge_msat"], 2_000);
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let left = session_balance(&daemon, &session);
+    assert_eq!(left, deposit_sats * 1000 - 2_000);
+    // The open's challenge is used: opening again is refused.
+    let again = post(&http, &chat(&model, 5, false), Some(&open)).await;
+    assert_eq!(again.status(), 402);
+    let problem: Value = again.json().await.expect("json");
+    assert_eq!(
+        problem["type"],
+        "https://paymentauth.org/problems/lightning/unknown-challenge"
+    );
+
+    // bearer, streaming 60 tokens with what is left: it runs dry, waits, is topped up, goes on.
+    let bearer = deposit.credential(json!({
+        "action": "bearer", "sessionId": session, "preimage": preimage,
+    }));
+    let stream = post(&http, &chat(&model, 60, true), Some(&bearer)).await;
+    assert_eq!(stream.status(), 200);
+    assert_eq!(receipt(&stream)["reference"], session.as_str());
+    let topped = std::sync::Mutex::new(None);
+    let events = read_events(stream, |name, data| {
+        let (http, model, session, topped) = (&http, &model, &session, &topped);
+        let (name, data) = (name.to_owned(), data.to_owned());
+        async move {
+            if name != "payment-need-topup" {
+                return;
+            }
+            let need: Value = serde_json::from_str(&data).expect("json");
+            assert_eq!(need["sessionId"], session.as_str());
+            // Another 402, paid; its preimage tops the session up. The stream waits meanwhile.
+            let (top_up, _) = session_offer(http, model, 60).await;
+            let paid = harness::dev_pay(http, top_up.invoice()).await;
+            let credential = top_up.credential(json!({
+                "action": "topUp", "sessionId": session, "topUpPreimage": paid,
+            }));
+            let answer = post(http, &chat(model, 30, false), Some(&credential)).await;
+            assert_eq!(answer.status(), 200);
+            assert_eq!(receipt(&answer)["reference"], session.as_str());
+            let body: Value = answer.json().await.expect("json");
+            assert_eq!(body["status"], "ok");
+            // The same credential again: the same answer, nothing moved twice.
+            let again = post(http, &chat(model, 30, false), Some(&credential)).await;
+            assert_eq!(again.status(), 200);
+            let body_again: Value = again.json().await.expect("json");
+            assert_eq!(body_again["depositedMsat"], body["depositedMsat"]);
+            *topped.lock().expect("lock") = Some(top_up.request["depositAmount"].clone());
+        }
+    })
+    .await;
+    let needs = data_of(&events, "payment-need-topup");
+    assert_eq!(needs.len(), 1, "ran dry once: {events:?}");
+    let tokens_first = left / 100;
+    assert_eq!(
+        needs[0]["balanceSpent"], deposit_sats,
+        "all of the deposit, this stream's tokens included"
+    );
+    assert_eq!(
+        needs[0]["balanceRequired"],
+        (60 - tokens_first) / 10,
+        "the rest of the call, in sats"
+    );
+    assert!(data_of(&events, "session-timeout").is_empty());
+    assert_eq!(
+        text_of(&events),
+        reply(),
+        "resumed where it stopped: the whole answer once"
+    );
+    let receipts = data_of(&events, "payment-receipt");
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0]["reference"], session.as_str());
+    assert_eq!(receipts[0]["spent"], 6, "60 tokens, 6 sats");
+    assert_eq!(receipts[0]["units"], 60);
+    let last = &events[events.len() - 1];
+    assert_eq!(last.1, "[DONE]", "the receipt event comes before [DONE]");
+    let top_up_sats: u64 = topped
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("topped up")
+        .as_str()
+        .expect("depositAmount")
+        .parse()
+        .expect("sats");
+
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let before_close = session_balance(&daemon, &session);
+    assert_eq!(
+        before_close,
+        (deposit_sats + top_up_sats) * 1000 - 2_000 - 6_000,
+        "two calls charged exactly their tokens"
+    );
+    // The L402 credential of the deposit's 402 sees the same account.
+    let l402 = reqwest::Client::new()
+        .get(format!("{http}/v1/l402/balance"))
+        .header("Authorization", format!("L402 {macaroon}:{preimage}"))
+        .send()
+        .await
+        .expect("send");
+    let l402: Value = l402.json().await.expect("json");
+    assert_eq!(l402["balance_msat"], before_close);
+
+    // close: the rest goes to the return invoice; our wallet says it arrived, that amount.
+    let close = deposit.credential(json!({
+        "action": "close", "sessionId": session, "preimage": preimage,
+    }));
+    let closed = post(&http, &chat(&model, 5, false), Some(&close)).await;
+    assert_eq!(closed.status(), 200);
+    let closed_receipt = receipt(&closed);
+    let body: Value = closed.json().await.expect("json");
+    assert_eq!(body["status"], "closed");
+    assert_eq!(body["refundStatus"], "succeeded");
+    assert_eq!(body["refundMsat"], before_close);
+    assert_eq!(body["refundSats"], before_close / 1000);
+    assert_eq!(closed_receipt["refundSats"], before_close / 1000);
+    assert_eq!(closed_receipt["refundStatus"], "succeeded");
+    let wallet = daemon.dev_wallet().expect("dev wallet");
+    assert_eq!(
+        wallet.lookup(&refund_hash).await.expect("lookup"),
+        PaymentStatus::Paid {
+            amount_msat: before_close
+        },
+        "the return invoice was paid the rest, to the msat"
+    );
+    assert_eq!(session_balance(&daemon, &session), 0);
+    // A closed session takes nothing more.
+    let after = post(&http, &chat(&model, 5, false), Some(&bearer)).await;
+    assert_eq!(after.status(), 402);
+    let problem: Value = after.json().await.expect("json");
+    assert_eq!(
+        problem["type"],
+        "https://paymentauth.org/problems/lightning/session-closed"
+    );
+    let closing_again = post(&http, &chat(&model, 5, false), Some(&close)).await;
+    assert_eq!(closing_again.status(), 402);
+
+    let metrics = harness::metrics(&http).await;
+    assert!(
+        metrics.contains("dvmd_sessions_closed_total{refund=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    daemon
+        .pipeline()
+        .book()
+        .store()
+        .read(dvmd::job::audit)
+        .await
+        .expect("ledger invariant holds while running");
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded() {
+    let (data, daemon) = start(|file| {
+        file.http.session_topup_wait_secs = 1;
+        file.http.session_idle_secs = 2;
+    })
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let (deposit, _) = session_offer(&http, &model, 20).await;
+    let session = deposit.hash();
+    let preimage = harness::dev_pay(&http, deposit.invoice()).await;
+    let (refund_to, refund_hash) = return_invoice(&http).await;
+    let deposit_msat = deposit.request["depositAmount"]
+        .as_str()
+        .expect("amount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+
+    // Refusals first: a return invoice with an amount, a preimage for another hash.
+    let with_amount = daemon
+        .dev_wallet()
+        .expect("dev")
+        .create_invoice(dvmd::wallet::InvoiceRequest {
+            amount_msat: 1_000,
+            description: dvmd::wallet::InvoiceDescription::Memo("no".into()),
+            expiry_secs: 600,
+        })
+        .await
+        .expect("invoice");
+    let bad = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": with_amount.bolt11,
+    }));
+    let refused = post(&http, &chat(&model, 60, true), Some(&bad)).await;
+    assert_eq!(refused.status(), 402);
+    let problem: Value = refused.json().await.expect("json");
+    assert_eq!(
+        problem["type"],
+        "https://paymentauth.org/problems/lightning/invalid-return-invoice"
+    );
+    let wrong = deposit.credential(json!({
+        "action": "open", "preimage": "00".repeat(32), "returnInvoice": refund_to,
+    }));
+    let refused = post(&http, &chat(&model, 60, true), Some(&wrong)).await;
+    let problem: Value = refused.json().await.expect("json");
+    assert_eq!(
+        problem["type"],
+        "https://paymentauth.org/problems/lightning/invalid-preimage"
+    );
+    let unknown = deposit.credential(json!({
+        "action": "bearer", "sessionId": "ab".repeat(32), "preimage": preimage,
+    }));
+    let refused = post(&http, &chat(&model, 60, true), Some(&unknown)).await;
+    let problem: Value = refused.json().await.expect("json");
+    assert_eq!(
+        problem["type"],
+        "https://paymentauth.org/problems/lightning/session-not-found"
+    );
+
+    // Open on a 60-token stream with a 20-token deposit: it runs dry, nobody tops it up.
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": refund_to,
+    }));
+    let stream = post(&http, &chat(&model, 60, true), Some(&open)).await;
+    assert_eq!(stream.status(), 200);
+    let events = read_events(stream, |_, _| async {}).await;
+    assert_eq!(data_of(&events, "payment-need-topup").len(), 1);
+    let timeouts = data_of(&events, "session-timeout");
+    assert_eq!(timeouts.len(), 1, "{events:?}");
+    assert_eq!(timeouts[0]["sessionId"], session.as_str());
+    let said = text_of(&events);
+    let tokens = said.split_whitespace().count() as u64;
+    assert_eq!(
+        tokens * 100,
+        deposit_msat,
+        "what the deposit paid for, not a token more"
+    );
+    assert!(reply().starts_with(&said));
+    let finish = events
+        .iter()
+        .filter_map(|(_, data)| serde_json::from_str::<Value>(data).ok())
+        .find_map(|chunk| {
+            chunk["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_owned)
+        });
+    assert_eq!(finish.as_deref(), Some("length"));
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    assert_eq!(
+        session_balance(&daemon, &session),
+        0,
+        "all spent on what was said"
+    );
+
+    // A second session, left idle with money on it: the service closes it and refunds.
+    let (second, _) = session_offer(&http, &model, 20).await;
+    let paid = harness::dev_pay(&http, second.invoice()).await;
+    let (refund_to, refund_hash_2) = return_invoice(&http).await;
+    let open = second.credential(json!({
+        "action": "open", "preimage": paid, "returnInvoice": refund_to,
+    }));
+    let answer = post(&http, &chat(&model, 5, false), Some(&open)).await;
+    assert_eq!(answer.status(), 200);
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let rest = session_balance(&daemon, &second.hash());
+    assert!(rest > 0);
+    let wallet = daemon.dev_wallet().expect("dev wallet");
+    let mut refunded = None;
+    for _ in 0..100 {
+        if let PaymentStatus::Paid { amount_msat } =
+            wallet.lookup(&refund_hash_2).await.expect("lookup")
+        {
+            refunded = Some(amount_msat);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refunded, Some(rest), "idle: closed, and the rest refunded");
+    let record = daemon
+        .pipeline()
+        .session(&PaymentHash::from_hex(&second.hash()).expect("hex"))
+        .await
+        .expect("read")
+        .expect("stored");
+    let closed = record.closed.expect("closed");
+    assert_eq!(
+        (closed.by.as_str(), closed.refund_status.as_str()),
+        ("idle", "succeeded")
+    );
+    // The first, spent to zero, was closed idle too, with nothing to refund.
+    assert_eq!(
+        wallet.lookup(&refund_hash).await.expect("lookup"),
+        PaymentStatus::Pending,
+        "nothing left, nothing paid"
+    );
+
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
