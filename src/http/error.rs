@@ -33,9 +33,9 @@ impl From<WalletError> for ApiError {
     fn from(e: WalletError) -> Self {
         let status = match &e {
             WalletError::InvalidInvoice(_) => StatusCode::BAD_REQUEST,
-            WalletError::Refused(_) | WalletError::InsufficientBalance { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            WalletError::Refused(_)
+            | WalletError::Declined(_)
+            | WalletError::InsufficientBalance { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             WalletError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             WalletError::Store(crate::store::StoreError::WriterFailed(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -46,6 +46,7 @@ impl From<WalletError> for ApiError {
             // About the customer's own input: theirs to read.
             WalletError::InvalidInvoice(_)
             | WalletError::Refused(_)
+            | WalletError::Declined(_)
             | WalletError::InsufficientBalance { .. } => e.to_string(),
             // The wallet's or the store's insides: the log gets them.
             WalletError::Unavailable(_) | WalletError::Store(_) => format!(

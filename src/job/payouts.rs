@@ -219,14 +219,15 @@ impl Book {
                             )?;
                         }
                         payout.state = PayoutState::Paid { fee_msat: fee };
+                        payout.note = None;
                     }
                     PayoutState::Failed => {
                         let total = payout.amount_msat + payout.max_fee_msat;
                         post(tx, &entry(EntryKind::PayoutFailed, &payout, total, at))?;
+                        // The last thing the wallet said stays: it says why.
                         payout.state = PayoutState::Failed;
                     }
                 }
-                payout.note = None;
                 payout.updated_at = at;
                 tx.put(Tree::Payouts, &hash.0, &payout)?;
                 Ok(payout)
@@ -458,6 +459,7 @@ impl Payer {
                 let why = "the wallet answered with a preimage that is not this invoice's";
                 self.look_up_payout(&payout, Some(why.to_owned())).await
             }
+            Err(e) if e.declined() => self.look_up_declined(&payout, &e).await,
             Err(e) => self.look_up_payout(&payout, Some(pay_error(&e))).await,
         };
         Ok(ended?)
@@ -497,6 +499,26 @@ impl Payer {
             .await
             .map_err(|e| PayoutRefusal::Invoice(format!("{address}: {e}")))?;
         self.withdraw(account, &bolt11).await
+    }
+
+    /// A payout the wallet declined (it said it sent nothing, and will not): failed at once
+    /// unless the wallet knows a payment to its hash after all.
+    async fn look_up_declined(
+        &self,
+        payout: &Payout,
+        e: &crate::wallet::WalletError,
+    ) -> Result<Payout, BookError> {
+        let hash = &payout.payment_hash;
+        match self.wallet.lookup_payment(hash).await {
+            Ok(OutgoingStatus::Unknown | OutgoingStatus::Failed) => {
+                tracing::warn!(payment_hash = %hash, reason = %e, "payout declined by the wallet; the amount is back on the balance");
+                self.book
+                    .note_payout(hash, format!("declined: {e}"))
+                    .await?;
+                self.book.finish_payout(hash, PayoutState::Failed).await
+            }
+            _ => self.look_up_payout(payout, Some(pay_error(e))).await,
+        }
     }
 
     /// Ask the wallet what became of a pending payout and book what it says; `said` is what

@@ -486,9 +486,15 @@ impl Pipeline {
 
 /// What a refund of `balance_msat` pays: the balance less the most routing fee it may cost.
 fn refund_within(balance_msat: u64, fee: super::payouts::PayoutFee) -> u64 {
-    // The fee is a function of the amount; the amount plus its fee must fit the balance.
-    let mut amount = balance_msat.saturating_sub(fee.max_for(balance_msat));
-    while amount > 0 && amount + fee.max_for(amount) > balance_msat {
+    // The fee is a function of the amount: the largest amount that fits with its own fee.
+    let fits = |amount: u64| amount.saturating_add(fee.max_for(amount)) <= balance_msat;
+    let after_base = u128::from(balance_msat.saturating_sub(fee.base_msat));
+    let mut amount =
+        u64::try_from(after_base * 1_000_000 / (1_000_000 + u128::from(fee.ppm))).unwrap_or(0);
+    while fits(amount + 1) {
+        amount += 1;
+    }
+    while amount > 0 && !fits(amount) {
         amount -= 1;
     }
     amount

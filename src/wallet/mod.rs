@@ -158,9 +158,22 @@ pub enum WalletError {
     /// The backend refused the operation.
     #[error("wallet refused: {0}")]
     Refused(String),
+    /// The wallet answered that it will not make this payment (not implemented, not allowed,
+    /// over a quota): it sent nothing. A payout it declines and knows nothing of is failed at
+    /// once, not looked up until its invoice expires.
+    #[error("wallet declined: {0}")]
+    Declined(String),
     /// The store behind the wallet failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+impl WalletError {
+    /// Whether the wallet said it sent nothing and will not (declined, or short of balance
+    /// before it tried).
+    pub fn declined(&self) -> bool {
+        matches!(self, Self::Declined(_) | Self::InsufficientBalance { .. })
+    }
 }
 
 /// A Lightning wallet. One conformance suite (tests/) runs against every backend.
@@ -194,7 +207,7 @@ pub trait Wallet: Send + Sync + 'static {
         _amount_msat: u64,
         _max_fee_msat: u64,
     ) -> Result<PaymentSent, WalletError> {
-        Err(WalletError::Refused(format!(
+        Err(WalletError::Declined(format!(
             "the {} wallet cannot pay an invoice that names no amount",
             self.name()
         )))

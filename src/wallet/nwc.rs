@@ -206,6 +206,13 @@ impl NwcWallet {
                     WalletError::Refused(format!("nwc: not found: {}", error.message))
                 }
                 ErrorCode::RateLimited | ErrorCode::Internal => unavailable(method.as_str(), error),
+                // Refused before anything was tried: nothing was or will be sent.
+                ErrorCode::NotImplemented
+                | ErrorCode::QuotaExceeded
+                | ErrorCode::Restricted
+                | ErrorCode::Unauthorized => {
+                    WalletError::Declined(format!("nwc {}: {error}", method.as_str()))
+                }
                 _ => WalletError::Refused(format!("nwc {}: {error}", method.as_str())),
             });
         }

@@ -569,3 +569,226 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
 }
+
+/// An invoice that names no amount on mainnet (LNbits' FakeWallet issues `lnbc`), signed by a
+/// node nobody runs: what a client of an LNbits-backed service might hand in.
+fn amountless_mainnet_invoice() -> String {
+    use bitcoin::hashes::{sha256, Hash};
+    use bitcoin::secp256k1::{Secp256k1, SecretKey};
+    use lightning_invoice::{Currency, InvoiceBuilder, PaymentSecret};
+    let key = SecretKey::from_slice(&[0x42; 32]).expect("key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    InvoiceBuilder::new(Currency::Bitcoin)
+        .description("refund".into())
+        .payment_hash(sha256::Hash::hash(&rand::random::<[u8; 32]>()))
+        .payment_secret(PaymentSecret([7; 32]))
+        .duration_since_epoch(now)
+        .expiry_time(Duration::from_secs(30 * 24 * 3600))
+        .min_final_cltv_expiry_delta(144)
+        .build_signed(|message| Secp256k1::new().sign_ecdsa_recoverable(message, &key))
+        .expect("invoice")
+        .to_string()
+}
+
+/// NWC (npm @getalby/sdk's wallet service on the test LNbits): sessions are offered, since
+/// NIP-47's `pay_invoice` takes an `amount` for an invoice that names none. LNbits itself pays
+/// no such invoice, and the service says so (`NOT_IMPLEMENTED`): the refund is declined, the
+/// close says `failed`, and the rest is back on the session's account at once, where the L402
+/// credential of the deposit's 402 withdraws it to the customer's LNbits wallet through NWC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nwc_a_declined_refund_stays_on_the_account_and_is_withdrawn() {
+    use crate::lnbits::Lnbits;
+    use crate::nwc::{relay, NwcService};
+
+    let lnbits = Lnbits::start().await;
+    let service = lnbits.create_wallet("dvmd").await;
+    let customer = lnbits.create_wallet("customer").await;
+    lnbits.fund(&customer, 10_000).await;
+    let (relay_url, stop_relay) = relay().await;
+    let nwc = NwcService::start(&relay_url, &lnbits, &service);
+    let data = harness::data_dir();
+    let uri_file = data.path().join("nwc.uri");
+    std::fs::write(&uri_file, &nwc.uri).expect("write uri");
+    let config = harness::dev_config(data.path(), |file| {
+        file.wallet.backend = "nwc".into();
+        file.wallet.nwc.uri_env = None;
+        file.wallet.nwc.uri_file = Some(uri_file.clone());
+        // A few sats of rest: no flat part of the routing fee reserve, or none would be left.
+        file.wallet.payout_max_fee_base_msat = 0;
+        file.pricing.base_fee_msat = 0;
+        file.pricing.prompt_msat_per_1k_tokens = 0;
+        file.pricing.completion_msat_per_1k_tokens = 100_000;
+    });
+    let daemon = harness::start(config, Some(Arc::new(InstantBackend::new(reply())))).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+
+    let (deposit, macaroon) = session_offer(&http, &model, 60).await;
+    assert!(deposit.invoice().starts_with("lnbc"), "LNbits' invoice");
+    lnbits.pay(&customer, deposit.invoice()).await;
+    let (_, paid) = lnbits.payment(Some(&customer.inkey), &deposit.hash()).await;
+    let preimage = paid["preimage"].as_str().expect("preimage").to_owned();
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": amountless_mainnet_invoice(),
+    }));
+    let answer = post(&http, &chat(&model, 10, false), Some(&open)).await;
+    assert_eq!(answer.status(), 200, "{:?}", answer.text().await);
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let session = deposit.hash();
+    let rest = session_balance(&daemon, &session);
+    assert!(rest > 0);
+
+    let close = deposit.credential(json!({
+        "action": "close", "sessionId": session, "preimage": preimage,
+    }));
+    let closed = post(&http, &chat(&model, 5, false), Some(&close)).await;
+    assert_eq!(closed.status(), 200);
+    assert_eq!(receipt(&closed)["refundStatus"], "failed");
+    let body: Value = closed.json().await.expect("json");
+    assert_eq!(body["refundStatus"], "failed", "{body}");
+    assert!(body["refundMsat"].as_u64().expect("refundMsat") > 0);
+    assert_eq!(
+        session_balance(&daemon, &session),
+        rest,
+        "declined: all of it back on the account, nothing in flight"
+    );
+    let (bolt11, note) = close_payout(&daemon).await;
+    let refund = dvmd::wallet::bolt11::decode(&bolt11).expect("the refund's invoice");
+    assert!(refund.amount_msat.is_none());
+    // The service was asked to pay the amount (NIP-47 `pay_invoice` `amount`), and said no.
+    assert!(
+        note.contains(&format!("asked to pay {} msat", body["refundMsat"])),
+        "{note}"
+    );
+
+    // The rest goes home through the L402 credential of the deposit's 402.
+    let fee = rest * 5_000 / 1_000_000;
+    let home_sats = (rest - fee) / 1000;
+    let (home, home_hash) = lnbits.create_invoice(&customer, home_sats, "home").await;
+    let withdrawn = reqwest::Client::new()
+        .post(format!("{http}/v1/account/withdraw"))
+        .header("Authorization", format!("L402 {macaroon}:{preimage}"))
+        .json(&json!({ "bolt11": home }))
+        .send()
+        .await
+        .expect("send");
+    let status = withdrawn.status();
+    let payout: Value = withdrawn.json().await.expect("json");
+    assert_eq!(status, 200, "{payout}");
+    assert_eq!(payout["state"], "paid", "{payout}");
+    assert!(lnbits.is_paid(&customer, &home_hash).await);
+
+    daemon.stop().await;
+    stop_relay.cancel();
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    let refund_msat = body["refundMsat"].as_u64().expect("refundMsat");
+    assert_eq!(
+        totals.payout_failed_msat,
+        refund_msat + refund_msat * 5_000 / 1_000_000,
+        "the declined refund and its fee reserve came back"
+    );
+    assert_eq!(totals.payout_msat, home_sats * 1000);
+}
+
+/// The one payout booked against the session's account, the refund: its invoice and note.
+async fn close_payout(daemon: &Daemon) -> (String, String) {
+    let payouts = daemon
+        .pipeline()
+        .book()
+        .store()
+        .read(|r| {
+            let mut all = Vec::new();
+            for item in r.scan::<dvmd::job::payouts::Payout>(dvmd::store::Tree::Payouts) {
+                all.push(item?.1);
+            }
+            Ok::<_, dvmd::store::StoreError>(all)
+        })
+        .await
+        .expect("payouts");
+    assert_eq!(payouts.len(), 1, "{payouts:?}");
+    assert_eq!(payouts[0].state, dvmd::job::payouts::PayoutState::Failed);
+    (
+        payouts[0].bolt11.clone(),
+        payouts[0].note.clone().unwrap_or_default(),
+    )
+}
+
+/// LNbits pays no invoice that names no amount: no session is offered beside the charge, and a
+/// session credential is refused with that reason (and a fresh charge challenge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_lnbits_no_session_is_offered_and_one_is_refused_with_the_reason() {
+    use crate::lnbits::Lnbits;
+
+    let lnbits = Lnbits::start().await;
+    let operator = lnbits.create_wallet("dvmd").await;
+    let customer = lnbits.create_wallet("customer").await;
+    lnbits.fund(&customer, 10_000).await;
+    let data = harness::data_dir();
+    let key = data.path().join("lnbits.inkey");
+    std::fs::write(&key, &operator.inkey).expect("write key");
+    let config = harness::dev_config(data.path(), |file| {
+        file.wallet.backend = "lnbits".into();
+        file.wallet.lnbits.url = lnbits.url.clone();
+        file.wallet.lnbits.invoice_key_env = None;
+        file.wallet.lnbits.invoice_key_file = Some(key.clone());
+    });
+    let daemon = harness::start(config, Some(Arc::new(InstantBackend::new(reply())))).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let (offers, _) = challenges(post(&http, &chat(&model, 10, false), None).await).await;
+    assert!(offers.contains_key("charge"));
+    assert!(!offers.contains_key("session"), "no session on LNbits");
+
+    // A client that tries anyway: the charge's challenge, paid, presented as a session open.
+    let charge = &offers["charge"];
+    let invoice = charge.request["methodDetails"]["invoice"]
+        .as_str()
+        .expect("invoice");
+    lnbits.pay(&customer, invoice).await;
+    let hash = charge.request["methodDetails"]["paymentHash"]
+        .as_str()
+        .expect("hash");
+    let (_, paid) = lnbits.payment(Some(&customer.inkey), hash).await;
+    let preimage = paid["preimage"].as_str().expect("preimage");
+    let mut echo = charge.clone();
+    echo.params.insert("intent".into(), "session".into());
+    let open = echo.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": amountless_mainnet_invoice(),
+    }));
+    let refused = post(&http, &chat(&model, 10, false), Some(&open)).await;
+    assert_eq!(refused.status(), 402);
+    let fresh: Vec<String> = refused
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("text").to_owned())
+        .collect();
+    assert!(
+        fresh.iter().any(|v| v.contains("intent=\"charge\"")),
+        "{fresh:?}"
+    );
+    assert!(!fresh.iter().any(|v| v.contains("intent=\"session\"")));
+    let problem: Value = refused.json().await.expect("json");
+    assert_eq!(
+        problem["type"],
+        "https://paymentauth.org/problems/method-unsupported"
+    );
+    let detail = problem["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("offers no sessions") && detail.contains("lnbits"),
+        "the reason: {detail}"
+    );
+    // The payment is not lost: the charge credential of the same 402 still pays a call.
+    let charged = post(
+        &http,
+        &chat(&model, 10, false),
+        Some(&charge.credential(json!({ "preimage": preimage }))),
+    )
+    .await;
+    assert_eq!(charged.status(), 200);
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}

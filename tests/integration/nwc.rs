@@ -61,7 +61,7 @@ impl Drop for NwcService {
     }
 }
 
-async fn relay() -> (String, CancellationToken) {
+pub async fn relay() -> (String, CancellationToken) {
     let relay = EmbeddedRelay::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("bind");

@@ -290,7 +290,10 @@ async function payInvoice(params) {
   if (typeof invoice !== "string" || !invoice) return fail("OTHER", "invoice required");
   const dec = decodeInvoice(invoice);
   if (!dec) return fail("OTHER", "could not decode invoice");
-  if (!dec.millisatoshi) return fail("NOT_IMPLEMENTED", "amountless invoices are not supported");
+  if (!dec.millisatoshi) {
+    // NIP-47 takes `amount` for such an invoice; LNbits pays none (it wants the invoice's own).
+    return fail("NOT_IMPLEMENTED", `amountless invoices are not supported by LNbits (asked to pay ${amount ?? "no amount"} msat)`);
+  }
   if (amount !== undefined && amount !== null && amount !== dec.millisatoshi) {
     return fail("OTHER", `amount ${amount} msat does not match the invoice's ${dec.millisatoshi} msat`);
   }
