@@ -792,3 +792,69 @@ async fn on_lnbits_no_session_is_offered_and_one_is_refused_with_the_reason() {
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
 }
+
+/// npm `mppx`, the draft's reference client, reads our 402 (three challenges: L402 beside two
+/// `Payment` ones) with its own parser, picks the Lightning `session` challenge for the method
+/// it was given, opens the session with a credential it serialized (echo and all), reads the
+/// receipt, and closes the session: the rest reaches its return invoice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mppx_opens_and_closes_a_session_through_its_own_client() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let url = format!("{http}/v1/chat/completions");
+    // 100 tokens asked, 60 said: the deposit (the quote) leaves a rest to refund.
+    let body = chat(&model, 100, false).to_string();
+    let lines = {
+        let (url, body, http) = (url.clone(), body.clone(), http.clone());
+        tokio::task::spawn_blocking(move || {
+            harness::node_peer(
+                "mpp_session.mjs",
+                &["--url", &url, "--body", &body, "--pay", &http],
+            )
+        })
+        .await
+        .expect("node")
+    };
+    let out = &lines[0];
+    let offered = out["offered"].as_array().expect("challenges");
+    let intents: Vec<&str> = offered
+        .iter()
+        .filter(|c| c["method"] == "lightning")
+        .filter_map(|c| c["intent"].as_str())
+        .collect();
+    assert_eq!(intents, ["charge", "session"], "{out}");
+    let session = offered
+        .iter()
+        .find(|c| c["intent"] == "session")
+        .expect("session");
+    assert_eq!(session["request"]["amount"], "1");
+    assert_eq!(session["request"]["idleTimeout"], "300");
+
+    assert_eq!(out["status"], 200, "{out}");
+    let id = out["session"].as_str().expect("session id");
+    assert_eq!(out["receipt"]["reference"], id, "{out}");
+    assert_eq!(out["receipt"]["status"], "success");
+    assert_eq!(out["body"]["dvmd"]["charge_msat"], 6_000, "60 tokens");
+
+    let closed = &out["closed"];
+    assert_eq!(closed["status"], 200, "{closed}");
+    assert_eq!(closed["body"]["status"], "closed");
+    assert_eq!(closed["body"]["refundStatus"], "succeeded");
+    assert_eq!(closed["receipt"]["reference"], id);
+    let deposit_msat = session["request"]["depositAmount"]
+        .as_str()
+        .expect("depositAmount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+    assert_eq!(
+        closed["body"]["refundMsat"],
+        deposit_msat - 6_000,
+        "{closed}"
+    );
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    daemon.stop().await;
+    let totals = harness::ledger_ok(&harness::open_store(data.path()));
+    assert_eq!(totals.payout_msat, deposit_msat - 6_000);
+}
