@@ -219,8 +219,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         jobs: usize,
     },
-    /// What NIP-98 costs a /v1 call: GET /healthz beside a signed GET /v1/account, and the
-    /// verifier alone.
+    /// What auth and the ledger cost a /v1 call: GET /healthz beside a signed GET /v1/account
+    /// and the verifier alone; chat completions paid by NIP-98, L402 and a Payment session
+    /// beside the backend called directly.
     Http {
         /// Calls of each.
         #[arg(long, default_value_t = 2_000)]

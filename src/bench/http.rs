@@ -6,9 +6,11 @@
 //!    timed too.
 //! 2. A dev daemon whose backend is the OpenAI-compatible stub server: the stub called
 //!    directly, then the same `POST /v1/chat/completions` through dvmd billed to an npub
-//!    (NIP-98) and paid by a confirmed L402 token. The difference is what dvmd adds: auth,
-//!    pricing, the reservation, the run queue, the result and charge committed (one fsync
-//!    group), settlement. Then calls per second with 16 callers at once.
+//!    (NIP-98), paid by a confirmed L402 token, and paid from an HTTP `Payment` session (a
+//!    `bearer` credential: the session looked up, its preimage checked, the call opened on what
+//!    it has). The difference is what dvmd adds: auth, pricing, the reservation, the run
+//!    queue, the result and charge committed (one fsync group), settlement. Then calls per
+//!    second with 16 callers at once.
 //!
 //! Calls go over one keep-alive loopback connection each; headers are signed before the clock
 //! starts, as a client would sign them.
@@ -131,18 +133,22 @@ async fn chat(calls: usize) -> Result<(), BenchError> {
     let total = quote * (2 * calls as u64 + 2 * warmup as u64 + 64);
     top_up(&client, &daemon, &keys, total.div_ceil(1000) * 1000).await?;
     let token = buy_token(&client, &daemon, total.div_ceil(1000) * 1000).await?;
+    let session = open_session(&client, &daemon, total.div_ceil(1000) * 1000, &url, &body).await?;
 
     let signed = (0..calls + warmup)
         .map(|i| post_header(&keys, &url, &body, i))
         .collect::<Result<Vec<_>, _>>()?;
     let mut nip98 = Vec::with_capacity(calls);
     let mut l402 = Vec::with_capacity(calls);
+    let mut sessions = Vec::with_capacity(calls);
     for (i, auth) in signed.iter().enumerate() {
         let a = timed_call(&client, &url, auth, &body).await?;
         let b = timed_call(&client, &url, &token, &body).await?;
+        let c = timed_call(&client, &url, &session, &body).await?;
         if i >= warmup {
             nip98.push(a);
             l402.push(b);
+            sessions.push(c);
         }
     }
 
@@ -214,6 +220,7 @@ async fn chat(calls: usize) -> Result<(), BenchError> {
     report("stub server directly", &mut direct);
     report("dvmd, NIP-98 (npub balance)", &mut nip98);
     report("dvmd, L402 (confirmed token)", &mut l402);
+    report("dvmd, Payment session bearer", &mut sessions);
     report("dvmd's backend client alone", &mut client_alone);
     report("store commit alone (fsync)", &mut commits);
     for (label, samples) in [("NIP-98", &nip98), ("L402", &l402)] {
@@ -236,6 +243,11 @@ async fn chat(calls: usize) -> Result<(), BenchError> {
                 * 1e3,
         );
     }
+    println!(
+        "  {:<29}: p50 {:+.3} ms",
+        "session debit, over L402",
+        (median(&sessions).as_secs_f64() - median(&l402).as_secs_f64()) * 1e3
+    );
     println!(
         "  {:<29}: {rate:.0} calls/s ({callers} callers, L402, {} calls)",
         "throughput",
@@ -341,6 +353,74 @@ async fn buy_token(
         return Err(format!("the token was refused: {}", response.status()).into());
     }
     Ok(auth)
+}
+
+/// An HTTP `Payment` session with a deposit of `msat`, opened by one call: the `bearer`
+/// credential every later call presents.
+async fn open_session(
+    client: &reqwest::Client,
+    daemon: &crate::daemon::Daemon,
+    msat: u64,
+    url: &str,
+    body: &str,
+) -> Result<String, BenchError> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let http = &daemon.ready().http_url;
+    let response = client
+        .post(format!("{http}/v1/l402/token"))
+        .json(&serde_json::json!({ "amount_msat": msat }))
+        .send()
+        .await?;
+    let offer = response
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.contains("intent=\"session\""))
+        .map(auth_params)
+        .ok_or("no session challenge (sessions need a wallet that pays amountless invoices)")?;
+    let request: serde_json::Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(&offer["request"])
+            .map_err(|e| e.to_string())?,
+    )?;
+    let invoice = request["depositInvoice"]
+        .as_str()
+        .ok_or("no deposit invoice")?;
+    let session = request["paymentHash"].as_str().ok_or("no payment hash")?;
+    let preimage = dev_pay(client, http, invoice).await?;
+    let refund: serde_json::Value = client
+        .post(format!("{http}/dev/invoice"))
+        .json(&serde_json::json!({ "memo": "bench refund" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let credential = |payload: serde_json::Value| {
+        let echo: serde_json::Map<String, serde_json::Value> = offer
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+            .collect();
+        let wire = serde_json::json!({ "challenge": echo, "payload": payload });
+        format!("Payment {}", URL_SAFE_NO_PAD.encode(wire.to_string()))
+    };
+    let open = credential(serde_json::json!({
+        "action": "open", "preimage": preimage, "returnInvoice": refund["bolt11"],
+    }));
+    timed_call(client, url, &open, body).await?;
+    Ok(credential(serde_json::json!({
+        "action": "bearer", "sessionId": session, "preimage": preimage,
+    })))
+}
+
+/// The auth-params of a `Payment` challenge (dvmd's values hold no quotes or backslashes).
+fn auth_params(value: &str) -> std::collections::HashMap<String, String> {
+    value
+        .trim_start_matches("Payment ")
+        .split("\", ")
+        .filter_map(|pair| pair.split_once("=\""))
+        .map(|(name, value)| (name.to_owned(), value.trim_end_matches('"').to_owned()))
+        .collect()
 }
 
 async fn dev_pay(client: &reqwest::Client, http: &str, bolt11: &str) -> Result<String, BenchError> {
