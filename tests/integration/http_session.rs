@@ -858,3 +858,208 @@ async fn mppx_opens_and_closes_a_session_through_its_own_client() {
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
     assert_eq!(totals.payout_msat, deposit_msat - 6_000);
 }
+
+/// One session under load: eight streams at once on a balance that covers three, two top-ups
+/// landing while some wait (one of them sent twice at once), then a close racing a third top-up.
+/// Every msat deposited is charged for a token said, refunded, or still on an account; no
+/// top-up moves twice; every stream ends once with `[DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
+    let (data, daemon) = start(|file| {
+        file.service.workers = 8;
+        file.http.session_topup_wait_secs = 3;
+    })
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let (deposit, _) = session_offer(&http, &model, 60).await;
+    let session = deposit.hash();
+    let preimage = harness::dev_pay(&http, deposit.invoice()).await;
+    let (refund_to, refund_hash) = return_invoice(&http).await;
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": refund_to,
+    }));
+    assert_eq!(
+        post(&http, &chat(&model, 1, false), Some(&open))
+            .await
+            .status(),
+        200
+    );
+    let bearer = deposit.credential(json!({
+        "action": "bearer", "sessionId": session, "preimage": preimage,
+    }));
+
+    let dry = Arc::new(tokio::sync::Notify::new());
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let (http, model, bearer, dry) = (http.clone(), model.clone(), bearer.clone(), dry.clone());
+        streams.push(tokio::spawn(async move {
+            let response = post(&http, &chat(&model, 20, true), Some(&bearer)).await;
+            if response.status() != 200 {
+                let problem: Value = response.json().await.expect("json");
+                return Err(problem["type"].as_str().unwrap_or_default().to_owned());
+            }
+            let events = read_events(response, |name, _| {
+                if name == "payment-need-topup" {
+                    dry.notify_one();
+                }
+                async {}
+            })
+            .await;
+            Ok(events)
+        }));
+    }
+    // Once a stream waits: one top-up sent twice at once, then another.
+    let top_ups = {
+        let (http, model, session) = (http.clone(), model.clone(), session.clone());
+        tokio::spawn(async move {
+            dry.notified().await;
+            let mut moved = Vec::new();
+            for twice in [true, false] {
+                let (offer, _) = session_offer(&http, &model, 20).await;
+                let paid = harness::dev_pay(&http, offer.invoice()).await;
+                let credential = offer.credential(json!({
+                    "action": "topUp", "sessionId": session, "topUpPreimage": paid,
+                }));
+                let body = chat(&model, 1, false);
+                let (a, b) = tokio::join!(post(&http, &body, Some(&credential)), async {
+                    if twice {
+                        Some(post(&http, &body, Some(&credential)).await)
+                    } else {
+                        None
+                    }
+                });
+                assert_eq!(a.status(), 200);
+                if let Some(b) = b {
+                    assert_eq!(b.status(), 200, "the same top-up again answers the same");
+                }
+                let sats: u64 = offer.request["depositAmount"]
+                    .as_str()
+                    .expect("amount")
+                    .parse()
+                    .expect("sats");
+                moved.push(sats * 1000);
+            }
+            moved
+        })
+    };
+    let mut said_tokens = 0u64;
+    let (mut refused, mut resumed) = (0, 0);
+    for stream in streams {
+        match stream.await.expect("stream task") {
+            Ok(events) => {
+                assert_eq!(
+                    events.last().map(|(_, d)| d.as_str()),
+                    Some("[DONE]"),
+                    "{events:?}"
+                );
+                let text = text_of(&events);
+                assert!(
+                    reply().starts_with(&text),
+                    "in order, nothing twice: {text}"
+                );
+                let tokens = text.split_whitespace().count() as u64;
+                if !data_of(&events, "payment-need-topup").is_empty()
+                    && data_of(&events, "session-timeout").is_empty()
+                {
+                    resumed += 1;
+                }
+                let receipt = &data_of(&events, "payment-receipt")[0];
+                assert_eq!(receipt["units"], tokens);
+                assert_eq!(receipt["spentMsat"], tokens * 100, "exactly its tokens");
+                said_tokens += tokens;
+            }
+            Err(problem) => {
+                assert_eq!(
+                    problem,
+                    "https://paymentauth.org/problems/lightning/insufficient-balance"
+                );
+                refused += 1;
+            }
+        }
+    }
+    let topped: u64 = top_ups.await.expect("top-ups").iter().sum();
+    assert!(resumed >= 1, "a stream ran dry and went on after a top-up");
+    assert!(
+        refused >= 1,
+        "the balance was reserved, never more: later calls were refused"
+    );
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let hash = PaymentHash::from_hex(&session).expect("hex");
+    let record = daemon
+        .pipeline()
+        .session(&hash)
+        .await
+        .expect("read")
+        .expect("session");
+    let deposit_msat = deposit.request["depositAmount"]
+        .as_str()
+        .expect("amount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+    assert_eq!(
+        record.deposited_msat,
+        deposit_msat + topped,
+        "each top-up moved once"
+    );
+    let left = session_balance(&daemon, &session);
+    assert_eq!(
+        left + 100 + said_tokens * 100,
+        record.deposited_msat,
+        "charged for every token said ({said_tokens}, {refused} calls refused), the rest on the session"
+    );
+
+    // A close racing a third top-up: either the top-up lands first and is refunded with the
+    // rest, or the session is closed first and the top-up's payment stays on its own account.
+    let (third, _) = session_offer(&http, &model, 20).await;
+    let paid = harness::dev_pay(&http, third.invoice()).await;
+    let top_up = third.credential(json!({
+        "action": "topUp", "sessionId": session, "topUpPreimage": paid,
+    }));
+    let close = deposit.credential(json!({
+        "action": "close", "sessionId": session, "preimage": preimage,
+    }));
+    let body = chat(&model, 1, false);
+    let (topped_up, closed) = tokio::join!(
+        post(&http, &body, Some(&top_up)),
+        post(&http, &body, Some(&close))
+    );
+    assert_eq!(closed.status(), 200);
+    let closed: Value = closed.json().await.expect("json");
+    let third_msat = third.request["depositAmount"]
+        .as_str()
+        .expect("amount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+    let third_account = Account::Token(PaymentHash::from_hex(&third.hash()).expect("hex"));
+    let third_left = harness::account_balance(daemon.pipeline().book().store(), &third_account);
+    let refunded = closed["refundMsat"].as_u64().expect("refundMsat");
+    if topped_up.status() == 200 {
+        assert_eq!((refunded, third_left), (left + third_msat, 0), "{closed}");
+    } else {
+        let problem: Value = topped_up.json().await.expect("json");
+        assert_eq!(
+            problem["type"],
+            "https://paymentauth.org/problems/lightning/session-closed"
+        );
+        assert_eq!((refunded, third_left), (left, third_msat), "{closed}");
+    }
+    if refunded > 0 {
+        assert_eq!(
+            daemon
+                .dev_wallet()
+                .expect("dev")
+                .lookup(&refund_hash)
+                .await
+                .expect("lookup"),
+            PaymentStatus::Paid {
+                amount_msat: refunded
+            }
+        );
+    }
+    assert_eq!(session_balance(&daemon, &session), 0);
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
