@@ -26,6 +26,10 @@
 //!                 own account; `L402 <macaroon>:<preimage>` spends from it; the same 402
 //!                 offers the HTTP `Payment` scheme (mpp) for the same invoice, its challenge
 //!                 stored by id and accepted once
+//! job::sessions   HTTP `Payment` sessions (http::session): the 402's invoice is a deposit
+//!                 (`open`), calls spend it (`bearer`), a dry stream waits for a `topUp`
+//!                 (a transfer into the session's account), `close` or idling refunds the
+//!                 rest to an amountless return invoice (job::payouts, two phases)
 //! job::payment    wallet settlement hint (coalesced per hash) or reconciler
 //!                 -> wallet.lookup(hash)
 //!                 -> book.confirm_payment: consume hash + payment_in + reserve + Paid, one tx
