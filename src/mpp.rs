@@ -276,6 +276,9 @@ pub enum Refusal {
     /// The challenge (and its invoice) expired.
     #[error("this challenge expired at {0}")]
     Expired(String),
+    /// A `session` challenge expired (the session draft's own problem type).
+    #[error("this challenge expired at {0}")]
+    ChallengeExpired(String),
     /// sha256(preimage) is not the challenge's payment hash.
     #[error("SHA-256 of the preimage does not match the challenge's payment hash")]
     InvalidPreimage,
@@ -302,6 +305,7 @@ impl Refusal {
             }
             Self::UnknownChallenge => ("lightning/unknown-challenge", "Unknown Challenge"),
             Self::Expired(_) => ("lightning/expired-invoice", "Expired Invoice"),
+            Self::ChallengeExpired(_) => ("lightning/challenge-expired", "Challenge Expired"),
             Self::InvalidPreimage => ("lightning/invalid-preimage", "Invalid Preimage"),
             Self::Unpaid => ("verification-failed", "Verification Failed"),
         };

@@ -327,6 +327,17 @@ pub(super) async fn open(
             }
         }
         .with_estimate(&priced.estimate)),
+        Err(OpenError::Book(crate::job::BookError::SessionClosed(_))) => {
+            let refused = refuse_payment(
+                api,
+                pipeline,
+                caller.client,
+                &crate::mpp::Refusal::SessionClosed,
+                Some(quote),
+            )
+            .await;
+            Err(refused.with_estimate(&priced.estimate))
+        }
         Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
     }
 }

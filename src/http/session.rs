@@ -9,8 +9,8 @@
 //!   {"status":"ok"}`, or `200 {"status":"closed","refundSats","refundStatus"}` (and
 //!   `refundMsat`, every msat the refund paid) with the close's receipt. No call runs.
 //!
-//! A refused credential gets 402 with the draft's problem type and, when there is a call to
-//! sell, a fresh challenge (the refusals of [`super::l402::payment_refused`]).
+//! A refused credential gets 402 with the draft's problem type and a fresh challenge (for the
+//! call, or for a call of the default size when refusing a `topUp` or `close`).
 
 use std::net::IpAddr;
 
@@ -21,7 +21,7 @@ use serde_json::json;
 
 use super::api::{parts, ApiConfig, OpenAiError};
 use super::chat::add_receipt;
-use super::l402::{payment_refused, refuse_payment, Caller, Who};
+use super::l402::{refuse_payment, Caller, Who};
 use super::HttpState;
 use crate::job::tokens::PaymentRefusal;
 use crate::job::Pipeline;
@@ -110,10 +110,17 @@ pub(super) async fn action(
         Action::Close { session } => close(api, pipeline, credential, session).await,
         _ => return None,
     };
-    Some(answered.map_err(|e| match e {
-        PaymentRefusal::Book(e) => OpenAiError::unavailable("store", &e),
-        PaymentRefusal::Credential(e) => payment_refused(&e, None),
-    }))
+    Some(match answered {
+        Ok(response) => Ok(response),
+        Err(PaymentRefusal::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
+        Err(PaymentRefusal::Credential(e)) => {
+            // A fresh challenge, as the draft requires of every refusal: for a call of the
+            // default size (no call is priced here: a topUp or close needs no valid body).
+            let config = &pipeline.inner.config;
+            let quote = config.rate_card.quote(0, config.limits.default_max_tokens);
+            Err(refuse_payment(api, pipeline, caller.client, &e, Some(quote)).await)
+        }
+    })
 }
 
 async fn top_up(
@@ -144,14 +151,16 @@ async fn close(
     bound(api, pipeline, credential)?;
     let report = pipeline.close_session(session, credential).await?;
     let sats = mpp::spent_sats(report.refund_msat);
+    let status = report.refund.answer();
     let body = json!({
         "status": "closed",
         "refundSats": sats,
         "refundMsat": report.refund_msat,
-        "refundStatus": report.refund_status,
+        "refundStatus": status,
+        "refundPayout": report.refund.recorded(),
     });
     let mut response = (StatusCode::OK, Json(body)).into_response();
-    let receipt = mpp::session_receipt(session, unix_now(), Some((sats, report.refund_status)));
+    let receipt = mpp::session_receipt(session, unix_now(), Some((sats, status)));
     add_receipt(&mut response, Some(&receipt));
     Ok(response)
 }

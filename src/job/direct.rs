@@ -219,7 +219,7 @@ impl Pipeline {
         let opened = match self
             .inner
             .book
-            .open_on_credit(job.clone(), answer_now)
+            .open_on_credit(job.clone(), answer_now, priced.request.session)
             .await?
         {
             // Short of balance, but trusted: run now, and pay for what it used after.
@@ -440,6 +440,8 @@ impl Pipeline {
     ) -> (Job, Result<Generated, String>, Option<u32>) {
         let card = self.inner.config.rate_card;
         let mut said: Option<Generated> = None;
+        // A session is not idle while this runs.
+        let _call = request.session.map(|session| self.session_call(session));
         let touch = |pipeline: &Self| {
             if let Some(session) = &request.session {
                 pipeline.touch(session);
@@ -538,12 +540,16 @@ impl Pipeline {
         }
         let deadline = Instant::now() + Duration::from_secs(inner.config.session_topup_wait_secs);
         loop {
-            match inner.book.add_hold(&job.id, want, min).await {
+            match inner.book.add_hold(&job.id, want, min, session).await {
                 Ok(Some(job)) => {
                     tracing::info!(job = %job.id, session = %session, held_msat = job.held_msat, "session topped up; the stream goes on");
                     return Some(job);
                 }
                 Ok(None) => {}
+                Err(BookError::SessionClosed(_)) => {
+                    tracing::info!(job = %job.id, session = %session, "the session closed while its stream waited; the answer ends with what it said");
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(job = %job.id, error = %e, "cannot reserve a top-up");
                     return None;

@@ -10,6 +10,7 @@ use super::record::Job;
 use super::state::{IllegalTransition, JobState};
 use crate::ledger::{self, Entry, EntryKind, LedgerError};
 use crate::store::{Tree, Tx, TxError};
+use crate::wallet::PaymentHash;
 
 impl Book {
     /// Reserve what the customer's credit can give towards a `Quoted` job's quote (up to the
@@ -64,16 +65,24 @@ impl Book {
     /// durable before this returns when `durable`. `Ok(Err(balance))` when the balance does not
     /// cover the quote: nothing is stored. Transactions run one at a time on the store writer, so two calls racing for one
     /// balance cannot both reserve it.
+    ///
+    /// A call paid from an HTTP `Payment` session (`session`) opens only while the session is
+    /// open, checked in the same write: nothing reserves from a session once its close is
+    /// recorded (its refund is computed in that write).
     pub async fn open_on_credit(
         &self,
         job: Job,
         durable: bool,
+        session: Option<PaymentHash>,
     ) -> Result<Result<Job, u64>, BookError> {
         let at = now();
         let write = move |tx: &Tx<'_>| {
             let mut job = job.clone();
             if find_job(tx, &job.id)?.is_some() {
                 return Err(abort(BookError::JobExists(job.id)));
+            }
+            if let Some(session) = &session {
+                session_open_in(tx, session)?;
             }
             let quote = job.quote_msat.unwrap_or(0);
             let balance = ledger::balance_in(tx, &job.customer)?;
@@ -104,6 +113,7 @@ impl Book {
         id: &JobId,
         want_msat: u64,
         min_msat: u64,
+        session: PaymentHash,
     ) -> Result<Option<Job>, BookError> {
         let (id, at) = (*id, now());
         self.store()
@@ -112,6 +122,7 @@ impl Book {
                 if job.state != JobState::Running {
                     return Ok(None);
                 }
+                session_open_in(tx, &session)?;
                 let take = want_msat.min(ledger::balance_in(tx, &job.customer)?);
                 if take == 0 || take < min_msat {
                     return Ok(None);
@@ -166,6 +177,14 @@ impl Book {
 }
 
 /// Inside a transaction: post a ledger entry of `msat` (if any) for `job`.
+/// Refuse (`BookError::SessionClosed`) unless `session` is an open HTTP `Payment` session.
+fn session_open_in(tx: &Tx<'_>, session: &PaymentHash) -> Result<(), TxError<BookError>> {
+    match tx.get::<super::sessions::SessionRecord>(Tree::Sessions, &session.0)? {
+        Some(record) if record.closed.is_none() => Ok(()),
+        _ => Err(abort(BookError::SessionClosed(*session))),
+    }
+}
+
 pub(super) fn post(
     tx: &Tx<'_>,
     kind: EntryKind,

@@ -110,9 +110,9 @@ impl Pipeline {
             // Payouts in flight, too (first on start: the recovery of a payout interrupted
             // between its booking and the wallet's answer).
             self.reconcile_payouts().await;
-            if self.offers_sessions() {
-                self.close_idle_sessions().await;
-            }
+            // Sessions idle out even when the wallet no longer offers them (their refund is then
+            // declined, and the rest stays on the account).
+            self.close_idle_sessions().await;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(every) => {}

@@ -31,7 +31,8 @@
 //! ([`crate::wallet::Wallet::pays_amountless`]: the dev wallet and NWC, not LNbits); otherwise a
 //! session credential is refused with that reason.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -70,7 +71,8 @@ pub struct Closed {
     pub by: String,
     /// What the refund tried to pay, msat (0: nothing was left).
     pub refund_msat: u64,
-    /// `succeeded`, `failed`, `skipped`, or `pending` while the payout is in flight.
+    /// `pending` from the close until the refund is tried, then `succeeded`, `failed`,
+    /// `skipped`, or `in_flight` (the payout is looked up until our wallet says).
     pub refund_status: String,
 }
 
@@ -79,8 +81,35 @@ pub struct Closed {
 pub struct Live {
     /// The last call on each session this process saw, unix seconds.
     active: Mutex<HashMap<PaymentHash, u64>>,
+    /// Calls running on each session now: a session is not idle while one runs.
+    calls: Mutex<HashMap<PaymentHash, usize>>,
+    /// Sessions that may be open (opened since start, or found open by the first pass): what
+    /// the idle pass looks at, instead of every session ever opened.
+    candidates: Mutex<HashSet<PaymentHash>>,
+    /// The first idle pass has read the store.
+    scanned: AtomicBool,
     /// Woken by every top-up: a stream that ran dry looks at its balance again.
     topped_up: Notify,
+}
+
+/// A call running on a session (see [`Pipeline::session_call`]); dropping it ends the call.
+pub struct SessionCall {
+    pipeline: Pipeline,
+    session: PaymentHash,
+}
+
+impl Drop for SessionCall {
+    fn drop(&mut self) {
+        if let Ok(mut calls) = self.pipeline.inner.sessions.calls.lock() {
+            if let Some(n) = calls.get_mut(&self.session) {
+                *n -= 1;
+                if *n == 0 {
+                    calls.remove(&self.session);
+                }
+            }
+        }
+        self.pipeline.touch(&self.session);
+    }
 }
 
 /// A closed session's answer.
@@ -88,8 +117,41 @@ pub struct Live {
 pub struct CloseReport {
     /// What was refunded (or tried), msat.
     pub refund_msat: u64,
-    /// `succeeded`, `failed` or `skipped`.
-    pub refund_status: &'static str,
+    /// How the refund went.
+    pub refund: Refund,
+}
+
+/// How a session's refund went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refund {
+    /// Our wallet says it arrived.
+    Succeeded,
+    /// It was refused or failed: the rest stays on the session's account.
+    Failed,
+    /// Nothing to refund (nothing left above the most routing fee).
+    Skipped,
+    /// The wallet did not say yet: the payout stays in flight and is looked up until it does.
+    InFlight,
+}
+
+impl Refund {
+    /// The draft's `refundStatus` (`succeeded`, `failed`, `skipped`): a refund not confirmed
+    /// is not `succeeded`.
+    pub fn answer(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed | Self::InFlight => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    /// As the session record keeps it (`in_flight` too).
+    pub fn recorded(self) -> &'static str {
+        match self {
+            Self::InFlight => "in_flight",
+            other => other.answer(),
+        }
+    }
 }
 
 impl From<crate::store::StoreError> for PaymentRefusal {
@@ -158,7 +220,7 @@ impl Pipeline {
             return Err(Refusal::InvalidPreimage.into());
         }
         if stored.used_at.is_none() && unix_now() >= stored.expires_at {
-            return Err(Refusal::Expired(stored.challenge.expires).into());
+            return Err(Refusal::ChallengeExpired(stored.challenge.expires).into());
         }
         if !self.payment_booked(&stored.payment_hash).await? {
             return Err(Refusal::Unpaid.into());
@@ -197,6 +259,12 @@ impl Pipeline {
                 challenge.used_at = Some(now);
                 tx.put(Tree::MppChallenges, id.as_bytes(), &challenge)?;
                 let deposited = ledger::balance_in(tx, &Account::Token(hash))?;
+                if deposited < 1000 {
+                    // The draft's step 6: at least one unit (1 sat) to spend.
+                    return refuse(Refusal::InsufficientBalance(format!(
+                        "this deposit has {deposited} msat left; a session needs at least 1 sat"
+                    )));
+                }
                 let record = SessionRecord {
                     return_invoice: return_invoice.clone(),
                     deposited_msat: deposited,
@@ -209,6 +277,9 @@ impl Pipeline {
             })
             .await?;
         self.touch(&hash);
+        if let Ok(mut candidates) = self.inner.sessions.candidates.lock() {
+            candidates.insert(hash);
+        }
         tracing::info!(session = %hash, deposited_msat = deposited, "http payment session opened");
         Ok(Account::Token(hash))
     }
@@ -326,9 +397,9 @@ impl Pipeline {
         self.end_session(session, "client").await
     }
 
-    /// Mark `session` closed (durably, before any refund is tried: no call spends from a
-    /// session being closed), then pay its balance less the most routing fee to its return
-    /// invoice, once.
+    /// Mark `session` closed (durably, before any refund is tried: nothing reserves from a
+    /// session once this write is done, [`super::book::Book::open_on_credit`]), then pay its
+    /// balance less the most routing fee to its return invoice, once.
     async fn end_session(
         &self,
         session: &PaymentHash,
@@ -359,31 +430,56 @@ impl Pipeline {
                 Ok(record)
             })
             .await?;
-        self.inner
-            .sessions
-            .active
-            .lock()
-            .map(|mut active| active.remove(session))
-            .ok();
+        let live = &self.inner.sessions;
+        if let Ok(mut active) = live.active.lock() {
+            active.remove(session);
+        }
+        if let Ok(mut candidates) = live.candidates.lock() {
+            candidates.remove(session);
+        }
+        // A stream waiting for a top-up learns at once that none can come.
+        live.topped_up.notify_waiters();
         let refund = closed.closed.as_ref().map_or(0, |c| c.refund_msat);
-        let status = if refund == 0 {
-            "skipped"
+        let status = self.refund(&hash, &closed.return_invoice, refund).await;
+        self.inner.metrics.session_closed(by, status.answer());
+        tracing::info!(session = %hash, by, refund_msat = refund, refund_status = status.recorded(), "http payment session closed");
+        Ok(CloseReport {
+            refund_msat: refund,
+            refund: status,
+        })
+    }
+
+    /// Pay `refund_msat` from `session` to its return invoice (one attempt) and record how it
+    /// went.
+    async fn refund(
+        &self,
+        session: &PaymentHash,
+        return_invoice: &str,
+        refund_msat: u64,
+    ) -> Refund {
+        let hash = *session;
+        let status = if refund_msat == 0 {
+            Refund::Skipped
         } else {
             match self
                 .payer()
-                .refund_to(Account::Token(hash), &closed.return_invoice, refund)
+                .refund_to(Account::Token(hash), return_invoice, refund_msat)
                 .await
             {
-                Ok(payout) if matches!(payout.state, super::payouts::PayoutState::Paid { .. }) => {
-                    "succeeded"
-                }
-                Ok(payout) => {
-                    tracing::warn!(session = %hash, refund_msat = refund, state = ?payout.state, note = ?payout.note, "session refund did not arrive; what it could not pay stays on the account");
-                    "failed"
-                }
+                Ok(payout) => match payout.state {
+                    super::payouts::PayoutState::Paid { .. } => Refund::Succeeded,
+                    super::payouts::PayoutState::Failed => {
+                        tracing::warn!(session = %hash, refund_msat, note = ?payout.note, "session refund failed; the rest stays on the session's account");
+                        Refund::Failed
+                    }
+                    super::payouts::PayoutState::Pending => {
+                        tracing::warn!(session = %hash, refund_msat, note = ?payout.note, "session refund not confirmed; its payout is looked up until our wallet says");
+                        Refund::InFlight
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(session = %hash, refund_msat = refund, error = %e, "session refund refused; the balance stays on the account");
-                    "failed"
+                    tracing::warn!(session = %hash, refund_msat, error = %e, "session refund refused; the rest stays on the session's account");
+                    Refund::Failed
                 }
             }
         };
@@ -394,7 +490,7 @@ impl Pipeline {
             .commit(move |tx| {
                 if let Some(mut record) = tx.get::<SessionRecord>(Tree::Sessions, &hash.0)? {
                     if let Some(closed) = record.closed.as_mut() {
-                        closed.refund_status = status.to_owned();
+                        status.recorded().clone_into(&mut closed.refund_status);
                     }
                     tx.put(Tree::Sessions, &hash.0, &record)?;
                 }
@@ -404,61 +500,125 @@ impl Pipeline {
         if let Err(e) = recorded {
             tracing::error!(session = %hash, error = %e, "cannot record the refund's outcome");
         }
-        self.inner.metrics.session_closed(by, status);
-        tracing::info!(session = %hash, by, refund_msat = refund, refund_status = status, "http payment session closed");
-        Ok(CloseReport {
-            refund_msat: refund,
-            refund_status: status,
-        })
+        status
     }
 
-    /// Close every open session idle for `session_idle_secs` (a reconcile pass): no call this
-    /// process saw, and no open or top-up, for that long.
+    /// Close every open session idle for `session_idle_secs` (a reconcile pass): no call
+    /// running, and no call, open or top-up for that long. The first pass reads every session
+    /// (and tries once more the refund of one closed just before a restart); later ones look
+    /// only at sessions that may be open.
     pub async fn close_idle_sessions(&self) {
-        let idle = self.inner.config.session_idle_secs;
-        let open = self
-            .inner
-            .book
-            .store()
-            .read(|r| {
-                let mut open = Vec::new();
-                for item in r.scan_raw(Tree::Sessions) {
-                    let (key, raw) = item?;
-                    let Ok(record) = serde_json::from_slice::<SessionRecord>(&raw) else {
-                        continue;
-                    };
-                    if record.closed.is_none() && key.len() == 32 {
-                        let mut hash = [0u8; 32];
-                        hash.copy_from_slice(&key);
-                        open.push((PaymentHash(hash), record.touched_at));
+        let live = &self.inner.sessions;
+        if !live.scanned.swap(true, Ordering::SeqCst) {
+            self.first_pass().await;
+        }
+        let candidates: Vec<PaymentHash> = live
+            .candidates
+            .lock()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default();
+        let (idle, now, started) = (
+            self.inner.config.session_idle_secs,
+            unix_now(),
+            self.inner.started_at,
+        );
+        for hash in candidates {
+            let record = match self.session(&hash).await {
+                Ok(Some(record)) if record.closed.is_none() => record,
+                Ok(_) => {
+                    if let Ok(mut c) = live.candidates.lock() {
+                        c.remove(&hash);
                     }
+                    continue;
                 }
-                Ok::<_, BookError>(open)
-            })
-            .await;
-        let open = match open {
-            Ok(open) => open,
-            Err(e) => return tracing::error!(error = %e, "cannot read sessions"),
-        };
-        let now = unix_now();
-        let started = self.inner.started_at;
-        for (hash, touched_at) in open {
-            let seen = self
-                .inner
-                .sessions
+                Err(e) => return tracing::error!(error = %e, "cannot read sessions"),
+            };
+            let running = live
+                .calls
+                .lock()
+                .map(|calls| calls.contains_key(&hash))
+                .unwrap_or(true);
+            let seen = live
                 .active
                 .lock()
                 .ok()
                 .and_then(|active| active.get(&hash).copied());
             // The clock of a session no call touched since this process started starts with it.
-            let last = seen.unwrap_or(0).max(touched_at).max(started);
-            if now.saturating_sub(last) < idle {
+            let last = seen.unwrap_or(0).max(record.touched_at).max(started);
+            if running || now.saturating_sub(last) < idle {
                 continue;
             }
             if let Err(e) = self.end_session(&hash, "idle").await {
                 tracing::warn!(session = %hash, error = %e, "cannot close idle session");
             }
         }
+    }
+
+    /// Read every session once: the open ones become candidates for the idle pass, and a
+    /// refund a restart cut short (closed before this process started, its refund never
+    /// booked) is tried once.
+    async fn first_pass(&self) {
+        let all = self
+            .inner
+            .book
+            .store()
+            .read(|r| {
+                let mut all = Vec::new();
+                for item in r.scan_raw(Tree::Sessions) {
+                    let (key, raw) = item?;
+                    let (Ok(hash), Ok(record)) = (
+                        <[u8; 32]>::try_from(key.as_ref()),
+                        serde_json::from_slice::<SessionRecord>(&raw),
+                    ) else {
+                        continue;
+                    };
+                    all.push((PaymentHash(hash), record));
+                }
+                Ok::<_, BookError>(all)
+            })
+            .await;
+        let all = match all {
+            Ok(all) => all,
+            Err(e) => return tracing::error!(error = %e, "cannot read sessions"),
+        };
+        for (hash, record) in all {
+            match &record.closed {
+                None => {
+                    if let Ok(mut c) = self.inner.sessions.candidates.lock() {
+                        c.insert(hash);
+                    }
+                }
+                Some(closed)
+                    if closed.refund_status == "pending" && closed.at < self.inner.started_at =>
+                {
+                    self.resume_refund(&hash, &record).await;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// A session closed before a restart whose refund's outcome was not recorded: the payout
+    /// as booked says it, or (none booked) the refund is tried now, with what the session has.
+    async fn resume_refund(&self, hash: &PaymentHash, record: &SessionRecord) {
+        let booked = match bolt11::decode(&record.return_invoice) {
+            Ok(info) => self
+                .inner
+                .book
+                .payout(&info.payment_hash)
+                .await
+                .ok()
+                .flatten(),
+            Err(_) => None,
+        };
+        if booked.is_some() {
+            // Booked before the restart: the payout reconciler settles it; its record says how.
+            return;
+        }
+        let balance = self.balance_of(Account::Token(*hash)).await.unwrap_or(0);
+        let refund = refund_within(balance, self.inner.config.payout_fee);
+        tracing::info!(session = %hash, refund_msat = refund, "a session closed before the restart: its refund is tried now");
+        self.refund(hash, &record.return_invoice, refund).await;
     }
 
     /// The session `id`.
@@ -469,6 +629,18 @@ impl Pipeline {
             .store()
             .read(move |r| Ok(r.get(Tree::Sessions, &id.0)?))
             .await
+    }
+
+    /// A call on `session` starts: the session is not idle until the returned guard drops.
+    pub(crate) fn session_call(&self, session: PaymentHash) -> SessionCall {
+        if let Ok(mut calls) = self.inner.sessions.calls.lock() {
+            *calls.entry(session).or_default() += 1;
+        }
+        self.touch(&session);
+        SessionCall {
+            pipeline: self.clone(),
+            session,
+        }
     }
 
     /// `session` is in use now (a call on it started, waits or ended): its idle clock restarts.

@@ -1063,3 +1063,62 @@ async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
     daemon.stop().await;
     harness::ledger_ok(&harness::open_store(data.path()));
 }
+
+/// A stream waiting for a top-up when its session is closed ends at once (no top-up can come):
+/// `session-timeout`, charged what it said; the close refunded what the stream did not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_session_ends_the_stream_that_waits_on_it() {
+    // A wait far longer than the read deadline below: only the close can end it in time.
+    let (data, daemon) = start(|file| file.http.session_topup_wait_secs = 600).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let (deposit, _) = session_offer(&http, &model, 20).await;
+    let session = deposit.hash();
+    let preimage = harness::dev_pay(&http, deposit.invoice()).await;
+    let (refund_to, _) = return_invoice(&http).await;
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": refund_to,
+    }));
+    let stream = post(&http, &chat(&model, 60, true), Some(&open)).await;
+    assert_eq!(stream.status(), 200);
+    let close = deposit.credential(json!({
+        "action": "close", "sessionId": session, "preimage": preimage,
+    }));
+    let closed = std::sync::Mutex::new(None);
+    let events = read_events(stream, |name, _| {
+        let (http, model, close, closed) = (&http, &model, &close, &closed);
+        let name = name.to_owned();
+        async move {
+            if name == "payment-need-topup" {
+                let answer = post(http, &chat(model, 1, false), Some(close)).await;
+                assert_eq!(answer.status(), 200);
+                let body: Value = answer.json().await.expect("json");
+                *closed.lock().expect("lock") = Some(body);
+            }
+        }
+    })
+    .await;
+    assert_eq!(data_of(&events, "session-timeout").len(), 1, "{events:?}");
+    assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
+    let body = closed.lock().expect("lock").take().expect("closed");
+    assert_eq!(
+        body["refundStatus"], "skipped",
+        "the stream held all of it: {body}"
+    );
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let said = text_of(&events).split_whitespace().count() as u64;
+    let deposit_msat = deposit.request["depositAmount"]
+        .as_str()
+        .expect("amount")
+        .parse::<u64>()
+        .expect("sats")
+        * 1000;
+    assert_eq!(
+        said * 100,
+        deposit_msat,
+        "charged what it said, all of the deposit"
+    );
+    assert_eq!(session_balance(&daemon, &session), 0);
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}

@@ -51,6 +51,19 @@ impl Wallet for Counting {
     async fn pay(&self, bolt11: &str, max_fee_msat: u64) -> Result<PaymentSent, WalletError> {
         self.inner.pay(bolt11, max_fee_msat).await
     }
+    fn pays_amountless(&self) -> bool {
+        self.inner.pays_amountless()
+    }
+    async fn pay_amountless(
+        &self,
+        bolt11: &str,
+        amount_msat: u64,
+        max_fee_msat: u64,
+    ) -> Result<PaymentSent, WalletError> {
+        self.inner
+            .pay_amountless(bolt11, amount_msat, max_fee_msat)
+            .await
+    }
     async fn lookup_payment(
         &self,
         hash: &PaymentHash,
@@ -92,11 +105,15 @@ async fn challenge(response: reqwest::Response) -> Challenge {
         .iter()
         .map(|v| v.to_str().expect("text").to_owned())
         .collect();
-    assert_eq!(values.len(), 3, "{values:?}");
+    assert_eq!(values.len(), 4, "{values:?}");
     assert!(values[0].starts_with("LSAT ") && values[1].starts_with("L402 "));
     assert!(
-        values[2].starts_with("Payment "),
+        values[2].starts_with("Payment ") && values[2].contains("intent=\"charge\""),
         "the HTTP Payment scheme beside: {values:?}"
+    );
+    assert!(
+        values[3].starts_with("Payment ") && values[3].contains("intent=\"session\""),
+        "and its session intent (the dev wallet refunds to amountless invoices): {values:?}"
     );
     assert_eq!(
         values[0].trim_start_matches("LSAT "),

@@ -50,6 +50,9 @@ pub enum BookError {
     /// A record that should be there is not.
     #[error("missing: {0}")]
     Missing(String),
+    /// An HTTP `Payment` session is closed (or gone): nothing more is reserved from it.
+    #[error("session {0} is closed")]
+    SessionClosed(PaymentHash),
 }
 
 /// Result of inserting a newly received job.
