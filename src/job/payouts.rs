@@ -365,29 +365,7 @@ impl Payer {
     /// payout as it stands when the wallet answered (paid, failed, or still pending; a pending
     /// one is looked up until it ends).
     pub async fn withdraw(&self, account: Account, bolt11: &str) -> Result<Payout, PayoutRefusal> {
-        let bolt11 = bolt11.trim();
-        let info = bolt11::decode(bolt11).map_err(|e| PayoutRefusal::Invoice(e.to_string()))?;
-        let amount_msat = info
-            .amount_msat
-            .filter(|a| *a > 0)
-            .ok_or_else(|| PayoutRefusal::Invoice("the invoice names no amount".to_owned()))?;
-        let now = unix_now();
-        if info.expires_at <= now + 10 {
-            return Err(PayoutRefusal::Invoice("the invoice has expired".to_owned()));
-        }
-        let payout = Payout {
-            account,
-            bolt11: bolt11.to_owned(),
-            payment_hash: info.payment_hash,
-            amount_msat,
-            max_fee_msat: self.fee.max_for(amount_msat),
-            expires_at: info.expires_at,
-            state: PayoutState::Pending,
-            note: None,
-            created_at: now,
-            updated_at: now,
-        };
-        self.send(payout, false).await
+        self.pay_invoice(account, bolt11, None).await
     }
 
     /// Pay `amount_msat` from `account` to `bolt11`, an invoice that names no amount (an HTTP
@@ -401,16 +379,36 @@ impl Payer {
         bolt11: &str,
         amount_msat: u64,
     ) -> Result<Payout, PayoutRefusal> {
-        let bolt11 = bolt11.trim();
-        let info = bolt11::decode(bolt11).map_err(|e| PayoutRefusal::Invoice(e.to_string()))?;
-        if info.amount_msat.is_some_and(|a| a > 0) {
-            return Err(PayoutRefusal::Invoice(
-                "a refund goes to an invoice that names no amount".to_owned(),
-            ));
-        }
         if amount_msat == 0 {
             return Err(PayoutRefusal::Invoice("nothing to refund".to_owned()));
         }
+        self.pay_invoice(account, bolt11, Some(amount_msat)).await
+    }
+
+    /// Pay `bolt11`: the amount it names, or `chosen_msat` when it names none (and only then).
+    async fn pay_invoice(
+        &self,
+        account: Account,
+        bolt11: &str,
+        chosen_msat: Option<u64>,
+    ) -> Result<Payout, PayoutRefusal> {
+        let bolt11 = bolt11.trim();
+        let info = bolt11::decode(bolt11).map_err(|e| PayoutRefusal::Invoice(e.to_string()))?;
+        let named = info.amount_msat.filter(|a| *a > 0);
+        let amount_msat = match (named, chosen_msat) {
+            (Some(amount), None) => amount,
+            (None, Some(amount)) => amount,
+            (None, None) => {
+                return Err(PayoutRefusal::Invoice(
+                    "the invoice names no amount".to_owned(),
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(PayoutRefusal::Invoice(
+                    "a refund goes to an invoice that names no amount".to_owned(),
+                ))
+            }
+        };
         let now = unix_now();
         if info.expires_at <= now + 10 {
             return Err(PayoutRefusal::Invoice("the invoice has expired".to_owned()));
@@ -427,7 +425,7 @@ impl Payer {
             created_at: now,
             updated_at: now,
         };
-        self.send(payout, true).await
+        self.send(payout, chosen_msat.is_some()).await
     }
 
     /// Book `payout` pending, then ask the wallet to pay it (with its amount, when the invoice

@@ -558,3 +558,43 @@ pub async fn metrics(http_url: &str) -> String {
         .await
         .expect("text")
 }
+
+/// Split `Payment a="b", c="d"` into its auth-params (quoted-strings unescaped).
+pub fn payment_auth_params(value: &str) -> std::collections::HashMap<String, String> {
+    let mut rest = value.strip_prefix("Payment ").expect("Payment scheme");
+    let mut params = std::collections::HashMap::new();
+    while let Some((name, after)) = rest.split_once('=') {
+        let after = after.strip_prefix('"').expect("quoted");
+        let mut text = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().expect("closing quote") {
+                (_, '\\') => text.push(chars.next().expect("escaped").1),
+                (i, '"') => break i,
+                (_, c) => text.push(c),
+            }
+        };
+        params.insert(name.trim().to_owned(), text);
+        rest = after[end + 1..].trim_start_matches([',', ' ']);
+    }
+    params
+}
+
+/// Point `file` at a Nostr Wallet Connect service: its URI goes to `data/nwc.uri`.
+pub fn use_nwc(file: &mut FileConfig, data: &Path, uri: &str) {
+    let uri_file = data.join("nwc.uri");
+    std::fs::write(&uri_file, uri).expect("write uri");
+    file.wallet.backend = "nwc".into();
+    file.wallet.nwc.uri_env = None;
+    file.wallet.nwc.uri_file = Some(uri_file);
+}
+
+/// Point `file` at LNbits at `url` with the invoice key `inkey` (written to `data/lnbits.inkey`).
+pub fn use_lnbits(file: &mut FileConfig, data: &Path, url: &str, inkey: &str) {
+    let key = data.join("lnbits.inkey");
+    std::fs::write(&key, inkey).expect("write key");
+    file.wallet.backend = "lnbits".into();
+    file.wallet.lnbits.url = url.to_owned();
+    file.wallet.lnbits.invoice_key_env = None;
+    file.wallet.lnbits.invoice_key_file = Some(key);
+}

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::harness;
+use crate::harness::payment_auth_params as auth_params;
 
 /// One `Payment` challenge, as a client reads it.
 struct Offer {
@@ -43,27 +44,6 @@ impl Offer {
         let wire = json!({ "challenge": echo, "payload": { "preimage": preimage } });
         format!("Payment {}", URL_SAFE_NO_PAD.encode(wire.to_string()))
     }
-}
-
-/// Split `Payment a="b", c="d"` into its auth-params (quoted-strings unescaped).
-fn auth_params(value: &str) -> HashMap<String, String> {
-    let mut rest = value.strip_prefix("Payment ").expect("Payment scheme");
-    let mut params = HashMap::new();
-    while let Some((name, after)) = rest.split_once('=') {
-        let after = after.strip_prefix('"').expect("quoted");
-        let mut text = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next().expect("closing quote") {
-                (_, '\\') => text.push(chars.next().expect("escaped").1),
-                (i, '"') => break i,
-                (_, c) => text.push(c),
-            }
-        };
-        params.insert(name.trim().to_owned(), text);
-        rest = after[end + 1..].trim_start_matches([',', ' ']);
-    }
-    params
 }
 
 /// Read a 402: its `Payment` challenge, and the L402 challenge beside it.

@@ -22,6 +22,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::harness;
+use crate::harness::payment_auth_params as auth_params;
 
 /// 60 words: one "token" each on the instant backend.
 fn reply() -> String {
@@ -69,6 +70,16 @@ impl Offer {
         format!("Payment {}", URL_SAFE_NO_PAD.encode(wire.to_string()))
     }
 
+    /// The deposit the challenge asks, msat.
+    fn deposit_msat(&self) -> u64 {
+        let sats: u64 = self.request["depositAmount"]
+            .as_str()
+            .expect("depositAmount")
+            .parse()
+            .expect("whole sats");
+        sats * 1000
+    }
+
     fn invoice(&self) -> &str {
         self.request["depositInvoice"]
             .as_str()
@@ -81,27 +92,6 @@ impl Offer {
             .expect("paymentHash")
             .to_owned()
     }
-}
-
-/// Split `Payment a="b", c="d"` into its auth-params.
-fn auth_params(value: &str) -> HashMap<String, String> {
-    let mut rest = value.strip_prefix("Payment ").expect("Payment scheme");
-    let mut params = HashMap::new();
-    while let Some((name, after)) = rest.split_once('=') {
-        let after = after.strip_prefix('"').expect("quoted");
-        let mut text = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next().expect("closing quote") {
-                (_, '\\') => text.push(chars.next().expect("escaped").1),
-                (i, '"') => break i,
-                (_, c) => text.push(c),
-            }
-        };
-        params.insert(name.trim().to_owned(), text);
-        rest = after[end + 1..].trim_start_matches([',', ' ']);
-    }
-    params
 }
 
 /// The 402's challenges by intent, and its L402 macaroon.
@@ -224,6 +214,17 @@ async fn return_invoice(http: &str) -> (String, PaymentHash) {
     (body["bolt11"].as_str().expect("bolt11").to_owned(), hash)
 }
 
+/// The problem type a refusal names, after the draft's base URL.
+async fn problem(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 402);
+    let body: Value = response.json().await.expect("json");
+    body["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("https://paymentauth.org/problems/"))
+        .unwrap_or_else(|| panic!("a problem type: {body}"))
+        .to_owned()
+}
+
 fn receipt(response: &reqwest::Response) -> Value {
     let value = response
         .headers()
@@ -284,11 +285,7 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
     // The open's challenge is used: opening again is refused.
     let again = post(&http, &chat(&model, 5, false), Some(&open)).await;
     assert_eq!(again.status(), 402);
-    let problem: Value = again.json().await.expect("json");
-    assert_eq!(
-        problem["type"],
-        "https://paymentauth.org/problems/lightning/unknown-challenge"
-    );
+    assert_eq!(problem(again).await, "lightning/unknown-challenge");
 
     // bearer, streaming 60 tokens with what is left: it runs dry, waits, is topped up, goes on.
     let bearer = deposit.credential(json!({
@@ -405,11 +402,7 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
     // A closed session takes nothing more.
     let after = post(&http, &chat(&model, 5, false), Some(&bearer)).await;
     assert_eq!(after.status(), 402);
-    let problem: Value = after.json().await.expect("json");
-    assert_eq!(
-        problem["type"],
-        "https://paymentauth.org/problems/lightning/session-closed"
-    );
+    assert_eq!(problem(after).await, "lightning/session-closed");
     let closing_again = post(&http, &chat(&model, 5, false), Some(&close)).await;
     assert_eq!(closing_again.status(), 402);
 
@@ -442,12 +435,7 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
     let session = deposit.hash();
     let preimage = harness::dev_pay(&http, deposit.invoice()).await;
     let (refund_to, refund_hash) = return_invoice(&http).await;
-    let deposit_msat = deposit.request["depositAmount"]
-        .as_str()
-        .expect("amount")
-        .parse::<u64>()
-        .expect("sats")
-        * 1000;
+    let deposit_msat = deposit.deposit_msat();
 
     // Refusals first: a return invoice with an amount, a preimage for another hash.
     let with_amount = daemon
@@ -465,29 +453,17 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
     }));
     let refused = post(&http, &chat(&model, 60, true), Some(&bad)).await;
     assert_eq!(refused.status(), 402);
-    let problem: Value = refused.json().await.expect("json");
-    assert_eq!(
-        problem["type"],
-        "https://paymentauth.org/problems/lightning/invalid-return-invoice"
-    );
+    assert_eq!(problem(refused).await, "lightning/invalid-return-invoice");
     let wrong = deposit.credential(json!({
         "action": "open", "preimage": "00".repeat(32), "returnInvoice": refund_to,
     }));
     let refused = post(&http, &chat(&model, 60, true), Some(&wrong)).await;
-    let problem: Value = refused.json().await.expect("json");
-    assert_eq!(
-        problem["type"],
-        "https://paymentauth.org/problems/lightning/invalid-preimage"
-    );
+    assert_eq!(problem(refused).await, "lightning/invalid-preimage");
     let unknown = deposit.credential(json!({
         "action": "bearer", "sessionId": "ab".repeat(32), "preimage": preimage,
     }));
     let refused = post(&http, &chat(&model, 60, true), Some(&unknown)).await;
-    let problem: Value = refused.json().await.expect("json");
-    assert_eq!(
-        problem["type"],
-        "https://paymentauth.org/problems/lightning/session-not-found"
-    );
+    assert_eq!(problem(refused).await, "lightning/session-not-found");
 
     // Open on a 60-token stream with a 20-token deposit: it runs dry, nobody tops it up.
     let open = deposit.credential(json!({
@@ -609,12 +585,8 @@ async fn on_nwc_a_declined_refund_stays_on_the_account_and_is_withdrawn() {
     let (relay_url, stop_relay) = relay().await;
     let nwc = NwcService::start(&relay_url, &lnbits, &service);
     let data = harness::data_dir();
-    let uri_file = data.path().join("nwc.uri");
-    std::fs::write(&uri_file, &nwc.uri).expect("write uri");
     let config = harness::dev_config(data.path(), |file| {
-        file.wallet.backend = "nwc".into();
-        file.wallet.nwc.uri_env = None;
-        file.wallet.nwc.uri_file = Some(uri_file.clone());
+        harness::use_nwc(file, data.path(), &nwc.uri);
         // A few sats of rest: no flat part of the routing fee reserve, or none would be left.
         file.wallet.payout_max_fee_base_msat = 0;
         file.pricing.base_fee_msat = 0;
@@ -726,13 +698,8 @@ async fn on_lnbits_no_session_is_offered_and_one_is_refused_with_the_reason() {
     let customer = lnbits.create_wallet("customer").await;
     lnbits.fund(&customer, 10_000).await;
     let data = harness::data_dir();
-    let key = data.path().join("lnbits.inkey");
-    std::fs::write(&key, &operator.inkey).expect("write key");
     let config = harness::dev_config(data.path(), |file| {
-        file.wallet.backend = "lnbits".into();
-        file.wallet.lnbits.url = lnbits.url.clone();
-        file.wallet.lnbits.invoice_key_env = None;
-        file.wallet.lnbits.invoice_key_file = Some(key.clone());
+        harness::use_lnbits(file, data.path(), &lnbits.url, &operator.inkey);
     });
     let daemon = harness::start(config, Some(Arc::new(InstantBackend::new(reply())))).await;
     let http = daemon.ready().http_url.clone();
@@ -933,12 +900,7 @@ async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
                 if let Some(b) = b {
                     assert_eq!(b.status(), 200, "the same top-up again answers the same");
                 }
-                let sats: u64 = offer.request["depositAmount"]
-                    .as_str()
-                    .expect("amount")
-                    .parse()
-                    .expect("sats");
-                moved.push(sats * 1000);
+                moved.push(offer.deposit_msat());
             }
             moved
         })
@@ -992,12 +954,7 @@ async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
         .await
         .expect("read")
         .expect("session");
-    let deposit_msat = deposit.request["depositAmount"]
-        .as_str()
-        .expect("amount")
-        .parse::<u64>()
-        .expect("sats")
-        * 1000;
+    let deposit_msat = deposit.deposit_msat();
     assert_eq!(
         record.deposited_msat,
         deposit_msat + topped,
@@ -1027,23 +984,14 @@ async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
     );
     assert_eq!(closed.status(), 200);
     let closed: Value = closed.json().await.expect("json");
-    let third_msat = third.request["depositAmount"]
-        .as_str()
-        .expect("amount")
-        .parse::<u64>()
-        .expect("sats")
-        * 1000;
+    let third_msat = third.deposit_msat();
     let third_account = Account::Token(PaymentHash::from_hex(&third.hash()).expect("hex"));
     let third_left = harness::account_balance(daemon.pipeline().book().store(), &third_account);
     let refunded = closed["refundMsat"].as_u64().expect("refundMsat");
     if topped_up.status() == 200 {
         assert_eq!((refunded, third_left), (left + third_msat, 0), "{closed}");
     } else {
-        let problem: Value = topped_up.json().await.expect("json");
-        assert_eq!(
-            problem["type"],
-            "https://paymentauth.org/problems/lightning/session-closed"
-        );
+        assert_eq!(problem(topped_up).await, "lightning/session-closed");
         assert_eq!((refunded, third_left), (left, third_msat), "{closed}");
     }
     if refunded > 0 {
@@ -1107,12 +1055,7 @@ async fn closing_a_session_ends_the_stream_that_waits_on_it() {
     );
     harness::settled_jobs(daemon.pipeline().book().store()).await;
     let said = text_of(&events).split_whitespace().count() as u64;
-    let deposit_msat = deposit.request["depositAmount"]
-        .as_str()
-        .expect("amount")
-        .parse::<u64>()
-        .expect("sats")
-        * 1000;
+    let deposit_msat = deposit.deposit_msat();
     assert_eq!(
         said * 100,
         deposit_msat,

@@ -500,13 +500,8 @@ async fn fetch_with_l402_pays_a_call_from_an_lnbits_wallet() {
     let customer = lnbits.create_wallet("customer").await;
     lnbits.fund(&customer, 10_000).await;
     let data = harness::data_dir();
-    let key = data.path().join("lnbits.inkey");
-    std::fs::write(&key, &operator.inkey).expect("write key");
     let config = harness::dev_config(data.path(), |file| {
-        file.wallet.backend = "lnbits".into();
-        file.wallet.lnbits.url = lnbits.url.clone();
-        file.wallet.lnbits.invoice_key_env = None;
-        file.wallet.lnbits.invoice_key_file = Some(key);
+        harness::use_lnbits(file, data.path(), &lnbits.url, &operator.inkey);
     });
     let backend = Arc::new(InstantBackend::new("paid through LNbits"));
     let daemon = harness::start(config, Some(backend)).await;

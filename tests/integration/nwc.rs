@@ -106,12 +106,8 @@ async fn paid_job_through_nwc() {
     let (relay_url, stop_relay) = relay().await;
     let nwc = NwcService::start(&relay_url, &lnbits, &service);
     let data = harness::data_dir();
-    let uri_file = data.path().join("nwc.uri");
-    std::fs::write(&uri_file, &nwc.uri).expect("write uri");
     let config = harness::dev_config(data.path(), |file| {
-        file.wallet.backend = "nwc".into();
-        file.wallet.nwc.uri_env = None;
-        file.wallet.nwc.uri_file = Some(uri_file.clone());
+        harness::use_nwc(file, data.path(), &nwc.uri);
     });
     let backend = Arc::new(dvmd::infer::instant::InstantBackend::new("paid over NWC"));
     let daemon = harness::start(config, Some(backend)).await;
