@@ -481,7 +481,58 @@ impl Metrics {
             "# HELP dvmd_run_queue_depth Paid jobs waiting for a worker.\n# TYPE dvmd_run_queue_depth gauge\ndvmd_run_queue_depth {}",
             self.run_queue_depth.load(Ordering::Relaxed).max(0)
         );
+        allocator(&mut out);
         out
+    }
+}
+
+/// The allocator's own view of the process's memory (jemalloc's `stats.*`, the daemon's global
+/// allocator): what is live (`allocated`), the pages holding it (`active`), jemalloc's
+/// bookkeeping (`metadata`), and what is resident. RSS growth with `allocated` flat is
+/// fragmentation, not a structure that grows. Nothing is written where jemalloc is not the
+/// allocator (its counters are zero: the test binaries).
+fn allocator(out: &mut String) {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    if epoch::advance().is_err() {
+        return;
+    }
+    let read = [
+        (
+            "allocated",
+            stats::allocated::read(),
+            "Bytes the process has allocated and not freed.",
+        ),
+        (
+            "active",
+            stats::active::read(),
+            "Bytes in the allocator's pages that hold live allocations.",
+        ),
+        (
+            "metadata",
+            stats::metadata::read(),
+            "Bytes of the allocator's own bookkeeping.",
+        ),
+        (
+            "resident",
+            stats::resident::read(),
+            "Bytes the allocator holds in physical memory.",
+        ),
+        (
+            "retained",
+            stats::retained::read(),
+            "Bytes of virtual memory the allocator keeps for reuse, not returned to the system.",
+        ),
+    ];
+    if !matches!(read[0].1, Ok(allocated) if allocated > 0) {
+        return;
+    }
+    for (name, value, help) in read {
+        if let Ok(value) = value {
+            let _ = writeln!(
+                out,
+                "# HELP dvmd_allocator_{name}_bytes {help}\n# TYPE dvmd_allocator_{name}_bytes gauge\ndvmd_allocator_{name}_bytes {value}"
+            );
+        }
     }
 }
 

@@ -83,6 +83,17 @@ async fn fifty_customers_run_twenty_paid_jobs_each_with_nothing_lost() {
         panic!("/healthz stopped answering during the run: {why:?}");
     }
     health.abort();
+    // The daemon binary's allocator says what is live, beside what is resident.
+    let metrics = harness::metrics(&daemon.http_url).await;
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("dvmd_allocator_{name}_bytes ")))
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("dvmd_allocator_{name}_bytes in {metrics}"))
+    };
+    assert!(gauge("allocated") > 0 && gauge("allocated") <= gauge("active"));
+    assert!(gauge("resident") >= gauge("active"));
     daemon.terminate();
     stub.stop().await;
 

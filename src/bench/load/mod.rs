@@ -126,7 +126,8 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
         target.http.clone(),
         stop_health.clone(),
     ));
-    let sampler = pid.map(|pid| tokio::spawn(sample_rss(pid, record.clone())));
+    let metrics_url = format!("{}/metrics", target.http);
+    let sampler = pid.map(|pid| tokio::spawn(sample_rss(pid, record.clone(), metrics_url)));
     let cpu_before = pid.and_then(cpu_seconds);
     let flood = if options.flood > 0 {
         let events = flood::sign(options.flood, target.service)?;
@@ -167,11 +168,22 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
         // Marks reached in the last sampling interval.
         let done = record.completed.load(Ordering::Relaxed) + record.lost.load(Ordering::Relaxed);
         let rss = rss_bytes(pid).unwrap_or(0);
-        let mut marks = record.rss_at.lock().unwrap_or_else(|e| e.into_inner());
-        for mark in RSS_MARKS {
-            if done >= mark && !marks.iter().any(|(m, _)| *m == mark) {
-                marks.push((mark, rss));
-            }
+        let missed: Vec<usize> = {
+            let mut marks = record.rss_at.lock().unwrap_or_else(|e| e.into_inner());
+            let missed: Vec<usize> = RSS_MARKS
+                .into_iter()
+                .filter(|mark| done >= *mark && !marks.iter().any(|(m, _)| m == mark))
+                .collect();
+            marks.extend(missed.iter().map(|mark| (*mark, rss)));
+            missed
+        };
+        for mark in missed {
+            let gauges = allocator_gauges(&http, &format!("{}/metrics", target.http)).await;
+            record
+                .allocator_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((mark, gauges));
         }
     }
     let metrics = http
@@ -212,6 +224,29 @@ struct Record {
     refused: AtomicUsize,
     rss_at: Mutex<Vec<(usize, u64)>>,
     rss_max: std::sync::atomic::AtomicU64,
+    /// The allocator's gauges at each RSS mark.
+    allocator_at: Mutex<Vec<(usize, Gauges)>>,
+}
+
+/// Gauges by name: (name, bytes).
+type Gauges = Vec<(String, u64)>;
+
+/// The daemon's `dvmd_allocator_*_bytes` gauges, by name (empty if it has none).
+async fn allocator_gauges(http: &reqwest::Client, url: &str) -> Gauges {
+    let Ok(response) = http.get(url).send().await else {
+        return Vec::new();
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.strip_prefix("dvmd_allocator_"))
+        .filter_map(|line| {
+            let (name, value) = line.split_once(' ')?;
+            Some((
+                name.trim_end_matches("_bytes").to_owned(),
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
 }
 
 async fn closed_loop(
@@ -276,8 +311,10 @@ async fn probe_health(
     (latencies, failed)
 }
 
-/// Sample the daemon's RSS as jobs complete.
-async fn sample_rss(pid: u32, record: Arc<Record>) {
+/// Sample the daemon's RSS as jobs complete, and at each mark also what its allocator says
+/// (`dvmd_allocator_*` on `/metrics`).
+async fn sample_rss(pid: u32, record: Arc<Record>, metrics_url: String) {
+    let http = reqwest::Client::new();
     let mut marks = RSS_MARKS.iter().peekable();
     loop {
         let done = record.completed.load(Ordering::Relaxed) + record.lost.load(Ordering::Relaxed);
@@ -292,6 +329,12 @@ async fn sample_rss(pid: u32, record: Arc<Record>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((**mark, rss));
+                let allocator = allocator_gauges(&http, &metrics_url).await;
+                record
+                    .allocator_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((**mark, allocator));
                 marks.next();
             }
         }
@@ -348,6 +391,18 @@ fn report(
             mb(record.rss_max.load(Ordering::Relaxed)),
             mb(rss_bytes(pid).unwrap_or(0))
         );
+        let allocator = record
+            .allocator_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (job, gauges) in allocator.iter().filter(|(_, g)| !g.is_empty()) {
+            let gauges: Vec<String> = gauges
+                .iter()
+                .map(|(name, bytes)| format!("{name} {:.1}", mb(*bytes)))
+                .collect();
+            println!("  allocator at job {job:<11} : {} MB", gauges.join(", "));
+        }
     }
     if let Some((mut health, failed)) = health {
         let probes = health.len();
