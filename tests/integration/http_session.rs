@@ -280,12 +280,32 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
     let body: Value = answer.json().await.expect("json");
     assert_eq!(body["dvmd"]["charge_msat"], 2_000);
     harness::settled_jobs(daemon.pipeline().book().store()).await;
-    let left = session_balance(&daemon, &session);
-    assert_eq!(left, deposit_sats * 1000 - 2_000);
-    // The open's challenge is used: opening again is refused.
+    assert_eq!(
+        session_balance(&daemon, &session),
+        deposit_sats * 1000 - 2_000
+    );
+    // The same open again (a client that lost the answer retries): nothing opens or is
+    // credited twice; its call runs on the session, as a bearer call would.
     let again = post(&http, &chat(&model, 5, false), Some(&open)).await;
-    assert_eq!(again.status(), 402);
-    assert_eq!(problem(again).await, "lightning/unknown-challenge");
+    assert_eq!(again.status(), 200);
+    assert_eq!(receipt(&again)["reference"], session.as_str());
+    let body: Value = again.json().await.expect("json");
+    assert_eq!(body["dvmd"]["charge_msat"], 500);
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let left = session_balance(&daemon, &session);
+    assert_eq!(
+        left,
+        deposit_sats * 1000 - 2_500,
+        "the deposit counted once"
+    );
+    // That challenge with another return invoice is not the same open: refused.
+    let (elsewhere, _) = return_invoice(&http).await;
+    let other_open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": elsewhere,
+    }));
+    let refused = post(&http, &chat(&model, 5, false), Some(&other_open)).await;
+    assert_eq!(refused.status(), 402);
+    assert_eq!(problem(refused).await, "lightning/unknown-challenge");
 
     // bearer, streaming 60 tokens with what is left: it runs dry, waits, is topped up, goes on.
     let bearer = deposit.credential(json!({
@@ -333,8 +353,8 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
     );
     assert_eq!(
         needs[0]["balanceRequired"],
-        (60 - tokens_first) / 10,
-        "the rest of the call, in sats"
+        (60 - tokens_first).div_ceil(10),
+        "the rest of the call, in whole sats (rounded up: 5 tokens still need a sat)"
     );
     assert!(data_of(&events, "session-timeout").is_empty());
     assert_eq!(
@@ -363,7 +383,7 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
     let before_close = session_balance(&daemon, &session);
     assert_eq!(
         before_close,
-        (deposit_sats + top_up_sats) * 1000 - 2_000 - 6_000,
+        (deposit_sats + top_up_sats) * 1000 - 2_500 - 6_000,
         "two calls charged exactly their tokens"
     );
     // The L402 credential of the deposit's 402 sees the same account.
@@ -403,8 +423,20 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
     let after = post(&http, &chat(&model, 5, false), Some(&bearer)).await;
     assert_eq!(after.status(), 402);
     assert_eq!(problem(after).await, "lightning/session-closed");
+    // The same close again: the same answer, and nothing paid twice.
     let closing_again = post(&http, &chat(&model, 5, false), Some(&close)).await;
-    assert_eq!(closing_again.status(), 402);
+    assert_eq!(closing_again.status(), 200);
+    let body_again: Value = closing_again.json().await.expect("json");
+    assert_eq!(body_again, body);
+    assert_eq!(session_balance(&daemon, &session), 0);
+    // A close on another challenge is an action on a closed session: refused.
+    let (other, _) = session_offer(&http, &model, 5).await;
+    let other_close = other.credential(json!({
+        "action": "close", "sessionId": session, "preimage": preimage,
+    }));
+    let refused = post(&http, &chat(&model, 5, false), Some(&other_close)).await;
+    assert_eq!(refused.status(), 402);
+    assert_eq!(problem(refused).await, "lightning/session-closed");
 
     let metrics = harness::metrics(&http).await;
     assert!(
@@ -977,13 +1009,22 @@ async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
     let close = deposit.credential(json!({
         "action": "close", "sessionId": session, "preimage": preimage,
     }));
+    // The close is sent twice at once (a client retrying): one refund, both answered.
     let body = chat(&model, 1, false);
-    let (topped_up, closed) = tokio::join!(
+    let (topped_up, closed, closed_twice) = tokio::join!(
         post(&http, &body, Some(&top_up)),
+        post(&http, &body, Some(&close)),
         post(&http, &body, Some(&close))
     );
     assert_eq!(closed.status(), 200);
+    assert_eq!(
+        closed_twice.status(),
+        200,
+        "the same close again is answered"
+    );
     let closed: Value = closed.json().await.expect("json");
+    let closed_twice: Value = closed_twice.json().await.expect("json");
+    assert_eq!(closed["refundMsat"], closed_twice["refundMsat"]);
     let third_msat = third.deposit_msat();
     let third_account = Account::Token(PaymentHash::from_hex(&third.hash()).expect("hex"));
     let third_left = harness::account_balance(daemon.pipeline().book().store(), &third_account);

@@ -55,16 +55,98 @@ impl Refund {
     }
 }
 
+impl Refund {
+    /// As the session record keeps it; `pending` (the refund is being tried) is not known yet.
+    fn from_recorded(recorded: &str) -> Self {
+        match recorded {
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "skipped" => Self::Skipped,
+            _ => Self::InFlight,
+        }
+    }
+}
+
+/// Who ends a session.
+enum Closer {
+    /// A `close` credential, by its challenge's id.
+    Client(String),
+    /// The idle pass.
+    Idle,
+}
+
+impl Closer {
+    fn by(&self) -> &'static str {
+        match self {
+            Self::Client(_) => "client",
+            Self::Idle => "idle",
+        }
+    }
+}
+
 impl Pipeline {
-    /// `close`: mark the session closed, then refund its balance to the return invoice.
+    /// `close`: mark the session closed, then refund its balance to the return invoice. The
+    /// same credential again (same challenge id) pays nothing and answers as the first did,
+    /// with the refund as it stands now (the draft's idempotency).
     pub async fn close_session(
         &self,
         session: &PaymentHash,
         credential: &mpp::Credential,
     ) -> Result<CloseReport, PaymentRefusal> {
         self.sessions_on()?;
-        self.open_record(session, credential).await?;
-        self.end_session(session, "client").await
+        let record = self
+            .session(session)
+            .await?
+            .ok_or(Refusal::SessionNotFound)?;
+        if credential.payment_hash() != *session {
+            return Err(Refusal::InvalidPreimage.into());
+        }
+        if record.closed.is_some() {
+            return self.closed_again(&record, &credential.challenge.id).await;
+        }
+        self.end_session(session, Closer::Client(credential.challenge.id.clone()))
+            .await
+    }
+
+    /// A `close` for a session already closed: the answer it got, if it is the credential that
+    /// closed it; refused otherwise (the draft: no action on a closed session).
+    async fn closed_again(
+        &self,
+        record: &SessionRecord,
+        challenge: &str,
+    ) -> Result<CloseReport, PaymentRefusal> {
+        let Some(closed) = record
+            .closed
+            .as_ref()
+            .filter(|c| c.challenge.as_deref() == Some(challenge))
+        else {
+            return Err(Refusal::SessionClosed.into());
+        };
+        let mut refund = Refund::from_recorded(&closed.refund_status);
+        if refund == Refund::InFlight {
+            // The payout's own record says how it went since.
+            refund = self.refund_payout(&record.return_invoice).await;
+        }
+        Ok(CloseReport {
+            refund_msat: closed.refund_msat,
+            refund,
+        })
+    }
+
+    /// How the refund payout to `return_invoice` stands, as our book has it.
+    async fn refund_payout(&self, return_invoice: &str) -> Refund {
+        use crate::job::payouts::PayoutState;
+        let Ok(info) = bolt11::decode(return_invoice) else {
+            return Refund::Failed;
+        };
+        match self.inner.book.payout(&info.payment_hash).await {
+            Ok(Some(payout)) => match payout.state {
+                PayoutState::Paid { .. } => Refund::Succeeded,
+                PayoutState::Failed => Refund::Failed,
+                PayoutState::Pending => Refund::InFlight,
+            },
+            _ => Refund::InFlight,
+        }
     }
 
     /// Mark `session` closed (durably, before any refund is tried: nothing reserves from a
@@ -73,11 +155,15 @@ impl Pipeline {
     async fn end_session(
         &self,
         session: &PaymentHash,
-        by: &'static str,
+        closer: Closer,
     ) -> Result<CloseReport, PaymentRefusal> {
-        let (hash, now) = (*session, unix_now());
+        let (hash, now, by) = (*session, unix_now(), closer.by());
+        let challenge = match closer {
+            Closer::Client(id) => Some(id),
+            Closer::Idle => None,
+        };
         let fee = self.inner.config.payout_fee;
-        let closed = self
+        let (closed, first) = self
             .inner
             .book
             .store()
@@ -85,8 +171,12 @@ impl Pipeline {
                 let Some(mut record) = tx.get::<SessionRecord>(Tree::Sessions, &hash.0)? else {
                     return refuse(Refusal::SessionNotFound);
                 };
-                if record.closed.is_some() {
-                    return refuse(Refusal::SessionClosed);
+                if let Some(closed) = &record.closed {
+                    // A close that raced this one: the same credential gets the first's answer.
+                    return match (&closed.challenge, &challenge) {
+                        (Some(a), Some(b)) if a == b => Ok((record, false)),
+                        _ => refuse(Refusal::SessionClosed),
+                    };
                 }
                 let balance = ledger::balance_in(tx, &Account::Token(hash))?;
                 let refund = refund_within(balance, fee);
@@ -95,11 +185,20 @@ impl Pipeline {
                     by: by.to_owned(),
                     refund_msat: refund,
                     refund_status: if refund == 0 { "skipped" } else { "pending" }.to_owned(),
+                    challenge: challenge.clone(),
                 });
                 tx.put(Tree::Sessions, &hash.0, &record)?;
-                Ok(record)
+                Ok((record, true))
             })
             .await?;
+        if !first {
+            let challenge = closed
+                .closed
+                .as_ref()
+                .and_then(|c| c.challenge.clone())
+                .unwrap_or_default();
+            return self.closed_again(&closed, &challenge).await;
+        }
         let live = &self.inner.sessions;
         if let Ok(mut active) = live.active.lock() {
             active.remove(session);
@@ -218,7 +317,7 @@ impl Pipeline {
             if running || now.saturating_sub(last) < idle {
                 continue;
             }
-            if let Err(e) = self.end_session(&hash, "idle").await {
+            if let Err(e) = self.end_session(&hash, Closer::Idle).await {
                 tracing::warn!(session = %hash, error = %e, "cannot close idle session");
             }
         }

@@ -8,6 +8,7 @@
 //!
 //! - **open** (the deposit's challenge, used once; its preimage; a `returnInvoice` that names no
 //!   amount): stored in one durable write with the challenge marked used, then the call runs.
+//!   The same credential again opens nothing: its call runs on the session, as `bearer`.
 //! - **bearer** (`sessionId`, the deposit's preimage): the call runs on the session's balance.
 //!   A call is opened with what the balance has (at least the base fee, its prompt and one
 //!   token), up to its quote; a stream that runs dry asks for a top-up and waits
@@ -19,9 +20,10 @@
 //! - **close** (`sessionId`, the deposit's preimage), or no call, top-up or close for
 //!   `session_idle_secs`: the session is marked closed (durably, before anything is paid), then
 //!   its balance, less the most routing fee, is paid to the return invoice as a two-phase payout
-//!   ([`super::payouts::Payer::refund_to`]); one attempt. What a refund could not pay (and the
-//!   change of a call still running) stays on the account: the L402 credential of the deposit's
-//!   402 spends and withdraws it.
+//!   ([`super::payouts::Payer::refund_to`]); one attempt. The same `close` again pays nothing
+//!   and answers as the first did. What a refund could not pay (and the change of a call still
+//!   running) stays on the account: the L402 credential of the deposit's 402 spends and
+//!   withdraws it.
 //!
 //! Units: the draft counts whole sats per unit. dvmd's unit is one sat's worth of tokens at its
 //! rate card (`amount` `"1"`); the ledger meters exact msat, the sats the draft reports are
@@ -65,6 +67,10 @@ pub struct SessionRecord {
     pub touched_at: u64,
     /// Set once, when it closes.
     pub closed: Option<Closed>,
+    /// The id of the challenge whose `open` credential opened it: that credential sent again
+    /// runs its call on the session instead of being refused (the draft's idempotency).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub opened_by: String,
 }
 
 /// How a session ended.
@@ -79,6 +85,10 @@ pub struct Closed {
     /// `pending` from the close until the refund is tried, then `succeeded`, `failed`,
     /// `skipped`, or `in_flight` (the payout is looked up until our wallet says).
     pub refund_status: String,
+    /// The id of the challenge whose `close` credential closed it (none when it idled out):
+    /// that credential sent again gets the same answer, and nothing is paid twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
 }
 
 /// Sessions' activity and top-ups, in memory.
@@ -192,6 +202,9 @@ impl Pipeline {
     }
 
     /// `open`: the deposit's challenge, paid, opens the session; its account pays the call.
+    /// The same credential again (same challenge, same return invoice) opens nothing: its call
+    /// runs on the session, as a `bearer` would, so a client that lost the first answer can
+    /// retry (the draft's idempotency, keyed by the challenge id).
     pub async fn open_session(
         &self,
         credential: &mpp::Credential,
@@ -199,14 +212,11 @@ impl Pipeline {
     ) -> Result<Account, PaymentRefusal> {
         self.sessions_on()?;
         let stored = self.paid_session_challenge(credential).await?;
-        if stored.used_at.is_some() {
-            return Err(Refusal::UnknownChallenge.into());
-        }
         check_return_invoice(&stored, return_invoice)?;
         let hash = stored.payment_hash;
         let (id, now) = (credential.challenge.id.clone(), unix_now());
         let return_invoice = return_invoice.trim().to_owned();
-        let deposited = self
+        let opened = self
             .inner
             .book
             .store()
@@ -216,7 +226,16 @@ impl Pipeline {
                 else {
                     return refuse(Refusal::UnknownChallenge);
                 };
-                if challenge.used_at.is_some() || tx.contains(Tree::Sessions, &hash.0)? {
+                if let Some(record) = tx.get::<SessionRecord>(Tree::Sessions, &hash.0)? {
+                    return if record.opened_by != id || record.return_invoice != return_invoice {
+                        refuse(Refusal::UnknownChallenge)
+                    } else if record.closed.is_some() {
+                        refuse(Refusal::SessionClosed)
+                    } else {
+                        Ok(None)
+                    };
+                }
+                if challenge.used_at.is_some() {
                     return refuse(Refusal::UnknownChallenge);
                 }
                 challenge.used_at = Some(now);
@@ -234,16 +253,24 @@ impl Pipeline {
                     opened_at: now,
                     touched_at: now,
                     closed: None,
+                    opened_by: id.clone(),
                 };
                 tx.put(Tree::Sessions, &hash.0, &record)?;
-                Ok(deposited)
+                Ok(Some(deposited))
             })
             .await?;
         self.touch(&hash);
-        if let Ok(mut candidates) = self.inner.sessions.candidates.lock() {
-            candidates.insert(hash);
+        match opened {
+            Some(deposited) => {
+                if let Ok(mut candidates) = self.inner.sessions.candidates.lock() {
+                    candidates.insert(hash);
+                }
+                tracing::info!(session = %hash, deposited_msat = deposited, "http payment session opened");
+            }
+            None => {
+                tracing::info!(session = %hash, "the same open again: its call runs on the open session");
+            }
         }
-        tracing::info!(session = %hash, deposited_msat = deposited, "http payment session opened");
         Ok(Account::Token(hash))
     }
 
