@@ -32,8 +32,9 @@ use target::{attach, cpu_seconds, rss_bytes, start_daemon};
 
 /// How often `/healthz` is probed during the run.
 const HEALTH_EVERY: Duration = Duration::from_millis(100);
-/// Jobs at which RSS is sampled (the memory target compares 2,000 and 20,000).
-const RSS_MARKS: [usize; 2] = [2_000, 20_000];
+/// Jobs at which RSS is sampled: the memory target compares 2,000 and 20,000; the later marks
+/// (on a long run) show whether growth levels off, as caches that are full do, or goes on.
+const RSS_MARKS: [usize; 5] = [2_000, 20_000, 50_000, 100_000, 200_000];
 
 /// What to run (`dvmd bench load` flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -380,9 +381,18 @@ fn report(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let first = marks.first().map(|(_, rss)| *rss as f64);
         let marks: Vec<String> = marks
             .iter()
-            .map(|(job, rss)| format!("at job {job}: {:.1} MB", mb(*rss)))
+            .enumerate()
+            .map(|(i, (job, rss))| match first {
+                Some(first) if i > 0 && first > 0.0 => format!(
+                    "at job {job}: {:.1} MB ({:+.1}%)",
+                    mb(*rss),
+                    100.0 * (*rss as f64 - first) / first
+                ),
+                _ => format!("at job {job}: {:.1} MB", mb(*rss)),
+            })
             .collect();
         println!(
             "  daemon RSS                   : {}{}max {:.1} MB, end {:.1} MB",

@@ -94,13 +94,7 @@ impl Pipeline {
         credential: &mpp::Credential,
     ) -> Result<CloseReport, PaymentRefusal> {
         self.sessions_on()?;
-        let record = self
-            .session(session)
-            .await?
-            .ok_or(Refusal::SessionNotFound)?;
-        if credential.payment_hash() != *session {
-            return Err(Refusal::InvalidPreimage.into());
-        }
+        let record = self.proved_record(session, credential).await?;
         if record.closed.is_some() {
             return self.closed_again(&record, &credential.challenge.id).await;
         }

@@ -288,7 +288,21 @@ impl Pipeline {
         Ok(Account::Token(*session))
     }
 
+    /// The session `session`, open, proved by `credential`'s preimage.
     async fn open_record(
+        &self,
+        session: &PaymentHash,
+        credential: &mpp::Credential,
+    ) -> Result<SessionRecord, PaymentRefusal> {
+        let record = self.proved_record(session, credential).await?;
+        if record.closed.is_some() {
+            return Err(Refusal::SessionClosed.into());
+        }
+        Ok(record)
+    }
+
+    /// The session `session`, open or closed, proved by `credential`'s preimage (the deposit's).
+    async fn proved_record(
         &self,
         session: &PaymentHash,
         credential: &mpp::Credential,
@@ -299,9 +313,6 @@ impl Pipeline {
             .ok_or(Refusal::SessionNotFound)?;
         if credential.payment_hash() != *session {
             return Err(Refusal::InvalidPreimage.into());
-        }
-        if record.closed.is_some() {
-            return Err(Refusal::SessionClosed.into());
         }
         Ok(record)
     }
