@@ -201,6 +201,14 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     if let Some(flood) = flood {
         flood::report(&options, &record, flood, &metrics);
     }
+    if let Some(bytes) = target.store_bytes() {
+        let done = record.completed.load(Ordering::Relaxed).max(1);
+        println!(
+            "  store on disk                : {:>8.1} MB ({:.1} KB per job)",
+            bytes as f64 / (1024.0 * 1024.0),
+            bytes as f64 / 1024.0 / done as f64
+        );
+    }
     for customer in &customers {
         customer.close();
     }

@@ -36,6 +36,22 @@ impl Drop for Target {
 }
 
 impl Target {
+    /// What the started daemon's data directory holds on disk (its sled store), bytes.
+    pub(super) fn store_bytes(&self) -> Option<u64> {
+        fn size(path: &std::path::Path) -> u64 {
+            let Ok(meta) = std::fs::symlink_metadata(path) else {
+                return 0;
+            };
+            if !meta.is_dir() {
+                return meta.len();
+            }
+            std::fs::read_dir(path)
+                .map(|entries| entries.flatten().map(|e| size(&e.path())).sum())
+                .unwrap_or(0)
+        }
+        self.data.as_deref().map(size)
+    }
+
     /// Make `npub` a `known` customer through the daemon's admin door.
     pub(super) async fn make_known(
         &self,
