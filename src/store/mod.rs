@@ -526,6 +526,11 @@ impl Store {
         );
         let _ = writeln!(
             out,
+            "# HELP dvmd_store_disk_bytes The store's files on disk (read after a flush, at most every second).\n# TYPE dvmd_store_disk_bytes gauge\ndvmd_store_disk_bytes {}",
+            stats.disk_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
             "# HELP dvmd_store_up 1 while the store writer accepts writes.\n# TYPE dvmd_store_up gauge\ndvmd_store_up {}",
             u8::from(self.shared.status.failure().is_none())
         );

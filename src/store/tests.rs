@@ -126,6 +126,18 @@ async fn applied_writes_become_durable_with_the_next_sync() {
     assert_eq!(store.shared.status.stats.flushes.load(Ordering::Relaxed), 0);
     store.sync().await.expect("sync");
     assert_eq!(store.shared.status.stats.flushes.load(Ordering::Relaxed), 1);
+    let mut metrics = String::new();
+    store.render_metrics(&mut metrics);
+    let disk: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dvmd_store_disk_bytes "))
+        .expect("the gauge")
+        .parse()
+        .expect("bytes");
+    assert!(
+        disk > 0,
+        "the flush read the store's size on disk: {metrics}"
+    );
     // Nothing new: a sync costs no flush.
     store.sync().await.expect("sync");
     assert_eq!(store.shared.status.stats.flushes.load(Ordering::Relaxed), 1);

@@ -125,7 +125,13 @@ pub(super) struct Stats {
     pub(super) group: Histogram,
     pub(super) writes: AtomicU64,
     pub(super) flushes: AtomicU64,
+    /// The store's files on disk, bytes, as read after a flush (at most every
+    /// [`DISK_READ_EVERY`]).
+    pub(super) disk_bytes: AtomicU64,
 }
+
+/// How often the writer reads the store's size on disk (a stat of its files, after a flush).
+const DISK_READ_EVERY: Duration = Duration::from_secs(1);
 
 impl Default for Stats {
     fn default() -> Self {
@@ -135,6 +141,7 @@ impl Default for Stats {
             group: Histogram::with_buckets(GROUP_BUCKETS),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            disk_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -163,6 +170,7 @@ fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
         group: 0,
         last_flush: Duration::ZERO,
         last_group_waiters: 0,
+        disk_read_at: None,
     };
     loop {
         let first = match writer.dirty_since {
@@ -256,6 +264,8 @@ struct Writer<'a> {
     group: usize,
     last_flush: Duration,
     last_group_waiters: usize,
+    /// When the size on disk was last read.
+    disk_read_at: Option<Instant>,
 }
 
 enum Taken {
@@ -329,6 +339,15 @@ impl Writer<'_> {
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats.group.observe_value(self.group as f64);
         self.dirty_since = None;
+        if self
+            .disk_read_at
+            .is_none_or(|at| at.elapsed() >= DISK_READ_EVERY)
+        {
+            if let Ok(bytes) = self.trees.db.size_on_disk() {
+                stats.disk_bytes.store(bytes, Ordering::Relaxed);
+            }
+            self.disk_read_at = Some(Instant::now());
+        }
         Ok(())
     }
 
