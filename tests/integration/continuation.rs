@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::harness::{self, REPLY_TIMEOUT};
 
 /// How long a continuation waits for its payment in these tests, seconds.
-const WAIT_SECS: u64 = 8;
+const WAIT_SECS: u64 = 15;
 
 /// The value at `at` of the first tag named `name`.
 fn tag(event: &Event, name: &str, at: usize) -> String {
@@ -183,7 +183,31 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     );
     ledger_check(&daemon).await;
 
-    // Paid: it goes on from the text so far, and every token is charged once.
+    // Carol cancels instead (kind 5), first, well within her invoice's life (it was issued when
+    // her story ran out, as Bob's was): the text so far is her result at once, charged as
+    // generated, and paying the rest after that is credited to her, not run.
+    let (carol_said, carol_more, carol_bolt11) = asked_to_continue(&mut carol, &tale.id).await;
+    carol
+        .send(&harness::cancellation(&tale, carol.keys()))
+        .await
+        .expect("cancel");
+    let carol_charged =
+        ends_with_what_it_has(&daemon, &mut carol, &tale.id, &carol_said, carol_paid).await;
+    harness::dev_pay(&ready.http_url, &carol_bolt11).await;
+    let hash = dvmd::wallet::bolt11::decode(&carol_bolt11)
+        .expect("bolt11")
+        .payment_hash;
+    harness::wait_for_booking(daemon.pipeline().book(), &hash).await;
+    let after = job(&daemon, &tale.id).await;
+    assert_eq!(
+        after.state,
+        JobState::Settled,
+        "a late payment runs nothing"
+    );
+    ledger_check(&daemon).await;
+    let carol_owns = carol_paid - carol_charged + carol_more;
+
+    // Bob pays: it goes on from the text so far, and every token is charged once.
     harness::dev_pay(&ready.http_url, &bolt11).await;
     // nostr-tools finds the partial feedback by its own filter, with the text so far.
     let feedback = harness::nostr_tools_query(
@@ -238,28 +262,6 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
         harness::wait_for_state(daemon.pipeline().book(), &story, JobState::Settled).await;
     assert_eq!(settled.charge_msat, Some(charged));
     ledger_check(&daemon).await;
-
-    // Carol cancels instead (kind 5): the text so far is her result at once, charged as
-    // generated, and paying the rest after that is credited to her, not run.
-    let (so_far, more, bolt11) = asked_to_continue(&mut carol, &tale.id).await;
-    carol
-        .send(&harness::cancellation(&tale, carol.keys()))
-        .await
-        .expect("cancel");
-    let charged = ends_with_what_it_has(&daemon, &mut carol, &tale.id, &so_far, carol_paid).await;
-    harness::dev_pay(&ready.http_url, &bolt11).await;
-    let hash = dvmd::wallet::bolt11::decode(&bolt11)
-        .expect("bolt11")
-        .payment_hash;
-    harness::wait_for_booking(daemon.pipeline().book(), &hash).await;
-    let after = job(&daemon, &tale.id).await;
-    assert_eq!(
-        after.state,
-        JobState::Settled,
-        "a late payment runs nothing"
-    );
-    ledger_check(&daemon).await;
-    let carol_owns = carol_paid - charged + more;
 
     // Dave does not pay for the rest: after the wait, the text so far is his result.
     let (so_far, _, _) = asked_to_continue(&mut dave, &saga.id).await;

@@ -53,9 +53,7 @@ impl Refund {
             other => other.answer(),
         }
     }
-}
 
-impl Refund {
     /// As the session record keeps it; `pending` (the refund is being tried) is not known yet.
     fn from_recorded(recorded: &str) -> Self {
         match recorded {
