@@ -866,7 +866,7 @@ async fn mppx_opens_and_closes_a_session_through_its_own_client() {
 async fn concurrent_streams_top_ups_and_a_close_on_one_session_lose_nothing() {
     let (data, daemon) = start(|file| {
         file.service.workers = 8;
-        file.http.session_topup_wait_secs = 3;
+        file.http.session_topup_wait_secs = 10;
     })
     .await;
     let http = daemon.ready().http_url.clone();
