@@ -1,0 +1,320 @@
+//! The wallet side of a payout: pay an invoice or a Lightning address, look up what the wallet
+//! did, and reconcile payouts left pending.
+
+use super::{Payout, PayoutFee, PayoutRefusal, PayoutState, EXPIRED_UNKNOWN_GRACE_SECS};
+use crate::job::book::{Book, BookError};
+use crate::job::pipeline::{unix_now, Pipeline};
+use crate::ledger::{self, Account};
+use crate::wallet::{bolt11, lnurl, OutgoingStatus, PaymentHash, WalletError};
+
+/// What pays out: the book, the wallet and the payout settings. The daemon's pipeline has one
+/// ([`Pipeline::payer`]); `dvmd account withdraw` builds one on the store when the daemon is
+/// stopped.
+#[derive(Clone)]
+pub struct Payer {
+    /// The book the payouts are booked in.
+    pub book: Book,
+    /// The wallet that pays.
+    pub wallet: std::sync::Arc<dyn crate::wallet::Wallet>,
+    /// The most routing fee a payout may cost.
+    pub fee: PayoutFee,
+    /// Let Lightning-address hosts on loopback through over plain HTTP (tests).
+    pub allow_loopback_http: bool,
+}
+
+impl Pipeline {
+    /// The pipeline's payer.
+    pub fn payer(&self) -> Payer {
+        let inner = &self.inner;
+        Payer {
+            book: inner.book.clone(),
+            wallet: inner.wallet.clone(),
+            fee: inner.config.payout_fee,
+            allow_loopback_http: inner.config.payout_lnurl_allow_loopback_http,
+        }
+    }
+
+    /// See [`Payer::withdraw`].
+    pub async fn withdraw(&self, account: Account, bolt11: &str) -> Result<Payout, PayoutRefusal> {
+        self.payer().withdraw(account, bolt11).await
+    }
+
+    /// See [`Payer::withdraw_to_address`].
+    pub async fn withdraw_to_address(
+        &self,
+        account: Account,
+        address: &str,
+        amount_msat: Option<u64>,
+    ) -> Result<Payout, PayoutRefusal> {
+        self.payer()
+            .withdraw_to_address(account, address, amount_msat)
+            .await
+    }
+
+    /// See [`Payer::reconcile`].
+    pub async fn reconcile_payouts(&self) {
+        self.payer().reconcile().await
+    }
+}
+
+/// Where a payout goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A BOLT11 invoice with an amount.
+    Bolt11(String),
+    /// A Lightning address, and how much (default: the whole balance less the most fee).
+    Address {
+        /// `name@host`.
+        address: String,
+        /// Whole sats, in msat.
+        amount_msat: Option<u64>,
+    },
+}
+
+impl Payer {
+    /// Pay out to `target` from `account`.
+    pub async fn pay_out(&self, account: Account, target: Target) -> Result<Payout, PayoutRefusal> {
+        match target {
+            Target::Bolt11(bolt11) => self.withdraw(account, &bolt11).await,
+            Target::Address {
+                address,
+                amount_msat,
+            } => {
+                self.withdraw_to_address(account, &address, amount_msat)
+                    .await
+            }
+        }
+    }
+
+    /// Pay `bolt11` from `account`'s balance: book it pending, then ask the wallet. Returns the
+    /// payout as it stands when the wallet answered (paid, failed, or still pending; a pending
+    /// one is looked up until it ends).
+    pub async fn withdraw(&self, account: Account, bolt11: &str) -> Result<Payout, PayoutRefusal> {
+        self.pay_invoice(account, bolt11, None).await
+    }
+
+    /// Pay `amount_msat` from `account` to `bolt11`, an invoice that names no amount (an HTTP
+    /// `Payment` session's return invoice), the same two phases as [`Payer::withdraw`]; the
+    /// wallet must be able to ([`Wallet::pays_amountless`]).
+    ///
+    /// [`Wallet::pays_amountless`]: crate::wallet::Wallet::pays_amountless
+    pub async fn refund_to(
+        &self,
+        account: Account,
+        bolt11: &str,
+        amount_msat: u64,
+    ) -> Result<Payout, PayoutRefusal> {
+        if amount_msat == 0 {
+            return Err(PayoutRefusal::Invoice("nothing to refund".to_owned()));
+        }
+        self.pay_invoice(account, bolt11, Some(amount_msat)).await
+    }
+
+    /// Pay `bolt11`: the amount it names, or `chosen_msat` when it names none (and only then).
+    async fn pay_invoice(
+        &self,
+        account: Account,
+        bolt11: &str,
+        chosen_msat: Option<u64>,
+    ) -> Result<Payout, PayoutRefusal> {
+        let bolt11 = bolt11.trim();
+        let info = bolt11::decode(bolt11).map_err(|e| PayoutRefusal::Invoice(e.to_string()))?;
+        let named = info.amount_msat.filter(|a| *a > 0);
+        let amount_msat = match (named, chosen_msat) {
+            (Some(amount), None) => amount,
+            (None, Some(amount)) => amount,
+            (None, None) => {
+                return Err(PayoutRefusal::Invoice(
+                    "the invoice names no amount".to_owned(),
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(PayoutRefusal::Invoice(
+                    "a refund goes to an invoice that names no amount".to_owned(),
+                ))
+            }
+        };
+        let now = unix_now();
+        if info.expires_at <= now + 10 {
+            return Err(PayoutRefusal::Invoice("the invoice has expired".to_owned()));
+        }
+        let payout = Payout {
+            account,
+            bolt11: bolt11.to_owned(),
+            payment_hash: info.payment_hash,
+            amount_msat,
+            max_fee_msat: self.fee.max_for(amount_msat),
+            expires_at: info.expires_at,
+            state: PayoutState::Pending,
+            note: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.send(payout, chosen_msat.is_some()).await
+    }
+
+    /// Book `payout` pending, then ask the wallet to pay it (with its amount, when the invoice
+    /// names none), and book what became of it.
+    async fn send(&self, payout: Payout, amountless: bool) -> Result<Payout, PayoutRefusal> {
+        let (account, amount_msat) = (payout.account, payout.amount_msat);
+        let payout = self.book.begin_payout(payout).await?;
+        tracing::info!(account = %account, payment_hash = %payout.payment_hash, amount_msat, max_fee_msat = payout.max_fee_msat, amountless, "payout pending; paying");
+        let paid = if amountless {
+            self.wallet
+                .pay_amountless(&payout.bolt11, amount_msat, payout.max_fee_msat)
+                .await
+        } else {
+            self.wallet.pay(&payout.bolt11, payout.max_fee_msat).await
+        };
+        let ended = match paid {
+            // The preimage is the proof; the fee is what the wallet says it spent.
+            Ok(sent) if preimage_matches(&sent.preimage, &payout.payment_hash) => {
+                self.book
+                    .finish_payout(
+                        &payout.payment_hash,
+                        PayoutState::Paid {
+                            fee_msat: sent.fee_msat,
+                        },
+                    )
+                    .await
+            }
+            Ok(_) => {
+                let why = "the wallet answered with a preimage that is not this invoice's";
+                self.look_up_payout(&payout, Some(why.to_owned())).await
+            }
+            Err(e) if e.declined() => self.look_up_declined(&payout, &e).await,
+            Err(e) => self.look_up_payout(&payout, Some(pay_error(&e))).await,
+        };
+        Ok(ended?)
+    }
+
+    /// Pay out to a Lightning address: `amount_msat`, or the whole balance less the most fee,
+    /// in whole sats rounded down (the rest stays as credit). The invoice comes from the host
+    /// the address names, fetched as [`lnurl::Reach::Customer`] allows, and must ask exactly
+    /// that amount and commit to the address's metadata.
+    pub async fn withdraw_to_address(
+        &self,
+        account: Account,
+        address: &str,
+        amount_msat: Option<u64>,
+    ) -> Result<Payout, PayoutRefusal> {
+        let amount = match amount_msat {
+            Some(amount) => amount,
+            None => {
+                let balance = self
+                    .book
+                    .store()
+                    .read(move |r| Ok::<_, BookError>(ledger::balance(r, &account)?))
+                    .await?;
+                let fee = self.fee.max_for(balance);
+                balance.saturating_sub(fee) / 1000 * 1000
+            }
+        };
+        if amount < 1000 || amount % 1000 != 0 {
+            return Err(PayoutRefusal::Invoice(format!(
+                "a payout to an address is whole sats, at least 1 sat, not {amount} msat"
+            )));
+        }
+        let reach = lnurl::Reach::Customer {
+            allow_loopback_http: self.allow_loopback_http,
+        };
+        let bolt11 = lnurl::invoice_for_address(&reach, address, amount)
+            .await
+            .map_err(|e| PayoutRefusal::Invoice(format!("{address}: {e}")))?;
+        self.withdraw(account, &bolt11).await
+    }
+
+    /// A payout the wallet declined (it said it sent nothing, and will not): failed at once
+    /// unless the wallet knows a payment to its hash after all.
+    async fn look_up_declined(
+        &self,
+        payout: &Payout,
+        e: &crate::wallet::WalletError,
+    ) -> Result<Payout, BookError> {
+        let hash = &payout.payment_hash;
+        match self.wallet.lookup_payment(hash).await {
+            Ok(OutgoingStatus::Unknown | OutgoingStatus::Failed) => {
+                tracing::warn!(payment_hash = %hash, reason = %e, "payout declined by the wallet; the amount is back on the balance");
+                self.book
+                    .note_payout(hash, format!("declined: {e}"))
+                    .await?;
+                self.book.finish_payout(hash, PayoutState::Failed).await
+            }
+            _ => self.look_up_payout(payout, Some(pay_error(e))).await,
+        }
+    }
+
+    /// Ask the wallet what became of a pending payout and book what it says; `said` is what
+    /// the wallet answered before (kept as a note when it stays pending).
+    async fn look_up_payout(
+        &self,
+        payout: &Payout,
+        said: Option<String>,
+    ) -> Result<Payout, BookError> {
+        let book = &self.book;
+        let hash = &payout.payment_hash;
+        let state = match self.wallet.lookup_payment(hash).await {
+            Ok(OutgoingStatus::Succeeded { fee_msat }) => PayoutState::Paid { fee_msat },
+            Ok(OutgoingStatus::Failed) => PayoutState::Failed,
+            Ok(OutgoingStatus::Unknown)
+                if unix_now() > payout.expires_at + EXPIRED_UNKNOWN_GRACE_SECS =>
+            {
+                PayoutState::Failed
+            }
+            Ok(status) => {
+                let note = match said {
+                    Some(said) => format!("{said}; the wallet says {status:?}"),
+                    None => format!("the wallet says {status:?}"),
+                };
+                book.note_payout(hash, note).await?;
+                return Ok(book.payout(hash).await?.unwrap_or_else(|| payout.clone()));
+            }
+            Err(e) => {
+                let note = format!("lookup failed: {}", pay_error(&e));
+                book.note_payout(hash, note).await?;
+                return Ok(book.payout(hash).await?.unwrap_or_else(|| payout.clone()));
+            }
+        };
+        let ended = book.finish_payout(hash, state).await?;
+        match ended.state {
+            PayoutState::Paid { fee_msat } => {
+                tracing::info!(payment_hash = %hash, fee_msat, "payout arrived")
+            }
+            PayoutState::Failed => {
+                tracing::warn!(payment_hash = %hash, "payout failed; the amount is back on the balance")
+            }
+            PayoutState::Pending => {}
+        }
+        Ok(ended)
+    }
+
+    /// Look up every pending payout once (on start, and on each reconcile pass).
+    pub async fn reconcile(&self) {
+        let pending = match self.book.pending_payouts().await {
+            Ok(pending) => pending,
+            Err(e) => return tracing::error!(error = %e, "cannot read pending payouts"),
+        };
+        for payout in pending {
+            if let Err(e) = self.look_up_payout(&payout, None).await {
+                tracing::error!(payment_hash = %payout.payment_hash, error = %e, "cannot book a payout's outcome");
+            }
+        }
+    }
+}
+
+fn preimage_matches(preimage: &[u8; 32], hash: &PaymentHash) -> bool {
+    use bitcoin::hashes::{sha256, Hash};
+    sha256::Hash::hash(preimage).to_byte_array() == hash.0
+}
+
+/// A wallet error as a note, with no internals a customer should not see.
+fn pay_error(e: &WalletError) -> String {
+    match e {
+        WalletError::InsufficientBalance { .. } => "the service's wallet is short".to_owned(),
+        WalletError::InvalidInvoice(why) => format!("the invoice was refused: {why}"),
+        _ => format!(
+            "the wallet did not confirm it ({})",
+            crate::incident::Incident::log("paying out", e)
+        ),
+    }
+}
