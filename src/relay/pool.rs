@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use nostr_sdk::prelude::RelayNotification;
+use nostr_sdk::prelude::{MemoryDatabase, MemoryDatabaseOptions, RelayNotification};
 use nostr_sdk::{
     Alphabet, Client, ClientOptions, Event, EventId, Filter, Keys, Kind, RelayOptions,
     RelayPoolNotification, RelayPoolOptions, RelayStatus, RelayUrl, SingleLetterTag,
@@ -33,6 +33,11 @@ pub const REPLY_RELAY_IDLE: Duration = Duration::from_secs(60);
 /// so this ring is resident memory: 65,536 slots cost about 24 MB that grew in over the first
 /// ~10,000 jobs, and 500 customers at full speed never lag 4,096.
 const NOTIFICATION_CHANNEL_SIZE: usize = 4_096;
+/// Event ids the client remembers as seen, so the same event from several relays (or a
+/// catch-up that overlaps the live subscription) reaches intake once. nostr-sdk's default is
+/// 35,000, a cache that grew in for the first 35,000 jobs (about 50 bytes an id); duplicates
+/// are short-lived, and one that comes later is still recognised by the book's durable dedupe.
+const SEEN_IDS: usize = 4_096;
 /// Events asked for per page of a catch-up fetch (relays cap what one query returns).
 const FETCH_PAGE: usize = 500;
 /// Most events one catch-up fetches.
@@ -103,6 +108,10 @@ impl Relays {
         let client =
             Client::builder()
                 .signer(keys.clone())
+                .database(MemoryDatabase::with_opts(MemoryDatabaseOptions {
+                    events: false,
+                    max_events: Some(SEEN_IDS),
+                }))
                 .websocket_transport(NoDelayTransport::guarded(guard.clone()))
                 .opts(ClientOptions::new().automatic_authentication(true).pool(
                     RelayPoolOptions::new().notification_channel_size(NOTIFICATION_CHANNEL_SIZE),
