@@ -15,6 +15,7 @@ use nostr_sdk::{
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use super::embedded::OwnEvents;
 use super::guard::{RelayGuard, ReplyRelayPolicy};
 use super::transport::NoDelayTransport;
 use super::RelayError;
@@ -71,6 +72,8 @@ pub struct Relays {
     reply: Arc<Mutex<HashMap<RelayUrl, std::time::Instant>>>,
     /// Which reply relays may be reached (checked again by the transport at connect time).
     guard: Arc<RelayGuard>,
+    /// Where the events we send are recorded for our embedded relay, if it is ours.
+    own: Option<OwnEvents>,
 }
 
 /// Job requests of `kinds`.
@@ -144,7 +147,14 @@ impl Relays {
             write: Arc::new(write),
             reply: Arc::new(Mutex::new(HashMap::new())),
             guard: Arc::new(guard),
+            own: None,
         })
+    }
+
+    /// Record every event this pool sends in `own`, the embedded relay's record of our events
+    /// ([`super::EmbeddedRelay::own_events`]): the relay then skips their signature check.
+    pub fn record_own(&mut self, own: OwnEvents) {
+        self.own = Some(own);
     }
 
     /// Wait until every configured relay is connected, or `timeout` passes.
@@ -290,6 +300,9 @@ impl Relays {
             }
         }
         targets.retain(|url| !skip.contains(url));
+        if let Some(own) = &self.own {
+            own.record(event);
+        }
         if targets.is_empty() {
             return Err(RelayError::NotAccepted {
                 event: event.id.to_hex(),

@@ -171,7 +171,7 @@ impl Session {
             );
             return self.answer(ok(false, &why)).await;
         }
-        if event.verify().is_err() {
+        if !self.shared.own.verify(&event) {
             return self
                 .answer(ok(false, "invalid: bad event id or signature"))
                 .await;

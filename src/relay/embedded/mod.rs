@@ -13,6 +13,7 @@
 //! to own the listener's lifecycle, so the daemon's cancellation token stops it.
 
 mod connection;
+mod own;
 mod subscriptions;
 
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::RelayError;
+pub use own::OwnEvents;
 use subscriptions::Subscriptions;
 
 /// Largest websocket upgrade request we read; browsers send well under 2 KiB.
@@ -77,6 +79,8 @@ struct Shared {
     options: RelayOptions,
     /// Events stored since start.
     events: AtomicU64,
+    /// Events our own pool sent: their signatures are not checked again.
+    own: OwnEvents,
 }
 
 /// Figures of a running embedded relay, for `/metrics`.
@@ -136,6 +140,7 @@ impl EmbeddedRelay {
             subscriptions: Subscriptions::default(),
             options,
             events: AtomicU64::new(0),
+            own: OwnEvents::default(),
         });
         Ok(Self {
             shared,
@@ -147,6 +152,12 @@ impl EmbeddedRelay {
     /// The relay's websocket URL.
     pub fn url(&self) -> String {
         format!("ws://{}", self.local_addr)
+    }
+
+    /// The record of events our own pool sends to this relay (see [`OwnEvents`]); give it to
+    /// [`super::Relays::record_own`].
+    pub fn own_events(&self) -> OwnEvents {
+        self.shared.own.clone()
     }
 
     /// Its figures (shared with the running relay).
