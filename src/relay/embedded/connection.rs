@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
-use nostr_sdk::prelude::{NostrDatabase, RejectedReason, SaveEventStatus};
 use nostr_sdk::{ClientMessage, Event, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -21,7 +20,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::store::Saved;
+use super::{event_message, Shared};
 
 /// Answers queued for one client.
 const ANSWER_QUEUE: usize = 1024;
@@ -135,7 +135,7 @@ impl Session {
                 subscription_id,
                 filter,
             } => {
-                let count = self.shared.db.count(filter.into_owned()).await.unwrap_or(0);
+                let count = self.shared.store.count(&filter);
                 self.answer(RelayMessage::Count {
                     subscription_id,
                     count,
@@ -176,33 +176,25 @@ impl Session {
                 .answer(ok(false, "invalid: bad event id or signature"))
                 .await;
         }
+        let json = event.as_json();
         if event.kind.is_ephemeral() {
-            self.shared.subscriptions.publish(&event);
+            self.shared.subscriptions.publish(&event, &json);
             return self.answer(ok(true, "")).await;
         }
-        let answer = match self.shared.db.save_event(&event).await {
-            Ok(SaveEventStatus::Success) => {
+        let answer = match self.shared.store.save(&event, &json) {
+            Saved::Stored => {
                 self.shared.events.fetch_add(1, Ordering::Relaxed);
-                self.shared.subscriptions.publish(&event);
+                self.shared.subscriptions.publish(&event, &json);
                 ok(true, "")
             }
-            Ok(SaveEventStatus::Rejected(why)) => match why {
-                RejectedReason::Duplicate => ok(true, "duplicate: already have this event"),
-                RejectedReason::Deleted => ok(false, "blocked: this event is deleted"),
-                RejectedReason::Expired => ok(false, "invalid: this event has expired"),
-                RejectedReason::Replaced => ok(false, "duplicate: a newer version is stored"),
-                RejectedReason::InvalidDelete => ok(
-                    false,
-                    "invalid: a deletion may only name its author's events",
-                ),
-                RejectedReason::Ephemeral | RejectedReason::Other => {
-                    ok(false, "error: could not store this event")
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "embedded relay: cannot store an event");
-                ok(false, "error: could not store this event")
-            }
+            Saved::Duplicate => ok(true, "duplicate: already have this event"),
+            Saved::Deleted => ok(false, "blocked: this event is deleted"),
+            Saved::Expired => ok(false, "invalid: this event has expired"),
+            Saved::Replaced => ok(false, "duplicate: a newer version is stored"),
+            Saved::InvalidDelete => ok(
+                false,
+                "invalid: a deletion may only name its author's events",
+            ),
         };
         self.answer(answer).await
     }
@@ -228,27 +220,17 @@ impl Session {
                 .await;
         }
         let mut sent: HashSet<EventId> = HashSet::new();
-        for mut filter in filters {
-            filter.limit = Some(
-                filter
-                    .limit
-                    .unwrap_or(options.default_limit)
-                    .min(options.max_limit),
-            );
-            let stored = match self.shared.db.query(filter).await {
-                Ok(stored) => stored,
-                Err(e) => {
-                    tracing::warn!(error = %e, "embedded relay: query failed");
-                    continue;
-                }
-            };
-            for event in stored {
-                if sent.insert(event.id) {
-                    self.answer(RelayMessage::Event {
-                        subscription_id: Cow::Borrowed(&subscription_id),
-                        event: Cow::Owned(event),
-                    })
-                    .await?;
+        for filter in filters {
+            let limit = filter
+                .limit
+                .unwrap_or(options.default_limit)
+                .min(options.max_limit);
+            for stored in self.shared.store.query(&filter, limit) {
+                if sent.insert(stored.id) {
+                    self.answers
+                        .send(event_message(&subscription_id, &stored.json))
+                        .await
+                        .map_err(|_| Gone)?;
                 }
             }
         }

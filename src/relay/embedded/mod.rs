@@ -1,5 +1,5 @@
 //! The in-process relay for `dvmd run --dev` and the tests: a small NIP-01 relay of our own,
-//! on nostr's types and nostr-database's in-memory store.
+//! on nostr's types, with its own compact in-memory store (`store`).
 //!
 //! Why our own rather than nostr-relay-builder's `LocalRelay`: that relay feeds every
 //! connection from one `broadcast` channel of 1024 events and silently skips what a slow reader
@@ -14,13 +14,14 @@
 
 mod connection;
 mod own;
+mod store;
 mod subscriptions;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nostr_sdk::prelude::{MemoryDatabase, MemoryDatabaseOptions};
+use nostr_sdk::SubscriptionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::RelayError;
 pub use own::OwnEvents;
+use store::Store;
 use subscriptions::Subscriptions;
 
 /// Largest websocket upgrade request we read; browsers send well under 2 KiB.
@@ -74,7 +76,7 @@ impl Default for RelayOptions {
 
 /// What every connection shares.
 struct Shared {
-    db: MemoryDatabase,
+    store: Store,
     subscriptions: Subscriptions,
     options: RelayOptions,
     /// Events stored since start.
@@ -131,12 +133,8 @@ impl EmbeddedRelay {
     pub async fn bind_with(listen: SocketAddr, options: RelayOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
-        let db = MemoryDatabase::with_opts(MemoryDatabaseOptions {
-            events: true,
-            max_events: Some(options.max_events.max(1)),
-        });
         let shared = Arc::new(Shared {
-            db,
+            store: Store::new(options.max_events),
             subscriptions: Subscriptions::default(),
             options,
             events: AtomicU64::new(0),
@@ -200,6 +198,19 @@ impl EmbeddedRelay {
         connections.wait().await;
         tracing::debug!("embedded relay stopped");
     }
+}
+
+/// The `EVENT` message carrying the event serialised as `event_json` to subscription `sub`,
+/// built from the JSON as it is (an event is serialised once, however many get it).
+fn event_message(sub: &SubscriptionId, event_json: &str) -> String {
+    let sub = serde_json::to_string(sub.as_str()).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut text = String::with_capacity(event_json.len() + sub.len() + 12);
+    text.push_str("[\"EVENT\",");
+    text.push_str(&sub);
+    text.push(',');
+    text.push_str(event_json);
+    text.push(']');
+    text
 }
 
 /// Bytes read from a connection at a time (see [`serve`]).

@@ -10,13 +10,12 @@
 //! whose queue is full has fallen behind. It is closed (and counted), so its client reconnects
 //! and asks again with `since`, instead of silently missing events.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use nostr_sdk::prelude::MatchEventOptions;
-use nostr_sdk::{Alphabet, Event, Filter, JsonUtil, RelayMessage, SingleLetterTag, SubscriptionId};
+use nostr_sdk::{Alphabet, Event, Filter, SingleLetterTag, SubscriptionId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -165,7 +164,8 @@ impl Subscriptions {
 
     /// Hand `event` to every subscription it matches, without waiting: a connection that has
     /// no room left is closed as lagging.
-    pub(super) fn publish(&self, event: &Event) {
+    /// `json` is the event serialised.
+    pub(super) fn publish(&self, event: &Event, json: &str) {
         let registry = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut candidates: HashSet<&(ConnectionId, SubscriptionId)> =
             registry.unindexed.iter().collect();
@@ -186,11 +186,7 @@ impl Subscriptions {
             if !matches {
                 continue;
             }
-            let text = RelayMessage::Event {
-                subscription_id: Cow::Borrowed(sub),
-                event: Cow::Borrowed(event),
-            }
-            .as_json();
+            let text = super::event_message(sub, json);
             match connection.live.try_send(text) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -221,7 +217,7 @@ impl Subscriptions {
 
 #[cfg(test)]
 mod tests {
-    use nostr_sdk::{EventBuilder, Keys, Kind, Tag};
+    use nostr_sdk::{EventBuilder, JsonUtil, Keys, Kind, Tag};
 
     use super::*;
 
@@ -230,6 +226,10 @@ mod tests {
             .tags([Tag::public_key(p.public_key())])
             .sign_with_keys(&Keys::generate())
             .expect("sign")
+    }
+
+    fn publish(subs: &Subscriptions, event: &Event) {
+        subs.publish(event, &event.as_json());
     }
 
     #[tokio::test]
@@ -253,18 +253,18 @@ mod tests {
             4
         ));
 
-        subs.publish(&event_to(&bob));
+        publish(&subs, &event_to(&bob));
         assert!(rx_a.try_recv().is_err(), "not addressed to alice");
         assert!(rx_all.try_recv().is_ok());
 
         let to_alice = event_to(&alice);
-        subs.publish(&to_alice);
+        publish(&subs, &to_alice);
         let text = rx_a.try_recv().expect("alice's event");
         assert!(text.contains(&to_alice.id.to_hex()) && text.contains("\"mine\""));
         assert!(rx_all.try_recv().is_ok());
 
         subs.unsubscribe(a, &SubscriptionId::new("mine"));
-        subs.publish(&event_to(&alice));
+        publish(&subs, &event_to(&alice));
         assert!(rx_a.try_recv().is_err(), "unsubscribed");
         subs.disconnect(all);
         assert_eq!(subs.connections(), 1);
@@ -283,12 +283,12 @@ mod tests {
             vec![Filter::new().pubkey(alice.public_key())],
             4,
         );
-        subs.publish(&event_to(&alice));
-        subs.publish(&event_to(&alice));
+        publish(&subs, &event_to(&alice));
+        publish(&subs, &event_to(&alice));
         assert!(!lagging.is_cancelled());
-        subs.publish(&event_to(&alice));
+        publish(&subs, &event_to(&alice));
         assert!(lagging.is_cancelled(), "the third event found no room");
-        subs.publish(&event_to(&alice));
+        publish(&subs, &event_to(&alice));
         assert_eq!(
             subs.lagging_closed.load(Ordering::Relaxed),
             1,
