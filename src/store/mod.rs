@@ -526,6 +526,11 @@ impl Store {
         );
         let _ = writeln!(
             out,
+            "# HELP dvmd_store_cleaned_pages_total Pages the store writer rewrote out of fragmented segments, so that their space is reused.\n# TYPE dvmd_store_cleaned_pages_total counter\ndvmd_store_cleaned_pages_total {}",
+            stats.cleaned_pages.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
             "# HELP dvmd_store_disk_bytes The store's files on disk (read after a flush, at most every second).\n# TYPE dvmd_store_disk_bytes gauge\ndvmd_store_disk_bytes {}",
             stats.disk_bytes.load(Ordering::Relaxed)
         );

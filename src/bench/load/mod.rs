@@ -430,6 +430,7 @@ fn report(
     for (name, label) in [
         ("dvmd_store_writes_total", "store writes"),
         ("dvmd_store_flushes_total", "store flushes (fsyncs)"),
+        ("dvmd_store_cleaned_pages_total", "store pages cleaned"),
         (
             "dvmd_embedded_relay_lagging_closed_total",
             "relay readers closed",

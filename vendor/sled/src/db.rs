@@ -427,6 +427,38 @@ impl Db {
         self.context.pagecache.size_on_disk()
     }
 
+    /// dvmd: rewrite pages out of fragmented segments, so their space can be
+    /// reused, for at most about `budget`; returns the pages rewritten.
+    ///
+    /// sled's background flusher does this after each of its flushes, and is
+    /// the only caller; a program that turns the flusher off
+    /// (`flush_every_ms(None)`) and flushes itself must call this, or no
+    /// segment is ever cleaned and the log (and the segment accounting kept
+    /// in memory) grows with every write. See DVMD-PATCH.md.
+    #[cfg(all(
+        not(miri),
+        any(
+            windows,
+            target_os = "linux",
+            target_os = "macos",
+            target_os = "dragonfly",
+            target_os = "freebsd",
+            target_os = "openbsd",
+            target_os = "netbsd",
+        )
+    ))]
+    pub fn clean_segments(
+        &self,
+        budget: std::time::Duration,
+    ) -> Result<usize> {
+        let started = std::time::Instant::now();
+        let mut pages = 0;
+        while started.elapsed() < budget && self.context.pagecache.attempt_gc()? {
+            pages += 1;
+        }
+        Ok(pages)
+    }
+
     /// Traverses all files and calculates their total physical
     /// size, then traverses all pages and calculates their
     /// total logical size, then divides the physical size
