@@ -50,6 +50,10 @@ pub struct Trust {
     store: Store,
     /// The tier of every npub that is not `new`.
     tiers: RwLock<HashMap<PublicKey, Tier>>,
+    /// Held from reading standings to putting their tiers in `tiers` ([`Trust::set`],
+    /// [`Trust::refresh`], [`Trust::reload`]): without it a reload that read the store before
+    /// an operator's `set` could put the old tier back after it, until the next refresh.
+    updating: tokio::sync::Mutex<()>,
     /// The requests all `new` npubs share.
     new_keys: TokenBucket,
 }
@@ -131,6 +135,7 @@ impl Trust {
             policy,
             store,
             tiers: RwLock::new(tiers),
+            updating: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -176,6 +181,7 @@ impl Trust {
 
     /// Read every standing again and work out each tier at `now` (time alone can promote).
     pub async fn reload(&self, now: u64) -> Result<(), TrustError> {
+        let _updating = self.updating.lock().await;
         let thresholds = self.policy.thresholds;
         let tiers: HashMap<PublicKey, Tier> = all(&self.store)
             .await?
@@ -218,6 +224,7 @@ impl Trust {
         npub: &PublicKey,
         now: u64,
     ) -> Result<Option<TierChange>, TrustError> {
+        let _updating = self.updating.lock().await;
         let standing = self.standing(npub).await?;
         Ok(self.remember(npub, &standing, now))
     }
@@ -243,6 +250,7 @@ impl Trust {
         setting: Option<Tier>,
         now: u64,
     ) -> Result<(Standing, Option<TierChange>), TrustError> {
+        let _updating = self.updating.lock().await;
         let key = npub.to_bytes();
         let standing = self
             .store
@@ -455,5 +463,29 @@ mod tests {
             !trust.take_new_key_slot(now),
             "two a minute for all new keys together"
         );
+    }
+
+    /// The hourly reload reads every standing, then replaces the tiers in memory: an
+    /// operator's `set` landing between the two must not be undone by it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_never_puts_back_a_tier_the_operator_changed_meanwhile() {
+        let store = Store::temporary().expect("store");
+        let trust = std::sync::Arc::new(Trust::load(store, policy(), 0).await.expect("load"));
+        let alice = Keys::generate().public_key();
+        for round in 0..300u32 {
+            let tier = if round % 2 == 0 {
+                Tier::Trusted
+            } else {
+                Tier::Blocked
+            };
+            let reloading = {
+                let trust = trust.clone();
+                tokio::spawn(async move { trust.reload(0).await })
+            };
+            tokio::task::yield_now().await;
+            trust.set(&alice, Some(tier), 0).await.expect("set");
+            reloading.await.expect("join").expect("reload");
+            assert_eq!(trust.tier(&alice), tier, "round {round}");
+        }
     }
 }
