@@ -19,6 +19,7 @@ mod interop;
 mod l402_api;
 mod lnbits;
 mod load;
+mod lying_relay;
 mod nip98;
 mod nwc;
 mod openai_job;
