@@ -8,13 +8,14 @@
 //!   effect the write allows (showing an invoice, publishing a result, paying out);
 //! - [`Store::sync`] answers once everything applied so far is durable.
 //!
-//! Reads ([`Store::read`]) run on tokio's blocking pool, never on a tokio worker: sled's reads
-//! take a process-wide lock that queues behind a waiting transaction.
+//! Reads ([`Store::read`]) run on a few reader threads of their own (`readers`), never on a
+//! tokio worker: sled's reads take a process-wide lock that queues behind a waiting transaction.
 //!
 //! Every record is JSON (small, inspectable with `dvmd jobs`); keys are raw bytes (32-byte event
 //! ids and payment hashes, 8-byte big-endian sequence numbers).
 
 mod migrate;
+mod readers;
 mod tx;
 mod writer;
 
@@ -187,8 +188,8 @@ pub enum StoreError {
     /// A read could not run.
     #[error("store: read task failed: {0}")]
     Read(String),
-    /// The writer thread could not be started.
-    #[error("store: cannot start the writer thread: {0}")]
+    /// The writer or a reader thread could not be started.
+    #[error("store: cannot start its threads: {0}")]
     Thread(std::io::Error),
 }
 
@@ -269,6 +270,7 @@ enum Failed<E> {
 struct Shared {
     trees: Arc<Trees>,
     queue: flume::Sender<Command>,
+    readers: flume::Sender<readers::Read>,
     status: Arc<Status>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -331,6 +333,7 @@ impl Store {
         let trees = Trees::open(db)?;
         migrate::migrate(&trees)?;
         let trees = Arc::new(trees);
+        let readers = readers::spawn(&trees, readers::count()).map_err(StoreError::Thread)?;
         let status = Arc::new(Status::default());
         let (queue, commands) = flume::bounded(writer::QUEUE_CAPACITY);
         let thread =
@@ -339,6 +342,7 @@ impl Store {
             shared: Arc::new(Shared {
                 trees,
                 queue,
+                readers,
                 status,
                 writer: Mutex::new(Some(thread)),
             }),
@@ -465,17 +469,26 @@ impl Store {
         }
     }
 
-    /// Run `read` on the blocking pool (never on a tokio worker).
+    /// Run `read` on a reader thread (never on a tokio worker); waits (async) while the
+    /// readers' queue is full.
     pub async fn read<R, E, F>(&self, read: F) -> Result<R, E>
     where
         F: FnOnce(&Reader<'_>) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let trees = self.shared.trees.clone();
-        tokio::task::spawn_blocking(move || read(&trees.reader()))
+        let (reply, answer) = oneshot::channel();
+        let task: readers::Read = Box::new(move |reader| {
+            let _ = reply.send(read(reader));
+        });
+        if self.shared.readers.send_async(task).await.is_err() {
+            return Err(E::from(StoreError::Read(
+                "the reader threads stopped".into(),
+            )));
+        }
+        answer
             .await
-            .map_err(|e| E::from(StoreError::Read(e.to_string())))?
+            .map_err(|_| E::from(StoreError::Read("the read panicked".into())))?
     }
 
     /// Run `read` on this thread: for command-line tools and threads that may block.
