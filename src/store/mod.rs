@@ -529,6 +529,11 @@ impl Store {
         );
         let _ = writeln!(
             out,
+            "# HELP dvmd_store_read_queue_depth Reads waiting for a reader thread.\n# TYPE dvmd_store_read_queue_depth gauge\ndvmd_store_read_queue_depth {}",
+            self.shared.readers.len()
+        );
+        let _ = writeln!(
+            out,
             "# HELP dvmd_store_writes_total Writes applied by the store writer.\n# TYPE dvmd_store_writes_total counter\ndvmd_store_writes_total {}",
             stats.writes.load(Ordering::Relaxed)
         );

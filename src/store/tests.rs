@@ -543,6 +543,14 @@ async fn reads_run_on_the_few_reader_threads_however_many_wait() {
         threads.len(),
         readers::count()
     );
+    let mut metrics = String::new();
+    store.render_metrics(&mut metrics);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "dvmd_store_read_queue_depth 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
