@@ -64,7 +64,7 @@
 //!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
 //!   writer thread that commits in groups: the only module that names sled), [`http`].
-//! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/main.rs`;
+//! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/bin/dvmd/`;
 //!   figures: [`mod@bench`].
 //!
 //! See `ARCHITECTURE.md` for the data flow, the job state table, the money rules and the store
