@@ -11,7 +11,7 @@ MODEL_FILE   := SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL        := $(CACHE)/models/$(MODEL_FILE)
 PEERS_VENV   := $(CACHE)/venv-peers
-DEBIAN_PKGS  := cmake clang libclang-dev
+DEBIAN_PKGS  := cmake clang libclang-dev strace
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test model deps browser peers llama-server lnbits node-peers check bench clean-cache
@@ -46,9 +46,9 @@ $(MODEL):
 	echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet
 	mv $@.part $@
 
-## deps: Debian packages the embedded llama.cpp build needs
+## deps: Debian packages the embedded llama.cpp build needs, and strace (the durability test)
 deps:
-	@if ! command -v cmake >/dev/null || ! command -v clang >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then \
+	@if ! command -v cmake >/dev/null || ! command -v strace >/dev/null || ! command -v clang >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEBIAN_PKGS); \
 	fi
 

@@ -10,6 +10,7 @@ mod conformance;
 mod continuation;
 mod credit;
 mod delivery;
+mod durability;
 mod embedded_relay;
 mod estimates;
 mod gaps;
