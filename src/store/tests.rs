@@ -28,6 +28,36 @@ async fn get(store: &Store, key: u8) -> Option<u64> {
         .expect("read")
 }
 
+/// Start a write that holds the writer inside its group's transaction until `release` is
+/// sent; returns once it runs, with the write's task.
+async fn hold_writer(
+    store: &Store,
+) -> (
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (started, first_started) = std::sync::mpsc::channel::<()>();
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let hold = Arc::new(Mutex::new(hold));
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .commit(move |tx| {
+                    let _ = started.send(());
+                    let _ = hold.lock().map(|h| h.recv_timeout(Duration::from_secs(30)));
+                    Ok::<_, TxError<StoreError>>(tx.put(Tree::Meta, b"first", &0u64)?)
+                })
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(move || first_started.recv_timeout(Duration::from_secs(30)))
+        .await
+        .expect("join")
+        .expect("the first write is being applied");
+    (first, release)
+}
+
 #[tokio::test]
 async fn a_commit_is_readable_and_an_abort_writes_nothing() {
     let store = Store::temporary().expect("store");
@@ -41,6 +71,92 @@ async fn a_commit_is_readable_and_an_abort_writes_nothing() {
         .await;
     assert!(matches!(refused, Err(TestError::Refused)));
     assert_eq!(get(&store, 2).await, None, "the aborted write left nothing");
+}
+
+/// Writes that share a group's sled transaction still stand alone: one that refuses leaves
+/// nothing, the ones around it keep theirs, and each sees exactly the writes before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_in_a_group_leaves_nothing_and_the_others_stand() {
+    let store = Store::temporary().expect("store");
+    // Hold the writer inside a first group while the next group queues.
+    let (first, release) = hold_writer(&store).await;
+    let kept = {
+        let store = store.clone();
+        tokio::spawn(async move { put(&store, 10, 1).await })
+    };
+    while store.shared.queue.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let refused = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .commit(|tx| {
+                    tx.put(Tree::Meta, &[11], &2u64)?;
+                    tx.remove(Tree::Meta, &[10])?;
+                    let own = tx.get::<u64>(Tree::Meta, &[11])?;
+                    let gone = tx.contains(Tree::Meta, &[10])?;
+                    assert_eq!(
+                        (own, gone),
+                        (Some(2), false),
+                        "a write sees its own changes"
+                    );
+                    Err::<(), _>(TxError::Abort(TestError::Refused))
+                })
+                .await
+        })
+    };
+    while store.shared.queue.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let after = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .commit(|tx| {
+                    let seen = (
+                        tx.get::<u64>(Tree::Meta, &[10])?,
+                        tx.get::<u64>(Tree::Meta, &[11])?,
+                    );
+                    tx.put(Tree::Meta, &[12], &3u64)?;
+                    Ok::<_, TxError<TestError>>(seen)
+                })
+                .await
+        })
+    };
+    while store.shared.queue.len() < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    release.send(()).expect("release");
+    first.await.expect("join").expect("first");
+    kept.await.expect("join").expect("kept");
+    assert!(matches!(
+        refused.await.expect("join"),
+        Err(TestError::Refused)
+    ));
+    assert_eq!(
+        after.await.expect("join").expect("after"),
+        (Some(1), None),
+        "the write after the refused one saw the kept write and nothing of the refused one"
+    );
+    assert_eq!(
+        (
+            get(&store, 10).await,
+            get(&store, 11).await,
+            get(&store, 12).await
+        ),
+        (Some(1), None, Some(3))
+    );
+    assert_eq!(
+        store
+            .shared
+            .status
+            .stats
+            .transactions
+            .load(Ordering::Relaxed),
+        2,
+        "the three queued writes shared one sled transaction"
+    );
 }
 
 #[tokio::test]
@@ -72,26 +188,9 @@ async fn sequences_count_up_inside_their_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_flush_covers_every_write_queued_while_the_writer_was_busy() {
     let store = Store::temporary().expect("store");
-    // The first write holds the writer until 50 more commits are queued behind it.
-    let (started, first_started) = std::sync::mpsc::channel::<()>();
-    let (release, hold) = std::sync::mpsc::channel::<()>();
-    let hold = Arc::new(Mutex::new(hold));
-    let first = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .commit(move |tx| {
-                    let _ = started.send(());
-                    let _ = hold.lock().map(|h| h.recv_timeout(Duration::from_secs(30)));
-                    Ok::<_, TxError<StoreError>>(tx.put(Tree::Meta, b"first", &0u64)?)
-                })
-                .await
-        })
-    };
-    tokio::task::spawn_blocking(move || first_started.recv_timeout(Duration::from_secs(30)))
-        .await
-        .expect("join")
-        .expect("the first write is being applied");
+    // The first write holds the writer (inside its group's transaction) until 50 more commits
+    // are queued behind it.
+    let (first, release) = hold_writer(&store).await;
     let mut rest = Vec::new();
     for i in 0..50u8 {
         let store = store.clone();
@@ -110,9 +209,13 @@ async fn one_flush_covers_every_write_queued_while_the_writer_was_busy() {
     let stats = &store.shared.status.stats;
     assert_eq!(stats.writes.load(Ordering::Relaxed), 51);
     assert_eq!(
-        stats.flushes.load(Ordering::Relaxed),
-        1,
-        "the 50 writes queued behind the first join its group: one fsync for all"
+        (
+            stats.transactions.load(Ordering::Relaxed),
+            stats.flushes.load(Ordering::Relaxed)
+        ),
+        (2, 2),
+        "the 50 writes queued while the first one ran form the next group: one sled \
+         transaction and one fsync for all 50"
     );
 }
 

@@ -1,8 +1,16 @@
-//! Typed views of the trees: [`Tx`] inside a write (a sled transaction on the writer thread)
-//! and [`Reader`] for reads (on a blocking thread, never a tokio worker).
+//! Typed views of the trees: [`Tx`] inside a write (on the writer thread) and [`Reader`] for
+//! reads (on a reader thread, never a tokio worker).
 //!
 //! Records are JSON; keys are raw bytes. Domain modules describe their writes as closures over
 //! a `Tx` and never see sled.
+//!
+//! The writer runs a whole group of writes in one sled transaction (see `writer`), and each
+//! write still commits or rolls back on its own: a `Tx` keeps the write's changes in an
+//! [`Overlay`] that its own reads see first, and the writer copies the overlay into the
+//! group's transaction only if the write succeeds.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -50,51 +58,92 @@ impl<E> TxError<E> {
     }
 }
 
-/// The trees as one write sees them: every read sees the writes made before it in the same
-/// transaction, and all of them commit together or not at all.
+/// One write's changes not yet in the group's transaction: `None` removes the key. Keyed by
+/// tree index and key; the last change to a key wins.
+#[derive(Default)]
+pub(super) struct Overlay(HashMap<(usize, Vec<u8>), Option<Vec<u8>>>);
+
+impl Overlay {
+    /// Copy the changes into the group's transaction (the write succeeded).
+    pub(super) fn apply(
+        self,
+        views: &[TransactionalTree],
+    ) -> Result<(), sled::transaction::UnabortableTransactionError> {
+        for ((tree, key), value) in self.0 {
+            match value {
+                Some(value) => views[tree].insert(key, value)?,
+                None => views[tree].remove(key)?,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The trees as one write sees them: every read sees the writes made before it, in this write
+/// and in the writes before it, and this write's changes all commit together or not at all.
 pub struct Tx<'a> {
     pub(super) views: &'a [TransactionalTree],
+    pub(super) overlay: RefCell<Overlay>,
 }
 
 impl Tx<'_> {
-    fn view(&self, tree: Tree) -> &TransactionalTree {
-        &self.views[tree as usize]
+    fn read(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, TxFailure> {
+        if let Some(value) = self.overlay.borrow().0.get(&(tree as usize, key.to_vec())) {
+            return Ok(value.clone());
+        }
+        Ok(self.views[tree as usize].get(key)?.map(|raw| raw.to_vec()))
+    }
+
+    fn write(&self, tree: Tree, key: &[u8], value: Option<Vec<u8>>) {
+        self.overlay
+            .borrow_mut()
+            .0
+            .insert((tree as usize, key.to_vec()), value);
     }
 
     /// The record under `key`.
     pub fn get<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, TxFailure> {
-        match self.view(tree).get(key)? {
-            Some(raw) => decode(tree.name(), &raw).map(Some).map_err(codec),
-            None => Ok(None),
-        }
+        let decoded = match self.overlay.borrow().0.get(&(tree as usize, key.to_vec())) {
+            Some(Some(raw)) => Some(decode(tree.name(), raw)),
+            Some(None) => return Ok(None),
+            None => None,
+        };
+        let decoded = match decoded {
+            Some(decoded) => decoded,
+            None => match self.views[tree as usize].get(key)? {
+                Some(raw) => decode(tree.name(), &raw),
+                None => return Ok(None),
+            },
+        };
+        decoded.map(Some).map_err(codec)
     }
 
     /// The raw bytes under `key` (indexes, counters).
     pub fn get_raw(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, TxFailure> {
-        Ok(self.view(tree).get(key)?.map(|raw| raw.to_vec()))
+        self.read(tree, key)
     }
 
     /// Whether `key` is present.
     pub fn contains(&self, tree: Tree, key: &[u8]) -> Result<bool, TxFailure> {
-        Ok(self.view(tree).get(key)?.is_some())
+        Ok(self.read(tree, key)?.is_some())
     }
 
     /// Store `value` under `key`.
     pub fn put<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), TxFailure> {
         let raw = encode(tree.name(), value).map_err(codec)?;
-        self.view(tree).insert(key, raw)?;
+        self.write(tree, key, Some(raw));
         Ok(())
     }
 
     /// Store raw bytes under `key`.
     pub fn put_raw(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), TxFailure> {
-        self.view(tree).insert(key, value)?;
+        self.write(tree, key, Some(value.to_vec()));
         Ok(())
     }
 
     /// Remove `key`.
     pub fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), TxFailure> {
-        self.view(tree).remove(key)?;
+        self.write(tree, key, None);
         Ok(())
     }
 

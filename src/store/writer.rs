@@ -3,10 +3,12 @@
 //!
 //! Why one thread: sled 0.34 deadlocks when flushes run beside transactions on other threads
 //! (upstream #1308, #1412; dvmd froze at 10 concurrent customers). Here nothing but this thread
-//! writes or flushes. It takes every command waiting in its queue (up to [`MAX_GROUP`]), applies
-//! each in its own sled transaction, answers the writes that only needed to be applied, then
-//! runs one blocking `flush` (one fsync) for the whole group and answers the writes that waited
-//! for durability. N concurrent jobs share one fsync instead of paying one each.
+//! writes or flushes. It takes every command waiting in its queue (up to [`MAX_GROUP`]), runs
+//! them in order in one sled transaction (each write still keeps or drops its own changes, see
+//! `tx::Overlay`), answers the writes that only needed to be applied, then runs one blocking
+//! `flush` (one `fdatasync`) for the whole group and answers the writes that waited for
+//! durability. N concurrent jobs share one transaction and one sync instead of paying for
+//! their own: sled 0.34 writes and syncs its log twice for every transaction, however small.
 //!
 //! A sled error, a failed flush or a panicking write stops the writer for good: every waiting
 //! and later write gets [`StoreError::WriterFailed`], and [`Status::failed`] fires so the daemon
@@ -44,17 +46,22 @@ const GROUP_BUCKETS: &[f64] = &[
 /// Hands a write's answer to its caller once the writer knows whether it is durable.
 pub(super) type Deliver = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// What applying a write produced.
-pub(super) struct Applied {
-    /// Answers the caller.
-    pub(super) deliver: Deliver,
-    /// sled itself failed: the writer stops.
-    pub(super) failure: Option<String>,
+/// One caller's write, as the writer runs it inside its group's sled transaction.
+pub(super) trait Change: Send {
+    /// Run the change. `Ok(true)`: keep its changes; `Ok(false)`: it refused (its changes are
+    /// dropped, its refusal is its answer); `Err`: sled failed (the group fails) or asked to
+    /// run the group again.
+    fn run(
+        &mut self,
+        tx: &super::Tx<'_>,
+    ) -> Result<bool, sled::transaction::ConflictableTransactionError<std::convert::Infallible>>;
+    /// Answer the caller once the group committed (and, if it asked, is durable) or failed.
+    fn answer(self: Box<Self>, done: Result<(), StoreError>);
 }
 
 /// A write for the writer thread.
 pub(super) struct Write {
-    pub(super) apply: Box<dyn FnOnce(&Trees) -> Applied + Send>,
+    pub(super) change: Box<dyn Change>,
     /// Answer only after the flush that covers it.
     pub(super) durable: bool,
     pub(super) enqueued: Instant,
@@ -128,6 +135,8 @@ pub(super) struct Stats {
     /// Commands applied per flush.
     pub(super) group: Histogram,
     pub(super) writes: AtomicU64,
+    /// sled transactions: one a group of writes.
+    pub(super) transactions: AtomicU64,
     pub(super) flushes: AtomicU64,
     /// Pages rewritten out of fragmented segments, so that their space is reused.
     pub(super) cleaned_pages: AtomicU64,
@@ -146,6 +155,7 @@ impl Default for Stats {
             flush: Histogram::default(),
             group: Histogram::with_buckets(GROUP_BUCKETS),
             writes: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             cleaned_pages: AtomicU64::new(0),
             disk_bytes: AtomicU64::new(0),
@@ -171,6 +181,7 @@ fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
     let mut writer = Writer {
         trees,
         status,
+        pending: Vec::new(),
         waiting: Vec::new(),
         dirty_since: None,
         fault: None,
@@ -214,7 +225,6 @@ fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
                         close = Some(reply);
                         break 'group;
                     }
-                    Taken::Failed(reason) => return writer.stop(reason),
                 }
                 if writer.group >= MAX_GROUP {
                     break 'group;
@@ -225,7 +235,7 @@ fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
             // to send: one fsync then covers them too. The window is a fraction of what the
             // last flush took, so it never costs more than the flush it saves, and a lone
             // customer (groups of one) never waits at all.
-            if writer.waiting.is_empty() {
+            if !writer.wants_durability() {
                 break;
             }
             let until = *gather_until.get_or_insert_with(|| {
@@ -235,6 +245,13 @@ fn run(trees: &Trees, queue: &flume::Receiver<Command>, status: &Status) {
                 Ok(command) => next = Some(command),
                 Err(_) => break,
             }
+        }
+        // The group's writes, in one sled transaction.
+        if let Err(reason) = writer.commit_group() {
+            if let Some(Some(reply)) = close {
+                let _ = reply.send(Err(StoreError::WriterFailed(reason.clone())));
+            }
+            return writer.stop(reason);
         }
         let stale = writer.stale();
         let must_flush =
@@ -276,12 +293,15 @@ fn gathering_window(last_flush: Duration, last_group_waiters: usize) -> Duration
 struct Writer<'a> {
     trees: &'a Trees,
     status: &'a Status,
+    /// Writes taken into this group, not yet run: they run together in one sled transaction
+    /// when the group closes.
+    pending: Vec<Write>,
     /// Durable writes and syncs applied, waiting for the next flush.
     waiting: Vec<(Deliver, Instant)>,
     /// When the oldest write not yet flushed was applied.
     dirty_since: Option<Instant>,
     fault: Option<String>,
-    /// Writes applied in this group.
+    /// Writes taken into this group.
     group: usize,
     last_flush: Duration,
     last_group_waiters: usize,
@@ -294,7 +314,6 @@ struct Writer<'a> {
 enum Taken {
     Go,
     Close(Option<oneshot::Sender<Result<(), StoreError>>>),
-    Failed(String),
 }
 
 impl Writer<'_> {
@@ -342,37 +361,72 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Someone in this group waits for a flush.
+    fn wants_durability(&self) -> bool {
+        !self.waiting.is_empty() || self.pending.iter().any(|write| write.durable)
+    }
+
+    /// Run the group's writes in one sled transaction, then answer those that only needed to
+    /// be applied; the durable ones wait for the flush. A sled error or a panicking write
+    /// fails every write of the group, and the writer.
+    fn commit_group(&mut self) -> Result<(), String> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut writes = std::mem::take(&mut self.pending);
+        let trees = self.trees;
+        let committed =
+            std::panic::catch_unwind(AssertUnwindSafe(|| trees.transact_group(&mut writes)));
+        let failure = match committed {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("write failed: {e}")),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Some(format!("a store write panicked: {what}"))
+            }
+        };
+        if let Some(reason) = failure {
+            for write in writes {
+                write
+                    .change
+                    .answer(Err(StoreError::WriterFailed(reason.clone())));
+            }
+            return Err(reason);
+        }
+        let stats = &self.status.stats;
+        stats
+            .writes
+            .fetch_add(writes.len() as u64, Ordering::Relaxed);
+        stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.dirty_since.get_or_insert_with(Instant::now);
+        for Write {
+            change,
+            durable,
+            enqueued,
+        } in writes
+        {
+            if durable {
+                self.waiting
+                    .push((Box::new(move |done| change.answer(done)), enqueued));
+            } else {
+                change.answer(Ok(()));
+            }
+        }
+        Ok(())
+    }
+
     fn take(&mut self, command: Command) -> Taken {
         match command {
             Command::Write(write) => {
                 self.group += 1;
-                let trees = self.trees;
-                let applied = std::panic::catch_unwind(AssertUnwindSafe(|| (write.apply)(trees)));
-                let applied = match applied {
-                    Ok(applied) => applied,
-                    Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        return Taken::Failed(format!("a store write panicked: {what}"));
-                    }
-                };
-                if let Some(reason) = applied.failure {
-                    (applied.deliver)(Err(StoreError::WriterFailed(reason.clone())));
-                    return Taken::Failed(reason);
-                }
-                self.status.stats.writes.fetch_add(1, Ordering::Relaxed);
-                self.dirty_since.get_or_insert_with(Instant::now);
-                if write.durable {
-                    self.waiting.push((applied.deliver, write.enqueued));
-                } else {
-                    (applied.deliver)(Ok(()));
-                }
+                self.pending.push(write);
             }
             Command::Sync { reply, enqueued } => {
-                if self.dirty_since.is_none() && self.fault.is_none() {
+                if self.dirty_since.is_none() && self.pending.is_empty() && self.fault.is_none() {
                     let _ = reply.send(Ok(()));
                 } else {
                     let deliver: Deliver = Box::new(move |done| {
@@ -427,6 +481,11 @@ impl Writer<'_> {
     }
 
     fn stop(self, reason: String) {
+        for write in self.pending {
+            write
+                .change
+                .answer(Err(StoreError::WriterFailed(reason.clone())));
+        }
         stop(self.status, reason, self.waiting)
     }
 }

@@ -429,6 +429,7 @@ fn report(
     }
     for (name, label) in [
         ("dvmd_store_writes_total", "store writes"),
+        ("dvmd_store_transactions_total", "store transactions"),
         ("dvmd_store_flushes_total", "store flushes (fsyncs)"),
         ("dvmd_store_cleaned_pages_total", "store pages cleaned"),
         (
