@@ -159,6 +159,67 @@ async fn a_refused_write_in_a_group_leaves_nothing_and_the_others_stand() {
     );
 }
 
+/// The largest group the writer takes ([`writer::MAX_GROUP`] writes of a few KB, megabytes in
+/// one sled transaction, over many log segments) commits whole, and survives a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_group_commits_in_one_transaction_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("store");
+    let (first, release) = hold_writer(&store).await;
+    let writes = writer::MAX_GROUP + 100;
+    let record = "x".repeat(4000);
+    let mut queued = Vec::new();
+    for i in 0..writes {
+        let store = store.clone();
+        let record = record.clone();
+        queued.push(tokio::spawn(async move {
+            store
+                .commit(move |tx| {
+                    Ok::<_, TxError<StoreError>>(tx.put(
+                        Tree::Meta,
+                        format!("big-{i}").as_bytes(),
+                        &record,
+                    )?)
+                })
+                .await
+        }));
+    }
+    while store.shared.queue.len() < writes {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    release.send(()).expect("release");
+    first.await.expect("join").expect("first");
+    for write in queued {
+        write.await.expect("join").expect("commit");
+    }
+    assert_eq!(
+        store
+            .shared
+            .status
+            .stats
+            .transactions
+            .load(Ordering::Relaxed),
+        3,
+        "the held write, then MAX_GROUP writes, then the rest"
+    );
+    store.close().await.expect("close");
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    let found = store
+        .read(move |r| -> Result<usize, StoreError> {
+            Ok((0..writes)
+                .map(|i| r.get::<String>(Tree::Meta, format!("big-{i}").as_bytes()))
+                .filter(|got| matches!(got, Ok(Some(value)) if value.len() == 4000))
+                .count())
+        })
+        .await
+        .expect("read");
+    assert_eq!(
+        found, writes,
+        "every write of the large groups is there after a reopen"
+    );
+}
+
 #[tokio::test]
 async fn sequences_count_up_inside_their_transaction() {
     let store = Store::temporary().expect("store");
