@@ -22,7 +22,7 @@ use nostr_sdk::util::BoxedFuture;
 use nostr_sdk::Url;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::guard::RelayGuard;
@@ -99,9 +99,14 @@ impl WebSocketTransport for NoDelayTransport {
                     .await
                     .map_err(TransportError::backend)?;
                 tcp.set_nodelay(true).map_err(TransportError::backend)?;
-                let (socket, _) = tokio_tungstenite::client_async_tls(url.as_str(), tcp)
-                    .await
-                    .map_err(TransportError::backend)?;
+                let (socket, _) = tokio_tungstenite::client_async_tls_with_config(
+                    url.as_str(),
+                    tcp,
+                    Some(websocket_config()),
+                    None,
+                )
+                .await
+                .map_err(TransportError::backend)?;
                 Ok::<_, TransportError>(socket)
             };
             let socket = tokio::time::timeout(timeout, connect)
@@ -116,6 +121,15 @@ impl WebSocketTransport for NoDelayTransport {
             Ok((sink, stream))
         })
     }
+}
+
+/// Websocket settings for nostr traffic. tungstenite zero-fills the free part of its read buffer
+/// before every read (128 KiB by default): CPU on every small frame, and 128 KiB resident per
+/// connection. Nostr messages are mostly a few KiB; a larger one grows the buffer as it needs.
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    let mut config = WebSocketConfig::default();
+    config.read_buffer_size = 8 * 1024;
+    config
 }
 
 struct TransportSink<S>(S);

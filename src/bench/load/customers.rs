@@ -42,7 +42,9 @@ impl LoadCustomer {
         let port = url.port_or_known_default().ok_or("relay URL has no port")?;
         let tcp = TcpStream::connect((host.as_str(), port)).await?;
         tcp.set_nodelay(true)?;
-        let (socket, _) = tokio_tungstenite::client_async(relay, tcp).await?;
+        let config = crate::relay::transport::websocket_config();
+        let (socket, _) =
+            tokio_tungstenite::client_async_with_config(relay, tcp, Some(config)).await?;
         let (mut sink, mut stream) = socket.split();
         let keys = Keys::generate();
         let filter = Filter::new()

@@ -130,6 +130,7 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     let metrics_url = format!("{}/metrics", target.http);
     let sampler = pid.map(|pid| tokio::spawn(sample_rss(pid, record.clone(), metrics_url)));
     let cpu_before = pid.and_then(cpu_seconds);
+    let generator_before = cpu_seconds(std::process::id());
     let flood = if options.flood > 0 {
         let events = flood::sign(options.flood, target.service)?;
         Some(tokio::spawn(flood::offer(
@@ -156,9 +157,10 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
         Some(task) => Some(task.await??),
         None => None,
     };
-    let cpu = match (pid.and_then(cpu_seconds), cpu_before) {
-        (Some(after), Some(before)) => Some(after - before),
-        _ => None,
+    let spent = |after: Option<f64>, before: Option<f64>| Some(after? - before?);
+    let cpu = Cpu {
+        daemon: spent(pid.and_then(cpu_seconds), cpu_before),
+        generator: spent(cpu_seconds(std::process::id()), generator_before),
     };
     stop_health.cancel();
     let health = health.await.ok();
@@ -351,11 +353,19 @@ async fn sample_rss(pid: u32, record: Arc<Record>, metrics_url: String) {
     }
 }
 
+/// CPU seconds spent during the run.
+struct Cpu {
+    /// By the daemon (when the bench started it).
+    daemon: Option<f64>,
+    /// By this process: the load generator (and the stub backend, when it runs here).
+    generator: Option<f64>,
+}
+
 fn report(
     options: &LoadOptions,
     record: &Record,
     wall: Duration,
-    cpu: Option<f64>,
+    cpu: Cpu,
     pid: Option<u32>,
     health: Option<(Vec<Duration>, usize)>,
     metrics: &str,
@@ -375,12 +385,18 @@ fn report(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     super::report("request -> result", &mut latencies);
-    if let Some(cpu) = cpu {
-        println!(
-            "  daemon CPU                   : {:>8.2} cores ({:.0} ms per job)",
-            cpu / wall.as_secs_f64(),
-            1e3 * cpu / completed.max(1) as f64
-        );
+    let per_job = |seconds: f64| {
+        format!(
+            "{:>8.2} cores ({:.2} ms per job)",
+            seconds / wall.as_secs_f64(),
+            1e3 * seconds / completed.max(1) as f64
+        )
+    };
+    if let Some(daemon) = cpu.daemon {
+        println!("  daemon CPU                   : {}", per_job(daemon));
+    }
+    if let Some(generator) = cpu.generator {
+        println!("  load generator CPU           : {}", per_job(generator));
     }
     if let Some(pid) = pid {
         let mb = |b: u64| b as f64 / (1024.0 * 1024.0);

@@ -25,6 +25,8 @@ use super::{event_message, Shared};
 
 /// Answers queued for one client.
 const ANSWER_QUEUE: usize = 1024;
+/// Most messages written to a socket at once.
+const WRITE_BATCH: usize = 64;
 
 /// Serve one upgraded websocket until it closes, falls behind, or the relay stops.
 pub(super) async fn serve(
@@ -64,7 +66,10 @@ pub(super) async fn serve(
                 }
             };
             let Some(text) = text else { break };
-            if sink.send(Message::Text(text.into())).await.is_err() {
+            if write_queued(&mut sink, text, &mut answer_queue, &mut live_queue)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -95,6 +100,28 @@ pub(super) async fn serve(
         _ = stop.cancelled() => {}
     }
     shared.subscriptions.disconnect(id);
+}
+
+/// Write `first` and whatever else is queued already (up to [`WRITE_BATCH`] messages, answers
+/// first), then flush once: under load a connection has many messages waiting, and each write
+/// is a syscall here and a wake-up for the reader.
+async fn write_queued<S>(
+    sink: &mut S,
+    first: String,
+    answers: &mut mpsc::Receiver<String>,
+    live: &mut mpsc::Receiver<String>,
+) -> Result<(), S::Error>
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    sink.feed(Message::Text(first.into())).await?;
+    for _ in 1..WRITE_BATCH {
+        let Ok(text) = answers.try_recv().or_else(|_| live.try_recv()) else {
+            break;
+        };
+        sink.feed(Message::Text(text.into())).await?;
+    }
+    sink.flush().await
 }
 
 struct Session {
@@ -236,5 +263,89 @@ impl Session {
         }
         self.answer(RelayMessage::EndOfStoredEvents(Cow::Owned(subscription_id)))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A sink that records what it was given and how often it was flushed.
+    #[derive(Default)]
+    struct Recording {
+        sent: Vec<String>,
+        flushes: usize,
+    }
+
+    impl futures::Sink<Message> for Recording {
+        type Error = std::convert::Infallible;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.sent.push(item.into_text().expect("text").to_string());
+            Ok(())
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_queued_goes_out_in_one_flush_answers_first_and_a_batch_is_bounded() {
+        let (answer_tx, mut answers) = mpsc::channel(256);
+        let (live_tx, mut live) = mpsc::channel(256);
+        for n in 0..3 {
+            answer_tx.try_send(format!("answer {n}")).expect("room");
+        }
+        for n in 0..100 {
+            live_tx.try_send(format!("event {n}")).expect("room");
+        }
+        let mut sink = Recording::default();
+        write_queued(&mut sink, "first".into(), &mut answers, &mut live)
+            .await
+            .expect("writes");
+        assert_eq!(sink.flushes, 1);
+        assert_eq!(sink.sent.len(), WRITE_BATCH);
+        assert_eq!(
+            sink.sent[..4],
+            ["first", "answer 0", "answer 1", "answer 2"]
+        );
+        assert_eq!(sink.sent[4], "event 0");
+        assert_eq!(
+            sink.sent[WRITE_BATCH - 1],
+            format!("event {}", WRITE_BATCH - 5)
+        );
+
+        // The rest waits for the next batch, in order, and nothing is lost.
+        let next = live.try_recv().expect("queued");
+        write_queued(&mut sink, next, &mut answers, &mut live)
+            .await
+            .expect("writes");
+        assert_eq!(sink.flushes, 2);
+        let events: Vec<&String> = sink
+            .sent
+            .iter()
+            .filter(|s| s.starts_with("event"))
+            .collect();
+        assert_eq!(events.len(), 100);
+        assert!(events
+            .iter()
+            .enumerate()
+            .all(|(n, text)| **text == format!("event {n}")));
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use nostr_sdk::SubscriptionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -213,8 +213,8 @@ fn event_message(sub: &SubscriptionId, event_json: &str) -> String {
     text
 }
 
-/// Bytes read from a connection at a time (see [`serve`]).
-const READ_BUFFER_BYTES: usize = 8 * 1024;
+/// Bytes of frames gathered before a write while a batch is fed (a flush writes any rest).
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 async fn serve(
     shared: Arc<Shared>,
@@ -223,15 +223,13 @@ async fn serve(
 ) -> Result<(), RelayError> {
     stream.set_nodelay(true)?;
     upgrade(&mut stream).await?;
-    let mut config = WebSocketConfig::default();
+    // A small read buffer (see `transport::websocket_config`); a larger frame grows it.
+    let mut config = super::transport::websocket_config();
     config.max_message_size = Some(MAX_MESSAGE_BYTES);
     config.max_frame_size = Some(MAX_MESSAGE_BYTES);
-    // tungstenite zero-fills the free part of its read buffer before every read (128 KiB by
-    // default): that was CPU on every small frame and 128 KiB resident per connection. Nostr
-    // frames are mostly under a few KiB; a larger frame grows the buffer as it needs.
-    config.read_buffer_size = READ_BUFFER_BYTES;
-    // Each message is flushed as it is sent, so there is nothing to gather first.
-    config.write_buffer_size = 0;
+    // The writer feeds what is queued and flushes once (`connection::serve`): frames gather
+    // up to this many bytes before a write, and a flush writes the rest.
+    config.write_buffer_size = WRITE_BUFFER_BYTES;
     let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     connection::serve(shared, socket, stop).await;
     Ok(())

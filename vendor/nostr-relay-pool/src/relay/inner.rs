@@ -43,6 +43,8 @@ type ClientMessageJson = String;
 
 // Skip NIP-50 matches since they may create issues and ban non-malicious relays.
 const MATCH_EVENT_OPTS: MatchEventOptions = MatchEventOptions::new().nip50(false);
+/// dvmd: most queued messages sent in one write.
+const SEND_BATCH: usize = 64;
 
 fn queue_auth_challenge(tx: &watch::Sender<Option<String>>, challenge: &str) {
     // NIP-42 invalidates the previous challenge when a relay sends a new one.
@@ -803,7 +805,16 @@ impl InnerRelay {
         loop {
             tokio::select! {
                 // Nostr channel receiver
-                Some(msgs) = rx_nostr.recv() => {
+                Some(mut msgs) = rx_nostr.recv() => {
+                    // dvmd: what else is queued already goes out in the same write (one
+                    // flush), rather than a write per message.
+                    while msgs.len() < SEND_BATCH {
+                        match rx_nostr.try_recv() {
+                            Ok(more) => msgs.extend(more),
+                            Err(_) => break,
+                        }
+                    }
+
                     // Compose WebSocket text messages
                     let msgs: Vec<Message> = msgs
                         .into_iter()
