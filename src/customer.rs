@@ -95,6 +95,7 @@ impl Customer {
 
     /// Connect with the given keys.
     pub async fn connect_with(relay_url: &str, keys: Keys) -> Result<Self, CustomerError> {
+        crate::signatures::install();
         let client = Client::builder()
             .signer(keys.clone())
             .websocket_transport(NoDelayTransport::default())

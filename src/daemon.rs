@@ -163,7 +163,6 @@ impl Daemon {
         let mut tasks = JoinSet::new();
         let mut embedded = None;
         let mut relay_stats = None;
-        let mut own_events = None;
         let (roles, relay_url) = if config.dev {
             let relay = EmbeddedRelay::bind_with(config.relay_listen, config.embedded_relay)
                 .await
@@ -173,7 +172,6 @@ impl Daemon {
                 })?;
             let url = relay.url();
             relay_stats = Some(relay.stats());
-            own_events = Some(relay.own_events());
             // Stopped last, after our own client disconnected from it.
             let relay_cancel = CancellationToken::new();
             let handle = tokio::spawn(relay.run(relay_cancel.clone()));
@@ -193,10 +191,7 @@ impl Daemon {
                 .unwrap_or_default();
             (config.relays.clone(), first)
         };
-        let mut relays = Relays::connect(&keys, &roles, config.reply_relays.clone()).await?;
-        if let Some(own) = own_events {
-            relays.record_own(own);
-        }
+        let relays = Relays::connect(&keys, &roles, config.reply_relays.clone()).await?;
         relays.wait_connected(RELAY_CONNECT_WAIT).await;
 
         let metrics = Arc::new(Metrics::default());

@@ -62,6 +62,7 @@
 //!   and labels of [`trust`] (its registry keeps them in memory over the store).
 //! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
 //!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
+//! - Events' ids and signatures are checked once per process: [`signatures`].
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
 //!   writer thread that commits in groups: the only module that names sled), [`http`].
 //! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/bin/dvmd/`;
@@ -91,6 +92,7 @@ pub mod nip89;
 pub mod nip90;
 pub mod pricing;
 pub mod relay;
+pub mod signatures;
 pub mod store;
 pub mod trust;
 pub mod wallet;

@@ -17,8 +17,7 @@ pub use text_generation::{TextGeneration, TextGenerationLimits};
 
 use nostr_sdk::Event;
 
-/// An event whose id and signature dvmd checked itself. The relay pool's verification cache
-/// trusts an id it has seen, so a forged event reusing a known id would pass it; nothing acts
+/// An event whose id and signature dvmd checked itself ([`crate::signatures`]); nothing acts
 /// on an event that is not `Verified`.
 #[derive(Debug, Clone)]
 pub struct Verified(Event);
@@ -26,7 +25,7 @@ pub struct Verified(Event);
 impl Verified {
     /// Check the id and the signature.
     pub fn check(event: Event) -> Result<Self, nostr_sdk::event::Error> {
-        event.verify()?;
+        crate::signatures::check(&event)?;
         Ok(Self(event))
     }
 

@@ -15,7 +15,6 @@ use nostr_sdk::{
 use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use super::embedded::OwnEvents;
 use super::guard::{RelayGuard, ReplyRelayPolicy};
 use super::transport::NoDelayTransport;
 use super::RelayError;
@@ -72,8 +71,6 @@ pub struct Relays {
     reply: Arc<Mutex<HashMap<RelayUrl, std::time::Instant>>>,
     /// Which reply relays may be reached (checked again by the transport at connect time).
     guard: Arc<RelayGuard>,
-    /// Where the events we send are recorded for our embedded relay, if it is ours.
-    own: Option<OwnEvents>,
 }
 
 /// Job requests of `kinds`.
@@ -108,6 +105,7 @@ impl Relays {
         reply: ReplyRelayPolicy,
     ) -> Result<Self, RelayError> {
         let guard = RelayGuard::new(roles.iter().map(|r| r.url.as_str()), reply);
+        crate::signatures::install();
         let client =
             Client::builder()
                 .signer(keys.clone())
@@ -147,14 +145,7 @@ impl Relays {
             write: Arc::new(write),
             reply: Arc::new(Mutex::new(HashMap::new())),
             guard: Arc::new(guard),
-            own: None,
         })
-    }
-
-    /// Record every event this pool sends in `own`, the embedded relay's record of our events
-    /// ([`super::EmbeddedRelay::own_events`]): the relay then skips their signature check.
-    pub fn record_own(&mut self, own: OwnEvents) {
-        self.own = Some(own);
     }
 
     /// Wait until every configured relay is connected, or `timeout` passes.
@@ -300,9 +291,8 @@ impl Relays {
             }
         }
         targets.retain(|url| !skip.contains(url));
-        if let Some(own) = &self.own {
-            own.record(event);
-        }
+        // Ours: a relay in this process (the embedded one) checks it by its hash alone.
+        crate::signatures::remember_signed(event);
         if targets.is_empty() {
             return Err(RelayError::NotAccepted {
                 event: event.id.to_hex(),

@@ -86,6 +86,7 @@ impl NwcWallet {
         let uri = NostrWalletConnectURI::parse(config.uri.expose())
             .map_err(|e| WalletError::Refused(format!("not a nostr+walletconnect URI: {e}")))?;
         let keys = Keys::new(uri.secret.clone());
+        crate::signatures::install();
         let client = Client::builder()
             .signer(keys.clone())
             .websocket_transport(NoDelayTransport::default())

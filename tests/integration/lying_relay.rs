@@ -2,7 +2,8 @@
 //! an event several relays send is verified once; as published (0.44.3), a remembered id vouched
 //! for whatever content and signature came under it. dvmd's vendored copy
 //! (`vendor/nostr-relay-pool/DVMD-PATCH.md`) accepts a remembered id only with the same
-//! signature and content that hashes to it.
+//! signature and content that hashes to it. Every dvmd process routes the pool's check through
+//! `dvmd::signatures` (§3 there), so that is the check this test installs and holds to it.
 
 use std::time::Duration;
 
@@ -61,6 +62,7 @@ fn altered(event: &Event, field: &str, value: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verified_id_never_vouches_for_other_content_or_another_signature() {
+    dvmd::signatures::install();
     let keys = Keys::generate();
     let note = |text: &str| {
         EventBuilder::text_note(text)

@@ -13,7 +13,6 @@
 //! to own the listener's lifecycle, so the daemon's cancellation token stops it.
 
 mod connection;
-mod own;
 mod store;
 mod subscriptions;
 
@@ -30,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::RelayError;
-pub use own::OwnEvents;
 use store::Store;
 use subscriptions::Subscriptions;
 
@@ -81,8 +79,6 @@ struct Shared {
     options: RelayOptions,
     /// Events stored since start.
     events: AtomicU64,
-    /// Events our own pool sent: their signatures are not checked again.
-    own: OwnEvents,
 }
 
 /// Figures of a running embedded relay, for `/metrics`.
@@ -138,7 +134,6 @@ impl EmbeddedRelay {
             subscriptions: Subscriptions::default(),
             options,
             events: AtomicU64::new(0),
-            own: OwnEvents::default(),
         });
         Ok(Self {
             shared,
@@ -150,12 +145,6 @@ impl EmbeddedRelay {
     /// The relay's websocket URL.
     pub fn url(&self) -> String {
         format!("ws://{}", self.local_addr)
-    }
-
-    /// The record of events our own pool sends to this relay (see [`OwnEvents`]); give it to
-    /// [`super::Relays::record_own`].
-    pub fn own_events(&self) -> OwnEvents {
-        self.shared.own.clone()
     }
 
     /// Its figures (shared with the running relay).
