@@ -390,11 +390,9 @@ impl Writer<'_> {
             }
         };
         if let Some(reason) = failure {
-            for write in writes {
-                write
-                    .change
-                    .answer(Err(StoreError::WriterFailed(reason.clone())));
-            }
+            // Answered by `stop`, once the failure is recorded: a caller that reads
+            // `failure()` after its answer always finds it.
+            self.pending = writes;
             return Err(reason);
         }
         let stats = &self.status.stats;
@@ -481,12 +479,12 @@ impl Writer<'_> {
     }
 
     fn stop(self, reason: String) {
+        stop(self.status, reason.clone(), self.waiting);
         for write in self.pending {
             write
                 .change
                 .answer(Err(StoreError::WriterFailed(reason.clone())));
         }
-        stop(self.status, reason, self.waiting)
     }
 }
 
