@@ -103,20 +103,11 @@ impl Pipeline {
             invoice.amount_msat
         );
         let asked = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
-        let asked = self.sign(job.id, asked);
+        let asked = self.sign(asked);
         // Dated a second before the invoice, so a client that shows the latest status of a
         // job shows the invoice.
-        let partial = asked.as_ref().and_then(|asked| {
-            let before = Timestamp::from(asked.created_at.as_secs().saturating_sub(1));
-            self.sign(
-                job.id,
-                partial(event, said, usage, left).custom_created_at(before),
-            )
-        });
-        let (Some(partial), Some(asked)) = (partial, asked) else {
-            self.release_invoice_slot(&job.payer());
-            return false;
-        };
+        let before = Timestamp::from(asked.created_at.as_secs().saturating_sub(1));
+        let partial = self.sign(partial(event, said, usage, left).custom_created_at(before));
         let stored =
             inner
                 .book
@@ -183,12 +174,7 @@ impl Pipeline {
         let usage = job.usage.unwrap_or_default();
         let receipt = job.receipt_for(inner.config.rate_card, usage, Finish::Budget);
         let charge = receipt.charged_msat;
-        let Some(result) = self.sign(
-            job.id,
-            nip90::result_invoiced(event, &said, Some(&receipt), None),
-        ) else {
-            return;
-        };
+        let result = self.sign(nip90::result_invoiced(event, &said, Some(&receipt), None));
         let json = result.as_json();
         let (state, waited) = (job.state, job.continuation.clone());
         let stored = inner.book.update_durably(&job.id, move |stored, _| {
@@ -232,10 +218,9 @@ impl Pipeline {
             .map_or(Timestamp::now(), |asked| asked.created_at);
         let before = Timestamp::from(asked_at.as_secs().saturating_sub(1));
         let partial = partial(event, said, usage, left).custom_created_at(before);
-        if let Some(partial) = self.sign(job.id, partial) {
-            self.publish_feedback(job, &partial, FEEDBACK_ATTEMPTS)
-                .await;
-        }
+        let partial = self.sign(partial);
+        self.publish_feedback(job, &partial, FEEDBACK_ATTEMPTS)
+            .await;
     }
 }
 

@@ -152,10 +152,7 @@ impl Pipeline {
     pub(super) async fn start_pay_after(&self, job: Job, event: &Event) -> Option<Job> {
         let inner = &self.inner;
         let info = "running now; the result carries an invoice for what it used";
-        let processing = self.sign(
-            job.id,
-            nip90::feedback(event, JobStatus::Processing, info, None),
-        )?;
+        let processing = self.sign(nip90::feedback(event, JobStatus::Processing, info, None));
         let credit = inner.trust.policy().trusted_credit_msat;
         match inner
             .book
@@ -254,9 +251,8 @@ impl Pipeline {
             self.inner.trust.policy().thresholds.debt_deadline_secs
         );
         let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount));
-        if let Some(feedback) = self.sign(job.id, feedback) {
-            self.publish_feedback(job, &feedback, super::pipeline::FEEDBACK_ATTEMPTS)
-                .await;
-        }
+        let feedback = self.sign(feedback);
+        self.publish_feedback(job, &feedback, super::pipeline::FEEDBACK_ATTEMPTS)
+            .await;
     }
 }

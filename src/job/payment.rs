@@ -277,9 +277,7 @@ impl Pipeline {
             return tracing::error!(error = %e, "cannot persist zap payment");
         }
         let receipt = nip57::receipt(&request, bolt11, None, nostr_sdk::Timestamp::now());
-        let Some(receipt) = self.sign(request.event.id, receipt) else {
-            return;
-        };
+        let receipt = self.sign(receipt);
         match inner
             .outbox
             .publish(&receipt, &request.relays, FEEDBACK_ATTEMPTS)

@@ -390,12 +390,12 @@ impl Pipeline {
     /// Answer a request we do not store with an `error` feedback, once, on the relay it came
     /// from and its own reply relays.
     async fn refuse_unstored(&self, event: &Event, source: Option<String>, reason: &RequestError) {
-        let Some(feedback) = self.sign(
-            event.id,
-            nip90::feedback(event, JobStatus::Error, &reason.to_string(), None),
-        ) else {
-            return;
-        };
+        let feedback = self.sign(nip90::feedback(
+            event,
+            JobStatus::Error,
+            &reason.to_string(),
+            None,
+        ));
         let relays: Vec<String> = source.into_iter().collect();
         if let Err(e) = self.inner.outbox.publish(&feedback, &relays, 1).await {
             tracing::debug!(event = %event.id, error = %e, "refusal not published");
@@ -425,18 +425,8 @@ impl Pipeline {
     }
 
     /// Sign an event with the service key.
-    pub(crate) fn sign(
-        &self,
-        job: impl std::fmt::Display,
-        builder: nostr_sdk::EventBuilder,
-    ) -> Option<Event> {
-        match builder.sign_with_keys(&self.inner.keys) {
-            Ok(event) => Some(event),
-            Err(e) => {
-                tracing::error!(job = %job, error = %e, "cannot sign event");
-                None
-            }
-        }
+    pub(crate) fn sign(&self, builder: nostr_sdk::EventBuilder) -> Event {
+        crate::signatures::sign(builder, &self.inner.keys)
     }
 
     /// Sign a feedback event, store it as the job's latest (for duplicates), publish it.
@@ -447,7 +437,7 @@ impl Pipeline {
         feedback: nostr_sdk::EventBuilder,
         attempts: u32,
     ) -> Option<Event> {
-        let event = self.sign(job.id, feedback)?;
+        let event = self.sign(feedback);
         // Stored first, so the latest stored is always the latest said, however long the
         // publishing takes (replayed to duplicates of the request).
         let json = event.as_json();

@@ -57,9 +57,7 @@ impl Pipeline {
     /// write (no wallet, nothing to hold), then to the workers, which publish `processing`.
     async fn start_free(&self, job: Job, event: &Event) {
         let processing = nip90::feedback(event, JobStatus::Processing, "generating", None);
-        let Some(processing) = self.sign(job.id, processing) else {
-            return;
-        };
+        let processing = self.sign(processing);
         let json = processing.as_json();
         let started = self
             .inner
@@ -262,11 +260,7 @@ impl Pipeline {
         }
         let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount))
             .tag_maybe(job.estimate.as_ref().map(nip90::estimate_tag));
-        let Some(feedback) = self.sign(job.id, feedback) else {
-            // Refused rather than left `Quoted`: that releases any credit it reserved.
-            let reason = "this service cannot sign its answer right now; nothing was charged";
-            return self.reject(&job.id, event, reason.to_owned()).await;
-        };
+        let feedback = self.sign(feedback);
         let stored = inner
             .book
             .await_payment(&job.id, invoice.clone(), &feedback);
@@ -306,10 +300,7 @@ impl Pipeline {
     async fn spend_credit(&self, job: Job, event: &Event, quote: u64) -> Option<Job> {
         let inner = &self.inner;
         let info = format!("paid from credit: {quote} msat reserved");
-        let processing = self.sign(
-            job.id,
-            nip90::feedback(event, JobStatus::Processing, &info, None),
-        )?;
+        let processing = self.sign(nip90::feedback(event, JobStatus::Processing, &info, None));
         let spent = inner
             .book
             .spend_credit(&job.id, Some(processing.as_json()))

@@ -61,9 +61,7 @@ impl Pipeline {
             _ => None,
         };
         let builder = labels::job_label(outcome, &target, &customer, evidence.as_deref());
-        let Some(label) = self.sign(job.id, builder) else {
-            return;
-        };
+        let label = self.sign(builder);
         let pipeline = self.clone();
         let id = job.id;
         self.inner.tasks.spawn(async move {
@@ -116,9 +114,7 @@ impl Pipeline {
             .map_or(0, |old| old.created_at + 1);
         let created_at = unix_now().max(after);
         let builder = labels::tier_label(&change.npub, change.tier, created_at);
-        let Some(label) = self.sign(change.npub, builder) else {
-            return;
-        };
+        let label = self.sign(builder);
         if let Err(e) = inner.outbox.publish(&label, &[], LABEL_ATTEMPTS).await {
             return tracing::warn!(npub = %change.npub, error = %e, "tier label not published; it goes out on the next start");
         }
@@ -137,10 +133,9 @@ impl Pipeline {
         else {
             return;
         };
-        if let Some(deletion) = self.sign(change.npub, labels::deletion(&old, created_at)) {
-            if let Err(e) = inner.outbox.publish(&deletion, &[], LABEL_ATTEMPTS).await {
-                tracing::warn!(npub = %change.npub, label = %old, error = %e, "superseded tier label not deleted");
-            }
+        let deletion = self.sign(labels::deletion(&old, created_at));
+        if let Err(e) = inner.outbox.publish(&deletion, &[], LABEL_ATTEMPTS).await {
+            tracing::warn!(npub = %change.npub, label = %old, error = %e, "superseded tier label not deleted");
         }
     }
 }

@@ -126,9 +126,7 @@ impl Pipeline {
                     "generating"
                 };
                 let processing = nip90::feedback(&event, JobStatus::Processing, info, None);
-                let Some(processing) = self.sign(job.id, processing) else {
-                    return;
-                };
+                let processing = self.sign(processing);
                 let job = if job.state == JobState::Running {
                     // Resumed after a restart: say it again.
                     let json = processing.as_json();
@@ -290,21 +288,7 @@ impl Pipeline {
             None
         };
         let bolt11 = invoice.as_ref().map(|invoice| invoice.bolt11.as_str());
-        let signed = nip90::result_invoiced(event, &text, Some(&receipt), bolt11)
-            .sign_with_keys(&inner.keys);
-        let result = match signed {
-            Ok(result) => result,
-            Err(e) => {
-                processing.wait().await;
-                return self
-                    .fail(
-                        job,
-                        Some(event),
-                        format!("cannot sign the result ({})", Incident::log("signing", &e)),
-                    )
-                    .await;
-            }
-        };
+        let result = self.sign(nip90::result_invoiced(event, &text, Some(&receipt), bolt11));
         let json = result.as_json();
         // One group commit makes the payment booking, `Running` and the result durable
         // together, before the result is shown.
@@ -382,18 +366,16 @@ impl Pipeline {
             bolt11: None,
         };
         let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
-        let success = self.sign(job.id, success);
-        let feedback = success.as_ref().map(Event::as_json);
+        let success = self.sign(success);
+        let feedback = Some(success.as_json());
         let settled = match inner.book.settle_delivered(&job.id, charge, feedback).await {
             Ok(settled) => settled,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),
         };
         inner.metrics.entered(JobState::Delivered);
         self.settled(&settled);
-        if let Some(success) = success {
-            self.publish_feedback(&settled, &success, FEEDBACK_ATTEMPTS)
-                .await;
-        }
+        self.publish_feedback(&settled, &success, FEEDBACK_ATTEMPTS)
+            .await;
         if settled.pay_after {
             self.ask_after(&settled, event).await;
         }

@@ -116,18 +116,17 @@ impl LoadCustomer {
 
     /// Post job `n`, pay it if asked, wait for its result.
     pub(super) async fn run_job(&self, n: usize, spec: &JobSpec, record: &Record) {
-        let built = customer::text_request(
-            &format!("load job {n}: say hello"),
-            // With --paid, each job pays its own invoice (the change of one never pays the next).
-            &[("max_tokens", "16"), ("pay_from_credit", "false")],
-            Some(1_000_000),
-            Some(spec.service),
-        )
-        .sign_with_keys(&self.keys);
-        let Ok(request) = built else {
-            record.lost.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
+        let request = crate::signatures::sign(
+            customer::text_request(
+                &format!("load job {n}: say hello"),
+                // With --paid, each job pays its own invoice (the change of one never pays the
+                // next).
+                &[("max_tokens", "16"), ("pay_from_credit", "false")],
+                Some(1_000_000),
+                Some(spec.service),
+            ),
+            &self.keys,
+        );
         let (route, mut replies) = mpsc::unbounded_channel();
         self.waiting
             .lock()
