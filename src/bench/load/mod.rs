@@ -165,7 +165,10 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     stop_health.cancel();
     let health = health.await.ok();
     if let Some(sampler) = sampler {
+        // Stopped before the marks it missed are filled in below (it could otherwise record
+        // one of them too, and the mark would be printed twice).
         sampler.abort();
+        let _ = sampler.await;
     }
     if let Some(pid) = pid {
         // Marks reached in the last sampling interval.
