@@ -162,8 +162,8 @@ fn outcome(job: &Job) -> Option<(Outcome, nostr_sdk::EventId)> {
             let target = job
                 .result_event
                 .as_deref()
-                .and_then(|json| nostr_sdk::Event::from_json(json).ok())
-                .map_or(request, |result| result.id);
+                .and_then(result_id)
+                .unwrap_or(request);
             if job.charge_msat.unwrap_or(0) > 0 && !job.pay_after {
                 Some((Outcome::Paid, target))
             } else {
@@ -172,6 +172,16 @@ fn outcome(job: &Job) -> Option<(Outcome, nostr_sdk::EventId)> {
         }
         _ => None,
     }
+}
+
+/// The id of a stored result event, read without parsing the rest (its content, and the
+/// request it quotes). Stored results are events we signed and parsed before storing them.
+fn result_id(json: &str) -> Option<nostr_sdk::EventId> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: nostr_sdk::EventId,
+    }
+    serde_json::from_str::<Id>(json).ok().map(|event| event.id)
 }
 
 #[cfg(test)]
