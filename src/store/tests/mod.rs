@@ -32,6 +32,16 @@ async fn get(store: &Store, key: u8) -> Option<u64> {
         .expect("read")
 }
 
+/// sled transactions the writer has run.
+fn transactions(store: &Store) -> u64 {
+    store
+        .shared
+        .status
+        .stats
+        .transactions
+        .load(Ordering::Relaxed)
+}
+
 /// Queue `change` as a commit, in a task of its own.
 fn spawn_commit<R, F>(store: &Store, change: F) -> tokio::task::JoinHandle<Result<R, TestError>>
 where
@@ -145,12 +155,7 @@ async fn a_refused_write_in_a_group_leaves_nothing_and_the_others_stand() {
         (Some(1), None, Some(3))
     );
     assert_eq!(
-        store
-            .shared
-            .status
-            .stats
-            .transactions
-            .load(Ordering::Relaxed),
+        transactions(&store),
         2,
         "the three queued writes shared one sled transaction"
     );
@@ -167,18 +172,9 @@ async fn the_largest_group_commits_in_one_transaction_and_survives_a_reopen() {
     let record = "x".repeat(4000);
     let mut queued = Vec::new();
     for i in 0..writes {
-        let store = store.clone();
         let record = record.clone();
-        queued.push(tokio::spawn(async move {
-            store
-                .commit(move |tx| {
-                    Ok::<_, TxError<StoreError>>(tx.put(
-                        Tree::Meta,
-                        format!("big-{i}").as_bytes(),
-                        &record,
-                    )?)
-                })
-                .await
+        queued.push(spawn_commit(&store, move |tx| {
+            Ok(tx.put(Tree::Meta, format!("big-{i}").as_bytes(), &record)?)
         }));
     }
     while store.shared.queue.len() < writes {
@@ -190,12 +186,7 @@ async fn the_largest_group_commits_in_one_transaction_and_survives_a_reopen() {
         write.await.expect("join").expect("commit");
     }
     assert_eq!(
-        store
-            .shared
-            .status
-            .stats
-            .transactions
-            .load(Ordering::Relaxed),
+        transactions(&store),
         3,
         "the held write, then MAX_GROUP writes, then the rest"
     );
