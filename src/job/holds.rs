@@ -244,26 +244,26 @@ fn settle_in(
     job.charge_msat = Some(charge);
     let from_payment = charge.min(job.paid_msat);
     let from_credit = charge - from_payment;
-    let mut moves = vec![
-        (
-            job.payer(),
-            payment_held,
-            from_payment,
-            job.paid_msat - from_payment,
-        ),
-        (
-            job.customer,
-            job.credit_msat.min(job.held_msat),
-            from_credit,
-            job.credit_msat - from_credit,
-        ),
-    ];
-    if job.payer() == job.customer {
-        let (_, credit_held, credit_charge, credit_change) = moves.pop().expect("two");
-        moves[0].1 += credit_held;
-        moves[0].2 += credit_charge;
-        moves[0].3 += credit_change;
-    }
+    let mut payment = (
+        job.payer(),
+        payment_held,
+        from_payment,
+        job.paid_msat - from_payment,
+    );
+    let credit = (
+        job.customer,
+        job.credit_msat.min(job.held_msat),
+        from_credit,
+        job.credit_msat - from_credit,
+    );
+    let moves = if payment.0 == credit.0 {
+        payment.1 += credit.1;
+        payment.2 += credit.2;
+        payment.3 += credit.3;
+        vec![payment]
+    } else {
+        vec![payment, credit]
+    };
     for (account, held, charged, change) in moves {
         post(tx, EntryKind::Release, account, held, job, at)?;
         post(tx, EntryKind::Charge, account, charged, job, at)?;
