@@ -161,6 +161,8 @@ pub struct Metrics {
     pub intake_wait: Histogram,
     /// Time spent waiting for room in the full run queue (only waits are recorded).
     pub run_queue_wait: Histogram,
+    /// Time a worker waited for room among the jobs being finished (only waits are recorded).
+    pub finishing_wait: Histogram,
     run_queue_depth: AtomicI64,
     intake_lagged: AtomicU64,
     /// HTTP jobs opened, by door: `/v1/chat/completions`, `/v1/jobs`.
@@ -475,6 +477,11 @@ impl Metrics {
             &mut out,
             "dvmd_run_queue_wait_seconds",
             "Time spent waiting for room in the full run queue (backpressure; waits only).",
+        );
+        self.finishing_wait.render(
+            &mut out,
+            "dvmd_finishing_wait_seconds",
+            "Time a worker waited for room among jobs whose results are being stored and delivered (backpressure; waits only).",
         );
         let _ = writeln!(
             out,

@@ -41,6 +41,10 @@ pub const INTAKE_TASKS: usize = 512;
 const MAX_RATE_LIMITED_NPUBS: usize = 100_000;
 /// Paid jobs waiting for a worker.
 pub const RUN_QUEUE_CAPACITY: usize = 1024;
+/// Jobs the model is done with whose results are being stored and delivered at once. A worker
+/// hands each finished job to a task and takes the next; when this many are still finishing,
+/// it waits (the disk or the relays are behind the model).
+pub const FINISHING_TASKS: usize = 256;
 
 /// What the pipeline needs to know from the operator's configuration.
 #[derive(Debug, Clone)]
@@ -152,6 +156,8 @@ pub(crate) struct Inner {
     pub(crate) queue: mpsc::Sender<WorkItem>,
     /// Room for intake tasks (see [`INTAKE_TASKS`]).
     pub(crate) intake: Arc<Semaphore>,
+    /// Room for jobs being finished (see [`FINISHING_TASKS`]).
+    pub(crate) finishing: Arc<Semaphore>,
     /// Each npub's bucket of job requests (see [`Pipeline::precheck`]).
     pub(crate) per_npub: crate::limits::Buckets<PublicKey>,
     /// Every npub's tier (see [`crate::trust`]).
@@ -213,6 +219,7 @@ impl Pipeline {
             metrics,
             queue,
             intake: Arc::new(Semaphore::new(INTAKE_TASKS)),
+            finishing: Arc::new(Semaphore::new(FINISHING_TASKS)),
             per_npub,
             trust,
             open_invoices: Default::default(),

@@ -170,6 +170,43 @@ impl Pipeline {
         let started = Instant::now();
         let generated = self.generate(&job, &event).await;
         inner.metrics.inference.observe(started.elapsed());
+        // The model is free. Storing and delivering what it said waits on the disk and the
+        // relays, not on it, so that goes on in a task of its own and this worker takes the
+        // next job: under load many jobs then share each group commit.
+        let Some(room) = self.finishing_room().await else {
+            return;
+        };
+        let pipeline = self.clone();
+        inner.tasks.spawn(async move {
+            pipeline.finish(job, event, generated, processing).await;
+            drop(room);
+        });
+    }
+
+    /// Room among the jobs being finished (see [`super::pipeline::FINISHING_TASKS`]); `None` once the pipeline
+    /// is shutting down (the job stays `Running` and runs again on restart).
+    async fn finishing_room(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let room = self.inner.finishing.clone();
+        match room.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let started = Instant::now();
+                let permit = room.acquire_owned().await.ok();
+                self.inner.metrics.finishing_wait.observe(started.elapsed());
+                permit
+            }
+        }
+    }
+
+    /// What the model said becomes the result (or the job fails with the reason it did not).
+    async fn finish(
+        &self,
+        job: Job,
+        event: Event,
+        generated: Result<(String, Usage, Finish), String>,
+        processing: Announcement,
+    ) {
         match generated {
             Ok((text, usage, finish)) => {
                 self.complete(&job, &event, text, usage, finish, processing)
