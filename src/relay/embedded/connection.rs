@@ -124,6 +124,15 @@ where
     sink.flush().await
 }
 
+/// An `EVENT` message read straight into its event, or `None` for any other message (or a
+/// malformed one, which [`ClientMessage::from_json`] then answers). `from_json` reads every
+/// message into a `serde_json::Value` first and copies the event out of it; `EVENT` is most of
+/// what a relay reads.
+fn read_event_message(text: &str) -> Option<Event> {
+    let (verb, event) = serde_json::from_str::<(String, Event)>(text).ok()?;
+    (verb == "EVENT").then_some(event)
+}
+
 struct Session {
     shared: Arc<Shared>,
     id: super::subscriptions::ConnectionId,
@@ -139,6 +148,9 @@ impl Session {
     }
 
     async fn handle(&self, text: &str) -> Result<(), Gone> {
+        if let Some(event) = read_event_message(text) {
+            return self.event(event, text.len()).await;
+        }
         let message = match ClientMessage::from_json(text) {
             Ok(message) => message,
             Err(e) => {
@@ -304,6 +316,28 @@ mod tests {
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    #[test]
+    fn an_event_message_reads_as_nostr_reads_it() {
+        let keys = nostr_sdk::Keys::generate();
+        let event = nostr_sdk::EventBuilder::text_note("a \"quoted\" note \u{2028}")
+            .sign_with_keys(&keys)
+            .expect("signs");
+        let text = ClientMessage::event(event.clone()).as_json();
+        assert_eq!(read_event_message(&text), Some(event.clone()));
+        let spaced = format!("[ \"EVENT\" , {} ]", event.as_json());
+        assert_eq!(read_event_message(&spaced), Some(event.clone()));
+
+        // Anything else is left to nostr's reader.
+        let req = ClientMessage::req(SubscriptionId::new("s"), vec![Filter::new()]).as_json();
+        assert_eq!(read_event_message(&req), None);
+        let other_verb = format!("[\"COUNT\",{}]", event.as_json());
+        assert_eq!(read_event_message(&other_verb), None);
+        let extra = format!("[\"EVENT\",{},1]", event.as_json());
+        assert_eq!(read_event_message(&extra), None);
+        assert_eq!(read_event_message("[\"EVENT\"]"), None);
+        assert_eq!(read_event_message("not json"), None);
     }
 
     #[tokio::test]

@@ -41,6 +41,16 @@ use crate::transport::websocket::{WebSocketSink, WebSocketStream};
 
 type ClientMessageJson = String;
 
+/// DVMD-PATCH: an `EVENT` message is written straight from the event. `as_json` builds a
+/// `serde_json::Value` of the whole message first (a copy of every tag and of the content),
+/// then a string.
+fn client_message_json(msg: ClientMessage) -> ClientMessageJson {
+    match msg {
+        ClientMessage::Event(event) => format!("[\"EVENT\",{}]", event.as_json()),
+        msg => msg.as_json(),
+    }
+}
+
 // Skip NIP-50 matches since they may create issues and ban non-malicious relays.
 const MATCH_EVENT_OPTS: MatchEventOptions = MatchEventOptions::new().nip50(false);
 /// dvmd: most queued messages sent in one write.
@@ -84,7 +94,7 @@ impl RelayChannels {
 
     pub fn send_client_msgs(&self, msgs: Vec<ClientMessage>) -> Result<(), Error> {
         // Serialize messages to JSON
-        let msgs: Vec<ClientMessageJson> = msgs.into_iter().map(|msg| msg.as_json()).collect();
+        let msgs: Vec<ClientMessageJson> = msgs.into_iter().map(client_message_json).collect();
 
         // Send
         self.nostr
