@@ -17,7 +17,9 @@ use negentropy::{Id, Negentropy, NegentropyStorageVector};
 use nostr::secp256k1::rand::{self, Rng};
 use nostr_database::prelude::*;
 use tokio::sync::mpsc::{self, Receiver, Sender};
-use tokio::sync::{broadcast, watch, Mutex, MutexGuard, Notify, RwLock, RwLockWriteGuard};
+use tokio::sync::{
+    broadcast, oneshot, watch, Mutex, MutexGuard, Notify, RwLock, RwLockWriteGuard,
+};
 
 use super::constants::{
     DEFAULT_CONNECTION_TIMEOUT, JITTER_RANGE, MAX_RETRY_INTERVAL, MIN_ATTEMPTS, MIN_SUCCESS_RATE,
@@ -159,6 +161,31 @@ pub(super) struct AtomicPrivateData {
     channels: RelayChannels,
     subscriptions: RwLock<HashMap<SubscriptionId, SubscriptionData>>,
     running: AtomicBool,
+    /// DVMD-PATCH: who waits for the `OK` of which event (see [`InnerRelay::expect_ok`]).
+    ok_waiters: std::sync::Mutex<HashMap<EventId, Vec<oneshot::Sender<(bool, String)>>>>,
+}
+
+/// DVMD-PATCH: the `OK` of one event, routed to the one sender that waits for it. As
+/// published, every sender waiting for an `OK` read the relay's whole notification stream:
+/// each message the relay sent (every event included) was cloned for each of them, and woke
+/// each of them. Dropping it forgets the wait.
+pub(super) struct OkWaiter<'a> {
+    relay: &'a InnerRelay,
+    id: EventId,
+    ok: oneshot::Receiver<(bool, String)>,
+}
+
+impl Drop for OkWaiter<'_> {
+    fn drop(&mut self) {
+        self.ok.close();
+        let mut waiters = self.relay.ok_waiters();
+        if let Some(senders) = waiters.get_mut(&self.id) {
+            senders.retain(|sender| !sender.is_closed());
+            if senders.is_empty() {
+                waiters.remove(&self.id);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +218,7 @@ impl InnerRelay {
                 channels: RelayChannels::new(),
                 subscriptions: RwLock::new(HashMap::new()),
                 running: AtomicBool::new(false),
+                ok_waiters: std::sync::Mutex::new(HashMap::new()),
             }),
             flags: AtomicRelayServiceFlags::new(opts.flags),
             opts,
@@ -220,6 +248,11 @@ impl InnerRelay {
     pub(super) fn set_status(&self, status: RelayStatus, log: bool) {
         // Change status
         self.atomic.status.set(status);
+
+        // DVMD-PATCH: no `OK` comes over a closed connection; its waiters learn it now.
+        if status.is_disconnected() {
+            self.ok_waiters().clear();
+        }
 
         // Log
         if log {
@@ -1075,6 +1108,16 @@ impl InnerRelay {
                             queue_auth_challenge(ingester_tx, challenge);
                         }
                     }
+                    RelayMessage::Ok {
+                        event_id,
+                        status,
+                        message,
+                    } => {
+                        let waiting = self.ok_waiters().remove(event_id);
+                        for sender in waiting.into_iter().flatten() {
+                            let _ = sender.send((*status, message.to_string()));
+                        }
+                    }
                     _ => (),
                 }
 
@@ -1359,17 +1402,14 @@ impl InnerRelay {
             .sign(&signer)
             .await?;
 
-        // Subscribe to notifications
-        let mut notifications = self.internal_notification_sender.subscribe();
+        // Expect its OK
+        let ok = self.expect_ok(event.id);
 
         // Send the AUTH message
         self.send_msg(ClientMessage::Auth(Cow::Borrowed(&event)))?;
 
         // Wait for OK
-        // The event ID is already checked in `wait_for_ok` method
-        let (status, message) = self
-            .wait_for_ok(&mut notifications, &event.id, WAIT_FOR_OK_TIMEOUT)
-            .await?;
+        let (status, message) = self.wait_for_ok(ok, WAIT_FOR_OK_TIMEOUT).await?;
 
         // Check status
         if status {
@@ -1379,42 +1419,38 @@ impl InnerRelay {
         }
     }
 
+    fn ok_waiters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<EventId, Vec<oneshot::Sender<(bool, String)>>>> {
+        self.atomic
+            .ok_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// DVMD-PATCH: wait for the `OK` of event `id` (call before sending it).
+    pub(super) fn expect_ok(&self, id: EventId) -> OkWaiter<'_> {
+        let (sender, ok) = oneshot::channel();
+        self.ok_waiters().entry(id).or_default().push(sender);
+        OkWaiter {
+            relay: self,
+            id,
+            ok,
+        }
+    }
+
+    /// DVMD-PATCH: the `OK` expected with [`InnerRelay::expect_ok`]; `NotConnected` when the
+    /// connection closes first.
     pub(super) async fn wait_for_ok(
         &self,
-        notifications: &mut broadcast::Receiver<RelayNotification>,
-        id: &EventId,
+        mut waiter: OkWaiter<'_>,
         timeout: Duration,
     ) -> Result<(bool, String), Error> {
-        time::timeout(Some(timeout), async {
-            while let Ok(notification) = notifications.recv().await {
-                match notification {
-                    RelayNotification::Message {
-                        message:
-                            RelayMessage::Ok {
-                                event_id,
-                                status,
-                                message,
-                            },
-                    } => {
-                        // Check if it can return
-                        if id == &event_id {
-                            return Ok((status, message.into_owned()));
-                        }
-                    }
-                    RelayNotification::RelayStatus { status } => {
-                        if status.is_disconnected() {
-                            return Err(Error::NotConnected);
-                        }
-                    }
-                    RelayNotification::Shutdown => break,
-                    _ => (),
-                }
-            }
-
-            Err(Error::PrematureExit)
-        })
-        .await
-        .ok_or(Error::Timeout)?
+        match time::timeout(Some(timeout), &mut waiter.ok).await {
+            Some(Ok(ok)) => Ok(ok),
+            Some(Err(_)) => Err(Error::NotConnected),
+            None => Err(Error::Timeout),
+        }
     }
 
     pub async fn resubscribe(&self) -> Result<(), Error> {

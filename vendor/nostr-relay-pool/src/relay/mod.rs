@@ -415,19 +415,16 @@ impl Relay {
         self.inner.batch_msg(msgs)
     }
 
-    async fn _send_event(
-        &self,
-        notifications: &mut broadcast::Receiver<RelayNotification>,
-        event: &Event,
-    ) -> Result<(bool, String), Error> {
+    async fn _send_event(&self, event: &Event) -> Result<(bool, String), Error> {
+        // Expect its OK (DVMD-PATCH: routed to this call alone, see `InnerRelay::expect_ok`)
+        let ok = self.inner.expect_ok(event.id);
+
         // Send the EVENT message
         self.inner
             .send_msg(ClientMessage::Event(Cow::Borrowed(event)))?;
 
         // Wait for OK
-        self.inner
-            .wait_for_ok(notifications, &event.id, WAIT_FOR_OK_TIMEOUT)
-            .await
+        self.inner.wait_for_ok(ok, WAIT_FOR_OK_TIMEOUT).await
     }
 
     /// Send event and wait for `OK` relay msg
@@ -438,7 +435,7 @@ impl Relay {
         let mut notifications = self.inner.internal_notification_sender.subscribe();
 
         // Send event
-        let (status, message) = self._send_event(&mut notifications, event).await?;
+        let (status, message) = self._send_event(event).await?;
 
         // Check status
         if status {
@@ -455,7 +452,7 @@ impl Relay {
                     .await?;
 
                 // Try to resend event
-                let (status, message) = self._send_event(&mut notifications, event).await?;
+                let (status, message) = self._send_event(event).await?;
 
                 // Check status
                 return if status {
@@ -475,7 +472,13 @@ impl Relay {
         timeout: Duration,
     ) -> Result<(), Error> {
         time::timeout(Some(timeout), async {
-            while let Ok(notification) = notifications.recv().await {
+            loop {
+                let notification = match notifications.recv().await {
+                    Ok(notification) => notification,
+                    // DVMD-PATCH: not read while the `OK` was awaited, so it may be behind.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
                 match notification {
                     RelayNotification::Authenticated => {
                         return Ok(());
