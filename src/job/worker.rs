@@ -183,8 +183,10 @@ impl Pipeline {
         });
     }
 
-    /// Room among the jobs being finished (see [`super::pipeline::FINISHING_TASKS`]); `None` once the pipeline
-    /// is shutting down (the job stays `Running` and runs again on restart).
+    /// Room among the jobs being finished (see [`super::pipeline::FINISHING_TASKS`]). `None`
+    /// only if the semaphore were closed, which nothing does. A worker cancelled at shutdown
+    /// while it waits here drops what the model said: the job stays `Running`, with no result
+    /// stored, and runs again on restart.
     async fn finishing_room(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let room = self.inner.finishing.clone();
         match room.clone().try_acquire_owned() {
