@@ -28,13 +28,14 @@ use nostr_sdk::PublicKey;
 
 use super::BenchError;
 use customers::LoadCustomer;
-use target::{attach, cpu_seconds, rss_bytes, start_daemon};
+use target::{attach, cpu_seconds, rss_bytes, start_daemon, Rss};
 
 /// How often `/healthz` is probed during the run.
 const HEALTH_EVERY: Duration = Duration::from_millis(100);
-/// Jobs at which RSS is sampled: the memory target compares 2,000 and 20,000; the later marks
-/// (on a long run) show whether growth levels off, as caches that are full do, or goes on.
-const RSS_MARKS: [usize; 5] = [2_000, 20_000, 50_000, 100_000, 200_000];
+/// Jobs at which RSS is sampled: the memory target compares 2,000 and 20,000; the marks between
+/// show when warm-up ends, and the later ones (on a long run) whether growth levels off, as
+/// caches that are full do, or goes on.
+const RSS_MARKS: [usize; 7] = [2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000];
 
 /// What to run (`dvmd bench load` flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -173,7 +174,7 @@ pub async fn run(options: LoadOptions) -> Result<(), BenchError> {
     if let Some(pid) = pid {
         // Marks reached in the last sampling interval.
         let done = record.completed.load(Ordering::Relaxed) + record.lost.load(Ordering::Relaxed);
-        let rss = rss_bytes(pid).unwrap_or(0);
+        let rss = rss_bytes(pid).unwrap_or_default();
         let missed: Vec<usize> = {
             let mut marks = record.rss_at.lock().unwrap_or_else(|e| e.into_inner());
             let missed: Vec<usize> = RSS_MARKS
@@ -236,7 +237,7 @@ struct Record {
     completed: AtomicUsize,
     lost: AtomicUsize,
     refused: AtomicUsize,
-    rss_at: Mutex<Vec<(usize, u64)>>,
+    rss_at: Mutex<Vec<(usize, Rss)>>,
     rss_max: std::sync::atomic::AtomicU64,
     /// The allocator's gauges at each RSS mark.
     allocator_at: Mutex<Vec<(usize, Gauges)>>,
@@ -333,7 +334,7 @@ async fn sample_rss(pid: u32, record: Arc<Record>, metrics_url: String) {
     loop {
         let done = record.completed.load(Ordering::Relaxed) + record.lost.load(Ordering::Relaxed);
         if let Some(rss) = rss_bytes(pid) {
-            record.rss_max.fetch_max(rss, Ordering::Relaxed);
+            record.rss_max.fetch_max(rss.total, Ordering::Relaxed);
             while let Some(mark) = marks.peek() {
                 if done < **mark {
                     break;
@@ -408,26 +409,33 @@ fn report(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let first = marks.first().map(|(_, rss)| *rss as f64);
+        let first = marks.first().map(|(_, rss)| rss.total as f64);
         let marks: Vec<String> = marks
             .iter()
             .enumerate()
-            .map(|(i, (job, rss))| match first {
-                Some(first) if i > 0 && first > 0.0 => format!(
-                    "at job {job}: {:.1} MB ({:+.1}%)",
-                    mb(*rss),
-                    100.0 * (*rss as f64 - first) / first
-                ),
-                _ => format!("at job {job}: {:.1} MB", mb(*rss)),
+            .map(|(i, (job, rss))| {
+                let change = match first {
+                    Some(first) if i > 0 && first > 0.0 => {
+                        format!(" ({:+.1}%)", 100.0 * (rss.total as f64 - first) / first)
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "  at job {job:<10}             : {:.1} MB{change}: anonymous {:.1}, file {:.1}",
+                    mb(rss.total),
+                    mb(rss.anon),
+                    mb(rss.file)
+                )
             })
             .collect();
         println!(
-            "  daemon RSS                   : {}{}max {:.1} MB, end {:.1} MB",
-            marks.join(", "),
-            if marks.is_empty() { "" } else { ", " },
+            "  daemon RSS                   : max {:.1} MB, end {:.1} MB",
             mb(record.rss_max.load(Ordering::Relaxed)),
-            mb(rss_bytes(pid).unwrap_or(0))
+            mb(rss_bytes(pid).unwrap_or_default().total)
         );
+        for mark in marks {
+            println!("{mark}");
+        }
         let allocator = record
             .allocator_at
             .lock()

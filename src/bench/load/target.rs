@@ -218,17 +218,35 @@ pub(super) async fn attach(relay: &str, http: &str) -> Result<Target, BenchError
     })
 }
 
-/// Resident memory of `pid`, bytes (Linux).
-pub(super) fn rss_bytes(pid: u32) -> Option<u64> {
+/// Resident memory of a process, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Rss {
+    /// All of it (`VmRSS`).
+    pub(super) total: u64,
+    /// Anonymous pages: the heap (the allocator's resident pages), stacks.
+    pub(super) anon: u64,
+    /// Pages of mapped files: mostly the binary's code, faulted in as paths first run.
+    pub(super) file: u64,
+}
+
+/// Resident memory of `pid` (Linux).
+pub(super) fn rss_bytes(pid: u32) -> Option<Rss> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    let field = |name: &str| -> Option<u64> {
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some(Rss {
+        total: field("VmRSS:")?,
+        anon: field("RssAnon:").unwrap_or(0),
+        file: field("RssFile:").unwrap_or(0),
+    })
 }
 
 /// User + system CPU seconds of `pid` so far (Linux).
