@@ -8,7 +8,7 @@ fn a_version_1_store_is_migrated() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         // A store as schema 1 left it: payment records, no index, entries numbered by sled.
-        let db = sled::open(dir.path()).expect("sled");
+        let db = raw_db(dir.path());
         let meta = db.open_tree("meta").expect("meta");
         meta.insert(META_SCHEMA_KEY, &1u64.to_be_bytes())
             .expect("version");
@@ -36,7 +36,7 @@ fn a_version_1_store_is_migrated() {
             .expect("entry");
         db.flush().expect("flush");
     }
-    let store = Store::open(dir.path()).expect("open");
+    let store = open_after_raw(dir.path()).expect("open");
     let indexed: Vec<Vec<u8>> = store
         .read_blocking(|r| r.keys(Tree::OpenPayments).collect())
         .expect("keys");
@@ -73,7 +73,7 @@ fn a_version_4_store_gets_its_ledger_indexed_by_account() {
     };
     {
         // Schema 4: entries and balances, no index.
-        let db = sled::open(dir.path()).expect("sled");
+        let db = raw_db(dir.path());
         let meta = db.open_tree("meta").expect("meta");
         meta.insert(META_SCHEMA_KEY, &4u64.to_be_bytes())
             .expect("version");
@@ -104,7 +104,7 @@ fn a_version_4_store_gets_its_ledger_indexed_by_account() {
             .expect("bob");
         db.flush().expect("flush");
     }
-    let store = Store::open(dir.path()).expect("open");
+    let store = open_after_raw(dir.path()).expect("open");
     let (alices, bobs, totals) = store
         .read_blocking(move |r| {
             Ok::<_, ledger::LedgerError>((
@@ -126,7 +126,7 @@ fn a_version_4_store_gets_its_ledger_indexed_by_account() {
 fn an_unknown_schema_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let db = sled::open(dir.path()).expect("sled");
+        let db = raw_db(dir.path());
         db.open_tree("meta")
             .expect("meta")
             .insert(META_SCHEMA_KEY, &99u64.to_be_bytes())
@@ -134,7 +134,7 @@ fn an_unknown_schema_is_refused() {
         db.flush().expect("flush");
     }
     assert!(matches!(
-        Store::open(dir.path()),
+        open_after_raw(dir.path()),
         Err(StoreError::Schema { found: 99 })
     ));
 }
@@ -183,7 +183,7 @@ fn old_store_opens_as_current(from: u64) {
     let npub = Account::from(keys.public_key());
     {
         // Schema 5 to 8 as it was written: relay jobs under their ids and an npub's balance.
-        let db = sled::open(dir.path()).expect("sled");
+        let db = raw_db(dir.path());
         let meta = db.open_tree("meta").expect("meta");
         meta.insert(META_SCHEMA_KEY, &from.to_be_bytes())
             .expect("version");
@@ -206,7 +206,7 @@ fn old_store_opens_as_current(from: u64) {
         .expect("copied");
         db.flush().expect("flush");
     }
-    let store = Store::open(dir.path()).expect("open");
+    let store = open_after_raw(dir.path()).expect("open");
     let token = Account::Token(crate::wallet::PaymentHash([9; 32]));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -257,4 +257,29 @@ fn old_store_opens_as_current(from: u64) {
     assert_eq!(stored.door, Door::Relay);
     assert_eq!(stored, job);
     assert_eq!((totals.accounts, totals.balances_msat), (2, 2_000));
+}
+
+/// The store's sled database opened directly, to write what an older dvmd left (without sled's
+/// background flusher, as the store runs it).
+fn raw_db(path: &std::path::Path) -> sled::Db {
+    sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .open()
+        .expect("sled")
+}
+
+/// `Store::open` on a directory [`raw_db`] wrote. sled's IO threads hold the database, and the
+/// directory's lock, for a moment after its last handle is dropped; a process that exited has
+/// let go of it, but a test that opens it again at once can find it `Locked`.
+fn open_after_raw(path: &std::path::Path) -> Result<Store, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(path) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened,
+        }
+    }
 }
