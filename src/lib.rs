@@ -62,7 +62,8 @@
 //!   and labels of [`trust`] (its registry keeps them in memory over the store).
 //! - External systems behind traits: [`wallet::Wallet`] (dev, LNbits, NWC; plus an LNURL-pay
 //!   client for payouts), [`infer::Backend`] (embedded llama.cpp, any OpenAI-compatible server).
-//! - Events' ids and signatures are checked once per process: [`signatures`].
+//! - Events' ids and signatures are checked once per process: [`signatures`]; events are
+//!   written as JSON by [`event_json`].
 //! - IO: [`relay`] (pool, outbox, intake, our embedded relay), [`store`] (sled behind one
 //!   writer thread that commits in groups: the only module that names sled), [`http`].
 //! - Wiring and lifecycle: [`daemon`]; configuration: [`config`]; the CLI is `src/bin/dvmd/`;
@@ -77,6 +78,7 @@ pub mod bench;
 pub mod config;
 pub mod customer;
 pub mod daemon;
+pub mod event_json;
 pub mod http;
 pub mod identity;
 pub mod incident;

@@ -64,10 +64,12 @@ pub fn sign(builder: EventBuilder, keys: &Keys) -> Event {
     )
 }
 
-/// Route the relay pool's verification of what relays send through [`verify`], in every pool of
-/// this process. Idempotent.
+/// Route the relay pool's verification of what relays send through [`verify`], and its writing
+/// of events through [`crate::event_json::to_json`] (the same bytes as nostr's), in every pool
+/// of this process. Idempotent.
 pub fn install() {
     nostr_sdk::pool::install_event_check(verify);
+    nostr_sdk::pool::install_event_json(crate::event_json::to_json);
 }
 
 /// The id `event` must have: the SHA-256 of `[0, pubkey, created_at, kind, tags, content]`,

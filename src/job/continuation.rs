@@ -175,7 +175,7 @@ impl Pipeline {
         let receipt = job.receipt_for(inner.config.rate_card, usage, Finish::Budget);
         let charge = receipt.charged_msat;
         let result = self.sign(nip90::result_invoiced(event, &said, Some(&receipt), None));
-        let json = result.as_json();
+        let json = crate::event_json::to_json(&result);
         let (state, waited) = (job.state, job.continuation.clone());
         let stored = inner.book.update_durably(&job.id, move |stored, _| {
             // Paid meanwhile (or its continuation stopped at its budget again): it goes on.

@@ -17,7 +17,7 @@
 //!   (`invoices::book_consumed`). A debt unpaid past `[trust] debt_deadline_secs` makes the
 //!   npub `new` (no more credit, proof of work and invoices again) until it is paid.
 
-use nostr_sdk::{Event, JsonUtil};
+use nostr_sdk::Event;
 
 use super::book::{abort, stored_job, Book, BookError};
 use super::invoices::PaymentRecord;
@@ -156,7 +156,7 @@ impl Pipeline {
         let credit = inner.trust.policy().trusted_credit_msat;
         match inner
             .book
-            .open_pay_after(&job.id, credit, processing.as_json())
+            .open_pay_after(&job.id, credit, crate::event_json::to_json(&processing))
             .await
         {
             Ok(Ok(job)) => {

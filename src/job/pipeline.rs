@@ -318,7 +318,7 @@ impl Pipeline {
                 reply_relays.push(source.to_owned());
             }
         }
-        let json = event.as_json();
+        let json = crate::event_json::to_json(event);
         let limit = self.inner.config.max_request_bytes;
         if json.len() > limit {
             let size = json.len();
@@ -447,7 +447,7 @@ impl Pipeline {
         let event = self.sign(feedback);
         // Stored first, so the latest stored is always the latest said, however long the
         // publishing takes (replayed to duplicates of the request).
-        let json = event.as_json();
+        let json = crate::event_json::to_json(&event);
         let stored = self.inner.book.update(&job.id, move |stored, _| {
             stored.last_feedback = Some(json.clone());
             Ok(())

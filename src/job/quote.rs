@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use nostr_sdk::{Event, JsonUtil};
+use nostr_sdk::Event;
 
 use super::book::BookError;
 use super::open_invoices::NoSlot;
@@ -58,7 +58,7 @@ impl Pipeline {
     async fn start_free(&self, job: Job, event: &Event) {
         let processing = nip90::feedback(event, JobStatus::Processing, "generating", None);
         let processing = self.sign(processing);
-        let json = processing.as_json();
+        let json = crate::event_json::to_json(&processing);
         let started = self
             .inner
             .book
@@ -303,7 +303,7 @@ impl Pipeline {
         let processing = self.sign(nip90::feedback(event, JobStatus::Processing, &info, None));
         let spent = inner
             .book
-            .spend_credit(&job.id, Some(processing.as_json()))
+            .spend_credit(&job.id, Some(crate::event_json::to_json(&processing)))
             .await;
         match spent {
             Ok(job) if job.state == JobState::Running => {

@@ -148,7 +148,12 @@ pub struct Job {
 impl Job {
     /// A freshly received job.
     pub fn received(request: &Event, reply_relays: Vec<String>, now: u64) -> Self {
-        Self::received_as(request, request.as_json(), reply_relays, now)
+        Self::received_as(
+            request,
+            crate::event_json::to_json(request),
+            reply_relays,
+            now,
+        )
     }
 
     /// [`Job::received`] with the request already serialized as `json`.

@@ -129,7 +129,7 @@ impl Pipeline {
                 let processing = self.sign(processing);
                 let job = if job.state == JobState::Running {
                     // Resumed after a restart: say it again.
-                    let json = processing.as_json();
+                    let json = crate::event_json::to_json(&processing);
                     let stored = inner.book.update(&job.id, move |stored, _| {
                         stored.last_feedback = Some(json.clone());
                         Ok(())
@@ -328,7 +328,7 @@ impl Pipeline {
         };
         let bolt11 = invoice.as_ref().map(|invoice| invoice.bolt11.as_str());
         let result = self.sign(nip90::result_invoiced(event, &text, Some(&receipt), bolt11));
-        let json = result.as_json();
+        let json = crate::event_json::to_json(&result);
         // One group commit makes the payment booking, `Running` and the result durable
         // together, before the result is shown.
         let stored = inner
@@ -406,7 +406,7 @@ impl Pipeline {
         };
         let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
         let success = self.sign(success);
-        let feedback = Some(success.as_json());
+        let feedback = Some(crate::event_json::to_json(&success));
         let settled = match inner.book.settle_delivered(&job.id, charge, feedback).await {
             Ok(settled) => settled,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),

@@ -1,6 +1,6 @@
 //! Building kind 7000 feedback and kind 6xxx result events.
 
-use nostr_sdk::{Event, EventBuilder, JsonUtil, Kind, Tag, TagKind};
+use nostr_sdk::{Event, EventBuilder, Kind, Tag, TagKind};
 
 use super::{result_kind, JobStatus, FEEDBACK_KIND};
 use crate::pricing::{Estimate, Receipt};
@@ -110,7 +110,10 @@ pub fn result_invoiced(
     bolt11: Option<&str>,
 ) -> EventBuilder {
     let mut tags = vec![
-        Tag::custom(TagKind::custom("request"), [request.as_json()]),
+        Tag::custom(
+            TagKind::custom("request"),
+            [crate::event_json::to_json(request)],
+        ),
         Tag::event(request.id),
         Tag::public_key(request.pubkey),
     ];
@@ -177,7 +180,7 @@ fn escaped_len(s: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use nostr_sdk::Keys;
+    use nostr_sdk::{JsonUtil, Keys};
 
     use super::*;
 

@@ -239,9 +239,8 @@ impl Book {
         feedback: &nostr_sdk::Event,
         change: impl Fn(&mut Job) + Send + 'static,
     ) -> Result<Job, BookError> {
-        use nostr_sdk::JsonUtil;
         let (id, at) = (*id, now());
-        let (feedback_id, feedback_json) = (feedback.id, feedback.as_json());
+        let (feedback_id, feedback_json) = (feedback.id, crate::event_json::to_json(feedback));
         self.store
             .commit(move |tx| {
                 let mut job = stored_job(tx, &id)?;

@@ -216,7 +216,7 @@ impl Session {
                 .answer(ok(false, "invalid: bad event id or signature"))
                 .await;
         }
-        let json = event.as_json();
+        let json = crate::event_json::to_json(&event);
         if event.kind.is_ephemeral() {
             self.shared.subscriptions.publish(&event, &json);
             return self.answer(ok(true, "")).await;

@@ -29,7 +29,7 @@ pub mod stream;
 pub mod transport;
 
 pub use self::pool::options::RelayPoolOptions;
-pub use self::shared::install_event_check;
+pub use self::shared::{install_event_check, install_event_json};
 pub use self::pool::{Output, RelayPool, RelayPoolNotification};
 pub use self::relay::flags::{AtomicRelayServiceFlags, RelayServiceFlags};
 pub use self::relay::limits::RelayLimits;

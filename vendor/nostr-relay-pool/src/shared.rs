@@ -182,3 +182,22 @@ static EVENT_CHECK: std::sync::OnceLock<fn(&Event) -> bool> = std::sync::OnceLoc
 pub fn install_event_check(check: fn(&Event) -> bool) {
     let _ = EVENT_CHECK.set(check);
 }
+
+/// dvmd: how events are written as JSON, when something faster than `as_json` that writes the
+/// same bytes is installed.
+static EVENT_JSON: std::sync::OnceLock<fn(&Event) -> String> = std::sync::OnceLock::new();
+
+/// dvmd: write events as JSON with `write` (which must write what `Event::as_json` writes) in
+/// every pool of this process: the events it sends, and the size check of the events it
+/// receives. Only the first call takes effect.
+pub fn install_event_json(write: fn(&Event) -> String) {
+    let _ = EVENT_JSON.set(write);
+}
+
+/// dvmd: `event` as JSON, by the installed writer or else `as_json`.
+pub(crate) fn event_json(event: &Event) -> String {
+    match EVENT_JSON.get() {
+        Some(write) => write(event),
+        None => nostr::JsonUtil::as_json(event),
+    }
+}

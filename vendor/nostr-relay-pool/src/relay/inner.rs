@@ -43,12 +43,19 @@ use crate::transport::websocket::{WebSocketSink, WebSocketStream};
 
 type ClientMessageJson = String;
 
-/// DVMD-PATCH: an `EVENT` message is written straight from the event. `as_json` builds a
-/// `serde_json::Value` of the whole message first (a copy of every tag and of the content),
-/// then a string.
+/// DVMD-PATCH: an `EVENT` message is written straight from the event (by the installed writer,
+/// see `install_event_json`). `as_json` builds a `serde_json::Value` of the whole message first
+/// (a copy of every tag and of the content), then a string.
 fn client_message_json(msg: ClientMessage) -> ClientMessageJson {
     match msg {
-        ClientMessage::Event(event) => format!("[\"EVENT\",{}]", event.as_json()),
+        ClientMessage::Event(event) => {
+            let json = crate::shared::event_json(&event);
+            let mut message = String::with_capacity(json.len() + 10);
+            message.push_str("[\"EVENT\",");
+            message.push_str(&json);
+            message.push(']');
+            message
+        }
         msg => msg.as_json(),
     }
 }
@@ -1177,7 +1184,8 @@ impl InnerRelay {
     ) -> Result<Option<RelayMessage<'static>>, Error> {
         // Check event size
         if let Some(max_size) = self.opts.limits.events.get_max_size(&event.kind) {
-            let size: usize = event.as_json().len();
+            // DVMD-PATCH: by the installed writer (see `install_event_json`).
+            let size: usize = crate::shared::event_json(&event).len();
             let max_size: usize = max_size as usize;
             if size > max_size {
                 return Err(Error::EventTooLarge { size, max_size });
