@@ -232,7 +232,7 @@ impl Pipeline {
 
     /// `Paid | Quoted(free) -> Running`, storing the `processing` feedback about to be sent.
     async fn start(&self, job: &Job, processing: Option<&Event>) -> Option<Job> {
-        let feedback = processing.map(Event::as_json);
+        let feedback = processing.map(crate::event_json::to_json);
         let started = self
             .inner
             .book
