@@ -32,8 +32,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// from there: `muzzy_decay_ms:0`), not jemalloc's default of ten. The decay is timed, not
 /// counted: at 1,000 jobs a second the daemon frees hundreds of MB of short-lived buffers a
 /// second, and ten seconds of their dirty pages kept RSS growing for the first ten seconds of
-/// any load (`dvmd bench load --customers 100`: +10.0-11.2% from job 2,000 to 20,000 with the
-/// default, +6.1-8.4% with this; the CPU per job did not move beyond the run-to-run noise).
+/// any load (`dvmd bench load --customers 100`, from job 2,000 to 20,000: +8.8 to +11.2% in
+/// four runs with the default, +6.1 to +10.2% in four with this; the CPU per job did not move
+/// beyond the run-to-run noise). See "What grows with history" in ARCHITECTURE.md.
 // SAFETY: the symbol is jemalloc's own `malloc_conf` (`const char *`, prefixed as
 // tikv-jemalloc-sys builds it); nothing else in the process defines it, and the value is a
 // NUL-terminated string that lives for the whole process.
