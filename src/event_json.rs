@@ -28,7 +28,7 @@ pub fn to_json(event: &Event) -> String {
 }
 
 /// Append `event` as JSON to `out`.
-pub fn write_event(out: &mut Vec<u8>, event: &Event) {
+fn write_event(out: &mut Vec<u8>, event: &Event) {
     out.extend_from_slice(b"{\"id\":\"");
     write_hex(out, event.id.as_bytes());
     out.extend_from_slice(b"\",\"pubkey\":\"");
@@ -80,14 +80,14 @@ fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Enough room for `event`'s JSON unless its strings need many escapes: the fixed part (keys,
-/// hex, numbers) and its strings with 1/8 to spare.
+/// hex, numbers), each tag's brackets and comma, each value's quotes and comma, and the strings
+/// with 1/8 to spare.
 fn json_len_bound(event: &Event) -> usize {
     let strings: usize = event.content.len()
         + event
             .tags
             .iter()
-            .flat_map(|tag| tag.as_slice())
-            .map(|value| value.len() + 3)
+            .map(|tag| 3 + tag.as_slice().iter().map(|v| v.len() + 3).sum::<usize>())
             .sum::<usize>();
     // id 64, pubkey 64, sig 128, keys, quotes and numbers about 80.
     340 + strings + strings / 8
