@@ -49,10 +49,18 @@ pub fn remember_signed(event: &Event) {
 /// Sign what `builder` builds with `keys`. nostr's `sign_with_keys` computes the id twice (once
 /// to build, once more to check the id it just computed); this signs the built id. Builders
 /// that mine proof of work are signed the same way: the id built is the one mined.
+///
+/// The signature's auxiliary randomness (BIP-340) comes from the thread's CSPRNG (ChaCha,
+/// seeded and reseeded from the OS), not from a `getrandom` system call per signature as
+/// nostr's `Keys::sign_schnorr` draws it.
 pub fn sign(builder: EventBuilder, keys: &Keys) -> Event {
     let mut unsigned = builder.build(keys.public_key());
     let id = unsigned.id();
-    let sig = keys.sign_schnorr(&Message::from_digest(id.to_bytes()));
+    let sig = keys.sign_schnorr_with_ctx(
+        nostr_sdk::SECP256K1,
+        &Message::from_digest(id.to_bytes()),
+        &mut rand::thread_rng(),
+    );
     Event::new(
         id,
         unsigned.pubkey,

@@ -111,7 +111,7 @@ impl Pipeline {
         let stored =
             inner
                 .book
-                .await_continuation(&job.id, said.to_owned(), usage, invoice.clone(), &asked);
+                .await_continuation(job, said.to_owned(), usage, invoice.clone(), &asked);
         let job = match stored.await {
             Ok(job) => job,
             Err(e) => {
@@ -177,7 +177,7 @@ impl Pipeline {
         let result = self.sign(nip90::result_invoiced(event, &said, Some(&receipt), None));
         let json = crate::event_json::to_json(&result);
         let (state, waited) = (job.state, job.continuation.clone());
-        let stored = inner.book.update_durably(&job.id, move |stored, _| {
+        let stored = inner.book.update_durably(job, move |stored, _| {
             // Paid meanwhile (or its continuation stopped at its budget again): it goes on.
             if stored.state != state
                 || stored.result_event.is_some()

@@ -342,7 +342,7 @@ impl Pipeline {
         // Durable before the answer ends: the charge must survive whatever the client saw.
         let stored = inner
             .book
-            .update_durably(&job.id, move |stored, _| {
+            .update_durably(&job, move |stored, _| {
                 stored.result = Some(text.clone());
                 stored.usage = Some(usage);
                 stored.receipt = Some(receipt);
@@ -388,12 +388,7 @@ impl Pipeline {
             };
             let _ = live.send(LiveEvent::Done(Box::new(finished))).await;
         }
-        let settled = match self
-            .inner
-            .book
-            .settle_delivered(&job.id, charge, None)
-            .await
-        {
+        let settled = match self.inner.book.settle_delivered(&job, charge, None).await {
             Ok(settled) => settled,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot settle http job"),
         };
@@ -409,7 +404,7 @@ impl Pipeline {
         let failed = self
             .inner
             .book
-            .transition(&job.id, JobState::Failed, move |job| {
+            .transition(job, JobState::Failed, move |job| {
                 job.reason = Some(recorded.clone());
                 job.charge_msat = Some(0);
             })

@@ -5,7 +5,7 @@
 use super::id::JobId;
 use crate::ledger::Account;
 
-use super::book::{abort, find_job, insert_job, now, put_job, stored_job, Book, BookError};
+use super::book::{abort, find_job, insert_job, now, put_job, stored_job, Book, BookError, JobRef};
 use super::record::Job;
 use super::state::{IllegalTransition, JobState};
 use crate::ledger::{self, Entry, EntryKind, LedgerError};
@@ -24,13 +24,13 @@ impl Book {
     /// one balance cannot both reserve it.
     pub async fn spend_credit(
         &self,
-        id: &JobId,
+        job: impl Into<JobRef>,
         processing: Option<String>,
     ) -> Result<Job, BookError> {
-        let (id, at) = (*id, now());
+        let (found, at) = (job.into(), now());
         self.store()
             .apply(move |tx| {
-                let mut job = stored_job(tx, &id)?;
+                let mut job = stored_job(tx, found)?;
                 if job.state != JobState::Quoted {
                     return Err(abort(IllegalTransition {
                         from: job.state,
@@ -139,11 +139,11 @@ impl Book {
     /// `Delivered | Failed -> Settled`: charge what the job cost (at most what was paid) and
     /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
     /// job), in one durable transaction.
-    pub async fn settle(&self, id: &JobId, charge_msat: u64) -> Result<Job, BookError> {
-        let (id, at) = (*id, now());
+    pub async fn settle(&self, job: impl Into<JobRef>, charge_msat: u64) -> Result<Job, BookError> {
+        let (found, at) = (job.into(), now());
         self.store()
             .commit(move |tx| {
-                let mut job = stored_job(tx, &id)?;
+                let mut job = stored_job(tx, found)?;
                 settle_in(tx, &mut job, charge_msat, at)?;
                 Ok(job)
             })
@@ -157,14 +157,14 @@ impl Book {
     /// recovery delivers and settles again the same way.
     pub async fn settle_delivered(
         &self,
-        id: &JobId,
+        job: impl Into<JobRef>,
         charge_msat: u64,
         feedback: Option<String>,
     ) -> Result<Job, BookError> {
-        let (id, at) = (*id, now());
+        let (found, at) = (job.into(), now());
         self.store()
             .apply(move |tx| {
-                let mut job = stored_job(tx, &id)?;
+                let mut job = stored_job(tx, found)?;
                 job.transition(JobState::Delivered, at).map_err(abort)?;
                 if let Some(json) = &feedback {
                     job.last_feedback = Some(json.clone());

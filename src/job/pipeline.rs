@@ -448,7 +448,7 @@ impl Pipeline {
         // Stored first, so the latest stored is always the latest said, however long the
         // publishing takes (replayed to duplicates of the request).
         let json = crate::event_json::to_json(&event);
-        let stored = self.inner.book.update(&job.id, move |stored, _| {
+        let stored = self.inner.book.update(job, move |stored, _| {
             stored.last_feedback = Some(json.clone());
             Ok(())
         });

@@ -36,7 +36,7 @@ impl Pipeline {
         let quoted = self
             .inner
             .book
-            .transition(&job.id, JobState::Quoted, move |job| {
+            .transition(&job, JobState::Quoted, move |job| {
                 job.price_with(estimate, bid)
             })
             .await;
@@ -62,7 +62,7 @@ impl Pipeline {
         let started = self
             .inner
             .book
-            .update(&job.id, move |job, at| {
+            .update(&job, move |job, at| {
                 job.transition(JobState::Quoted, at)?;
                 job.quote_msat = Some(0);
                 job.transition(JobState::Running, at)?;
@@ -261,9 +261,7 @@ impl Pipeline {
         let feedback = nip90::feedback(event, JobStatus::PaymentRequired, &info, Some(&amount))
             .tag_maybe(job.estimate.as_ref().map(nip90::estimate_tag));
         let feedback = self.sign(feedback);
-        let stored = inner
-            .book
-            .await_payment(&job.id, invoice.clone(), &feedback);
+        let stored = inner.book.await_payment(&job, invoice.clone(), &feedback);
         let job = match stored.await {
             Ok(job) => job,
             // Cancelled by the customer meanwhile: the invoice was never shown, and expires.
@@ -303,7 +301,7 @@ impl Pipeline {
         let processing = self.sign(nip90::feedback(event, JobStatus::Processing, &info, None));
         let spent = inner
             .book
-            .spend_credit(&job.id, Some(crate::event_json::to_json(&processing)))
+            .spend_credit(&job, Some(crate::event_json::to_json(&processing)))
             .await;
         match spent {
             Ok(job) if job.state == JobState::Running => {

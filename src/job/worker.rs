@@ -130,7 +130,7 @@ impl Pipeline {
                 let job = if job.state == JobState::Running {
                     // Resumed after a restart: say it again.
                     let json = crate::event_json::to_json(&processing);
-                    let stored = inner.book.update(&job.id, move |stored, _| {
+                    let stored = inner.book.update(&job, move |stored, _| {
                         stored.last_feedback = Some(json.clone());
                         Ok(())
                     });
@@ -236,7 +236,7 @@ impl Pipeline {
         let started = self
             .inner
             .book
-            .transition(&job.id, JobState::Running, move |job| {
+            .transition(job, JobState::Running, move |job| {
                 if let Some(json) = &feedback {
                     job.last_feedback = Some(json.clone());
                 }
@@ -333,7 +333,7 @@ impl Pipeline {
         // together, before the result is shown.
         let stored = inner
             .book
-            .update_durably(&job.id, move |stored, _| {
+            .update_durably(job, move |stored, _| {
                 // The receipt travels in the signed result; the record keeps only the usage.
                 stored.result_event = Some(json.clone());
                 stored.result = None;
@@ -407,7 +407,7 @@ impl Pipeline {
         let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
         let success = self.sign(success);
         let feedback = Some(crate::event_json::to_json(&success));
-        let settled = match inner.book.settle_delivered(&job.id, charge, feedback).await {
+        let settled = match inner.book.settle_delivered(job, charge, feedback).await {
             Ok(settled) => settled,
             Err(e) => return tracing::error!(job = %job.id, error = %e, "cannot record delivery"),
         };
@@ -429,7 +429,7 @@ impl Pipeline {
         let recorded = reason.clone();
         let failed = inner
             .book
-            .transition(&job.id, JobState::Failed, move |job| {
+            .transition(job, JobState::Failed, move |job| {
                 job.reason = Some(recorded.clone());
                 job.charge_msat = Some(0);
             })
@@ -466,7 +466,7 @@ impl Pipeline {
 
     /// Book the charge and the remainder (a failed job, or one delivered before a restart).
     pub(super) async fn settle(&self, job: &Job, charge_msat: u64) {
-        match self.inner.book.settle(&job.id, charge_msat).await {
+        match self.inner.book.settle(job, charge_msat).await {
             Ok(job) => self.settled(&job),
             Err(e) => tracing::error!(job = %job.id, error = %e, "cannot settle job"),
         }

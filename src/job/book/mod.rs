@@ -18,6 +18,7 @@ use crate::ledger::LedgerError;
 mod rows;
 
 pub(crate) use rows::read_job;
+pub use rows::JobRef;
 pub(super) use rows::{find_job, insert_job, put_job};
 
 use crate::store::{Store, StoreError, Tree, Tx, TxError};
@@ -81,9 +82,10 @@ pub(super) fn abort<E: Into<BookError>>(e: E) -> TxError<BookError> {
     TxError::Abort(e.into())
 }
 
-/// Inside a transaction: the job stored under `id`.
-pub(super) fn stored_job(tx: &Tx<'_>, id: &JobId) -> Result<Job, TxError<BookError>> {
-    find_job(tx, id)?.ok_or_else(|| abort(BookError::NoJob(*id)))
+/// Inside a transaction: the job stored under `job`.
+pub(super) fn stored_job(tx: &Tx<'_>, job: impl Into<JobRef>) -> Result<Job, TxError<BookError>> {
+    let job = job.into();
+    find_job(tx, job)?.ok_or_else(|| abort(BookError::NoJob(*job.id())))
 }
 
 impl Book {
@@ -117,30 +119,34 @@ impl Book {
         self.store.read(move |r| Ok(read_job(r, &id)?)).await
     }
 
-    /// Apply `change` to job `id` atomically and return the new record. `change` may be rerun
+    /// Apply `change` to `job` atomically and return the new record. `change` may be rerun
     /// on conflict, so it must only modify the job it is given.
-    pub async fn update<F>(&self, id: &JobId, change: F) -> Result<Job, BookError>
+    pub async fn update<F>(&self, job: impl Into<JobRef>, change: F) -> Result<Job, BookError>
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
-        self.change(id, change, false).await
+        self.change(job.into(), change, false).await
     }
 
     /// [`Book::update`], durable before it returns: for a change a side effect depends on.
-    pub async fn update_durably<F>(&self, id: &JobId, change: F) -> Result<Job, BookError>
+    pub async fn update_durably<F>(
+        &self,
+        job: impl Into<JobRef>,
+        change: F,
+    ) -> Result<Job, BookError>
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
-        self.change(id, change, true).await
+        self.change(job.into(), change, true).await
     }
 
-    async fn change<F>(&self, id: &JobId, change: F, durable: bool) -> Result<Job, BookError>
+    async fn change<F>(&self, job: JobRef, change: F, durable: bool) -> Result<Job, BookError>
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
-        let (id, at) = (*id, now());
+        let (found, at) = (job, now());
         let write = move |tx: &Tx<'_>| {
-            let mut job = stored_job(tx, &id)?;
+            let mut job = stored_job(tx, found)?;
             change(&mut job, at).map_err(TxError::Abort)?;
             if job.state.is_terminal() && job.state != JobState::Settled {
                 // Rejected, expired or cancelled: whatever credit it reserved is spendable again.
@@ -156,46 +162,48 @@ impl Book {
         }
     }
 
-    /// Move job `id` to `next` and let `change` fill in fields. Applied, not awaited durable:
+    /// Move `job` to `next` and let `change` fill in fields. Applied, not awaited durable:
     /// the transitions that allow a money-moving side effect have their own methods, which
     /// commit.
     pub async fn transition<F>(
         &self,
-        id: &JobId,
+        job: impl Into<JobRef>,
         next: JobState,
         change: F,
     ) -> Result<Job, BookError>
     where
         F: Fn(&mut Job) + Send + 'static,
     {
-        self.change(id, transition_to(next, change), false).await
+        self.change(job.into(), transition_to(next, change), false)
+            .await
     }
 
     /// [`Book::transition`], durable before it returns (a refusal or an expiry the customer is
     /// about to be told of).
     pub async fn transition_durably<F>(
         &self,
-        id: &JobId,
+        job: impl Into<JobRef>,
         next: JobState,
         change: F,
     ) -> Result<Job, BookError>
     where
         F: Fn(&mut Job) + Send + 'static,
     {
-        self.change(id, transition_to(next, change), true).await
+        self.change(job.into(), transition_to(next, change), true)
+            .await
     }
 
     /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
     /// index its payment hash, durably. Only after this returns may the invoice be shown.
     pub async fn await_payment(
         &self,
-        id: &JobId,
+        job: impl Into<JobRef>,
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
         let shown = invoice.clone();
         self.wait_for(
-            id,
+            job.into(),
             JobState::AwaitingPayment,
             invoice,
             feedback,
@@ -212,7 +220,7 @@ impl Book {
     /// be shown. What the job holds stays held.
     pub async fn await_continuation(
         &self,
-        id: &JobId,
+        job: impl Into<JobRef>,
         said: String,
         usage: crate::infer::Usage,
         invoice: JobInvoice,
@@ -220,7 +228,7 @@ impl Book {
     ) -> Result<Job, BookError> {
         let next = JobState::AwaitingContinuation;
         let shown = invoice.clone();
-        self.wait_for(id, next, invoice, feedback, move |job| {
+        self.wait_for(job.into(), next, invoice, feedback, move |job| {
             job.result = Some(said.clone());
             job.usage = Some(usage);
             job.continuation = Some(shown.clone());
@@ -233,17 +241,17 @@ impl Book {
     /// the invoice's payment record, and index its hash as open; durably.
     async fn wait_for(
         &self,
-        id: &JobId,
+        job: JobRef,
         next: JobState,
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
         change: impl Fn(&mut Job) + Send + 'static,
     ) -> Result<Job, BookError> {
-        let (id, at) = (*id, now());
+        let (found, at) = (job, now());
         let (feedback_id, feedback_json) = (feedback.id, crate::event_json::to_json(feedback));
         self.store
             .commit(move |tx| {
-                let mut job = stored_job(tx, &id)?;
+                let mut job = stored_job(tx, found)?;
                 job.transition(next, at).map_err(abort)?;
                 change(&mut job);
                 if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {

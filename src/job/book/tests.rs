@@ -235,6 +235,31 @@ async fn jobs_are_kept_in_the_order_they_arrived_and_found_by_id() {
         assert_eq!(found.received_at, job.received_at);
     }
     assert!(book.get(&JobId::random()).await.expect("get").is_none());
+
+    // A write by a caller that holds the job finds it under its time key, without the index:
+    // with its index entry gone, the job is still found through the job, and no longer by id.
+    let third = jobs[2].id;
+    book.store()
+        .apply(move |tx| Ok::<_, TxError<BookError>>(tx.remove(Tree::JobKeys, third.as_bytes())?))
+        .await
+        .expect("index entry removed");
+    let by_key = book
+        .transition(&jobs[2], JobState::Quoted, |j| j.quote_msat = Some(7))
+        .await
+        .expect("found by its key");
+    assert_eq!(by_key.quote_msat, Some(7));
+    assert!(matches!(
+        book.update(&third, |_, _| Ok(())).await,
+        Err(BookError::NoJob(id)) if id == third
+    ));
+    // A copy whose time key is not the stored one (the same request seen again later) still
+    // finds the stored job, through the index, and changes it in place.
+    let changed = book
+        .transition(&again, JobState::Quoted, |j| j.quote_msat = Some(9))
+        .await
+        .expect("found through the index");
+    assert_eq!((changed.received_at, changed.quote_msat), (30, Some(9)));
+    assert_eq!(book.all().await.expect("all").len(), 3, "no record added");
 }
 
 #[tokio::test]
