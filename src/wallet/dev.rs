@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bitcoin::hashes::{sha256, Hash};
 use bitcoin::secp256k1::{Secp256k1, SecretKey, SignOnly};
-use lightning_invoice::{Bolt11Invoice, Currency, InvoiceBuilder, PaymentSecret};
+use lightning_invoice::{
+    Bolt11Invoice, Currency, InvoiceBuilder, PaymentSecret, SignedRawBolt11Invoice,
+};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -79,20 +81,33 @@ impl DevWallet {
     /// Mark `bolt11` paid, durably, before anyone is told it happened; with `spend`, also record
     /// that the money left this wallet (it paid its own invoice), in the same transaction. An
     /// invoice that names no amount is paid `chosen_msat` (and must be given one).
+    ///
+    /// The invoice must be one this wallet issued, character for character (BOLT11 ignores
+    /// case). That says more than its signature, which only shows that some node signed it, so
+    /// the signature is not checked: recovering its public key was the dearest step of a
+    /// payment under `dvmd bench load --paid`.
     async fn mark_paid(
         &self,
         bolt11: &str,
         spend: bool,
         chosen_msat: Option<u64>,
     ) -> Result<[u8; 32], WalletError> {
-        let invoice = Bolt11Invoice::from_str(bolt11.trim())
+        let presented = bolt11.trim().to_owned();
+        let invoice = SignedRawBolt11Invoice::from_str(&presented)
             .map_err(|e| WalletError::InvalidInvoice(e.to_string()))?;
-        let hash = PaymentHash(invoice.payment_hash().to_byte_array());
+        let hash = invoice
+            .raw_invoice()
+            .payment_hash()
+            .map(|hash| PaymentHash(hash.0.to_byte_array()))
+            .ok_or_else(|| WalletError::InvalidInvoice("no payment hash".to_owned()))?;
         let now = unix_now();
         let record = self
             .store
             .commit(move |tx| {
-                let Some(mut record) = tx.get::<DevInvoice>(Tree::DevWallet, &hash.0)? else {
+                let record = tx.get::<DevInvoice>(Tree::DevWallet, &hash.0)?;
+                let Some(mut record) =
+                    record.filter(|record| record.bolt11.eq_ignore_ascii_case(&presented))
+                else {
                     return Err(TxError::Abort(WalletError::Refused(
                         "not an invoice of this dev wallet".to_owned(),
                     )));
@@ -428,6 +443,37 @@ mod tests {
             wallet.settle("lnbc1garbage").await,
             Err(WalletError::InvalidInvoice(_))
         ));
+
+        // An invoice that carries the payment hash of one of ours, signed by another node, pays
+        // nothing: ours is still open, and pays however it is cased.
+        let ours = wallet
+            .create_invoice(request(2_000))
+            .await
+            .expect("invoice");
+        let forged = InvoiceBuilder::new(Currency::Regtest)
+            .description("forged".to_owned())
+            .payment_hash(sha256::Hash::from_byte_array(ours.payment_hash.0))
+            .payment_secret(PaymentSecret([1; 32]))
+            .current_timestamp()
+            .min_final_cltv_expiry_delta(MIN_FINAL_CLTV_EXPIRY_DELTA)
+            .amount_milli_satoshis(1)
+            .build_signed(|msg| {
+                let key = SecretKey::from_slice(&[3; 32]).expect("key");
+                Secp256k1::new().sign_ecdsa_recoverable(msg, &key)
+            })
+            .expect("forged invoice");
+        assert!(matches!(
+            wallet.settle(&forged.to_string()).await,
+            Err(WalletError::Refused(_))
+        ));
+        assert_eq!(
+            wallet.lookup(&ours.payment_hash).await.expect("lookup"),
+            PaymentStatus::Pending
+        );
+        wallet
+            .settle(&ours.bolt11.to_uppercase())
+            .await
+            .expect("our invoice, upper-cased, pays");
 
         let mut expired = request(1_000);
         expired.expiry_secs = 0;
