@@ -226,7 +226,7 @@ impl Pipeline {
 
 /// The `partial` feedback of a job that said `said` (`usage` so far) and may say `left` more
 /// tokens.
-fn partial(event: &Event, said: &str, usage: Usage, left: u32) -> nostr_sdk::EventBuilder {
+fn partial(event: &Event, said: &str, usage: Usage, left: u32) -> crate::signatures::Draft {
     nip90::partial(
         event,
         said,

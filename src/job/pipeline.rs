@@ -432,8 +432,8 @@ impl Pipeline {
     }
 
     /// Sign an event with the service key.
-    pub(crate) fn sign(&self, builder: nostr_sdk::EventBuilder) -> Event {
-        crate::signatures::sign(builder, &self.inner.keys)
+    pub(crate) fn sign(&self, unsigned: impl crate::signatures::Unsigned) -> Event {
+        crate::signatures::sign(unsigned, &self.inner.keys)
     }
 
     /// Sign a feedback event, store it as the job's latest (for duplicates), publish it.
@@ -441,7 +441,7 @@ impl Pipeline {
     pub(crate) async fn send_feedback(
         &self,
         job: &Job,
-        feedback: nostr_sdk::EventBuilder,
+        feedback: impl crate::signatures::Unsigned,
         attempts: u32,
     ) -> Option<Event> {
         let event = self.sign(feedback);

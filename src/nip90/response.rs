@@ -1,6 +1,8 @@
 //! Building kind 7000 feedback and kind 6xxx result events.
 
-use nostr_sdk::{Event, EventBuilder, Kind, Tag, TagKind};
+use nostr_sdk::{Event, Kind, Tag, TagKind};
+
+use crate::signatures::Draft;
 
 use super::{result_kind, JobStatus, FEEDBACK_KIND};
 use crate::pricing::{Estimate, Receipt};
@@ -29,19 +31,19 @@ pub fn feedback(
     status: JobStatus,
     info: &str,
     amount: Option<&PaymentAmount>,
-) -> EventBuilder {
+) -> Draft {
     let mut tags = vec![
         Tag::custom(TagKind::custom("status"), [status.as_str(), info]),
         Tag::event(request.id),
         Tag::public_key(request.pubkey),
     ];
     tags.extend(amount.map(PaymentAmount::tag));
-    EventBuilder::new(Kind::from(FEEDBACK_KIND), "").tags(tags)
+    Draft::new(Kind::from(FEEDBACK_KIND), "").tags(tags)
 }
 
 /// A `partial` feedback answering `request`: the text generated so far as its content, and
 /// `info` in its status tag.
-pub fn partial(request: &Event, text: &str, info: &str) -> EventBuilder {
+pub fn partial(request: &Event, text: &str, info: &str) -> Draft {
     let tags = [
         Tag::custom(
             TagKind::custom("status"),
@@ -50,7 +52,7 @@ pub fn partial(request: &Event, text: &str, info: &str) -> EventBuilder {
         Tag::event(request.id),
         Tag::public_key(request.pubkey),
     ];
-    EventBuilder::new(Kind::from(FEEDBACK_KIND), text).tags(tags)
+    Draft::new(Kind::from(FEEDBACK_KIND), text).tags(tags)
 }
 
 /// `["estimate", p50_msat, p90_msat, confidence, cap_msat]`: what a job is expected to cost,
@@ -97,7 +99,7 @@ pub fn receipt_tags(receipt: &Receipt) -> Vec<Tag> {
 
 /// The result event answering `request`: kind + 1000, with `request` (the request JSON), `e`,
 /// `p`, the request's `i` tags, the `amount` charged and, when given, the usage receipt.
-pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> EventBuilder {
+pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> Draft {
     result_invoiced(request, content, receipt, None)
 }
 
@@ -108,7 +110,7 @@ pub fn result_invoiced(
     content: &str,
     receipt: Option<&Receipt>,
     bolt11: Option<&str>,
-) -> EventBuilder {
+) -> Draft {
     let mut tags = vec![
         Tag::custom(
             TagKind::custom("request"),
@@ -132,7 +134,7 @@ pub fn result_invoiced(
         tags.push(amount.tag());
         tags.extend(receipt_tags(receipt));
     }
-    EventBuilder::new(Kind::from(result_kind(request.kind.as_u16())), content).tags(tags)
+    Draft::new(Kind::from(result_kind(request.kind.as_u16())), content).tags(tags)
 }
 
 /// Bytes of a result event beyond its content and its `request` and `i` tags: id, pubkey,
@@ -180,9 +182,10 @@ fn escaped_len(s: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use nostr_sdk::{JsonUtil, Keys};
+    use nostr_sdk::{EventBuilder, JsonUtil, Keys};
 
     use super::*;
+    use crate::signatures::sign;
 
     fn request() -> Event {
         EventBuilder::new(Kind::from(5050), "")
@@ -207,9 +210,10 @@ mod tests {
             msat: 21_000,
             bolt11: Some("lnbcrt210n1...".to_owned()),
         };
-        let fb = feedback(&req, JobStatus::PaymentRequired, "pay", Some(&amount))
-            .sign_with_keys(&Keys::generate())
-            .expect("sign");
+        let fb = sign(
+            feedback(&req, JobStatus::PaymentRequired, "pay", Some(&amount)),
+            &Keys::generate(),
+        );
         assert_eq!(fb.kind.as_u16(), 7000);
         assert_eq!(values(&fb, "status"), vec![vec!["payment-required", "pay"]]);
         assert_eq!(values(&fb, "amount"), vec![vec!["21000", "lnbcrt210n1..."]]);
@@ -243,9 +247,7 @@ mod tests {
             returned_msat: u64::MAX,
             finish: crate::pricing::Finish::Budget,
         };
-        let res = result(&req, &content, Some(&receipt))
-            .sign_with_keys(&Keys::generate())
-            .expect("sign");
+        let res = sign(result(&req, &content, Some(&receipt)), &Keys::generate());
         let bound = result_size_bound(&req, &json, 50);
         assert!(
             res.as_json().len() <= bound,
@@ -267,9 +269,7 @@ mod tests {
         };
         let rates = crate::pricing::RateCard::default();
         let receipt = Receipt::new(rates, usage, 2_000, crate::pricing::Finish::Stop);
-        let res = result(&req, "hi there", Some(&receipt))
-            .sign_with_keys(&Keys::generate())
-            .expect("sign");
+        let res = sign(result(&req, "hi there", Some(&receipt)), &Keys::generate());
         assert_eq!(res.kind.as_u16(), 6050);
         assert_eq!(res.content, "hi there");
         let embedded = &values(&res, "request")[0][0];

@@ -15,6 +15,7 @@
 use nostr_sdk::{EventBuilder, EventId, Kind, PublicKey, Tag, TagKind, Timestamp};
 
 use super::Tier;
+use crate::signatures::Draft;
 
 /// The label namespace (the `L` tag, and the `l` tag's mark).
 pub const NAMESPACE: &str = "dvmd.trust";
@@ -83,7 +84,7 @@ pub fn job_label(
     target: &EventId,
     customer: &PublicKey,
     payment_hash: Option<&str>,
-) -> EventBuilder {
+) -> Draft {
     let mut tags = vec![
         Tag::custom(TagKind::custom("L"), [JOB_NAMESPACE]),
         Tag::custom(TagKind::custom("l"), [outcome.as_str(), JOB_NAMESPACE]),
@@ -93,7 +94,7 @@ pub fn job_label(
     if let Some(hash) = payment_hash {
         tags.push(Tag::custom(TagKind::custom("payment_hash"), [hash]));
     }
-    EventBuilder::new(Kind::Label, "").tags(tags)
+    Draft::new(Kind::Label, "").tags(tags)
 }
 
 /// The deletion (NIP-09) of a superseded label, dated `created_at` (no earlier than the label:
