@@ -14,7 +14,8 @@ use crate::wallet::PaymentHash;
 
 impl Book {
     /// Reserve what the customer's credit can give towards a `Quoted` job's quote (up to the
-    /// quote, less what it already reserved), in one transaction with the job. When the credit
+    /// quote, less what it already reserved), in one transaction with the job (and its quote,
+    /// if that is not stored yet: see [`super::record::Quote`]). When the credit
     /// covers the quote the job moves `Quoted -> Running` in the same write, storing
     /// `processing` (the feedback that says so) as its latest; otherwise it stays `Quoted`, and
     /// the invoice asks only for the rest ([`Book::await_payment`]).
@@ -24,13 +25,14 @@ impl Book {
     /// one balance cannot both reserve it.
     pub async fn spend_credit(
         &self,
-        job: impl Into<JobRef>,
+        job: &Job,
         processing: Option<String>,
     ) -> Result<Job, BookError> {
-        let (found, at) = (job.into(), now());
+        let (found, quote, at) = (JobRef::from(job), job.quote(), now());
         self.store()
             .apply(move |tx| {
                 let mut job = stored_job(tx, found)?;
+                job.take_quote(quote, at).map_err(abort)?;
                 if job.state != JobState::Quoted {
                     return Err(abort(IllegalTransition {
                         from: job.state,
@@ -390,7 +392,7 @@ mod tests {
         top_up(&book, alice.public_key(), 1, 5_000).await;
         let job = quoted_for(&book, &alice, 2_000).await;
         let running = book
-            .spend_credit(&job.id, Some("processing".into()))
+            .spend_credit(&job, Some("processing".into()))
             .await
             .expect("spend");
         assert_eq!(running.state, JobState::Running);
@@ -413,8 +415,8 @@ mod tests {
         let first = quoted_for(&book, &alice, 2_000).await;
         let second = quoted_for(&book, &alice, 2_000).await;
         let (a, b) = tokio::join!(
-            book.spend_credit(&first.id, None),
-            book.spend_credit(&second.id, None)
+            book.spend_credit(&first, None),
+            book.spend_credit(&second, None)
         );
         let (a, b) = (a.expect("first"), b.expect("second"));
         let running = [&a, &b]
@@ -437,9 +439,9 @@ mod tests {
         let (book, alice) = (book(), Keys::generate());
         top_up(&book, alice.public_key(), 1, 300).await;
         let job = quoted_for(&book, &alice, 1_000).await;
-        let job = book.spend_credit(&job.id, None).await.expect("spend");
+        let job = book.spend_credit(&job, None).await.expect("spend");
         assert_eq!((job.state, job.credit_msat), (JobState::Quoted, 300));
-        book.await_payment(&job.id, invoice(7, 700), &feedback())
+        book.await_payment(&job, invoice(7, 700), &feedback())
             .await
             .expect("await");
         // The invoice asked for the difference: paying it pays the job.
@@ -471,8 +473,8 @@ mod tests {
         top_up(&book, alice.public_key(), 1, 500).await;
         for (n, end) in [(2u8, JobState::Cancelled), (3, JobState::Expired)] {
             let job = quoted_for(&book, &alice, 1_000).await;
-            book.spend_credit(&job.id, None).await.expect("spend");
-            book.await_payment(&job.id, invoice(n, 500), &feedback())
+            book.spend_credit(&job, None).await.expect("spend");
+            book.await_payment(&job, invoice(n, 500), &feedback())
                 .await
                 .expect("await");
             assert_eq!(balance(&book, alice.public_key()).await, 0);
@@ -486,7 +488,7 @@ mod tests {
         }
         // A job refused after reserving (the wallet could not invoice the rest) releases too.
         let job = quoted_for(&book, &alice, 1_000).await;
-        book.spend_credit(&job.id, None).await.expect("spend");
+        book.spend_credit(&job, None).await.expect("spend");
         book.transition_durably(&job.id, JobState::Rejected, |_| {})
             .await
             .expect("reject");
@@ -498,8 +500,8 @@ mod tests {
         let (book, alice) = (book(), Keys::generate());
         top_up(&book, alice.public_key(), 1, 300).await;
         let job = quoted_for(&book, &alice, 1_000).await;
-        book.spend_credit(&job.id, None).await.expect("spend");
-        book.await_payment(&job.id, invoice(8, 700), &feedback())
+        book.spend_credit(&job, None).await.expect("spend");
+        book.await_payment(&job, invoice(8, 700), &feedback())
             .await
             .expect("await");
         // Someone zaps the whole quote (a provider receipt for this job).

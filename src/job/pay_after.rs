@@ -19,7 +19,7 @@
 
 use nostr_sdk::Event;
 
-use super::book::{abort, stored_job, Book, BookError};
+use super::book::{abort, stored_job, Book, BookError, JobRef};
 use super::invoices::PaymentRecord;
 use super::pipeline::Pipeline;
 use super::record::{Job, JobInvoice};
@@ -31,18 +31,20 @@ use crate::trust::Tier;
 use crate::wallet::{InvoiceDescription, InvoiceRequest};
 
 impl Book {
-    /// `Quoted -> Running` as a pay-after job, if the npub's credit has room for its limit
-    /// (see the module docs); `Ok(Err(job))` when it has not (nothing changed).
+    /// `Quoted -> Running` as a pay-after job (with `job`'s quote, if that is not stored yet:
+    /// see [`super::record::Quote`]), if the npub's credit has room for its limit (see the
+    /// module docs); `Ok(Err(job))` when it has not (nothing written; the job as quoted).
     pub async fn open_pay_after(
         &self,
-        id: &super::JobId,
+        job: &Job,
         credit_msat: u64,
         processing: String,
     ) -> Result<Result<Job, Job>, BookError> {
-        let (id, at) = (*id, super::book::now());
+        let (found, quote, at) = (JobRef::from(job), job.quote(), super::book::now());
         self.store()
             .commit(move |tx| {
-                let mut job = stored_job(tx, &id)?;
+                let mut job = stored_job(tx, found)?;
+                job.take_quote(quote, at).map_err(abort)?;
                 let Some(npub) = job.customer.npub() else {
                     return Ok(Err(job));
                 };
@@ -156,7 +158,7 @@ impl Pipeline {
         let credit = inner.trust.policy().trusted_credit_msat;
         match inner
             .book
-            .open_pay_after(&job.id, credit, crate::event_json::to_json(&processing))
+            .open_pay_after(&job, credit, crate::event_json::to_json(&processing))
             .await
         {
             Ok(Ok(job)) => {

@@ -209,7 +209,7 @@ mod tests {
         // A job that money touched stays whatever its state.
         top_up(&book, keys.public_key(), 1, 10_000).await;
         let quoted = quoted_for(&book, &keys, 1_000).await;
-        let held = book.spend_credit(&quoted.id, None).await.expect("reserve");
+        let held = book.spend_credit(&quoted, None).await.expect("reserve");
         assert!(held.held_msat > 0);
 
         let now = t + DAY + 10;
@@ -269,7 +269,7 @@ mod tests {
         })
         .await
         .expect("quoted");
-        book.await_payment(&job.id, invoice(7, 4_000), &feedback())
+        book.await_payment(&job, invoice(7, 4_000), &feedback())
             .await
             .expect("await");
         book.transition(&job.id, JobState::Expired, |j| j.updated_at = 1_000_000)

@@ -32,25 +32,15 @@ impl Pipeline {
         if estimate.cap_msat == 0 || self.runs_free(&job.customer) {
             return self.start_free(job, &event).await;
         }
-        let bid = request.bid_msat;
-        let quoted = self
-            .inner
-            .book
-            .transition(&job, JobState::Quoted, move |job| {
-                job.price_with(estimate, bid)
-            })
-            .await;
-        match quoted {
-            Ok(job) => {
-                self.inner.metrics.entered(JobState::Quoted);
-                self.ask_payment(job, &event, Some(started)).await;
-            }
-            // Cancelled by the customer while being quoted: nothing more to do.
-            Err(BookError::Transition(e)) => {
-                tracing::info!(job = %job.id, error = %e, "quote not recorded")
-            }
-            Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record quote"),
+        // Quoted here, and stored with the write that follows (see `record::Quote`). A job
+        // cancelled meanwhile is refused by that write.
+        let mut job = job;
+        if let Err(e) = job.transition(JobState::Quoted, super::book::now()) {
+            return tracing::error!(job = %job.id, error = %e, "cannot quote");
         }
+        job.price_with(estimate, request.bid_msat);
+        self.inner.metrics.entered(JobState::Quoted);
+        self.ask_payment(job, &event, Some(started)).await;
     }
 
     /// A free job: `Received -> Quoted -> Running` with its `processing` feedback in one

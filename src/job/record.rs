@@ -28,6 +28,18 @@ pub struct JobInvoice {
     pub expires_at: u64,
 }
 
+/// What quoting a paid job decided. The quote is not a write of its own: it is stored with the
+/// write that follows it (the invoice, the credit reserved, or a pay-after start), one write a
+/// job fewer, since nothing is shown or moved on the quote alone. A crash in between leaves
+/// the job `Received`, and recovery quotes it again (an invoice issued meanwhile was never
+/// shown, and expires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quote {
+    quote_msat: Option<u64>,
+    limit_msat: Option<u64>,
+    estimate: Option<Estimate>,
+}
+
 /// The door a job came in by, which decides where its answers go (the delivery port): the job
 /// core calls the relay outbox for relay jobs, and the waiting response or the stored record for
 /// HTTP jobs.
@@ -239,6 +251,31 @@ impl Job {
         self.quote_msat = Some(ask.due_msat);
         self.limit_msat = Some(ask.limit_msat);
         self.estimate = Some(estimate);
+    }
+
+    /// The quote of a `Quoted` job, to store with the write that follows it.
+    pub fn quote(&self) -> Option<Quote> {
+        (self.state == JobState::Quoted).then_some(Quote {
+            quote_msat: self.quote_msat,
+            limit_msat: self.limit_msat,
+            estimate: self.estimate,
+        })
+    }
+
+    /// `Received -> Quoted` with `quote`, inside the write that follows the quote (see
+    /// [`Quote`]); nothing when there is none or the job has moved on (a job quoted before, or
+    /// cancelled meanwhile, which the write's own transition then refuses).
+    pub fn take_quote(&mut self, quote: Option<Quote>, at: u64) -> Result<(), IllegalTransition> {
+        match quote {
+            Some(quote) if self.state == JobState::Received => {
+                self.transition(JobState::Quoted, at)?;
+                self.quote_msat = quote.quote_msat;
+                self.limit_msat = quote.limit_msat;
+                self.estimate = quote.estimate;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The completion tokens the job's funds pay for, when that is less than it asked for:

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::id::JobId;
 
 use super::invoices::PaymentRecord;
-use super::record::{Job, JobInvoice};
+use super::record::{Job, JobInvoice, Quote};
 use super::state::{IllegalTransition, JobState};
 use crate::ledger::LedgerError;
 mod rows;
@@ -194,16 +194,18 @@ impl Book {
     }
 
     /// `Quoted -> AwaitingPayment`: record the invoice, the signed feedback that shows it, and
-    /// index its payment hash, durably. Only after this returns may the invoice be shown.
+    /// index its payment hash, durably (with `job`'s quote, if that is not stored yet: see
+    /// [`super::record::Quote`]). Only after this returns may the invoice be shown.
     pub async fn await_payment(
         &self,
-        job: impl Into<JobRef>,
+        job: &Job,
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
     ) -> Result<Job, BookError> {
         let shown = invoice.clone();
         self.wait_for(
             job.into(),
+            job.quote(),
             JobState::AwaitingPayment,
             invoice,
             feedback,
@@ -228,7 +230,7 @@ impl Book {
     ) -> Result<Job, BookError> {
         let next = JobState::AwaitingContinuation;
         let shown = invoice.clone();
-        self.wait_for(job.into(), next, invoice, feedback, move |job| {
+        self.wait_for(job.into(), None, next, invoice, feedback, move |job| {
             job.result = Some(said.clone());
             job.usage = Some(usage);
             job.continuation = Some(shown.clone());
@@ -242,6 +244,7 @@ impl Book {
     async fn wait_for(
         &self,
         job: JobRef,
+        quote: Option<Quote>,
         next: JobState,
         invoice: JobInvoice,
         feedback: &nostr_sdk::Event,
@@ -252,6 +255,7 @@ impl Book {
         self.store
             .commit(move |tx| {
                 let mut job = stored_job(tx, found)?;
+                job.take_quote(quote, at).map_err(abort)?;
                 job.transition(next, at).map_err(abort)?;
                 change(&mut job);
                 if tx.contains(Tree::Payments, &invoice.payment_hash.0)? {

@@ -266,7 +266,7 @@ async fn jobs_are_kept_in_the_order_they_arrived_and_found_by_id() {
 async fn a_payment_hash_pays_once() {
     let book = book();
     let job = quoted_job(&book, 5_000).await;
-    book.await_payment(&job.id, invoice(1, 5_000), &feedback())
+    book.await_payment(&job, invoice(1, 5_000), &feedback())
         .await
         .expect("await");
     let hash = PaymentHash([1; 32]);
@@ -298,11 +298,11 @@ async fn one_invoice_cannot_be_attached_to_two_jobs() {
     let book = book();
     let first = quoted_job(&book, 1_000).await;
     let second = quoted_job(&book, 1_000).await;
-    book.await_payment(&first.id, invoice(2, 1_000), &feedback())
+    book.await_payment(&first, invoice(2, 1_000), &feedback())
         .await
         .expect("first");
     let err = book
-        .await_payment(&second.id, invoice(2, 1_000), &feedback())
+        .await_payment(&second, invoice(2, 1_000), &feedback())
         .await;
     assert!(
         matches!(err, Err(BookError::PaymentHashReused(_))),
@@ -326,7 +326,7 @@ async fn one_invoice_cannot_be_attached_to_two_jobs() {
 async fn late_and_short_payments_are_credited_not_lost() {
     let book = book();
     let late = quoted_job(&book, 1_000).await;
-    book.await_payment(&late.id, invoice(3, 1_000), &feedback())
+    book.await_payment(&late, invoice(3, 1_000), &feedback())
         .await
         .expect("await");
     book.transition(&late.id, JobState::Expired, |_| {})
@@ -344,7 +344,7 @@ async fn late_and_short_payments_are_credited_not_lost() {
     );
 
     let short = quoted_job(&book, 2_000).await;
-    book.await_payment(&short.id, invoice(4, 2_000), &feedback())
+    book.await_payment(&short, invoice(4, 2_000), &feedback())
         .await
         .expect("await");
     assert!(matches!(
@@ -369,7 +369,7 @@ async fn late_and_short_payments_are_credited_not_lost() {
 async fn settling_charges_at_most_what_was_paid() {
     let book = book();
     let job = quoted_job(&book, 3_000).await;
-    book.await_payment(&job.id, invoice(5, 3_000), &feedback())
+    book.await_payment(&job, invoice(5, 3_000), &feedback())
         .await
         .expect("await");
     book.confirm_payment(&PaymentHash([5; 32]), 3_000)
@@ -399,7 +399,7 @@ async fn settling_charges_at_most_what_was_paid() {
 async fn a_failed_job_leaves_the_payment_as_credit() {
     let book = book();
     let job = quoted_job(&book, 4_000).await;
-    book.await_payment(&job.id, invoice(6, 4_000), &feedback())
+    book.await_payment(&job, invoice(6, 4_000), &feedback())
         .await
         .expect("await");
     book.confirm_payment(&PaymentHash([6; 32]), 4_000)
@@ -422,7 +422,7 @@ async fn a_failed_job_leaves_the_payment_as_credit() {
 /// continuation on invoice `hash` for `more` msat.
 async fn awaiting_continuation(book: &Book, paid: u64, hash: u8, more: u64) -> Job {
     let job = quoted_job(book, paid).await;
-    book.await_payment(&job.id, invoice(hash, paid), &feedback())
+    book.await_payment(&job, invoice(hash, paid), &feedback())
         .await
         .expect("await");
     book.confirm_payment(&PaymentHash([hash; 32]), paid)
@@ -516,4 +516,86 @@ async fn a_continuation_given_up_is_charged_as_generated_and_a_late_payment_is_c
     assert_eq!(balance(&book, job.customer).await, 2_000 + 100);
     let totals = totals(&book).await;
     assert_eq!(totals.charge_msat, 2_900);
+}
+
+#[tokio::test]
+async fn a_quote_is_stored_with_the_write_that_follows_it() {
+    let book = book();
+    let customer = Keys::generate();
+    let received = |content: &str| {
+        let request = EventBuilder::new(Kind::from(5050), content)
+            .sign_with_keys(&customer)
+            .expect("sign");
+        Job::received(&request, vec![], now())
+    };
+    let quoted = |job: &Job| {
+        let mut job = job.clone();
+        job.transition(JobState::Quoted, now()).expect("quoted");
+        let estimate = crate::pricing::Estimate {
+            p50_msat: 2_000,
+            p90_msat: 2_500,
+            cap_msat: 4_000,
+            ..Default::default()
+        };
+        job.price_with(estimate, None);
+        job
+    };
+
+    // Quoted in memory only: the store still says `Received`; the invoice's write stores the
+    // quote with it.
+    let job = received("one");
+    book.admit(&job).await.expect("admit");
+    let priced = quoted(&job);
+    assert!(priced.quote_msat.is_some_and(|q| q > 0));
+    let stored = book.get(&job.id).await.expect("get").expect("stored");
+    assert_eq!(
+        (stored.state, stored.quote_msat),
+        (JobState::Received, None)
+    );
+    let awaiting = book
+        .await_payment(&priced, invoice(21, 2_500), &feedback())
+        .await
+        .expect("invoice recorded");
+    let stored = book.get(&job.id).await.expect("get").expect("stored");
+    assert_eq!(stored, awaiting);
+    assert_eq!(stored.state, JobState::AwaitingPayment);
+    assert_eq!(
+        (stored.quote_msat, stored.limit_msat, stored.estimate),
+        (priced.quote_msat, priced.limit_msat, priced.estimate)
+    );
+
+    // The same through the credit: a reservation that does not cover the quote stores `Quoted`
+    // with it.
+    let job = received("two");
+    book.admit(&job).await.expect("admit");
+    top_up(&book, customer.public_key(), 22, 1_000).await;
+    let reserved = book
+        .spend_credit(&quoted(&job), None)
+        .await
+        .expect("credit reserved");
+    assert_eq!(
+        (reserved.state, reserved.credit_msat, reserved.quote_msat),
+        (JobState::Quoted, 1_000, quoted(&job).quote_msat)
+    );
+
+    // A job cancelled before the quote is stored stays cancelled: the quote brings nothing back.
+    let job = received("three");
+    book.admit(&job).await.expect("admit");
+    book.transition_durably(&job, JobState::Cancelled, |_| {})
+        .await
+        .expect("cancelled");
+    assert!(matches!(
+        book.await_payment(&quoted(&job), invoice(23, 2_500), &feedback())
+            .await,
+        Err(BookError::Transition(_))
+    ));
+    assert_eq!(
+        book.get(&job.id).await.expect("get").expect("stored").state,
+        JobState::Cancelled
+    );
+    assert!(book
+        .payment(&PaymentHash([23; 32]))
+        .await
+        .expect("read")
+        .is_none());
 }
