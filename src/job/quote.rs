@@ -166,8 +166,18 @@ impl Pipeline {
             return tracing::error!(job = %job.id, "quoted job without a quote");
         };
         if quote == 0 {
-            // Free jobs skip the wallet entirely.
-            return self.enqueue(job, None).await;
+            // Nothing to pay, so no wallet. The workers start only a stored `Quoted` job, so
+            // the quote is stored first (already stored for a job recovered `Quoted`).
+            let quoted = job.quote();
+            let stored = inner
+                .book
+                .update(&job, move |stored, at| Ok(stored.take_quote(quoted, at)?))
+                .await;
+            return match stored {
+                Ok(job) if job.state == JobState::Quoted => self.enqueue(job, None).await,
+                Ok(job) => tracing::info!(job = %job.id, state = ?job.state, "not started"),
+                Err(e) => tracing::error!(job = %job.id, error = %e, "cannot record quote"),
+            };
         }
         let job = if self.may_pay_after(&job, event) && !self.credit_covers(&job, quote).await {
             match self.start_pay_after(job, event).await {
