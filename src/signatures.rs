@@ -23,6 +23,7 @@ use std::sync::{LazyLock, Mutex};
 use nostr_sdk::secp256k1::Message;
 use nostr_sdk::{
     Event, EventBuilder, EventId, Keys, Kind, PublicKey, Tag, TagKind, Tags, Timestamp,
+    UnsignedEvent,
 };
 use sha2::{Digest, Sha256};
 
@@ -50,34 +51,16 @@ pub fn remember_signed(event: &Event) {
 
 /// What [`sign`] signs: nostr's `EventBuilder`, or a [`Draft`].
 pub trait Unsigned {
-    /// The parts to sign: pubkey, date, kind, tags, content, and the id they hash to.
-    fn prepare(self, author: PublicKey) -> Prepared;
-}
-
-/// An event ready for its signature.
-pub struct Prepared {
-    id: EventId,
-    pubkey: PublicKey,
-    created_at: Timestamp,
-    kind: Kind,
-    tags: Tags,
-    content: String,
+    /// The event to sign by `author`, its id computed.
+    fn prepare(self, author: PublicKey) -> UnsignedEvent;
 }
 
 /// nostr's `sign_with_keys` computes the id twice (once to build, once more to check the id it
 /// just computed); this signs the built id. Builders that mine proof of work are signed the same
 /// way: the id built is the one mined.
 impl Unsigned for EventBuilder {
-    fn prepare(self, author: PublicKey) -> Prepared {
-        let mut unsigned = self.build(author);
-        Prepared {
-            id: unsigned.id(),
-            pubkey: unsigned.pubkey,
-            created_at: unsigned.created_at,
-            kind: unsigned.kind,
-            tags: unsigned.tags,
-            content: unsigned.content,
-        }
+    fn prepare(self, author: PublicKey) -> UnsignedEvent {
+        self.build(author)
     }
 }
 
@@ -136,7 +119,7 @@ impl From<Draft> for EventBuilder {
 }
 
 impl Unsigned for Draft {
-    fn prepare(self, author: PublicKey) -> Prepared {
+    fn prepare(self, author: PublicKey) -> UnsignedEvent {
         let mut tags = self.tags;
         // As nostr's builder does by default: no `p` tag naming the author.
         let author_hex = author.to_hex();
@@ -144,8 +127,8 @@ impl Unsigned for Draft {
         let tags = Tags::from_list(tags);
         let created_at = self.created_at.unwrap_or_else(Timestamp::now);
         let id = event_id(&author, &created_at, &self.kind, &tags, &self.content);
-        Prepared {
-            id,
+        UnsignedEvent {
+            id: Some(id),
             pubkey: author,
             created_at,
             kind: self.kind,
@@ -161,14 +144,16 @@ impl Unsigned for Draft {
 /// seeded and reseeded from the OS), not from a `getrandom` system call per signature as
 /// nostr's `Keys::sign_schnorr` draws it.
 pub fn sign(unsigned: impl Unsigned, keys: &Keys) -> Event {
-    let event = unsigned.prepare(keys.public_key());
+    let mut event = unsigned.prepare(keys.public_key());
+    // Computed by `prepare`: read, not computed again.
+    let id = event.id();
     let sig = keys.sign_schnorr_with_ctx(
         nostr_sdk::SECP256K1,
-        &Message::from_digest(event.id.to_bytes()),
+        &Message::from_digest(id.to_bytes()),
         &mut rand::thread_rng(),
     );
     Event::new(
-        event.id,
+        id,
         event.pubkey,
         event.created_at,
         event.kind,

@@ -28,10 +28,10 @@ impl Book {
         job: &Job,
         processing: Option<String>,
     ) -> Result<Job, BookError> {
-        let (found, quote, at) = (JobRef::from(job), job.quote(), now());
+        let (lookup, quote, at) = (JobRef::from(job), job.quote(), now());
         self.store()
             .apply(move |tx| {
-                let mut job = stored_job(tx, found)?;
+                let mut job = stored_job(tx, lookup)?;
                 job.take_quote(quote, at).map_err(abort)?;
                 if job.state != JobState::Quoted {
                     return Err(abort(IllegalTransition {
@@ -142,10 +142,10 @@ impl Book {
     /// leave the rest on the payer's balance (the customer's, unless someone else zapped the
     /// job), in one durable transaction.
     pub async fn settle(&self, job: impl Into<JobRef>, charge_msat: u64) -> Result<Job, BookError> {
-        let (found, at) = (job.into(), now());
+        let (lookup, at) = (job.into(), now());
         self.store()
             .commit(move |tx| {
-                let mut job = stored_job(tx, found)?;
+                let mut job = stored_job(tx, lookup)?;
                 settle_in(tx, &mut job, charge_msat, at)?;
                 Ok(job)
             })
@@ -163,10 +163,10 @@ impl Book {
         charge_msat: u64,
         feedback: Option<String>,
     ) -> Result<Job, BookError> {
-        let (found, at) = (job.into(), now());
+        let (lookup, at) = (job.into(), now());
         self.store()
             .apply(move |tx| {
-                let mut job = stored_job(tx, found)?;
+                let mut job = stored_job(tx, lookup)?;
                 job.transition(JobState::Delivered, at).map_err(abort)?;
                 if let Some(json) = &feedback {
                     job.last_feedback = Some(json.clone());

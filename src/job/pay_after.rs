@@ -40,10 +40,10 @@ impl Book {
         credit_msat: u64,
         processing: String,
     ) -> Result<Result<Job, Job>, BookError> {
-        let (found, quote, at) = (JobRef::from(job), job.quote(), super::book::now());
+        let (lookup, quote, at) = (JobRef::from(job), job.quote(), super::book::now());
         self.store()
             .commit(move |tx| {
-                let mut job = stored_job(tx, found)?;
+                let mut job = stored_job(tx, lookup)?;
                 job.take_quote(quote, at).map_err(abort)?;
                 let Some(npub) = job.customer.npub() else {
                     return Ok(Err(job));

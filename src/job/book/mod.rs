@@ -144,9 +144,9 @@ impl Book {
     where
         F: Fn(&mut Job, u64) -> Result<(), BookError> + Send + 'static,
     {
-        let (found, at) = (job, now());
+        let (lookup, at) = (job, now());
         let write = move |tx: &Tx<'_>| {
-            let mut job = stored_job(tx, found)?;
+            let mut job = stored_job(tx, lookup)?;
             change(&mut job, at).map_err(TxError::Abort)?;
             if job.state.is_terminal() && job.state != JobState::Settled {
                 // Rejected, expired or cancelled: whatever credit it reserved is spendable again.
@@ -250,11 +250,11 @@ impl Book {
         feedback: &nostr_sdk::Event,
         change: impl Fn(&mut Job) + Send + 'static,
     ) -> Result<Job, BookError> {
-        let (found, at) = (job, now());
+        let (lookup, at) = (job, now());
         let (feedback_id, feedback_json) = (feedback.id, crate::event_json::to_json(feedback));
         self.store
             .commit(move |tx| {
-                let mut job = stored_job(tx, found)?;
+                let mut job = stored_job(tx, lookup)?;
                 job.take_quote(quote, at).map_err(abort)?;
                 job.transition(next, at).map_err(abort)?;
                 change(&mut job);

@@ -1,6 +1,6 @@
 //! Where job records live in the store: under their time key ([`job_key`]: `received_at`,
-//! then the id), found by id through `Tree::JobKeys`. These four functions (and [`JobRef`]) are the
-//! only code that knows it (see "Jobs are keyed by time" in ARCHITECTURE.md).
+//! then the id), found by id through `Tree::JobKeys`. These four functions (and [`JobRef`])
+//! are the only code that knows it (see "Jobs are keyed by time" in ARCHITECTURE.md).
 
 use crate::job::id::JobId;
 use crate::job::record::Job;
