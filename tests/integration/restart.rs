@@ -6,7 +6,7 @@ use std::time::Duration;
 use dvmd::customer::{self, Customer, Reply};
 use dvmd::job::JobState;
 use dvmd::nip90::JobStatus;
-use nostr_sdk::{Event, EventId, Keys, PublicKey};
+use nostr_sdk::{Event, EventId, JsonUtil, Keys, PublicKey};
 
 use crate::harness::{self, DaemonProcess, REPLY_TIMEOUT};
 
@@ -182,4 +182,273 @@ async fn killed_after_payment_runs_the_job_exactly_once() {
     let totals = harness::ledger_ok(&store);
     assert_eq!(totals.payment_in_msat, quote, "paid once");
     assert_eq!(totals.charge_msat + totals.balances_msat, quote);
+}
+
+/// Customers of the kill -9 run under load, and the paid jobs each posts in all.
+const CRASH_CUSTOMERS: usize = 20;
+const CRASH_JOBS: usize = 10;
+/// Kill -9 when the customers have seen this many results in all: the other jobs are then at
+/// every step (posted, invoiced, paid, running, delivered, settling).
+const KILL_AT_RESULTS: [usize; 4] = [30, 70, 110, 150];
+/// One wait longer than this in the last run means a job the restart left behind.
+const CRASH_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The whole run; reaching it means the daemon stalled.
+const CRASH_DEADLINE: Duration = Duration::from_secs(240);
+
+/// One job of the run, as its customer knows it: tracked before it is sent, so a kill never
+/// hides a job from the checks.
+struct Tracked {
+    request: Event,
+    /// The distinct result events seen for it.
+    results: HashSet<EventId>,
+}
+
+type Tracks = std::sync::Arc<std::sync::Mutex<Vec<Tracked>>>;
+
+/// Twenty customers post, pay and read paid jobs back to back while the daemon is killed -9
+/// four times mid-run and started again on the same store. After each restart every customer asks
+/// again about each job it has no result for (a duplicate request gets the stored status),
+/// pays what it is asked to (the dev wallet refuses an invoice paid twice), and goes on.
+/// In the end every job ran once (the result each customer saw is the one stored), was paid
+/// once and charged once, and the ledger balances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_four_times_under_load_every_job_is_delivered_and_paid_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let stub = dvmd::bench::stub::StubServer::start()
+        .await
+        .expect("stub server");
+    let data = harness::data_dir();
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let config = format!(
+        "[service]\nworkers = 8\n[trust]\nnew_requests_per_minute = 100000\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        stub.base_url()
+    );
+    let customers: Vec<(Keys, Tracks)> = (0..CRASH_CUSTOMERS)
+        .map(|_| (Keys::generate(), Tracks::default()))
+        .collect();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let started = tokio::time::Instant::now();
+
+    for run in 0..=KILL_AT_RESULTS.len() {
+        let daemon = DaemonProcess::spawn(data.path(), relay_port, http_port, &config);
+        let stop = CancellationToken::new();
+        let tasks: Vec<_> = customers
+            .iter()
+            .map(|(keys, tracks)| {
+                tokio::spawn(crash_customer(
+                    daemon.relay_url.clone(),
+                    daemon.http_url.clone(),
+                    keys.clone(),
+                    service(&daemon),
+                    tracks.clone(),
+                    seen.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        let Some(&kill_at) = KILL_AT_RESULTS.get(run) else {
+            // The last run: everything finishes.
+            let all = futures::future::join_all(tasks);
+            let outcomes = tokio::time::timeout_at(started + CRASH_DEADLINE, all)
+                .await
+                .unwrap_or_else(|_| panic!("the run stalled: {}", crash_dump(&customers)));
+            for outcome in outcomes {
+                if let Err(why) = outcome.expect("customer task") {
+                    panic!("{why}\n{}", crash_dump(&customers));
+                }
+            }
+            daemon.terminate();
+            break;
+        };
+        while seen.load(Ordering::Relaxed) < kill_at {
+            assert!(
+                started.elapsed() < CRASH_DEADLINE,
+                "no progress to {kill_at} results: {}",
+                crash_dump(&customers)
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        daemon.kill();
+        stop.cancel();
+        for task in tasks {
+            // Errors are expected here: the daemon died under them.
+            let _ = task.await.expect("customer task");
+        }
+    }
+    stub.stop().await;
+
+    let store = harness::open_store(data.path());
+    let stored: std::collections::HashMap<EventId, dvmd::job::Job> = harness::jobs(&store)
+        .into_iter()
+        .map(|job| (job.id.as_event_id(), job))
+        .collect();
+    let tracked: Vec<(EventId, HashSet<EventId>)> = customers
+        .iter()
+        .flat_map(|(_, tracks)| {
+            let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+            tracks
+                .iter()
+                .map(|t| (t.request.id, t.results.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(tracked.len(), CRASH_CUSTOMERS * CRASH_JOBS);
+    assert_eq!(stored.len(), tracked.len(), "one stored job per request");
+    for (request, results) in &tracked {
+        let job = stored.get(request).expect("every request stored");
+        assert_eq!(job.state, JobState::Settled, "job {request}: {job:?}");
+        let result = job
+            .result_event
+            .as_deref()
+            .map(|json| Event::from_json(json).expect("stored result").id);
+        assert_eq!(
+            results.iter().copied().collect::<Vec<_>>(),
+            result.into_iter().collect::<Vec<_>>(),
+            "job {request}: the customer saw exactly the one result stored"
+        );
+        let quote = job.quote_msat.expect("quoted");
+        assert_eq!(job.paid_msat, quote, "job {request} paid exactly once");
+        assert!(job.charge_msat.is_some_and(|c| c > 0 && c <= quote));
+    }
+    let totals = harness::ledger_ok(&store);
+    let paid: u64 = stored.values().map(|j| j.paid_msat).sum();
+    let charged: u64 = stored.values().filter_map(|j| j.charge_msat).sum();
+    assert_eq!(totals.payment_in_msat, paid, "every payment booked once");
+    assert_eq!(totals.charge_msat, charged, "every job charged once");
+    assert_eq!(totals.charge_msat + totals.balances_msat, paid);
+}
+
+/// One customer of the kill -9 run, until its jobs are done or `stop`: first the jobs it has no
+/// result for (sent again), then new ones. Returns why it stopped short, if it did.
+async fn crash_customer(
+    relay_url: String,
+    http_url: String,
+    keys: Keys,
+    service: PublicKey,
+    tracks: Tracks,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let mut customer = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        connected = Customer::connect_with(&relay_url, keys.clone()) => {
+            connected.map_err(|e| format!("connect: {e}"))?
+        }
+    };
+    let work = async {
+        loop {
+            let unfinished = tracks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .position(|t| t.results.is_empty());
+            let (index, request) = match unfinished {
+                Some(index) => {
+                    let request = tracks.lock().unwrap_or_else(|e| e.into_inner())[index]
+                        .request
+                        .clone();
+                    (index, request)
+                }
+                None => {
+                    let mut tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+                    if tracks.len() == CRASH_JOBS {
+                        return Ok(());
+                    }
+                    let request = dvmd::signatures::sign(
+                        customer::text_request(
+                            &format!("crash job {}: say hello", tracks.len()),
+                            &[("max_tokens", "16"), ("pay_from_credit", "false")],
+                            Some(1_000_000),
+                            Some(service),
+                        ),
+                        &keys,
+                    );
+                    tracks.push(Tracked {
+                        request: request.clone(),
+                        results: HashSet::new(),
+                    });
+                    (tracks.len() - 1, request)
+                }
+            };
+            let result = follow_paid_job(&mut customer, &http_url, &request).await?;
+            tracks.lock().unwrap_or_else(|e| e.into_inner())[index]
+                .results
+                .insert(result);
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let outcome = tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        outcome = work => outcome,
+    };
+    customer.shutdown().await;
+    outcome
+}
+
+/// Send `request` (again, after a restart) and see it through: pay each invoice it is asked
+/// to (one already paid is refused by the wallet, and the daemon books the first payment),
+/// until its result comes. Returns the result's id.
+async fn follow_paid_job(
+    customer: &mut Customer,
+    http_url: &str,
+    request: &Event,
+) -> Result<EventId, String> {
+    customer
+        .send(request)
+        .await
+        .map_err(|e| format!("send {}: {e}", request.id))?;
+    loop {
+        let reply = customer
+            .wait_for(&request.id, CRASH_STEP_TIMEOUT, |r| {
+                matches!(
+                    r,
+                    Reply::Result(_)
+                        | Reply::Feedback {
+                            status: Some(JobStatus::PaymentRequired | JobStatus::Error),
+                            ..
+                        }
+                )
+            })
+            .await
+            .map_err(|e| format!("job {}: {e}", request.id))?;
+        match reply {
+            Reply::Result(result) => return Ok(result.id),
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount: Some(amount),
+                ..
+            } => {
+                let bolt11 = amount.bolt11.ok_or("payment-required without an invoice")?;
+                let paid = reqwest::Client::new()
+                    .post(format!("{http_url}/dev/pay"))
+                    .json(&serde_json::json!({ "bolt11": bolt11 }))
+                    .send()
+                    .await
+                    .map_err(|e| format!("/dev/pay: {e}"))?;
+                // 4xx: paid before the kill (or its replayed invoice); the booking follows.
+                if paid.status().is_server_error() {
+                    return Err(format!("/dev/pay answered {}", paid.status()));
+                }
+            }
+            other => return Err(format!("job {}: {other:?}", request.id)),
+        }
+    }
+}
+
+/// What the customers saw, for a failure.
+fn crash_dump(customers: &[(Keys, Tracks)]) -> String {
+    let (mut done, mut open) = (0, Vec::new());
+    for (_, tracks) in customers {
+        for t in tracks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if t.results.is_empty() {
+                open.push(t.request.id.to_hex());
+            } else {
+                done += 1;
+            }
+        }
+    }
+    format!("{done} jobs with a result; without one: {open:?}")
 }
