@@ -478,14 +478,16 @@ fn report(
             writes / flushes.max(1.0)
         );
     }
-    if let (Some(sum), Some(count)) = (
-        metric(metrics, "dvmd_store_commit_seconds_sum"),
-        metric(metrics, "dvmd_store_commit_seconds_count"),
-    ) {
-        println!(
-            "  durable commit, mean         : {:>8.2} ms",
-            1e3 * sum / count.max(1.0)
-        );
+    for (name, label) in [
+        ("dvmd_store_commit_seconds", "durable commit, mean"),
+        ("dvmd_store_flush_seconds", "flush (fsync), mean"),
+    ] {
+        if let (Some(sum), Some(count)) = (
+            metric(metrics, &format!("{name}_sum")),
+            metric(metrics, &format!("{name}_count")),
+        ) {
+            println!("  {label:<29}: {:>8.2} ms", 1e3 * sum / count.max(1.0));
+        }
     }
 }
 
