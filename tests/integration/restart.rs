@@ -206,13 +206,38 @@ struct Tracked {
 type Tracks = std::sync::Arc<std::sync::Mutex<Vec<Tracked>>>;
 
 /// Twenty customers post, pay and read paid jobs back to back while the daemon is killed -9
-/// four times mid-run and started again on the same store. After each restart every customer asks
-/// again about each job it has no result for (a duplicate request gets the stored status),
-/// pays what it is asked to (the dev wallet refuses an invoice paid twice), and goes on.
-/// In the end every job ran once (the result each customer saw is the one stored), was paid
-/// once and charged once, and the ledger balances.
+/// four times mid-run and started again on the same store. After each restart every customer
+/// asks again about each job it has no result for (a duplicate request gets the stored status),
+/// pays what it is asked to (the dev wallet refuses an invoice paid twice), and goes on. In the
+/// end every job ran once (the result its customer saw is the one stored), was paid once and
+/// charged once, and the ledger balances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_four_times_under_load_every_job_is_delivered_and_paid_once() {
+    crash_under_load(Paying::Invoices).await;
+}
+
+/// The same with credit: each customer tops up by zap first, so jobs reserve credit, then run
+/// out of it mid-way and pay the difference by invoice, across the kills. Nothing reserved is
+/// left held, and every balance is its top-up plus its payments less its charges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_four_times_while_spending_credit_nothing_is_overdrawn_or_left_held() {
+    crash_under_load(Paying::Credit).await;
+}
+
+/// How the customers of a kill -9 run pay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Paying {
+    /// Every job by its own invoice.
+    Invoices,
+    /// From credit topped up by zap, then invoices for what it does not cover.
+    Credit,
+}
+
+/// Credit a customer tops up with under [`Paying::Credit`]: a few jobs' worth (a job costs
+/// about 1.2 sat here).
+const CRASH_TOP_UP_MSAT: u64 = 4_000;
+
+async fn crash_under_load(paying: Paying) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio_util::sync::CancellationToken;
@@ -234,15 +259,24 @@ async fn killed_four_times_under_load_every_job_is_delivered_and_paid_once() {
 
     for run in 0..=KILL_AT_RESULTS.len() {
         let daemon = DaemonProcess::spawn(data.path(), relay_port, http_port, &config);
+        if run == 0 && paying == Paying::Credit {
+            for (keys, _) in &customers {
+                let (http, relay) = (&daemon.http_url, &daemon.relay_url);
+                harness::zap_top_up(http, relay, keys, service(&daemon), CRASH_TOP_UP_MSAT).await;
+            }
+        }
         let stop = CancellationToken::new();
         let tasks: Vec<_> = customers
             .iter()
             .map(|(keys, tracks)| {
                 tokio::spawn(crash_customer(
-                    daemon.relay_url.clone(),
-                    daemon.http_url.clone(),
-                    keys.clone(),
-                    service(&daemon),
+                    CrashCustomer {
+                        relay_url: daemon.relay_url.clone(),
+                        http_url: daemon.http_url.clone(),
+                        keys: keys.clone(),
+                        service: service(&daemon),
+                        paying,
+                    },
                     tracks.clone(),
                     seen.clone(),
                     stop.clone(),
@@ -297,6 +331,7 @@ async fn killed_four_times_under_load_every_job_is_delivered_and_paid_once() {
         .collect();
     assert_eq!(tracked.len(), CRASH_CUSTOMERS * CRASH_JOBS);
     assert_eq!(stored.len(), tracked.len(), "one stored job per request");
+    let mut accounts: std::collections::HashMap<PublicKey, (u64, u64)> = Default::default();
     for (request, results) in &tracked {
         let job = stored.get(request).expect("every request stored");
         assert_eq!(job.state, JobState::Settled, "job {request}: {job:?}");
@@ -310,31 +345,78 @@ async fn killed_four_times_under_load_every_job_is_delivered_and_paid_once() {
             "job {request}: the customer saw exactly the one result stored"
         );
         let quote = job.quote_msat.expect("quoted");
-        assert_eq!(job.paid_msat, quote, "job {request} paid exactly once");
-        assert!(job.charge_msat.is_some_and(|c| c > 0 && c <= quote));
+        // Paid once: its invoice (for what credit did not cover), not twice, not another.
+        let invoiced = job
+            .invoice
+            .as_ref()
+            .map_or(0, |invoice| invoice.amount_msat);
+        assert_eq!(job.paid_msat, invoiced, "job {request}: {job:?}");
+        if invoiced > 0 {
+            assert_eq!(job.funds_msat(), quote, "job {request}: {job:?}");
+        } else {
+            // From credit alone: up to its limit, what it does not use released.
+            assert!(job.credit_msat >= quote && job.credit_msat <= job.limit_msat());
+        }
+        assert_eq!(job.held_msat, 0, "job {request} holds nothing once settled");
+        let charge = job.charge_msat.expect("charged");
+        assert!(charge > 0 && charge <= quote);
+        let account = accounts
+            .entry(job.customer.npub().expect("a relay customer"))
+            .or_default();
+        account.0 += job.paid_msat;
+        account.1 += charge;
     }
     let totals = harness::ledger_ok(&store);
     let paid: u64 = stored.values().map(|j| j.paid_msat).sum();
     let charged: u64 = stored.values().filter_map(|j| j.charge_msat).sum();
-    assert_eq!(totals.payment_in_msat, paid, "every payment booked once");
+    let top_ups = match paying {
+        Paying::Invoices => 0,
+        Paying::Credit => CRASH_TOP_UP_MSAT,
+    };
+    assert_eq!(
+        totals.payment_in_msat,
+        paid + top_ups * CRASH_CUSTOMERS as u64,
+        "every payment booked once"
+    );
     assert_eq!(totals.charge_msat, charged, "every job charged once");
-    assert_eq!(totals.charge_msat + totals.balances_msat, paid);
+    assert_eq!(totals.held_msat, 0);
+    for (customer, (paid, charged)) in accounts {
+        assert_eq!(
+            harness::balance(&store, &customer),
+            top_ups + paid - charged,
+            "{customer}: top-up + payments - charges"
+        );
+    }
+    if paying == Paying::Credit {
+        let from_credit = stored.values().filter(|j| j.credit_msat > 0).count();
+        let invoiced = stored.values().filter(|j| j.paid_msat > 0).count();
+        assert!(
+            from_credit > 0 && invoiced > 0,
+            "{from_credit} jobs spent credit, {invoiced} paid an invoice"
+        );
+    }
+}
+
+/// Who a customer of the kill -9 run is, and where it finds the daemon this time.
+struct CrashCustomer {
+    relay_url: String,
+    http_url: String,
+    keys: Keys,
+    service: PublicKey,
+    paying: Paying,
 }
 
 /// One customer of the kill -9 run, until its jobs are done or `stop`: first the jobs it has no
 /// result for (sent again), then new ones. Returns why it stopped short, if it did.
 async fn crash_customer(
-    relay_url: String,
-    http_url: String,
-    keys: Keys,
-    service: PublicKey,
+    who: CrashCustomer,
     tracks: Tracks,
     seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let mut customer = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
-        connected = Customer::connect_with(&relay_url, keys.clone()) => {
+        connected = Customer::connect_with(&who.relay_url, who.keys.clone()) => {
             connected.map_err(|e| format!("connect: {e}"))?
         }
     };
@@ -357,14 +439,19 @@ async fn crash_customer(
                     if tracks.len() == CRASH_JOBS {
                         return Ok(());
                     }
+                    let params: &[(&str, &str)] = match who.paying {
+                        // Every job by its own invoice: the change of one never pays the next.
+                        Paying::Invoices => &[("max_tokens", "16"), ("pay_from_credit", "false")],
+                        Paying::Credit => &[("max_tokens", "16")],
+                    };
                     let request = dvmd::signatures::sign(
                         customer::text_request(
                             &format!("crash job {}: say hello", tracks.len()),
-                            &[("max_tokens", "16"), ("pay_from_credit", "false")],
+                            params,
                             Some(1_000_000),
-                            Some(service),
+                            Some(who.service),
                         ),
-                        &keys,
+                        &who.keys,
                     );
                     tracks.push(Tracked {
                         request: request.clone(),
@@ -373,7 +460,7 @@ async fn crash_customer(
                     (tracks.len() - 1, request)
                 }
             };
-            let result = follow_paid_job(&mut customer, &http_url, &request).await?;
+            let result = follow_paid_job(&mut customer, &who.http_url, &request).await?;
             tracks.lock().unwrap_or_else(|e| e.into_inner())[index]
                 .results
                 .insert(result);
