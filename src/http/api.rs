@@ -27,7 +27,7 @@ use serde_json::json;
 
 pub use super::error::OpenAiError;
 use super::lnurl::InvoiceLimiter;
-use super::nip98::{AuthError, Verifier};
+use super::nip98::{AuthError, Authorized, Verifier};
 use super::HttpState;
 use crate::job::Pipeline;
 
@@ -285,6 +285,18 @@ pub(super) fn authenticate(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<PublicKey, OpenAiError> {
+    authorized(api, peer, method, uri, headers, body).map(|authorized| authorized.pubkey)
+}
+
+/// [`authenticate`], with the auth event's id.
+pub(super) fn authorized(
+    api: &ApiConfig,
+    peer: SocketAddr,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Authorized, OpenAiError> {
     let forwarded = (!api.public_url_set)
         .then(|| api.proxies.public_base(peer.ip(), headers))
         .flatten();
@@ -305,7 +317,7 @@ pub(super) fn authenticate(
         .verifier
         .verify(header, &url, method.as_str(), body, Timestamp::now())
     {
-        Ok(authorized) => Ok(authorized.pubkey),
+        Ok(authorized) => Ok(authorized),
         Err(e) => {
             tracing::debug!(%url, reason = %e, "NIP-98 refused");
             Err(e.into())

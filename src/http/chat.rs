@@ -31,7 +31,7 @@ use super::l402::{caller, challenge, payment_account, refuse_payment, token_acco
 use super::HttpState;
 use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
 use crate::job::direct::{Finished, LiveEvent, OpenError, LIVE_BUFFER};
-use crate::job::{Door, Job, Pipeline};
+use crate::job::{Door, Job, JobId, Pipeline};
 use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration, TextGenerationLimits};
 
@@ -300,7 +300,14 @@ pub(super) async fn open(
         }
     };
     match pipeline
-        .open_http(account, door, kind, &priced, answer_now)
+        .open_http(
+            caller.signed.map(JobId::from),
+            account,
+            door,
+            kind,
+            &priced,
+            answer_now,
+        )
         .await
     {
         Ok(job) => Ok(Opened {
@@ -338,6 +345,14 @@ pub(super) async fn open(
             .await;
             Err(refused.with_estimate(&priced.estimate))
         }
+        Err(OpenError::Book(crate::job::BookError::JobExists(id))) => Err(OpenAiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "already_ran",
+            format!(
+                "this signed request already opened job {id} (GET /v1/jobs/{id} shows it); sign a new request to run it again"
+            ),
+        )),
         Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
     }
 }

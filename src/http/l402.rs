@@ -34,7 +34,7 @@ use nostr_sdk::PublicKey;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{authenticate, parts, ApiConfig, OpenAiError, ReadBody};
+use super::api::{authorized, parts, ApiConfig, OpenAiError, ReadBody};
 use super::lnurl::InvoiceLimiter;
 use super::HttpState;
 use crate::job::account::check_top_up;
@@ -143,6 +143,10 @@ pub(super) enum Who {
 pub(super) struct Caller {
     pub(super) who: Who,
     pub(super) client: IpAddr,
+    /// The NIP-98 auth event of a signed call. The job the call opens takes its id, so the
+    /// same signed call made again (the replay cache forgets at a restart, and the event stays
+    /// inside its window for a minute) finds that job instead of opening and charging another.
+    pub(super) signed: Option<nostr_sdk::EventId>,
 }
 
 /// A new job from an npub the operator blocked is refused (403); its account stays readable
@@ -175,6 +179,7 @@ pub(super) fn caller(
     body: &[u8],
 ) -> Result<Caller, OpenAiError> {
     let client = api.proxies.client(peer.ip(), headers);
+    let mut signed = None;
     let who = match headers.get(header::AUTHORIZATION) {
         None => Who::Nobody,
         Some(value) => {
@@ -192,11 +197,19 @@ pub(super) fn caller(
                 (Some(Err(e)), _) => Who::BadPayment(e),
                 (None, Some(Ok(credential))) => Who::Token(Box::new(credential)),
                 (None, Some(Err(e))) => return Err(refused(e)),
-                (None, None) => Who::Npub(authenticate(api, peer, method, uri, headers, body)?),
+                (None, None) => {
+                    let authorized = authorized(api, peer, method, uri, headers, body)?;
+                    signed = Some(authorized.event_id);
+                    Who::Npub(authorized.pubkey)
+                }
             }
         }
     };
-    Ok(Caller { who, client })
+    Ok(Caller {
+        who,
+        client,
+        signed,
+    })
 }
 
 fn refused(e: CredentialError) -> OpenAiError {

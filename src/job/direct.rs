@@ -142,10 +142,19 @@ impl Generated {
 }
 
 impl Job {
-    /// A job that comes in through an HTTP door, not yet stored.
-    pub fn http(account: Account, door: Door, kind: u16, priced: &Priced, now: u64) -> Self {
+    /// A job that comes in through an HTTP door, not yet stored: `id` is the NIP-98 auth
+    /// event's of a signed call (see [`Pipeline::open_http`]), else random.
+    pub fn http(
+        id: Option<JobId>,
+        account: Account,
+        door: Door,
+        kind: u16,
+        priced: &Priced,
+        now: u64,
+    ) -> Self {
         let request = serde_json::to_string(&priced.request).unwrap_or_default();
-        let mut job = Self::new(JobId::random(), account, kind, door, request, now);
+        let id = id.unwrap_or_else(JobId::random);
+        let mut job = Self::new(id, account, kind, door, request, now);
         job.price_with(priced.estimate, priced.bid_msat);
         job
     }
@@ -185,15 +194,21 @@ impl Pipeline {
     /// result's commit, which makes this write durable too (commits are in order), so it
     /// saves an fsync. A crash before then loses the job and its reservation together:
     /// nothing was charged and nothing was answered.
+    ///
+    /// A call signed with NIP-98 opens the job under its auth event's id (`id`): the same
+    /// signed call made again finds it stored and gets [`BookError::JobExists`], in the same
+    /// write that would reserve its quote, so one signature never pays for two jobs (the
+    /// verifier's replay cache is in memory, and a restart empties it).
     pub async fn open_http(
         &self,
+        id: Option<JobId>,
         account: Account,
         door: Door,
         kind: u16,
         priced: &Priced,
         answer_now: bool,
     ) -> Result<Job, OpenError> {
-        let mut job = Job::http(account, door, kind, priced, unix_now());
+        let mut job = Job::http(id, account, door, kind, priced, unix_now());
         if priced.request.session.is_some() {
             // A session call opens with what the session has, if that pays for its prompt and
             // one token; a stream that runs dry asks for a top-up.

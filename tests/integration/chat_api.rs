@@ -475,6 +475,79 @@ async fn calls_racing_for_one_balance_never_spend_it_twice() {
     daemon.stop().await;
 }
 
+/// One NIP-98 signature pays for one job. The same signed call made again is refused as a
+/// replay while the daemon runs; after a restart (its replay cache empty, the auth event still
+/// inside its window) it finds the job it opened, whose id is the auth event's, and is refused
+/// with that id: not run, not charged again. The same for `/v1/jobs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_call_made_again_after_a_restart_is_not_run_or_charged_again() {
+    let data = harness::data_dir();
+    let listen = format!("127.0.0.1:{}", harness::free_port());
+    async fn start(data: &std::path::Path, listen: &str) -> Daemon {
+        let backend = Arc::new(InstantBackend::new("said once"));
+        harness::start(harness::dev_config_at(data, listen, |_| {}), Some(backend)).await
+    }
+    let daemon = start(data.path(), &listen).await;
+    let http = daemon.ready().http_url.clone();
+    let keys = Keys::generate();
+    let chat_body = chat(8, false).to_string();
+    let chat_url = format!("{http}/v1/chat/completions");
+    let jobs_url = format!("{http}/v1/jobs");
+    let job_body =
+        json!({ "kind": 5050, "inputs": [{ "value": "Say hi." }], "params": { "max_tokens": 8 } })
+            .to_string();
+    let quote = quote_of(&http, &chat(8, false)).await;
+    harness::http_top_up(&daemon, &keys, (4 * quote).div_ceil(1000) * 1000).await;
+    let chat_header = harness::nip98_with_nonce(&keys, &chat_url, "post", Some(&chat_body));
+    let job_header = harness::nip98_with_nonce(&keys, &jobs_url, "post", Some(&job_body));
+    async fn post(header: &str, url: &str, body: &str) -> (u16, Value) {
+        let body = Some(body.to_owned());
+        send(header.to_owned(), reqwest::Method::POST, url, body).await
+    }
+
+    let (status, answer) = post(&chat_header, &chat_url, &chat_body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, created) = post(&job_header, &jobs_url, &job_body).await;
+    assert_eq!(status, 202, "{created}");
+    let job_id = dvmd::job::JobId::from_hex(created["id"].as_str().expect("id")).expect("id");
+    wait_settled(&daemon, &job_id).await;
+    let (status, replayed) = post(&chat_header, &chat_url, &chat_body).await;
+    assert_eq!(status, 401, "a replay while the daemon runs: {replayed}");
+    let store = daemon.pipeline().book().store();
+    let balance = harness::balance(store, &keys.public_key());
+    let opened = http_jobs(&daemon).len();
+    assert_eq!(opened, 2);
+    daemon.stop().await;
+
+    let daemon = start(data.path(), &listen).await;
+    for (header, url, body) in [
+        (&chat_header, &chat_url, &chat_body),
+        (&job_header, &jobs_url, &job_body),
+    ] {
+        let (status, refused) = post(header, url, body).await;
+        assert_eq!(status, 409, "{url} made again after the restart: {refused}");
+        assert_eq!(refused["error"]["code"], "already_ran", "{refused}");
+    }
+    let (status, shown) = signed(
+        &keys,
+        reqwest::Method::GET,
+        &format!("{jobs_url}/{job_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["state"], "settled");
+    assert_eq!(http_jobs(&daemon).len(), opened, "nothing opened again");
+    let store = daemon.pipeline().book().store();
+    assert_eq!(
+        harness::balance(store, &keys.public_key()),
+        balance,
+        "nothing charged again"
+    );
+    harness::ledger_ok(store);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_http_jobs_resume_and_chat_holds_are_released() {
     let data = harness::data_dir();

@@ -38,6 +38,12 @@ pub fn data_dir() -> tempfile::TempDir {
 
 /// A dev-mode configuration on free ports in `data`.
 pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
+    dev_config_at(data, "127.0.0.1:0", edit)
+}
+
+/// The same with the HTTP door on `http_listen` (a restart that must keep its URLs: NIP-98
+/// signs them).
+pub fn dev_config_at(data: &Path, http_listen: &str, edit: impl FnOnce(&mut FileConfig)) -> Config {
     let mut file = FileConfig::default();
     file.wallet.reconcile_interval_secs = 1;
     edit(&mut file);
@@ -48,7 +54,7 @@ pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
             dev: true,
             data_dir: Some(data.to_owned()),
             relay_listen: Some("127.0.0.1:0".into()),
-            http_listen: Some("127.0.0.1:0".into()),
+            http_listen: Some(http_listen.into()),
             model_path: Some(model_path()),
         },
     )
