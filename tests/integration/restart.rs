@@ -1,4 +1,6 @@
-//! Kill -9 the daemon binary at the worst moments; every job completes exactly once.
+//! Kill -9 the daemon binary at the worst moments, one job at a time and under load, on the relay
+//! door (paid by invoice, or from credit) and the `/v1/jobs` door: every job completes exactly
+//! once, is paid once, and the ledger balances.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -538,4 +540,233 @@ fn crash_dump(customers: &[(Keys, Tracks)]) -> String {
         }
     }
     format!("{done} jobs with a result; without one: {open:?}")
+}
+
+/// Customers of the kill -9 run on the `/v1/jobs` door, and the jobs each completes.
+const HTTP_CRASH_CUSTOMERS: usize = 10;
+const HTTP_CRASH_JOBS: usize = 10;
+/// Kill -9 when this many jobs have settled in all.
+const HTTP_KILL_AT_SETTLED: [usize; 3] = [15, 40, 65];
+/// Each HTTP customer's credit (a job reserves about 1.2 sat here, up to its limit).
+const HTTP_CRASH_TOP_UP_MSAT: u64 = 100_000;
+
+/// A signed `/v1/jobs` call and what became of it.
+struct HttpTracked {
+    /// The NIP-98 auth event's id: the job's id, known before the call is sent.
+    id: EventId,
+    /// `Some(true)` settled, `Some(false)` never stored (its call died with the daemon).
+    settled: Option<bool>,
+}
+
+/// The `/v1/jobs` door under kill -9: ten npubs with credit create jobs back to back (each
+/// polled with `GET /v1/jobs/{id}` until it settles) while the daemon is killed three times.
+/// A call whose answer died with the daemon is looked up by its job id, which is its auth
+/// event's (known before the call is sent): stored, it is polled on; never stored, a new call
+/// is signed. In the end every stored job is one the customers signed, settled once, nothing
+/// is held, and every balance is its top-up less its charges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_their_signature() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio_util::sync::CancellationToken;
+
+    let stub = dvmd::bench::stub::StubServer::start()
+        .await
+        .expect("stub server");
+    let data = harness::data_dir();
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let config = format!(
+        "[service]\nworkers = 8\n[trust]\nnew_requests_per_minute = 100000\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        stub.base_url()
+    );
+    let customers: Vec<(Keys, Arc<Mutex<Vec<HttpTracked>>>)> = (0..HTTP_CRASH_CUSTOMERS)
+        .map(|_| (Keys::generate(), Arc::default()))
+        .collect();
+    let settled = Arc::new(AtomicUsize::new(0));
+    let started = tokio::time::Instant::now();
+
+    for run in 0..=HTTP_KILL_AT_SETTLED.len() {
+        let daemon = DaemonProcess::spawn(data.path(), relay_port, http_port, &config);
+        if run == 0 {
+            for (keys, _) in &customers {
+                let (http, relay) = (&daemon.http_url, &daemon.relay_url);
+                let service = service(&daemon);
+                harness::zap_top_up(http, relay, keys, service, HTTP_CRASH_TOP_UP_MSAT).await;
+            }
+        }
+        let stop = CancellationToken::new();
+        let tasks: Vec<_> = customers
+            .iter()
+            .map(|(keys, tracks)| {
+                let (http, keys, tracks) = (daemon.http_url.clone(), keys.clone(), tracks.clone());
+                let (settled, stop) = (settled.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => Ok(()),
+                        done = http_crash_customer(&http, &keys, &tracks, &settled) => done,
+                    }
+                })
+            })
+            .collect();
+        let Some(&kill_at) = HTTP_KILL_AT_SETTLED.get(run) else {
+            let all = futures::future::join_all(tasks);
+            let outcomes = tokio::time::timeout_at(started + CRASH_DEADLINE, all)
+                .await
+                .expect("the run stalled");
+            for outcome in outcomes {
+                outcome.expect("customer task").expect("customer");
+            }
+            daemon.terminate();
+            break;
+        };
+        while settled.load(Ordering::Relaxed) < kill_at {
+            assert!(
+                started.elapsed() < CRASH_DEADLINE,
+                "no progress to {kill_at} settled jobs"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        daemon.kill();
+        stop.cancel();
+        for task in tasks {
+            let _ = task.await.expect("customer task");
+        }
+    }
+    stub.stop().await;
+
+    let store = harness::open_store(data.path());
+    let stored: std::collections::HashMap<EventId, dvmd::job::Job> = harness::jobs(&store)
+        .into_iter()
+        .filter(|job| job.door.is_http())
+        .map(|job| (job.id.as_event_id(), job))
+        .collect();
+    let mut balances: std::collections::HashMap<PublicKey, u64> = Default::default();
+    let mut signed = 0;
+    for (keys, tracks) in &customers {
+        let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+        let done = tracks.iter().filter(|t| t.settled == Some(true)).count();
+        assert_eq!(done, HTTP_CRASH_JOBS);
+        signed += tracks.len();
+        let mut charged = 0;
+        for t in tracks.iter() {
+            match (t.settled, stored.get(&t.id)) {
+                (Some(true), Some(job)) => {
+                    assert_eq!(job.state, JobState::Settled, "{job:?}");
+                    assert_eq!(job.held_msat, 0);
+                    let charge = job.charge_msat.expect("charged");
+                    assert!(charge > 0 && charge <= job.funds_msat());
+                    charged += charge;
+                }
+                (Some(false), None) => {}
+                (what, job) => panic!("job {}: customer saw {what:?}, stored {job:?}", t.id),
+            }
+        }
+        balances.insert(keys.public_key(), HTTP_CRASH_TOP_UP_MSAT - charged);
+    }
+    assert!(
+        stored.len() <= signed,
+        "every stored job is one a customer signed"
+    );
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.held_msat, 0);
+    for (customer, balance) in balances {
+        assert_eq!(harness::balance(&store, &customer), balance, "{customer}");
+    }
+}
+
+/// One `/v1/jobs` customer: first what it does not know the end of (looked up by id), then new
+/// jobs, until `HTTP_CRASH_JOBS` have settled.
+async fn http_crash_customer(
+    http: &str,
+    keys: &Keys,
+    tracks: &std::sync::Mutex<Vec<HttpTracked>>,
+    settled: &std::sync::atomic::AtomicUsize,
+) -> Result<(), String> {
+    let url = format!("{http}/v1/jobs");
+    let body = serde_json::json!({
+        "kind": 5050,
+        "inputs": [{ "value": "Say hello." }],
+        "params": { "max_tokens": 16 },
+    })
+    .to_string();
+    loop {
+        let open = tracks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .position(|t| t.settled.is_none());
+        let index = match open {
+            Some(index) => index,
+            None => {
+                let header = harness::nip98_with_nonce(keys, &url, "post", Some(&body));
+                let index = {
+                    let mut tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+                    let done = tracks.iter().filter(|t| t.settled == Some(true)).count();
+                    if done == HTTP_CRASH_JOBS {
+                        return Ok(());
+                    }
+                    tracks.push(HttpTracked {
+                        id: auth_event_id(&header),
+                        settled: None,
+                    });
+                    tracks.len() - 1
+                };
+                let created = http_call(reqwest::Method::POST, &url, header, Some(&body)).await?;
+                if created.0 != 202 {
+                    return Err(format!(
+                        "POST /v1/jobs answered {}: {}",
+                        created.0, created.1
+                    ));
+                }
+                index
+            }
+        };
+        let id = tracks.lock().unwrap_or_else(|e| e.into_inner())[index].id;
+        // Poll it (the first look after a restart also says whether it was ever stored).
+        let job_url = format!("{url}/{id}");
+        let end = loop {
+            let header = harness::nip98_with_nonce(keys, &job_url, "get", None);
+            let (status, shown) = http_call(reqwest::Method::GET, &job_url, header, None).await?;
+            match (status, shown["state"].as_str()) {
+                (404, _) => break false,
+                (200, Some("settled")) => break true,
+                (200, Some("failed")) => return Err(format!("job {id} failed: {shown}")),
+                (200, _) => tokio::time::sleep(Duration::from_millis(5)).await,
+                _ => return Err(format!("GET {job_url}: {status} {shown}")),
+            }
+        };
+        tracks.lock().unwrap_or_else(|e| e.into_inner())[index].settled = Some(end);
+        if end {
+            settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The id of the NIP-98 event in an `Authorization: Nostr <base64>` value.
+fn auth_event_id(header: &str) -> EventId {
+    use base64::Engine;
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(header.trim_start_matches("Nostr "))
+        .expect("base64");
+    Event::from_json(json).expect("auth event").id
+}
+
+/// One HTTP call: (status, JSON body); an error when the daemon is not there.
+async fn http_call(
+    method: reqwest::Method,
+    url: &str,
+    header: String,
+    body: Option<&str>,
+) -> Result<(u16, serde_json::Value), String> {
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .header("Authorization", header);
+    if let Some(body) = body {
+        request = request
+            .header("Content-Type", "application/json")
+            .body(body.to_owned());
+    }
+    let response = request.send().await.map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or_default()))
 }
