@@ -8,7 +8,9 @@
 //! allowed leave the balance before the wallet is called (see `job::payouts`); the answer says
 //! where the payout stands when the wallet answered: `paid` (with the fee), `failed` (all of it
 //! back on the balance) or `pending` (in flight; it is looked up until it ends, and never paid
-//! twice).
+//! twice). A NIP-98 signed withdrawal pays out once: its auth event is recorded before the
+//! payout is booked, so the same signed request after a restart (which empties the replay
+//! cache) gets 409 rather than a second payout to a Lightning address's fresh invoice.
 
 use std::net::SocketAddr;
 
@@ -64,6 +66,12 @@ fn refused(e: PayoutRefusal) -> OpenAiError {
             "insufficient_balance",
             e.to_string(),
         ),
+        PayoutRefusal::Signed => OpenAiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "already_ran",
+            e.to_string(),
+        ),
         refused => OpenAiError::invalid(refused.to_string()),
     }
 }
@@ -78,12 +86,20 @@ pub(super) async fn withdraw(
 ) -> Result<Json<Value>, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let caller = caller(api, peer, &method, &uri, &headers, &body)?;
+    let signed = caller.signed;
     let account = owner(api, pipeline, caller).await?;
     let asked = parse(&body)?;
     if asked.account.is_some() {
         return Err(OpenAiError::invalid(
             "`account` is the signer's; only the operator's /admin/withdraw names one",
         ));
+    }
+    if let Some(auth) = signed {
+        pipeline
+            .book()
+            .claim_payout_signature(auth.to_bytes())
+            .await
+            .map_err(refused)?;
     }
     let payout = pay_out(pipeline, account, asked).await?;
     Ok(Json(view(&payout)))

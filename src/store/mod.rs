@@ -106,7 +106,8 @@ pub enum Tree {
     /// HTTP `Payment` sessions by id (the deposit's payment hash): the return invoice, what was
     /// deposited, and how it closed (`job::sessions::SessionRecord`).
     Sessions,
-    /// Schema version, keys, counters and checkpoints.
+    /// Schema version, keys, counters and checkpoints; and the NIP-98 auth event of each
+    /// signed withdrawal (`nip98:` and its 32 bytes: one signature pays out once).
     Meta,
 }
 

@@ -118,10 +118,21 @@ pub(crate) fn lnbits_config(
     service: &LnbitsAccount,
     edit: impl FnOnce(&mut dvmd::config::FileConfig),
 ) -> dvmd::config::Config {
+    lnbits_config_at(data, "127.0.0.1:0", lnbits, service, edit)
+}
+
+/// The same with the HTTP door on `http_listen` (a restart that keeps its signed URLs).
+fn lnbits_config_at(
+    data: &std::path::Path,
+    http_listen: &str,
+    lnbits: &Lnbits,
+    service: &LnbitsAccount,
+    edit: impl FnOnce(&mut dvmd::config::FileConfig),
+) -> dvmd::config::Config {
     let (inkey, adminkey) = (data.join("lnbits.inkey"), data.join("lnbits.adminkey"));
     std::fs::write(&inkey, &service.inkey).expect("write key");
     std::fs::write(&adminkey, &service.adminkey).expect("write key");
-    harness::dev_config(data, |file| {
+    harness::dev_config_at(data, http_listen, |file| {
         file.wallet.backend = "lnbits".into();
         file.wallet.lnbits.url = lnbits.url.clone();
         file.wallet.lnbits.invoice_key_env = None;
@@ -526,6 +537,78 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
         harness::account_balance(&store, &account_of(&alice)),
         50_000
     );
+    b.stop().await;
+}
+
+/// One signed withdrawal pays out once, across a restart too: the restart empties the NIP-98
+/// replay cache while the auth event is still inside its window, and a Lightning address
+/// gives a fresh invoice (a fresh payment hash) each time, so only the recorded signature
+/// stops the same signed request from paying out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_withdrawal_sent_again_after_a_restart_pays_nothing() {
+    let lnbits = Lnbits::start().await;
+    let (service, customer, other) = (
+        lnbits.create_wallet("dvmd").await,
+        lnbits.create_wallet("customer").await,
+        lnbits.create_wallet("dvmd-b").await,
+    );
+    lnbits.fund(&customer, 1_000).await;
+    let data_b = harness::data_dir();
+    let b = crate::payouts::daemon_b(data_b.path(), &lnbits, &other).await;
+    let address = format!("dvmd@{}", b.ready().http_url.trim_start_matches("http://"));
+
+    let data = harness::data_dir();
+    let listen = format!("127.0.0.1:{}", harness::free_port());
+    let start = || {
+        let config = lnbits_config_at(data.path(), &listen, &lnbits, &service, |file| {
+            file.wallet.payout_lnurl_allow_loopback_http = true;
+        });
+        let parts = Parts {
+            backend: Some(Arc::new(dvmd::infer::instant::InstantBackend::new("-"))),
+            ..Parts::default()
+        };
+        Daemon::start(config, parts)
+    };
+    let a = start().await.expect("daemon starts");
+    let alice = Keys::generate();
+    top_up(&a, &lnbits, &customer, &alice, 100).await;
+    let url = format!("{}/v1/account/withdraw", a.ready().http_url);
+    let body = format!(r#"{{"lightning_address":"{address}","amount_msat":30000}}"#);
+    let header = harness::nip98_with_nonce(&alice, &url, "POST", Some(&body));
+    let send = |header: String| {
+        reqwest::Client::new()
+            .post(&url)
+            .header("Authorization", header)
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    let paid = send(header.clone()).await.expect("POST");
+    assert_eq!(paid.status(), 200);
+    let received = lnbits.balance_msat(&other).await;
+    a.stop().await;
+
+    let a = start().await.expect("daemon starts again");
+    let again = send(header).await.expect("POST");
+    assert_eq!(again.status(), 409);
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["error"]["code"], "already_ran", "{again}");
+    assert_eq!(
+        lnbits.balance_msat(&other).await,
+        received,
+        "nothing left again"
+    );
+    let store = a.pipeline().book().store();
+    assert_eq!(
+        harness::account_balance(store, &account_of(&alice)),
+        100_000 - 30_000 - harness::ledger_ok(store).routing_fee_msat,
+        "debited once"
+    );
+    // A new signature withdraws as before.
+    let header = harness::nip98_with_nonce(&alice, &url, "POST", Some(&body));
+    assert_eq!(send(header).await.expect("POST").status(), 200);
+    a.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
     b.stop().await;
 }
 

@@ -121,6 +121,9 @@ pub enum PayoutRefusal {
     /// This hash was paid out before, or is an invoice of this service.
     #[error("{0}")]
     Hash(String),
+    /// The signed request (its NIP-98 auth event) asked for a payout before.
+    #[error("this signed request was used before (a restart does not make it new); sign a new one to withdraw again")]
+    Signed,
     /// The store failed.
     #[error(transparent)]
     Book(#[from] BookError),

@@ -31,6 +31,29 @@ where
 }
 
 impl Book {
+    /// Record that the signed request `auth` (its NIP-98 auth event) asks for a payout,
+    /// durably, before the payout is booked; [`PayoutRefusal::Signed`] if it asked before.
+    ///
+    /// The HTTP door's replay cache is in memory, and a restart empties it while the event is
+    /// still inside its window: without this, the same signed withdrawal to a Lightning address
+    /// (a fresh invoice, so a fresh payment hash, each time) would pay out again. A crash
+    /// between this and the booking leaves the signature used and nothing paid: the caller
+    /// signs again. One key of 38 bytes a signed withdrawal, kept.
+    pub async fn claim_payout_signature(&self, auth: [u8; 32]) -> Result<(), PayoutRefusal> {
+        let mut key = b"nip98:".to_vec();
+        key.extend_from_slice(&auth);
+        let at = unix_now();
+        self.store()
+            .commit(move |tx| {
+                if tx.contains(Tree::Meta, &key)? {
+                    return Err(abort(PayoutRefusal::Signed));
+                }
+                tx.put_raw(Tree::Meta, &key, &at.to_be_bytes())?;
+                Ok(())
+            })
+            .await
+    }
+
     /// Phase 1: book `payout` pending (its amount and most fee off the balance) with its
     /// record, durably, before the wallet is called.
     pub async fn begin_payout(&self, payout: Payout) -> Result<Payout, PayoutRefusal> {
