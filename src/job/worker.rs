@@ -478,7 +478,9 @@ impl Pipeline {
         let usage = job.usage.unwrap_or_default();
         let charged = job.charge_msat.unwrap_or(0);
         metrics.charged(charged, usage.prompt_tokens, usage.completion_tokens);
-        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.credit_msat, change_msat = job.funds_msat() - charged, "job settled");
+        // A pay-after job had no funds: it owes its charge, and has no change.
+        let change = job.funds_msat().saturating_sub(charged);
+        tracing::info!(job = %job.id, paid_msat = job.paid_msat, charge_msat = charged, credit_msat = job.credit_msat, change_msat = change, pay_after = job.pay_after, "job settled");
         self.note_settlement(job);
     }
 }

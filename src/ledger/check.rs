@@ -190,7 +190,15 @@ pub fn check(reader: &Reader<'_>) -> Result<Totals, LedgerError> {
             )));
         }
     }
-    totals.receivable_msat = totals.debt_msat - totals.debt_repaid_msat;
+    totals.receivable_msat = totals
+        .debt_msat
+        .checked_sub(totals.debt_repaid_msat)
+        .ok_or_else(|| {
+            LedgerError::Invariant(format!(
+                "debts repaid ({} msat) exceed the debts booked ({} msat)",
+                totals.debt_repaid_msat, totals.debt_msat
+            ))
+        })?;
     for item in reader.scan_raw(Tree::Receivables) {
         let (key, raw) = item?;
         let account = Account::from_key(&key).ok_or_else(|| {

@@ -138,9 +138,13 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// The daemon binary running as a child process (for kill -9 tests and peer clients).
+/// The daemon binary running as a child process (for kill -9 tests and peer clients). Its
+/// stderr is passed through, and a panic in it (a task that died: tokio logs it and serves on)
+/// fails the test when the daemon is stopped or killed.
 pub struct DaemonProcess {
     child: Child,
+    /// The first `panicked at` line the daemon wrote, with the line after it.
+    panicked: Arc<std::sync::Mutex<Option<String>>>,
     /// The `dvmd ready` line's fields.
     pub relay_url: String,
     /// HTTP base URL.
@@ -169,9 +173,24 @@ impl DaemonProcess {
             .arg(model_path())
             .env("DVMD_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn dvmd");
+        let panicked: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let stderr = child.stderr.take().expect("stderr");
+        let seen = panicked.clone();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+            while let Some(Ok(line)) = lines.next() {
+                eprintln!("{line}");
+                if line.contains(" panicked at ") {
+                    let next = lines.next().and_then(Result::ok).unwrap_or_default();
+                    eprintln!("{next}");
+                    let mut first = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    first.get_or_insert(format!("{line} {next}"));
+                }
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
@@ -191,6 +210,7 @@ impl DaemonProcess {
             http_url: field("http"),
             pubkey: field("pubkey"),
             child,
+            panicked,
         }
     }
 
@@ -198,6 +218,17 @@ impl DaemonProcess {
     pub fn kill(mut self) {
         self.child.kill().expect("kill");
         self.child.wait().expect("wait");
+        self.assert_no_panic();
+    }
+
+    /// Fail if the daemon panicked so far.
+    pub fn assert_no_panic(&self) {
+        // The reader thread may still be writing the last lines out.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let panicked = self.panicked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(line) = panicked.as_ref() {
+            panic!("the daemon panicked: {line}");
+        }
     }
 
     /// SIGTERM and wait for a graceful exit.
@@ -208,6 +239,7 @@ impl DaemonProcess {
             .status()
             .expect("kill -TERM");
         let status = self.child.wait().expect("wait");
+        self.assert_no_panic();
         assert!(status.success(), "dvmd exited with {status}");
     }
 }

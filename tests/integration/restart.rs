@@ -203,6 +203,8 @@ struct Tracked {
     request: Event,
     /// The distinct result events seen for it.
     results: HashSet<EventId>,
+    /// A pay-after job's invoice (its result's `amount` tag), paid once the result is in.
+    owed: Option<String>,
 }
 
 type Tracks = std::sync::Arc<std::sync::Mutex<Vec<Tracked>>>;
@@ -226,6 +228,59 @@ async fn killed_four_times_while_spending_credit_nothing_is_overdrawn_or_left_he
     crash_under_load(Paying::Credit).await;
 }
 
+/// The same for trusted npubs: jobs run before they are paid, each customer pays the invoice
+/// its result carries, and in the end (each invoice paid again, which the wallet refuses if it
+/// was) nobody owes anything and every repayment was booked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_four_times_while_trusted_npubs_pay_after_every_debt_is_booked_once() {
+    crash_under_load(Paying::After).await;
+}
+
+/// `dvmd trust set <npub> <tier>` on the daemon running on `data`.
+fn trust(data: &std::path::Path, npub: &PublicKey, tier: &str) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_dvmd"))
+        .args(["trust", "set", &npub.to_hex(), tier, "--config"])
+        .arg(data.join("dvmd.toml"))
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("dvmd trust set");
+    assert!(status.success(), "dvmd trust set: {status}");
+}
+
+/// Pay every pay-after invoice a customer saw (again: the wallet refuses one paid before), then
+/// wait until no customer owes anything.
+async fn repay_everything(http_url: &str, customers: &[(Keys, Tracks)]) {
+    for (keys, tracks) in customers {
+        let owed: Vec<String> = tracks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|t| t.owed.clone())
+            .collect();
+        for bolt11 in owed {
+            try_dev_pay(http_url, &bolt11).await.expect("repay");
+        }
+        let url = format!("{http_url}/v1/account");
+        for attempt in 0.. {
+            let header = harness::nip98_with_nonce(keys, &url, "get", None);
+            let (status, account) = http_call(reqwest::Method::GET, &url, header, None)
+                .await
+                .expect("GET /v1/account");
+            assert_eq!(status, 200, "{account}");
+            if account["owed_msat"] == 0 {
+                break;
+            }
+            assert!(
+                attempt < 500,
+                "still owed after every invoice was paid: {account}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// How the customers of a kill -9 run pay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Paying {
@@ -233,6 +288,9 @@ enum Paying {
     Invoices,
     /// From credit topped up by zap, then invoices for what it does not cover.
     Credit,
+    /// Trusted npubs: jobs run first and are paid after (the invoice comes with the result),
+    /// within the trusted credit.
+    After,
 }
 
 /// Credit a customer tops up with under [`Paying::Credit`]: a few jobs' worth (a job costs
@@ -267,6 +325,11 @@ async fn crash_under_load(paying: Paying) {
                 harness::zap_top_up(http, relay, keys, service(&daemon), CRASH_TOP_UP_MSAT).await;
             }
         }
+        if run == 0 && paying == Paying::After {
+            for (keys, _) in &customers {
+                trust(data.path(), &keys.public_key(), "trusted");
+            }
+        }
         let stop = CancellationToken::new();
         let tasks: Vec<_> = customers
             .iter()
@@ -295,6 +358,9 @@ async fn crash_under_load(paying: Paying) {
                 if let Err(why) = outcome.expect("customer task") {
                     panic!("{why}\n{}", crash_dump(&customers));
                 }
+            }
+            if paying == Paying::After {
+                repay_everything(&daemon.http_url, &customers).await;
             }
             daemon.terminate();
             break;
@@ -347,32 +413,49 @@ async fn crash_under_load(paying: Paying) {
             "job {request}: the customer saw exactly the one result stored"
         );
         let quote = job.quote_msat.expect("quoted");
-        // Paid once: its invoice (for what credit did not cover), not twice, not another.
+        let charge = job.charge_msat.expect("charged");
         let invoiced = job
             .invoice
             .as_ref()
             .map_or(0, |invoice| invoice.amount_msat);
-        assert_eq!(job.paid_msat, invoiced, "job {request}: {job:?}");
-        if invoiced > 0 {
-            assert_eq!(job.funds_msat(), quote, "job {request}: {job:?}");
-        } else {
-            // From credit alone: up to its limit, what it does not use released.
-            assert!(job.credit_msat >= quote && job.credit_msat <= job.limit_msat());
-        }
-        assert_eq!(job.held_msat, 0, "job {request} holds nothing once settled");
-        let charge = job.charge_msat.expect("charged");
-        assert!(charge > 0 && charge <= quote);
         let account = accounts
             .entry(job.customer.npub().expect("a relay customer"))
             .or_default();
-        account.0 += job.paid_msat;
+        if job.pay_after {
+            // Run first: its invoice is for exactly its charge, and the payment went to the
+            // account (repaying the debt), not to the job.
+            assert_eq!(paying, Paying::After);
+            assert_eq!(
+                (job.paid_msat, invoiced),
+                (0, charge),
+                "job {request}: {job:?}"
+            );
+            account.0 += charge;
+        } else {
+            // Paid once: its invoice (for what credit did not cover), not twice, not another.
+            assert_eq!(job.paid_msat, invoiced, "job {request}: {job:?}");
+            if invoiced > 0 {
+                assert_eq!(job.funds_msat(), quote, "job {request}: {job:?}");
+            } else {
+                // From credit alone: up to its limit, what it does not use released.
+                assert!(job.credit_msat >= quote && job.credit_msat <= job.limit_msat());
+            }
+            account.0 += job.paid_msat;
+        }
+        assert_eq!(job.held_msat, 0, "job {request} holds nothing once settled");
+        assert!(charge > 0 && charge <= quote);
         account.1 += charge;
     }
     let totals = harness::ledger_ok(&store);
-    let paid: u64 = stored.values().map(|j| j.paid_msat).sum();
+    let repaid: u64 = stored
+        .values()
+        .filter(|j| j.pay_after)
+        .filter_map(|j| j.charge_msat)
+        .sum();
+    let paid = stored.values().map(|j| j.paid_msat).sum::<u64>() + repaid;
     let charged: u64 = stored.values().filter_map(|j| j.charge_msat).sum();
     let top_ups = match paying {
-        Paying::Invoices => 0,
+        Paying::Invoices | Paying::After => 0,
         Paying::Credit => CRASH_TOP_UP_MSAT,
     };
     assert_eq!(
@@ -382,12 +465,17 @@ async fn crash_under_load(paying: Paying) {
     );
     assert_eq!(totals.charge_msat, charged, "every job charged once");
     assert_eq!(totals.held_msat, 0);
+    assert_eq!(totals.receivable_msat, 0, "every debt repaid, once");
     for (customer, (paid, charged)) in accounts {
         assert_eq!(
             harness::balance(&store, &customer),
             top_ups + paid - charged,
             "{customer}: top-up + payments - charges"
         );
+    }
+    if paying == Paying::After {
+        let after = stored.values().filter(|j| j.pay_after).count();
+        assert!(after > 0, "no job ran before it was paid");
     }
     if paying == Paying::Credit {
         let from_credit = stored.values().filter(|j| j.credit_msat > 0).count();
@@ -444,7 +532,7 @@ async fn crash_customer(
                     let params: &[(&str, &str)] = match who.paying {
                         // Every job by its own invoice: the change of one never pays the next.
                         Paying::Invoices => &[("max_tokens", "16"), ("pay_from_credit", "false")],
-                        Paying::Credit => &[("max_tokens", "16")],
+                        Paying::Credit | Paying::After => &[("max_tokens", "16")],
                     };
                     let request = dvmd::signatures::sign(
                         customer::text_request(
@@ -458,14 +546,21 @@ async fn crash_customer(
                     tracks.push(Tracked {
                         request: request.clone(),
                         results: HashSet::new(),
+                        owed: None,
                     });
                     (tracks.len() - 1, request)
                 }
             };
-            let result = follow_paid_job(&mut customer, &who.http_url, &request).await?;
-            tracks.lock().unwrap_or_else(|e| e.into_inner())[index]
-                .results
-                .insert(result);
+            let (result, owed) = follow_paid_job(&mut customer, &who.http_url, &request).await?;
+            {
+                let mut tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+                tracks[index].results.insert(result);
+                tracks[index].owed = owed.clone();
+            }
+            if let Some(owed) = owed {
+                // Run first, paid after: its invoice came with the result.
+                try_dev_pay(&who.http_url, &owed).await?;
+            }
             seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     };
@@ -479,12 +574,13 @@ async fn crash_customer(
 
 /// Send `request` (again, after a restart) and see it through: pay each invoice it is asked
 /// to (one already paid is refused by the wallet, and the daemon books the first payment),
-/// until its result comes. Returns the result's id.
+/// until its result comes. Returns the result's id, and the invoice its `amount` tag carries
+/// (a pay-after job's).
 async fn follow_paid_job(
     customer: &mut Customer,
     http_url: &str,
     request: &Event,
-) -> Result<EventId, String> {
+) -> Result<(EventId, Option<String>), String> {
     customer
         .send(request)
         .await
@@ -504,27 +600,39 @@ async fn follow_paid_job(
             .await
             .map_err(|e| format!("job {}: {e}", request.id))?;
         match reply {
-            Reply::Result(result) => return Ok(result.id),
+            Reply::Result(result) => {
+                let owed = result.tags.iter().find_map(|tag| match tag.as_slice() {
+                    [name, _, bolt11, ..] if name == "amount" => Some(bolt11.clone()),
+                    _ => None,
+                });
+                return Ok((result.id, owed));
+            }
             Reply::Feedback {
                 status: Some(JobStatus::PaymentRequired),
                 amount: Some(amount),
                 ..
             } => {
                 let bolt11 = amount.bolt11.ok_or("payment-required without an invoice")?;
-                let paid = reqwest::Client::new()
-                    .post(format!("{http_url}/dev/pay"))
-                    .json(&serde_json::json!({ "bolt11": bolt11 }))
-                    .send()
-                    .await
-                    .map_err(|e| format!("/dev/pay: {e}"))?;
-                // 4xx: paid before the kill (or its replayed invoice); the booking follows.
-                if paid.status().is_server_error() {
-                    return Err(format!("/dev/pay answered {}", paid.status()));
-                }
+                try_dev_pay(http_url, &bolt11).await?;
             }
             other => return Err(format!("job {}: {other:?}", request.id)),
         }
     }
+}
+
+/// Pay `bolt11` through `/dev/pay`. A 4xx is an invoice paid before (before a kill, or one
+/// asked for again): the wallet refuses it, and the first payment is what gets booked.
+async fn try_dev_pay(http_url: &str, bolt11: &str) -> Result<(), String> {
+    let paid = reqwest::Client::new()
+        .post(format!("{http_url}/dev/pay"))
+        .json(&serde_json::json!({ "bolt11": bolt11 }))
+        .send()
+        .await
+        .map_err(|e| format!("/dev/pay: {e}"))?;
+    if paid.status().is_server_error() {
+        return Err(format!("/dev/pay answered {}", paid.status()));
+    }
+    Ok(())
 }
 
 /// What the customers saw, for a failure.
