@@ -9,6 +9,24 @@ use std::time::Duration;
 
 use crate::job::JobState;
 
+/// Panics in this process since it started (see [`count_panics`]).
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Count every panic in the process and log it at `error`, then print it as before. A panic
+/// in a task ends only that task (tokio logs it to stderr and serves on), so the daemon would
+/// go on with whatever that task was doing left undone; `dvmd_panics_total` and the log line
+/// are how an operator learns of it. Installed once, by `dvmd run`.
+pub fn count_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::Relaxed);
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        tracing::error!(thread, panic = %info, "a panic stopped a task; please report it");
+        default(info);
+    }));
+}
+
 /// Why an incoming event was not made into a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
@@ -306,6 +324,12 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         counter(
             &mut out,
+            "dvmd_panics_total",
+            "Panics in the daemon since it started (each stopped a task; the log says where).",
+            PANICS.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
             "dvmd_events_received_total",
             "Job request events received from relays.",
             self.events_received.load(Ordering::Relaxed),
@@ -553,6 +577,24 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_any_thread_is_counted() {
+        super::count_panics();
+        let rendered = || Metrics::default().render();
+        let before = super::PANICS.load(Ordering::Relaxed);
+        let died = std::thread::Builder::new()
+            .name("a task that dies".to_owned())
+            .spawn(|| panic!("on purpose"))
+            .expect("spawn")
+            .join();
+        assert!(died.is_err());
+        let counted = rendered()
+            .lines()
+            .find_map(|line| line.strip_prefix("dvmd_panics_total ")?.parse::<u64>().ok())
+            .expect("dvmd_panics_total");
+        assert!(counted > before, "{counted} after {before}");
+    }
 
     #[test]
     fn renders_prometheus_text() {

@@ -94,6 +94,10 @@ async fn fifty_customers_run_twenty_paid_jobs_each_with_nothing_lost() {
     };
     assert!(gauge("allocated") > 0 && gauge("allocated") <= gauge("active"));
     assert!(gauge("resident") >= gauge("active"));
+    assert!(
+        metrics.lines().any(|line| line == "dvmd_panics_total 0"),
+        "no task panicked under load"
+    );
     daemon.terminate();
     stub.stop().await;
 

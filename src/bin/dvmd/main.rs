@@ -103,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     model_path: model,
                 },
             )?;
+            dvmd::metrics::count_panics();
             let daemon = Daemon::start(config, Parts::default()).await?;
             // The one line scripts wait for; everything else goes to the log on stderr.
             println!("{}", daemon.ready());
