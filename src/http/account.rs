@@ -14,7 +14,7 @@ use nostr_sdk::{PublicKey, ToBech32};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api::{authenticate, parts, ApiConfig, OpenAiError, ReadBody};
+use super::api::{authorized, parts, ApiConfig, OpenAiError, ReadBody};
 use super::HttpState;
 use crate::job::account::{check_top_up, TopUpRefusal};
 use crate::job::Pipeline;
@@ -39,7 +39,7 @@ pub(super) async fn account(
     query: Result<Query<AccountQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, peer, &method, &uri, &headers, &[])?;
+    let who = authorized(api, peer, &method, &uri, &headers, &[])?.pubkey;
     let Query(query) = query.map_err(|e| OpenAiError::invalid(e.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_ENTRIES).min(MAX_ENTRIES);
     let view = pipeline
@@ -80,7 +80,7 @@ pub(super) async fn settings(
     ReadBody(body): ReadBody,
 ) -> Result<impl IntoResponse, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, peer, &method, &uri, &headers, &body)?;
+    let who = authorized(api, peer, &method, &uri, &headers, &body)?.pubkey;
     let Settings { auto_payout } = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("expected {{\"auto_payout\": true}}: {e}")))?;
     let settings = pipeline
@@ -178,7 +178,7 @@ pub(super) async fn topup(
     ReadBody(body): ReadBody,
 ) -> Result<impl IntoResponse, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
-    let who = authenticate(api, peer, &method, &uri, &headers, &body)?;
+    let who = authorized(api, peer, &method, &uri, &headers, &body)?.pubkey;
     let TopUp { amount_msat } = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("expected {{\"amount_msat\": <msat>}}: {e}")))?;
     // A refused amount costs no invoice, so it takes no token from the flood limit.

@@ -22,7 +22,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nostr_sdk::{PublicKey, Timestamp};
+use nostr_sdk::Timestamp;
 use serde_json::json;
 
 pub use super::error::OpenAiError;
@@ -276,19 +276,8 @@ pub(super) fn parts(state: &HttpState) -> Result<(&ApiConfig, &Pipeline), OpenAi
     }
 }
 
-/// Who signed this request (NIP-98), checked against its public URL, method and body.
-pub(super) fn authenticate(
-    api: &ApiConfig,
-    peer: SocketAddr,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<PublicKey, OpenAiError> {
-    authorized(api, peer, method, uri, headers, body).map(|authorized| authorized.pubkey)
-}
-
-/// [`authenticate`], with the auth event's id.
+/// Who signed this request (NIP-98), checked against its public URL, method and body, and the
+/// auth event's id.
 pub(super) fn authorized(
     api: &ApiConfig,
     peer: SocketAddr,

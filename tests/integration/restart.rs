@@ -298,7 +298,7 @@ enum Paying {
 const CRASH_TOP_UP_MSAT: u64 = 4_000;
 
 async fn crash_under_load(paying: Paying) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Arc;
     use tokio_util::sync::CancellationToken;
 
@@ -307,10 +307,7 @@ async fn crash_under_load(paying: Paying) {
         .expect("stub server");
     let data = harness::data_dir();
     let (relay_port, http_port) = (harness::free_port(), harness::free_port());
-    let config = format!(
-        "[service]\nworkers = 8\n[trust]\nnew_requests_per_minute = 100000\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
-        stub.base_url()
-    );
+    let config = stub_config(&stub);
     let customers: Vec<(Keys, Tracks)> = (0..CRASH_CUSTOMERS)
         .map(|_| (Keys::generate(), Tracks::default()))
         .collect();
@@ -348,37 +345,18 @@ async fn crash_under_load(paying: Paying) {
                 ))
             })
             .collect();
+        let dump = || crash_dump(&customers);
         let Some(&kill_at) = KILL_AT_RESULTS.get(run) else {
             // The last run: everything finishes.
-            let all = futures::future::join_all(tasks);
-            let outcomes = tokio::time::timeout_at(started + CRASH_DEADLINE, all)
-                .await
-                .unwrap_or_else(|_| panic!("the run stalled: {}", crash_dump(&customers)));
-            for outcome in outcomes {
-                if let Err(why) = outcome.expect("customer task") {
-                    panic!("{why}\n{}", crash_dump(&customers));
-                }
-            }
+            finish(tasks, started + CRASH_DEADLINE, dump).await;
             if paying == Paying::After {
                 repay_everything(&daemon.http_url, &customers).await;
             }
             daemon.terminate();
             break;
         };
-        while seen.load(Ordering::Relaxed) < kill_at {
-            assert!(
-                started.elapsed() < CRASH_DEADLINE,
-                "no progress to {kill_at} results: {}",
-                crash_dump(&customers)
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        daemon.kill();
-        stop.cancel();
-        for task in tasks {
-            // Errors are expected here: the daemon died under them.
-            let _ = task.await.expect("customer task");
-        }
+        let deadline = started + CRASH_DEADLINE;
+        kill_when(daemon, &seen, kill_at, deadline, dump, stop, tasks).await;
     }
     stub.stop().await;
 
@@ -620,6 +598,59 @@ async fn follow_paid_job(
     }
 }
 
+/// The config of a kill -9 run's daemon: 8 workers on the OpenAI-compatible stub (answers at
+/// once), and room for many new keys at once.
+fn stub_config(stub: &dvmd::bench::stub::StubServer) -> String {
+    format!(
+        "[service]\nworkers = 8\n[trust]\nnew_requests_per_minute = 100000\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
+        stub.base_url()
+    )
+}
+
+/// The customers of a kill -9 run's last run: all finish by `deadline`, or the test fails with
+/// `dump`.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    deadline: tokio::time::Instant,
+    dump: impl Fn() -> String,
+) {
+    let all = futures::future::join_all(tasks);
+    let outcomes = tokio::time::timeout_at(deadline, all)
+        .await
+        .unwrap_or_else(|_| panic!("the run stalled: {}", dump()));
+    for outcome in outcomes {
+        if let Err(why) = outcome.expect("customer task") {
+            panic!("{why}\n{}", dump());
+        }
+    }
+}
+
+/// Kill -9 `daemon` once `progress` reaches `at` (by `deadline`, or the test fails with
+/// `dump`), then stop its customers: their errors are expected, the daemon died under them.
+async fn kill_when(
+    daemon: DaemonProcess,
+    progress: &std::sync::atomic::AtomicUsize,
+    at: usize,
+    deadline: tokio::time::Instant,
+    dump: impl Fn() -> String,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+) {
+    while progress.load(std::sync::atomic::Ordering::Relaxed) < at {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress to {at}: {}",
+            dump()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    daemon.kill();
+    stop.cancel();
+    for task in tasks {
+        let _ = task.await.expect("customer task");
+    }
+}
+
 /// Pay `bolt11` through `/dev/pay`. A 4xx is an invoice paid before (before a kill, or one
 /// asked for again): the wallet refuses it, and the first payment is what gets booked.
 async fn try_dev_pay(http_url: &str, bolt11: &str) -> Result<(), String> {
@@ -683,10 +714,7 @@ async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_th
         .expect("stub server");
     let data = harness::data_dir();
     let (relay_port, http_port) = (harness::free_port(), harness::free_port());
-    let config = format!(
-        "[service]\nworkers = 8\n[trust]\nnew_requests_per_minute = 100000\n[infer]\nbackend = \"openai\"\n[infer.openai]\nbase_url = \"{}\"\nmodel = \"stub\"\n",
-        stub.base_url()
-    );
+    let config = stub_config(&stub);
     let customers: Vec<(Keys, Arc<Mutex<Vec<HttpTracked>>>)> = (0..HTTP_CRASH_CUSTOMERS)
         .map(|_| (Keys::generate(), Arc::default()))
         .collect();
@@ -716,29 +744,14 @@ async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_th
                 })
             })
             .collect();
+        let dump = || format!("{} jobs settled", settled.load(Ordering::Relaxed));
         let Some(&kill_at) = HTTP_KILL_AT_SETTLED.get(run) else {
-            let all = futures::future::join_all(tasks);
-            let outcomes = tokio::time::timeout_at(started + CRASH_DEADLINE, all)
-                .await
-                .expect("the run stalled");
-            for outcome in outcomes {
-                outcome.expect("customer task").expect("customer");
-            }
+            finish(tasks, started + CRASH_DEADLINE, dump).await;
             daemon.terminate();
             break;
         };
-        while settled.load(Ordering::Relaxed) < kill_at {
-            assert!(
-                started.elapsed() < CRASH_DEADLINE,
-                "no progress to {kill_at} settled jobs"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        daemon.kill();
-        stop.cancel();
-        for task in tasks {
-            let _ = task.await.expect("customer task");
-        }
+        let deadline = started + CRASH_DEADLINE;
+        kill_when(daemon, &settled, kill_at, deadline, dump, stop, tasks).await;
     }
     stub.stop().await;
 

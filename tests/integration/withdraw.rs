@@ -480,8 +480,19 @@ async fn a_payout_the_wallet_says_failed_gives_the_credit_back() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_refused() {
+/// LNbits with the service's wallet, a customer's funded with 1,000 sats, and B: another dvmd
+/// with a Lightning address (`dvmd@host`) on a third wallet.
+struct AddressBank {
+    lnbits: Lnbits,
+    service: LnbitsAccount,
+    customer: LnbitsAccount,
+    other: LnbitsAccount,
+    b: Daemon,
+    address: String,
+    _data_b: tempfile::TempDir,
+}
+
+async fn address_bank() -> AddressBank {
     let lnbits = Lnbits::start().await;
     let (service, customer, other) = (
         lnbits.create_wallet("dvmd").await,
@@ -489,10 +500,31 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
         lnbits.create_wallet("dvmd-b").await,
     );
     lnbits.fund(&customer, 1_000).await;
-    // B: another dvmd with a Lightning address (`dvmd@host`) on its own LNbits wallet.
     let data_b = harness::data_dir();
     let b = crate::payouts::daemon_b(data_b.path(), &lnbits, &other).await;
     let address = format!("dvmd@{}", b.ready().http_url.trim_start_matches("http://"));
+    AddressBank {
+        lnbits,
+        service,
+        customer,
+        other,
+        b,
+        address,
+        _data_b: data_b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_refused() {
+    let AddressBank {
+        lnbits,
+        service,
+        customer,
+        other,
+        b,
+        address,
+        _data_b,
+    } = address_bank().await;
 
     // A, with the tests-only setting that lets a loopback LNURL host through.
     let data = harness::data_dir();
@@ -546,16 +578,15 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
 /// stops the same signed request from paying out again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_withdrawal_sent_again_after_a_restart_pays_nothing() {
-    let lnbits = Lnbits::start().await;
-    let (service, customer, other) = (
-        lnbits.create_wallet("dvmd").await,
-        lnbits.create_wallet("customer").await,
-        lnbits.create_wallet("dvmd-b").await,
-    );
-    lnbits.fund(&customer, 1_000).await;
-    let data_b = harness::data_dir();
-    let b = crate::payouts::daemon_b(data_b.path(), &lnbits, &other).await;
-    let address = format!("dvmd@{}", b.ready().http_url.trim_start_matches("http://"));
+    let AddressBank {
+        lnbits,
+        service,
+        customer,
+        other,
+        b,
+        address,
+        _data_b,
+    } = address_bank().await;
 
     let data = harness::data_dir();
     let listen = format!("127.0.0.1:{}", harness::free_port());
