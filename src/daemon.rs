@@ -276,6 +276,8 @@ impl Daemon {
         pipeline.recover().await;
         let labeller = pipeline.clone();
         tasks.spawn(async move { labeller.publish_unlabelled().await });
+        let zaps = pipeline.clone();
+        tasks.spawn(async move { zaps.publish_due_zap_receipts().await });
         tasks.spawn(pipeline.clone().watch_settlements(cancel.child_token()));
         tasks.spawn(pipeline.clone().reconcile(cancel.child_token()));
         tasks.spawn(relays.clone().release_reply_relays(cancel.child_token()));

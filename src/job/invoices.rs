@@ -11,7 +11,7 @@ use super::holds::post;
 use super::record::Job;
 use super::state::JobState;
 use crate::ledger::{self, Entry, EntryKind};
-use crate::store::{Tree, Tx, TxError};
+use crate::store::{be_u64, Tree, Tx, TxError};
 use crate::wallet::{Invoice, PaymentHash};
 
 /// An invoice we issued and what it pays for. A payment hash pays for one thing once: the
@@ -198,6 +198,15 @@ fn continue_paid(
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }
 
+/// `meta` keys of zaps booked whose receipt is owed: this prefix, then the payment hash.
+const ZAP_RECEIPT_PREFIX: &[u8] = b"zap_receipt:";
+
+fn zap_receipt_key(hash: &PaymentHash) -> Vec<u8> {
+    let mut key = ZAP_RECEIPT_PREFIX.to_vec();
+    key.extend_from_slice(&hash.0);
+    key
+}
+
 impl Book {
     /// Record another invoice we issued (a zap for a job, or a top-up), durably. Only after
     /// this returns may the invoice be handed out. A job-bound invoice is refused unless the
@@ -324,8 +333,55 @@ impl Book {
                 }
                 record.consumed = true;
                 tx.remove(Tree::OpenPayments, &hash.0)?;
+                if record.zap_request.is_some() {
+                    // Its receipt is owed from this write on (see `zap_receipts_due`).
+                    tx.put_raw(Tree::Meta, &zap_receipt_key(&hash), &at.to_be_bytes())?;
+                }
                 book_consumed(tx, &hash, &record, paid_msat, at)
             })
+            .await
+    }
+
+    /// The zaps booked whose receipt is not out yet: (payment hash, when it was booked, unix
+    /// seconds, the receipt's `created_at`). A zap's booking records that its receipt is owed,
+    /// in the same write; publishing it clears that ([`Book::zap_receipt_published`]). A crash
+    /// between the two, or relays that refused every attempt, leave it here, and the next start
+    /// publishes it: the same event (same `created_at`, so the same id) if it did go out.
+    pub async fn zap_receipts_due(&self) -> Result<Vec<(PaymentHash, u64)>, BookError> {
+        self.store()
+            .read(|r| {
+                let mut due = Vec::new();
+                for key in r.keys_with_prefix_rev(Tree::Meta, ZAP_RECEIPT_PREFIX) {
+                    let key = key?;
+                    let Some(hash) = key.get(ZAP_RECEIPT_PREFIX.len()..) else {
+                        continue;
+                    };
+                    let (Ok(hash), Some(at)) = (
+                        <[u8; 32]>::try_from(hash),
+                        r.get_raw(Tree::Meta, &key)?.as_deref().and_then(be_u64),
+                    ) else {
+                        continue;
+                    };
+                    due.push((PaymentHash(hash), at));
+                }
+                Ok(due)
+            })
+            .await
+    }
+
+    /// When the zap of `hash` was booked, if its receipt is still owed.
+    pub async fn zap_receipt_due(&self, hash: &PaymentHash) -> Result<Option<u64>, BookError> {
+        let key = zap_receipt_key(hash);
+        self.store()
+            .read(move |r| Ok(r.get_raw(Tree::Meta, &key)?.as_deref().and_then(be_u64)))
+            .await
+    }
+
+    /// The receipt of the zap of `hash` is out.
+    pub async fn zap_receipt_published(&self, hash: &PaymentHash) -> Result<(), BookError> {
+        let key = zap_receipt_key(hash);
+        self.store()
+            .apply(move |tx| Ok::<_, TxError<BookError>>(tx.remove(Tree::Meta, &key)?))
             .await
     }
 

@@ -160,10 +160,8 @@ impl Pipeline {
         };
         match status {
             PaymentStatus::Paid { amount_msat } => {
-                if self.book_payment(hash, amount_msat).await {
-                    if let Some(zap_request) = &record.zap_request {
-                        self.publish_zap_receipt(zap_request, &record.bolt11).await;
-                    }
+                if self.book_payment(hash, amount_msat).await && record.zap_request.is_some() {
+                    self.publish_zap_receipt(hash).await;
                 }
             }
             PaymentStatus::Expired => {
@@ -265,10 +263,26 @@ impl Pipeline {
         fresh
     }
 
-    /// Publish the NIP-57 receipt for a zap our wallet confirmed, to the zap request's relays
-    /// and ours. The booking is made durable first: a receipt is a public claim of payment.
-    async fn publish_zap_receipt(&self, zap_request: &str, bolt11: &str) {
+    /// Publish the NIP-57 receipt for the zap of `hash` (booked, its receipt owed), to the zap
+    /// request's relays and ours, then record it out. The booking is made durable first: a
+    /// receipt is a public claim of payment. The receipt is dated when the zap was booked, so
+    /// publishing it again (after a crash before it was recorded out) makes the same event,
+    /// which relays and clients count once.
+    async fn publish_zap_receipt(&self, hash: &PaymentHash) {
         let inner = &self.inner;
+        let (due, record) = match (
+            inner.book.zap_receipt_due(hash).await,
+            inner.book.payment(hash).await,
+        ) {
+            (Ok(Some(paid_at)), Ok(Some(record))) => (paid_at, record),
+            (Ok(None), _) | (_, Ok(None)) => return,
+            (Err(e), _) | (_, Err(e)) => {
+                return tracing::error!(payment_hash = %hash, error = %e, "cannot read the zap to receipt")
+            }
+        };
+        let Some(zap_request) = &record.zap_request else {
+            return;
+        };
         let request = match nip57::parse_zap_request_unchecked_amount(zap_request) {
             Ok(request) => request,
             Err(e) => return tracing::error!(error = %e, "stored zap request unreadable"),
@@ -276,19 +290,41 @@ impl Pipeline {
         if let Err(e) = inner.book.store().sync().await {
             return tracing::error!(error = %e, "cannot persist zap payment");
         }
-        let receipt = nip57::receipt(&request, bolt11, None, nostr_sdk::Timestamp::now());
-        let receipt = self.sign(receipt);
+        let paid_at = nostr_sdk::Timestamp::from_secs(due);
+        let receipt = self.sign(nip57::receipt(&request, &record.bolt11, None, paid_at));
         match inner
             .outbox
             .publish(&receipt, &request.relays, FEEDBACK_ATTEMPTS)
             .await
         {
             Ok(_) => {
-                tracing::info!(zap = %request.event.id, sender = %request.event.pubkey, "zap receipt published")
+                tracing::info!(zap = %request.event.id, sender = %request.event.pubkey, receipt = %receipt.id, "zap receipt published");
+                if let Err(e) = inner.book.zap_receipt_published(hash).await {
+                    tracing::warn!(payment_hash = %hash, error = %e, "zap receipt published, not recorded; it goes out again (the same event) on the next start");
+                }
             }
             Err(e) => {
-                tracing::warn!(zap = %request.event.id, error = %e, "zap receipt not published")
+                tracing::warn!(zap = %request.event.id, error = %e, "zap receipt not published; it is tried again on the next start")
             }
+        }
+    }
+
+    /// Publish every zap receipt still owed (see [`Book::zap_receipts_due`]). On start.
+    ///
+    /// [`Book::zap_receipts_due`]: super::Book::zap_receipts_due
+    pub async fn publish_due_zap_receipts(&self) {
+        let due = match self.inner.book.zap_receipts_due().await {
+            Ok(due) => due,
+            Err(e) => return tracing::error!(error = %e, "cannot read the zap receipts owed"),
+        };
+        if !due.is_empty() {
+            tracing::info!(
+                count = due.len(),
+                "publishing zap receipts owed since before the restart"
+            );
+        }
+        for (hash, _) in due {
+            self.publish_zap_receipt(&hash).await;
         }
     }
 

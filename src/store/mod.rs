@@ -106,8 +106,9 @@ pub enum Tree {
     /// HTTP `Payment` sessions by id (the deposit's payment hash): the return invoice, what was
     /// deposited, and how it closed (`job::sessions::SessionRecord`).
     Sessions,
-    /// Schema version, keys, counters and checkpoints; and the NIP-98 auth event of each
-    /// signed withdrawal (`nip98:` and its 32 bytes: one signature pays out once).
+    /// Schema version, keys, counters and checkpoints; the NIP-98 auth event of each signed
+    /// withdrawal (`nip98:` and its 32 bytes: one signature pays out once); and each zap whose
+    /// receipt is owed (`zap_receipt:` and its payment hash, to when it was booked).
     Meta,
 }
 

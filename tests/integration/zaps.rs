@@ -278,3 +278,108 @@ async fn the_public_callback_issues_a_bounded_number_of_invoices() {
     assert_eq!(issued + refused, 6);
     daemon.stop().await;
 }
+
+/// A zap's receipt is owed from the write that books it until it is out. A crash in between
+/// (or relays that refused every attempt) leaves it owed, and the next start publishes it,
+/// dated when the zap was booked: a receipt that did go out before the crash goes out again
+/// as the same event, so an independent client counts the zap once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zap_receipt_owed_at_a_crash_goes_out_on_the_next_start_as_the_same_event() {
+    use dvmd::store::Tree;
+
+    let data = harness::data_dir();
+    let start = || async {
+        let backend = Arc::new(InstantBackend::new("-"));
+        harness::start(harness::dev_config(data.path(), |_| {}), Some(backend)).await
+    };
+    let daemon = start().await;
+    let ready = daemon.ready().clone();
+    let alice = Keys::generate();
+    harness::zap_top_up(
+        &ready.http_url,
+        &ready.relay_url,
+        &alice,
+        ready.pubkey,
+        21_000,
+    )
+    .await;
+    let filter = serde_json::json!({"kinds": [9735], "#P": [alice.public_key().to_hex()]});
+    let mut found = Vec::new();
+    for _ in 0..250 {
+        found = harness::nostr_tools_query(&ready.relay_url, &filter);
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    let receipt = found[0]["event"].clone();
+    let booked_at = receipt["created_at"].as_u64().expect("created_at");
+    let hash = bolt11::decode(
+        receipt["tags"]
+            .as_array()
+            .expect("tags")
+            .iter()
+            .find(|tag| tag[0] == "bolt11")
+            .and_then(|tag| tag[1].as_str())
+            .expect("a bolt11 tag"),
+    )
+    .expect("bolt11")
+    .payment_hash;
+    daemon.stop().await;
+
+    // What a crash after the publish and before its record leaves: the receipt still owed.
+    let mut key = b"zap_receipt:".to_vec();
+    key.extend_from_slice(&hash.0);
+    async fn owed(store: &dvmd::store::Store, key: &[u8]) -> Option<Vec<u8>> {
+        let key = key.to_vec();
+        store
+            .read(move |r| r.get_raw(Tree::Meta, &key))
+            .await
+            .expect("read")
+    }
+    {
+        let store = harness::open_store(data.path());
+        assert_eq!(
+            owed(&store, &key).await,
+            None,
+            "recorded out once published"
+        );
+        let (key, value) = (key.clone(), booked_at.to_be_bytes());
+        store
+            .apply(move |tx| {
+                tx.put_raw(Tree::Meta, &key, &value)?;
+                Ok::<_, dvmd::store::TxError<dvmd::store::StoreError>>(())
+            })
+            .await
+            .expect("write");
+    }
+
+    let daemon = start().await;
+    let relay = daemon.ready().relay_url.clone();
+    let mut again = Vec::new();
+    for _ in 0..250 {
+        again = harness::nostr_tools_query(&relay, &filter);
+        if !again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(
+        again[0]["event"]["id"], receipt["id"],
+        "the same event again"
+    );
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    assert_eq!(
+        owed(&store, &key).await,
+        None,
+        "recorded out after the restart"
+    );
+    assert_eq!(
+        harness::ledger_ok(&store).payment_in_msat,
+        21_000,
+        "booked once"
+    );
+}
