@@ -251,20 +251,14 @@ fn trust(data: &std::path::Path, npub: &PublicKey, tier: &str) {
 
 /// Pay every pay-after invoice a customer saw (again: the wallet refuses one paid before), then
 /// wait until no customer owes anything.
-async fn repay_everything(http_url: &str, customers: &[(Keys, Tracks)]) {
-    for (keys, tracks) in customers {
-        let owed: Vec<String> = tracks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|t| t.owed.clone())
-            .collect();
+async fn repay_everything(http_url: &str, customers: Vec<(Keys, Vec<String>)>) {
+    for (keys, owed) in customers {
         for bolt11 in owed {
             try_dev_pay(http_url, &bolt11).await.expect("repay");
         }
         let url = format!("{http_url}/v1/account");
         for attempt in 0.. {
-            let header = harness::nip98_with_nonce(keys, &url, "get", None);
+            let header = harness::nip98_with_nonce(&keys, &url, "get", None);
             let (status, account) = http_call(reqwest::Method::GET, &url, header, None)
                 .await
                 .expect("GET /v1/account");
@@ -350,7 +344,14 @@ async fn crash_under_load(paying: Paying) {
             // The last run: everything finishes.
             finish(tasks, started + CRASH_DEADLINE, dump).await;
             if paying == Paying::After {
-                repay_everything(&daemon.http_url, &customers).await;
+                let owed = customers.iter().map(|(keys, tracks)| {
+                    let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+                    (
+                        keys.clone(),
+                        tracks.iter().filter_map(|t| t.owed.clone()).collect(),
+                    )
+                });
+                repay_everything(&daemon.http_url, owed.collect()).await;
             }
             daemon.terminate();
             break;
@@ -695,6 +696,8 @@ struct HttpTracked {
     id: EventId,
     /// `Some(true)` settled, `Some(false)` never stored (its call died with the daemon).
     settled: Option<bool>,
+    /// A pay-after job's invoice (`pay_after.bolt11` of the settled job), paid when seen.
+    owed: Option<String>,
 }
 
 /// The `/v1/jobs` door under kill -9: ten npubs with credit create jobs back to back (each
@@ -705,6 +708,18 @@ struct HttpTracked {
 /// is held, and every balance is its top-up less its charges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_their_signature() {
+    http_jobs_under_kills(false).await;
+}
+
+/// The same for trusted npubs with no balance: each `/v1/jobs` job runs first, its settled view
+/// names the invoice for what it owes, and the customer pays it. In the end (each invoice paid
+/// again, which the wallet refuses if it was) nobody owes anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_pay_after_jobs_killed_three_times_under_load_are_owed_and_repaid_once() {
+    http_jobs_under_kills(true).await;
+}
+
+async fn http_jobs_under_kills(pay_after: bool) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use tokio_util::sync::CancellationToken;
@@ -725,9 +740,13 @@ async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_th
         let daemon = DaemonProcess::spawn(data.path(), relay_port, http_port, &config);
         if run == 0 {
             for (keys, _) in &customers {
-                let (http, relay) = (&daemon.http_url, &daemon.relay_url);
-                let service = service(&daemon);
-                harness::zap_top_up(http, relay, keys, service, HTTP_CRASH_TOP_UP_MSAT).await;
+                if pay_after {
+                    trust(data.path(), &keys.public_key(), "trusted");
+                } else {
+                    let (http, relay) = (&daemon.http_url, &daemon.relay_url);
+                    let service = service(&daemon);
+                    harness::zap_top_up(http, relay, keys, service, HTTP_CRASH_TOP_UP_MSAT).await;
+                }
             }
         }
         let stop = CancellationToken::new();
@@ -747,6 +766,16 @@ async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_th
         let dump = || format!("{} jobs settled", settled.load(Ordering::Relaxed));
         let Some(&kill_at) = HTTP_KILL_AT_SETTLED.get(run) else {
             finish(tasks, started + CRASH_DEADLINE, dump).await;
+            if pay_after {
+                let owed = customers.iter().map(|(keys, tracks)| {
+                    let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+                    (
+                        keys.clone(),
+                        tracks.iter().filter_map(|t| t.owed.clone()).collect(),
+                    )
+                });
+                repay_everything(&daemon.http_url, owed.collect()).await;
+            }
             daemon.terminate();
             break;
         };
@@ -768,21 +797,30 @@ async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_th
         let done = tracks.iter().filter(|t| t.settled == Some(true)).count();
         assert_eq!(done, HTTP_CRASH_JOBS);
         signed += tracks.len();
-        let mut charged = 0;
+        let (mut charged, mut repaid) = (0, 0);
         for t in tracks.iter() {
             match (t.settled, stored.get(&t.id)) {
                 (Some(true), Some(job)) => {
                     assert_eq!(job.state, JobState::Settled, "{job:?}");
                     assert_eq!(job.held_msat, 0);
                     let charge = job.charge_msat.expect("charged");
-                    assert!(charge > 0 && charge <= job.funds_msat());
+                    assert!(charge > 0);
+                    assert_eq!(job.pay_after, pay_after, "{job:?}");
+                    if job.pay_after {
+                        // Nothing reserved; the payment of its invoice repaid the charge.
+                        assert_eq!(job.funds_msat(), 0, "{job:?}");
+                        repaid += charge;
+                    } else {
+                        assert!(charge <= job.funds_msat());
+                    }
                     charged += charge;
                 }
                 (Some(false), None) => {}
                 (what, job) => panic!("job {}: customer saw {what:?}, stored {job:?}", t.id),
             }
         }
-        balances.insert(keys.public_key(), HTTP_CRASH_TOP_UP_MSAT - charged);
+        let top_up = if pay_after { 0 } else { HTTP_CRASH_TOP_UP_MSAT };
+        balances.insert(keys.public_key(), top_up + repaid - charged);
     }
     assert!(
         stored.len() <= signed,
@@ -790,6 +828,7 @@ async fn http_jobs_killed_three_times_under_load_settle_once_and_are_found_by_th
     );
     let totals = harness::ledger_ok(&store);
     assert_eq!(totals.held_msat, 0);
+    assert_eq!(totals.receivable_msat, 0, "every debt repaid, once");
     for (customer, balance) in balances {
         assert_eq!(harness::balance(&store, &customer), balance, "{customer}");
     }
@@ -829,6 +868,7 @@ async fn http_crash_customer(
                     tracks.push(HttpTracked {
                         id: auth_event_id(&header),
                         settled: None,
+                        owed: None,
                     });
                     tracks.len() - 1
                 };
@@ -850,7 +890,15 @@ async fn http_crash_customer(
             let (status, shown) = http_call(reqwest::Method::GET, &job_url, header, None).await?;
             match (status, shown["state"].as_str()) {
                 (404, _) => break false,
-                (200, Some("settled")) => break true,
+                (200, Some("settled")) => {
+                    if let Some(bolt11) = shown["pay_after"]["bolt11"].as_str() {
+                        // Run first: pay what it owes now.
+                        tracks.lock().unwrap_or_else(|e| e.into_inner())[index].owed =
+                            Some(bolt11.to_owned());
+                        try_dev_pay(http, bolt11).await?;
+                    }
+                    break true;
+                }
                 (200, Some("failed")) => return Err(format!("job {id} failed: {shown}")),
                 (200, _) => tokio::time::sleep(Duration::from_millis(5)).await,
                 _ => return Err(format!("GET {job_url}: {status} {shown}")),
