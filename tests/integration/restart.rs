@@ -249,6 +249,20 @@ fn trust(data: &std::path::Path, npub: &PublicKey, tier: &str) {
     assert!(status.success(), "dvmd trust set: {status}");
 }
 
+/// Each customer's keys and the pay-after invoices (`owed`) of its jobs.
+fn owed_by<T>(
+    customers: &[(Keys, std::sync::Arc<std::sync::Mutex<Vec<T>>>)],
+    owed: impl Fn(&T) -> Option<String>,
+) -> Vec<(Keys, Vec<String>)> {
+    customers
+        .iter()
+        .map(|(keys, tracks)| {
+            let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
+            (keys.clone(), tracks.iter().filter_map(&owed).collect())
+        })
+        .collect()
+}
+
 /// Pay every pay-after invoice a customer saw (again: the wallet refuses one paid before), then
 /// wait until no customer owes anything.
 async fn repay_everything(http_url: &str, customers: Vec<(Keys, Vec<String>)>) {
@@ -344,14 +358,8 @@ async fn crash_under_load(paying: Paying) {
             // The last run: everything finishes.
             finish(tasks, started + CRASH_DEADLINE, dump).await;
             if paying == Paying::After {
-                let owed = customers.iter().map(|(keys, tracks)| {
-                    let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
-                    (
-                        keys.clone(),
-                        tracks.iter().filter_map(|t| t.owed.clone()).collect(),
-                    )
-                });
-                repay_everything(&daemon.http_url, owed.collect()).await;
+                let owed = owed_by(&customers, |t| t.owed.clone());
+                repay_everything(&daemon.http_url, owed).await;
             }
             daemon.terminate();
             break;
@@ -767,14 +775,8 @@ async fn http_jobs_under_kills(pay_after: bool) {
         let Some(&kill_at) = HTTP_KILL_AT_SETTLED.get(run) else {
             finish(tasks, started + CRASH_DEADLINE, dump).await;
             if pay_after {
-                let owed = customers.iter().map(|(keys, tracks)| {
-                    let tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
-                    (
-                        keys.clone(),
-                        tracks.iter().filter_map(|t| t.owed.clone()).collect(),
-                    )
-                });
-                repay_everything(&daemon.http_url, owed.collect()).await;
+                let owed = owed_by(&customers, |t| t.owed.clone());
+                repay_everything(&daemon.http_url, owed).await;
             }
             daemon.terminate();
             break;
