@@ -289,6 +289,13 @@ async fn repay_everything(http_url: &str, customers: Vec<(Keys, Vec<String>)>) {
     }
 }
 
+/// The same paying by zaps (NIP-57, through our LNURL callback): every zap receipt goes out,
+/// and a zap of a job that a first zap paid before a kill is credited to its sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_four_times_while_customers_zap_every_zap_is_booked_once_and_receipted() {
+    crash_under_load(Paying::Zaps).await;
+}
+
 /// How the customers of a kill -9 run pay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Paying {
@@ -299,6 +306,8 @@ enum Paying {
     /// Trusted npubs: jobs run first and are paid after (the invoice comes with the result),
     /// within the trusted credit.
     After,
+    /// A NIP-57 zap of each `payment-required` feedback (our LNURL callback, then the wallet).
+    Zaps,
 }
 
 /// Credit a customer tops up with under [`Paying::Credit`]: a few jobs' worth (a job costs
@@ -366,6 +375,12 @@ async fn crash_under_load(paying: Paying) {
         };
         let deadline = started + CRASH_DEADLINE;
         kill_when(daemon, &seen, kill_at, deadline, dump, stop, tasks).await;
+    }
+    if paying == Paying::Zaps {
+        // One more start publishes any receipt still owed (one in flight at the last stop).
+        let daemon = DaemonProcess::spawn(data.path(), relay_port, http_port, &config);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        daemon.terminate();
     }
     stub.stop().await;
 
@@ -442,23 +457,44 @@ async fn crash_under_load(paying: Paying) {
     let paid = stored.values().map(|j| j.paid_msat).sum::<u64>() + repaid;
     let charged: u64 = stored.values().filter_map(|j| j.charge_msat).sum();
     let top_ups = match paying {
-        Paying::Invoices | Paying::After => 0,
+        Paying::Invoices | Paying::After | Paying::Zaps => 0,
         Paying::Credit => CRASH_TOP_UP_MSAT,
     };
-    assert_eq!(
-        totals.payment_in_msat,
-        paid + top_ups * CRASH_CUSTOMERS as u64,
-        "every payment booked once"
-    );
+    // Beyond the jobs' payments and the top-ups: only zaps, of a job a first zap paid before a
+    // kill (its booking came after the restart), which are credited to their sender.
+    let extra = totals
+        .payment_in_msat
+        .checked_sub(paid + top_ups * CRASH_CUSTOMERS as u64)
+        .expect("every job's payment booked");
+    if paying != Paying::Zaps {
+        assert_eq!(extra, 0, "every payment booked once");
+    }
     assert_eq!(totals.charge_msat, charged, "every job charged once");
     assert_eq!(totals.held_msat, 0);
     assert_eq!(totals.receivable_msat, 0, "every debt repaid, once");
+    let mut credited = 0;
     for (customer, (paid, charged)) in accounts {
-        assert_eq!(
-            harness::balance(&store, &customer),
-            top_ups + paid - charged,
-            "{customer}: top-up + payments - charges"
+        let balance = harness::balance(&store, &customer);
+        let expected = top_ups + paid - charged;
+        assert!(
+            balance >= expected,
+            "{customer}: {balance} < top-up + payments - charges"
         );
+        credited += balance - expected;
+    }
+    assert_eq!(
+        credited, extra,
+        "a late zap is credited to its sender, not lost"
+    );
+    if paying == Paying::Zaps {
+        let owed = store
+            .read(|r| {
+                let owed = r.keys_with_prefix_rev(dvmd::store::Tree::Meta, b"zap_receipt:");
+                Ok::<_, dvmd::store::StoreError>(owed.count())
+            })
+            .await
+            .expect("read");
+        assert_eq!(owed, 0, "every zap's receipt went out");
     }
     if paying == Paying::After {
         let after = stored.values().filter(|j| j.pay_after).count();
@@ -518,7 +554,9 @@ async fn crash_customer(
                     }
                     let params: &[(&str, &str)] = match who.paying {
                         // Every job by its own invoice: the change of one never pays the next.
-                        Paying::Invoices => &[("max_tokens", "16"), ("pay_from_credit", "false")],
+                        Paying::Invoices | Paying::Zaps => {
+                            &[("max_tokens", "16"), ("pay_from_credit", "false")]
+                        }
                         Paying::Credit | Paying::After => &[("max_tokens", "16")],
                     };
                     let request = dvmd::signatures::sign(
@@ -538,7 +576,7 @@ async fn crash_customer(
                     (tracks.len() - 1, request)
                 }
             };
-            let (result, owed) = follow_paid_job(&mut customer, &who.http_url, &request).await?;
+            let (result, owed) = follow_paid_job(&mut customer, &who, &request).await?;
             {
                 let mut tracks = tracks.lock().unwrap_or_else(|e| e.into_inner());
                 tracks[index].results.insert(result);
@@ -560,14 +598,15 @@ async fn crash_customer(
 }
 
 /// Send `request` (again, after a restart) and see it through: pay each invoice it is asked
-/// to (one already paid is refused by the wallet, and the daemon books the first payment),
-/// until its result comes. Returns the result's id, and the invoice its `amount` tag carries
-/// (a pay-after job's).
+/// to (one already paid is refused by the wallet, and the daemon books the first payment), or
+/// zap the `payment-required` feedback, until its result comes. Returns the result's id, and
+/// the invoice its `amount` tag carries (a pay-after job's).
 async fn follow_paid_job(
     customer: &mut Customer,
-    http_url: &str,
+    who: &CrashCustomer,
     request: &Event,
 ) -> Result<(EventId, Option<String>), String> {
+    let http_url = &who.http_url;
     customer
         .send(request)
         .await
@@ -593,6 +632,36 @@ async fn follow_paid_job(
                     _ => None,
                 });
                 return Ok((result.id, owed));
+            }
+            Reply::Feedback {
+                status: Some(JobStatus::PaymentRequired),
+                amount: Some(amount),
+                event,
+                ..
+            } if who.paying == Paying::Zaps => {
+                // A zap of the feedback, for the quote. A second zap for a job paid meanwhile
+                // (its first zap booked after a kill) is refused, or credited if it was paid.
+                let zap = harness::zap_request(
+                    &who.keys,
+                    who.service,
+                    Some(event.id),
+                    amount.msat,
+                    &who.relay_url,
+                );
+                let url = format!("{http_url}/lnurlp/dvmd/callback");
+                let answer = reqwest::Client::new()
+                    .get(url)
+                    .query(&[("amount", amount.msat.to_string()), ("nostr", zap)])
+                    .send()
+                    .await
+                    .map_err(|e| format!("LNURL callback: {e}"))?;
+                if answer.status().is_server_error() {
+                    return Err(format!("LNURL callback answered {}", answer.status()));
+                }
+                let body: serde_json::Value = answer.json().await.unwrap_or_default();
+                if let Some(pr) = body["pr"].as_str() {
+                    try_dev_pay(http_url, pr).await?;
+                }
             }
             Reply::Feedback {
                 status: Some(JobStatus::PaymentRequired),
