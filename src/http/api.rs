@@ -165,7 +165,7 @@ async fn cors(
         );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type"),
+            HeaderValue::from_static("authorization, content-type, idempotency-key"),
         );
         headers.insert(
             header::ACCESS_CONTROL_MAX_AGE,

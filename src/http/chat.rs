@@ -301,7 +301,10 @@ pub(super) async fn open(
     };
     match pipeline
         .open_http(
-            caller.signed.map(JobId::from),
+            caller.signed.map(JobId::from).or_else(|| {
+                let key = caller.idempotency.as_deref()?;
+                Some(JobId::idempotent(&account.key(), key))
+            }),
             account,
             door,
             kind,
@@ -350,7 +353,7 @@ pub(super) async fn open(
             "invalid_request_error",
             "already_ran",
             format!(
-                "this signed request already opened job {id} (GET /v1/jobs/{id} shows it); sign a new request to run it again"
+                "this request (its signature, or its Idempotency-Key) already opened job {id} (GET /v1/jobs/{id} shows it); sign a new request, or use a new key, to run it again"
             ),
         )),
         Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),

@@ -147,6 +147,31 @@ pub(super) struct Caller {
     /// same signed call made again (the replay cache forgets at a restart, and the event stays
     /// inside its window for a minute) finds that job instead of opening and charging another.
     pub(super) signed: Option<nostr_sdk::EventId>,
+    /// The call's `Idempotency-Key`, for callers that do not sign (L402, `Payment`): the job
+    /// the call opens takes an id derived from it and the paying account, so the call retried
+    /// with the same key finds that job instead of opening and charging another.
+    pub(super) idempotency: Option<String>,
+}
+
+/// The longest `Idempotency-Key` taken.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The call's `Idempotency-Key`: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, OpenAiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key)
+            if (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len())
+                && key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(key.to_owned()))
+        }
+        _ => Err(OpenAiError::invalid(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        ))),
+    }
 }
 
 /// A new job from an npub the operator blocked is refused (403); its account stays readable
@@ -209,6 +234,7 @@ pub(super) fn caller(
         who,
         client,
         signed,
+        idempotency: idempotency_key(headers)?,
     })
 }
 

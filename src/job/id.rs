@@ -25,6 +25,18 @@ impl JobId {
         Self(rand::random())
     }
 
+    /// The id of the HTTP job an account opens with `Idempotency-Key: key`: the same account
+    /// and key name the same job, and no other account can name it.
+    pub fn idempotent(account_key: &[u8], key: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"dvmd idempotency key\0");
+        hash.update((account_key.len() as u64).to_be_bytes());
+        hash.update(account_key);
+        hash.update(key.as_bytes());
+        Self(hash.finalize().into())
+    }
+
     /// The id from its 32 bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)

@@ -661,3 +661,74 @@ async fn a_tokens_leftover_value_can_leave_by_its_own_credential() {
     let totals = harness::ledger_ok(&harness::open_store(data.path()));
     assert_eq!((totals.payout_msat, totals.in_flight_msat), (12_000, 0));
 }
+
+/// A call that does not sign (an L402 token here) is made idempotent by `Idempotency-Key`: the
+/// same key on the same token names the same job, so a retry after a lost answer (or a
+/// restart) gets 409 `already_ran` naming the job it opened, never a second run or charge,
+/// and reads that job with `GET /v1/jobs/{id}`. A new key runs a new call; a malformed key is
+/// refused before anything is priced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_makes_a_token_call_run_and_charge_once_across_a_restart() {
+    let data = harness::data_dir();
+    let listen = format!("127.0.0.1:{}", harness::free_port());
+    async fn start_at(data: &std::path::Path, listen: &str) -> Daemon {
+        let backend = Arc::new(InstantBackend::new("said once"));
+        harness::start(harness::dev_config_at(data, listen, |_| {}), Some(backend)).await
+    }
+    let daemon = start_at(data.path(), &listen).await;
+    let http = daemon.ready().http_url.clone();
+    let url = format!("{http}/v1/chat/completions");
+    let token = buy(&http, 20_000).await;
+    let preimage = harness::dev_pay(&http, &token.invoice).await;
+    let auth = format!("L402 {}:{preimage}", token.macaroon);
+    let call = |key: &'static str| {
+        reqwest::Client::new()
+            .post(&url)
+            .header("Authorization", &auth)
+            .header("Idempotency-Key", key)
+            .json(&chat(8))
+            .send()
+    };
+
+    let first = call("order-42").await.expect("send");
+    assert_eq!(first.status(), 200);
+    let job = first
+        .headers()
+        .get("x-dvmd-job")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-dvmd-job")
+        .to_owned();
+    let (_, balance) = token_balance(&http, &auth).await;
+    let balance = balance["balance_msat"].as_u64().expect("balance");
+    assert!(balance < 20_000, "the first call was charged");
+    daemon.stop().await;
+
+    let daemon = start_at(data.path(), &listen).await;
+    let again = call("order-42").await.expect("send");
+    assert_eq!(again.status(), 409);
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["error"]["code"], "already_ran", "{again}");
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&job)),
+        "{again}"
+    );
+    let (_, after) = token_balance(&http, &auth).await;
+    assert_eq!(after["balance_msat"], balance, "nothing charged again");
+    let shown = reqwest::Client::new()
+        .get(format!("{http}/v1/jobs/{job}"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(shown.status(), 200);
+    let shown: Value = shown.json().await.expect("json");
+    assert_eq!(shown["state"], "settled", "{shown}");
+
+    assert_eq!(call("order-43").await.expect("send").status(), 200);
+    let bad = call("a key with spaces").await.expect("send");
+    assert_eq!(bad.status(), 400);
+    harness::ledger_ok(daemon.pipeline().book().store());
+    daemon.stop().await;
+}
