@@ -142,8 +142,9 @@ impl Generated {
 }
 
 impl Job {
-    /// A job that comes in through an HTTP door, not yet stored: `id` is the NIP-98 auth
-    /// event's of a signed call (see [`Pipeline::open_http`]), else random.
+    /// A job that comes in through an HTTP door, not yet stored: `id` is the one the call
+    /// names (its NIP-98 auth event's, or its `Idempotency-Key`'s; see
+    /// [`Pipeline::open_http`]), else random.
     pub fn http(
         id: Option<JobId>,
         account: Account,
@@ -195,10 +196,11 @@ impl Pipeline {
     /// saves an fsync. A crash before then loses the job and its reservation together:
     /// nothing was charged and nothing was answered.
     ///
-    /// A call signed with NIP-98 opens the job under its auth event's id (`id`): the same
-    /// signed call made again finds it stored and gets [`BookError::JobExists`], in the same
-    /// write that would reserve its quote, so one signature never pays for two jobs (the
-    /// verifier's replay cache is in memory, and a restart empties it).
+    /// A call that names its job (`id`: a NIP-98 call's auth event id, or [`JobId::idempotent`]
+    /// of an unsigned call's `Idempotency-Key`) opens it under that id: the same call made
+    /// again finds it stored and gets [`BookError::JobExists`], in the same write that would
+    /// reserve its quote, so one request never pays for two jobs (the verifier's replay cache
+    /// is in memory, and a restart empties it).
     pub async fn open_http(
         &self,
         id: Option<JobId>,
