@@ -33,7 +33,34 @@ pub fn model_path() -> PathBuf {
 
 /// A fresh data directory, removed on drop.
 pub fn data_dir() -> tempfile::TempDir {
+    fail_on_daemon_panics();
     tempfile::tempdir().expect("tempdir")
+}
+
+/// Abort the test run when a thread other than a test's own panics. A daemon started in this
+/// process runs its tasks on the runtime's worker threads, where a panic ends only that task:
+/// tokio prints it and the daemon serves on with that task's work left undone, so a test that
+/// looks only at what it expects could pass over it. Test threads are named after their test
+/// (`module::name`); every other thread is the daemon's, the runtime's or a helper's. The
+/// panic is printed first, as always. Installed by the harness's entry points; the daemon
+/// binary has its own hook (`dvmd_panics_total`), checked by `DaemonProcess`.
+pub fn fail_on_daemon_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            let thread = std::thread::current();
+            if !thread.name().is_some_and(|name| name.contains("::")) {
+                eprintln!(
+                    "thread {:?} panicked outside any test's own thread: a daemon task died; \
+                     aborting the test run",
+                    thread.name().unwrap_or("unnamed")
+                );
+                std::process::abort();
+            }
+        }));
+    });
 }
 
 /// A dev-mode configuration on free ports in `data`.
@@ -44,6 +71,7 @@ pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
 /// The same with the HTTP door on `http_listen` (a restart that must keep its URLs: NIP-98
 /// signs them).
 pub fn dev_config_at(data: &Path, http_listen: &str, edit: impl FnOnce(&mut FileConfig)) -> Config {
+    fail_on_daemon_panics();
     let mut file = FileConfig::default();
     file.wallet.reconcile_interval_secs = 1;
     edit(&mut file);
@@ -63,6 +91,7 @@ pub fn dev_config_at(data: &Path, http_listen: &str, edit: impl FnOnce(&mut File
 
 /// Start a daemon in this process, optionally with a backend of the test's choosing.
 pub async fn start(config: Config, backend: Option<Arc<dyn Backend>>) -> Daemon {
+    fail_on_daemon_panics();
     Daemon::start(
         config,
         Parts {
