@@ -19,6 +19,7 @@ use super::pipeline::{Pipeline, FEEDBACK_ATTEMPTS};
 use super::state::JobState;
 use crate::nip57;
 use crate::nip90::{self, JobStatus};
+use crate::relay::outbox::Undelivered;
 use crate::wallet::{PaymentHash, PaymentStatus};
 
 /// Wallet lookups one reconcile pass keeps in flight at once.
@@ -161,7 +162,7 @@ impl Pipeline {
         match status {
             PaymentStatus::Paid { amount_msat } => {
                 if self.book_payment(hash, amount_msat).await && record.zap_request.is_some() {
-                    self.publish_zap_receipt(hash).await;
+                    self.publish_zap_receipt(*hash);
                 }
             }
             PaymentStatus::Expired => {
@@ -263,12 +264,22 @@ impl Pipeline {
         fresh
     }
 
-    /// Publish the NIP-57 receipt for the zap of `hash` (booked, its receipt owed), to the zap
-    /// request's relays and ours, then record it out. The booking is made durable first: a
-    /// receipt is a public claim of payment. The receipt is dated when the zap was booked, so
-    /// publishing it again (after a crash before it was recorded out) makes the same event,
-    /// which relays and clients count once.
-    async fn publish_zap_receipt(&self, hash: &PaymentHash) {
+    /// Publish the NIP-57 receipt for the zap of `hash` (booked, its receipt owed) in a task of
+    /// its own, so a wallet pass never waits on relays.
+    fn publish_zap_receipt(&self, hash: PaymentHash) {
+        let pipeline = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { pipeline.deliver_zap_receipt(&hash).await });
+    }
+
+    /// Publish the receipt for the zap of `hash` to the zap request's relays and ours until one
+    /// takes it (relays that cannot be reached are retried for as long as the daemon runs, as
+    /// a result is), then record it out. The booking is made durable first: a receipt is a
+    /// public claim of payment. The receipt is dated when the zap was booked, so publishing it
+    /// again (after a crash before it was recorded out) makes the same event, which relays and
+    /// clients count once. One every relay refuses stays owed, for the next start.
+    async fn deliver_zap_receipt(&self, hash: &PaymentHash) {
         let inner = &self.inner;
         let (due, record) = match (
             inner.book.zap_receipt_due(hash).await,
@@ -292,19 +303,26 @@ impl Pipeline {
         }
         let paid_at = nostr_sdk::Timestamp::from_secs(due);
         let receipt = self.sign(nip57::receipt(&request, &record.bolt11, None, paid_at));
-        match inner
+        let delivered = inner
             .outbox
-            .publish(&receipt, &request.relays, FEEDBACK_ATTEMPTS)
-            .await
-        {
+            .deliver(&receipt, &request.relays, inner.config.result_refusals)
+            .await;
+        match delivered {
             Ok(_) => {
                 tracing::info!(zap = %request.event.id, sender = %request.event.pubkey, receipt = %receipt.id, "zap receipt published");
                 if let Err(e) = inner.book.zap_receipt_published(hash).await {
                     tracing::warn!(payment_hash = %hash, error = %e, "zap receipt published, not recorded; it goes out again (the same event) on the next start");
                 }
             }
-            Err(e) => {
-                tracing::warn!(zap = %request.event.id, error = %e, "zap receipt not published; it is tried again on the next start")
+            Err(Undelivered::Refused(refusals)) => {
+                let said: Vec<String> = refusals
+                    .iter()
+                    .map(|(relay, message)| format!("{relay}: {message}"))
+                    .collect();
+                tracing::error!(zap = %request.event.id, refusals = %said.join("; "), "every write relay refused the zap receipt; it is tried again on the next start")
+            }
+            Err(Undelivered::Stopped) => {
+                tracing::info!(zap = %request.event.id, "zap receipt not published yet; it goes out on the next start")
             }
         }
     }
@@ -324,7 +342,7 @@ impl Pipeline {
             );
         }
         for (hash, _) in due {
-            self.publish_zap_receipt(&hash).await;
+            self.publish_zap_receipt(hash);
         }
     }
 

@@ -383,3 +383,110 @@ async fn a_zap_receipt_owed_at_a_crash_goes_out_on_the_next_start_as_the_same_ev
         "booked once"
     );
 }
+
+/// A zap booked while every relay is down gets its receipt once one comes back, without a
+/// restart: the receipt is retried for as long as the daemon runs, as a result is (it was
+/// given five tries over about three seconds, then left for the next start). The receipt is
+/// found by an independent client's own filter on the relay the zap request named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zap_booked_while_the_relays_are_down_gets_its_receipt_when_they_come_back() {
+    use dvmd::config::{Config, FileConfig, Overrides, RelayEntry, RelaysFile};
+    use dvmd::relay::EmbeddedRelay;
+    use tokio_util::sync::CancellationToken;
+
+    let port = harness::free_port();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let url = format!("ws://{address}");
+    let data = harness::data_dir();
+    dvmd::identity::init(data.path()).expect("init");
+    let mut file = FileConfig::default();
+    file.wallet.reconcile_interval_secs = 1;
+    let relays = RelaysFile {
+        relay: vec![RelayEntry {
+            url: url.clone(),
+            read: true,
+            write: true,
+        }],
+    };
+    let overrides = Overrides {
+        data_dir: Some(data.path().to_owned()),
+        http_listen: Some("127.0.0.1:0".into()),
+        ..Overrides::default()
+    };
+    let config = Config::build(file, relays, overrides).expect("config");
+    let daemon = harness::start(config, Some(Arc::new(InstantBackend::new("-")))).await;
+    let ready = daemon.ready().clone();
+
+    // Nothing listens on the relay's port yet.
+    let alice = Keys::generate();
+    let zap = zap_request(&alice, ready.pubkey, None, 21_000, &url);
+    let (status, body) = callback(&ready.http_url, 21_000, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    let bolt11 = body["pr"].as_str().expect("pr");
+    daemon
+        .dev_wallet()
+        .expect("dev wallet")
+        .settle(bolt11)
+        .await
+        .expect("pay");
+    let store = daemon.pipeline().book().store();
+    for _ in 0..250 {
+        if harness::balance(store, &alice.public_key()) == 21_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(harness::balance(store, &alice.public_key()), 21_000);
+    // Longer than the five tries the receipt used to get.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let relay = EmbeddedRelay::bind(address).await.expect("bind");
+    let cancel = CancellationToken::new();
+    tokio::spawn(relay.run(cancel.child_token()));
+    let filter = serde_json::json!({"kinds": [9735], "#P": [alice.public_key().to_hex()]});
+    let mut found = Vec::new();
+    for _ in 0..90 {
+        found = harness::nostr_tools_query(&url, &filter);
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "one receipt, on the relay the zap named: {found:?}"
+    );
+    let receipt = &found[0]["event"];
+    assert_eq!(receipt["pubkey"], ready.pubkey.to_hex());
+    let bolt11_tag = receipt["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .find(|tag| tag[0] == "bolt11")
+        .and_then(|tag| tag[1].as_str());
+    assert_eq!(bolt11_tag, Some(bolt11));
+    for _ in 0..250 {
+        if owed_receipts(store).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owed_receipts(store).await, 0, "recorded out");
+    assert_eq!(harness::ledger_ok(store).payment_in_msat, 21_000);
+    daemon.stop().await;
+    cancel.cancel();
+}
+
+/// Zap receipts still owed, as the store records them.
+async fn owed_receipts(store: &dvmd::store::Store) -> usize {
+    store
+        .read(|r| {
+            Ok::<_, dvmd::store::StoreError>(
+                r.keys_with_prefix_rev(dvmd::store::Tree::Meta, b"zap_receipt:")
+                    .count(),
+            )
+        })
+        .await
+        .expect("read")
+}
