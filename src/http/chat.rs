@@ -30,7 +30,7 @@ use super::api::{parts, OpenAiError, ReadBody};
 use super::l402::{caller, challenge, payment_account, refuse_payment, token_account, Caller, Who};
 use super::HttpState;
 use crate::infer::{ChatMessage, FinishReason, GenerateRequest, Sampling};
-use crate::job::direct::{Finished, LiveEvent, OpenError, LIVE_BUFFER};
+use crate::job::direct::{Finished, HttpPayer, LiveEvent, OpenError, LIVE_BUFFER};
 use crate::job::{Door, Job, JobId, Pipeline};
 use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration, TextGenerationLimits};
@@ -252,10 +252,24 @@ pub(super) async fn open(
     answer_now: bool,
 ) -> Result<Opened, OpenAiError> {
     let (api, pipeline) = parts(state)?;
+    // A token narrowed to a budget a call bids it: the call is reserved and charged within it.
+    let budget = match &caller.who {
+        Who::Token(credential) => credential.budget_msat(),
+        _ => None,
+    };
+    let bid_msat = match (bid_msat, budget) {
+        (Some(bid), Some(budget)) => Some(bid.min(budget)),
+        (bid, budget) => bid.or(budget),
+    };
     let priced = pipeline
         .price_http(kind, generation, bid_msat)
         .await
-        .map_err(refused)?;
+        .map_err(|e| match budget {
+            Some(budget) if bid_msat == Some(budget) => OpenAiError::invalid(format!(
+                "this token allows {budget} msat a call (its dvmd_budget_msat caveat): {e}"
+            )),
+            _ => refused(e),
+        })?;
     let mut priced = priced;
     let quote = priced.quote_msat;
     let mut receipt = None;
@@ -274,7 +288,7 @@ pub(super) async fn open(
             paid.account
         }
         Who::Npub(who) => Account::from(*who),
-        Who::Token(credential) => token_account(api, pipeline, credential, quote)
+        Who::Token(credential) => token_account(api, pipeline, credential, Some(quote))
             .await
             .map_err(|e| e.with_estimate(&priced.estimate))?,
         Who::Payment(credential) => {
@@ -305,7 +319,15 @@ pub(super) async fn open(
                 let key = caller.idempotency.as_deref()?;
                 Some(JobId::idempotent(&account.key(), key))
             }),
-            account,
+            HttpPayer {
+                account,
+                charge: match &caller.who {
+                    Who::Payment(credential) if priced.request.session.is_none() => {
+                        Some(credential.challenge.id.clone())
+                    }
+                    _ => None,
+                },
+            },
             door,
             kind,
             &priced,
@@ -346,6 +368,11 @@ pub(super) async fn open(
                 Some(quote),
             )
             .await;
+            Err(refused.with_estimate(&priced.estimate))
+        }
+        Err(OpenError::Book(crate::job::BookError::ChallengeUsed(_))) => {
+            let used = crate::mpp::Refusal::UnknownChallenge;
+            let refused = refuse_payment(api, pipeline, caller.client, &used, Some(quote)).await;
             Err(refused.with_estimate(&priced.estimate))
         }
         Err(OpenError::Book(crate::job::BookError::JobExists(id))) => Err(OpenAiError::new(

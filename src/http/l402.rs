@@ -323,12 +323,13 @@ pub(super) async fn refuse_payment(
     payment_refused(e, fresh)
 }
 
-/// The account a token spends from for a call quoted `quote_msat`, or why not.
+/// The account a token spends from for a call quoted `quote_msat` (`None`: no call; see
+/// [`Use::quote_msat`]), or why not.
 pub(super) async fn token_account(
     api: &ApiConfig,
     pipeline: &Pipeline,
     credential: &Credential,
-    quote_msat: u64,
+    quote_msat: Option<u64>,
 ) -> Result<Account, OpenAiError> {
     let call = Use {
         now: crate::job::pipeline::unix_now(),
@@ -468,7 +469,7 @@ pub(super) async fn balance(
         }
         (Some(Err(e)), _) => return Err(payment_refused(&e, None)),
         (None, Some(Ok(credential))) => (
-            token_account(api, pipeline, &credential, 0).await?,
+            token_account(api, pipeline, &credential, None).await?,
             credential.id.payment_hash,
         ),
         (None, Some(Err(e))) => return Err(refused(e)),
@@ -498,7 +499,7 @@ pub(super) async fn owner(
 ) -> Result<Account, OpenAiError> {
     match caller.who {
         Who::Npub(who) => Ok(who.into()),
-        Who::Token(credential) => token_account(api, pipeline, &credential, 0).await,
+        Who::Token(credential) => token_account(api, pipeline, &credential, None).await,
         Who::Payment(credential) => {
             payment_account(api, pipeline, caller.client, &credential, None)
                 .await

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::book::BookError;
+use super::holds::PaidBy;
 use super::id::JobId;
 use super::pipeline::{unix_now, Pipeline, WorkItem};
 use super::record::{Door, Job};
@@ -53,6 +54,25 @@ pub struct HttpRequest {
     /// has, and a stream that runs dry waits for a top-up ([`super::sessions`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<crate::wallet::PaymentHash>,
+}
+
+/// The account an HTTP call spends from, and what paid into it for this call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPayer {
+    /// The account.
+    pub account: Account,
+    /// The challenge of the HTTP `Payment` `charge` credential whose payment is on `account`,
+    /// if one pays for this call: the open uses it ([`PaidBy::Charge`]).
+    pub charge: Option<String>,
+}
+
+impl From<Account> for HttpPayer {
+    fn from(account: Account) -> Self {
+        Self {
+            account,
+            charge: None,
+        }
+    }
 }
 
 /// A priced HTTP request, ready to open.
@@ -201,15 +221,21 @@ impl Pipeline {
     /// again finds it stored and gets [`BookError::JobExists`], in the same write that would
     /// reserve its quote, so one request never pays for two jobs (the verifier's replay cache
     /// is in memory, and a restart empties it).
+    ///
+    /// A call paid by an HTTP `Payment` `charge` credential names its challenge
+    /// ([`HttpPayer::charge`]): the challenge is used in that same write, after those checks,
+    /// so a call refused there (its job exists, or the balance falls short of a quote that
+    /// moved) leaves it unused, and of two calls racing with one credential one opens.
     pub async fn open_http(
         &self,
         id: Option<JobId>,
-        account: Account,
+        payer: HttpPayer,
         door: Door,
         kind: u16,
         priced: &Priced,
         answer_now: bool,
     ) -> Result<Job, OpenError> {
+        let HttpPayer { account, charge } = payer;
         let mut job = Job::http(id, account, door, kind, priced, unix_now());
         if priced.request.session.is_some() {
             // A session call opens with what the session has, if that pays for its prompt and
@@ -233,10 +259,15 @@ impl Pipeline {
             job.limit_msat = Some(0);
         }
         let pay_after = self.may_pay_after_http(&account);
+        let paid_by = match (priced.request.session, charge) {
+            (Some(session), _) => PaidBy::Session(session),
+            (None, Some(challenge)) => PaidBy::Charge(challenge),
+            (None, None) => PaidBy::Balance,
+        };
         let opened = match self
             .inner
             .book
-            .open_on_credit(job.clone(), answer_now, priced.request.session)
+            .open_on_credit(job.clone(), answer_now, paid_by)
             .await?
         {
             // Short of balance, but trusted: run now, and pay for what it used after.

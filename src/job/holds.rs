@@ -8,6 +8,7 @@ use crate::ledger::Account;
 use super::book::{abort, find_job, insert_job, now, put_job, stored_job, Book, BookError, JobRef};
 use super::record::Job;
 use super::state::{IllegalTransition, JobState};
+use super::tokens::PaymentChallengeRecord;
 use crate::ledger::{self, Entry, EntryKind, LedgerError};
 use crate::store::{Tree, Tx, TxError};
 use crate::wallet::PaymentHash;
@@ -65,17 +66,18 @@ impl Book {
     /// Store a new job (an HTTP job, `Received` with its quote) `Running`, with as much of its
     /// account's balance reserved as its limit allows (at least its quote), in one write,
     /// durable before this returns when `durable`. `Ok(Err(balance))` when the balance does not
-    /// cover the quote: nothing is stored. Transactions run one at a time on the store writer, so two calls racing for one
-    /// balance cannot both reserve it.
+    /// cover the quote: nothing is stored. Transactions run one at a time on the store writer,
+    /// so two calls racing for one balance cannot both reserve it.
     ///
-    /// A call paid from an HTTP `Payment` session (`session`) opens only while the session is
-    /// open, checked in the same write: nothing reserves from a session once its close is
-    /// recorded (its refund is computed in that write).
+    /// A call paid from an HTTP `Payment` session opens only while the session is open,
+    /// checked in the same write: nothing reserves from a session once its close is recorded
+    /// (its refund is computed in that write). A call paid by a `charge` credential uses its
+    /// challenge in the same write (see [`PaidBy::Charge`]).
     pub async fn open_on_credit(
         &self,
         job: Job,
         durable: bool,
-        session: Option<PaymentHash>,
+        paid_by: PaidBy,
     ) -> Result<Result<Job, u64>, BookError> {
         let at = now();
         let write = move |tx: &Tx<'_>| {
@@ -83,13 +85,23 @@ impl Book {
             if find_job(tx, &job.id)?.is_some() {
                 return Err(abort(BookError::JobExists(job.id)));
             }
-            if let Some(session) = &session {
-                session_open_in(tx, session)?;
-            }
+            let charge = match &paid_by {
+                PaidBy::Session(session) => {
+                    session_open_in(tx, session)?;
+                    None
+                }
+                PaidBy::Charge(challenge) => Some(unused_challenge_in(tx, challenge)?),
+                PaidBy::Balance => None,
+            };
             let quote = job.quote_msat.unwrap_or(0);
             let balance = ledger::balance_in(tx, &job.customer)?;
             if balance < quote {
+                // Nothing written: the challenge stays unused.
                 return Ok(Err(balance));
+            }
+            if let Some((id, mut challenge)) = charge {
+                challenge.used_at = Some(at);
+                tx.put(Tree::MppChallenges, id.as_bytes(), &challenge)?;
             }
             let take = balance.min(job.limit_msat().max(quote));
             job.transition(JobState::Quoted, at).map_err(abort)?;
@@ -179,6 +191,36 @@ impl Book {
 }
 
 /// Inside a transaction: post a ledger entry of `msat` (if any) for `job`.
+/// What pays for a call opened on credit, beyond the account's balance itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaidBy {
+    /// The account's balance alone (an npub's, or an L402 token's).
+    Balance,
+    /// An open HTTP `Payment` session: the call opens only while it is open.
+    Session(PaymentHash),
+    /// An HTTP `Payment` `charge` credential (its challenge id), whose payment is booked onto
+    /// the account: the challenge is marked used in the write that opens the call, so it pays
+    /// for this call only, and a call that does not open (a shortfall, a job that exists, a
+    /// crash before the write) leaves it unused for the call made again.
+    Charge(String),
+}
+
+/// The HTTP `Payment` challenge `id`, unused; refused (`BookError::ChallengeUsed`) if it is
+/// used already or unknown. The caller marks it used, in the same write.
+fn unused_challenge_in<'a>(
+    tx: &Tx<'_>,
+    id: &'a str,
+) -> Result<(&'a str, PaymentChallengeRecord), TxError<BookError>> {
+    let used = || abort(BookError::ChallengeUsed(id.to_owned()));
+    let record = tx
+        .get::<PaymentChallengeRecord>(Tree::MppChallenges, id.as_bytes())?
+        .ok_or_else(used)?;
+    if record.used_at.is_some() {
+        return Err(used());
+    }
+    Ok((id, record))
+}
+
 /// Refuse (`BookError::SessionClosed`) unless `session` is an open HTTP `Payment` session.
 fn session_open_in(tx: &Tx<'_>, session: &PaymentHash) -> Result<(), TxError<BookError>> {
     match tx.get::<super::sessions::SessionRecord>(Tree::Sessions, &session.0)? {
@@ -207,6 +249,27 @@ pub(super) fn post(
         at,
     };
     ledger::post(tx, &entry).map_err(|e| e.map_abort(BookError::Ledger))
+}
+
+/// Inside a transaction: repay what `account` owes (for jobs run before they were paid) from
+/// its balance, as far as it goes; when that clears the debt, its npub's tier says so. Called
+/// wherever money comes back onto a balance (a payment, a job's change, a payout that failed
+/// or spent less fee) and before any leaves it (a payout), so a balance never pays out what
+/// its account owes. Returns what is still owed.
+pub(super) fn repay_owed_in(
+    tx: &Tx<'_>,
+    account: &Account,
+    job: Option<JobId>,
+    at: u64,
+) -> Result<u64, TxError<BookError>> {
+    let (repaid, owed) =
+        ledger::repay_in(tx, account, job, at).map_err(|e| e.map_abort(BookError::Ledger))?;
+    if repaid > 0 && owed == 0 {
+        if let Some(npub) = account.npub() {
+            crate::trust::debt_cleared_in(tx, &npub)?;
+        }
+    }
+    Ok(owed)
 }
 
 /// Inside a transaction: give a job that ends unpaid back what it reserved from credit (a
@@ -275,6 +338,11 @@ fn settle_in(
     // What it paid counts towards the payer's tier, in the same write.
     if let Some(npub) = job.payer().npub() {
         crate::trust::settled_in(tx, &npub, charge, at)?;
+    }
+    // The change repays what its account owes, if anything.
+    repay_owed_in(tx, &job.payer(), Some(job.id), at)?;
+    if job.customer != job.payer() {
+        repay_owed_in(tx, &job.customer, Some(job.id), at)?;
     }
     put_job(tx, &*job)?;
     Ok(())

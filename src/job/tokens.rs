@@ -203,10 +203,14 @@ impl Pipeline {
     }
 
     /// The account an HTTP `Payment` credential pays into, once every check holds: the
-    /// challenge was issued here and is echoed exactly, has not expired, the preimage pays its
-    /// hash, and the wallet has seen the invoice paid. With `spend`, the challenge is marked
-    /// used (durably, before this returns; of two concurrent credentials one wins): the call
-    /// may run. Without, it only proves the caller holds the payment (to read its jobs).
+    /// challenge was issued here and is echoed exactly, the preimage pays its hash, and the
+    /// wallet has seen the invoice paid. With `spend` (a call to pay), it must also not have
+    /// expired unused; the call's open uses it, in the write that reserves the call's quote
+    /// ([`PaidBy::Charge`]: of two calls with one credential one opens, and a call that does
+    /// not open leaves it unused). Without, it only proves the caller holds the payment (to
+    /// read its jobs).
+    ///
+    /// [`PaidBy::Charge`]: super::holds::PaidBy::Charge
     pub async fn payment_account(
         &self,
         credential: &mpp::Credential,
@@ -218,10 +222,12 @@ impl Pipeline {
             .payment_challenge(&id)
             .await?
             .ok_or(mpp::Refusal::UnknownChallenge)?;
-        if stored.challenge != credential.challenge || (spend && stored.used_at.is_some()) {
+        if stored.challenge != credential.challenge {
             return Err(mpp::Refusal::UnknownChallenge.into());
         }
-        if unix_now() >= stored.expires_at && spend {
+        // A used one goes on to the open, which finds the job it paid for (a call made again
+        // with its Idempotency-Key), or refuses it as used.
+        if spend && stored.used_at.is_none() && unix_now() >= stored.expires_at {
             return Err(mpp::Refusal::Expired(stored.challenge.expires).into());
         }
         let hash = stored.payment_hash;
@@ -233,9 +239,6 @@ impl Pipeline {
             .await?
         {
             return Err(mpp::Refusal::Unpaid.into());
-        }
-        if spend && !book.use_payment_challenge(&id, unix_now()).await? {
-            return Err(mpp::Refusal::UnknownChallenge.into());
         }
         Ok((Account::Token(hash), hash))
     }
@@ -351,26 +354,6 @@ impl super::Book {
         let id = id.to_owned();
         self.store()
             .read(move |r| Ok(r.get(Tree::MppChallenges, id.as_bytes())?))
-            .await
-    }
-
-    /// Mark the challenge `id` used, durably; false if it was used already.
-    pub async fn use_payment_challenge(&self, id: &str, now: u64) -> Result<bool, BookError> {
-        let id = id.to_owned();
-        self.store()
-            .commit(move |tx| {
-                let Some(mut record) =
-                    tx.get::<PaymentChallengeRecord>(Tree::MppChallenges, id.as_bytes())?
-                else {
-                    return Ok(false);
-                };
-                if record.used_at.is_some() {
-                    return Ok(false);
-                }
-                record.used_at = Some(now);
-                tx.put(Tree::MppChallenges, id.as_bytes(), &record)?;
-                Ok(true)
-            })
             .await
     }
 

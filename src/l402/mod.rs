@@ -9,8 +9,9 @@
 //! `u16` version (0), the 32-byte payment hash, a 32-byte random token id. Its caveats, all
 //! first-party `name=value`, are the ones aperture writes for a service (`services=dvmd:0`)
 //! and dvmd's own: `dvmd_valid_until` (unix seconds), `dvmd_model`, `dvmd_budget_msat` (the
-//! most one call may be quoted). A holder may add caveats to narrow a token (a lower budget,
-//! an earlier expiry); a credential is accepted only if every caveat is one of these and holds.
+//! most one call may cost: the call bids the lowest such caveat, so it is quoted, reserved and
+//! charged within it). A holder may add caveats to narrow a token (a lower budget, an earlier
+//! expiry); a credential is accepted only if every caveat is one of these and holds.
 
 pub mod macaroon;
 
@@ -179,11 +180,28 @@ pub struct Use<'a> {
     pub now: u64,
     /// The model called.
     pub model: &'a str,
-    /// The call's quote, msat.
-    pub quote_msat: u64,
+    /// The call's quote, msat; `None` when the token pays for no call (its balance or jobs
+    /// read, or what it holds withdrawn). Then the `valid_until` and `model` caveats do not
+    /// apply: they bound what the token buys, and what it holds stays its payer's after it
+    /// stops buying calls (an expired token, a model the operator changed).
+    pub quote_msat: Option<u64>,
 }
 
 impl Credential {
+    /// The lowest `dvmd_budget_msat` caveat's value: the most one call may cost, if any caveat
+    /// says. (One that is not a number is refused by [`Credential::verify`].)
+    pub fn budget_msat(&self) -> Option<u64> {
+        let name = format!("{SERVICE}_budget_msat");
+        self.macaroon
+            .caveats
+            .iter()
+            .filter_map(|caveat| {
+                let (n, value) = std::str::from_utf8(caveat).ok()?.split_once('=')?;
+                (n.trim() == name).then(|| value.trim().parse::<u64>().ok())?
+            })
+            .min()
+    }
+
     /// Check the signature against `root_key`, the preimage against the payment hash, and every
     /// caveat against `call`. Says nothing about whether the invoice was paid: the caller asks
     /// the book (and the wallet, once).
@@ -226,22 +244,19 @@ fn check_caveat(caveat: &[u8], call: Use<'_>) -> Result<(), CredentialError> {
             }
         }
         n if n == format!("{SERVICE}_valid_until") => {
-            if call.now > number(value)? {
+            if call.quote_msat.is_some() && call.now > number(value)? {
                 return Err(fail("the token has expired".to_owned()));
             }
         }
         n if n == format!("{SERVICE}_model") => {
-            if value != call.model {
+            if call.quote_msat.is_some() && value != call.model {
                 return Err(fail(format!("this call is for model `{}`", call.model)));
             }
         }
         n if n == format!("{SERVICE}_budget_msat") => {
             let budget = number(value)?;
-            if call.quote_msat > budget {
-                return Err(fail(format!(
-                    "this call is quoted {} msat",
-                    call.quote_msat
-                )));
+            if let Some(quote) = call.quote_msat.filter(|quote| *quote > budget) {
+                return Err(fail(format!("this call is quoted {quote} msat")));
             }
         }
         _ => return Err(CredentialError::UnknownCaveat(text)),
@@ -278,7 +293,7 @@ mod tests {
         Use {
             now: 1_000,
             model: "m",
-            quote_msat: 4_000,
+            quote_msat: Some(4_000),
         }
     }
 
@@ -373,13 +388,22 @@ mod tests {
             Err(CredentialError::Caveat { .. })
         ));
         let dear = Use {
-            quote_msat: 5_001,
+            quote_msat: Some(5_001),
             ..call()
         };
         assert!(matches!(
             verify(&mac, &preimage, dear),
             Err(CredentialError::Caveat { .. })
         ));
+        // Paying for no call (a balance read, a withdrawal), an expired token, or one for
+        // another model, still proves what it holds.
+        for reading in [late, model] {
+            let reading = Use {
+                quote_msat: None,
+                ..reading
+            };
+            assert_eq!(verify(&mac, &preimage, reading), Ok(()));
+        }
         // A holder may narrow it, never widen it; an unknown caveat is refused.
         let mut narrowed = mac.clone();
         narrowed.add_caveat("dvmd_budget_msat=100");

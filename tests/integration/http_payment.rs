@@ -329,6 +329,73 @@ async fn a_charge_pays_one_call_once_and_every_refusal_names_its_problem() {
     harness::ledger_ok(&harness::open_store(data.path()));
 }
 
+/// A `charge` credential is used by the write that opens its call, never before. So a call it
+/// does not open (here one quoted above what was paid) leaves it for the call it paid for, and
+/// that call made again with its `Idempotency-Key` (its answer lost, say) finds the job it
+/// opened: 409 naming it, not a fresh invoice to pay a second time. On the code before, the
+/// credential was used up by the call it could not open, and the retry got a new 402.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_credential_is_used_only_by_the_call_it_opens() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let send = |body: Value, auth: String, key: Option<&'static str>| {
+        let url = format!("{http}/v1/chat/completions");
+        async move {
+            let mut request = reqwest::Client::new()
+                .post(url)
+                .header("Authorization", auth)
+                .json(&body);
+            if let Some(key) = key {
+                request = request.header("Idempotency-Key", key);
+            }
+            request.send().await.expect("send")
+        }
+    };
+
+    let first = offer(call(&http, None).await).await;
+    let id = first.params["id"].clone();
+    let preimage = harness::dev_pay(&http, first.invoice()).await;
+    let auth = first.credential(&preimage);
+
+    let bigger = send(chat(&model, 1024), auth.clone(), None).await;
+    assert_eq!(bigger.status(), 402, "quoted above what was paid");
+    assert!(harness::jobs(daemon.pipeline().book().store()).is_empty());
+
+    let paid_for = send(chat(&model, 8), auth.clone(), Some("call-1")).await;
+    assert_eq!(
+        paid_for.status(),
+        200,
+        "the credential pays the call it was bought for"
+    );
+    let answer: Value = paid_for.json().await.expect("json");
+    let job = answer["dvmd"]["job"].as_str().expect("job id").to_owned();
+
+    let again = send(chat(&model, 8), auth.clone(), Some("call-1")).await;
+    assert_eq!(again.status(), 409);
+    let said: Value = again.json().await.expect("json");
+    assert_eq!(said["error"]["code"], "already_ran", "{said}");
+    assert!(
+        said["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains(&job),
+        "names the job: {said}"
+    );
+    refused(
+        send(chat(&model, 8), auth, Some("call-2")).await,
+        "lightning/unknown-challenge",
+        &id,
+    )
+    .await;
+
+    let store = daemon.pipeline().book().store();
+    harness::settled_jobs(store).await;
+    assert_eq!(harness::jobs(store).len(), 1, "one call ran");
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_challenge_is_refused_and_its_payment_stays_withdrawable() {
     let (data, daemon) = start(|file| {

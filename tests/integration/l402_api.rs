@@ -441,6 +441,14 @@ async fn macaroons_interoperate_with_pymacaroons_and_forgeries_are_refused() {
             assert!(message.contains(says), "{what}: {message}");
         }
     }
+    // A genuine token that stopped buying calls (expired, or minted for a model no longer
+    // served) still proves what it holds: its balance reads, and it withdraws it (the same
+    // check). On the code before, it was refused, and what it held was stranded.
+    for stale in [&expired, &other_model] {
+        let (status, balance) = token_balance(&http, &format!("L402 {stale}:{preimage}")).await;
+        assert_eq!(status, 200, "{balance}");
+        assert_eq!(balance["balance_msat"], 20_000);
+    }
     let store = daemon.pipeline().book().store();
     assert!(harness::jobs(store).is_empty(), "no forgery opened a job");
     let totals = harness::ledger_ok(store);
@@ -731,4 +739,76 @@ async fn an_idempotency_key_makes_a_token_call_run_and_charge_once_across_a_rest
     assert_eq!(bad.status(), 400);
     harness::ledger_ok(daemon.pipeline().book().store());
     daemon.stop().await;
+}
+
+/// A holder narrows a prepaid token to a budget a call (`dvmd_budget_msat`, a first-party
+/// caveat added as any macaroon library adds one) and hands it on: each call then costs at
+/// most the budget, however long its answer could run (the call bids it: quoted, reserved and
+/// charged within it), and a budget below the least a call can cost is refused, saying so. On
+/// the code before, the caveat bounded only the quote, and the charge ran to the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_caveat_caps_what_each_call_costs() {
+    let data = harness::data_dir();
+    let long = "word ".repeat(600);
+    let daemon = harness::start(
+        harness::dev_config(data.path(), |_| {}),
+        Some(Arc::new(InstantBackend::new(long))),
+    )
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let token = buy(&http, 500_000).await;
+    let preimage = harness::dev_pay(&http, &token.invoice).await;
+    let url = format!("{http}/v1/chat/completions");
+    let call = |macaroon: String| {
+        let url = url.clone();
+        let auth = format!("L402 {macaroon}:{preimage}");
+        async move {
+            let response = post(&url, Some(&auth), &chat(512)).await;
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+
+    // The token as sold: a long answer, charged for every token.
+    let (status, whole) = call(token.macaroon.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let full = whole["dvmd"]["charge_msat"].as_u64().expect("charge");
+    assert_eq!(whole["usage"]["completion_tokens"], 512, "{whole}");
+
+    let narrowed = |caveat: String| {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&token.macaroon)
+            .expect("base64");
+        let mut macaroon = Macaroon::from_bytes(&raw).expect("macaroon");
+        macaroon.add_caveat(caveat);
+        base64::engine::general_purpose::STANDARD.encode(macaroon.to_bytes())
+    };
+    let budget = full / 2;
+    let (status, capped) = call(narrowed(format!("dvmd_budget_msat={budget}"))).await;
+    assert_eq!(status, 200, "{capped}");
+    let charged = capped["dvmd"]["charge_msat"].as_u64().expect("charge");
+    assert!(
+        charged > 0 && charged <= budget,
+        "charged {charged} msat on a budget of {budget}: {capped}"
+    );
+    assert!(
+        capped["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("tokens")
+            < 512,
+        "the answer stops at the budget: {capped}"
+    );
+
+    let (status, refused) = call(narrowed("dvmd_budget_msat=1".to_owned())).await;
+    assert_eq!(status, 400, "{refused}");
+    let message = refused["error"]["message"].as_str().expect("message");
+    assert!(message.contains("dvmd_budget_msat"), "{message}");
+
+    let store = daemon.pipeline().book().store();
+    harness::settled_jobs(store).await;
+    assert_eq!(harness::jobs(store).len(), 2);
+    let (_, left) = token_balance(&http, &format!("L402 {}:{preimage}", token.macaroon)).await;
+    assert_eq!(left["balance_msat"], 500_000 - full - charged, "{left}");
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
 }

@@ -54,6 +54,9 @@ pub enum BookError {
     /// An HTTP `Payment` session is closed (or gone): nothing more is reserved from it.
     #[error("session {0} is closed")]
     SessionClosed(PaymentHash),
+    /// An HTTP `Payment` `charge` challenge has paid for a call already (or is not ours).
+    #[error("payment challenge {0} has paid for a call already")]
+    ChallengeUsed(String),
 }
 
 /// Result of inserting a newly received job.
