@@ -104,13 +104,7 @@ fn book_consumed(
     let outcome = book_payment(tx, hash, record, paid_msat, at)?;
     // What the account owes for jobs run before they were paid is repaid first, from what is
     // left once the paid job (if any) holds its part.
-    let (repaid, owed) = ledger::repay_in(tx, &record.account, record.job, at)
-        .map_err(|e| e.map_abort(BookError::Ledger))?;
-    if repaid > 0 && owed == 0 {
-        if let Some(npub) = record.account.npub() {
-            crate::trust::debt_cleared_in(tx, &npub)?;
-        }
-    }
+    super::holds::repay_owed_in(tx, &record.account, record.job, at)?;
     Ok(outcome)
 }
 

@@ -599,3 +599,58 @@ async fn a_quote_is_stored_with_the_write_that_follows_it() {
         .expect("read")
         .is_none());
 }
+
+/// What a pay-after job settling leaves owed when the balance is held elsewhere (by a credit
+/// job running at the same time): `msat` lent and charged, with nothing to repay it from.
+pub(crate) async fn owe(book: &Book, account: Account, msat: u64) {
+    book.store()
+        .apply(move |tx| {
+            for kind in [
+                crate::ledger::EntryKind::Debt,
+                crate::ledger::EntryKind::Charge,
+            ] {
+                let entry = crate::ledger::Entry {
+                    kind,
+                    account,
+                    msat,
+                    job: None,
+                    payment_hash: None,
+                    at: now(),
+                };
+                crate::ledger::post(tx, &entry)?;
+            }
+            Ok::<_, TxError<crate::ledger::LedgerError>>(())
+        })
+        .await
+        .expect("owed");
+}
+
+pub(crate) async fn owed(book: &Book, account: Account) -> u64 {
+    book.store()
+        .read(move |r| crate::ledger::owed(r, &account))
+        .await
+        .expect("owed")
+}
+
+/// Money that comes back onto a balance repays what its account owes before anything can
+/// spend it again: here a credit job's change, after a pay-after job of the same npub settled
+/// while the credit job held the whole balance. (Before, only a new payment repaid a debt, and
+/// the change could be withdrawn with the debt still owed.)
+#[tokio::test]
+async fn a_jobs_change_repays_what_its_account_owes() {
+    let (book, alice) = (book(), Keys::generate());
+    let account = Account::from(alice.public_key());
+    top_up(&book, alice.public_key(), 1, 10_000).await;
+    let job = quoted_for(&book, &alice, 10_000).await;
+    let job = book.spend_credit(&job, None).await.expect("reserved");
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(balance(&book, account).await, 0);
+    owe(&book, account, 2_000).await;
+    assert_eq!(owed(&book, account).await, 2_000);
+
+    deliver(&book, &job, 3_000).await;
+    assert_eq!(owed(&book, account).await, 0, "the change repaid it");
+    assert_eq!(balance(&book, account).await, 5_000);
+    let totals = totals(&book).await;
+    assert_eq!((totals.debt_msat, totals.debt_repaid_msat), (2_000, 2_000));
+}

@@ -3,6 +3,7 @@
 
 use super::{Payout, PayoutRefusal, PayoutState};
 use crate::job::book::{Book, BookError};
+use crate::job::holds::repay_owed_in;
 use crate::job::pipeline::unix_now;
 use crate::ledger::{self, Entry, EntryKind};
 use crate::store::{Tree, Tx, TxError};
@@ -70,6 +71,10 @@ impl Book {
                         "this is an invoice of this service; it cannot pay itself".to_owned(),
                     )));
                 }
+                // What the account owes is repaid first: a balance never pays out money its
+                // account owes for jobs run before they were paid.
+                repay_owed_in(tx, &payout.account, None, payout.created_at)
+                    .map_err(|e| e.map_abort(PayoutRefusal::Book))?;
                 let total = payout.amount_msat.saturating_add(payout.max_fee_msat);
                 let balance = ledger::balance_in(tx, &payout.account)?;
                 if balance < total {
@@ -135,6 +140,8 @@ impl Book {
                         payout.state = PayoutState::Failed;
                     }
                 }
+                // What came back (a failed payout, fee not spent) repays any debt.
+                repay_owed_in(tx, &payout.account, None, at)?;
                 payout.updated_at = at;
                 tx.put(Tree::Payouts, &hash.0, &payout)?;
                 Ok(payout)

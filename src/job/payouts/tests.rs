@@ -85,3 +85,35 @@ fn the_most_fee_is_base_plus_ppm() {
     assert_eq!(fee.max_for(1_000_000), 15_000);
     assert_eq!(fee.max_for(u64::MAX), 10_000 + u64::MAX / 200);
 }
+
+/// A payout repays what its account owes first: a balance never pays out money its account
+/// owes for jobs run before they were paid.
+#[tokio::test]
+async fn a_payout_repays_what_its_account_owes_first() {
+    use crate::job::book::tests::{owe, owed};
+    let (book, alice) = (book(), Account::from(Keys::generate().public_key()));
+    top_up(&book, alice, 1, 10_000).await;
+    owe(&book, alice, 2_000).await;
+    assert_eq!(balance(&book, alice).await, 10_000);
+    let all = book.begin_payout(payout(alice, 9, 10_000, 0)).await;
+    assert!(
+        matches!(
+            all,
+            Err(PayoutRefusal::Balance {
+                balance_msat: 8_000,
+                ..
+            })
+        ),
+        "{all:?}"
+    );
+    assert_eq!(
+        owed(&book, alice).await,
+        2_000,
+        "a refused payout moves nothing"
+    );
+    book.begin_payout(payout(alice, 9, 8_000, 0))
+        .await
+        .expect("what is not owed");
+    assert_eq!(owed(&book, alice).await, 0);
+    assert_eq!(balance(&book, alice).await, 0);
+}
