@@ -257,20 +257,23 @@ impl Book {
                     }
                     let last = ledger::entries_of(r, &account, 1)?;
                     if last.first().is_some_and(|(_, entry)| entry.at < cutoff) {
-                        idle.push(account);
+                        idle.push((account, balance));
                     }
                 }
                 Ok::<_, BookError>(idle)
             })
             .await?;
         let mut expired = Vec::new();
-        for account in idle {
+        for (account, seen) in idle {
             let lapsed = self
                 .store()
                 .commit(move |tx| {
-                    // Looked at again inside the write: an entry since means it is not idle.
+                    // Looked at again inside the write (the writes before it in this pass take
+                    // time): a balance that moved since the scan had an entry since (a late
+                    // payment, a zap), so the account is not idle, and what came in is never
+                    // taken with the rest.
                     let balance = ledger::balance_in(tx, &account)?;
-                    if balance == 0 {
+                    if balance == 0 || balance != seen {
                         return Ok(0);
                     }
                     let entry = ledger::Entry {
