@@ -305,7 +305,11 @@ impl Wallet for NwcWallet {
         let Some(found) = self.transaction(payment_hash).await? else {
             return Ok(OutgoingStatus::Unknown);
         };
-        if found.transaction_type != Some(TransactionType::Outgoing) {
+        // Some services leave `type` out. The hash is a payout's, which is never one of our
+        // own invoices (the payer refuses those), so only an answer that says it is incoming
+        // is not about it. Read as unknown, a payout that succeeded would be failed after its
+        // invoice expired and its amount given back: paid twice.
+        if found.transaction_type == Some(TransactionType::Incoming) {
             return Ok(OutgoingStatus::Unknown);
         }
         let settled = found.state == Some(TransactionState::Settled)
