@@ -43,7 +43,8 @@ pub fn data_dir() -> tempfile::TempDir {
 /// looks only at what it expects could pass over it. Test threads are named after their test
 /// (`module::name`); every other thread is the daemon's, the runtime's or a helper's. The
 /// panic is printed first, as always. Installed by the harness's entry points; the daemon
-/// binary has its own hook (`dvmd_panics_total`), checked by `DaemonProcess`.
+/// binary has its own hook (`dvmd_panics_total`), checked by `DaemonProcess`. A test whose
+/// own task may fail on purpose (a call to a daemon it kills) aborts that task first.
 pub fn fail_on_daemon_panics() {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
@@ -52,9 +53,13 @@ pub fn fail_on_daemon_panics() {
             default(info);
             let thread = std::thread::current();
             if !thread.name().is_some_and(|name| name.contains("::")) {
-                eprintln!(
-                    "thread {:?} panicked outside any test's own thread: a daemon task died; \
-                     aborting the test run",
+                // Straight to stderr: threads a test starts share its captured output, which
+                // the abort would lose with the message.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "thread {:?} panicked outside any test's own thread ({info}): a daemon \
+                     task died; aborting the test run",
                     thread.name().unwrap_or("unnamed")
                 );
                 std::process::abort();

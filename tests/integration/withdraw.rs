@@ -929,8 +929,9 @@ async fn kill_9_between_the_booking_and_the_wallets_answer_pays_once_and_debits_
         before + 25_000,
         "sent"
     );
-    first.kill();
+    // The call's task first: it would panic on the connection the kill drops.
     waiting.abort();
+    first.kill();
     {
         let store = harness::open_store(data.path());
         let totals = harness::ledger_ok(&store);
