@@ -578,6 +578,87 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
     harness::ledger_ok(&harness::open_store(data.path()));
 }
 
+/// A session's refund is paid while its return invoice can still take it: a session in use is
+/// closed (between calls) once its return invoice is about to expire, and refunded; a session
+/// cannot open on a return invoice that expires sooner than that. Before, a session outliving
+/// its return invoice was refunded only on an idle close, to an invoice that had expired: the
+/// refund failed for good, and the rest stayed where an MPP client would not look for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_closed_and_refunded_before_its_return_invoice_expires() {
+    // Idle closes are far off; with reconcile passes every second, a session is closed 32 s
+    // before its return invoice expires.
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let expiring = |secs: u64| {
+        let url = format!("{http}/dev/invoice");
+        async move {
+            let body: Value = reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "memo": "session refund", "expiry_secs": secs }))
+                .send()
+                .await
+                .expect("send")
+                .json()
+                .await
+                .expect("json");
+            let hash =
+                PaymentHash::from_hex(body["payment_hash"].as_str().expect("hash")).expect("hex");
+            (body["bolt11"].as_str().expect("bolt11").to_owned(), hash)
+        }
+    };
+    let (deposit, _) = session_offer(&http, &model, 20).await;
+    let preimage = harness::dev_pay(&http, deposit.invoice()).await;
+
+    let (too_soon, _) = expiring(20).await;
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": too_soon,
+    }));
+    let refused = post(&http, &chat(&model, 5, false), Some(&open)).await;
+    assert_eq!(problem(refused).await, "lightning/invalid-return-invoice");
+
+    let (refund_to, refund_hash) = expiring(45).await;
+    let open = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": refund_to,
+    }));
+    let answer = post(&http, &chat(&model, 5, false), Some(&open)).await;
+    assert_eq!(answer.status(), 200);
+    harness::settled_jobs(daemon.pipeline().book().store()).await;
+    let rest = session_balance(&daemon, &deposit.hash());
+    assert!(rest > 0);
+
+    let wallet = daemon.dev_wallet().expect("dev wallet");
+    let mut refunded = None;
+    for _ in 0..300 {
+        if let PaymentStatus::Paid { amount_msat } =
+            wallet.lookup(&refund_hash).await.expect("lookup")
+        {
+            refunded = Some(amount_msat);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        refunded,
+        Some(rest),
+        "the rest, refunded before the invoice expired"
+    );
+    let record = daemon
+        .pipeline()
+        .session(&PaymentHash::from_hex(&deposit.hash()).expect("hex"))
+        .await
+        .expect("read")
+        .expect("stored");
+    let closed = record.closed.expect("closed");
+    assert_eq!(
+        (closed.by.as_str(), closed.refund_status.as_str()),
+        ("return_invoice_expiring", "succeeded")
+    );
+    assert_eq!(session_balance(&daemon, &deposit.hash()), 0);
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
 /// An invoice that names no amount on mainnet (LNbits' FakeWallet issues `lnbc`), signed by a
 /// node nobody runs: what a client of an LNbits-backed service might hand in.
 fn amountless_mainnet_invoice() -> String {

@@ -71,6 +71,9 @@ enum Closer {
     Client(String),
     /// The idle pass.
     Idle,
+    /// The idle pass, because the return invoice is about to expire: a refund is paid to it
+    /// while it still can be.
+    Expiring,
 }
 
 impl Closer {
@@ -78,11 +81,19 @@ impl Closer {
         match self {
             Self::Client(_) => "client",
             Self::Idle => "idle",
+            Self::Expiring => "return_invoice_expiring",
         }
     }
 }
 
 impl Pipeline {
+    /// How long before its return invoice expires a session is closed (on the reconcile pass,
+    /// between calls), so its refund is paid while the invoice can take it: two passes and
+    /// 30 s for the payment. A session cannot open on a return invoice that expires sooner.
+    pub(crate) fn refund_margin_secs(&self) -> u64 {
+        2 * self.inner.config.reconcile_interval_secs.max(1) + 30
+    }
+
     /// `close`: mark the session closed, then refund its balance to the return invoice. The
     /// same credential again (same challenge id) pays nothing and answers as the first did,
     /// with the refund as it stands now (the draft's idempotency).
@@ -152,7 +163,7 @@ impl Pipeline {
         let (hash, now, by) = (*session, unix_now(), closer.by());
         let challenge = match closer {
             Closer::Client(id) => Some(id),
-            Closer::Idle => None,
+            Closer::Idle | Closer::Expiring => None,
         };
         let fee = self.inner.config.payout_fee;
         let (closed, first) = self
@@ -265,7 +276,8 @@ impl Pipeline {
     }
 
     /// Close every open session idle for `session_idle_secs` (a reconcile pass): no call
-    /// running, and no call, open or top-up for that long. The first pass reads every session
+    /// running, and no call, open or top-up for that long; and, between its calls, one whose
+    /// return invoice expires within [`Pipeline::refund_margin_secs`]. The first pass reads every session
     /// (and tries once more the refund of one closed just before a restart); later ones look
     /// only at sessions that may be open.
     pub async fn close_idle_sessions(&self) {
@@ -306,10 +318,15 @@ impl Pipeline {
                 .and_then(|active| active.get(&hash).copied());
             // The clock of a session no call touched since this process started starts with it.
             let last = seen.unwrap_or(0).max(record.touched_at).max(started);
-            if running || now.saturating_sub(last) < idle {
-                continue;
-            }
-            if let Err(e) = self.end_session(&hash, Closer::Idle).await {
+            let expiring = bolt11::decode(&record.return_invoice)
+                .is_ok_and(|info| info.expires_at <= now + self.refund_margin_secs());
+            let closer = match (running, expiring) {
+                (true, _) => continue,
+                (false, true) => Closer::Expiring,
+                (false, false) if now.saturating_sub(last) >= idle => Closer::Idle,
+                (false, false) => continue,
+            };
+            if let Err(e) = self.end_session(&hash, closer).await {
                 tracing::warn!(session = %hash, error = %e, "cannot close idle session");
             }
         }

@@ -212,7 +212,11 @@ impl Pipeline {
     ) -> Result<Account, PaymentRefusal> {
         self.sessions_on()?;
         let stored = self.paid_session_challenge(credential).await?;
-        check_return_invoice(&stored, return_invoice)?;
+        check_return_invoice(
+            &stored,
+            return_invoice,
+            unix_now() + self.refund_margin_secs(),
+        )?;
         let hash = stored.payment_hash;
         let (id, now) = (credential.challenge.id.clone(), unix_now());
         let return_invoice = return_invoice.trim().to_owned();
@@ -423,8 +427,13 @@ impl Pipeline {
 }
 
 /// The draft's step 7: the return invoice is BOLT11, names no amount (or zero), is on the
-/// deposit's network, and has not expired.
-fn check_return_invoice(stored: &PaymentChallengeRecord, bolt11_text: &str) -> Result<(), Refusal> {
+/// deposit's network, and has not expired; here, also not before `refundable_until`, so there
+/// is time to pay the refund to it (see [`Pipeline::refund_margin_secs`]).
+fn check_return_invoice(
+    stored: &PaymentChallengeRecord,
+    bolt11_text: &str,
+    refundable_until: u64,
+) -> Result<(), Refusal> {
     let invalid = |why: &str| Refusal::InvalidReturnInvoice(why.to_owned());
     let info =
         bolt11::decode(bolt11_text).map_err(|e| Refusal::InvalidReturnInvoice(e.to_string()))?;
@@ -439,6 +448,12 @@ fn check_return_invoice(stored: &PaymentChallengeRecord, bolt11_text: &str) -> R
     }
     if info.expires_at <= unix_now() {
         return Err(invalid("it has expired"));
+    }
+    if info.expires_at <= refundable_until {
+        return Err(Refusal::InvalidReturnInvoice(format!(
+            "it expires within {} s, too soon to take the session's refund",
+            refundable_until.saturating_sub(unix_now())
+        )));
     }
     Ok(())
 }
