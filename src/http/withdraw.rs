@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::api::{parts, OpenAiError, ReadBody};
-use super::l402::{caller, owner};
+use super::l402::{caller, owner, Who};
 use super::HttpState;
 use crate::job::payouts::{Payout, PayoutRefusal, PayoutState, Target};
 
@@ -86,6 +86,16 @@ pub(super) async fn withdraw(
 ) -> Result<Json<Value>, OpenAiError> {
     let (api, pipeline) = parts(&state)?;
     let caller = caller(api, peer, &method, &uri, &headers, &body)?;
+    if matches!(&caller.who, Who::Token(credential) if credential.narrowed()) {
+        return Err(OpenAiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "narrowed_token",
+            "this token carries caveats its holder added: it pays for calls within them, and \
+             what it holds is withdrawn with the token as it was sold"
+                .to_owned(),
+        ));
+    }
     let signed = caller.signed;
     let account = owner(api, pipeline, caller).await?;
     let asked = parse(&body)?;

@@ -75,9 +75,13 @@ pub struct Grant {
     pub valid_until: u64,
     /// The model it may call.
     pub model: String,
-    /// The most one call may be quoted, msat.
+    /// The most one call may cost, msat.
     pub budget_msat: u64,
 }
+
+/// Caveats [`mint`] writes; any after them were added by a holder (a macaroon's caveats can
+/// only be appended to).
+pub const MINTED_CAVEATS: usize = 4;
 
 /// Mint the macaroon of a token paid by `id.payment_hash`.
 pub fn mint(root_key: &[u8], id: &Identifier, grant: &Grant) -> Macaroon {
@@ -188,6 +192,14 @@ pub struct Use<'a> {
 }
 
 impl Credential {
+    /// Whether a holder narrowed this token (added caveats to what was minted): it spends
+    /// within them, but what it holds leaves only by the token as it was sold, so a holder who
+    /// hands on a narrowed token (a budget a call, an earlier expiry) hands on no more than
+    /// the calls it allows.
+    pub fn narrowed(&self) -> bool {
+        self.macaroon.caveats.len() > MINTED_CAVEATS
+    }
+
     /// The lowest `dvmd_budget_msat` caveat's value: the most one call may cost, if any caveat
     /// says. (One that is not a number is refused by [`Credential::verify`].)
     pub fn budget_msat(&self) -> Option<u64> {

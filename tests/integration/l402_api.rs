@@ -745,7 +745,8 @@ async fn an_idempotency_key_makes_a_token_call_run_and_charge_once_across_a_rest
 /// caveat added as any macaroon library adds one) and hands it on: each call then costs at
 /// most the budget, however long its answer could run (the call bids it: quoted, reserved and
 /// charged within it), and a budget below the least a call can cost is refused, saying so. On
-/// the code before, the caveat bounded only the quote, and the charge ran to the cap.
+/// the code before, the caveat bounded only the quote, and the charge ran to the cap. A
+/// narrowed token cannot withdraw what the token holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_caveat_caps_what_each_call_costs() {
     let data = harness::data_dir();
@@ -803,6 +804,30 @@ async fn a_budget_caveat_caps_what_each_call_costs() {
     assert_eq!(status, 400, "{refused}");
     let message = refused["error"]["message"].as_str().expect("message");
     assert!(message.contains("dvmd_budget_msat"), "{message}");
+
+    // What the token holds leaves only by the token as it was sold: the narrowed one, handed
+    // on, cannot withdraw it.
+    let target = daemon
+        .dev_wallet()
+        .expect("dev wallet")
+        .create_invoice(dvmd::wallet::InvoiceRequest {
+            amount_msat: 10_000,
+            description: dvmd::wallet::InvoiceDescription::Memo("home".into()),
+            expiry_secs: 600,
+        })
+        .await
+        .expect("invoice");
+    let narrowed_token = narrowed(format!("dvmd_budget_msat={budget}"));
+    let withdrawn = reqwest::Client::new()
+        .post(format!("{http}/v1/account/withdraw"))
+        .header("Authorization", format!("L402 {narrowed_token}:{preimage}"))
+        .json(&json!({ "bolt11": target.bolt11 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(withdrawn.status(), 403);
+    let said: Value = withdrawn.json().await.expect("json");
+    assert_eq!(said["error"]["code"], "narrowed_token", "{said}");
 
     let store = daemon.pipeline().book().store();
     harness::settled_jobs(store).await;
