@@ -202,9 +202,18 @@ fn data_of(events: &[(String, String)], name: &str) -> Vec<Value> {
 }
 
 async fn return_invoice(http: &str) -> (String, PaymentHash) {
+    return_invoice_expiring(http, None).await
+}
+
+/// An amountless invoice of the dev wallet's, expiring in `expiry_secs` (or its default).
+async fn return_invoice_expiring(http: &str, expiry_secs: Option<u64>) -> (String, PaymentHash) {
+    let mut body = json!({ "memo": "session refund" });
+    if let Some(secs) = expiry_secs {
+        body["expiry_secs"] = json!(secs);
+    }
     let response = reqwest::Client::new()
         .post(format!("{http}/dev/invoice"))
-        .json(&json!({ "memo": "session refund" }))
+        .json(&body)
         .send()
         .await
         .expect("send");
@@ -212,6 +221,19 @@ async fn return_invoice(http: &str) -> (String, PaymentHash) {
     let body: Value = response.json().await.expect("json");
     let hash = PaymentHash::from_hex(body["payment_hash"].as_str().expect("hash")).expect("hex");
     (body["bolt11"].as_str().expect("bolt11").to_owned(), hash)
+}
+
+/// What the refund paid to the dev wallet's invoice `hash`, once it has (up to `tries` looks,
+/// 100 ms apart).
+async fn refunded(daemon: &Daemon, hash: &PaymentHash, tries: usize) -> Option<u64> {
+    let wallet = daemon.dev_wallet().expect("dev wallet");
+    for _ in 0..tries {
+        if let PaymentStatus::Paid { amount_msat } = wallet.lookup(hash).await.expect("lookup") {
+            return Some(amount_msat);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// The problem type a refusal names, after the draft's base URL.
@@ -544,18 +566,12 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
     harness::settled_jobs(daemon.pipeline().book().store()).await;
     let rest = session_balance(&daemon, &second.hash());
     assert!(rest > 0);
+    assert_eq!(
+        refunded(&daemon, &refund_hash_2, 100).await,
+        Some(rest),
+        "idle: closed, and the rest refunded"
+    );
     let wallet = daemon.dev_wallet().expect("dev wallet");
-    let mut refunded = None;
-    for _ in 0..100 {
-        if let PaymentStatus::Paid { amount_msat } =
-            wallet.lookup(&refund_hash_2).await.expect("lookup")
-        {
-            refunded = Some(amount_msat);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(refunded, Some(rest), "idle: closed, and the rest refunded");
     let record = daemon
         .pipeline()
         .session(&PaymentHash::from_hex(&second.hash()).expect("hex"))
@@ -590,34 +606,17 @@ async fn a_session_is_closed_and_refunded_before_its_return_invoice_expires() {
     let (data, daemon) = start(|_| {}).await;
     let http = daemon.ready().http_url.clone();
     let model = harness::served_model(&http).await;
-    let expiring = |secs: u64| {
-        let url = format!("{http}/dev/invoice");
-        async move {
-            let body: Value = reqwest::Client::new()
-                .post(url)
-                .json(&json!({ "memo": "session refund", "expiry_secs": secs }))
-                .send()
-                .await
-                .expect("send")
-                .json()
-                .await
-                .expect("json");
-            let hash =
-                PaymentHash::from_hex(body["payment_hash"].as_str().expect("hash")).expect("hex");
-            (body["bolt11"].as_str().expect("bolt11").to_owned(), hash)
-        }
-    };
     let (deposit, _) = session_offer(&http, &model, 20).await;
     let preimage = harness::dev_pay(&http, deposit.invoice()).await;
 
-    let (too_soon, _) = expiring(20).await;
+    let (too_soon, _) = return_invoice_expiring(&http, Some(20)).await;
     let open = deposit.credential(json!({
         "action": "open", "preimage": preimage, "returnInvoice": too_soon,
     }));
     let refused = post(&http, &chat(&model, 5, false), Some(&open)).await;
     assert_eq!(problem(refused).await, "lightning/invalid-return-invoice");
 
-    let (refund_to, refund_hash) = expiring(45).await;
+    let (refund_to, refund_hash) = return_invoice_expiring(&http, Some(45)).await;
     let open = deposit.credential(json!({
         "action": "open", "preimage": preimage, "returnInvoice": refund_to,
     }));
@@ -627,19 +626,8 @@ async fn a_session_is_closed_and_refunded_before_its_return_invoice_expires() {
     let rest = session_balance(&daemon, &deposit.hash());
     assert!(rest > 0);
 
-    let wallet = daemon.dev_wallet().expect("dev wallet");
-    let mut refunded = None;
-    for _ in 0..300 {
-        if let PaymentStatus::Paid { amount_msat } =
-            wallet.lookup(&refund_hash).await.expect("lookup")
-        {
-            refunded = Some(amount_msat);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert_eq!(
-        refunded,
+        refunded(&daemon, &refund_hash, 300).await,
         Some(rest),
         "the rest, refunded before the invoice expired"
     );
