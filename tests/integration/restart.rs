@@ -1010,3 +1010,303 @@ async fn http_call(
     let status = response.status().as_u16();
     Ok((status, response.json().await.unwrap_or_default()))
 }
+
+/// One call paid by an HTTP `Payment` `charge` credential, as its customer tracks it.
+struct PaidCall {
+    /// Its `Idempotency-Key`.
+    key: String,
+    /// The 402's invoice, payment hash and amount.
+    bolt11: String,
+    hash: dvmd::wallet::PaymentHash,
+    amount_msat: u64,
+    /// The challenge's parameters (what the credential echoes).
+    challenge: std::collections::HashMap<String, String>,
+    /// The credential, once the invoice is paid; `None` with `lost` when the answer of the
+    /// payment died with the daemon (the preimage never reached the customer).
+    credential: Option<String>,
+    lost: bool,
+    /// Settled, as `GET /v1/jobs/{id}` showed it.
+    settled: bool,
+}
+
+impl PaidCall {
+    /// The job its credential and key open: the account is the payment hash's.
+    fn job(&self) -> EventId {
+        let account = dvmd::ledger::Account::Token(self.hash);
+        dvmd::job::JobId::idempotent(&account.key(), &self.key).as_event_id()
+    }
+
+    fn done(&self) -> bool {
+        self.settled || self.lost
+    }
+}
+
+const PAID_CRASH_CUSTOMERS: usize = 10;
+const PAID_CRASH_JOBS: usize = 8;
+const PAID_KILL_AT_SETTLED: [usize; 3] = [10, 30, 50];
+/// Credentials sent again that found the job they opened before a kill (409).
+static FOUND_AGAIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Answers a paying customer did not expect (not a daemon that went away), for the dump.
+static UNEXPECTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// `why`, noted in [`UNEXPECTED`] (a customer task's error is dropped when its daemon is
+/// killed under it).
+fn unexpected(why: String) -> String {
+    UNEXPECTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(why.clone());
+    why
+}
+
+/// The `/v1/jobs` door paid call by call with HTTP `Payment` `charge` credentials, under kill
+/// -9: ten customers each get a 402, pay its invoice through the dev wallet and send the
+/// credential with an `Idempotency-Key`, then poll the job, while the daemon is killed three
+/// times. A call whose answer died is sent again, the same credential with the same key: it
+/// opens the job if the first did not (its challenge still unused), or gets 409 naming it. In
+/// the end every paid credential ran exactly one job, settled once, and what the job did not
+/// cost is on the payment hash's account; a payment whose answer died before the customer saw
+/// the preimage ran nothing and its whole amount is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_credentials_under_kills_each_pay_for_one_job_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio_util::sync::CancellationToken;
+
+    let stub = dvmd::bench::stub::StubServer::start()
+        .await
+        .expect("stub server");
+    let data = harness::data_dir();
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let config = format!(
+        "{}[http]\nmax_challenges_per_minute = 100000\nmax_challenges_per_ip_per_minute = 100000\n",
+        stub_config(&stub)
+    );
+    let customers: Vec<Arc<Mutex<Vec<PaidCall>>>> =
+        (0..PAID_CRASH_CUSTOMERS).map(|_| Arc::default()).collect();
+    let settled = Arc::new(AtomicUsize::new(0));
+    let started = tokio::time::Instant::now();
+    for run in 0..=PAID_KILL_AT_SETTLED.len() {
+        let daemon = DaemonProcess::spawn(data.path(), relay_port, http_port, &config);
+        let stop = CancellationToken::new();
+        let tasks: Vec<_> = customers
+            .iter()
+            .map(|calls| {
+                let (http, calls) = (daemon.http_url.clone(), calls.clone());
+                let (settled, stop) = (settled.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => Ok(()),
+                        done = paying_customer(&http, &calls, &settled) => done,
+                    }
+                })
+            })
+            .collect();
+        let dump = || {
+            let odd = UNEXPECTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let settled = settled.load(Ordering::Relaxed);
+            format!("{settled} jobs settled; unexpected answers: {odd:?}")
+        };
+        let Some(&kill_at) = PAID_KILL_AT_SETTLED.get(run) else {
+            finish(tasks, started + CRASH_DEADLINE, dump).await;
+            daemon.terminate();
+            break;
+        };
+        kill_when(
+            daemon,
+            &settled,
+            kill_at,
+            started + CRASH_DEADLINE,
+            dump,
+            stop,
+            tasks,
+        )
+        .await;
+    }
+    stub.stop().await;
+
+    let store = harness::open_store(data.path());
+    let stored: std::collections::HashMap<EventId, dvmd::job::Job> = harness::jobs(&store)
+        .into_iter()
+        .map(|job| (job.id.as_event_id(), job))
+        .collect();
+    let (mut ran, mut lost) = (0, 0);
+    for calls in &customers {
+        for call in calls.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let account = dvmd::ledger::Account::Token(call.hash);
+            let left = harness::account_balance(&store, &account);
+            let jobs: Vec<_> = stored.values().filter(|j| j.customer == account).collect();
+            if call.lost {
+                assert!(jobs.is_empty(), "a payment nobody presented ran {jobs:?}");
+                assert_eq!(left, call.amount_msat, "all of it kept for its payer");
+                lost += 1;
+                continue;
+            }
+            assert!(call.settled, "every presented credential ends settled");
+            assert_eq!(jobs.len(), 1, "one job a payment: {jobs:?}");
+            let job = jobs[0];
+            assert_eq!(job.id.as_event_id(), call.job(), "named by its key");
+            assert_eq!(
+                (job.state, job.held_msat),
+                (JobState::Settled, 0),
+                "{job:?}"
+            );
+            let charge = job.charge_msat.expect("charged");
+            assert!(charge > 0 && charge <= call.amount_msat, "{job:?}");
+            assert_eq!(
+                left,
+                call.amount_msat - charge,
+                "the change stays on its account"
+            );
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, PAID_CRASH_CUSTOMERS * PAID_CRASH_JOBS);
+    assert_eq!(stored.len(), ran, "no job beside the paid ones");
+    let totals = harness::ledger_ok(&store);
+    assert_eq!(totals.held_msat, 0);
+    let odd = UNEXPECTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(odd.is_empty(), "unexpected answers: {odd:?}");
+    let again = FOUND_AGAIN.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{ran} paid calls ran once each ({again} sent again found their job); {lost} payments whose answer died kept whole");
+}
+
+/// One `Payment` customer: finish the call it has open (challenge, payment, credential, poll),
+/// then start new ones, until `PAID_CRASH_JOBS` have settled.
+async fn paying_customer(
+    http: &str,
+    calls: &std::sync::Mutex<Vec<PaidCall>>,
+    settled: &std::sync::atomic::AtomicUsize,
+) -> Result<(), String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let url = format!("{http}/v1/jobs");
+    let body = serde_json::json!({
+        "kind": 5050,
+        "inputs": [{ "value": "Say hello." }],
+        "params": { "max_tokens": 16 },
+    })
+    .to_string();
+    let lock = || calls.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let open = lock().iter().position(|call| !call.done());
+        let index = match open {
+            Some(index) => index,
+            None if lock().iter().filter(|c| c.settled).count() == PAID_CRASH_JOBS => return Ok(()),
+            None => {
+                let response = reqwest::Client::new()
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?;
+                if response.status() != 402 {
+                    let status = response.status();
+                    return Err(unexpected(format!("a call with no credential: {status}")));
+                }
+                let header = response
+                    .headers()
+                    .get_all("www-authenticate")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find(|v| v.starts_with("Payment "))
+                    .map(str::to_owned)
+                    .ok_or("no Payment challenge")?;
+                let offer: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+                let hash = offer["l402"]["payment_hash"].as_str().unwrap_or_default();
+                let hash = dvmd::wallet::PaymentHash::from_hex(hash).map_err(|e| e.to_string())?;
+                let mut calls = lock();
+                let n = calls.len();
+                calls.push(PaidCall {
+                    key: format!("call-{n}"),
+                    bolt11: offer["l402"]["invoice"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    hash,
+                    amount_msat: offer["l402"]["amount_msat"].as_u64().unwrap_or_default(),
+                    challenge: harness::payment_auth_params(&header),
+                    credential: None,
+                    lost: false,
+                    settled: false,
+                });
+                calls.len() - 1
+            }
+        };
+        let (bolt11, credential, key, job) = {
+            let calls = lock();
+            let call = &calls[index];
+            (
+                call.bolt11.clone(),
+                call.credential.clone(),
+                call.key.clone(),
+                call.job(),
+            )
+        };
+        let credential = match credential {
+            Some(credential) => credential,
+            None => {
+                let paid = reqwest::Client::new()
+                    .post(format!("{http}/dev/pay"))
+                    .json(&serde_json::json!({ "bolt11": bolt11 }))
+                    .send()
+                    .await
+                    .map_err(|e| format!("/dev/pay: {e}"))?;
+                if paid.status().is_client_error() {
+                    // Paid before a kill, its answer lost: the preimage never arrived.
+                    lock()[index].lost = true;
+                    continue;
+                }
+                let paid: serde_json::Value = paid.json().await.map_err(|e| e.to_string())?;
+                let preimage = paid["preimage"].as_str().ok_or("no preimage")?;
+                let mut calls = lock();
+                let call = &mut calls[index];
+                let mut echo = serde_json::Map::new();
+                for name in ["id", "realm", "method", "intent", "request", "expires"] {
+                    echo.insert(name.into(), call.challenge[name].clone().into());
+                }
+                let wire =
+                    serde_json::json!({ "challenge": echo, "payload": { "preimage": preimage } });
+                let credential = format!("Payment {}", URL_SAFE_NO_PAD.encode(wire.to_string()));
+                call.credential = Some(credential.clone());
+                credential
+            }
+        };
+        // Sent until it opens the job (202) or finds the job it opened (409).
+        let created = reqwest::Client::new()
+            .post(&url)
+            .header("Authorization", &credential)
+            .header("Idempotency-Key", &key)
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let status = created.status().as_u16();
+        if status == 409 {
+            FOUND_AGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if status != 202 && status != 409 {
+            let said = created.text().await.unwrap_or_default();
+            return Err(unexpected(format!(
+                "POST /v1/jobs with a credential answered {status}: {said}"
+            )));
+        }
+        let job_url = format!("{url}/{job}");
+        loop {
+            let (status, shown) =
+                http_call(reqwest::Method::GET, &job_url, credential.clone(), None).await?;
+            match (status, shown["state"].as_str()) {
+                (200, Some("settled")) => break,
+                (200, Some("failed")) => {
+                    return Err(unexpected(format!("job {job} failed: {shown}")))
+                }
+                (200, _) => tokio::time::sleep(Duration::from_millis(5)).await,
+                _ => return Err(unexpected(format!("GET {job_url}: {status} {shown}"))),
+            }
+        }
+        lock()[index].settled = true;
+        settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
