@@ -36,7 +36,7 @@ fn a_version_1_store_is_migrated() {
             .expect("entry");
         db.flush().expect("flush");
     }
-    let store = open_after_raw(dir.path()).expect("open");
+    let store = super::open_when_released(dir.path()).expect("open");
     let indexed: Vec<Vec<u8>> = store
         .read_blocking(|r| r.keys(Tree::OpenPayments).collect())
         .expect("keys");
@@ -104,7 +104,7 @@ fn a_version_4_store_gets_its_ledger_indexed_by_account() {
             .expect("bob");
         db.flush().expect("flush");
     }
-    let store = open_after_raw(dir.path()).expect("open");
+    let store = super::open_when_released(dir.path()).expect("open");
     let (alices, bobs, totals) = store
         .read_blocking(move |r| {
             Ok::<_, ledger::LedgerError>((
@@ -134,7 +134,7 @@ fn an_unknown_schema_is_refused() {
         db.flush().expect("flush");
     }
     assert!(matches!(
-        open_after_raw(dir.path()),
+        super::open_when_released(dir.path()),
         Err(StoreError::Schema { found: 99 })
     ));
 }
@@ -206,7 +206,7 @@ fn old_store_opens_as_current(from: u64) {
         .expect("copied");
         db.flush().expect("flush");
     }
-    let store = open_after_raw(dir.path()).expect("open");
+    let store = super::open_when_released(dir.path()).expect("open");
     let token = Account::Token(crate::wallet::PaymentHash([9; 32]));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -267,19 +267,4 @@ fn raw_db(path: &std::path::Path) -> sled::Db {
         .flush_every_ms(None)
         .open()
         .expect("sled")
-}
-
-/// `Store::open` on a directory [`raw_db`] wrote. sled's IO threads hold the database, and the
-/// directory's lock, for a moment after its last handle is dropped; a process that exited has
-/// let go of it, but a test that opens it again at once can find it `Locked`.
-fn open_after_raw(path: &std::path::Path) -> Result<Store, StoreError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Store::open(path) {
-            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            opened => return opened,
-        }
-    }
 }

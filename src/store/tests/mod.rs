@@ -161,6 +161,22 @@ async fn a_refused_write_in_a_group_leaves_nothing_and_the_others_stand() {
     );
 }
 
+/// `Store::open` on a directory another handle just let go of (a closed store, or a database
+/// [`migrations`] wrote raw). sled's IO threads hold the database, and the directory's lock,
+/// for a moment after its last handle is dropped; a process that exited has let go of it, but a
+/// test that opens it again at once can find it `Locked`.
+fn open_when_released(path: &std::path::Path) -> Result<Store, StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(path) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// The largest group the writer takes ([`writer::MAX_GROUP`] writes of a few KB, megabytes in
 /// one sled transaction, over many log segments) commits whole, and survives a reopen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +208,7 @@ async fn the_largest_group_commits_in_one_transaction_and_survives_a_reopen() {
     );
     store.close().await.expect("close");
     drop(store);
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = open_when_released(dir.path()).expect("reopen");
     let found = store
         .read(move |r| -> Result<usize, StoreError> {
             Ok((0..writes)
@@ -356,7 +372,7 @@ async fn closing_flushes_and_later_writes_are_refused() {
         Err(TestError::Store(StoreError::Closed))
     ));
     drop(store);
-    let reopened = Store::open(dir.path()).expect("reopen");
+    let reopened = open_when_released(dir.path()).expect("reopen");
     assert_eq!(get(&reopened, 4).await, Some(4));
 }
 
