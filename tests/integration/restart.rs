@@ -914,12 +914,7 @@ async fn http_crash_customer(
     settled: &std::sync::atomic::AtomicUsize,
 ) -> Result<(), String> {
     let url = format!("{http}/v1/jobs");
-    let body = serde_json::json!({
-        "kind": 5050,
-        "inputs": [{ "value": "Say hello." }],
-        "params": { "max_tokens": 16 },
-    })
-    .to_string();
+    let body = job_request();
     loop {
         let open = tracks
             .lock()
@@ -956,28 +951,51 @@ async fn http_crash_customer(
         let id = tracks.lock().unwrap_or_else(|e| e.into_inner())[index].id;
         // Poll it (the first look after a restart also says whether it was ever stored).
         let job_url = format!("{url}/{id}");
-        let end = loop {
-            let header = harness::nip98_with_nonce(keys, &job_url, "get", None);
-            let (status, shown) = http_call(reqwest::Method::GET, &job_url, header, None).await?;
-            match (status, shown["state"].as_str()) {
-                (404, _) => break false,
-                (200, Some("settled")) => {
-                    if let Some(bolt11) = shown["pay_after"]["bolt11"].as_str() {
-                        // Run first: pay what it owes now.
-                        tracks.lock().unwrap_or_else(|e| e.into_inner())[index].owed =
-                            Some(bolt11.to_owned());
-                        try_dev_pay(http, bolt11).await?;
-                    }
-                    break true;
+        let sign = || harness::nip98_with_nonce(keys, &job_url, "get", None);
+        let end = match poll_job(&job_url, sign).await? {
+            None => false,
+            Some(shown) => {
+                if let Some(bolt11) = shown["pay_after"]["bolt11"].as_str() {
+                    // Run first: pay what it owes now.
+                    tracks.lock().unwrap_or_else(|e| e.into_inner())[index].owed =
+                        Some(bolt11.to_owned());
+                    try_dev_pay(http, bolt11).await?;
                 }
-                (200, Some("failed")) => return Err(format!("job {id} failed: {shown}")),
-                (200, _) => tokio::time::sleep(Duration::from_millis(5)).await,
-                _ => return Err(format!("GET {job_url}: {status} {shown}")),
+                true
             }
         };
         tracks.lock().unwrap_or_else(|e| e.into_inner())[index].settled = Some(end);
         if end {
             settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The `/v1/jobs` request every HTTP customer of these runs sends.
+fn job_request() -> String {
+    serde_json::json!({
+        "kind": 5050,
+        "inputs": [{ "value": "Say hello." }],
+        "params": { "max_tokens": 16 },
+    })
+    .to_string()
+}
+
+/// Poll `GET job_url` (with the `Authorization` value `auth` makes) until the job settles:
+/// `Some(shown)`, or `None` when it was never stored (404). A failed job, or any other answer,
+/// is an error (a failed job's starts with "job ").
+async fn poll_job(
+    job_url: &str,
+    auth: impl Fn() -> String,
+) -> Result<Option<serde_json::Value>, String> {
+    loop {
+        let (status, shown) = http_call(reqwest::Method::GET, job_url, auth(), None).await?;
+        match (status, shown["state"].as_str()) {
+            (404, _) => return Ok(None),
+            (200, Some("settled")) => return Ok(Some(shown)),
+            (200, Some("failed")) => return Err(format!("job {job_url} failed: {shown}")),
+            (200, _) => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => return Err(format!("GET {job_url}: {status} {shown}")),
         }
     }
 }
@@ -1181,12 +1199,7 @@ async fn paying_customer(
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
     let url = format!("{http}/v1/jobs");
-    let body = serde_json::json!({
-        "kind": 5050,
-        "inputs": [{ "value": "Say hello." }],
-        "params": { "max_tokens": 16 },
-    })
-    .to_string();
+    let body = job_request();
     let lock = || calls.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let open = lock().iter().position(|call| !call.done());
@@ -1294,17 +1307,11 @@ async fn paying_customer(
             )));
         }
         let job_url = format!("{url}/{job}");
-        loop {
-            let (status, shown) =
-                http_call(reqwest::Method::GET, &job_url, credential.clone(), None).await?;
-            match (status, shown["state"].as_str()) {
-                (200, Some("settled")) => break,
-                (200, Some("failed")) => {
-                    return Err(unexpected(format!("job {job} failed: {shown}")))
-                }
-                (200, _) => tokio::time::sleep(Duration::from_millis(5)).await,
-                _ => return Err(unexpected(format!("GET {job_url}: {status} {shown}"))),
-            }
+        match poll_job(&job_url, || credential.clone()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(unexpected(format!("{job_url}: 404 after 202 or 409"))),
+            Err(why) if why.starts_with("job ") => return Err(unexpected(why)),
+            Err(why) => return Err(why),
         }
         lock()[index].settled = true;
         settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
