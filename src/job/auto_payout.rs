@@ -241,9 +241,19 @@ impl Book {
         after_days: u64,
         now: u64,
     ) -> Result<Vec<(Account, u64)>, BookError> {
+        let idle = self.idle_credit(after_days, now).await?;
+        self.expire_idle(idle, after_days, now).await
+    }
+
+    /// The accounts with a balance and no ledger entry for `after_days`, with the balance each
+    /// had when read.
+    async fn idle_credit(
+        &self,
+        after_days: u64,
+        now: u64,
+    ) -> Result<Vec<(Account, u64)>, BookError> {
         let cutoff = now.saturating_sub(after_days.saturating_mul(24 * 60 * 60));
-        let idle = self
-            .store()
+        self.store()
             .read(move |r| {
                 let mut idle = Vec::new();
                 for item in r.scan_raw(Tree::Accounts) {
@@ -262,16 +272,24 @@ impl Book {
                 }
                 Ok::<_, BookError>(idle)
             })
-            .await?;
+            .await
+    }
+
+    /// Expire what [`Book::idle_credit`] found, an account a write. Each is looked at again
+    /// inside its write (the writes before it take time): a balance that moved since the scan
+    /// had an entry since (a late payment, a zap), so the account is not idle, and what came
+    /// in is never taken with the rest.
+    async fn expire_idle(
+        &self,
+        idle: Vec<(Account, u64)>,
+        after_days: u64,
+        now: u64,
+    ) -> Result<Vec<(Account, u64)>, BookError> {
         let mut expired = Vec::new();
         for (account, seen) in idle {
             let lapsed = self
                 .store()
                 .commit(move |tx| {
-                    // Looked at again inside the write (the writes before it in this pass take
-                    // time): a balance that moved since the scan had an entry since (a late
-                    // payment, a zap), so the account is not idle, and what came in is never
-                    // taken with the rest.
                     let balance = ledger::balance_in(tx, &account)?;
                     if balance == 0 || balance != seen {
                         return Ok(0);
@@ -358,6 +376,25 @@ mod tests {
         assert_eq!(balance(&book, alice).await, 0);
         let totals = totals(&book).await;
         assert_eq!((totals.expiry_msat, totals.balances_msat), (12_000, 0));
+    }
+
+    /// A payment booked between the sweep's scan and an account's expiry write is never taken
+    /// with the idle balance: the account had an entry since, so it is not idle. (Before, the
+    /// write expired whatever the balance held by then.)
+    #[tokio::test]
+    async fn a_payment_that_lands_during_the_sweep_is_not_expired() {
+        let book = book();
+        let (alice, bob) = (Keys::generate().public_key(), Keys::generate().public_key());
+        top_up(&book, alice, 1, 5_000).await;
+        top_up(&book, bob, 2, 7_000).await;
+        let later = crate::job::pipeline::unix_now() + 31 * 24 * 60 * 60;
+        let idle = book.idle_credit(30, later).await.expect("scan");
+        assert_eq!(idle.len(), 2);
+        top_up(&book, alice, 3, 1_000).await;
+        let expired = book.expire_idle(idle, 30, later).await.expect("sweep");
+        assert_eq!(expired, vec![(Account::from(bob), 7_000)]);
+        assert_eq!(balance(&book, alice).await, 6_000);
+        assert_eq!(totals(&book).await.expiry_msat, 7_000);
     }
 
     #[test]
