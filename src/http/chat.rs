@@ -322,7 +322,7 @@ pub(super) async fn open(
             HttpPayer {
                 account,
                 charge: match &caller.who {
-                    Who::Payment(credential) if priced.request.session.is_none() => {
+                    Who::Payment(credential) if credential.action == crate::mpp::Action::Charge => {
                         Some(credential.challenge.id.clone())
                     }
                     _ => None,

@@ -104,7 +104,7 @@ fn book_consumed(
     let outcome = book_payment(tx, hash, record, paid_msat, at)?;
     // What the account owes for jobs run before they were paid is repaid first, from what is
     // left once the paid job (if any) holds its part.
-    super::holds::repay_owed_in(tx, &record.account, record.job, at)?;
+    super::settle::repay_owed_in(tx, &record.account, record.job, at)?;
     Ok(outcome)
 }
 

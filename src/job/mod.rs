@@ -35,6 +35,7 @@ pub mod record;
 pub mod recovery;
 pub mod reputation;
 pub mod sessions;
+pub mod settle;
 pub mod state;
 pub mod tokens;
 pub mod worker;

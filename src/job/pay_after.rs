@@ -10,7 +10,7 @@
 //! - Result: its charge is invoiced (the payment record names the account, not the job, so the
 //!   payment credits the account and repays the debt), the invoice goes in the result's `amount`
 //!   tag, and the result is stored with it before it is shown.
-//! - Settlement (`holds::settle_pay_after`): `debt` and `charge` of the exact usage; what the
+//! - Settlement (`settle::settle_pay_after`): `debt` and `charge` of the exact usage; what the
 //!   balance holds repays it at once; the rest is owed from now, and a `payment-required`
 //!   feedback repeats the invoice.
 //! - Repayment: any payment into the account repays what it owes first

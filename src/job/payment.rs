@@ -327,7 +327,9 @@ impl Pipeline {
         }
     }
 
-    /// Publish every zap receipt still owed (see [`Book::zap_receipts_due`]). On start.
+    /// Publish every zap receipt still owed (see [`Book::zap_receipts_due`]), one after
+    /// another in the caller's task (so however many a long outage left, one is in flight).
+    /// On start.
     ///
     /// [`Book::zap_receipts_due`]: super::Book::zap_receipts_due
     pub async fn publish_due_zap_receipts(&self) {
@@ -342,7 +344,7 @@ impl Pipeline {
             );
         }
         for (hash, _) in due {
-            self.publish_zap_receipt(hash);
+            self.deliver_zap_receipt(&hash).await;
         }
     }
 

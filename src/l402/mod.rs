@@ -416,9 +416,20 @@ mod tests {
             };
             assert_eq!(verify(&mac, &preimage, reading), Ok(()));
         }
-        // A holder may narrow it, never widen it; an unknown caveat is refused.
+        // A holder may narrow it, never widen it; an unknown caveat is refused. Narrowed, it
+        // is known as such (it may not withdraw), and its lowest budget is the one a call bids.
+        let read = |mac: &Macaroon| {
+            parse_authorization(&header(mac, &preimage, "L402"))
+                .expect("scheme")
+                .expect("well formed")
+        };
+        assert_eq!(mac.caveats.len(), MINTED_CAVEATS);
+        assert!(!read(&mac).narrowed());
+        assert_eq!(read(&mac).budget_msat(), Some(5_000));
         let mut narrowed = mac.clone();
         narrowed.add_caveat("dvmd_budget_msat=100");
+        assert!(read(&narrowed).narrowed());
+        assert_eq!(read(&narrowed).budget_msat(), Some(100));
         assert!(matches!(
             verify(&narrowed, &preimage, call()),
             Err(CredentialError::Caveat { .. })

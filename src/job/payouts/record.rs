@@ -3,8 +3,8 @@
 
 use super::{Payout, PayoutRefusal, PayoutState};
 use crate::job::book::{Book, BookError};
-use crate::job::holds::repay_owed_in;
 use crate::job::pipeline::unix_now;
+use crate::job::settle::repay_owed_in;
 use crate::ledger::{self, Entry, EntryKind};
 use crate::store::{Tree, Tx, TxError};
 use crate::wallet::PaymentHash;
