@@ -236,6 +236,22 @@ async fn refunded(daemon: &Daemon, hash: &PaymentHash, tries: usize) -> Option<u
     None
 }
 
+/// How session `hash` closed, once its refund's outcome is recorded (the wallet can show the
+/// refund paid a moment before the session's record says so).
+async fn closed_session(daemon: &Daemon, hash: &str) -> dvmd::job::sessions::Closed {
+    let hash = PaymentHash::from_hex(hash).expect("hex");
+    for _ in 0..100 {
+        let record = daemon.pipeline().session(&hash).await.expect("read");
+        if let Some(closed) = record.and_then(|r| r.closed) {
+            if closed.refund_status != "pending" {
+                return closed;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("session {hash} not closed with its refund recorded");
+}
+
 /// The problem type a refusal names, after the draft's base URL.
 async fn problem(response: reqwest::Response) -> String {
     assert_eq!(response.status(), 402);
@@ -572,13 +588,7 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
         "idle: closed, and the rest refunded"
     );
     let wallet = daemon.dev_wallet().expect("dev wallet");
-    let record = daemon
-        .pipeline()
-        .session(&PaymentHash::from_hex(&second.hash()).expect("hex"))
-        .await
-        .expect("read")
-        .expect("stored");
-    let closed = record.closed.expect("closed");
+    let closed = closed_session(&daemon, &second.hash()).await;
     assert_eq!(
         (closed.by.as_str(), closed.refund_status.as_str()),
         ("idle", "succeeded")
@@ -631,13 +641,7 @@ async fn a_session_is_closed_and_refunded_before_its_return_invoice_expires() {
         Some(rest),
         "the rest, refunded before the invoice expired"
     );
-    let record = daemon
-        .pipeline()
-        .session(&PaymentHash::from_hex(&deposit.hash()).expect("hex"))
-        .await
-        .expect("read")
-        .expect("stored");
-    let closed = record.closed.expect("closed");
+    let closed = closed_session(&daemon, &deposit.hash()).await;
     assert_eq!(
         (closed.by.as_str(), closed.refund_status.as_str()),
         ("return_invoice_expiring", "succeeded")
