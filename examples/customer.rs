@@ -123,7 +123,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .tags
                     .iter()
                     .find_map(|t| match t.as_slice() {
-                        [name, msat, ..] if name == "amount" => Some(msat.clone()),
+                        [name, msat, ..] if name == "charged" => Some(msat.clone()),
                         _ => None,
                     })
                     .unwrap_or_default();

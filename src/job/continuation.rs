@@ -174,7 +174,7 @@ impl Pipeline {
         let usage = job.usage.unwrap_or_default();
         let receipt = job.receipt_for(inner.config.rate_card, usage, Finish::Budget);
         let charge = receipt.charged_msat;
-        let result = self.sign(nip90::result_invoiced(event, &said, Some(&receipt), None));
+        let result = self.sign(nip90::result(event, &said, Some(&receipt), None));
         let json = crate::event_json::to_json(&result);
         let (state, waited) = (job.state, job.continuation.clone());
         let stored = inner.book.update_durably(job, move |stored, _| {

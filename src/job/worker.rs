@@ -326,8 +326,15 @@ impl Pipeline {
         } else {
             None
         };
-        let bolt11 = invoice.as_ref().map(|invoice| invoice.bolt11.as_str());
-        let result = self.sign(nip90::result_invoiced(event, &text, Some(&receipt), bolt11));
+        // Only a pay-after job asks to be paid for its result; a prepaid one says what it was
+        // charged in its receipt (an `amount` there would ask its customer to pay again).
+        let ask = (job.pay_after && charge > 0).then(|| PaymentAmount {
+            msat: invoice
+                .as_ref()
+                .map_or(charge, |invoice| invoice.amount_msat),
+            bolt11: invoice.as_ref().map(|invoice| invoice.bolt11.clone()),
+        });
+        let result = self.sign(nip90::result(event, &text, Some(&receipt), ask.as_ref()));
         let json = crate::event_json::to_json(&result);
         // One group commit makes the payment booking, `Running` and the result durable
         // together, before the result is shown.
@@ -399,12 +406,11 @@ impl Pipeline {
                 return tracing::info!(job = %job.id, "result not delivered yet; resumes on restart")
             }
         }
+        // No `amount` tag: on feedback it asks to be paid, and `success` asks nothing (a
+        // pay-after job's `payment-required` follows it).
         let charge = job.charge_msat.unwrap_or(0);
-        let amount = PaymentAmount {
-            msat: charge,
-            bolt11: None,
-        };
-        let success = nip90::feedback(event, JobStatus::Success, "result published", Some(&amount));
+        let info = format!("result published; charged {charge} msat");
+        let success = nip90::feedback(event, JobStatus::Success, &info, None);
         let success = self.sign(success);
         let feedback = Some(crate::event_json::to_json(&success));
         let settled = match inner.book.settle_delivered(job, charge, feedback).await {

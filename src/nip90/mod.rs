@@ -10,8 +10,8 @@ pub mod text_generation;
 
 pub use request::{InputType, JobInput, JobRequest, RequestError, Targeting, PAY_FROM_CREDIT};
 pub use response::{
-    estimate_tag, feedback, partial, receipt_tags, result, result_invoiced, result_size_bound,
-    PaymentAmount, RESULT_BYTES_PER_TOKEN,
+    estimate_tag, feedback, partial, receipt_tags, result, result_size_bound, PaymentAmount,
+    RESULT_BYTES_PER_TOKEN,
 };
 pub use text_generation::{TextGeneration, TextGenerationLimits};
 

@@ -71,7 +71,10 @@ pub fn estimate_tag(estimate: &Estimate) -> Tag {
 
 /// The usage receipt as result tags (documented in `nips/dvmd-5050.md`): `["usage", prompt,
 /// completion]`, `["rates", base_fee_msat, prompt_msat_per_1k, completion_msat_per_1k]`,
-/// `["paid", msat]`, `["returned", msat]`, `["finish", why]`; the charge is the `amount` tag.
+/// `["paid", msat]`, `["charged", msat]`, `["returned", msat]`, `["finish", why]`.
+///
+/// The charge is `charged`, not NIP-90's `amount`: on a result, `amount` is what the service
+/// asks to be paid, and a client that pays it would pay a prepaid job twice.
 pub fn receipt_tags(receipt: &Receipt) -> Vec<Tag> {
     let tag = |name: &str, values: Vec<String>| Tag::custom(TagKind::custom(name), values);
     let rates = &receipt.rates;
@@ -92,24 +95,23 @@ pub fn receipt_tags(receipt: &Receipt) -> Vec<Tag> {
             ],
         ),
         tag("paid", vec![receipt.paid_msat.to_string()]),
+        tag("charged", vec![receipt.charged_msat.to_string()]),
         tag("returned", vec![receipt.returned_msat.to_string()]),
         tag("finish", vec![receipt.finish.as_str().to_owned()]),
     ]
 }
 
 /// The result event answering `request`: kind + 1000, with `request` (the request JSON), `e`,
-/// `p`, the request's `i` tags, the `amount` charged and, when given, the usage receipt.
-pub fn result(request: &Event, content: &str, receipt: Option<&Receipt>) -> Draft {
-    result_invoiced(request, content, receipt, None)
-}
-
-/// [`result`], with `bolt11` in the `amount` tag: a pay-after job's result carries the invoice
-/// for what it used.
-pub fn result_invoiced(
+/// `p`, the request's `i` tags and, when given, the usage receipt.
+///
+/// `ask` is NIP-90's `["amount", msat, bolt11]`, which asks the customer to pay: only a
+/// pay-after job, which ran before it was paid for, asks anything. A job paid before it ran
+/// carries what it was charged in the receipt alone.
+pub fn result(
     request: &Event,
     content: &str,
     receipt: Option<&Receipt>,
-    bolt11: Option<&str>,
+    ask: Option<&PaymentAmount>,
 ) -> Draft {
     let mut tags = vec![
         Tag::custom(
@@ -126,19 +128,13 @@ pub fn result_invoiced(
             .filter(|tag| tag.as_slice().first().is_some_and(|name| name == "i"))
             .cloned(),
     );
-    if let Some(receipt) = receipt {
-        let amount = PaymentAmount {
-            msat: receipt.charged_msat,
-            bolt11: bolt11.map(str::to_owned),
-        };
-        tags.push(amount.tag());
-        tags.extend(receipt_tags(receipt));
-    }
+    tags.extend(ask.map(PaymentAmount::tag));
+    tags.extend(receipt.map(receipt_tags).into_iter().flatten());
     Draft::new(Kind::from(result_kind(request.kind.as_u16())), content).tags(tags)
 }
 
 /// Bytes of a result event beyond its content and its `request` and `i` tags: id, pubkey,
-/// sig, kind, created_at, `e`, `p`, `amount` (with a BOLT11 invoice for a pay-after job, up
+/// sig, kind, created_at, `e`, `p`, `amount` (a pay-after job's, with a BOLT11 invoice: up
 /// to about 450), the receipt's tags, field names and punctuation (about 1,100), with room.
 const RESULT_OVERHEAD_BYTES: usize = 1_400;
 
@@ -247,7 +243,14 @@ mod tests {
             returned_msat: u64::MAX,
             finish: crate::pricing::Finish::Budget,
         };
-        let res = sign(result(&req, &content, Some(&receipt)), &Keys::generate());
+        let ask = PaymentAmount {
+            msat: u64::MAX,
+            bolt11: Some(format!("lnbcrt{}", "q".repeat(400))),
+        };
+        let res = sign(
+            result(&req, &content, Some(&receipt), Some(&ask)),
+            &Keys::generate(),
+        );
         let bound = result_size_bound(&req, &json, 50);
         assert!(
             res.as_json().len() <= bound,
@@ -269,19 +272,50 @@ mod tests {
         };
         let rates = crate::pricing::RateCard::default();
         let receipt = Receipt::new(rates, usage, 2_000, crate::pricing::Finish::Stop);
-        let res = sign(result(&req, "hi there", Some(&receipt)), &Keys::generate());
+        let res = sign(
+            result(&req, "hi there", Some(&receipt), None),
+            &Keys::generate(),
+        );
         assert_eq!(res.kind.as_u16(), 6050);
         assert_eq!(res.content, "hi there");
         let embedded = &values(&res, "request")[0][0];
         assert_eq!(Event::from_json(embedded).expect("request json"), req);
         assert_eq!(values(&res, "i"), vec![vec!["hello", "text"]]);
-        // 1000 base + 40 for 20 prompt tokens + 460 for 46 completion tokens.
-        assert_eq!(values(&res, "amount"), vec![vec!["1500"]]);
+        // 1000 base + 40 for 20 prompt tokens + 460 for 46 completion tokens, charged; and
+        // nothing asked, since it was paid for.
+        assert_eq!(values(&res, "charged"), vec![vec!["1500"]]);
+        assert!(values(&res, "amount").is_empty());
         assert_eq!(values(&res, "usage"), vec![vec!["20", "46"]]);
         assert_eq!(values(&res, "rates"), vec![vec!["1000", "2000", "10000"]]);
         assert_eq!(values(&res, "paid"), vec![vec!["2000"]]);
         assert_eq!(values(&res, "returned"), vec![vec!["500"]]);
         assert_eq!(values(&res, "finish"), vec![vec!["stop"]]);
         assert_eq!(values(&res, "e"), vec![vec![req.id.to_hex()]]);
+    }
+
+    #[test]
+    fn a_pay_after_result_asks_for_its_invoice() {
+        let req = request();
+        let usage = crate::infer::Usage {
+            prompt_tokens: 20,
+            completion_tokens: 46,
+        };
+        let receipt = Receipt::owed(
+            crate::pricing::RateCard::default(),
+            usage,
+            10_000,
+            crate::pricing::Finish::Stop,
+        );
+        let ask = PaymentAmount {
+            msat: 2_000,
+            bolt11: Some("lnbcrt20n1...".to_owned()),
+        };
+        let res = sign(
+            result(&req, "hi there", Some(&receipt), Some(&ask)),
+            &Keys::generate(),
+        );
+        assert_eq!(values(&res, "amount"), vec![vec!["2000", "lnbcrt20n1..."]]);
+        assert_eq!(values(&res, "charged"), vec![vec!["1500"]]);
+        assert_eq!(values(&res, "paid"), vec![vec!["0"]]);
     }
 }

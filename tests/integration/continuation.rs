@@ -248,7 +248,7 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     assert!(completion > u64::from(said.completion_tokens));
     let (paid, charged, returned) = (
         number(&result, "paid", 1),
-        number(&result, "amount", 1),
+        number(&result, "charged", 1),
         number(&result, "returned", 1),
     );
     assert_eq!(paid, first + more);
@@ -297,7 +297,7 @@ async fn ends_with_what_it_has(
     let result = harness::result(customer, job).await;
     assert_eq!(result.content, said);
     assert_eq!(tag(&result, "finish", 1), "budget");
-    let charged = number(&result, "amount", 1);
+    let charged = number(&result, "charged", 1);
     let usage = dvmd::infer::Usage {
         prompt_tokens: number(&result, "usage", 1) as u32,
         completion_tokens: number(&result, "usage", 2) as u32,
@@ -446,7 +446,7 @@ async fn concurrent_continuations_paid_cancelled_or_both_lose_nothing() {
 
     for (then, id, key, paid_in, result) in &outcomes {
         let job = harness::wait_for_state(daemon.pipeline().book(), id, JobState::Settled).await;
-        let charged = number(result, "amount", 1);
+        let charged = number(result, "charged", 1);
         assert_eq!(job.charge_msat, Some(charged));
         let finish = tag(result, "finish", 1);
         match then {

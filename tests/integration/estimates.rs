@@ -43,6 +43,36 @@ fn tag_text<'a>(event: &'a Value, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} in {event}"))
 }
 
+/// The status of a feedback event, if it is one.
+fn status_of(event: &Value) -> Option<&str> {
+    event["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t[0] == "status")
+        .and_then(|t| t[1].as_str())
+}
+
+/// The results and feedback about `job` that nostr-tools finds on `relay`, once its `success`
+/// feedback is there (published just after the job settles).
+async fn everything_about(relay: &str, job: &EventId) -> Vec<Value> {
+    let filter = json!({"kinds": [6050, 7000], "#e": [job.to_hex()]});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found: Vec<Value> = harness::nostr_tools_query(relay, &filter)
+            .into_iter()
+            .map(|line| line["event"].clone())
+            .collect();
+        if found.iter().any(|e| status_of(e) == Some("success")) {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no success feedback: {found:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The `payment-required` feedback for `job`: the amount asked, its invoice and the
 /// `estimate` tag (p50, p90, confidence, cap).
 async fn payment_required(customer: &mut Customer, job: &EventId) -> (u64, String, [u64; 4]) {
@@ -155,7 +185,7 @@ async fn a_job_paid_under_its_p90_stops_at_its_budget_with_a_receipt_nostr_tools
     );
     let (paid, charged, returned) = (
         tag_number(result, "paid", 1),
-        tag_number(result, "amount", 1),
+        tag_number(result, "charged", 1),
         tag_number(result, "returned", 1),
     );
     assert_eq!(completion, 8, "stopped at the 8 tokens paid for: {result}");
@@ -169,6 +199,27 @@ async fn a_job_paid_under_its_p90_stops_at_its_budget_with_a_receipt_nostr_tools
     );
     assert!(charged <= paid);
     assert_eq!(returned, paid - charged);
+
+    // Everything published about the job, as nostr-tools finds it: only the `payment-required`
+    // feedback asks to be paid (NIP-90's `amount`). The result and `success` of a prepaid job
+    // ask nothing, so a client that pays what it is asked pays once.
+    let published = everything_about(&ready.relay_url, &request.id).await;
+    let asking: Vec<_> = published
+        .iter()
+        .filter(|e| {
+            e["tags"]
+                .as_array()
+                .expect("tags")
+                .iter()
+                .any(|t| t[0] == "amount")
+        })
+        .map(|e| (e["kind"].as_u64(), status_of(e)))
+        .collect();
+    assert_eq!(
+        asking,
+        [(Some(7000), Some("payment-required"))],
+        "{published:?}"
+    );
 
     // The rates the receipt names are the ones the NIP-89 announcement publishes.
     let announced = harness::nostr_tools_query(

@@ -83,7 +83,7 @@ async fn paid_job_runs_the_real_model_and_charges_exact_usage() {
         tag(&result, "i").expect("i tag")[1],
         "Name one planet of the solar system."
     );
-    let charged: u64 = tag(&result, "amount").expect("amount tag")[1]
+    let charged: u64 = tag(&result, "charged").expect("charged tag")[1]
         .parse()
         .expect("msat");
     assert!(
