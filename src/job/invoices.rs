@@ -42,6 +42,11 @@ pub struct PaymentRecord {
     /// invoices past expiry. 0: every pass.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub next_lookup_at: u64,
+    /// A zap of a job awaiting its continuation: the continuation invoice this payment
+    /// stands in for. It pays the continuation only while the job still waits on that
+    /// invoice; later it is credited like any payment of a job that moved on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<PaymentHash>,
 }
 
 impl PaymentRecord {
@@ -63,6 +68,7 @@ impl PaymentRecord {
             consumed: false,
             closed: false,
             next_lookup_at: 0,
+            continues: None,
         }
     }
 }
@@ -138,7 +144,7 @@ fn book_payment(
     let Some(mut job) = find_job(tx, &id)? else {
         return Ok(credited);
     };
-    if job.continues_on(hash) {
+    if job.continues_on(hash) || record.continues.is_some_and(|c| job.continues_on(&c)) {
         return continue_paid(tx, job, record, paid_msat, at);
     }
     if job.state != JobState::AwaitingPayment {
@@ -204,7 +210,8 @@ fn zap_receipt_key(hash: &PaymentHash) -> Vec<u8> {
 impl Book {
     /// Record another invoice we issued (a zap for a job, or a top-up), durably. Only after
     /// this returns may the invoice be handed out. A job-bound invoice is refused unless the
-    /// job is waiting for payment; a reused hash is refused.
+    /// job is waiting for payment (for a zap that [`PaymentRecord::continues`], for that
+    /// continuation); a reused hash is refused.
     pub async fn register_invoice(
         &self,
         hash: &PaymentHash,
@@ -215,7 +222,11 @@ impl Book {
             .commit(move |tx| {
                 if let Some(id) = record.job {
                     let job = stored_job(tx, &id)?;
-                    if job.state != JobState::AwaitingPayment {
+                    let waiting = match record.continues {
+                        Some(continuation) => job.continues_on(&continuation),
+                        None => job.state == JobState::AwaitingPayment,
+                    };
+                    if !waiting {
                         return Err(abort(BookError::NotAwaitingPayment(id, job.state)));
                     }
                 }

@@ -1,6 +1,8 @@
 //! Zaps in (NIP-57): the LNURL callback's side of the pipeline. A zap request that names a
-//! job (its request or its `payment-required` feedback) with at least the quote gets an
-//! invoice that pays for that job; any other zap to this service tops up the sender's credit.
+//! job (its request or its `payment-required` feedback) with at least what that feedback asks
+//! gets an invoice that pays for that job, or for its continuation when the job awaits one
+//! (from the account that paid for the job); any other zap to this service tops up the
+//! sender's credit.
 //! The invoice commits to the exact zap-request string; the receipt follows our wallet's
 //! confirmation (`job::payment`).
 
@@ -10,8 +12,30 @@ use super::book::BookError;
 use super::invoices::PaymentRecord;
 use super::pipeline::Pipeline;
 use super::state::JobState;
+use crate::ledger::Account;
 use crate::nip57::{self, ZapError};
+use crate::wallet::PaymentHash;
 use crate::wallet::{Invoice, InvoiceDescription, InvoiceRequest, WalletError};
+
+/// What a zap pays for: a job waiting for payment, or the continuation it awaits.
+#[derive(Debug, Clone, Copy)]
+struct Zapped {
+    job: JobId,
+    /// The continuation invoice the zap stands in for ([`PaymentRecord::continues`]).
+    continues: Option<PaymentHash>,
+}
+
+impl Zapped {
+    /// The record of a zap invoice (or of a provider's receipt) that pays for this, if
+    /// anything, credited to `sender` otherwise.
+    fn record(zapped: Option<Self>, record: PaymentRecord) -> PaymentRecord {
+        PaymentRecord {
+            job: zapped.map(|z| z.job),
+            continues: zapped.and_then(|z| z.continues),
+            ..record
+        }
+    }
+}
 
 /// Why the callback refuses to issue an invoice (answered as an LNURL error).
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +66,9 @@ impl Pipeline {
     ) -> Result<Invoice, ZapRefusal> {
         let inner = &self.inner;
         let request = nip57::parse_zap_request(zap_json, amount_msat, &inner.keys.public_key())?;
-        let job = match request.target {
-            Some(target) => self.zapped_job(&target, amount_msat).await?,
+        let sender = Account::from(request.event.pubkey);
+        let zapped = match request.target {
+            Some(target) => self.zapped_job(&target, amount_msat, &sender).await?,
             None => None,
         };
         let invoice = self
@@ -53,12 +78,11 @@ impl Pipeline {
                 expiry_secs: inner.config.invoice_expiry_secs,
             })
             .await?;
-        let record = PaymentRecord::issued(
-            job,
-            request.event.pubkey.into(),
-            &invoice,
-            Some(request.json.clone()),
+        let record = Zapped::record(
+            zapped,
+            PaymentRecord::issued(None, sender, &invoice, Some(request.json.clone())),
         );
+        let job = record.job;
         inner
             .book
             .register_invoice(&invoice.payment_hash, record)
@@ -107,13 +131,17 @@ impl Pipeline {
         Ok(invoice)
     }
 
-    /// The job a zap pays for: the zapped event is the job's request or its feedback. Zaps of
-    /// other events are top-ups (`None`).
+    /// What a zap from `sender` pays for: the zapped event is the job's request or its
+    /// feedback. Zaps of other events are top-ups (`None`). A job waiting for payment takes at
+    /// least what its `payment-required` asked (the quote, less any credit it reserved); a
+    /// job awaiting its continuation takes at least the continuation's invoice amount, from
+    /// the account that paid for the job (whose holds the continuation adds to).
     async fn zapped_job(
         &self,
         target: &nostr_sdk::EventId,
         amount_msat: u64,
-    ) -> Result<Option<JobId>, ZapRefusal> {
+        sender: &Account,
+    ) -> Result<Option<Zapped>, ZapRefusal> {
         let book = &self.inner.book;
         let job = match book.get(&JobId::from(*target)).await? {
             Some(job) => job,
@@ -123,21 +151,35 @@ impl Pipeline {
             },
         };
         let id = job.id;
-        if job.state != JobState::AwaitingPayment {
-            return Err(ZapRefusal::Job(format!(
-                "job {id} is not waiting for payment ({:?})",
-                job.state
-            )));
-        }
-        // What the `payment-required` feedback showed: the quote, less any credit the job
-        // reserved.
-        let due = job.quote_msat.unwrap_or(0).saturating_sub(job.credit_msat);
+        let waiting = job
+            .continuation
+            .as_ref()
+            .filter(|c| job.continues_on(&c.payment_hash));
+        let (due, continues) = match (job.state, waiting) {
+            (JobState::AwaitingPayment, _) => (
+                job.quote_msat.unwrap_or(0).saturating_sub(job.credit_msat),
+                None,
+            ),
+            (JobState::AwaitingContinuation, Some(continuation)) => {
+                if *sender != job.payer() {
+                    return Err(ZapRefusal::Job(format!(
+                        "job {id}'s continuation is paid by whoever paid for the job"
+                    )));
+                }
+                (continuation.amount_msat, Some(continuation.payment_hash))
+            }
+            (state, _) => {
+                return Err(ZapRefusal::Job(format!(
+                    "job {id} is not waiting for payment ({state:?})"
+                )))
+            }
+        };
         if amount_msat < due {
             return Err(ZapRefusal::Job(format!(
-                "job {id} costs {due} msat; zap at least that"
+                "job {id} asks {due} msat; zap at least that"
             )));
         }
-        Ok(Some(id))
+        Ok(Some(Zapped { job: id, continues }))
     }
 }
 
@@ -194,9 +236,10 @@ impl Pipeline {
                 return ReceiptOutcome::Refused(e.to_string());
             }
         };
-        let job = match valid.request.target {
-            Some(target) => match self.zapped_job(&target, valid.amount_msat).await {
-                Ok(job) => job,
+        let sender = Account::from(valid.request.event.pubkey);
+        let zapped = match valid.request.target {
+            Some(target) => match self.zapped_job(&target, valid.amount_msat, &sender).await {
+                Ok(zapped) => zapped,
                 Err(e) => {
                     // Not payable as a job (paid already, below the quote): the money is real,
                     // so it is credited to the sender rather than ignored.
@@ -207,8 +250,8 @@ impl Pipeline {
             None => None,
         };
         let record = PaymentRecord {
-            job,
-            account: valid.request.event.pubkey.into(),
+            job: None,
+            account: sender,
             amount_msat: valid.amount_msat,
             expires_at: valid.invoice.expires_at,
             bolt11: String::new(),
@@ -216,7 +259,9 @@ impl Pipeline {
             consumed: true,
             closed: false,
             next_lookup_at: 0,
+            continues: None,
         };
+        let record = Zapped::record(zapped, record);
         let booked = inner
             .book
             .confirm_external(&valid.invoice.payment_hash, record, valid.amount_msat)

@@ -285,6 +285,99 @@ async fn a_job_out_of_budget_asks_for_the_rest_and_goes_on_when_paid_or_ends_wit
     assert_eq!(harness::balance(&store, &dave_key), dave_owns);
 }
 
+/// NIP-90 clients pay a `payment-required` by zapping it. A continuation's is paid that way
+/// too, by whoever paid for the job and with at least what it asks; the job goes on, the zap
+/// gets its receipt, and the continuation's own invoice, paid as well, is credited, not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_is_paid_by_a_zap_of_its_payment_required() {
+    let data = harness::data_dir();
+    let config = harness::dev_config(data.path(), |file| {
+        file.pricing.continuation_wait_secs = WAIT_SECS * 4;
+        // 100 msat a token, so that the rest costs more than LNURL's least zap (1 sat).
+        file.pricing.completion_msat_per_1k_tokens = 100_000;
+    });
+    let daemon = harness::start(config, None).await;
+    let ready = daemon.ready().clone();
+    teach_short_answers(&ready.relay_url, &ready.http_url, ready.pubkey, "200").await;
+    let mut bob = Customer::connect(&ready.relay_url).await.expect("connect");
+    let (story, first) = paid_story(&daemon, &mut bob, 1).await;
+    let (so_far, more, bolt11) = asked_to_continue(&mut bob, &story.id).await;
+    // The feedback to zap, as nostr-tools finds it.
+    let feedback = harness::nostr_tools_query(
+        &ready.relay_url,
+        &json!({"kinds": [7000], "#e": [story.id.to_hex()]}),
+    );
+    let asked = feedback
+        .iter()
+        .find(|f| f["event"]["tags"].to_string().contains(&bolt11))
+        .unwrap_or_else(|| panic!("no payment-required with {bolt11} in {feedback:?}"));
+    let asked = EventId::from_hex(asked["event"]["id"].as_str().expect("id")).expect("id");
+
+    // Someone else's zap, and Bob's for less than it asks, are refused before any invoice.
+    let zap = |keys: &nostr_sdk::Keys, msat| {
+        harness::zap_request(keys, ready.pubkey, Some(asked), msat, &ready.relay_url)
+    };
+    let stranger = nostr_sdk::Keys::generate();
+    let (status, body) = harness::callback(&ready.http_url, more, &zap(&stranger, more)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("whoever paid"), "{body}");
+    let (status, body) =
+        harness::callback(&ready.http_url, more - 1, &zap(bob.keys(), more - 1)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("zap at least"), "{body}");
+
+    // Bob's zap of what it asks pays for the rest: the story goes on from the text so far.
+    let (status, body) = harness::callback(&ready.http_url, more, &zap(bob.keys(), more)).await;
+    assert_eq!(status, 200, "{body}");
+    let zap_invoice = body["pr"].as_str().expect("pr").to_owned();
+    harness::dev_pay(&ready.http_url, &zap_invoice).await;
+    let result = harness::result(&mut bob, &story.id).await;
+    assert!(
+        result.content.starts_with(&so_far) && result.content.len() > so_far.len(),
+        "{so_far:?} then {:?}",
+        result.content
+    );
+    assert_eq!(number(&result, "paid", 1), first + more);
+    let charged = number(&result, "charged", 1);
+    let settled =
+        harness::wait_for_state(daemon.pipeline().book(), &story.id, JobState::Settled).await;
+    assert_eq!(settled.charge_msat, Some(charged));
+    assert_eq!(settled.paid_msat, first + more);
+
+    // The zap's receipt, as nostr-tools finds it by the zapped feedback.
+    let mut receipts = Vec::new();
+    for _ in 0..100 {
+        receipts = harness::nostr_tools_query(
+            &ready.relay_url,
+            &json!({"kinds": [9735], "#e": [asked.to_hex()]}),
+        );
+        if !receipts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+    assert_eq!(receipts[0]["zap"]["request_error"], serde_json::Value::Null);
+
+    // The continuation's own invoice, paid as well, runs nothing: it is Bob's credit.
+    harness::dev_pay(&ready.http_url, &bolt11).await;
+    let hash = dvmd::wallet::bolt11::decode(&bolt11)
+        .expect("bolt11")
+        .payment_hash;
+    harness::wait_for_booking(daemon.pipeline().book(), &hash).await;
+    assert_eq!(job(&daemon, &story.id).await.state, JobState::Settled);
+    ledger_check(&daemon).await;
+    let bob_key = bob.keys().public_key();
+    bob.shutdown().await;
+    daemon.stop().await;
+    let store = harness::open_store(data.path());
+    harness::ledger_ok(&store);
+    assert_eq!(
+        harness::balance(&store, &bob_key),
+        first + more + more - charged
+    );
+}
+
 /// The result of `job`, given up with the text so far (`said`): `finish` `budget`, charged as
 /// generated within what was `paid`, settled. Returns the charge.
 async fn ends_with_what_it_has(

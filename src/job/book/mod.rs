@@ -276,6 +276,7 @@ impl Book {
                     consumed: false,
                     closed: false,
                     next_lookup_at: 0,
+                    continues: None,
                 };
                 tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), job.id.as_bytes())?;
                 tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;

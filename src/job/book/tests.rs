@@ -62,6 +62,7 @@ pub(crate) fn record(job: Option<JobId>, account: impl Into<Account>, msat: u64)
         consumed: false,
         closed: false,
         next_lookup_at: 0,
+        continues: None,
     }
 }
 
@@ -489,6 +490,57 @@ async fn a_paid_continuation_adds_to_what_the_job_holds_and_pays_once() {
     assert_eq!(balance(&book, job.customer).await, 800);
     let totals = totals(&book).await;
     assert_eq!(totals.charge_msat, 4_200);
+}
+
+/// A zap that stands in for a continuation invoice pays that continuation once, only while
+/// the job waits on it: registered for it, paid, the job goes on; a second such zap, and one
+/// for a continuation the job no longer waits on, are refused at registration or credited.
+#[tokio::test]
+async fn a_zap_pays_the_continuation_it_stands_in_for_once() {
+    let book = book();
+    let job = awaiting_continuation(&book, 3_000, 14, 2_000).await;
+    let zap = |continues: u8| PaymentRecord {
+        continues: Some(PaymentHash([continues; 32])),
+        ..record(Some(job.id), job.customer, 2_000)
+    };
+    // Standing in for another invoice than the one the job waits on: not for this job.
+    assert!(matches!(
+        book.register_invoice(&PaymentHash([201; 32]), zap(99))
+            .await,
+        Err(BookError::NotAwaitingPayment(..))
+    ));
+    book.register_invoice(&PaymentHash([202; 32]), zap(114))
+        .await
+        .expect("zap for the continuation");
+    book.register_invoice(&PaymentHash([203; 32]), zap(114))
+        .await
+        .expect("another, while it waits");
+    let outcome = book
+        .confirm_payment(&PaymentHash([202; 32]), 2_000)
+        .await
+        .expect("zapped");
+    let PaymentOutcome::Paid(paid) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!((paid.paid_msat, paid.held_msat), (5_000, 5_000));
+    // The second zap, and the continuation's own invoice, find the job moved on: credited.
+    for hash in [203, 114] {
+        let outcome = book
+            .confirm_payment(&PaymentHash([hash; 32]), 2_000)
+            .await
+            .expect("late");
+        assert!(
+            matches!(outcome, PaymentOutcome::Credited { .. }),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(balance(&book, job.customer).await, 4_000);
+    // And no zap can be registered for it any more.
+    assert!(matches!(
+        book.register_invoice(&PaymentHash([204; 32]), zap(114))
+            .await,
+        Err(BookError::NotAwaitingPayment(..))
+    ));
 }
 
 #[tokio::test]
