@@ -136,7 +136,8 @@ impl Pipeline {
     }
 
     /// Deliver the text so far of job `id` as its result (`finish` `budget`), charged as
-    /// generated, if it still awaits its continuation (on the invoice `hash`, if given): the
+    /// generated, if it still awaits its continuation (on the invoice `hash`, if given, and no
+    /// zap standing in for that invoice was paid: see [`Pipeline::zap_may_have_paid`]): the
     /// result is signed and stored (durably, before it is shown), then delivered and settled
     /// like any result.
     pub(super) async fn give_up_continuation(
@@ -156,6 +157,12 @@ impl Pipeline {
             Ok(_) => return,
             Err(e) => return tracing::error!(job = %id, error = %e, "cannot read job"),
         };
+        if let Some(hash) = hash {
+            // Boxed: booking a zap can give up a continuation in turn (an underpaid one).
+            if Box::pin(self.zap_may_have_paid(hash)).await {
+                return;
+            }
+        }
         let Ok(event) = job.request_event() else {
             let reason = "this service lost the request".to_owned();
             return self.fail(&job, None, reason).await;

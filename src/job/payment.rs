@@ -225,6 +225,42 @@ impl Pipeline {
         }
     }
 
+    /// Whether a zap standing in for the continuation invoice `hash` (its record
+    /// [`continues`](super::PaymentRecord::continues) it) may have paid it: each such open zap
+    /// is looked up in our wallet now, and one found paid is booked, which pays the
+    /// continuation. A continuation is given up for its unpaid invoice only when this is
+    /// `false`, so a zap paid in time whose news was lost (a restart, a missed hint) makes the
+    /// job run on rather than be credited. A store or wallet error counts as "may have": the
+    /// next pass decides.
+    pub(super) async fn zap_may_have_paid(&self, hash: &PaymentHash) -> bool {
+        let inner = &self.inner;
+        let open = match inner.book.open_payments().await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list open invoices");
+                return true;
+            }
+        };
+        let mut may_have = false;
+        for (zap, _) in open.iter().filter(|(_, r)| r.continues == Some(*hash)) {
+            inner.metrics.wallet_lookup();
+            match inner.wallet.lookup(zap).await {
+                Ok(PaymentStatus::Paid { amount_msat }) => {
+                    if self.book_payment(zap, amount_msat).await {
+                        self.publish_zap_receipt(*zap);
+                    }
+                    may_have = true;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(payment_hash = %zap, error = %e, "wallet lookup failed; the continuation waits for the next pass");
+                    may_have = true;
+                }
+            }
+        }
+        may_have
+    }
+
     /// Book a confirmed payment; `true` if this call booked it (not a repeat).
     async fn book_payment(&self, hash: &PaymentHash, amount_msat: u64) -> bool {
         let inner = &self.inner;
@@ -253,7 +289,7 @@ impl Pipeline {
                 self.release_invoice_slot(&job.customer);
                 inner.metrics.payment_confirmed(amount_msat);
                 tracing::warn!(job = %job.id, msat = amount_msat, "payment below the invoice amount; credited to the customer");
-                if job.state == JobState::AwaitingContinuation {
+                if job.continues_on(hash) {
                     // Its invoice is spent: nothing else can pay for the rest.
                     self.give_up_continuation(&job.id, None, "underpaid").await;
                 }

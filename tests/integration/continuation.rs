@@ -463,6 +463,102 @@ async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_a
     );
 }
 
+/// A zap paid in time for a continuation whose news the daemon missed (it was down, and its
+/// passes put off looking the zap up) is found when the continuation's own invoice is seen to
+/// have expired unpaid: the job runs on rather than end with the text so far and credit the
+/// zap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_zapped_while_the_daemon_was_down_runs_on_after_its_invoice_expired() {
+    use harness::DaemonProcess;
+    let data = harness::data_dir();
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let keys = nostr_sdk::Keys::generate();
+    let config = "[pricing]\ncontinuation_wait_secs = 15\ncompletion_msat_per_1k_tokens = 100000\n";
+
+    let first = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
+    let us = PublicKey::from_hex(&first.pubkey).expect("pubkey");
+    teach_short_answers(&first.relay_url, &first.http_url, us, "200").await;
+    let mut bob = Customer::connect_with(&first.relay_url, keys.clone())
+        .await
+        .expect("connect");
+    let request = bob.post(story(us, 1)).await.expect("post");
+    let (first_paid, bolt11) = harness::invoice(&mut bob, &request.id).await;
+    harness::dev_pay(&first.http_url, &bolt11).await;
+    let (so_far, more, continuation) = asked_to_continue(&mut bob, &request.id).await;
+    // Bob zaps the request for what the continuation asks; the daemon dies before the wallet
+    // settles it, so it never hears of the payment.
+    let zap = harness::zap_request(&keys, us, Some(request.id), more, &first.relay_url);
+    let (status, body) = harness::callback(&first.http_url, more, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    let zap_invoice = body["pr"].as_str().expect("pr").to_owned();
+    first.kill();
+    bob.shutdown().await;
+    {
+        let store = harness::open_store(data.path());
+        let wallet = dvmd::wallet::dev::DevWallet::open(store.clone())
+            .await
+            .expect("wallet");
+        wallet.settle(&zap_invoice).await.expect("settle the zap");
+        // And the reconcile passes will not look the zap up for an hour: only a give-up that
+        // looks for zaps standing in for the continuation finds it paid in time.
+        let zap_hash = dvmd::wallet::bolt11::decode(&zap_invoice)
+            .expect("bolt11")
+            .payment_hash;
+        let later = nostr_sdk::Timestamp::now().as_secs() + 3600;
+        dvmd::job::Book::new(store.clone())
+            .defer_lookup(&zap_hash, later)
+            .await
+            .expect("defer");
+        store.close().await.expect("close");
+    }
+    // Back after the continuation's invoice expired unpaid.
+    let expires_at = dvmd::wallet::bolt11::decode(&continuation)
+        .expect("bolt11")
+        .expires_at;
+    while nostr_sdk::Timestamp::now().as_secs() <= expires_at + 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let second = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
+    let mut bob = Customer::connect_with(&second.relay_url, keys)
+        .await
+        .expect("reconnect");
+    let result = harness::result(&mut bob, &request.id).await;
+    assert!(
+        result.content.starts_with(&so_far) && result.content.len() > so_far.len(),
+        "{so_far:?} then {:?}",
+        result.content
+    );
+    assert_eq!(number(&result, "paid", 1), first_paid + more);
+    // The zap booked this way gets its receipt, as nostr-tools finds it.
+    let mut receipts = Vec::new();
+    for _ in 0..100 {
+        receipts = harness::nostr_tools_query(
+            &second.relay_url,
+            &json!({"kinds": [9735], "#e": [request.id.to_hex()]}),
+        );
+        if !receipts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+    second.terminate();
+    bob.shutdown().await;
+
+    let store = harness::open_store(data.path());
+    harness::ledger_ok(&store);
+    let job = harness::jobs(&store)
+        .into_iter()
+        .find(|job| job.id == request.id.into())
+        .expect("the job");
+    assert_eq!(job.state, JobState::Settled);
+    assert_eq!(job.paid_msat, first_paid + more);
+    assert_eq!(
+        harness::balance(&store, &request.pubkey),
+        first_paid + more - job.charge_msat.expect("charged")
+    );
+}
+
 /// A backend that answers at once, 120 words (tokens) long.
 fn long_answer() -> dvmd::infer::instant::InstantBackend {
     let words: Vec<String> = (0..120).map(|i| format!("w{i}")).collect();
