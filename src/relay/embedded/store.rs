@@ -6,7 +6,7 @@
 //! 2.5 KB an event under `dvmd bench load` (25 MB of the daemon's 78 MB at the default 10,000
 //! events). And two of its sets are not bounded by `max_events`: the ids of every event ever
 //! deleted or replaced, and an entry per author ever seen. Here an event costs its JSON and about
-//! 150 bytes; everything else is bounded too (see [`Store::save`]); and an event found by a
+//! 200 bytes (with its place in time order, twice for an event a full store lets go first); everything else is bounded too (see [`Store::save`]); and an event found by a
 //! `REQ` goes out as stored, without serialising it again.
 //!
 //! Tag filters (`#e`, `#p`, ...) are checked against a keyed hash of each single-letter tag's
@@ -14,6 +14,7 @@
 //! chance collision (2^-64) only sends a subscriber one event its client drops. `search`
 //! (NIP-50) parses the stored event again, as it is rare.
 
+use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -60,10 +61,22 @@ pub(super) struct Store {
     hasher: RandomState,
 }
 
+/// Where an event sits in time order: oldest first, and among events of one second the highest
+/// id first, so that read backwards it is NIP-01's order (newest first, then the lowest id).
+type TimeKey = (Timestamp, Reverse<EventId>);
+
+fn time_key(at: Timestamp, id: EventId) -> TimeKey {
+    (at, Reverse(id))
+}
+
 #[derive(Default)]
 struct Inner {
-    /// Every stored event, oldest first.
-    by_time: BTreeMap<(Timestamp, EventId), Arc<Stored>>,
+    /// Every stored event, oldest first (see [`TimeKey`]).
+    by_time: BTreeMap<TimeKey, Arc<Stored>>,
+    /// The stored events that are not replaceable or addressable, oldest first: the ones a
+    /// full store lets go first, so a service's profile and NIP-89 announcement, published
+    /// once per start, outlive the traffic that follows them.
+    regular: BTreeSet<TimeKey>,
     /// Where each stored event is in `by_time`.
     by_id: HashMap<EventId, Timestamp>,
     /// The stored version of each replaceable or addressable event (identifier empty for a
@@ -92,7 +105,8 @@ impl Store {
     /// Replaceable and addressable events keep only their newest version (NIP-01; the lowest
     /// id on a tie). A deletion (kind 5) removes the events and addresses it names, when every
     /// one is its author's, and older ones are refused if they come again. When the store holds
-    /// `max_events`, the oldest event goes.
+    /// `max_events`, the oldest event that is not replaceable or addressable goes (the oldest
+    /// of all if every one is).
     pub(super) fn save(&self, event: &Event, json: &str) -> Saved {
         let now = Timestamp::now();
         let mut inner = self.write();
@@ -148,10 +162,18 @@ impl Store {
                 })
                 .collect(),
         });
-        inner.by_time.insert((event.created_at, event.id), stored);
+        let key = time_key(event.created_at, event.id);
+        if stored.address.is_none() {
+            inner.regular.insert(key);
+        }
+        inner.by_time.insert(key, stored);
         inner.by_id.insert(event.id, event.created_at);
         while inner.by_time.len() > self.max_events {
-            let Some(&(at, id)) = inner.by_time.keys().next() else {
+            let oldest = inner
+                .regular
+                .first()
+                .or_else(|| inner.by_time.keys().next());
+            let Some(&(at, Reverse(id))) = oldest else {
                 break;
             };
             inner.remove(at, id);
@@ -176,7 +198,7 @@ impl Store {
                 .filter(matching)
                 .cloned()
                 .collect();
-            found.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.id)));
+            found.sort_by_key(|s| Reverse(time_key(s.created_at, s.id)));
             found.truncate(limit);
             return found;
         }
@@ -234,7 +256,7 @@ impl Store {
 impl Inner {
     fn get(&self, id: &EventId) -> Option<&Arc<Stored>> {
         let at = self.by_id.get(id)?;
-        self.by_time.get(&(*at, *id))
+        self.by_time.get(&time_key(*at, *id))
     }
 
     /// The stored events within the filter's `since` and `until`, oldest first.
@@ -244,8 +266,8 @@ impl Inner {
         // `BTreeMap::range` panics on a reversed range: an empty one stands in for it.
         let until = until.max(since);
         let empty = filter.since > filter.until && filter.until.is_some();
-        let low = (since, EventId::from_byte_array([0; 32]));
-        let high = (until, EventId::from_byte_array([0xff; 32]));
+        let low = time_key(since, EventId::from_byte_array([0xff; 32]));
+        let high = time_key(until, EventId::from_byte_array([0; 32]));
         self.by_time
             .range(low..=high)
             .filter(move |_| !empty)
@@ -253,9 +275,10 @@ impl Inner {
     }
 
     fn remove(&mut self, at: Timestamp, id: EventId) {
-        let Some(stored) = self.by_time.remove(&(at, id)) else {
+        let Some(stored) = self.by_time.remove(&time_key(at, id)) else {
             return;
         };
+        self.regular.remove(&time_key(at, id));
         self.by_id.remove(&id);
         if let Some(address) = &stored.address {
             if self.latest.get(address.as_ref()) == Some(&(at, id)) {
@@ -315,11 +338,14 @@ impl Inner {
     }
 }
 
-/// The address a replaceable (identifier empty) or addressable event is kept under.
+/// The address a replaceable (identifier empty) or addressable event is kept under: NIP-01's
+/// kinds 0, 3 and 10000-19999, and 30000-39999 (nostr's `Kind::is_replaceable` also counts
+/// NIP-28's kind 41, whose versions for different channels are different events).
 fn address_of(event: &Event) -> Option<Coordinate> {
-    if event.kind.is_replaceable() {
+    let kind = event.kind.as_u16();
+    if matches!(kind, 0 | 3 | 10_000..=19_999) {
         Some(Coordinate::new(event.kind, event.pubkey))
-    } else if event.kind.is_addressable() {
+    } else if (30_000..=39_999).contains(&kind) {
         let identifier = event.tags.identifier().unwrap_or_default();
         Some(Coordinate::new(event.kind, event.pubkey).identifier(identifier))
     } else {

@@ -272,3 +272,96 @@ fn expired_events_are_refused_and_not_served() {
         "not served once expired"
     );
 }
+
+/// NIP-01: newest first, and among events of one second the lowest id first, which is also
+/// the one a limit keeps.
+#[test]
+fn events_of_one_second_come_lowest_id_first() {
+    let store = Store::new(100);
+    let keys = Keys::generate();
+    let mut same: Vec<Event> = (0..4)
+        .map(|n| event(&keys, 1, 50, vec![Tag::hashtag(n.to_string())]))
+        .collect();
+    let (before, after) = (event(&keys, 1, 49, vec![]), event(&keys, 1, 51, vec![]));
+    for e in same.iter().chain([&before, &after]) {
+        save(&store, e);
+    }
+    same.sort_by_key(|e| e.id);
+    let mut expected = vec![after.id];
+    expected.extend(same.iter().map(|e| e.id));
+    expected.push(before.id);
+    assert_eq!(ids(&store.query(&Filter::new(), 10)), expected);
+    let second = Filter::new()
+        .since(Timestamp::from_secs(50))
+        .until(Timestamp::from_secs(50));
+    assert_eq!(ids(&store.query(&second, 1)), vec![same[0].id]);
+    let by_id = Filter::new().ids(same.iter().rev().map(|e| e.id));
+    assert_eq!(
+        ids(&store.query(&by_id, 10)),
+        same.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+}
+
+/// A full store lets the oldest regular event go before any profile or announcement, however
+/// old: a DVM publishes those once per start, and clients look for it by them.
+#[test]
+fn a_full_store_keeps_replaceable_and_addressable_events() {
+    let store = Store::new(4);
+    let keys = Keys::generate();
+    let profile = event(&keys, 0, 1, vec![]);
+    let announcement = event(&keys, 31990, 2, vec![Tag::identifier("dvmd")]);
+    save(&store, &profile);
+    save(&store, &announcement);
+    let traffic: Vec<Event> = (3..=20).map(|at| event(&keys, 7000, at, vec![])).collect();
+    for e in &traffic {
+        assert_eq!(save(&store, e), Saved::Stored);
+    }
+    assert_eq!(store.len(), 4);
+    assert_eq!(
+        ids(&store.query(&Filter::new(), 10)),
+        vec![traffic[17].id, traffic[16].id, announcement.id, profile.id]
+    );
+    // A store of replaceables only still holds `max_events`: the oldest goes.
+    let full = Store::new(2);
+    let profiles: Vec<Event> = (1..=3)
+        .map(|at| event(&Keys::generate(), 0, at, vec![]))
+        .collect();
+    for e in &profiles {
+        save(&full, e);
+    }
+    assert_eq!(
+        ids(&full.query(&Filter::new(), 10)),
+        vec![profiles[2].id, profiles[1].id]
+    );
+    assert_eq!(full.read().latest.len(), 2);
+}
+
+/// Kind 41 (NIP-28 channel metadata) is a regular event: one per channel, all kept.
+#[test]
+fn only_nip01_kinds_are_replaceable() {
+    let store = Store::new(100);
+    let keys = Keys::generate();
+    let channels: Vec<Event> = ["a", "b"]
+        .iter()
+        .map(|c| event(&keys, 41, 10, vec![Tag::hashtag(*c)]))
+        .collect();
+    for e in &channels {
+        assert_eq!(save(&store, e), Saved::Stored);
+    }
+    assert_eq!(
+        store.query(&Filter::new().kind(Kind::from(41)), 10).len(),
+        2
+    );
+    for (kind, replaceable) in [
+        (0, true),
+        (3, true),
+        (10_002, true),
+        (30_023, true),
+        (1, false),
+        (41, false),
+        (20_000, false),
+    ] {
+        let e = event(&keys, kind, 1, vec![]);
+        assert_eq!(address_of(&e).is_some(), replaceable, "kind {kind}");
+    }
+}
