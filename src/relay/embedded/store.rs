@@ -6,8 +6,9 @@
 //! 2.5 KB an event under `dvmd bench load` (25 MB of the daemon's 78 MB at the default 10,000
 //! events). And two of its sets are not bounded by `max_events`: the ids of every event ever
 //! deleted or replaced, and an entry per author ever seen. Here an event costs its JSON and about
-//! 200 bytes (with its place in time order, twice for an event a full store lets go first); everything else is bounded too (see [`Store::save`]); and an event found by a
-//! `REQ` goes out as stored, without serialising it again.
+//! 200 bytes (its place in time order is kept twice for an event a full store lets go first);
+//! everything else is bounded too (see [`Store::save`]); and an event found by a `REQ` goes out
+//! as stored, without serialising it again.
 //!
 //! Tag filters (`#e`, `#p`, ...) are checked against a keyed hash of each single-letter tag's
 //! value: the key is random per process, so nobody can make values collide on purpose, and a
