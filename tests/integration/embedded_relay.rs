@@ -185,3 +185,197 @@ async fn stored_events_are_bounded_and_the_oldest_go_first() {
     );
     stop.cancel();
 }
+
+/// A relay started on loopback, and what stops it.
+async fn relay() -> (String, CancellationToken) {
+    let relay = EmbeddedRelay::bind_with(
+        "127.0.0.1:0".parse().expect("addr"),
+        EmbeddedRelayOptions::default(),
+    )
+    .await
+    .expect("bind");
+    let url = relay.url();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+    (url, stop)
+}
+
+async fn send_text(socket: &mut Socket, text: String) {
+    socket.send(Message::Text(text.into())).await.expect("send");
+}
+
+/// NIP-01: a `REQ` the relay cannot read is answered `CLOSED` with its subscription id, and
+/// an `EVENT` `OK false` with its id, so a client stops waiting for `EOSE` or `OK`; an expired
+/// ephemeral event is refused like a stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_relay_cannot_take_is_answered_as_nip01_says() {
+    let (url, stop) = relay().await;
+    let mut socket = connect(&url).await;
+    send_text(
+        &mut socket,
+        r#"["REQ","unreadable",{"since":"yesterday"}]"#.into(),
+    )
+    .await;
+    let closed = read_until(&mut socket, |_| true).await.expect("an answer");
+    let RelayMessage::Closed {
+        subscription_id,
+        message,
+    } = closed
+    else {
+        panic!("expected CLOSED, got {closed:?}")
+    };
+    assert_eq!(subscription_id.to_string(), "unreadable");
+    assert!(message.starts_with("invalid:"), "{message}");
+
+    let id = "ab".repeat(32);
+    send_text(
+        &mut socket,
+        format!(r#"["EVENT",{{"id":"{id}","kind":1}}]"#),
+    )
+    .await;
+    let ok = read_until(&mut socket, |_| true).await.expect("an answer");
+    let RelayMessage::Ok {
+        event_id,
+        status,
+        message,
+    } = ok
+    else {
+        panic!("expected OK, got {ok:?}")
+    };
+    assert_eq!((event_id.to_hex(), status), (id, false));
+    assert!(message.starts_with("invalid:"), "{message}");
+
+    let expired = EventBuilder::new(Kind::from(20_001), "gone")
+        .tags([nostr_sdk::Tag::expiration(nostr_sdk::Timestamp::from_secs(
+            1_000,
+        ))])
+        .sign_with_keys(&Keys::generate())
+        .expect("sign");
+    send(&mut socket, ClientMessage::event(expired)).await;
+    let ok = read_until(&mut socket, |_| true).await.expect("an answer");
+    assert!(
+        matches!(&ok, RelayMessage::Ok { status: false, message, .. } if message.contains("expired")),
+        "{ok:?}"
+    );
+    stop.cancel();
+}
+
+/// A subscriber waiting on `#p` gets an event live whatever relay hint its `p` tag carries
+/// (one nostr cannot read as a URL included), as a filter compares the tag's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p_tag_with_any_relay_hint_reaches_its_subscriber() {
+    let (url, stop) = relay().await;
+    let customer = Keys::generate();
+    let mut listener = connect(&url).await;
+    let filter = Filter::new().pubkey(customer.public_key());
+    send(
+        &mut listener,
+        ClientMessage::req(SubscriptionId::new("mine"), vec![filter]),
+    )
+    .await;
+    read_until(&mut listener, |m| {
+        matches!(m, RelayMessage::EndOfStoredEvents(_))
+    })
+    .await
+    .expect("EOSE");
+    let tag = nostr_sdk::Tag::parse([
+        "p".to_owned(),
+        customer.public_key().to_hex(),
+        "relay.example.com".to_owned(),
+    ])
+    .expect("tag");
+    let event = EventBuilder::new(Kind::from(7000), "for you")
+        .tags([tag])
+        .sign_with_keys(&Keys::generate())
+        .expect("sign");
+    let mut publisher = connect(&url).await;
+    send(&mut publisher, ClientMessage::event(event.clone())).await;
+    read_until(&mut publisher, |m| {
+        matches!(m, RelayMessage::Ok { status: true, .. })
+    })
+    .await
+    .expect("stored");
+    let got = read_until(&mut listener, |m| matches!(m, RelayMessage::Event { .. }))
+        .await
+        .expect("the event, live");
+    let RelayMessage::Event { event: got, .. } = got else {
+        unreachable!()
+    };
+    assert_eq!(got.id, event.id);
+    stop.cancel();
+}
+
+/// Subscriptions made while events pour in get each matching event once: as stored or live,
+/// never both (NIP-01 clients need not drop repeats).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_made_while_events_arrive_gets_each_once() {
+    let (url, stop) = relay().await;
+    let author = Keys::generate();
+    let events: Vec<nostr_sdk::Event> = (0..3_000)
+        .map(|i| {
+            EventBuilder::text_note(format!("note {i}"))
+                .sign_with_keys(&author)
+                .expect("sign")
+        })
+        .collect();
+    let mut publisher = connect(&url).await;
+    let flood = tokio::spawn(async move {
+        for event in events {
+            send(&mut publisher, ClientMessage::event(event)).await;
+        }
+        let mut oks = 0;
+        read_until(&mut publisher, |m| {
+            oks += usize::from(matches!(m, RelayMessage::Ok { .. }));
+            oks == 3_000
+        })
+        .await
+        .expect("every OK");
+    });
+    let mut listener = connect(&url).await;
+    let mut seen = std::collections::HashMap::new();
+    let mut count = |m: &RelayMessage<'static>| {
+        if let RelayMessage::Event {
+            subscription_id,
+            event,
+        } = m
+        {
+            *seen
+                .entry((subscription_id.to_string(), event.id))
+                .or_insert(0) += 1;
+        }
+    };
+    // One subscription after another, each closed at its EOSE, while the flood goes on.
+    for i in 0..200 {
+        let sub = SubscriptionId::new(format!("s{i}"));
+        let filter = Filter::new().kind(Kind::TextNote).limit(5);
+        send(&mut listener, ClientMessage::req(sub.clone(), vec![filter])).await;
+        read_until(&mut listener, |m| {
+            count(m);
+            matches!(m, RelayMessage::EndOfStoredEvents(id) if **id == sub)
+        })
+        .await
+        .expect("EOSE");
+        send(&mut listener, ClientMessage::close(sub)).await;
+    }
+    flood.await.expect("flood");
+    // Everything sent is read: a last subscription's EOSE comes after it.
+    send(
+        &mut listener,
+        ClientMessage::req(SubscriptionId::new("last"), vec![Filter::new().limit(0)]),
+    )
+    .await;
+    read_until(&mut listener, |m| {
+        count(m);
+        matches!(m, RelayMessage::EndOfStoredEvents(id) if id.to_string() == "last")
+    })
+    .await
+    .expect("EOSE of the last");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(seen.len() >= 1_000, "{}", seen.len());
+    assert!(
+        twice.is_empty(),
+        "{} events came twice: {twice:?}",
+        twice.len()
+    );
+    stop.cancel();
+}

@@ -133,6 +133,38 @@ fn read_event_message(text: &str) -> Option<Event> {
     (verb == "EVENT").then_some(event)
 }
 
+/// The answer to a message nostr cannot read: NIP-01's `CLOSED` for a `REQ` and `OK false` for
+/// an `EVENT` (when its subscription id or event id can be read), so the client stops waiting
+/// for `EOSE` or `OK`; a `NOTICE` otherwise.
+fn refusal(text: &str, why: &str) -> RelayMessage<'static> {
+    let why = format!("invalid: cannot read this message: {why}");
+    let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    let parts = value.as_ref().and_then(|v| v.as_array());
+    match parts.map(Vec::as_slice) {
+        Some([verb, id, ..]) if verb == "REQ" => match id.as_str() {
+            Some(id) => RelayMessage::Closed {
+                subscription_id: Cow::Owned(SubscriptionId::new(id)),
+                message: Cow::Owned(why),
+            },
+            None => RelayMessage::notice(why),
+        },
+        Some([verb, event, ..]) if verb == "EVENT" => {
+            match event["id"]
+                .as_str()
+                .and_then(|id| EventId::from_hex(id).ok())
+            {
+                Some(event_id) => RelayMessage::Ok {
+                    event_id,
+                    status: false,
+                    message: Cow::Owned(why),
+                },
+                None => RelayMessage::notice(why),
+            }
+        }
+        _ => RelayMessage::notice(why),
+    }
+}
+
 struct Session {
     shared: Arc<Shared>,
     id: super::subscriptions::ConnectionId,
@@ -153,13 +185,7 @@ impl Session {
         }
         let message = match ClientMessage::from_json(text) {
             Ok(message) => message,
-            Err(e) => {
-                return self
-                    .answer(RelayMessage::notice(format!(
-                        "invalid: cannot parse message: {e}"
-                    )))
-                    .await
-            }
+            Err(e) => return self.answer(refusal(text, &e.to_string())).await,
         };
         match message {
             ClientMessage::Event(event) => self.event(event.into_owned(), text.len()).await,
@@ -218,13 +244,25 @@ impl Session {
         }
         let json = crate::event_json::to_json(&event);
         if event.kind.is_ephemeral() {
+            if event.is_expired() {
+                return self
+                    .answer(ok(false, "invalid: this event has expired"))
+                    .await;
+            }
             self.shared.subscriptions.publish(&event, &json);
             return self.answer(ok(true, "")).await;
         }
-        let answer = match self.shared.store.save(&event, &json) {
+        let saved = {
+            let _order = self.shared.order.read().unwrap_or_else(|e| e.into_inner());
+            let saved = self.shared.store.save(&event, &json);
+            if saved == Saved::Stored {
+                self.shared.subscriptions.publish(&event, &json);
+            }
+            saved
+        };
+        let answer = match saved {
             Saved::Stored => {
                 self.shared.events.fetch_add(1, Ordering::Relaxed);
-                self.shared.subscriptions.publish(&event, &json);
                 ok(true, "")
             }
             Saved::Duplicate => ok(true, "duplicate: already have this event"),
@@ -241,14 +279,32 @@ impl Session {
 
     async fn req(&self, subscription_id: SubscriptionId, filters: Vec<Filter>) -> Result<(), Gone> {
         let options = &self.shared.options;
-        // Live first, then stored: an event stored meanwhile may come twice (clients drop
-        // repeats by id), but none falls between the two.
-        if !self.shared.subscriptions.subscribe(
-            self.id,
-            subscription_id.clone(),
-            filters.clone(),
-            options.max_subscriptions,
-        ) {
+        let limit = |filter: &Filter| {
+            filter
+                .limit
+                .unwrap_or(options.default_limit)
+                .min(options.max_limit)
+        };
+        // Live and stored at one point in the order of stored events (`Shared::order`): an
+        // event stored before it is found here, one stored after goes out live.
+        let stored = {
+            let _order = self.shared.order.write().unwrap_or_else(|e| e.into_inner());
+            self.shared
+                .subscriptions
+                .subscribe(
+                    self.id,
+                    subscription_id.clone(),
+                    filters.clone(),
+                    options.max_subscriptions,
+                )
+                .then(|| {
+                    filters
+                        .iter()
+                        .map(|filter| self.shared.store.query(filter, limit(filter)))
+                        .collect::<Vec<_>>()
+                })
+        };
+        let Some(stored) = stored else {
             return self
                 .answer(RelayMessage::Closed {
                     subscription_id: Cow::Owned(subscription_id),
@@ -258,14 +314,10 @@ impl Session {
                     )),
                 })
                 .await;
-        }
+        };
         let mut sent: HashSet<EventId> = HashSet::new();
-        for filter in filters {
-            let limit = filter
-                .limit
-                .unwrap_or(options.default_limit)
-                .min(options.max_limit);
-            for stored in self.shared.store.query(&filter, limit) {
+        for found in stored {
+            for stored in found {
                 if sent.insert(stored.id) {
                     self.answers
                         .send(event_message(&subscription_id, &stored.json))

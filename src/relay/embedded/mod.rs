@@ -79,6 +79,11 @@ struct Shared {
     options: RelayOptions,
     /// Events stored since start.
     events: AtomicU64,
+    /// Orders a `REQ` against the events being stored: storing an event and handing it to the
+    /// live subscriptions happen under a read guard, and a `REQ` registers its subscription
+    /// and reads its stored events under the write guard. So each event reaches a new
+    /// subscription once, as stored or as live, never both and never neither.
+    order: std::sync::RwLock<()>,
 }
 
 /// Figures of a running embedded relay, for `/metrics`.
@@ -134,6 +139,7 @@ impl EmbeddedRelay {
             subscriptions: Subscriptions::default(),
             options,
             events: AtomicU64::new(0),
+            order: std::sync::RwLock::new(()),
         });
         Ok(Self {
             shared,

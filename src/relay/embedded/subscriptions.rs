@@ -169,8 +169,15 @@ impl Subscriptions {
         let registry = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let mut candidates: HashSet<&(ConnectionId, SubscriptionId)> =
             registry.unindexed.iter().collect();
-        for p in event.tags.public_keys() {
-            if let Some(set) = registry.by_p.get(&p.to_hex()) {
+        // Each `p` tag's value as written, as a filter compares it: nostr's parsed
+        // `public_keys()` skips a tag whose relay hint it cannot read.
+        let p_values = event
+            .tags
+            .iter()
+            .filter(|tag| tag.single_letter_tag() == Some(P_TAG))
+            .filter_map(|tag| tag.content());
+        for p in p_values {
+            if let Some(set) = registry.by_p.get(p) {
                 candidates.extend(set.iter());
             }
         }
