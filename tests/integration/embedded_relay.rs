@@ -379,3 +379,78 @@ async fn a_subscription_made_while_events_arrive_gets_each_once() {
     );
     stop.cancel();
 }
+
+/// A `REQ` that reuses a subscription id replaces it: events the old filters matched that
+/// were still queued for a slow reader are not sent under that id after the new `EOSE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_subscription_sends_nothing_of_its_old_filters() {
+    let options = EmbeddedRelayOptions {
+        live_queue: 100_000,
+        ..EmbeddedRelayOptions::default()
+    };
+    let relay = EmbeddedRelay::bind_with("127.0.0.1:0".parse().expect("addr"), options)
+        .await
+        .expect("bind");
+    let url = relay.url();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+    let sub = SubscriptionId::new("s");
+    let mut listener = connect(&url).await;
+    let notes = Filter::new().kind(Kind::TextNote).limit(0);
+    send(&mut listener, ClientMessage::req(sub.clone(), vec![notes])).await;
+    read_until(&mut listener, |m| {
+        matches!(m, RelayMessage::EndOfStoredEvents(_))
+    })
+    .await
+    .expect("EOSE");
+    // The listener reads nothing while 12 MB of notes are published: more than the socket
+    // holds, so most wait in the relay's queue for it.
+    let author = Keys::generate();
+    let mut publisher = connect(&url).await;
+    let body = "x".repeat(4_000);
+    for i in 0..3_000 {
+        let note = EventBuilder::text_note(format!("{i} {body}"))
+            .sign_with_keys(&author)
+            .expect("sign");
+        send(&mut publisher, ClientMessage::event(note)).await;
+    }
+    let mut oks = 0;
+    read_until(&mut publisher, |m| {
+        oks += usize::from(matches!(m, RelayMessage::Ok { .. }));
+        oks == 3_000
+    })
+    .await
+    .expect("every OK");
+    // Now `s` asks for kind 7000 only.
+    let feedback = Filter::new().kind(Kind::from(7000)).limit(0);
+    send(
+        &mut listener,
+        ClientMessage::req(sub.clone(), vec![feedback]),
+    )
+    .await;
+    let (mut before, mut eose) = (0, false);
+    let mut after = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), listener.next()).await;
+        let Ok(Some(Ok(Message::Text(text)))) = next else {
+            break;
+        };
+        match RelayMessage::from_json(text.as_str()).expect("relay message") {
+            RelayMessage::EndOfStoredEvents(_) => eose = true,
+            RelayMessage::Event { event, .. } if eose => after.push(event.kind),
+            RelayMessage::Event { .. } => before += 1,
+            _ => {}
+        }
+    }
+    assert!(eose, "EOSE of the new REQ");
+    assert!(
+        before < 3_000,
+        "the reader was behind: {before} notes came first"
+    );
+    assert!(
+        after.is_empty(),
+        "{} notes came after the new EOSE under the replaced id",
+        after.len()
+    );
+    stop.cancel();
+}

@@ -36,7 +36,8 @@ pub(super) async fn serve(
 ) {
     let (mut sink, mut incoming) = socket.split();
     let (answers, mut answer_queue) = mpsc::channel::<String>(ANSWER_QUEUE);
-    let (live, mut live_queue) = mpsc::channel::<String>(shared.options.live_queue);
+    let (live, mut live_queue) =
+        mpsc::channel::<super::subscriptions::Live>(shared.options.live_queue);
     let lagging = CancellationToken::new();
     let id = shared.subscriptions.connect(live, lagging.clone());
     let session = Session {
@@ -45,12 +46,17 @@ pub(super) async fn serve(
         answers,
     };
 
+    let current = |instance| shared.subscriptions.is_current(id, instance);
     let writer = async {
         loop {
             let text = tokio::select! {
                 biased;
                 answer = answer_queue.recv() => answer,
-                event = live_queue.recv() => event,
+                event = live_queue.recv() => match event {
+                    Some((instance, text)) if current(instance) => Some(text),
+                    Some(_) => continue,
+                    None => None,
+                },
                 _ = lagging.cancelled() => {
                     let notice = RelayMessage::notice(
                         "error: you fell too far behind; reconnect and subscribe again with `since`",
@@ -66,7 +72,7 @@ pub(super) async fn serve(
                 }
             };
             let Some(text) = text else { break };
-            if write_queued(&mut sink, text, &mut answer_queue, &mut live_queue)
+            if write_queued(&mut sink, text, &mut answer_queue, &mut live_queue, current)
                 .await
                 .is_err()
             {
@@ -104,22 +110,31 @@ pub(super) async fn serve(
 
 /// Write `first` and whatever else is queued already (up to [`WRITE_BATCH`] messages, answers
 /// first), then flush once: under load a connection has many messages waiting, and each write
-/// is a syscall here and a wake-up for the reader.
+/// is a syscall here and a wake-up for the reader. A live event whose subscription instance is
+/// no longer `current` (closed, or replaced by a `REQ` with its id) is dropped.
 async fn write_queued<S>(
     sink: &mut S,
     first: String,
     answers: &mut mpsc::Receiver<String>,
-    live: &mut mpsc::Receiver<String>,
+    live: &mut mpsc::Receiver<super::subscriptions::Live>,
+    current: impl Fn(u64) -> bool,
 ) -> Result<(), S::Error>
 where
     S: futures::Sink<Message> + Unpin,
 {
     sink.feed(Message::Text(first.into())).await?;
-    for _ in 1..WRITE_BATCH {
-        let Ok(text) = answers.try_recv().or_else(|_| live.try_recv()) else {
-            break;
+    let mut written = 1;
+    while written < WRITE_BATCH {
+        let text = match answers.try_recv() {
+            Ok(text) => text,
+            Err(_) => match live.try_recv() {
+                Ok((instance, text)) if current(instance) => text,
+                Ok(_) => continue,
+                Err(_) => break,
+            },
         };
         sink.feed(Message::Text(text.into())).await?;
+        written += 1;
     }
     sink.flush().await
 }
@@ -400,10 +415,13 @@ mod tests {
             answer_tx.try_send(format!("answer {n}")).expect("room");
         }
         for n in 0..100 {
-            live_tx.try_send(format!("event {n}")).expect("room");
+            live_tx.try_send((1, format!("event {n}"))).expect("room");
+            // Queued for a subscription closed (or replaced) since: never sent.
+            live_tx.try_send((2, format!("stale {n}"))).expect("room");
         }
+        let current = |instance| instance == 1;
         let mut sink = Recording::default();
-        write_queued(&mut sink, "first".into(), &mut answers, &mut live)
+        write_queued(&mut sink, "first".into(), &mut answers, &mut live, current)
             .await
             .expect("writes");
         assert_eq!(sink.flushes, 1);
@@ -419,8 +437,10 @@ mod tests {
         );
 
         // The rest waits for the next batch, in order, and nothing is lost.
-        let next = live.try_recv().expect("queued");
-        write_queued(&mut sink, next, &mut answers, &mut live)
+        let next = std::iter::from_fn(|| live.try_recv().ok())
+            .find_map(|(instance, text)| current(instance).then_some(text))
+            .expect("queued");
+        write_queued(&mut sink, next, &mut answers, &mut live, current)
             .await
             .expect("writes");
         assert_eq!(sink.flushes, 2);
@@ -430,6 +450,7 @@ mod tests {
             .filter(|s| s.starts_with("event"))
             .collect();
         assert_eq!(events.len(), 100);
+        assert!(sink.sent.iter().all(|s| !s.starts_with("stale")));
         assert!(events
             .iter()
             .enumerate()

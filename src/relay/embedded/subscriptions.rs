@@ -24,10 +24,18 @@ pub(super) type ConnectionId = u64;
 
 const P_TAG: SingleLetterTag = SingleLetterTag::lowercase(Alphabet::P);
 
+/// A live event queued for a connection: the subscription instance it matched (see
+/// [`Subscriptions::is_current`]) and the `EVENT` message.
+pub(super) type Live = (u64, String);
+
 struct Connection {
-    live: mpsc::Sender<String>,
+    live: mpsc::Sender<Live>,
     lagging: CancellationToken,
-    subscriptions: HashMap<SubscriptionId, Vec<Filter>>,
+    /// Each subscription's filters and its instance: a number never used again, so that what
+    /// was queued for a subscription since replaced (a `REQ` reusing its id) or closed is
+    /// not sent under its id.
+    subscriptions: HashMap<SubscriptionId, (Vec<Filter>, u64)>,
+    current: HashSet<u64>,
 }
 
 /// The registry of live subscriptions.
@@ -35,6 +43,7 @@ struct Connection {
 pub(super) struct Subscriptions {
     inner: RwLock<Registry>,
     next_id: AtomicU64,
+    next_instance: AtomicU64,
     /// Connections closed because they fell behind.
     pub(super) lagging_closed: AtomicU64,
 }
@@ -86,7 +95,7 @@ impl Subscriptions {
     /// behind.
     pub(super) fn connect(
         &self,
-        live: mpsc::Sender<String>,
+        live: mpsc::Sender<Live>,
         lagging: CancellationToken,
     ) -> ConnectionId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -94,6 +103,7 @@ impl Subscriptions {
             live,
             lagging,
             subscriptions: HashMap::new(),
+            current: HashSet::new(),
         };
         self.write().connections.insert(id, connection);
         id
@@ -103,7 +113,7 @@ impl Subscriptions {
     pub(super) fn disconnect(&self, id: ConnectionId) {
         let mut registry = self.write();
         if let Some(connection) = registry.connections.remove(&id) {
-            for (sub, filters) in connection.subscriptions {
+            for (sub, (filters, _)) in connection.subscriptions {
                 registry.unindex(&(id, sub), &filters);
             }
         }
@@ -125,11 +135,16 @@ impl Subscriptions {
         if connection.subscriptions.len() >= max && !connection.subscriptions.contains_key(&sub) {
             return false;
         }
+        let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
+        connection.current.insert(instance);
         let old = connection
             .subscriptions
-            .insert(sub.clone(), filters.clone());
+            .insert(sub.clone(), (filters.clone(), instance));
+        if let Some((_, old)) = &old {
+            connection.current.remove(old);
+        }
         let key = (id, sub);
-        if let Some(old) = old {
+        if let Some((old, _)) = old {
             registry.unindex(&key, &old);
         }
         match p_values(&filters) {
@@ -152,14 +167,25 @@ impl Subscriptions {
     /// End subscription `sub` of connection `id`.
     pub(super) fn unsubscribe(&self, id: ConnectionId, sub: &SubscriptionId) {
         let mut registry = self.write();
-        let Some(filters) = registry
-            .connections
-            .get_mut(&id)
-            .and_then(|c| c.subscriptions.remove(sub))
-        else {
+        let Some(connection) = registry.connections.get_mut(&id) else {
             return;
         };
+        let Some((filters, instance)) = connection.subscriptions.remove(sub) else {
+            return;
+        };
+        connection.current.remove(&instance);
         registry.unindex(&(id, sub.clone()), &filters);
+    }
+
+    /// Whether subscription instance `instance` of connection `id` is still open: a live
+    /// event queued for one since closed or replaced is dropped, not sent.
+    pub(super) fn is_current(&self, id: ConnectionId, instance: u64) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .connections
+            .get(&id)
+            .is_some_and(|c| c.current.contains(&instance))
     }
 
     /// Hand `event` to every subscription it matches, without waiting: a connection that has
@@ -186,15 +212,14 @@ impl Subscriptions {
             let Some(connection) = registry.connections.get(id) else {
                 continue;
             };
-            let matches = connection
-                .subscriptions
-                .get(sub)
-                .is_some_and(|filters| filters.iter().any(|f| f.match_event(event, options)));
-            if !matches {
+            let Some((filters, instance)) = connection.subscriptions.get(sub) else {
+                continue;
+            };
+            if !filters.iter().any(|f| f.match_event(event, options)) {
                 continue;
             }
             let text = super::event_message(sub, json);
-            match connection.live.try_send(text) {
+            match connection.live.try_send((*instance, text)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if !connection.lagging.is_cancelled() {
@@ -266,7 +291,7 @@ mod tests {
 
         let to_alice = event_to(&alice);
         publish(&subs, &to_alice);
-        let text = rx_a.try_recv().expect("alice's event");
+        let (_, text) = rx_a.try_recv().expect("alice's event");
         assert!(text.contains(&to_alice.id.to_hex()) && text.contains("\"mine\""));
         assert!(rx_all.try_recv().is_ok());
 
