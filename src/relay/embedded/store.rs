@@ -292,8 +292,23 @@ impl Inner {
     /// event or address that is not its author's.
     fn delete(&mut self, event: &Event, max: usize) -> bool {
         let author = event.pubkey;
-        let ids: Vec<EventId> = event.tags.event_ids().copied().collect();
-        let addresses: Vec<Coordinate> = event.tags.coordinates().cloned().collect();
+        // Each `e` and `a` tag's value as written: nostr's `event_ids()` and `coordinates()`
+        // skip a tag whose relay hint or marker it cannot read.
+        let value = |name: &'static str| {
+            event
+                .tags
+                .iter()
+                .filter_map(move |tag| match tag.as_slice() {
+                    [n, value, ..] if n == name => Some(value.as_str()),
+                    _ => None,
+                })
+        };
+        let ids: Vec<EventId> = value("e")
+            .filter_map(|id| EventId::from_hex(id).ok())
+            .collect();
+        let addresses: Vec<Coordinate> = value("a")
+            .filter_map(|a| Coordinate::from_kpi_format(a).ok())
+            .collect();
         let foreign_event = ids
             .iter()
             .any(|id| self.get(id).is_some_and(|stored| stored.pubkey != author));

@@ -221,6 +221,26 @@ fn an_author_deletes_their_events_and_no_one_else_can() {
     assert_eq!(save(&store, &newer), Saved::Stored);
     let theirs = event(&mallory, 5, 23, vec![Tag::coordinate(coordinate, None)]);
     assert_eq!(save(&store, &theirs), Saved::InvalidDelete);
+
+    // Tags with relay hints nostr cannot read as URLs name their event and address all the
+    // same.
+    let hinted = |name: &str, value: String| {
+        Tag::parse([name.to_owned(), value, "relay.example.com".to_owned()]).expect("tag")
+    };
+    let note = event(&alice, 1, 30, vec![]);
+    let profile = event(&alice, 30_023, 30, vec![Tag::identifier("y")]);
+    assert_eq!(save(&store, &note), Saved::Stored);
+    assert_eq!(save(&store, &profile), Saved::Stored);
+    let address = format!("30023:{}:y", alice.public_key().to_hex());
+    let deletion = event(
+        &alice,
+        5,
+        31,
+        vec![hinted("e", note.id.to_hex()), hinted("a", address)],
+    );
+    assert_eq!(save(&store, &deletion), Saved::Stored);
+    assert!(store.query(&Filter::new().id(note.id), 1).is_empty());
+    assert!(store.query(&Filter::new().id(profile.id), 1).is_empty());
 }
 
 #[test]
