@@ -405,24 +405,87 @@ async fn ends_with_what_it_has(
     charged
 }
 
+/// After the daemon on `data` stopped: `request`'s job settled once, paid `paid` in all, and
+/// what it did not use is its customer's; the ledger invariant holds.
+fn ran_on_once(data: &std::path::Path, request: &Event, paid: u64) {
+    let store = harness::open_store(data);
+    harness::ledger_ok(&store);
+    let job = harness::jobs(&store)
+        .into_iter()
+        .find(|job| job.id == request.id.into())
+        .expect("the job");
+    assert_eq!(job.state, JobState::Settled);
+    assert_eq!(job.paid_msat, paid);
+    assert_eq!(
+        harness::balance(&store, &request.pubkey),
+        paid - job.charge_msat.expect("charged")
+    );
+}
+
+/// A daemon process and Bob's story, paid as quoted, stopped at its budget and asking for
+/// the rest.
+struct AtBudget {
+    daemon: harness::DaemonProcess,
+    bob: Customer,
+    keys: nostr_sdk::Keys,
+    us: PublicKey,
+    request: Event,
+    first_paid: u64,
+    so_far: String,
+    more: u64,
+    /// The continuation's invoice.
+    bolt11: String,
+}
+
+/// A daemon process on `data` with `config`, taught that such stories are short, then Bob's
+/// story: paid, stopped at its budget, asking for the rest.
+async fn story_at_its_budget(
+    data: &std::path::Path,
+    relay_port: u16,
+    http_port: u16,
+    config: &str,
+) -> AtBudget {
+    let keys = nostr_sdk::Keys::generate();
+    let daemon = harness::DaemonProcess::spawn(data, relay_port, http_port, config);
+    let us = PublicKey::from_hex(&daemon.pubkey).expect("pubkey");
+    teach_short_answers(&daemon.relay_url, &daemon.http_url, us, "200").await;
+    let mut bob = Customer::connect_with(&daemon.relay_url, keys.clone())
+        .await
+        .expect("connect");
+    let request = bob.post(story(us, 1)).await.expect("post");
+    let (first_paid, bolt11) = harness::invoice(&mut bob, &request.id).await;
+    harness::dev_pay(&daemon.http_url, &bolt11).await;
+    let (so_far, more, bolt11) = asked_to_continue(&mut bob, &request.id).await;
+    AtBudget {
+        daemon,
+        bob,
+        keys,
+        us,
+        request,
+        first_paid,
+        so_far,
+        more,
+        bolt11,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_after() {
     use harness::DaemonProcess;
     let data = harness::data_dir();
     let (relay_port, http_port) = (harness::free_port(), harness::free_port());
-    let keys = nostr_sdk::Keys::generate();
     let config = "[pricing]\ncontinuation_wait_secs = 600\n";
-
-    let first = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
-    let us = PublicKey::from_hex(&first.pubkey).expect("pubkey");
-    teach_short_answers(&first.relay_url, &first.http_url, us, "200").await;
-    let mut bob = Customer::connect_with(&first.relay_url, keys.clone())
-        .await
-        .expect("connect");
-    let request = bob.post(story(us, 1)).await.expect("post");
-    let (first_paid, bolt11) = harness::invoice(&mut bob, &request.id).await;
-    harness::dev_pay(&first.http_url, &bolt11).await;
-    let (so_far, more, bolt11) = asked_to_continue(&mut bob, &request.id).await;
+    let AtBudget {
+        daemon: first,
+        bob,
+        keys,
+        request,
+        first_paid,
+        so_far,
+        more,
+        bolt11,
+        ..
+    } = story_at_its_budget(data.path(), relay_port, http_port, config).await;
     first.kill();
     bob.shutdown().await;
 
@@ -449,18 +512,7 @@ async fn a_job_awaiting_its_continuation_survives_a_kill_and_runs_on_when_paid_a
     second.terminate();
     bob.shutdown().await;
 
-    let store = harness::open_store(data.path());
-    harness::ledger_ok(&store);
-    let job = harness::jobs(&store)
-        .into_iter()
-        .find(|job| job.id == request.id.into())
-        .expect("the job");
-    assert_eq!(job.state, JobState::Settled);
-    assert_eq!(job.paid_msat, first_paid + more);
-    assert_eq!(
-        harness::balance(&store, &request.pubkey),
-        first_paid + more - job.charge_msat.expect("charged")
-    );
+    ran_on_once(data.path(), &request, first_paid + more);
 }
 
 /// A zap paid in time for a continuation whose news the daemon missed (it was down, and its
@@ -472,19 +524,18 @@ async fn a_continuation_zapped_while_the_daemon_was_down_runs_on_after_its_invoi
     use harness::DaemonProcess;
     let data = harness::data_dir();
     let (relay_port, http_port) = (harness::free_port(), harness::free_port());
-    let keys = nostr_sdk::Keys::generate();
     let config = "[pricing]\ncontinuation_wait_secs = 15\ncompletion_msat_per_1k_tokens = 100000\n";
-
-    let first = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
-    let us = PublicKey::from_hex(&first.pubkey).expect("pubkey");
-    teach_short_answers(&first.relay_url, &first.http_url, us, "200").await;
-    let mut bob = Customer::connect_with(&first.relay_url, keys.clone())
-        .await
-        .expect("connect");
-    let request = bob.post(story(us, 1)).await.expect("post");
-    let (first_paid, bolt11) = harness::invoice(&mut bob, &request.id).await;
-    harness::dev_pay(&first.http_url, &bolt11).await;
-    let (so_far, more, continuation) = asked_to_continue(&mut bob, &request.id).await;
+    let AtBudget {
+        daemon: first,
+        bob,
+        keys,
+        us,
+        request,
+        first_paid,
+        so_far,
+        more,
+        bolt11: continuation,
+    } = story_at_its_budget(data.path(), relay_port, http_port, config).await;
     // Bob zaps the request for what the continuation asks; the daemon dies before the wallet
     // settles it, so it never hears of the payment.
     let zap = harness::zap_request(&keys, us, Some(request.id), more, &first.relay_url);
@@ -545,18 +596,7 @@ async fn a_continuation_zapped_while_the_daemon_was_down_runs_on_after_its_invoi
     second.terminate();
     bob.shutdown().await;
 
-    let store = harness::open_store(data.path());
-    harness::ledger_ok(&store);
-    let job = harness::jobs(&store)
-        .into_iter()
-        .find(|job| job.id == request.id.into())
-        .expect("the job");
-    assert_eq!(job.state, JobState::Settled);
-    assert_eq!(job.paid_msat, first_paid + more);
-    assert_eq!(
-        harness::balance(&store, &request.pubkey),
-        first_paid + more - job.charge_msat.expect("charged")
-    );
+    ran_on_once(data.path(), &request, first_paid + more);
 }
 
 /// A backend that answers at once, 120 words (tokens) long.

@@ -51,6 +51,21 @@ async fn read_until(
     }
 }
 
+/// A relay with `options` started on loopback: its URL, and what stops it.
+async fn relay_with(options: EmbeddedRelayOptions) -> (String, CancellationToken) {
+    let relay = EmbeddedRelay::bind_with("127.0.0.1:0".parse().expect("addr"), options)
+        .await
+        .expect("bind");
+    let url = relay.url();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+    (url, stop)
+}
+
+async fn relay() -> (String, CancellationToken) {
+    relay_with(EmbeddedRelayOptions::default()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_falls_behind_is_closed_and_recovers_everything_by_resubscribing() {
     let options = EmbeddedRelayOptions {
@@ -141,12 +156,7 @@ async fn stored_events_are_bounded_and_the_oldest_go_first() {
         max_events: 50,
         ..EmbeddedRelayOptions::default()
     };
-    let relay = EmbeddedRelay::bind_with("127.0.0.1:0".parse().expect("addr"), options)
-        .await
-        .expect("bind");
-    let url = relay.url();
-    let stop = CancellationToken::new();
-    tokio::spawn(relay.run(stop.clone()));
+    let (url, stop) = relay_with(options).await;
 
     let author = Keys::generate();
     let mut socket = connect(&url).await;
@@ -184,20 +194,6 @@ async fn stored_events_are_bounded_and_the_oldest_go_first() {
         "the newest are kept"
     );
     stop.cancel();
-}
-
-/// A relay started on loopback, and what stops it.
-async fn relay() -> (String, CancellationToken) {
-    let relay = EmbeddedRelay::bind_with(
-        "127.0.0.1:0".parse().expect("addr"),
-        EmbeddedRelayOptions::default(),
-    )
-    .await
-    .expect("bind");
-    let url = relay.url();
-    let stop = CancellationToken::new();
-    tokio::spawn(relay.run(stop.clone()));
-    (url, stop)
 }
 
 async fn send_text(socket: &mut Socket, text: String) {
@@ -388,12 +384,7 @@ async fn a_replaced_subscription_sends_nothing_of_its_old_filters() {
         live_queue: 100_000,
         ..EmbeddedRelayOptions::default()
     };
-    let relay = EmbeddedRelay::bind_with("127.0.0.1:0".parse().expect("addr"), options)
-        .await
-        .expect("bind");
-    let url = relay.url();
-    let stop = CancellationToken::new();
-    tokio::spawn(relay.run(stop.clone()));
+    let (url, stop) = relay_with(options).await;
     let sub = SubscriptionId::new("s");
     let mut listener = connect(&url).await;
     let notes = Filter::new().kind(Kind::TextNote).limit(0);
