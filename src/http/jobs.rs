@@ -22,8 +22,8 @@ use std::net::SocketAddr;
 use axum::extract::ConnectInfo;
 
 use super::api::{parts, OpenAiError, ReadBody};
-use super::chat::open;
 use super::l402::{caller, owner};
+use super::open::open;
 use super::HttpState;
 use crate::job::{Door, Job, JobId};
 use crate::nip90::{InputType, JobInput, TextGeneration};
@@ -101,8 +101,8 @@ pub(super) async fn create(
         params.push((name, value));
     }
     let generation = TextGeneration::from_parts(&inputs, &params, &config.limits)
-        .map_err(super::chat::refused)?;
-    let super::chat::Opened { job, receipt, .. } = open(
+        .map_err(super::open::refused)?;
+    let super::open::Opened { job, receipt, .. } = open(
         &state,
         who,
         Door::HttpJob,
@@ -119,7 +119,7 @@ pub(super) async fn create(
     if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    super::chat::add_receipt(&mut response, receipt.as_deref());
+    super::open::add_receipt(&mut response, receipt.as_deref());
     Ok(response)
 }
 

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod l402;
 pub mod lnurl;
 pub mod nip98;
+mod open;
 pub mod page;
 pub mod session;
 pub mod withdraw;

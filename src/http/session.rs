@@ -20,8 +20,8 @@ use axum::Json;
 use serde_json::json;
 
 use super::api::{parts, ApiConfig, OpenAiError};
-use super::chat::add_receipt;
 use super::l402::{refuse_payment, Caller, Who};
+use super::open::add_receipt;
 use super::HttpState;
 use crate::job::tokens::PaymentRefusal;
 use crate::job::Pipeline;
