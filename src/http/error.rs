@@ -35,6 +35,7 @@ impl From<WalletError> for ApiError {
             WalletError::InvalidInvoice(_) => StatusCode::BAD_REQUEST,
             WalletError::Refused(_)
             | WalletError::Declined(_)
+            | WalletError::NotFound(_)
             | WalletError::InsufficientBalance { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             WalletError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             WalletError::Store(crate::store::StoreError::WriterFailed(_)) => {
@@ -47,6 +48,7 @@ impl From<WalletError> for ApiError {
             WalletError::InvalidInvoice(_)
             | WalletError::Refused(_)
             | WalletError::Declined(_)
+            | WalletError::NotFound(_)
             | WalletError::InsufficientBalance { .. } => e.to_string(),
             // The wallet's or the store's insides: the log gets them.
             WalletError::Unavailable(_) | WalletError::Store(_) => format!(

@@ -176,14 +176,14 @@ impl LnbitsWallet {
             .await
         {
             Ok(value) => Ok(Some(value)),
-            Err(WalletError::Refused(why)) if why.contains("not found") => Ok(None),
+            Err(WalletError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     fn admin_key(&self) -> Result<&Secret, WalletError> {
         self.config.admin_key.as_ref().ok_or_else(|| {
-            WalletError::Refused(
+            WalletError::Declined(
                 "no LNbits admin key configured: this wallet cannot pay".to_owned(),
             )
         })
@@ -208,6 +208,11 @@ fn classify(status: u16, detail: &str) -> WalletError {
     }
     match status {
         401 | 403 => WalletError::Refused(format!("lnbits rejected the key: {detail}")),
+        // LNbits' own answer for a hash it has no record of; any other 404 (a proxy, a path
+        // that moved) says nothing about the payment.
+        404 if lower.contains("payment does not exist") => {
+            WalletError::NotFound(format!("lnbits: {detail}"))
+        }
         404 => WalletError::Refused(format!("lnbits: not found: {detail}")),
         400..=499 => WalletError::Refused(format!("lnbits: {detail}")),
         _ => WalletError::Unavailable(format!("lnbits {status}: {detail}")),
@@ -359,9 +364,17 @@ impl Wallet for LnbitsWallet {
         let Some(value) = self.payment(payment_hash).await? else {
             return Ok(OutgoingStatus::Unknown);
         };
+        // LNbits leaves `details` out when the key is not the payment's wallet's (it then
+        // looks the hash up in every wallet): a record we cannot read, not "no payment".
         let details = &value["details"];
+        let Some(amount) = details["amount"].as_i64() else {
+            return Err(WalletError::Unavailable(
+                "lnbits answered without the payment's details: is the invoice key this wallet's?"
+                    .to_owned(),
+            ));
+        };
         // An outgoing payment's amount is negative; a positive one is an invoice we issued.
-        if details["amount"].as_i64().is_none_or(|amount| amount >= 0) {
+        if amount >= 0 {
             return Ok(OutgoingStatus::Unknown);
         }
         let status = details["status"]

@@ -163,16 +163,25 @@ pub enum WalletError {
     /// once, not looked up until its invoice expires.
     #[error("wallet declined: {0}")]
     Declined(String),
+    /// The wallet answered, positively, that it has no record of this payment hash: LNbits'
+    /// "Payment does not exist.", NWC's `NOT_FOUND`. Only this reads as "nothing was sent"; a
+    /// 404 from anything else on the way (a proxy, a moved path) is an error, so a payout it
+    /// answered stays pending rather than failed and paid again.
+    #[error("wallet has no such payment: {0}")]
+    NotFound(String),
     /// The store behind the wallet failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
 
 impl WalletError {
-    /// Whether the wallet said it sent nothing and will not (declined, or short of balance
-    /// before it tried).
+    /// Whether the wallet said it sent nothing and will not: declined, short of balance
+    /// before it tried, or an invoice it could not read (ours or the backend's decoder).
     pub fn declined(&self) -> bool {
-        matches!(self, Self::Declined(_) | Self::InsufficientBalance { .. })
+        matches!(
+            self,
+            Self::Declined(_) | Self::InsufficientBalance { .. } | Self::InvalidInvoice(_)
+        )
     }
 }
 

@@ -66,7 +66,7 @@ impl NwcWallet {
         });
         let response = match self.call(request).await {
             Ok(response) => response,
-            Err(WalletError::Refused(why)) if why.contains("not found") => return Ok(None),
+            Err(WalletError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
         let found = response
@@ -203,9 +203,7 @@ impl NwcWallet {
                     balance_msat: 0,
                     needed_msat: 0,
                 },
-                ErrorCode::NotFound => {
-                    WalletError::Refused(format!("nwc: not found: {}", error.message))
-                }
+                ErrorCode::NotFound => WalletError::NotFound(format!("nwc: {}", error.message)),
                 ErrorCode::RateLimited | ErrorCode::Internal => unavailable(method.as_str(), error),
                 // Refused before anything was tried: nothing was or will be sent.
                 ErrorCode::NotImplemented

@@ -256,14 +256,60 @@ async fn lnbits_wallet_conforms() {
     lnbits.fund(&customer, 100_000).await;
     let wallet =
         Arc::new(LnbitsWallet::new(lnbits_config(&lnbits, &service, None, true)).expect("wallet"));
-    conformance(
-        wallet,
-        &LnbitsCounterparty {
-            lnbits: &lnbits,
-            account: customer,
-        },
-    )
-    .await;
+    let counterparty = LnbitsCounterparty {
+        lnbits: &lnbits,
+        account: customer,
+    };
+    conformance(wallet.clone(), &counterparty).await;
+
+    // "No such payment" is read only from LNbits' own answer. A payout's money comes back on
+    // it once the invoice has expired, so anything else that looks like it must stay an error
+    // (the payout stays pending) or a paid payout would be paid again.
+    let bolt11 = counterparty.invoice(2_000).await;
+    let hash = bolt11::decode(&bolt11).expect("decodes").payment_hash;
+    wallet.pay(&bolt11, 10_000).await.expect("paid");
+    let unknown = dvmd::wallet::PaymentHash([7; 32]);
+    let config = || lnbits_config(&lnbits, &service, None, false);
+    // A 404 that is not LNbits' (here FastAPI's, for a path that moved behind a proxy).
+    let moved = LnbitsWallet::new(LnbitsConfig {
+        url: format!("{}/moved", lnbits.url),
+        ..config()
+    })
+    .expect("wallet");
+    // A read key that is no longer this wallet's: LNbits finds the payment in some wallet
+    // and answers without its details.
+    let rotated = LnbitsWallet::new(LnbitsConfig {
+        invoice_key: Secret::new("0".repeat(32), "test"),
+        ..config()
+    })
+    .expect("wallet");
+    for (what, wallet, hash) in [
+        ("a moved path, paid", &moved, hash),
+        ("a moved path, unknown", &moved, unknown),
+        ("a rotated key, paid", &rotated, hash),
+    ] {
+        let seen = wallet.lookup_payment(&hash).await;
+        assert!(
+            matches!(
+                seen,
+                Err(WalletError::Unavailable(_) | WalletError::Refused(_))
+            ),
+            "{what}: {seen:?}"
+        );
+    }
+    // Without an admin key nothing can be sent: declined, so a payout fails at once.
+    let read_only = LnbitsWallet::new(LnbitsConfig {
+        admin_key: None,
+        ..config()
+    })
+    .expect("wallet");
+    let refused = read_only
+        .pay(&counterparty.invoice(1_000).await, 10_000)
+        .await;
+    assert!(
+        refused.as_ref().is_err_and(WalletError::declined),
+        "{refused:?}"
+    );
 }
 
 /// A daemon (dev mode: embedded relay, instant backend) whose wallet is `lnbits`.

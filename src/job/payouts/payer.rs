@@ -256,9 +256,7 @@ impl Payer {
         let state = match self.wallet.lookup_payment(hash).await {
             Ok(OutgoingStatus::Succeeded { fee_msat }) => PayoutState::Paid { fee_msat },
             Ok(OutgoingStatus::Failed) => PayoutState::Failed,
-            Ok(OutgoingStatus::Unknown)
-                if unix_now() > payout.expires_at + EXPIRED_UNKNOWN_GRACE_SECS =>
-            {
+            Ok(OutgoingStatus::Unknown) if past_paying(payout.expires_at, unix_now()) => {
                 PayoutState::Failed
             }
             Ok(status) => {
@@ -302,6 +300,13 @@ impl Payer {
     }
 }
 
+/// Whether an invoice expiring at `expires_at` can no longer be paid at `now`, with
+/// [`EXPIRED_UNKNOWN_GRACE_SECS`] to spare. Saturating: an invoice may name an expiry near
+/// 2^64 s, and a wrapped sum would fail at once a payout the wallet may still be sending.
+fn past_paying(expires_at: u64, now: u64) -> bool {
+    now > expires_at.saturating_add(EXPIRED_UNKNOWN_GRACE_SECS)
+}
+
 fn preimage_matches(preimage: &[u8; 32], hash: &PaymentHash) -> bool {
     use bitcoin::hashes::{sha256, Hash};
     sha256::Hash::hash(preimage).to_byte_array() == hash.0
@@ -316,5 +321,20 @@ fn pay_error(e: &WalletError) -> String {
             "the wallet did not confirm it ({})",
             crate::incident::Incident::log("paying out", e)
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invoice_is_past_paying_an_hour_after_it_expires_and_never_before() {
+        assert!(!past_paying(1_000, 1_000 + EXPIRED_UNKNOWN_GRACE_SECS));
+        assert!(past_paying(1_000, 1_001 + EXPIRED_UNKNOWN_GRACE_SECS));
+        // An expiry near 2^64 (a BOLT11 `x` field may say so) never wraps into the past.
+        for expires_at in [u64::MAX, u64::MAX - EXPIRED_UNKNOWN_GRACE_SECS + 1] {
+            assert!(!past_paying(expires_at, unix_now()), "{expires_at}");
+        }
     }
 }
