@@ -110,11 +110,11 @@ pub(super) async fn create(
         generation,
         new.bid_msat,
         true,
+        None,
     )
     .await?;
     let location = format!("/v1/jobs/{}", job.id);
     let view = view(&job);
-    pipeline.run_http(job, None).await;
     let mut response = (StatusCode::ACCEPTED, Json(view)).into_response();
     if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);

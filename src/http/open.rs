@@ -10,7 +10,7 @@ use super::account::shortfall;
 use super::api::{parts, OpenAiError};
 use super::l402::{challenge, payment_account, refuse_payment, token_account, Caller, Who};
 use super::HttpState;
-use crate::job::direct::{HttpPayer, OpenError};
+use crate::job::direct::{HttpPayer, LiveSink, OpenError};
 use crate::job::{Door, Job, JobId};
 use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration};
@@ -69,6 +69,7 @@ pub(super) async fn open(
     generation: TextGeneration,
     bid_msat: Option<u64>,
     answer_now: bool,
+    live: Option<LiveSink>,
 ) -> Result<Opened, OpenAiError> {
     let (api, pipeline) = parts(state)?;
     // A token narrowed to a budget a call bids it: the call is reserved and charged within it.
@@ -132,8 +133,9 @@ pub(super) async fn open(
             return Err(challenged.with_estimate(&priced.estimate));
         }
     };
+    let (estimate, session) = (priced.estimate.clone(), priced.request.session);
     match pipeline
-        .open_http(
+        .start_http(
             caller.signed.map(JobId::from).or_else(|| {
                 let key = caller.idempotency.as_deref()?;
                 Some(JobId::idempotent(&account.key(), key))
@@ -149,22 +151,23 @@ pub(super) async fn open(
             },
             door,
             kind,
-            &priced,
+            priced,
             answer_now,
+            live,
         )
         .await
     {
         Ok(job) => Ok(Opened {
             job,
             receipt,
-            session: priced.request.session,
+            session,
         }),
         Err(OpenError::Shortfall {
             quote_msat,
             balance_msat,
         }) => Err(match &caller.who {
             Who::Npub(who) => shortfall(api, pipeline, *who, quote_msat, balance_msat).await,
-            Who::Payment(_) if priced.request.session.is_some() => {
+            Who::Payment(_) if session.is_some() => {
                 let why = crate::mpp::Refusal::InsufficientBalance(format!(
                     "this session has {balance_msat} msat; this call needs at least {quote_msat} msat to start (its prompt and one token): top it up"
                 ));
@@ -177,7 +180,7 @@ pub(super) async fn open(
                 challenge(api, pipeline, caller.client, quote, quote, &why).await
             }
         }
-        .with_estimate(&priced.estimate)),
+        .with_estimate(&estimate)),
         Err(OpenError::Book(crate::job::BookError::SessionClosed(_))) => {
             let refused = refuse_payment(
                 api,
@@ -187,12 +190,12 @@ pub(super) async fn open(
                 Some(quote),
             )
             .await;
-            Err(refused.with_estimate(&priced.estimate))
+            Err(refused.with_estimate(&estimate))
         }
         Err(OpenError::Book(crate::job::BookError::ChallengeUsed(_))) => {
             let used = crate::mpp::Refusal::UnknownChallenge;
             let refused = refuse_payment(api, pipeline, caller.client, &used, Some(quote)).await;
-            Err(refused.with_estimate(&priced.estimate))
+            Err(refused.with_estimate(&estimate))
         }
         Err(OpenError::Book(crate::job::BookError::JobExists(id))) => Err(OpenAiError::new(
             StatusCode::CONFLICT,
@@ -203,5 +206,6 @@ pub(super) async fn open(
             ),
         )),
         Err(OpenError::Book(e)) => Err(OpenAiError::unavailable("store", &e)),
+        Err(e @ OpenError::Interrupted(_)) => Err(OpenAiError::unavailable("opening a job", &e)),
     }
 }

@@ -56,6 +56,7 @@ pub(super) async fn completions(
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;
     let generation = request.generation(&pipeline.inner.config.limits)?;
+    let (live, rx) = mpsc::channel(LIVE_BUFFER);
     let Opened {
         job,
         receipt,
@@ -68,12 +69,11 @@ pub(super) async fn completions(
         generation,
         None,
         stream,
+        Some(live),
     )
     .await?;
     let mut answer = Answer::of(pipeline, &job, receipt);
     answer.session = session;
-    let (live, rx) = mpsc::channel(LIVE_BUFFER);
-    pipeline.run_http(job, Some(live)).await;
     Ok(if stream {
         answer.stream(rx)
     } else {

@@ -389,3 +389,6 @@ impl Pipeline {
         super::worker::within(timeout, run).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -50,6 +50,9 @@ pub enum OpenError {
     /// The store failed.
     #[error(transparent)]
     Book(#[from] BookError),
+    /// The task that opens and queues the job ended without an answer (it panicked).
+    #[error("the job could not be opened: {0}")]
+    Interrupted(String),
 }
 
 impl Job {
@@ -97,6 +100,36 @@ impl Pipeline {
             estimate,
             bid_msat,
         })
+    }
+
+    /// [`Pipeline::open_http`], then the opened job queued for a worker (its answer going to
+    /// `live`), in a task of its own. The caller may go away between the two: an HTTP client
+    /// that disconnects drops its handler, and every future the handler awaits with it. Had the
+    /// handler opened and queued the job itself, that left the job stored `Running`, its quote
+    /// held from the balance (a `Payment` `charge` credential used, a session's funds held), and
+    /// nothing to run or release it until the next start.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_http(
+        &self,
+        id: Option<JobId>,
+        payer: HttpPayer,
+        door: Door,
+        kind: u16,
+        priced: Priced,
+        answer_now: bool,
+        live: Option<super::LiveSink>,
+    ) -> Result<Job, OpenError> {
+        let pipeline = self.clone();
+        let started = tokio::spawn(async move {
+            let job = pipeline
+                .open_http(id, payer, door, kind, &priced, answer_now)
+                .await?;
+            pipeline.run_http(job.clone(), live).await;
+            Ok(job)
+        });
+        started
+            .await
+            .unwrap_or_else(|e| Err(OpenError::Interrupted(e.to_string())))
     }
 
     /// Open a priced HTTP job on `account`: store it `Running` with its whole quote reserved

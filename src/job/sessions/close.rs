@@ -97,6 +97,10 @@ impl Pipeline {
     /// `close`: mark the session closed, then refund its balance to the return invoice. The
     /// same credential again (same challenge id) pays nothing and answers as the first did,
     /// with the refund as it stands now (the draft's idempotency).
+    ///
+    /// The close and its refund run in a task of their own: a client that disconnects drops
+    /// the handler awaiting this, and a refund cut off between the close's write and the
+    /// payout's booking would never be tried again in this process's life.
     pub async fn close_session(
         &self,
         session: &PaymentHash,
@@ -107,8 +111,11 @@ impl Pipeline {
         if record.closed.is_some() {
             return self.closed_again(&record, &credential.challenge.id).await;
         }
-        self.end_session(session, Closer::Client(credential.challenge.id.clone()))
+        let (pipeline, session) = (self.clone(), *session);
+        let closer = Closer::Client(credential.challenge.id.clone());
+        tokio::spawn(async move { pipeline.end_session(&session, closer).await })
             .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     /// A `close` for a session already closed: the answer it got, if it is the credential that

@@ -1,0 +1,116 @@
+//! An HTTP job on a real pipeline and store, its caller gone at the worst moment.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nostr_sdk::Keys;
+use tokio_util::sync::CancellationToken;
+
+use super::HttpPayer;
+use crate::config::{Config, FileConfig, Overrides, RelaysFile};
+use crate::infer::instant::InstantBackend;
+use crate::job::book::tests::top_up;
+use crate::job::pipeline::{WorkItem, RUN_QUEUE_CAPACITY};
+use crate::job::{Book, Door, JobState, Pipeline};
+use crate::ledger::Account;
+use crate::metrics::Metrics;
+use crate::nip90::{InputType, JobInput, TextGeneration};
+use crate::relay::{Outbox, Relays};
+use crate::store::Store;
+use crate::wallet::dev::DevWallet;
+
+/// A dev pipeline on a temporary store, and the queue its workers would read (no worker
+/// runs: the test reads the queue itself).
+async fn pipeline() -> (Pipeline, crate::job::WorkQueue) {
+    let store = Store::temporary().expect("store");
+    let keys = Keys::generate();
+    let relays = Relays::connect(&keys, &[], Default::default())
+        .await
+        .expect("relays");
+    let overrides = Overrides {
+        dev: true,
+        ..Overrides::default()
+    };
+    let config =
+        Config::build(FileConfig::default(), RelaysFile::default(), overrides).expect("config");
+    let trust = crate::trust::Trust::load(store.clone(), config.jobs.trust, 0)
+        .await
+        .expect("trust");
+    Pipeline::new(
+        config.jobs,
+        keys,
+        Book::new(store.clone()),
+        Arc::new(DevWallet::open(store).await.expect("wallet")),
+        Arc::new(InstantBackend::new("hello")),
+        Outbox::new(relays, CancellationToken::new()),
+        Arc::new(Metrics::default()),
+        Arc::new(trust),
+    )
+}
+
+/// A client that disconnects while its call waits for room in the run queue drops the
+/// handler's future. The job it opened (stored `Running`, its quote held) still reaches a
+/// worker: opening and queueing run in a task the handler only waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_opened_for_a_caller_that_went_away_still_reaches_a_worker() {
+    let (pipeline, queue) = pipeline().await;
+    let alice = Account::from(Keys::generate().public_key());
+    top_up(pipeline.book(), alice, 1, 10_000_000).await;
+    let limits = &pipeline.inner.config.limits;
+    let prompt = JobInput {
+        value: "say hello".to_owned(),
+        input_type: InputType::Text,
+        relay: None,
+        marker: None,
+    };
+    let params = [("max_tokens".to_owned(), "8".to_owned())];
+    let generation = || TextGeneration::from_parts(&[prompt.clone()], &params, limits);
+    // The run queue is full: the next job waits for room.
+    let filler = {
+        let priced = pipeline
+            .price_http(5050, generation().expect("reads"), None)
+            .await
+            .expect("priced");
+        crate::job::Job::http(None, alice, Door::HttpJob, 5050, &priced, 1)
+    };
+    for _ in 0..RUN_QUEUE_CAPACITY {
+        pipeline
+            .queue(WorkItem {
+                job: Box::new(filler.clone()),
+                paid_at: None,
+                announced: None,
+                live: None,
+            })
+            .await;
+    }
+    let priced = pipeline
+        .price_http(5050, generation().expect("reads"), None)
+        .await
+        .expect("priced");
+    let payer = HttpPayer {
+        account: alice,
+        charge: None,
+    };
+    let call = pipeline.start_http(None, payer, Door::HttpJob, 5050, priced, true, None);
+    // The caller goes away while the call waits.
+    let gone = tokio::time::timeout(Duration::from_millis(300), call).await;
+    assert!(gone.is_err(), "the queue had no room: {gone:?}");
+
+    let mut queue = queue.lock().await;
+    for _ in 0..RUN_QUEUE_CAPACITY {
+        let item = queue.recv().await.expect("a filler");
+        assert_eq!(item.job.id, filler.id);
+    }
+    let opened = tokio::time::timeout(Duration::from_secs(10), queue.recv())
+        .await
+        .expect("the opened job is queued after its caller went away")
+        .expect("an item");
+    assert_eq!(opened.job.state, JobState::Running);
+    let stored = pipeline
+        .book()
+        .get(&opened.job.id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.state, JobState::Running);
+}
