@@ -339,7 +339,7 @@ pub(super) async fn token_account(
     credential
         .verify(&api.l402.root_key, call)
         .map_err(refused)?;
-    pipeline
+    let account = pipeline
         .l402_account(&credential.id)
         .await
         .map_err(|e| match e {
@@ -354,7 +354,29 @@ pub(super) async fn token_account(
                 error.challenges = vec!["L402".to_owned()];
                 error
             }
-        })
+        })?;
+    if quote_msat.is_some() && credential.narrowed() {
+        // The preimage every L402 credential carries is, once the payment opened an HTTP
+        // `Payment` session, that session's bearer secret (the draft's `bearer` needs nothing
+        // else): caveats cannot bind a holder who has it, so a narrowed token of such a
+        // payment is refused rather than trusted to stay within them.
+        let session = pipeline
+            .session(&credential.id.payment_hash)
+            .await
+            .map_err(|e| OpenAiError::unavailable("store", &e))?;
+        if session.is_some() {
+            return Err(OpenAiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "narrowed_session_token",
+                "this token's payment opened an HTTP Payment session, which its preimage spends \
+                 whole: caveats added to its macaroon cannot bind it. Narrow a token bought for \
+                 L402 only"
+                    .to_owned(),
+            ));
+        }
+    }
+    Ok(account)
 }
 
 /// A 402 selling a token of `amount_msat` (rounded up to whole sats, at least 1), whose calls

@@ -433,6 +433,27 @@ async fn a_session_runs_dry_is_topped_up_mid_stream_and_refunds_its_rest_on_clos
         .expect("send");
     let l402: Value = l402.json().await.expect("json");
     assert_eq!(l402["balance_msat"], before_close);
+    // But a token narrowed from it (a budget a call, say) does not pay for calls: its
+    // preimage is the session's bearer secret, which no caveat binds.
+    let narrowed = {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&macaroon)
+            .expect("base64");
+        let mut narrowed = dvmd::l402::Macaroon::from_bytes(&raw).expect("macaroon");
+        narrowed.add_caveat("dvmd_budget_msat=2000".to_owned());
+        base64::engine::general_purpose::STANDARD.encode(narrowed.to_bytes())
+    };
+    let refused = reqwest::Client::new()
+        .post(format!("{http}/v1/chat/completions"))
+        .header("Authorization", format!("L402 {narrowed}:{preimage}"))
+        .json(&chat(&model, 5, false))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status(), 403);
+    let said: Value = refused.json().await.expect("json");
+    assert_eq!(said["error"]["code"], "narrowed_session_token", "{said}");
+    assert_eq!(session_balance(&daemon, &session), before_close);
 
     // close: the rest goes to the return invoice; our wallet says it arrived, that amount.
     let close = deposit.credential(json!({
