@@ -77,19 +77,42 @@ pub(super) async fn open(
         Who::Token(credential) => credential.budget_msat(),
         _ => None,
     };
-    let bid_msat = match (bid_msat, budget) {
-        (Some(bid), Some(budget)) => Some(bid.min(budget)),
-        (bid, budget) => bid.or(budget),
+    let bid = |sold: Option<u64>| match (bid_msat, sold) {
+        (Some(bid), Some(sold)) => Some(bid.min(sold)),
+        (bid, sold) => bid.or(sold),
     };
+    let sold = match &caller.who {
+        Who::Payment(credential) => credential.charge_msat(),
+        _ => None,
+    };
+    // The generation again, for a charge whose quote moved (below).
+    let again = sold.map(|_| generation.clone());
     let priced = pipeline
-        .price_http(kind, generation, bid_msat)
+        .price_http(kind, generation, bid(budget))
         .await
         .map_err(|e| match budget {
-            Some(budget) if bid_msat == Some(budget) => OpenAiError::invalid(format!(
+            Some(budget) if bid(Some(budget)) == Some(budget) => OpenAiError::invalid(format!(
                 "this token allows {budget} msat a call (its dvmd_budget_msat caveat): {e}"
             )),
             _ => refused(e),
         })?;
+    // A `charge` credential paid for its call at the quote of its 402. The estimator moves with
+    // every job that ends, so the same call may be quoted a little more by the time the paid
+    // retry arrives: within a quarter more, it runs within what was paid (stopping there if it
+    // must) rather than being refused with a second 402 for the whole quote while the first
+    // payment sits on its hash. A call quoted further above it (a bigger call than the one the
+    // challenge sold) still gets its 402.
+    let priced = match (sold, again) {
+        (Some(sold), Some(generation))
+            if priced.quote_msat > sold && priced.quote_msat <= sold + sold / 4 =>
+        {
+            pipeline
+                .price_http(kind, generation, bid(Some(sold)))
+                .await
+                .unwrap_or(priced)
+        }
+        _ => priced,
+    };
     let mut priced = priced;
     let quote = priced.quote_msat;
     let mut receipt = None;

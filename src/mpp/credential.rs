@@ -56,6 +56,22 @@ impl Credential {
     pub fn payment_hash(&self) -> PaymentHash {
         PaymentHash(sha256::Hash::hash(&self.preimage).to_byte_array())
     }
+
+    /// What the echoed challenge sold, in msat, for a `charge` credential: its request's
+    /// `amount` (whole sats). As echoed, not yet checked against the challenge issued: use it
+    /// only where a larger figure cannot buy more than the stored challenge allows.
+    pub fn charge_msat(&self) -> Option<u64> {
+        use base64::Engine;
+        if self.action != Action::Charge {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&self.challenge.request)
+            .ok()?;
+        let request: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+        let sats: u64 = request["amount"].as_str()?.parse().ok()?;
+        sats.checked_mul(1000)
+    }
 }
 
 /// Why a credential is refused, with the draft's problem type for each.

@@ -396,6 +396,91 @@ async fn a_charge_credential_is_used_only_by_the_call_it_opens() {
     harness::ledger_ok(&harness::open_store(data.path()));
 }
 
+/// The estimator moves between a 402 and its paid retry, so the same call can be quoted a
+/// little more than its challenge sold. Within a quarter more, the credential pays for it,
+/// stopping at what was paid; further above (a bigger call) it gets a 402.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_pays_for_a_call_quoted_a_little_above_what_it_sold() {
+    let (data, daemon) = start(|_| {}).await;
+    let http = daemon.ready().http_url.clone();
+    let model = harness::served_model(&http).await;
+    let send = |max_tokens: u32, auth: Option<String>| {
+        let (url, body) = (
+            format!("{http}/v1/chat/completions"),
+            chat(&model, max_tokens),
+        );
+        async move {
+            let mut request = reqwest::Client::new().post(url).json(&body);
+            if let Some(auth) = auth {
+                request = request.header("Authorization", auth);
+            }
+            request.send().await.expect("send")
+        }
+    };
+    // What a call of `max_tokens` is quoted, read from its 402.
+    let quote = |max_tokens: u32| {
+        let sent = send(max_tokens, None);
+        async move {
+            let body: Value = sent.await.json().await.expect("json");
+            let message = body["error"]["message"].as_str().expect("message");
+            let quoted = message
+                .split("quoted ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            quoted.unwrap_or_else(|| panic!("no quote in {body}"))
+        }
+    };
+
+    let first = offer(send(8, None).await).await;
+    let sold: u64 = first.request["amount"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("sats");
+    let sold = sold * 1000;
+    let mut quotes = Vec::new();
+    let mut moved = None;
+    for max_tokens in [16, 32, 64, 96, 104, 112, 128, 144, 160, 192, 256, 384, 512] {
+        let quoted = quote(max_tokens).await;
+        quotes.push((max_tokens, quoted));
+        if quoted > sold && quoted <= sold + sold / 4 {
+            moved = moved.or(Some(max_tokens));
+        }
+        if quoted > sold + sold / 4 {
+            break;
+        }
+    }
+    let moved = moved.unwrap_or_else(|| panic!("sold {sold} msat; quotes {quotes:?}"));
+    let bigger = quotes
+        .iter()
+        .find(|(_, quoted)| *quoted > sold + sold / 4)
+        .map(|(n, _)| *n)
+        .unwrap_or(1024);
+    let preimage = harness::dev_pay(&http, first.invoice()).await;
+    let auth = first.credential(&preimage);
+
+    let refused = send(bigger, Some(auth.clone())).await;
+    assert_eq!(refused.status(), 402, "a bigger call than the one sold");
+    let ran = send(moved, Some(auth)).await;
+    assert_eq!(
+        ran.status(),
+        200,
+        "quoted within a quarter of what was sold"
+    );
+    let answer: Value = ran.json().await.expect("json");
+    let charged = answer["dvmd"]["charge_msat"].as_u64().expect("charge");
+    assert!(
+        charged <= sold,
+        "charged {charged} of {sold} paid: {answer}"
+    );
+
+    let store = daemon.pipeline().book().store();
+    harness::settled_jobs(store).await;
+    assert_eq!(harness::jobs(store).len(), 1, "one call ran");
+    daemon.stop().await;
+    harness::ledger_ok(&harness::open_store(data.path()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_challenge_is_refused_and_its_payment_stays_withdrawable() {
     let (data, daemon) = start(|file| {
