@@ -136,14 +136,32 @@ impl Book {
     }
 
     /// Count `account`'s entries up to `seq` as done.
+    /// Ledger entries of `account` up to `seq` are counted, durably.
     async fn counted(&self, account: Account, seq: u64) -> Result<(), BookError> {
         self.store()
-            .apply(move |tx| {
+            .commit(move |tx| {
                 let mut settings: AccountSettings = tx
                     .get(Tree::AccountSettings, &account.key())?
                     .unwrap_or_default();
                 settings.counted_to_seq = settings.counted_to_seq.max(seq);
                 tx.put(Tree::AccountSettings, &account.key(), &settings)?;
+                Ok::<_, TxError<BookError>>(())
+            })
+            .await
+    }
+
+    /// Undo [`Book::counted`] of `seq` for a payout never booked: back to `before`, unless
+    /// something counted further since.
+    async fn uncount(&self, account: Account, seq: u64, before: u64) -> Result<(), BookError> {
+        self.store()
+            .apply(move |tx| {
+                let mut settings: AccountSettings = tx
+                    .get(Tree::AccountSettings, &account.key())?
+                    .unwrap_or_default();
+                if settings.counted_to_seq == seq {
+                    settings.counted_to_seq = before;
+                    tx.put(Tree::AccountSettings, &account.key(), &settings)?;
+                }
                 Ok::<_, TxError<BookError>>(())
             })
             .await
@@ -221,12 +239,31 @@ impl Pipeline {
             address: address.clone(),
             amount_msat: Some(amount),
         };
-        // Nothing booked (the address did not answer): it is tried again on the next sweep.
-        let payout = self.payer().pay_out(account, target).await?;
+        // Counted before the payout is booked, durably: the payout's side effect (the wallet
+        // pays) comes after its booking, and a daemon that dies while the wallet pays (counted
+        // after it, as it was) counted the same change again at the next idle sweep and sent it
+        // a second time, out of the credit that stays. Counted, then stopped before the booking,
+        // the change stays on the balance, the npub's to spend or withdraw.
+        book.counted(account, newest).await?;
+        let payout = match self.payer().pay_out(account, target).await {
+            Ok(payout) => payout,
+            // Nothing booked (the address did not answer, the balance moved): uncounted, so the
+            // next sweep tries again. A store error may come after the booking: counted stays.
+            Err(
+                refused @ (PayoutRefusal::Invoice(_)
+                | PayoutRefusal::Balance { .. }
+                | PayoutRefusal::Hash(_)
+                | PayoutRefusal::Signed),
+            ) => {
+                book.uncount(account, newest, settings.counted_to_seq)
+                    .await?;
+                return Err(refused);
+            }
+            Err(e) => return Err(e),
+        };
         // Booked: counted, whatever the wallet says. A payout that fails gives the amount back
         // to the balance, where it stays for the npub to spend or withdraw, rather than being
         // retried every hour.
-        book.counted(account, newest).await?;
         tracing::info!(account = %account, address = %address, amount, state = ?payout.state, "automatic payout");
         Ok(true)
     }

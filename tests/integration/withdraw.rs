@@ -30,12 +30,16 @@ enum Fault {
     HangsAfterSending,
     /// `pay` sends nothing and errors; the lookup says the payment failed.
     Fails,
+    /// The first `pay` goes through; the second is sent and never answered (the daemon dies
+    /// while its wallet pays).
+    SecondPayHangs,
 }
 
 struct FaultWallet {
     inner: Arc<dyn Wallet>,
     fault: Fault,
     lookups: AtomicU32,
+    pays: AtomicU32,
 }
 
 #[async_trait::async_trait]
@@ -60,6 +64,13 @@ impl Wallet for FaultWallet {
                 std::future::pending().await
             }
             Fault::Fails => Err(WalletError::Unavailable("no route".into())),
+            Fault::SecondPayHangs => {
+                let sent = self.inner.pay(bolt11, max_fee_msat).await?;
+                if self.pays.fetch_add(1, Ordering::SeqCst) == 1 {
+                    std::future::pending::<()>().await;
+                }
+                Ok(sent)
+            }
         }
     }
     async fn lookup_payment(&self, hash: &PaymentHash) -> Result<OutgoingStatus, WalletError> {
@@ -104,6 +115,7 @@ async fn daemon_with(
                     inner,
                     fault,
                     lookups: AtomicU32::new(0),
+                    pays: AtomicU32::new(0),
                 }) as Arc<dyn Wallet>
             }) as dvmd::daemon::WalletWrap
         }),
@@ -528,9 +540,13 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
 
     // A, with the tests-only setting that lets a loopback LNURL host through.
     let data = harness::data_dir();
-    let a = daemon_with(data.path(), &lnbits, &service, None, |file| {
-        file.wallet.payout_lnurl_allow_loopback_http = true;
-    })
+    let a = daemon_with(
+        data.path(),
+        &lnbits,
+        &service,
+        Some(Fault::SecondPayHangs),
+        |file| file.wallet.payout_lnurl_allow_loopback_http = true,
+    )
     .await;
     let alice = Keys::generate();
     top_up(&a, &lnbits, &customer, &alice, 100).await;
@@ -736,9 +752,13 @@ async fn change_goes_home_to_the_profiles_address_after_the_idle_period_and_top_
         home.ready().http_url.trim_start_matches("http://")
     );
     let data = harness::data_dir();
-    let a = daemon_with(data.path(), &lnbits, &service, None, |file| {
-        file.wallet.payout_lnurl_allow_loopback_http = true;
-    })
+    let a = daemon_with(
+        data.path(),
+        &lnbits,
+        &service,
+        Some(Fault::SecondPayHangs),
+        |file| file.wallet.payout_lnurl_allow_loopback_http = true,
+    )
     .await;
     let ready = a.ready().clone();
     let mut alice = dvmd::customer::Customer::connect(&ready.relay_url)
@@ -760,21 +780,25 @@ async fn change_goes_home_to_the_profiles_address_after_the_idle_period_and_top_
     top_up(&a, &lnbits, &customer, &keys, 50).await;
 
     // A job paid by invoice (not from credit) uses little of its quote: the change is owed.
-    let job = alice
-        .post(dvmd::customer::text_request(
-            "Say hi.",
-            &[("max_tokens", "300")],
-            None,
-            None,
-        ))
-        .await
-        .expect("post");
-    let (_, bolt11) = harness::invoice(&mut alice, &job.id).await;
-    lnbits.pay(&customer, &bolt11).await;
-    let settled =
-        harness::wait_for_state(a.pipeline().book(), &job.id, dvmd::job::JobState::Settled).await;
-    let change = settled.paid_msat - settled.charge_msat.expect("charged");
-    assert!(change >= 2_000, "a change worth sending: {settled:?}");
+    let mut paid_job = async || {
+        let job = alice
+            .post(dvmd::customer::text_request(
+                "Say hi.",
+                &[("max_tokens", "300")],
+                None,
+                None,
+            ))
+            .await
+            .expect("post");
+        let (_, bolt11) = harness::invoice(&mut alice, &job.id).await;
+        lnbits.pay(&customer, &bolt11).await;
+        let book = a.pipeline().book();
+        let settled = harness::wait_for_state(book, &job.id, dvmd::job::JobState::Settled).await;
+        let change = settled.paid_msat - settled.charge_msat.expect("charged");
+        assert!(change >= 2_000, "a change worth sending: {settled:?}");
+        change
+    };
+    let change = paid_job().await;
 
     let policy = dvmd::job::auto_payout::AutoPayoutPolicy {
         idle_days: 7,
@@ -800,14 +824,40 @@ async fn change_goes_home_to_the_profiles_address_after_the_idle_period_and_top_
     );
     // Counted: the next sweep sends nothing more, and the top-up is still Alice's.
     assert_eq!(a.pipeline().auto_payouts(policy, now + 9 * day).await, 0);
+
+    // A second change, and a sweep that stops while the wallet pays it (the daemon died): the
+    // change was counted before the payout was booked, so a later sweep does not send it
+    // again out of the top-up.
+    let second = paid_job().await;
+    let cut = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.pipeline().auto_payouts(policy, now + 17 * day),
+    )
+    .await;
+    assert!(cut.is_err(), "the wallet never answered");
+    assert_eq!(
+        a.pipeline().auto_payouts(policy, now + 26 * day).await,
+        0,
+        "counted once"
+    );
+    // The second payout went out; the reconcile pass finds it paid.
+    a.pipeline().reconcile_payouts().await;
+    let second_sent = second / 1000 * 1000;
+    assert_eq!(
+        lnbits.balance_msat(&other).await,
+        before + sent + second_sent
+    );
     alice.shutdown().await;
     a.stop().await;
     let store = harness::open_store(data.path());
     let totals = harness::ledger_ok(&store);
-    assert_eq!((totals.payout_msat, totals.in_flight_msat), (sent, 0));
+    assert_eq!(
+        (totals.payout_msat, totals.in_flight_msat),
+        (sent + second_sent, 0)
+    );
     assert_eq!(
         harness::account_balance(&store, &account_of(&keys)),
-        50_000 + change - sent - totals.routing_fee_msat
+        50_000 + change + second - sent - second_sent - totals.routing_fee_msat
     );
     home.stop().await;
 }
