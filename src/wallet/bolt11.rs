@@ -29,6 +29,29 @@ pub struct Bolt11Info {
     pub created_at: u64,
     /// Unix seconds when it expires.
     pub expires_at: u64,
+    /// The fees its route hints (`r` fields) ask, hop by hop: `(base_msat, ppm)` per hop of
+    /// each private route. The payee sets them, for channels it may own at both ends.
+    pub route_hint_fees: Vec<Vec<(u32, u32)>>,
+}
+
+impl Bolt11Info {
+    /// The most routing fee one of its route hints asks for carrying `amount_msat` (the
+    /// hops' fees summed, each on the amount), or 0 without hints. A payer that takes the
+    /// hint pays at least this, to whoever runs those channels.
+    pub fn route_hint_fee_msat(&self, amount_msat: u64) -> u64 {
+        self.route_hint_fees
+            .iter()
+            .map(|hops| {
+                hops.iter()
+                    .map(|&(base, ppm)| {
+                        let proportional = u128::from(amount_msat) * u128::from(ppm) / 1_000_000;
+                        u128::from(base) + proportional
+                    })
+                    .sum::<u128>()
+            })
+            .max()
+            .map_or(0, |fee| u64::try_from(fee).unwrap_or(u64::MAX))
+    }
 }
 
 /// Decode `bolt11` and check its signature.
@@ -57,6 +80,17 @@ pub fn decode(bolt11: &str) -> Result<Bolt11Info, WalletError> {
         description: raw.description().map(|d| d.to_string()),
         created_at,
         expires_at: created_at.saturating_add(expiry),
+        route_hint_fees: raw
+            .private_routes()
+            .iter()
+            .map(|route| {
+                route
+                    .0
+                    .iter()
+                    .map(|hop| (hop.fees.base_msat, hop.fees.proportional_millionths))
+                    .collect()
+            })
+            .collect(),
     })
 }
 

@@ -138,12 +138,23 @@ impl Payer {
         if info.expires_at <= now + 10 {
             return Err(PayoutRefusal::Invoice("the invoice has expired".to_owned()));
         }
+        // The customer pays at most `max_fee_msat` of routing fee, and the service's wallet
+        // enforces its own limit (LNbits its fee reserve; NWC none we can set): a fee above the
+        // first is the operator's. Route hints are fees the payee sets, on channels it may run
+        // at both ends, so a payout whose hint asks more than the customer would pay is refused.
+        let max_fee_msat = self.fee.max_for(amount_msat);
+        let hint_fee = info.route_hint_fee_msat(amount_msat);
+        if hint_fee > max_fee_msat {
+            return Err(PayoutRefusal::Invoice(format!(
+                "the invoice's route hints ask {hint_fee} msat of routing fee; a payout of {amount_msat} msat pays at most {max_fee_msat} msat"
+            )));
+        }
         let payout = Payout {
             account,
             bolt11: bolt11.to_owned(),
             payment_hash: info.payment_hash,
             amount_msat,
-            max_fee_msat: self.fee.max_for(amount_msat),
+            max_fee_msat,
             expires_at: info.expires_at,
             state: PayoutState::Pending,
             note: None,
@@ -327,6 +338,85 @@ fn pay_error(e: &WalletError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::book::tests::{balance, book, top_up};
+    use crate::job::payouts::PayoutFee;
+    use bitcoin::hashes::{sha256, Hash};
+    use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
+    use lightning_invoice::{
+        Currency, InvoiceBuilder, PaymentSecret, RouteHint, RouteHintHop, RoutingFees,
+    };
+
+    /// An invoice for `msat` from a node of its own, with one route hint through a channel
+    /// asking `base_msat` plus `ppm`.
+    fn invoice_with_hint(msat: u64, base_msat: u32, ppm: u32) -> String {
+        let secp = Secp256k1::new();
+        let key = SecretKey::from_slice(&[7; 32]).expect("key");
+        let hop = RouteHintHop {
+            src_node_id: PublicKey::from_secret_key(
+                &secp,
+                &SecretKey::from_slice(&[8; 32]).expect("key"),
+            ),
+            short_channel_id: 42,
+            fees: RoutingFees {
+                base_msat,
+                proportional_millionths: ppm,
+            },
+            cltv_expiry_delta: 40,
+            htlc_minimum_msat: None,
+            htlc_maximum_msat: None,
+        };
+        InvoiceBuilder::new(Currency::Regtest)
+            .description("home".to_owned())
+            .payment_hash(sha256::Hash::hash(&[base_msat as u8; 32]))
+            .payment_secret(PaymentSecret([1; 32]))
+            .current_timestamp()
+            .min_final_cltv_expiry_delta(144)
+            .amount_milli_satoshis(msat)
+            .private_route(RouteHint(vec![hop]))
+            .build_signed(|msg| secp.sign_ecdsa_recoverable(msg, &key))
+            .expect("invoice")
+            .to_string()
+    }
+
+    /// A payee's route hint is a fee it sets, maybe for itself: a payout whose hint asks more
+    /// than the customer pays (the most fee) is refused before anything is booked, rather
+    /// than the wallet paying the rest out of the operator's pocket.
+    #[tokio::test]
+    async fn a_payout_whose_route_hint_asks_more_than_its_most_fee_is_refused() {
+        let book = book();
+        let alice = Account::from(nostr_sdk::Keys::generate().public_key());
+        top_up(&book, alice, 1, 2_000_000).await;
+        let payer = Payer {
+            wallet: std::sync::Arc::new(
+                crate::wallet::dev::DevWallet::open(book.store().clone())
+                    .await
+                    .expect("wallet"),
+            ),
+            book: book.clone(),
+            fee: PayoutFee {
+                base_msat: 10_000,
+                ppm: 5_000,
+            },
+            allow_loopback_http: false,
+        };
+        // 1,000,000 msat may cost 15,000 msat of fee; the hint asks 10,000 + 1% = 20,000.
+        let greedy = invoice_with_hint(1_000_000, 10_000, 10_000);
+        let decoded = bolt11::decode(&greedy).expect("decodes");
+        assert_eq!(decoded.route_hint_fee_msat(1_000_000), 20_000);
+        let refused = payer.withdraw(alice, &greedy).await;
+        assert!(
+            matches!(&refused, Err(PayoutRefusal::Invoice(why)) if why.contains("route hints ask 20000 msat")),
+            "{refused:?}"
+        );
+        assert_eq!(balance(&book, alice).await, 2_000_000, "nothing booked");
+        assert_eq!(
+            book.payout(&decoded.payment_hash).await.expect("read"),
+            None
+        );
+        // A hint within the most fee is the wallet's to take or not.
+        let fair = bolt11::decode(&invoice_with_hint(1_000_000, 1_000, 1_000)).expect("decodes");
+        assert_eq!(fair.route_hint_fee_msat(1_000_000), 2_000);
+    }
 
     #[test]
     fn an_invoice_is_past_paying_an_hour_after_it_expires_and_never_before() {
