@@ -61,6 +61,7 @@ pub(super) struct Opened {
 /// Open an HTTP job on the caller's account, or say why not: a 402 with a top-up invoice for an
 /// npub whose balance is short, an L402 and `Payment` challenge for a caller with no credential
 /// or a token that ran dry, 401 for a credential that does not hold (402 for a `Payment` one).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn open(
     state: &HttpState,
     caller: Caller,
@@ -156,7 +157,7 @@ pub(super) async fn open(
             return Err(challenged.with_estimate(&priced.estimate));
         }
     };
-    let (estimate, session) = (priced.estimate.clone(), priced.request.session);
+    let (estimate, session) = (priced.estimate, priced.request.session);
     match pipeline
         .start_http(
             caller.signed.map(JobId::from).or_else(|| {

@@ -64,7 +64,7 @@ async fn a_job_opened_for_a_caller_that_went_away_still_reaches_a_worker() {
         marker: None,
     };
     let params = [("max_tokens".to_owned(), "8".to_owned())];
-    let generation = || TextGeneration::from_parts(&[prompt.clone()], &params, limits);
+    let generation = || TextGeneration::from_parts(std::slice::from_ref(&prompt), &params, limits);
     // The run queue is full: the next job waits for room.
     let filler = {
         let priced = pipeline
