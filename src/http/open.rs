@@ -82,12 +82,6 @@ pub(super) async fn open(
         (Some(bid), Some(sold)) => Some(bid.min(sold)),
         (bid, sold) => bid.or(sold),
     };
-    let sold = match &caller.who {
-        Who::Payment(credential) => credential.charge_msat(),
-        _ => None,
-    };
-    // The generation again, for a charge whose quote moved (below).
-    let again = sold.map(|_| generation.clone());
     let priced = pipeline
         .price_http(kind, generation, bid(budget))
         .await
@@ -103,14 +97,18 @@ pub(super) async fn open(
     // must) rather than being refused with a second 402 for the whole quote while the first
     // payment sits on its hash. A call quoted further above it (a bigger call than the one the
     // challenge sold) still gets its 402.
-    let priced = match (sold, again) {
-        (Some(sold), Some(generation))
-            if priced.quote_msat > sold && priced.quote_msat <= sold + sold / 4 =>
-        {
-            pipeline
-                .price_http(kind, generation, bid(Some(sold)))
-                .await
-                .unwrap_or(priced)
+    //
+    // The sold amount is read from the echo before the credential is checked against the
+    // challenge issued: a made-up one only lowers what this call may cost, and is then refused
+    // with the rest.
+    let sold = match &caller.who {
+        Who::Payment(credential) => credential.charge_msat(),
+        _ => None,
+    };
+    let priced = match sold {
+        Some(sold) if priced.quote_msat > sold && priced.quote_msat <= sold + sold / 4 => {
+            let quoted = priced.clone();
+            priced.within(sold).unwrap_or(quoted)
         }
         _ => priced,
     };

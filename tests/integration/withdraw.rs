@@ -540,13 +540,9 @@ async fn a_withdraw_to_a_lightning_address_of_another_dvmd_and_private_hosts_ref
 
     // A, with the tests-only setting that lets a loopback LNURL host through.
     let data = harness::data_dir();
-    let a = daemon_with(
-        data.path(),
-        &lnbits,
-        &service,
-        Some(Fault::SecondPayHangs),
-        |file| file.wallet.payout_lnurl_allow_loopback_http = true,
-    )
+    let a = daemon_with(data.path(), &lnbits, &service, None, |file| {
+        file.wallet.payout_lnurl_allow_loopback_http = true
+    })
     .await;
     let alice = Keys::generate();
     top_up(&a, &lnbits, &customer, &alice, 100).await;

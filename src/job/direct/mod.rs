@@ -158,6 +158,12 @@ impl Pipeline {
                 return self.fail_direct(&job, live.as_ref(), reason).await;
             }
         };
+        if live.as_ref().is_some_and(|live| live.is_closed()) {
+            // The client left before its answer began (it went away while the call waited for
+            // a worker): nothing is generated for nobody, and nothing charged.
+            let reason = "the client left before the answer began".to_owned();
+            return self.fail_direct(&job, None, reason).await;
+        }
         let started = Instant::now();
         let (job, generated, budget) = self.generate_paid(job, &request, live.as_ref()).await;
         self.inner.metrics.inference.observe(started.elapsed());

@@ -36,6 +36,19 @@ pub struct Priced {
     pub quote_msat: u64,
 }
 
+impl Priced {
+    /// The same call with the most it may cost lowered to `bid_msat` (its quote with it),
+    /// priced from the estimate already made; refused when the bid cannot pay for its prompt
+    /// and one token.
+    pub fn within(mut self, bid_msat: u64) -> Result<Self, RequestError> {
+        let bid = self.bid_msat.map_or(bid_msat, |bid| bid.min(bid_msat));
+        crate::job::quote::check_bid(bid, &self.estimate)?;
+        self.bid_msat = Some(bid);
+        self.quote_msat = self.estimate.ask(Some(bid)).due_msat;
+        Ok(self)
+    }
+}
+
 /// Why an HTTP job did not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {

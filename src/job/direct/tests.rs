@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::HttpPayer;
 use crate::config::{Config, FileConfig, Overrides, RelaysFile};
 use crate::infer::instant::InstantBackend;
-use crate::job::book::tests::top_up;
+use crate::job::book::tests::{balance, top_up};
 use crate::job::pipeline::{WorkItem, RUN_QUEUE_CAPACITY};
 use crate::job::{Book, Door, JobState, Pipeline};
 use crate::ledger::Account;
@@ -50,7 +50,8 @@ async fn pipeline() -> (Pipeline, crate::job::WorkQueue) {
 
 /// A client that disconnects while its call waits for room in the run queue drops the
 /// handler's future. The job it opened (stored `Running`, its quote held) still reaches a
-/// worker: opening and queueing run in a task the handler only waits for.
+/// worker, opening and queueing running in a task the handler only waits for; the worker
+/// finds its answer's receiver gone and ends it with nothing charged and the hold released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_opened_for_a_caller_that_went_away_still_reaches_a_worker() {
     let (pipeline, queue) = pipeline().await;
@@ -91,10 +92,12 @@ async fn a_job_opened_for_a_caller_that_went_away_still_reaches_a_worker() {
         account: alice,
         charge: None,
     };
-    let call = pipeline.start_http(None, payer, Door::HttpJob, 5050, priced, true, None);
-    // The caller goes away while the call waits.
+    let (live, answer) = tokio::sync::mpsc::channel(super::LIVE_BUFFER);
+    let call = pipeline.start_http(None, payer, Door::HttpChat, 5050, priced, true, Some(live));
+    // The caller goes away while the call waits, and its answer with it.
     let gone = tokio::time::timeout(Duration::from_millis(300), call).await;
     assert!(gone.is_err(), "the queue had no room: {gone:?}");
+    drop(answer);
 
     let mut queue = queue.lock().await;
     for _ in 0..RUN_QUEUE_CAPACITY {
@@ -113,4 +116,27 @@ async fn a_job_opened_for_a_caller_that_went_away_still_reaches_a_worker() {
         .expect("read")
         .expect("stored");
     assert_eq!(stored.state, JobState::Running);
+    assert_eq!(
+        balance(pipeline.book(), alice).await,
+        10_000_000 - stored.held_msat
+    );
+
+    // Its worker finds nobody to answer: nothing is generated, nothing charged.
+    let id = opened.job.id;
+    pipeline.run_direct(opened).await;
+    let ended = pipeline
+        .book()
+        .get(&id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (ended.state, ended.charge_msat, ended.result),
+        (JobState::Settled, Some(0), None)
+    );
+    assert_eq!(
+        ended.reason.as_deref(),
+        Some("the client left before the answer began")
+    );
+    assert_eq!(balance(pipeline.book(), alice).await, 10_000_000);
 }
