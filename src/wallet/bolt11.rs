@@ -52,6 +52,16 @@ impl Bolt11Info {
             .max()
             .map_or(0, |fee| u64::try_from(fee).unwrap_or(u64::MAX))
     }
+
+    /// Whether every route hint asks at most `base_msat + ppm` in all, so that
+    /// [`Bolt11Info::route_hint_fee_msat`] stays within that fee for any amount.
+    pub fn route_hints_within(&self, base_msat: u64, ppm: u64) -> bool {
+        self.route_hint_fees.iter().all(|hops| {
+            let base: u64 = hops.iter().map(|&(base, _)| u64::from(base)).sum();
+            let rate: u64 = hops.iter().map(|&(_, ppm)| u64::from(ppm)).sum();
+            base <= base_msat && rate <= ppm
+        })
+    }
 }
 
 /// Decode `bolt11` and check its signature.

@@ -545,6 +545,46 @@ async fn a_dry_stream_nobody_tops_up_times_out_and_an_idle_session_is_refunded()
     let refused = post(&http, &chat(&model, 60, true), Some(&bad)).await;
     assert_eq!(refused.status(), 402);
     assert_eq!(problem(refused).await, "lightning/invalid-return-invoice");
+    // One whose route hint asks more fee than a refund may cost: its refund would be refused.
+    let greedy = {
+        use bitcoin::hashes::{sha256, Hash};
+        use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
+        use lightning_invoice::{
+            Currency, InvoiceBuilder, PaymentSecret, RouteHint, RouteHintHop, RoutingFees,
+        };
+        let secp = Secp256k1::new();
+        let hop = RouteHintHop {
+            src_node_id: PublicKey::from_secret_key(
+                &secp,
+                &SecretKey::from_slice(&[8; 32]).expect("key"),
+            ),
+            short_channel_id: 42,
+            fees: RoutingFees {
+                base_msat: 1_000_000,
+                proportional_millionths: 0,
+            },
+            cltv_expiry_delta: 40,
+            htlc_minimum_msat: None,
+            htlc_maximum_msat: None,
+        };
+        let key = SecretKey::from_slice(&[7; 32]).expect("key");
+        InvoiceBuilder::new(Currency::Regtest)
+            .description("home".to_owned())
+            .payment_hash(sha256::Hash::hash(b"greedy"))
+            .payment_secret(PaymentSecret([1; 32]))
+            .current_timestamp()
+            .expiry_time(Duration::from_secs(86_400))
+            .min_final_cltv_expiry_delta(144)
+            .private_route(RouteHint(vec![hop]))
+            .build_signed(|msg| secp.sign_ecdsa_recoverable(msg, &key))
+            .expect("invoice")
+            .to_string()
+    };
+    let greedy = deposit.credential(json!({
+        "action": "open", "preimage": preimage, "returnInvoice": greedy,
+    }));
+    let refused = post(&http, &chat(&model, 60, true), Some(&greedy)).await;
+    assert_eq!(problem(refused).await, "lightning/invalid-return-invoice");
     let wrong = deposit.credential(json!({
         "action": "open", "preimage": "00".repeat(32), "returnInvoice": refund_to,
     }));

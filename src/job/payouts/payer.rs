@@ -416,6 +416,11 @@ mod tests {
         // A hint within the most fee is the wallet's to take or not.
         let fair = bolt11::decode(&invoice_with_hint(1_000_000, 1_000, 1_000)).expect("decodes");
         assert_eq!(fair.route_hint_fee_msat(1_000_000), 2_000);
+        // Within the most fee for any amount (a session's return invoice, whose refund's
+        // amount is set at close): base and rate each within.
+        assert!(fair.route_hints_within(10_000, 5_000));
+        assert!(!decoded.route_hints_within(10_000, 5_000));
+        assert!(!fair.route_hints_within(999, 5_000));
     }
 
     #[test]

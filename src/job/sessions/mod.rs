@@ -216,6 +216,7 @@ impl Pipeline {
             &stored,
             return_invoice,
             unix_now() + self.refund_margin_secs(),
+            self.inner.config.payout_fee,
         )?;
         let hash = stored.payment_hash;
         let (id, now) = (credential.challenge.id.clone(), unix_now());
@@ -433,6 +434,7 @@ fn check_return_invoice(
     stored: &PaymentChallengeRecord,
     bolt11_text: &str,
     refundable_until: u64,
+    fee: crate::job::payouts::PayoutFee,
 ) -> Result<(), Refusal> {
     let invalid = |why: &str| Refusal::InvalidReturnInvoice(why.to_owned());
     let info =
@@ -448,6 +450,15 @@ fn check_return_invoice(
     }
     if info.expires_at <= unix_now() {
         return Err(invalid("it has expired"));
+    }
+    // The refund is a payout: one whose route hints ask more than its most fee is refused
+    // (see `Payer::withdraw`), so a return invoice that could not take every refund is
+    // refused now, while the deposit can still be taken back with the L402 credential.
+    if !info.route_hints_within(fee.base_msat, fee.ppm) {
+        return Err(Refusal::InvalidReturnInvoice(format!(
+            "its route hints ask more routing fee than a refund may cost ({} msat + {} ppm)",
+            fee.base_msat, fee.ppm
+        )));
     }
     if info.expires_at <= refundable_until {
         return Err(Refusal::InvalidReturnInvoice(format!(
