@@ -196,6 +196,9 @@ pub struct Metrics {
     sessions_closed: [AtomicU64; 3],
     /// Moving average of p90 coverage, in millionths.
     coverage_ppm: AtomicU64,
+    /// Payouts pending after the last reconcile pass, and those of them stuck.
+    payouts_pending: AtomicU64,
+    payouts_stuck: AtomicU64,
 }
 
 /// What a 402 sold.
@@ -271,6 +274,13 @@ impl Metrics {
     /// Intake fell `missed` events behind the relay pool (they are fetched again).
     pub fn intake_lagged(&self, missed: u64) {
         self.intake_lagged.fetch_add(missed, Ordering::Relaxed);
+    }
+
+    /// What the last reconcile pass left of the payouts: still pending, and stuck (past their
+    /// invoice's expiry with a wallet that cannot say what became of them).
+    pub fn payouts(&self, pending: u64, stuck: u64) {
+        self.payouts_pending.store(pending, Ordering::Relaxed);
+        self.payouts_stuck.store(stuck, Ordering::Relaxed);
     }
 
     /// Jobs were added to (+) or taken from (-) the run queue.
@@ -511,6 +521,12 @@ impl Metrics {
             out,
             "# HELP dvmd_run_queue_depth Paid jobs waiting for a worker.\n# TYPE dvmd_run_queue_depth gauge\ndvmd_run_queue_depth {}",
             self.run_queue_depth.load(Ordering::Relaxed).max(0)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dvmd_payouts_pending Payouts still pending after the last reconcile pass.\n# TYPE dvmd_payouts_pending gauge\ndvmd_payouts_pending {}\n# HELP dvmd_payouts_stuck Pending payouts past their invoice's expiry whose wallet cannot say what became of them (the operator's to resolve).\n# TYPE dvmd_payouts_stuck gauge\ndvmd_payouts_stuck {}",
+            self.payouts_pending.load(Ordering::Relaxed),
+            self.payouts_stuck.load(Ordering::Relaxed)
         );
         allocator(&mut out);
         out

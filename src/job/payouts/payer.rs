@@ -51,9 +51,11 @@ impl Pipeline {
             .await
     }
 
-    /// See [`Payer::reconcile`].
+    /// See [`Payer::reconcile`]; the payouts still pending, and those stuck, are the
+    /// `dvmd_payouts_pending` and `dvmd_payouts_stuck` gauges.
     pub async fn reconcile_payouts(&self) {
-        self.payer().reconcile().await
+        let (pending, stuck) = self.payer().reconcile().await;
+        self.inner.metrics.payouts(pending, stuck);
     }
 }
 
@@ -297,17 +299,35 @@ impl Payer {
         Ok(ended)
     }
 
-    /// Look up every pending payout once (on start, and on each reconcile pass).
-    pub async fn reconcile(&self) {
+    /// Look up every pending payout once (on start, and on each reconcile pass). Returns how
+    /// many are still pending, and how many of those are stuck: past their invoice's expiry
+    /// (and [`EXPIRED_UNKNOWN_GRACE_SECS`]) with a wallet that cannot say what became of them
+    /// (its lookups fail), which only the operator can resolve.
+    pub async fn reconcile(&self) -> (u64, u64) {
         let pending = match self.book.pending_payouts().await {
             Ok(pending) => pending,
-            Err(e) => return tracing::error!(error = %e, "cannot read pending payouts"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read pending payouts");
+                return (0, 0);
+            }
         };
+        let (mut still, mut stuck) = (0, 0);
         for payout in pending {
-            if let Err(e) = self.look_up_payout(&payout, None).await {
-                tracing::error!(payment_hash = %payout.payment_hash, error = %e, "cannot book a payout's outcome");
+            let hash = payout.payment_hash;
+            match self.look_up_payout(&payout, None).await {
+                Ok(looked) if looked.state != PayoutState::Pending => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(payment_hash = %hash, error = %e, "cannot book a payout's outcome")
+                }
+            }
+            still += 1;
+            if past_paying(payout.expires_at, unix_now()) {
+                stuck += 1;
+                tracing::error!(payment_hash = %hash, account = %payout.account, amount_msat = payout.amount_msat, note = payout.note.as_deref().unwrap_or(""), "payout still pending long after its invoice expired: the wallet cannot say what became of it; check the wallet (its key, its URL) or the payment in it");
             }
         }
+        (still, stuck)
     }
 }
 
@@ -431,5 +451,82 @@ mod tests {
         for expires_at in [u64::MAX, u64::MAX - EXPIRED_UNKNOWN_GRACE_SECS + 1] {
             assert!(!past_paying(expires_at, unix_now()), "{expires_at}");
         }
+    }
+}
+
+#[cfg(test)]
+mod stuck {
+    use super::*;
+    use crate::job::book::tests::{balance, book, top_up};
+    use crate::wallet::{Invoice, InvoiceRequest, PaymentSent, PaymentStatus, Wallet};
+
+    /// A wallet that cannot answer (a rotated key, a moved URL): every call fails.
+    struct Unreachable;
+
+    #[async_trait::async_trait]
+    impl Wallet for Unreachable {
+        fn name(&self) -> &'static str {
+            "unreachable"
+        }
+        async fn create_invoice(&self, _: InvoiceRequest) -> Result<Invoice, WalletError> {
+            Err(WalletError::Unavailable("unreachable".into()))
+        }
+        async fn lookup(&self, _: &PaymentHash) -> Result<PaymentStatus, WalletError> {
+            Err(WalletError::Unavailable("unreachable".into()))
+        }
+        async fn pay(&self, _: &str, _: u64) -> Result<PaymentSent, WalletError> {
+            Err(WalletError::Unavailable("unreachable".into()))
+        }
+        async fn lookup_payment(&self, _: &PaymentHash) -> Result<OutgoingStatus, WalletError> {
+            Err(WalletError::Unavailable("unreachable".into()))
+        }
+        async fn balance(&self) -> Result<u64, WalletError> {
+            Err(WalletError::Unavailable("unreachable".into()))
+        }
+        fn settlements(&self) -> tokio::sync::broadcast::Receiver<PaymentHash> {
+            tokio::sync::broadcast::channel(1).1
+        }
+    }
+
+    /// A payout whose invoice expired long ago, with a wallet that cannot say what became of
+    /// it, stays pending (it may have been paid) and is counted stuck for the operator; one the
+    /// wallet knows nothing of is failed and its money given back.
+    #[tokio::test]
+    async fn a_payout_the_wallet_cannot_account_for_stays_pending_and_is_counted_stuck() {
+        let book = book();
+        let alice = Account::from(nostr_sdk::Keys::generate().public_key());
+        top_up(&book, alice, 1, 10_000).await;
+        let payout = Payout {
+            account: alice,
+            bolt11: "lnbcrt...".to_owned(),
+            payment_hash: PaymentHash([9; 32]),
+            amount_msat: 6_000,
+            max_fee_msat: 1_000,
+            expires_at: 1,
+            state: PayoutState::Pending,
+            note: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        book.begin_payout(payout).await.expect("begins");
+        let payer = |wallet: std::sync::Arc<dyn crate::wallet::Wallet>| Payer {
+            book: book.clone(),
+            wallet,
+            fee: PayoutFee {
+                base_msat: 1_000,
+                ppm: 0,
+            },
+            allow_loopback_http: false,
+        };
+        assert_eq!(
+            payer(std::sync::Arc::new(Unreachable)).reconcile().await,
+            (1, 1)
+        );
+        assert_eq!(balance(&book, alice).await, 3_000, "still in flight");
+        let dev = crate::wallet::dev::DevWallet::open(book.store().clone())
+            .await
+            .expect("wallet");
+        assert_eq!(payer(std::sync::Arc::new(dev)).reconcile().await, (0, 0));
+        assert_eq!(balance(&book, alice).await, 10_000, "given back");
     }
 }
