@@ -54,6 +54,13 @@ impl Book {
                         to: JobState::Running,
                     }));
                 }
+                if job.held_msat > 0 {
+                    // It reserved credit when it was first quoted (a restart asks again, and
+                    // the npub may be trusted by now): it pays from that and its invoice the
+                    // rest. A pay-after settlement takes no hold, so the credit would stay
+                    // reserved for a job that ended.
+                    return Ok(Err(job));
+                }
                 let owed = ledger::owed_in(tx, &job.customer)?;
                 let limit = job.limit_msat();
                 if !crate::trust::open_pay_after_in(tx, &npub, limit, owed, credit_msat)? {
