@@ -109,8 +109,14 @@ fn book_consumed(
 ) -> Result<PaymentOutcome, TxError<BookError>> {
     let outcome = book_payment(tx, hash, record, paid_msat, at)?;
     // What the account owes for jobs run before they were paid is repaid first, from what is
-    // left once the paid job (if any) holds its part.
+    // left once the paid job (if any) holds its part. A zap of a job's whole quote gives the
+    // job's customer back the credit it reserved: that repays the customer's debt too.
     super::settle::repay_owed_in(tx, &record.account, record.job, at)?;
+    if let PaymentOutcome::Paid(job) = &outcome {
+        if job.customer != record.account {
+            super::settle::repay_owed_in(tx, &job.customer, Some(job.id), at)?;
+        }
+    }
     Ok(outcome)
 }
 

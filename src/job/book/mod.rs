@@ -152,8 +152,13 @@ impl Book {
             let mut job = stored_job(tx, lookup)?;
             change(&mut job, at).map_err(TxError::Abort)?;
             if job.state.is_terminal() && job.state != JobState::Settled {
-                // Rejected, expired or cancelled: whatever credit it reserved is spendable again.
+                // Rejected, expired or cancelled: whatever credit it reserved is spendable again,
+                // and repays first what its account owes.
+                let released = job.held_msat;
                 super::holds::release_unpaid(tx, &mut job, at)?;
+                if released > 0 {
+                    super::settle::repay_owed_in(tx, &job.customer, None, at)?;
+                }
             }
             put_job(tx, &job)?;
             Ok(job)
