@@ -167,7 +167,7 @@ impl Pipeline {
             }
             PaymentStatus::Expired => {
                 if let Some(job) = &record.job {
-                    self.expire(job).await
+                    self.expire_unless_zapped(job, hash).await
                 }
                 self.not_paid(hash, &record).await;
             }
@@ -197,7 +197,7 @@ impl Pipeline {
         let overdue = now - record.expires_at;
         if overdue > config.unpaid_grace_secs {
             if let Some(job) = &record.job {
-                self.expire(job).await;
+                self.expire_unless_zapped(job, hash).await;
             }
         }
         match self
@@ -233,6 +233,31 @@ impl Pipeline {
     /// job run on rather than be credited. A store or wallet error counts as "may have": the
     /// next pass decides.
     pub(super) async fn zap_may_have_paid(&self, hash: &PaymentHash) -> bool {
+        self.zaps_may_have_paid(|_, record| record.continues == Some(*hash))
+            .await
+    }
+
+    /// `job` expires for its unpaid invoice `hash`, unless a zap of the job may have paid it
+    /// ([`Pipeline::zap_may_have_paid`], for the job's own zaps): a zap paid in time whose news
+    /// was lost (a missed hint, the daemon down across the invoice's expiry) then pays the job,
+    /// rather than being credited while the customer is told to post again.
+    async fn expire_unless_zapped(&self, job: &JobId, hash: &PaymentHash) {
+        let zapped = self
+            .zaps_may_have_paid(|zap, record| {
+                zap != hash && record.job == Some(*job) && record.zap_request.is_some()
+            })
+            .await;
+        if !zapped {
+            self.expire(job).await;
+        }
+    }
+
+    /// Look up every open zap `stands_in` picks, booking one found paid; whether one may have
+    /// paid (found paid, or not looked up: an error).
+    async fn zaps_may_have_paid(
+        &self,
+        stands_in: impl Fn(&PaymentHash, &super::PaymentRecord) -> bool,
+    ) -> bool {
         let inner = &self.inner;
         let open = match inner.book.open_payments().await {
             Ok(open) => open,
@@ -242,7 +267,7 @@ impl Pipeline {
             }
         };
         let mut may_have = false;
-        for (zap, _) in open.iter().filter(|(_, r)| r.continues == Some(*hash)) {
+        for (zap, _) in open.iter().filter(|(zap, r)| stands_in(zap, r)) {
             inner.metrics.wallet_lookup();
             match inner.wallet.lookup(zap).await {
                 Ok(PaymentStatus::Paid { amount_msat }) => {
@@ -253,7 +278,7 @@ impl Pipeline {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(payment_hash = %zap, error = %e, "wallet lookup failed; the continuation waits for the next pass");
+                    tracing::warn!(payment_hash = %zap, error = %e, "wallet lookup failed; what the zap stands in for waits for the next pass");
                     may_have = true;
                 }
             }

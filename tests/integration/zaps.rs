@@ -490,3 +490,70 @@ async fn owed_receipts(store: &dvmd::store::Store) -> usize {
         .await
         .expect("read")
 }
+
+/// A zap of a job paid in time, whose news was lost (the daemon died before its wallet settled
+/// it, and its lookup is deferred), pays the job when the daemon comes back after the job's
+/// own invoice expired: the job's zaps are looked up before it is expired. (Before, the job
+/// expired, the customer was told to post again, and the zap was credited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_zapped_while_the_daemon_was_down_runs_after_its_invoice_expired() {
+    use harness::DaemonProcess;
+    let data = harness::data_dir();
+    let (relay_port, http_port) = (harness::free_port(), harness::free_port());
+    let config = "[pricing]\ninvoice_expiry_secs = 60\n";
+    let first = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
+    let us = nostr_sdk::PublicKey::from_hex(&first.pubkey).expect("pubkey");
+    let keys = Keys::generate();
+    let mut bob = Customer::connect_with(&first.relay_url, keys.clone())
+        .await
+        .expect("connect");
+    let request = bob
+        .post(customer::text_request(
+            "Say hi.",
+            &[("max_tokens", "8")],
+            None,
+            Some(us),
+        ))
+        .await
+        .expect("post");
+    let (quote, bolt11) = harness::invoice(&mut bob, &request.id).await;
+    let zap = zap_request(&keys, us, Some(request.id), quote, &first.relay_url);
+    let (status, body) = callback(&first.http_url, quote, &zap).await;
+    assert_eq!(status, 200, "{body}");
+    let zap_invoice = body["pr"].as_str().expect("pr").to_owned();
+    first.kill();
+    bob.shutdown().await;
+    {
+        let store = harness::open_store(data.path());
+        let wallet = dvmd::wallet::dev::DevWallet::open(store.clone())
+            .await
+            .expect("wallet");
+        wallet.settle(&zap_invoice).await.expect("settle the zap");
+        let zap_hash = bolt11::decode(&zap_invoice).expect("bolt11").payment_hash;
+        let later = nostr_sdk::Timestamp::now().as_secs() + 3600;
+        dvmd::job::Book::new(store.clone())
+            .defer_lookup(&zap_hash, later)
+            .await
+            .expect("defer");
+        store.close().await.expect("close");
+    }
+    // Back after the job's own invoice expired unpaid (the dev wallet says so at once).
+    let expires_at = bolt11::decode(&bolt11).expect("bolt11").expires_at;
+    while nostr_sdk::Timestamp::now().as_secs() <= expires_at + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let second = DaemonProcess::spawn(data.path(), relay_port, http_port, config);
+    let mut bob = Customer::connect_with(&second.relay_url, keys)
+        .await
+        .expect("reconnect");
+    harness::result(&mut bob, &request.id).await;
+    second.terminate();
+    bob.shutdown().await;
+    let store = harness::open_store(data.path());
+    harness::ledger_ok(&store);
+    let job = harness::jobs(&store)
+        .into_iter()
+        .find(|job| job.id == request.id.into())
+        .expect("the job");
+    assert_eq!((job.state, job.paid_msat), (JobState::Settled, quote));
+}
