@@ -331,6 +331,12 @@ impl Book {
                     if balance == 0 || balance != seen {
                         return Ok(0);
                     }
+                    // What the account owes is repaid first: only the rest lapses.
+                    super::settle::repay_owed_in(tx, &account, None, now)?;
+                    let balance = ledger::balance_in(tx, &account)?;
+                    if balance == 0 {
+                        return Ok(0);
+                    }
                     let entry = ledger::Entry {
                         kind: EntryKind::Expiry,
                         account,
@@ -432,6 +438,29 @@ mod tests {
         assert_eq!(expired, vec![(Account::from(bob), 7_000)]);
         assert_eq!(balance(&book, alice).await, 6_000);
         assert_eq!(totals(&book).await.expiry_msat, 7_000);
+    }
+
+    /// An idle balance whose account owes (a pay-after debt) repays it before the rest
+    /// lapses: the operator is owed that part, and expiring all of it left the debt standing.
+    #[tokio::test]
+    async fn an_idle_balance_repays_its_debt_before_it_expires() {
+        use crate::job::book::tests::{owe, owed};
+        let book = book();
+        let alice = Account::from(Keys::generate().public_key());
+        top_up(&book, alice, 1, 5_000).await;
+        owe(&book, alice, 2_000).await;
+        let later = crate::job::pipeline::unix_now() + 31 * 24 * 60 * 60;
+        let expired = book.expire_credit(30, later).await.expect("sweep");
+        assert_eq!(expired, vec![(alice, 3_000)]);
+        assert_eq!(
+            (owed(&book, alice).await, balance(&book, alice).await),
+            (0, 0)
+        );
+        let totals = totals(&book).await;
+        assert_eq!(
+            (totals.expiry_msat, totals.debt_repaid_msat),
+            (3_000, 2_000)
+        );
     }
 
     #[test]
