@@ -544,24 +544,9 @@ async fn a_continuation_zapped_while_the_daemon_was_down_runs_on_after_its_invoi
     let zap_invoice = body["pr"].as_str().expect("pr").to_owned();
     first.kill();
     bob.shutdown().await;
-    {
-        let store = harness::open_store(data.path());
-        let wallet = dvmd::wallet::dev::DevWallet::open(store.clone())
-            .await
-            .expect("wallet");
-        wallet.settle(&zap_invoice).await.expect("settle the zap");
-        // And the reconcile passes will not look the zap up for an hour: only a give-up that
-        // looks for zaps standing in for the continuation finds it paid in time.
-        let zap_hash = dvmd::wallet::bolt11::decode(&zap_invoice)
-            .expect("bolt11")
-            .payment_hash;
-        let later = nostr_sdk::Timestamp::now().as_secs() + 3600;
-        dvmd::job::Book::new(store.clone())
-            .defer_lookup(&zap_hash, later)
-            .await
-            .expect("defer");
-        store.close().await.expect("close");
-    }
+    // And the reconcile passes will not look the zap up for an hour: only a give-up that
+    // looks for zaps standing in for the continuation finds it paid in time.
+    harness::settle_unheard(data.path(), &zap_invoice).await;
     // Back after the continuation's invoice expired unpaid.
     let expires_at = dvmd::wallet::bolt11::decode(&continuation)
         .expect("bolt11")

@@ -523,20 +523,7 @@ async fn a_job_zapped_while_the_daemon_was_down_runs_after_its_invoice_expired()
     let zap_invoice = body["pr"].as_str().expect("pr").to_owned();
     first.kill();
     bob.shutdown().await;
-    {
-        let store = harness::open_store(data.path());
-        let wallet = dvmd::wallet::dev::DevWallet::open(store.clone())
-            .await
-            .expect("wallet");
-        wallet.settle(&zap_invoice).await.expect("settle the zap");
-        let zap_hash = bolt11::decode(&zap_invoice).expect("bolt11").payment_hash;
-        let later = nostr_sdk::Timestamp::now().as_secs() + 3600;
-        dvmd::job::Book::new(store.clone())
-            .defer_lookup(&zap_hash, later)
-            .await
-            .expect("defer");
-        store.close().await.expect("close");
-    }
+    harness::settle_unheard(data.path(), &zap_invoice).await;
     // Back after the job's own invoice expired unpaid (the dev wallet says so at once).
     let expires_at = bolt11::decode(&bolt11).expect("bolt11").expires_at;
     while nostr_sdk::Timestamp::now().as_secs() <= expires_at + 1 {
