@@ -68,6 +68,21 @@ pub fn fail_on_daemon_panics() {
     });
 }
 
+/// Log what in-process daemons do into the output of the test that started them, at
+/// `DVMD_TEST_LOG` (an `EnvFilter`; `info` if unset): libtest prints it only for a test that
+/// fails, so a flaky failure in CI comes with the daemon's side of the story. Threads a test
+/// starts (its runtime's workers, the store writer) inherit its captured output.
+pub fn capture_daemon_logs() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let filter = std::env::var("DVMD_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init();
+    });
+}
+
 /// A dev-mode configuration on free ports in `data`.
 pub fn dev_config(data: &Path, edit: impl FnOnce(&mut FileConfig)) -> Config {
     dev_config_at(data, "127.0.0.1:0", edit)
@@ -97,6 +112,7 @@ pub fn dev_config_at(data: &Path, http_listen: &str, edit: impl FnOnce(&mut File
 /// Start a daemon in this process, optionally with a backend of the test's choosing.
 pub async fn start(config: Config, backend: Option<Arc<dyn Backend>>) -> Daemon {
     fail_on_daemon_panics();
+    capture_daemon_logs();
     Daemon::start(
         config,
         Parts {

@@ -31,7 +31,7 @@ use super::l402::caller;
 use super::open::{add_receipt, open, Opened};
 use super::HttpState;
 use crate::infer::FinishReason;
-use crate::job::direct::{Finished, LiveEvent, LIVE_BUFFER};
+use crate::job::direct::{live_channel, Finished, LiveEvent};
 use crate::job::{Door, Job, Pipeline};
 use request::ChatRequest;
 
@@ -56,7 +56,7 @@ pub(super) async fn completions(
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;
     let generation = request.generation(&pipeline.inner.config.limits)?;
-    let (live, rx) = mpsc::channel(LIVE_BUFFER);
+    let (live, rx) = live_channel(generation.max_tokens);
     let Opened {
         job,
         receipt,

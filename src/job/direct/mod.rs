@@ -39,8 +39,34 @@ use crate::incident::Incident;
 use crate::infer::{FinishReason, GenerateEvent, GenerateRequest, InferError, Usage};
 use crate::pricing::Finish;
 
-/// Pieces of an answer buffered between the worker and a slow client.
-pub const LIVE_BUFFER: usize = 256;
+/// How long a worker waits for a client that has read nothing while its answer's queue is
+/// full (see [`live_channel`]) before it takes the client for gone.
+const LIVE_STALL: Duration = Duration::from_secs(30);
+
+/// The queue between a worker and the response waiting for its answer: room for a whole
+/// answer of `max_tokens` (each piece is at least one token; twice that, and a few more for
+/// what is said around the pieces), so the worker never waits for its client. A client that
+/// reads slowly, or keeps its connection open and reads nothing, held the worker until
+/// `job_timeout_secs` failed the job with nothing charged, having read what it had: one such
+/// connection stopped every job, and its answers cost nothing. The queue is bounded by the
+/// answer (a few hundred KB at most), and only a worker's jobs fill one at a time.
+pub fn live_channel(max_tokens: u32) -> (LiveSink, mpsc::Receiver<LiveEvent>) {
+    let pieces = usize::try_from(max_tokens).unwrap_or(usize::MAX);
+    mpsc::channel(pieces.saturating_mul(2).saturating_add(16))
+}
+
+/// Pass `event` to the response waiting on `live`, without waiting while there is room.
+/// `false` when the client is gone, or read nothing for [`LIVE_STALL`] with its queue full
+/// (which a backend sending no more pieces than tokens never causes).
+pub(crate) async fn tell(live: &LiveSink, event: LiveEvent) -> bool {
+    match live.try_send(event) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(event)) => {
+            live.send_timeout(event, LIVE_STALL).await.is_ok()
+        }
+    }
+}
 
 /// An HTTP job's request as it will run, stored in [`Job::request`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,7 +238,7 @@ impl Pipeline {
                 let incident = Incident::log("storing an http result", &e);
                 if let Some(live) = &live {
                     let reason = format!("this service cannot record the answer ({incident})");
-                    let _ = live.send(LiveEvent::Failed(reason)).await;
+                    tell(live, LiveEvent::Failed(reason)).await;
                 }
                 return;
             }
@@ -237,7 +263,7 @@ impl Pipeline {
                 job: job.clone(),
                 finish,
             };
-            let _ = live.send(LiveEvent::Done(Box::new(finished))).await;
+            tell(&live, LiveEvent::Done(Box::new(finished))).await;
         }
         let settled = match self.inner.book.settle_delivered(&job, charge, None).await {
             Ok(settled) => settled,
@@ -269,7 +295,7 @@ impl Pipeline {
         }
         if let Some(live) = live {
             let said = format!("{reason}; nothing was charged");
-            let _ = live.send(LiveEvent::Failed(said)).await;
+            tell(live, LiveEvent::Failed(said)).await;
         }
     }
 
@@ -366,7 +392,7 @@ impl Pipeline {
                         pieces = pieces.saturating_add(1);
                         text.push_str(&piece);
                         if let Some(live) = live {
-                            if live.send(LiveEvent::Text(piece)).await.is_err() {
+                            if !tell(live, LiveEvent::Text(piece)).await {
                                 let usage = Usage {
                                     prompt_tokens: request.prompt_tokens,
                                     completion_tokens: pieces,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::infer::Usage;
 use crate::job::book::BookError;
-use crate::job::direct::{LiveEvent, LiveSink, TopUpWait};
+use crate::job::direct::{tell, LiveEvent, LiveSink, TopUpWait};
 use crate::job::pipeline::Pipeline;
 use crate::job::record::Job;
 
@@ -51,7 +51,7 @@ impl Pipeline {
         };
         tracing::info!(job = %job.id, session = %session, completion_tokens = usage.completion_tokens, want_msat = want, "session stream ran dry; waiting for a top-up");
         if let Some(live) = live {
-            if live.send(LiveEvent::NeedTopUp(wait)).await.is_err() {
+            if !tell(live, LiveEvent::NeedTopUp(wait)).await {
                 return None;
             }
         }
@@ -83,7 +83,7 @@ impl Pipeline {
         }
         tracing::info!(job = %job.id, session = %session, "no top-up in time; the answer ends with what it said");
         if let Some(live) = live {
-            let _ = live.send(LiveEvent::SessionTimeout(wait)).await;
+            tell(live, LiveEvent::SessionTimeout(wait)).await;
         }
         None
     }
