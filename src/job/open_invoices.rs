@@ -8,7 +8,7 @@
 //! count is kept in memory: a relay job takes a slot before its invoice is created, gives it
 //! back if the invoice is not recorded, and frees it when the payment is booked; every
 //! reconcile pass recounts from the open payments the pass reads anyway (which also frees the
-//! slots of invoices that expired and were closed).
+//! slots of invoices that expired). Only job invoices count (see [`counted`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -78,12 +78,9 @@ impl Pipeline {
         });
     }
 
-    /// Recount from the open payments (a reconcile pass read them).
-    pub(crate) fn recount_open_invoices(&self, open: &[(PaymentHash, PaymentRecord)]) {
-        let mut counts: HashMap<Account, u32> = HashMap::new();
-        for (_, record) in open {
-            *counts.entry(record.account).or_default() += 1;
-        }
+    /// Recount from the open payments (a reconcile pass read them) at `now`.
+    pub(crate) fn recount_open_invoices(&self, open: &[(PaymentHash, PaymentRecord)], now: u64) {
+        let counts = counted(open, now);
         self.inner.open_invoices.with(|current| *current = counts);
     }
 
@@ -92,5 +89,64 @@ impl Pipeline {
         self.inner
             .open_invoices
             .with(|open| open.get(account).copied().unwrap_or(0))
+    }
+}
+
+/// What holds a slot: an unexpired invoice of a job, issued for its request or continuation,
+/// as [`Pipeline::take_invoice_slot`]'s callers issue them. Top-ups, the HTTP doors' `402`
+/// challenges and zap invoices (each door with its own rate limits) took no slot; counted,
+/// anyone who asked for enough of them (a top-up or an L402 token needs no payment) made
+/// every relay job refused its invoice. And an expired invoice stays open to late lookups
+/// for `late_lookup_days`, but is no longer one a customer waits to pay.
+fn counted(open: &[(PaymentHash, PaymentRecord)], now: u64) -> HashMap<Account, u32> {
+    let mut counts: HashMap<Account, u32> = HashMap::new();
+    for (_, record) in open {
+        if record.job.is_some() && record.zap_request.is_none() && record.expires_at > now {
+            *counts.entry(record.account).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobId;
+
+    fn record(job: bool, zap: bool, expires_at: u64, account: Account) -> PaymentRecord {
+        PaymentRecord {
+            job: job.then(JobId::random),
+            account,
+            amount_msat: 1_000,
+            expires_at,
+            bolt11: String::new(),
+            zap_request: zap.then(|| "{}".to_owned()),
+            consumed: false,
+            closed: false,
+            next_lookup_at: 0,
+            continues: None,
+        }
+    }
+
+    #[test]
+    fn only_unexpired_job_invoices_hold_slots() {
+        let alice = Account::from(nostr_sdk::Keys::generate().public_key());
+        let bob = Account::from(nostr_sdk::Keys::generate().public_key());
+        let now = 1_000_000;
+        let open: Vec<(PaymentHash, PaymentRecord)> = [
+            record(true, false, now + 600, alice), // a job's invoice: counted
+            record(true, false, now + 60, alice),  // and another
+            record(true, false, now, alice),       // expired
+            record(false, false, now + 600, alice), // a top-up, or a 402 challenge
+            record(true, true, now + 600, bob),    // a zap of a job
+            record(false, false, now + 600, bob),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(n, r)| (PaymentHash([n as u8; 32]), r))
+        .collect();
+        let counts = counted(&open, now);
+        assert_eq!(counts.get(&alice), Some(&2));
+        assert_eq!(counts.get(&bob), None);
     }
 }

@@ -128,8 +128,8 @@ impl Pipeline {
             Ok(open) => open,
             Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
         };
-        self.recount_open_invoices(&open);
         let now = super::pipeline::unix_now();
+        self.recount_open_invoices(&open, now);
         // A few lookups at a time: a pass over many open invoices does not wait on each in
         // turn, and never has more than this many wallet calls in flight.
         futures::stream::iter(open)
