@@ -251,6 +251,12 @@ impl Wallet for LnbitsWallet {
         "lnbits"
     }
 
+    /// LNbits stores an outgoing payment, pending, before it hands it to its funding source:
+    /// "Payment does not exist." means it never tried.
+    fn unknown_means_unsent(&self) -> bool {
+        true
+    }
+
     async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
         if request.amount_msat == 0 {
             return Err(WalletError::Refused("amount must be positive".to_owned()));

@@ -222,6 +222,18 @@ pub trait Wallet: Send + Sync + 'static {
         )))
     }
 
+    /// Whether [`Wallet::lookup_payment`] answering [`OutgoingStatus::Unknown`] means the
+    /// wallet never began a payment to that hash, as where it records an outgoing payment
+    /// before it sends one (LNbits, the dev wallet). Only then is a payout whose invoice
+    /// expired (an hour ago, [`crate::job::payouts::EXPIRED_UNKNOWN_GRACE_SECS`]) and unknown
+    /// to the wallet failed and its amount given back. Elsewhere (NIP-47 does not say whether
+    /// a wallet service finds its outgoing payments, nor while they are in flight), a payout it
+    /// was asked to send, and never said it declined, stays pending and is counted stuck: the
+    /// payee's node can hold the payment and settle it long after the invoice expired.
+    fn unknown_means_unsent(&self) -> bool {
+        false
+    }
+
     /// Ask the wallet what became of a payment it was asked to send to `payment_hash`: the
     /// only answer a payout's money moves on.
     async fn lookup_payment(

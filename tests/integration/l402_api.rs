@@ -41,6 +41,9 @@ impl Wallet for Counting {
     fn name(&self) -> &'static str {
         "counting"
     }
+    fn unknown_means_unsent(&self) -> bool {
+        self.inner.unknown_means_unsent()
+    }
     async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
         self.inner.create_invoice(request).await
     }

@@ -395,6 +395,9 @@ impl Wallet for FaultWallet {
     fn name(&self) -> &'static str {
         "faulty"
     }
+    fn unknown_means_unsent(&self) -> bool {
+        self.inner.unknown_means_unsent()
+    }
 
     async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
         match &self.fault {
@@ -603,6 +606,9 @@ struct SlowLookups {
 impl dvmd::wallet::Wallet for SlowLookups {
     fn name(&self) -> &'static str {
         "slow-lookups"
+    }
+    fn unknown_means_unsent(&self) -> bool {
+        self.inner.unknown_means_unsent()
     }
     async fn create_invoice(
         &self,

@@ -47,6 +47,9 @@ impl Wallet for FaultWallet {
     fn name(&self) -> &'static str {
         "faulty"
     }
+    fn unknown_means_unsent(&self) -> bool {
+        self.inner.unknown_means_unsent()
+    }
     async fn create_invoice(&self, request: InvoiceRequest) -> Result<Invoice, WalletError> {
         self.inner.create_invoice(request).await
     }

@@ -16,12 +16,16 @@
 //!      no new invoice is fetched for it (a new hash would pay twice).
 //!
 //! One exception to "unknown stays pending": once the invoice has expired (plus
-//! [`EXPIRED_UNKNOWN_GRACE_SECS`]) and our wallet still knows no payment to its hash, nothing
-//! was sent and nothing can be any more, so it is failed and the credit restored. Without it a
-//! payout the wallet refused before sending (no route, no balance) would hold the customer's
-//! money for ever.
+//! [`EXPIRED_UNKNOWN_GRACE_SECS`]) and our wallet, one that records a payment before it sends
+//! it ([`Wallet::unknown_means_unsent`]: LNbits, the dev wallet), still knows no payment to its
+//! hash, nothing was sent and nothing can be any more, so it is failed and the credit restored.
+//! Without it a payout the wallet refused before sending (no route, no balance) would hold the
+//! customer's money for ever. With an NWC wallet such a payout stays pending and is counted
+//! stuck for the operator: a service may not find an outgoing payment it holds in flight, and
+//! the payee can settle a held payment long after its invoice expired.
 //!
 //! [`Wallet::lookup_payment`]: crate::wallet::Wallet::lookup_payment
+//! [`Wallet::unknown_means_unsent`]: crate::wallet::Wallet::unknown_means_unsent
 //!
 //! By concept: the payout record and its ledger entries, booked in phase 1 and settled in
 //! phase 2 ([`record`]); the wallet side, which pays, looks up and reconciles ([`payer`]).

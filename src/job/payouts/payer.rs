@@ -269,7 +269,10 @@ impl Payer {
         let state = match self.wallet.lookup_payment(hash).await {
             Ok(OutgoingStatus::Succeeded { fee_msat }) => PayoutState::Paid { fee_msat },
             Ok(OutgoingStatus::Failed) => PayoutState::Failed,
-            Ok(OutgoingStatus::Unknown) if past_paying(payout.expires_at, unix_now()) => {
+            Ok(OutgoingStatus::Unknown)
+                if self.wallet.unknown_means_unsent()
+                    && past_paying(payout.expires_at, unix_now()) =>
+            {
                 PayoutState::Failed
             }
             Ok(status) => {
@@ -460,11 +463,13 @@ mod stuck {
     use crate::job::book::tests::{balance, book, top_up};
     use crate::wallet::{Invoice, InvoiceRequest, PaymentSent, PaymentStatus, Wallet};
 
-    /// A wallet that cannot answer (a rotated key, a moved URL): every call fails.
-    struct Unreachable;
+    /// A wallet that cannot answer (a rotated key, a moved URL): every call fails; or, with a
+    /// status, one whose payment lookups answer it, and whose `Unknown` does not say that
+    /// nothing was sent (an NWC service).
+    struct Unhelpful(Option<OutgoingStatus>);
 
     #[async_trait::async_trait]
-    impl Wallet for Unreachable {
+    impl Wallet for Unhelpful {
         fn name(&self) -> &'static str {
             "unreachable"
         }
@@ -478,7 +483,9 @@ mod stuck {
             Err(WalletError::Unavailable("unreachable".into()))
         }
         async fn lookup_payment(&self, _: &PaymentHash) -> Result<OutgoingStatus, WalletError> {
-            Err(WalletError::Unavailable("unreachable".into()))
+            self.0
+                .clone()
+                .ok_or_else(|| WalletError::Unavailable("unreachable".into()))
         }
         async fn balance(&self) -> Result<u64, WalletError> {
             Err(WalletError::Unavailable("unreachable".into()))
@@ -489,8 +496,10 @@ mod stuck {
     }
 
     /// A payout whose invoice expired long ago, with a wallet that cannot say what became of
-    /// it, stays pending (it may have been paid) and is counted stuck for the operator; one the
-    /// wallet knows nothing of is failed and its money given back.
+    /// it (its lookups fail, or it knows no payment to the hash but may not record one in
+    /// flight), stays pending (it may have been paid) and is counted stuck for the operator;
+    /// one a wallet that records every payment before sending knows nothing of is failed and
+    /// its money given back.
     #[tokio::test]
     async fn a_payout_the_wallet_cannot_account_for_stays_pending_and_is_counted_stuck() {
         let book = book();
@@ -518,11 +527,10 @@ mod stuck {
             },
             allow_loopback_http: false,
         };
-        assert_eq!(
-            payer(std::sync::Arc::new(Unreachable)).reconcile().await,
-            (1, 1)
-        );
-        assert_eq!(balance(&book, alice).await, 3_000, "still in flight");
+        for wallet in [Unhelpful(None), Unhelpful(Some(OutgoingStatus::Unknown))] {
+            assert_eq!(payer(std::sync::Arc::new(wallet)).reconcile().await, (1, 1));
+            assert_eq!(balance(&book, alice).await, 3_000, "still in flight");
+        }
         let dev = crate::wallet::dev::DevWallet::open(book.store().clone())
             .await
             .expect("wallet");
