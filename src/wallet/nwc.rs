@@ -17,7 +17,8 @@ use nostr_sdk::nips::nip47::{
     TransactionState, TransactionType,
 };
 use nostr_sdk::{
-    Alphabet, Client, Event, Filter, Keys, Kind, RelayPoolNotification, SingleLetterTag, Timestamp,
+    Alphabet, Client, Event, EventBuilder, Filter, JsonUtil, Keys, Kind, RelayPoolNotification,
+    SingleLetterTag, Tag, Timestamp,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -120,7 +121,6 @@ impl NwcWallet {
         })
     }
 
-    /// Send `request` and wait for the service's response to it.
     /// `pay_invoice`, with `amount` (msat) for an invoice that names none.
     async fn pay_invoice(
         &self,
@@ -157,10 +157,24 @@ impl NwcWallet {
         Ok(PaymentSent { preimage, fee_msat })
     }
 
+    /// Send `request` and wait for the service's response to it. The request expires (NIP-40)
+    /// when we stop waiting: a service that reads it later (back from an outage, working
+    /// through a backlog) must not pay an invoice whose payout we may have settled since.
     async fn call(&self, request: Request) -> Result<Response, WalletError> {
         let method = request.method;
-        let event = request
-            .to_event(&self.uri)
+        let encrypted = nostr_sdk::nips::nip04::encrypt(
+            &self.uri.secret,
+            &self.uri.public_key,
+            request.as_json(),
+        )
+        .map_err(|e| unavailable("request", e))?;
+        let expires = Timestamp::now() + self.timeout;
+        let event = EventBuilder::new(Kind::WalletConnectRequest, encrypted)
+            .tags([
+                Tag::public_key(self.uri.public_key),
+                Tag::expiration(expires),
+            ])
+            .sign_with_keys(&Keys::new(self.uri.secret.clone()))
             .map_err(|e| unavailable("request", e))?;
         // Listen before sending, so a fast answer is not missed.
         let mut notifications = self.client.notifications();
@@ -177,9 +191,15 @@ impl NwcWallet {
                 match notifications.recv().await {
                     Ok(RelayPoolNotification::Event { event: answer, .. }) => {
                         if answer.kind == Kind::WalletConnectResponse && answers(&answer, &event) {
-                            // Author, kind, id and signature are checked before decrypting.
-                            return Response::from_event(&self.uri, &answer)
-                                .map_err(|e| unavailable("response", e));
+                            // Author, kind, id and signature are checked before decrypting. One
+                            // that fails is not the service's answer: anyone who saw our
+                            // request could send it, and it must not end the wait.
+                            match Response::from_event(&self.uri, &answer) {
+                                Ok(response) => return Ok(response),
+                                Err(e) => {
+                                    tracing::warn!(event = %answer.id, author = %answer.pubkey, error = %e, "nwc: ignoring a response that is not the wallet service's");
+                                }
+                            }
                         }
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -250,7 +270,7 @@ impl Wallet for NwcWallet {
             .call(Request::make_invoice(MakeInvoiceRequest {
                 amount: request.amount_msat,
                 description,
-                description_hash,
+                description_hash: description_hash.clone(),
                 expiry: Some(request.expiry_secs),
             }))
             .await?
@@ -258,6 +278,17 @@ impl Wallet for NwcWallet {
             .map_err(|e| unavailable("make_invoice", e))?;
         // Trust the invoice itself over the fields around it.
         let info = bolt11::decode(&response.invoice)?;
+        if let Some(hash) = &description_hash {
+            // A zap's (or an LNURL payment's) invoice must commit to what it answers (NIP-57,
+            // LUD-06): a service that ignored the hash issued one every client refuses, or
+            // whose receipt no client can check.
+            if info.description_hash.map(hex::encode).as_deref() != Some(hash.as_str()) {
+                return Err(WalletError::Unavailable(
+                    "nwc: the wallet issued an invoice without the description hash asked"
+                        .to_owned(),
+                ));
+            }
+        }
         let amount_msat = info.amount_msat.unwrap_or(0);
         if amount_msat < request.amount_msat {
             return Err(WalletError::Unavailable(format!(
