@@ -217,6 +217,13 @@ impl Daemon {
         if let Err(e) = pipeline.load_estimates().await {
             tracing::warn!(error = %e, "cannot read what the estimator learned; starting from the priors");
         }
+        if let Some(provider) = pipeline.zap_provider() {
+            // Trusted from now on, if not before: receipts of older zaps credit nobody.
+            let now = crate::job::pipeline::unix_now();
+            if let Err(e) = pipeline.book().provider_trusted_since(&provider, now).await {
+                tracing::error!(error = %e, "cannot record when the zap provider was first trusted");
+            }
+        }
 
         let listener = TcpListener::bind(config.http_listen)
             .await

@@ -52,6 +52,45 @@ impl Book {
     }
 }
 
+/// The `meta` key of when `provider` was first trusted.
+fn provider_key(provider: &nostr_sdk::PublicKey) -> Vec<u8> {
+    format!("zap-provider-since/{}", provider.to_hex()).into_bytes()
+}
+
+impl Book {
+    /// When this service first trusted `provider`'s zap receipts (unix seconds): recorded,
+    /// durably, as `now` by the first call, which intake makes when it starts. A receipt whose
+    /// invoice was made before then is a zap of the operator's npub from before (a tip, paid
+    /// to the operator), not a top-up: a relay that sends us such old receipts would otherwise
+    /// have them credited to their senders, to withdraw.
+    pub async fn provider_trusted_since(
+        &self,
+        provider: &nostr_sdk::PublicKey,
+        now: u64,
+    ) -> Result<u64, BookError> {
+        let key = provider_key(provider);
+        let read = key.clone();
+        let stored = self
+            .store()
+            .read(move |r| {
+                Ok::<_, BookError>(r.get_raw(Tree::Meta, &read)?.and_then(|raw| be_u64(&raw)))
+            })
+            .await?;
+        if let Some(since) = stored {
+            return Ok(since);
+        }
+        self.store()
+            .commit(move |tx| {
+                if let Some(since) = tx.get_raw(Tree::Meta, &key)?.and_then(|raw| be_u64(&raw)) {
+                    return Ok(since);
+                }
+                tx.put_raw(Tree::Meta, &key, &now.to_be_bytes())?;
+                Ok(now)
+            })
+            .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +114,18 @@ mod tests {
             book.checkpoint(Stream::Deletions).await.expect("read"),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_provider_is_trusted_since_it_was_first_asked_about() {
+        let book = Book::new(Store::temporary().expect("store"));
+        let (one, two) = (
+            nostr_sdk::Keys::generate().public_key(),
+            nostr_sdk::Keys::generate().public_key(),
+        );
+        let since = |provider, now| book.provider_trusted_since(provider, now);
+        assert_eq!(since(&one, 100).await.expect("first"), 100);
+        assert_eq!(since(&one, 200).await.expect("again"), 100);
+        assert_eq!(since(&two, 300).await.expect("another"), 300);
     }
 }

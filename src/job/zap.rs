@@ -236,6 +236,20 @@ impl Pipeline {
                 return ReceiptOutcome::Refused(e.to_string());
             }
         };
+        let since = match inner
+            .book
+            .provider_trusted_since(&provider, super::pipeline::unix_now())
+            .await
+        {
+            Ok(since) => since,
+            Err(e) => return ReceiptOutcome::Refused(format!("cannot book: {e}")),
+        };
+        if valid.invoice.created_at < since {
+            tracing::info!(receipt = %receipt.event().id, invoice_created_at = valid.invoice.created_at, trusted_since = since, "zap receipt refused: its invoice is older than our trust in the provider");
+            return ReceiptOutcome::Refused(
+                "the zap was paid before this service trusted its provider".to_owned(),
+            );
+        }
         let sender = Account::from(valid.request.event.pubkey);
         let zapped = match valid.request.target {
             Some(target) => match self.zapped_job(&target, valid.amount_msat, &sender).await {

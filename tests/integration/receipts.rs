@@ -85,6 +85,14 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
     let config = harness::dev_config(data.path(), |file| {
         file.zaps.provider_pubkey = Some(provider_hex.clone());
     });
+    // Bob zapped the operator's npub through the provider before dvmd trusted it: a tip.
+    let bob = Keys::generate();
+    let (service, _) = dvmd::identity::init(data.path()).expect("identity");
+    let (tip, tip_bolt11) = provider
+        .zap(&bob, service.public_key(), EventId::all_zeros(), 21_000)
+        .await;
+    // Invoices are stamped in whole seconds.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     let daemon = harness::start(
         config,
         Some(Arc::new(InstantBackend::new("paid by a receipt"))),
@@ -114,6 +122,17 @@ async fn provider_receipts_pay_once_and_forgeries_pay_nothing() {
         .expect("post");
     let (quote2, _) = harness::invoice(&mut alice, &job2.id).await;
     let now = Timestamp::now().as_secs();
+
+    // A relay that kept the old receipt sends it: it credits nobody.
+    let old_tip = provider.receipt(&provider.keys, &tip, &tip_bolt11, now);
+    assert!(
+        matches!(pipeline.accept_provider_receipt(&old_tip).await, ReceiptOutcome::Refused(ref why) if why.contains("before this service trusted")),
+        "a zap paid before the provider was trusted"
+    );
+    assert_eq!(
+        harness::balance(daemon.pipeline().book().store(), &bob.public_key()),
+        0
+    );
 
     // Forgeries: none starts work, none books money.
     let (zap, bolt11) = provider
