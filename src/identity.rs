@@ -33,6 +33,11 @@ pub enum IdentityError {
     /// The file does not hold a key.
     #[error("secret file {0} does not hold a key (hex, or nsec for the service key)")]
     Invalid(PathBuf),
+    /// The admin token file holds too short a token.
+    #[error(
+        "admin token file {0} holds fewer than 32 characters; delete it and dvmd makes a new one"
+    )]
+    ShortToken(PathBuf),
     /// The file is readable by others.
     #[error("secret file {0} is readable by group or others; chmod 600 it")]
     Permissions(PathBuf),
@@ -101,8 +106,14 @@ pub fn l402_root_key(data_dir: &Path) -> Result<[u8; 32], IdentityError> {
     Ok(key)
 }
 
+/// The shortest admin token accepted: an operator's own must be as hard to guess as the one
+/// dvmd makes (64 hex digits) is, near enough. An empty file let in any request that sent no
+/// token at all.
+const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
 /// The operator's token for the running daemon's `/admin/*` endpoints, created on first use
-/// (mode 0600): whoever can read the data directory is the operator.
+/// (mode 0600): whoever can read the data directory is the operator. A token file with fewer
+/// than 32 characters is refused.
 pub fn admin_token(data_dir: &Path) -> Result<String, IdentityError> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);
     if !path.exists() {
@@ -110,7 +121,11 @@ pub fn admin_token(data_dir: &Path) -> Result<String, IdentityError> {
         write_private(&path, &token)?;
         return Ok(token);
     }
-    Ok(read_private(&path)?.trim().to_owned())
+    let token = read_private(&path)?.trim().to_owned();
+    if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        return Err(IdentityError::ShortToken(path));
+    }
+    Ok(token)
 }
 
 /// Read a secret file that only its owner may read.
@@ -165,6 +180,23 @@ mod tests {
             std::fs::set_permissions(key_path(&data), std::fs::Permissions::from_mode(0o644))
                 .expect("chmod");
             assert!(matches!(load(&data), Err(IdentityError::Permissions(_))));
+        }
+    }
+
+    #[test]
+    fn an_admin_token_is_made_once_and_a_short_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = admin_token(dir.path()).expect("created");
+        assert_eq!(first.len(), 64);
+        assert_eq!(admin_token(dir.path()).expect("loaded"), first);
+        for short in ["", "\n", "password"] {
+            let path = dir.path().join(ADMIN_TOKEN_FILE);
+            std::fs::remove_file(&path).expect("remove");
+            write_private(&path, short).expect("write");
+            assert!(
+                matches!(admin_token(dir.path()), Err(IdentityError::ShortToken(_))),
+                "{short:?}"
+            );
         }
     }
 
