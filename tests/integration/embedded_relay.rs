@@ -223,6 +223,19 @@ async fn what_the_relay_cannot_take_is_answered_as_nip01_says() {
     assert_eq!(subscription_id.to_string(), "unreadable");
     assert!(message.starts_with("invalid:"), "{message}");
 
+    // Too many filters to run at once (each one a query under the store's lock).
+    let many = vec![nostr_sdk::Filter::new().limit(5000); 21];
+    send(
+        &mut socket,
+        ClientMessage::req(nostr_sdk::SubscriptionId::new("many"), many),
+    )
+    .await;
+    let closed = read_until(&mut socket, |_| true).await.expect("an answer");
+    assert!(
+        matches!(&closed, RelayMessage::Closed { subscription_id, message } if subscription_id.to_string() == "many" && message.contains("at most 20 in one REQ")),
+        "{closed:?}"
+    );
+
     let id = "ab".repeat(32);
     send_text(
         &mut socket,

@@ -27,6 +27,10 @@ use super::{event_message, Shared};
 const ANSWER_QUEUE: usize = 1024;
 /// Most messages written to a socket at once.
 const WRITE_BATCH: usize = 64;
+/// Most filters in one `REQ` (strfry's default): each runs against the store under the lock
+/// that orders stored and live events, and collects up to `max_limit` events, so a `REQ` of
+/// thousands of filters held every writer and could gather gigabytes.
+pub(super) const MAX_FILTERS: usize = 20;
 
 /// Serve one upgraded websocket until it closes, falls behind, or the relay stops.
 pub(super) async fn serve(
@@ -293,6 +297,17 @@ impl Session {
     }
 
     async fn req(&self, subscription_id: SubscriptionId, filters: Vec<Filter>) -> Result<(), Gone> {
+        if filters.len() > MAX_FILTERS {
+            let count = filters.len();
+            return self
+                .answer(RelayMessage::Closed {
+                    subscription_id: Cow::Owned(subscription_id),
+                    message: Cow::Owned(format!(
+                        "invalid: {count} filters; this relay takes at most {MAX_FILTERS} in one REQ"
+                    )),
+                })
+                .await;
+        }
         let options = &self.shared.options;
         let limit = |filter: &Filter| {
             filter
