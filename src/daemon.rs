@@ -275,7 +275,18 @@ impl Daemon {
         let follower = wallet.clone();
         let follow_cancel = cancel.child_token();
         tasks.spawn(async move { follower.follow(follow_cancel).await });
-        tasks.spawn(http::serve(listener, router, cancel.child_token()));
+        let limits = http::listener::ConnectionLimits {
+            max_connections: config.http.max_connections,
+            max_per_ip: config.http.max_connections_per_ip,
+            header_timeout: std::time::Duration::from_secs(config.http.header_timeout_secs),
+            exempt: config
+                .http
+                .trusted_proxies
+                .iter()
+                .filter_map(|proxy| proxy.parse().ok())
+                .collect(),
+        };
+        tasks.spawn(http::serve(listener, limits, router, cancel.child_token()));
 
         announce(&relays, &keys, &config, lnurl.as_ref(), &mut tasks);
         // Workers first: recovery fills the (bounded) run queue.

@@ -521,6 +521,15 @@ pub struct HttpSection {
     /// Origins whose pages may call `/v1` from a browser (CORS): `https://app.example`, or
     /// `*` for any. Empty: no CORS headers (browsers then refuse cross-origin calls).
     pub cors_origins: Vec<String>,
+    /// Connections the listener serves at once; more wait in the kernel's backlog. Keep it
+    /// well under the process's open-file limit (`ulimit -n`), which relay, wallet and store
+    /// sockets and files share.
+    pub max_connections: usize,
+    /// Connections at once from one client address (`trusted_proxies`, `127.0.0.1` and `::1`
+    /// excepted); more are closed as they arrive.
+    pub max_connections_per_ip: usize,
+    /// How long a new connection may take to send its first request's headers, seconds.
+    pub header_timeout_secs: u64,
 }
 
 impl Default for HttpSection {
@@ -541,6 +550,9 @@ impl Default for HttpSection {
             session_topup_wait_secs: 60,
             trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
+            max_connections: 512,
+            max_connections_per_ip: 32,
+            header_timeout_secs: 30,
         }
     }
 }

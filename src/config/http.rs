@@ -53,6 +53,16 @@ pub(super) fn check(http: &HttpSection) -> Result<(), ConfigError> {
             )));
         }
     }
+    if http.max_connections == 0 || http.max_connections_per_ip == 0 {
+        return Err(invalid(
+            "http.max_connections and http.max_connections_per_ip must be at least 1".into(),
+        ));
+    }
+    if http.header_timeout_secs == 0 {
+        return Err(invalid(
+            "http.header_timeout_secs must be at least 1".into(),
+        ));
+    }
     for proxy in &http.trusted_proxies {
         if proxy.parse::<std::net::IpAddr>().is_err() {
             return Err(invalid(format!(

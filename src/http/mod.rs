@@ -8,6 +8,7 @@ pub mod chat;
 pub mod error;
 pub mod jobs;
 pub mod l402;
+pub mod listener;
 pub mod lnurl;
 pub mod nip98;
 mod open;
@@ -75,9 +76,17 @@ pub fn router(state: HttpState) -> Router {
     router.with_state(state)
 }
 
-/// Serve `router` on `listener` until `cancel` fires.
-pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationToken) {
+/// Serve `router` on `listener`, its connections held to `limits`, until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    limits: listener::ConnectionLimits,
+    router: Router,
+    cancel: CancellationToken,
+) {
+    use axum::serve::ListenerExt;
     let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // `tap_io` only for axum's `ConnectInfo<SocketAddr>`, which it gives a wrapped listener.
+    let listener = listener::GuardedListener::new(listener, limits).tap_io(|_| {});
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;

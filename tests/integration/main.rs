@@ -14,6 +14,7 @@ mod durability;
 mod embedded_relay;
 mod estimates;
 mod gaps;
+mod http_limits;
 mod http_payment;
 mod http_session;
 mod interop;
