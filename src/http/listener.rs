@@ -49,8 +49,11 @@ pub struct GuardedListener {
     inner: TcpListener,
     limits: ConnectionLimits,
     slots: Arc<Semaphore>,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_ip: Counts,
 }
+
+/// Open connections by address.
+type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 impl GuardedListener {
     /// Guard `inner` with `limits`.
@@ -123,7 +126,7 @@ fn is_this_host(ip: IpAddr) -> bool {
 
 /// Takes one connection off its address's count when dropped.
 struct PeerCount {
-    ip: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+    ip: Option<(IpAddr, Counts)>,
 }
 
 impl Drop for PeerCount {

@@ -484,7 +484,6 @@ mod stuck {
         }
         async fn lookup_payment(&self, _: &PaymentHash) -> Result<OutgoingStatus, WalletError> {
             self.0
-                .clone()
                 .ok_or_else(|| WalletError::Unavailable("unreachable".into()))
         }
         async fn balance(&self) -> Result<u64, WalletError> {
