@@ -67,7 +67,14 @@ pub async fn run(calls: usize) -> Result<(), BenchError> {
     for auth in headers.iter().skip(warmup) {
         let t0 = Instant::now();
         verifier
-            .verify(Some(auth), &url, "GET", &[], Timestamp::now())
+            .verify(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                Some(auth),
+                &url,
+                "GET",
+                &[],
+                Timestamp::now(),
+            )
             .map_err(|e| format!("verify: {e}"))?;
         verify.push(t0.elapsed());
     }

@@ -489,7 +489,8 @@ pub struct HttpSection {
     /// NIP-98: how far an auth event's `created_at` may be from now, seconds.
     pub auth_window_secs: u64,
     /// NIP-98: auth event ids remembered against replay. When this many are live, signed
-    /// requests are refused (429) rather than forget one that could still be replayed.
+    /// requests are refused (429) rather than forget one that could still be replayed; one
+    /// client address may hold an eighth of them.
     pub auth_replay_capacity: usize,
     /// The largest request body read on `/v1/*`, bytes; larger ones get 413.
     pub max_body_bytes: usize,

@@ -302,10 +302,14 @@ pub(super) fn authorized(
             ))
         })?),
     };
-    match api
-        .verifier
-        .verify(header, &url, method.as_str(), body, Timestamp::now())
-    {
+    match api.verifier.verify(
+        api.proxies.client(peer.ip(), headers),
+        header,
+        &url,
+        method.as_str(),
+        body,
+        Timestamp::now(),
+    ) {
         Ok(authorized) => Ok(authorized),
         Err(e) => {
             tracing::debug!(%url, reason = %e, "NIP-98 refused");

@@ -13,7 +13,8 @@
 //! (retry later) rather than let a replay through. Two identical requests within one second
 //! need two distinct events: add any tag (a `nonce`) to the second.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 
 use base64::Engine;
@@ -104,10 +105,12 @@ pub struct Verifier {
 #[derive(Default)]
 struct Seen {
     ids: HashSet<EventId>,
+    /// Live ids by the client address that presented them (see [`Verifier::client_share`]).
+    per_client: HashMap<IpAddr, usize>,
     /// (forget at, unix seconds; id), in the order they were accepted. Expiry is the accept
     /// time plus a constant, so the queue is in expiry order (a clock stepping back only keeps
     /// an id longer).
-    by_expiry: VecDeque<(u64, EventId)>,
+    by_expiry: VecDeque<(u64, EventId, Option<IpAddr>)>,
 }
 
 impl Verifier {
@@ -121,10 +124,21 @@ impl Verifier {
         }
     }
 
+    /// The most live ids one client address may hold: an eighth of the cache. Keys cost
+    /// nothing, so without a share one address signing hundreds of requests a second with
+    /// fresh keys filled the cache, and every NIP-98 caller got 429 until it drained. This
+    /// host (loopback: a local proxy not named in `trusted_proxies`, a benchmark) has no share
+    /// of its own.
+    fn client_share(&self) -> usize {
+        (self.capacity / 8).max(1)
+    }
+
     /// Check `header` against the request (`url` as the public sees it, query included;
-    /// `method`; the raw `body`) at `now`.
+    /// `method`; the raw `body`) at `now`, from `client` (the caller's address, as
+    /// `trusted_proxies` let it be read).
     pub fn verify(
         &self,
+        client: IpAddr,
         header: Option<&str>,
         url: &str,
         method: &str,
@@ -166,24 +180,37 @@ impl Verifier {
             }
         }
         event.verify().map_err(|_| AuthError::BadSignature)?;
-        self.remember(event.id, now)?;
+        self.remember(event.id, now, client)?;
         Ok(Authorized {
             pubkey: event.pubkey,
             event_id: event.id,
         })
     }
 
-    /// Record `id` as used until it can no longer be inside the window.
-    fn remember(&self, id: EventId, now: Timestamp) -> Result<(), AuthError> {
+    /// Record `id`, presented by `client`, as used until it can no longer be inside the
+    /// window.
+    fn remember(&self, id: EventId, now: Timestamp, client: IpAddr) -> Result<(), AuthError> {
         let now = now.as_secs();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let Seen { ids, by_expiry } = &mut *seen;
-        while let Some(&(forget_at, old)) = by_expiry.front() {
+        let Seen {
+            ids,
+            per_client,
+            by_expiry,
+        } = &mut *seen;
+        while let Some(&(forget_at, old, by)) = by_expiry.front() {
             if forget_at > now {
                 break;
             }
             by_expiry.pop_front();
             ids.remove(&old);
+            if let Some(by) = by {
+                if let Some(count) = per_client.get_mut(&by) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        per_client.remove(&by);
+                    }
+                }
+            }
         }
         if ids.contains(&id) {
             return Err(AuthError::Replayed);
@@ -192,11 +219,32 @@ impl Verifier {
             // Every id held could still be replayed: refuse rather than forget one.
             return Err(AuthError::Busy);
         }
+        let by = shared_client(client);
+        if let Some(by) = by {
+            let count = per_client.entry(by).or_default();
+            if *count >= self.client_share() {
+                return Err(AuthError::Busy);
+            }
+            *count += 1;
+        }
         // An event signed up to `window` in the future stays valid until `now + 2 window`.
         ids.insert(id);
-        by_expiry.push_back((now + 2 * self.window_secs + 1, id));
+        by_expiry.push_back((now + 2 * self.window_secs + 1, id, by));
         Ok(())
     }
+}
+
+/// The address whose share `client` counts against: IPv4 as it is (also mapped into IPv6),
+/// IPv6 by its /64; `None` for this host.
+fn shared_client(client: IpAddr) -> Option<IpAddr> {
+    let client = match client {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    };
+    (!client.is_loopback()).then_some(client)
 }
 
 fn decode(header: &str) -> Result<Event, AuthError> {
@@ -259,6 +307,8 @@ mod tests {
     use super::*;
 
     const URL: &str = "https://dvmd.example/v1/chat/completions?x=1";
+    /// This host: no share of the replay cache of its own.
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn header(keys: &Keys, kind: u16, tags: &[(&str, &str)], at: Timestamp) -> String {
         let tags = tags.iter().map(|(k, v)| Tag::parse([*k, *v]).expect("tag"));
@@ -290,11 +340,11 @@ mod tests {
         );
         let verifier = Verifier::new(60, 100);
         let ok = verifier
-            .verify(Some(&h), URL, "POST", body, now)
+            .verify(CLIENT, Some(&h), URL, "POST", body, now)
             .expect("valid");
         assert_eq!(ok.pubkey, keys.public_key());
         assert_eq!(
-            verifier.verify(Some(&h), URL, "POST", body, now),
+            verifier.verify(CLIENT, Some(&h), URL, "POST", body, now),
             Err(AuthError::Replayed)
         );
     }
@@ -312,7 +362,7 @@ mod tests {
         );
         let verifier = Verifier::new(60, 100);
         verifier
-            .verify(Some(&h), URL, "POST", pretty, now)
+            .verify(CLIENT, Some(&h), URL, "POST", pretty, now)
             .expect("the compact form's hash");
     }
 
@@ -327,7 +377,7 @@ mod tests {
         ];
         let v = Verifier::new(60, 100);
         let check = |h: &str, url: &str, method: &str, body: &[u8]| {
-            v.verify(Some(h), url, method, body, now)
+            v.verify(CLIENT, Some(h), url, method, body, now)
                 .expect_err("refused")
         };
         let h = header(&keys, HTTP_AUTH_KIND, &good, now);
@@ -379,9 +429,41 @@ mod tests {
             AuthError::Malformed(_)
         ));
         assert_eq!(
-            v.verify(None, URL, "POST", body, now),
+            v.verify(CLIENT, None, URL, "POST", body, now),
             Err(AuthError::Missing)
         );
+    }
+
+    #[test]
+    fn one_address_holds_at_most_an_eighth_of_the_replay_cache() {
+        let now = Timestamp::now();
+        let v = Verifier::new(60, 16);
+        let mut nonce = 0;
+        let mut call = |client: &str| {
+            nonce += 1;
+            let h = header(
+                &Keys::generate(),
+                HTTP_AUTH_KIND,
+                &[("u", URL), ("method", "GET"), ("nonce", &nonce.to_string())],
+                now,
+            );
+            v.verify(client.parse().expect("ip"), Some(&h), URL, "GET", b"", now)
+        };
+        // Fresh keys each time, as a flood would sign: the address is what counts.
+        assert!(call("203.0.113.7").is_ok());
+        assert!(call("203.0.113.7").is_ok());
+        assert_eq!(call("203.0.113.7"), Err(AuthError::Busy));
+        assert_eq!(call("::ffff:203.0.113.7"), Err(AuthError::Busy));
+        assert!(call("203.0.113.8").is_ok());
+        // IPv6 by its /64.
+        assert!(call("2001:db8::1").is_ok());
+        assert!(call("2001:db8::2").is_ok());
+        assert_eq!(call("2001:db8::3"), Err(AuthError::Busy));
+        assert!(call("2001:db8:0:1::1").is_ok());
+        // This host has no share of its own.
+        for _ in 0..5 {
+            assert!(call("127.0.0.1").is_ok());
+        }
     }
 
     #[test]
@@ -397,10 +479,12 @@ mod tests {
             )
         };
         let first = sign("1");
-        v.verify(Some(&first), URL, "GET", b"", now).expect("1");
-        v.verify(Some(&sign("2")), URL, "GET", b"", now).expect("2");
+        v.verify(CLIENT, Some(&first), URL, "GET", b"", now)
+            .expect("1");
+        v.verify(CLIENT, Some(&sign("2")), URL, "GET", b"", now)
+            .expect("2");
         assert_eq!(
-            v.verify(Some(&sign("3")), URL, "GET", b"", now),
+            v.verify(CLIENT, Some(&sign("3")), URL, "GET", b"", now),
             Err(AuthError::Busy)
         );
         // Once the window has passed, old ids make room; a replay of a forgotten id is stale.
@@ -411,10 +495,10 @@ mod tests {
             &[("u", URL), ("method", "GET"), ("nonce", "4")],
             later,
         );
-        v.verify(Some(&fresh), URL, "GET", b"", later)
+        v.verify(CLIENT, Some(&fresh), URL, "GET", b"", later)
             .expect("room again");
         assert!(matches!(
-            v.verify(Some(&first), URL, "GET", b"", later),
+            v.verify(CLIENT, Some(&first), URL, "GET", b"", later),
             Err(AuthError::Stale { .. })
         ));
     }

@@ -16,6 +16,9 @@ fn nostr_tools_header(url: &str, method: &str, payload: Option<&str>) -> (String
     )
 }
 
+/// This host: the replay cache's share per address does not apply.
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 #[test]
 fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
     let url = "http://127.0.0.1:8080/v1/chat/completions?stream=false";
@@ -26,6 +29,7 @@ fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
         let (header, signer) = nostr_tools_header(url, "post", Some(payload));
         let ok = verifier
             .verify(
+                LOCAL,
                 Some(&header),
                 url,
                 "POST",
@@ -37,6 +41,7 @@ fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
         // The same header once more: a replay.
         assert_eq!(
             verifier.verify(
+                LOCAL,
                 Some(&header),
                 url,
                 "POST",
@@ -50,6 +55,7 @@ fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
     let other_body = payload.replace("hi there", "hi their");
     assert_eq!(
         verifier.verify(
+            LOCAL,
             Some(&header),
             url,
             "POST",
@@ -60,6 +66,7 @@ fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
     );
     assert!(matches!(
         verifier.verify(
+            LOCAL,
             Some(&header),
             "http://127.0.0.1:8080/v1/chat/completions",
             "POST",
@@ -72,6 +79,7 @@ fn nostr_tools_headers_are_accepted_and_bound_to_their_request() {
     let (header, _) = nostr_tools_header("http://127.0.0.1:8080/v1/models", "GET", None);
     verifier
         .verify(
+            LOCAL,
             Some(&header),
             "http://127.0.0.1:8080/v1/models",
             "GET",
