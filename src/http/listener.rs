@@ -1,35 +1,38 @@
-//! The HTTP listener's limits on connections, before any request is read: how many at once,
-//! how many from one address, and how long a new connection may take to send its first
-//! request's headers.
+//! The HTTP listener: its own accept loop over hyper, and its limits on connections: how many
+//! at once, how many from one address, and how long a client may take to send a request's
+//! headers.
 //!
-//! axum serves each connection until its client closes it, and reads headers with no deadline
-//! (hyper's `header_read_timeout` needs a timer that `axum::serve` does not give it). So
-//! without these a few thousand idle or dripping connections used up the process's file
-//! descriptors: no customer could connect, and the wallet, relay and LNURL calls that confirm
-//! payments failed to open sockets too.
+//! `axum::serve` gives hyper no timer, and hyper's header-read timeout needs one: there, a
+//! connection that sent nothing, dripped its headers a byte at a time, or sat idle between
+//! requests stayed open for good, and a few thousand of them used up the process's file
+//! descriptors (no customer could connect, and the wallet, relay and LNURL calls that confirm
+//! payments could not open sockets either). Here:
 //!
 //! - At most `[http] max_connections` at once: beyond it, new connections wait in the kernel's
 //!   backlog until one closes.
-//! - At most `[http] max_connections_per_ip` from one address: more are closed as they
-//!   arrive. The reverse proxies named in `trusted_proxies` are excepted (every client of
-//!   theirs comes from their address), and so are `127.0.0.1` and `::1`: this host's own proxy,
-//!   tools and `dvmd bench`, whose hundreds of customers pay from one address.
-//! - A new connection must send its first request's headers within `[http]
-//!   header_timeout_secs`, or it is closed.
+//! - At most `[http] max_connections_per_ip` from one address (IPv6: one /64), more are closed
+//!   as they arrive. The reverse proxies named in `trusted_proxies` are excepted (every client
+//!   of theirs comes from their address), and so is this host (`127.0.0.1`, `::1`): its own
+//!   proxy, tools and `dvmd bench`, whose hundreds of customers pay from one address.
+//! - Every request's headers are due within `[http] header_timeout_secs` of the connection
+//!   starting to wait for them: the first request's from the connection's start, each next
+//!   one's from the end of the answer before (hyper's `header_read_timeout`). A connection that
+//!   sends nothing, drips, or idles between requests is closed then.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::io;
+use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The limits, from `[http]`.
 #[derive(Debug, Clone)]
@@ -38,14 +41,65 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Connections at once from one address.
     pub max_per_ip: usize,
-    /// How long a new connection may take to send its first request's headers.
+    /// How long a request's headers may take to arrive.
     pub header_timeout: Duration,
     /// Addresses the per-address limit does not apply to (trusted reverse proxies).
     pub exempt: Vec<IpAddr>,
 }
 
+/// Serve `router` on `listener`, held to `limits`, until `cancel` fires; then let every
+/// connection finish the request it is answering, and return.
+pub async fn serve(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    router: Router,
+    cancel: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let mut listener = GuardedListener::new(listener, limits);
+    let connections = TaskTracker::new();
+    loop {
+        let (connection, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let router = router.clone();
+        // What `ConnectInfo<SocketAddr>` extracts, on each request.
+        let service = hyper::service::service_fn(move |mut request| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let router = TowerToHyperService::new(router.clone());
+            async move {
+                let answered: Result<_, Infallible> =
+                    hyper::service::Service::call(&router, request).await;
+                answered
+            }
+        });
+        let served = http.serve_connection(TokioIo::new(connection.stream), service);
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let _slot = (connection.slot, connection.peer);
+            tokio::pin!(served);
+            let ended = tokio::select! {
+                ended = served.as_mut() => ended,
+                _ = cancel.cancelled() => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
 /// A [`TcpListener`] that holds its connections to [`ConnectionLimits`].
-pub struct GuardedListener {
+struct GuardedListener {
     inner: TcpListener,
     limits: ConnectionLimits,
     slots: Arc<Semaphore>,
@@ -55,9 +109,16 @@ pub struct GuardedListener {
 /// Open connections by address.
 type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
+/// An accepted connection, with its slot and its place in its address's count (both given
+/// back when it is dropped).
+struct Accepted {
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    peer: PeerCount,
+}
+
 impl GuardedListener {
-    /// Guard `inner` with `limits`.
-    pub fn new(inner: TcpListener, limits: ConnectionLimits) -> Self {
+    fn new(inner: TcpListener, limits: ConnectionLimits) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             inner,
@@ -66,62 +127,59 @@ impl GuardedListener {
         }
     }
 
-    /// Count a connection from `ip`, unless it already has its most.
-    fn admit(&self, ip: IpAddr) -> Option<PeerCount> {
-        if self.limits.exempt.contains(&ip) || is_this_host(ip) {
-            return Some(PeerCount { ip: None });
-        }
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let count = per_ip.entry(ip).or_default();
-        if *count >= self.limits.max_per_ip {
-            return None;
-        }
-        *count += 1;
-        Some(PeerCount {
-            ip: Some((ip, self.per_ip.clone())),
-        })
-    }
-}
-
-impl axum::serve::Listener for GuardedListener {
-    type Io = Guarded;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection within the limits: waits for a free slot before taking one off
+    /// the backlog, and closes those whose address has its most open.
+    async fn accept(&mut self) -> (Accepted, SocketAddr) {
         loop {
-            // Wait for a free slot before taking the next connection off the backlog.
-            let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                // Never closed; were it, accept as the plain listener would.
-                let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-                return (
-                    Guarded::new(stream, None, PeerCount { ip: None }, None),
-                    addr,
-                );
+            let slot = match self.slots.clone().acquire_owned().await {
+                Ok(slot) => slot,
+                // Never closed.
+                Err(_) => continue,
             };
+            // axum's accept: retries, and waits a second on an error such as EMFILE.
             let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
             let Some(peer) = self.admit(addr.ip()) else {
                 tracing::debug!(peer = %addr, most = self.limits.max_per_ip, "connection refused: its address has its most open");
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let deadline = Box::pin(tokio::time::sleep(self.limits.header_timeout));
-            return (Guarded::new(stream, Some(slot), peer, Some(deadline)), addr);
+            return (Accepted { stream, slot, peer }, addr);
         }
     }
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
+    /// Count a connection from `ip`, unless its address already has its most.
+    fn admit(&self, ip: IpAddr) -> Option<PeerCount> {
+        let key = address_key(ip);
+        if is_this_host(key) || self.limits.exempt.iter().any(|e| address_key(*e) == key) {
+            return Some(PeerCount { ip: None });
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_ip.entry(key).or_default();
+        if *count >= self.limits.max_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(PeerCount {
+            ip: Some((key, self.per_ip.clone())),
+        })
     }
 }
 
-/// `127.0.0.1` or `::1` (an IPv4 address mapped to IPv6 read as itself).
-fn is_this_host(ip: IpAddr) -> bool {
+/// The address a connection counts against: IPv4 as it is (also when mapped into IPv6), IPv6
+/// by its /64 (one host is given a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
-        IpAddr::V6(v6) => {
-            v6 == Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST)
-        }
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
     }
+}
+
+/// `127.0.0.1` or `::1` (as [`address_key`] reads them).
+fn is_this_host(key: IpAddr) -> bool {
+    key == IpAddr::V4(Ipv4Addr::LOCALHOST) || key == address_key(Ipv6Addr::LOCALHOST.into())
 }
 
 /// Takes one connection off its address's count when dropped.
@@ -143,106 +201,11 @@ impl Drop for PeerCount {
     }
 }
 
-/// A connection held to the limits: its slot and its address's count go when it does, and
-/// reading fails once its first request's headers are overdue.
-pub struct Guarded {
-    stream: TcpStream,
-    _slot: Option<OwnedSemaphorePermit>,
-    _peer: PeerCount,
-    /// Until the first request's headers are in: when they are due.
-    headers_due: Option<Pin<Box<Sleep>>>,
-    /// The last bytes read while waiting for the end of the headers (`\r\n\r\n`), which may
-    /// arrive split across reads.
-    tail: [u8; 3],
-}
-
-impl Guarded {
-    fn new(
-        stream: TcpStream,
-        slot: Option<OwnedSemaphorePermit>,
-        peer: PeerCount,
-        headers_due: Option<Pin<Box<Sleep>>>,
-    ) -> Self {
-        Self {
-            stream,
-            _slot: slot,
-            _peer: peer,
-            headers_due,
-            tail: [0; 3],
-        }
-    }
-
-    /// Note `read` bytes; whether they end the first request's headers.
-    fn headers_end(&mut self, read: &[u8]) -> bool {
-        let mut window = Vec::with_capacity(3 + read.len());
-        window.extend_from_slice(&self.tail);
-        window.extend_from_slice(read);
-        if window.windows(4).any(|w| w == b"\r\n\r\n") {
-            return true;
-        }
-        let keep = window.len() - 3;
-        self.tail.copy_from_slice(&window[keep..]);
-        false
-    }
-}
-
-impl AsyncRead for Guarded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let Some(due) = this.headers_due.as_mut() else {
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        };
-        // Checked before reading: a client that drips its headers a byte at a time always has
-        // something to read.
-        if due.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the request's headers did not arrive in time",
-            )));
-        }
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = read {
-            let fresh = buf.filled()[before..].to_vec();
-            if this.headers_end(&fresh) {
-                this.headers_due = None;
-            }
-        }
-        read
-    }
-}
-
-impl AsyncWrite for Guarded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+impl GuardedListener {
+    #[cfg(test)]
+    fn open_from(&self, ip: IpAddr) -> usize {
+        let per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        per_ip.get(&address_key(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -251,18 +214,43 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_end_of_the_headers_is_found_however_it_is_split() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let client = tokio::spawn(TcpStream::connect(addr));
-        let (stream, _) = listener.accept().await.expect("accept");
-        let _client = client.await.expect("joined").expect("connects");
-        let mut guarded = Guarded::new(stream, None, PeerCount { ip: None }, None);
-        assert!(!guarded.headers_end(b"GET / HTTP/1.1\r\nHost: x\r"));
-        assert!(!guarded.headers_end(b"\n"));
-        assert!(!guarded.headers_end(b"\r"));
-        assert!(guarded.headers_end(b"\nbody"));
-        let mut fresh = Guarded::new(guarded.stream, None, PeerCount { ip: None }, None);
-        assert!(fresh.headers_end(b"GET / HTTP/1.1\r\n\r\n"));
+    async fn an_address_holds_its_most_and_gives_each_back_when_it_closes() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = GuardedListener::new(
+            inner,
+            ConnectionLimits {
+                max_connections: 8,
+                max_per_ip: 2,
+                header_timeout: Duration::from_secs(1),
+                exempt: vec!["203.0.113.9".parse().expect("ip")],
+            },
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let first = listener.admit(ip("203.0.113.7")).expect("first");
+        let second = listener.admit(ip("::ffff:203.0.113.7")).expect("second");
+        assert!(listener.admit(ip("203.0.113.7")).is_none(), "its most");
+        assert!(
+            listener.admit(ip("203.0.113.8")).is_some(),
+            "another address"
+        );
+        drop(first);
+        assert_eq!(listener.open_from(ip("203.0.113.7")), 1);
+        assert!(
+            listener.admit(ip("203.0.113.7")).is_some(),
+            "one given back"
+        );
+        drop(second);
+        // IPv6 by its /64.
+        let a = listener.admit(ip("2001:db8::1")).expect("a");
+        let _b = listener.admit(ip("2001:db8::2")).expect("b");
+        assert!(listener.admit(ip("2001:db8::3")).is_none());
+        assert!(listener.admit(ip("2001:db8:0:1::1")).is_some());
+        drop(a);
+        // A trusted proxy and this host count against nothing.
+        for _ in 0..5 {
+            assert!(listener.admit(ip("203.0.113.9")).is_some());
+            assert!(listener.admit(ip("127.0.0.1")).is_some());
+            assert!(listener.admit(ip("::1")).is_some());
+        }
     }
 }

@@ -83,16 +83,7 @@ pub async fn serve(
     router: Router,
     cancel: CancellationToken,
 ) {
-    use axum::serve::ListenerExt;
-    let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // `tap_io` only for axum's `ConnectInfo<SocketAddr>`, which it gives a wrapped listener.
-    let listener = listener::GuardedListener::new(listener, limits).tap_io(|_| {});
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "http listener failed");
-    }
+    listener::serve(listener, limits, router, cancel).await
 }
 
 /// 200 while the daemon can take jobs; 503 with the reason once the store cannot persist.
