@@ -218,9 +218,20 @@ impl Daemon {
             tracing::warn!(error = %e, "cannot read what the estimator learned; starting from the priors");
         }
         if let Some(provider) = pipeline.zap_provider() {
-            // Trusted from now on, if not before: receipts of older zaps credit nobody.
+            // Trusted from now on, if not before: receipts of older zaps credit nobody. A
+            // store that already follows receipts (kept before this was recorded) trusted its
+            // provider before: from a day before its checkpoint, so a zap invoiced before an
+            // upgrade and paid after it still counts.
             let now = crate::job::pipeline::unix_now();
-            if let Err(e) = pipeline.book().provider_trusted_since(&provider, now).await {
+            let book = pipeline.book();
+            let first = match book
+                .checkpoint(crate::job::checkpoint::Stream::Receipts)
+                .await
+            {
+                Ok(Some(at)) => now.min(at.saturating_sub(24 * 60 * 60)),
+                _ => now,
+            };
+            if let Err(e) = book.provider_trusted_since(&provider, first).await {
                 tracing::error!(error = %e, "cannot record when the zap provider was first trusted");
             }
         }

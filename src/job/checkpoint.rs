@@ -59,7 +59,7 @@ fn provider_key(provider: &nostr_sdk::PublicKey) -> Vec<u8> {
 
 impl Book {
     /// When this service first trusted `provider`'s zap receipts (unix seconds): recorded,
-    /// durably, as `now` by the first call, which intake makes when it starts. A receipt whose
+    /// durably, as `now` by the first call, which the daemon makes when it starts. A receipt whose
     /// invoice was made before then is a zap of the operator's npub from before (a tip, paid
     /// to the operator), not a top-up: a relay that sends us such old receipts would otherwise
     /// have them credited to their senders, to withdraw.

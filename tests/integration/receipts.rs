@@ -424,3 +424,38 @@ async fn a_receipt_published_while_dvmd_was_down_is_booked_once() {
     assert_eq!(totals.payment_in_msat, quote, "booked once");
     assert_eq!(totals.held_msat, 0);
 }
+
+/// A store that followed a provider's receipts before dvmd recorded when it first trusted
+/// the provider (an upgrade): a zap invoiced before the upgrade and paid after it still
+/// credits its sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zap_invoiced_before_an_upgrade_still_counts() {
+    let provider = Provider::new().await;
+    let data = harness::data_dir();
+    let (service, _) = dvmd::identity::init(data.path()).expect("identity");
+    {
+        let book = dvmd::job::Book::new(harness::open_store(data.path()));
+        let now = Timestamp::now().as_secs();
+        book.advance_checkpoint(dvmd::job::checkpoint::Stream::Receipts, now)
+            .await
+            .expect("an old install's checkpoint");
+    }
+    let carol = Keys::generate();
+    let (zap, bolt11) = provider
+        .zap(&carol, service.public_key(), EventId::all_zeros(), 21_000)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let provider_hex = provider.keys.public_key().to_hex();
+    let config = harness::dev_config(data.path(), |file| {
+        file.zaps.provider_pubkey = Some(provider_hex.clone());
+    });
+    let daemon = harness::start(config, None).await;
+    let receipt = provider.receipt(&provider.keys, &zap, &bolt11, Timestamp::now().as_secs());
+    let outcome = daemon.pipeline().accept_provider_receipt(&receipt).await;
+    assert!(matches!(outcome, ReceiptOutcome::Credited), "{outcome:?}");
+    assert_eq!(
+        harness::balance(daemon.pipeline().book().store(), &carol.public_key()),
+        21_000
+    );
+    daemon.stop().await;
+}
