@@ -306,7 +306,10 @@ impl Pipeline {
                 self.enqueue(*job, Some(confirmed_at)).await;
             }
             Ok(PaymentOutcome::Credited { account, job }) => {
-                self.release_invoice_slot(&account);
+                if job.is_some() {
+                    // A job's invoice held a slot; a top-up's never did.
+                    self.release_invoice_slot(&account);
+                }
                 inner.metrics.payment_confirmed(amount_msat);
                 tracing::info!(%account, job = ?job, msat = amount_msat, "payment credited to the account");
             }
