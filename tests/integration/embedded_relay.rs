@@ -223,7 +223,19 @@ async fn what_the_relay_cannot_take_is_answered_as_nip01_says() {
     assert_eq!(subscription_id.to_string(), "unreadable");
     assert!(message.starts_with("invalid:"), "{message}");
 
-    // Too many filters to run at once (each one a query under the store's lock).
+    // Too many filters to run at once (each one a query under the store's lock): refused,
+    // and the subscription a REQ before opened under the same id ends with it.
+    let notes = nostr_sdk::Filter::new().kind(Kind::from(1));
+    send(
+        &mut socket,
+        ClientMessage::req(nostr_sdk::SubscriptionId::new("many"), vec![notes]),
+    )
+    .await;
+    read_until(&mut socket, |m| {
+        matches!(m, RelayMessage::EndOfStoredEvents(_))
+    })
+    .await
+    .expect("EOSE");
     let many = vec![nostr_sdk::Filter::new().limit(5000); 21];
     send(
         &mut socket,
@@ -234,6 +246,25 @@ async fn what_the_relay_cannot_take_is_answered_as_nip01_says() {
     assert!(
         matches!(&closed, RelayMessage::Closed { subscription_id, message } if subscription_id.to_string() == "many" && message.contains("at most 20 in one REQ")),
         "{closed:?}"
+    );
+    let note = EventBuilder::text_note("after the refusal")
+        .sign_with_keys(&Keys::generate())
+        .expect("sign");
+    send(&mut socket, ClientMessage::event(note)).await;
+    let mut heard = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        read_until(&mut socket, |m| {
+            heard.push(m.clone());
+            false
+        }),
+    )
+    .await;
+    assert!(
+        !heard
+            .iter()
+            .any(|m| matches!(m, RelayMessage::Event { .. })),
+        "the refused subscription's id sends nothing: {heard:?}"
     );
 
     let id = "ab".repeat(32);

@@ -299,6 +299,10 @@ impl Session {
     async fn req(&self, subscription_id: SubscriptionId, filters: Vec<Filter>) -> Result<(), Gone> {
         if filters.len() > MAX_FILTERS {
             let count = filters.len();
+            // `CLOSED` ends the subscription under this id, one a `REQ` before opened too.
+            self.shared
+                .subscriptions
+                .unsubscribe(self.id, &subscription_id);
             return self
                 .answer(RelayMessage::Closed {
                     subscription_id: Cow::Owned(subscription_id),
