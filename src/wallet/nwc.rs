@@ -336,8 +336,8 @@ impl Wallet for NwcWallet {
         };
         // Some services leave `type` out. The hash is a payout's, which is never one of our
         // own invoices (the payer refuses those), so only an answer that says it is incoming
-        // is not about it. Read as unknown, a payout that succeeded would be failed after its
-        // invoice expired and its amount given back: paid twice.
+        // is not about it. Read as unknown, a payout that succeeded would wait for the
+        // operator as stuck rather than settle as paid.
         if found.transaction_type == Some(TransactionType::Incoming) {
             return Ok(OutgoingStatus::Unknown);
         }

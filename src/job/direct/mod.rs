@@ -49,7 +49,8 @@ const LIVE_STALL: Duration = Duration::from_secs(30);
 /// reads slowly, or keeps its connection open and reads nothing, held the worker until
 /// `job_timeout_secs` failed the job with nothing charged, having read what it had: one such
 /// connection stopped every job, and its answers cost nothing. The queue is bounded by the
-/// answer (a few hundred KB at most), and only a worker's jobs fill one at a time.
+/// answer (a few hundred KB at most), which was paid for; a client that never reads keeps its
+/// answer queued until its connection closes (at most `[http] max_connections` at once).
 pub fn live_channel(max_tokens: u32) -> (LiveSink, mpsc::Receiver<LiveEvent>) {
     let pieces = usize::try_from(max_tokens).unwrap_or(usize::MAX);
     mpsc::channel(pieces.saturating_mul(2).saturating_add(16))

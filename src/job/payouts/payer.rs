@@ -305,7 +305,9 @@ impl Payer {
     /// Look up every pending payout once (on start, and on each reconcile pass). Returns how
     /// many are still pending, and how many of those are stuck: past their invoice's expiry
     /// (and [`EXPIRED_UNKNOWN_GRACE_SECS`]) with a wallet that cannot say what became of them
-    /// (its lookups fail), which only the operator can resolve.
+    /// (its lookups fail, or it knows no payment to the hash but does not record one before
+    /// sending: [`crate::wallet::Wallet::unknown_means_unsent`]), which only the operator can
+    /// resolve.
     pub async fn reconcile(&self) -> (u64, u64) {
         let pending = match self.book.pending_payouts().await {
             Ok(pending) => pending,
