@@ -529,7 +529,8 @@ pub struct HttpSection {
     /// Connections at once from one client address (`trusted_proxies`, `127.0.0.1` and `::1`
     /// excepted); more are closed as they arrive.
     pub max_connections_per_ip: usize,
-    /// How long a new connection may take to send its first request's headers, seconds.
+    /// How long a request's headers may take to arrive (a new connection's from its start, a
+    /// kept-alive one's from the answer before), seconds.
     pub header_timeout_secs: u64,
 }
 
