@@ -146,3 +146,73 @@ async fn pay_an_invoice_and_a_lightning_address_of_another_dvmd() {
     assert!(!stdout.contains(&a_account.adminkey) && !stderr.contains(&a_account.adminkey));
     assert!(!stderr.contains(&a_account.inkey));
 }
+
+/// A payout dvmd cannot settle (its wallet cannot say what became of it) is settled by the
+/// operator's word, with the daemon stopped: `failed` gives the amount and its most fee back,
+/// once; a payout no longer pending is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_settles_a_stuck_payout_by_hand() {
+    use dvmd::job::payouts::{Payout, PayoutState};
+    use dvmd::job::{Book, PaymentRecord};
+    use dvmd::wallet::PaymentHash;
+
+    let data = harness::data_dir();
+    let alice = nostr_sdk::Keys::generate().public_key();
+    let hash = PaymentHash([7; 32]);
+    {
+        let book = Book::new(harness::open_store(data.path()));
+        let top_up = PaymentHash([1; 32]);
+        let record = PaymentRecord {
+            job: None,
+            account: alice.into(),
+            amount_msat: 10_000,
+            expires_at: u64::MAX,
+            bolt11: String::new(),
+            zap_request: None,
+            consumed: false,
+            closed: false,
+            next_lookup_at: 0,
+            continues: None,
+        };
+        book.register_invoice(&top_up, record)
+            .await
+            .expect("register");
+        book.confirm_payment(&top_up, 10_000).await.expect("paid");
+        let payout = Payout {
+            account: alice.into(),
+            bolt11: "lnbcrt1stuck".to_owned(),
+            payment_hash: hash,
+            amount_msat: 6_000,
+            max_fee_msat: 1_000,
+            expires_at: 1,
+            state: PayoutState::Pending,
+            note: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        book.begin_payout(payout).await.expect("begins");
+        assert_eq!(harness::balance(book.store(), &alice), 3_000);
+    }
+    let dvmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dvmd"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .expect("run dvmd")
+    };
+    let hex = hash.to_hex();
+    let settled = dvmd(&["account", "settle-payout", "--payment-hash", &hex, "failed"]);
+    assert!(settled.status.success(), "{settled:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&settled.stdout).expect("json");
+    assert_eq!(shown["state"], "failed", "{shown}");
+    let again = dvmd(&["account", "settle-payout", "--payment-hash", &hex, "paid"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not pending"),
+        "{again:?}"
+    );
+    let store = harness::open_store(data.path());
+    assert_eq!(harness::balance(&store, &alice), 10_000, "given back once");
+    harness::ledger_ok(&store);
+}

@@ -145,6 +145,34 @@ pub(crate) enum AccountCommand {
         #[arg(long, requires = "address")]
         amount_msat: Option<u64>,
     },
+    /// Settle a payout that stays pending by hand, once the wallet's own operator said what
+    /// became of it: for a wallet that cannot (an NWC service that finds no payment to the
+    /// hash), a pending payout is counted stuck (`dvmd_payouts_stuck`) and never settled by
+    /// dvmd. `failed` gives the amount and its most fee back to the customer; `paid` books it
+    /// sent. Stop the daemon first: the store is locked while it runs.
+    SettlePayout {
+        #[command(flatten)]
+        files: Files,
+        /// The payout's payment hash (hex), as the log and `dvmd ledger show` name it.
+        #[arg(long)]
+        payment_hash: String,
+        /// What became of it.
+        #[arg(value_enum)]
+        outcome: PayoutOutcome,
+        /// For `paid`: the routing fee the wallet spent, msat (the customer pays at most the
+        /// payout's most fee).
+        #[arg(long, default_value_t = 0)]
+        fee_msat: u64,
+    },
+}
+
+/// What became of a payout, as the wallet's operator says.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum PayoutOutcome {
+    /// Nothing was sent, and nothing can be any more.
+    Failed,
+    /// It arrived.
+    Paid,
 }
 
 #[derive(Subcommand)]

@@ -195,6 +195,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Account {
+            command:
+                AccountCommand::SettlePayout {
+                    files,
+                    payment_hash,
+                    outcome,
+                    fee_msat,
+                },
+        } => {
+            use dvmd::job::payouts::PayoutState;
+            let book = Book::new(open_store(&files)?);
+            let hash = wallet::PaymentHash::from_hex(&payment_hash)
+                .map_err(|e| anyhow::anyhow!("--payment-hash: {e}"))?;
+            let Some(payout) = book.payout(&hash).await? else {
+                anyhow::bail!("no payout has payment hash {payment_hash}");
+            };
+            if payout.state != PayoutState::Pending {
+                anyhow::bail!(
+                    "payout {payment_hash} is not pending: {}",
+                    serde_json::to_string(&payout.state)?
+                );
+            }
+            let state = match outcome {
+                args::PayoutOutcome::Failed => PayoutState::Failed,
+                args::PayoutOutcome::Paid => PayoutState::Paid { fee_msat },
+            };
+            let settled = book.finish_payout(&hash, state).await?;
+            println!("{}", serde_json::to_string_pretty(&settled)?);
+        }
         Command::Trust { command } => {
             println!("{}", serde_json::to_string_pretty(&trust(command).await?)?);
         }
