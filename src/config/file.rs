@@ -501,6 +501,9 @@ pub struct HttpSection {
     /// Top-up invoices issued per minute at most, for everyone together (each costs a wallet
     /// invoice and a stored record); over it, 429 with `Retry-After`.
     pub max_topups_per_minute: u32,
+    /// Top-up invoices per minute for one client address (read through `trusted_proxies`),
+    /// within `max_topups_per_minute`; over it, 429.
+    pub max_topups_per_ip_per_minute: u32,
     /// L402 challenges (402 with an invoice and a macaroon) issued per minute at most, for
     /// everyone together; over it, 429 with `Retry-After`.
     pub max_challenges_per_minute: u32,
@@ -545,6 +548,7 @@ impl Default for HttpSection {
             body_timeout_secs: 30,
             max_topup_msat: 100_000_000,
             max_topups_per_minute: 60,
+            max_topups_per_ip_per_minute: 10,
             max_challenges_per_minute: 600,
             max_challenges_per_ip_per_minute: 30,
             l402_token_lifetime_secs: 30 * 24 * 3600,

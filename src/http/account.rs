@@ -3,7 +3,7 @@
 //! the npub, recorded before it is returned), `POST /v1/account/settings`, and the 402 with a
 //! top-up invoice that a job's shortfall gets.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Query, State};
@@ -111,6 +111,7 @@ pub(super) async fn shortfall(
     api: &ApiConfig,
     pipeline: &Pipeline,
     who: PublicKey,
+    client: IpAddr,
     quote_msat: u64,
     balance_msat: u64,
 ) -> OpenAiError {
@@ -119,7 +120,7 @@ pub(super) async fn shortfall(
         .div_ceil(1000)
         .max(1)
         * 1000;
-    if !api.topups.try_take_at(Instant::now()) {
+    if !take_top_up(api, client) {
         return OpenAiError::rate_limited(format!(
             "your balance of {balance_msat} msat does not cover the quote of {quote_msat} msat, and too many top-up invoices were issued just now; retry in a minute"
         ));
@@ -158,6 +159,15 @@ pub(super) async fn shortfall(
     error
 }
 
+/// A token from `client`'s top-up bucket, then from everyone's: a client over its own limit
+/// takes nothing from the others. This host (loopback: a local proxy not named in
+/// `trusted_proxies`) has no bucket of its own.
+fn take_top_up(api: &ApiConfig, client: IpAddr) -> bool {
+    let now = Instant::now();
+    (client.is_loopback() || api.topups_per_client.try_take(client, now))
+        && api.topups.try_take_at(now)
+}
+
 fn top_up_refused(e: TopUpRefusal) -> OpenAiError {
     match e {
         TopUpRefusal::Amount(reason) => OpenAiError::invalid(reason),
@@ -184,7 +194,7 @@ pub(super) async fn topup(
     // A refused amount costs no invoice, so it takes no token from the flood limit.
     check_top_up(amount_msat, api.max_topup_msat)
         .map_err(|e| OpenAiError::invalid(e.to_string()))?;
-    if !api.topups.try_take_at(Instant::now()) {
+    if !take_top_up(api, api.proxies.client(peer.ip(), &headers)) {
         return Err(OpenAiError::rate_limited(
             "too many top-up invoices right now; retry in a minute",
         ));

@@ -49,6 +49,8 @@ pub struct ApiConfig {
     pub max_topup_msat: u64,
     /// Top-up invoices for everyone together.
     pub topups: InvoiceLimiter,
+    /// Top-up invoices for one client address: one client cannot spend everyone's.
+    pub(super) topups_per_client: super::l402::PerClient,
     /// L402: the root key, token lifetime and challenge limits.
     pub l402: super::l402::L402Door,
     /// Origins allowed to call from a browser.
@@ -203,6 +205,9 @@ impl ApiConfig {
             body_timeout_secs: http.body_timeout_secs,
             max_topup_msat: http.max_topup_msat,
             topups: InvoiceLimiter::per_minute(http.max_topups_per_minute),
+            topups_per_client: super::l402::PerClient::per_minute(
+                http.max_topups_per_ip_per_minute,
+            ),
             l402: super::l402::L402Door::new(http, root_key),
             cors: Cors::new(&http.cors_origins),
             admin_token: None,

@@ -97,15 +97,15 @@ fn derive_key(root_key: &[u8], purpose: &[u8]) -> [u8; 32] {
 }
 
 /// One token bucket per client address (see [`client_key`]).
-struct PerClient(Buckets<IpAddr>);
+pub(super) struct PerClient(Buckets<IpAddr>);
 
 impl PerClient {
-    fn per_minute(per_minute: u32) -> Self {
+    pub(super) fn per_minute(per_minute: u32) -> Self {
         let burst = f64::from(per_minute.max(1));
         Self(Buckets::new(burst, burst / 60.0, MAX_TRACKED_CLIENTS))
     }
 
-    fn try_take(&self, client: IpAddr, now: Instant) -> bool {
+    pub(super) fn try_take(&self, client: IpAddr, now: Instant) -> bool {
         self.0.try_take(client_key(client), now)
     }
 }

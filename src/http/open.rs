@@ -188,7 +188,9 @@ pub(super) async fn open(
             quote_msat,
             balance_msat,
         }) => Err(match &caller.who {
-            Who::Npub(who) => shortfall(api, pipeline, *who, quote_msat, balance_msat).await,
+            Who::Npub(who) => {
+                shortfall(api, pipeline, *who, caller.client, quote_msat, balance_msat).await
+            }
             Who::Payment(_) if session.is_some() => {
                 let why = crate::mpp::Refusal::InsufficientBalance(format!(
                     "this session has {balance_msat} msat; this call needs at least {quote_msat} msat to start (its prompt and one token): top it up"

@@ -363,6 +363,52 @@ async fn bad_amounts_bodies_and_floods_get_clear_4xx() {
     daemon.stop().await;
 }
 
+/// One client address cannot spend everyone's top-up invoices: over its own limit, it takes
+/// nothing from the others (clients told apart through a trusted proxy's `X-Forwarded-For`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_spend_everyones_top_ups() {
+    let (_data, daemon) = start(|file| {
+        file.http.max_topups_per_minute = 4;
+        file.http.max_topups_per_ip_per_minute = 2;
+        file.http.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let http = daemon.ready().http_url.clone();
+    let keys = Keys::generate();
+    let url = format!("{http}/v1/account/topup");
+    let top_up = |client: &'static str| {
+        let body = br#"{"amount_msat":1000}"#.to_vec();
+        let header = Auth::new(&keys, url.clone(), "POST", &body).header();
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(&url)
+                .header("Authorization", header)
+                .header("X-Forwarded-For", client)
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(top_up("203.0.113.1").await, 200);
+    assert_eq!(top_up("203.0.113.1").await, 200);
+    assert_eq!(top_up("203.0.113.1").await, 429, "its own limit");
+    assert_eq!(top_up("203.0.113.1").await, 429);
+    assert_eq!(
+        top_up("203.0.113.2").await,
+        200,
+        "the others' share is whole"
+    );
+    assert_eq!(top_up("203.0.113.2").await, 200);
+    assert_eq!(top_up("203.0.113.3").await, 429, "everyone's limit");
+    assert_eq!(recorded(&daemon).await.0, 4);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_of_configured_origins_may_call_and_others_get_no_cors() {
     let (_data, daemon) = start(|file| {
