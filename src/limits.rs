@@ -3,8 +3,33 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Instant;
+
+/// The address a per-client limit counts a caller against: IPv4 as it is (also when mapped
+/// into IPv6), IPv6 by its /64 (one host is given a whole /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// This host (`127.0.0.1`, `::1`, or `127.0.0.1` mapped into IPv6): its own proxy, tools and
+/// benchmarks, which per-client limits leave alone (a proxy on another address is named in
+/// `[http] trusted_proxies`, and its clients are told apart by `X-Forwarded-For`).
+pub fn is_this_host(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => {
+            v6 == Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST)
+        }
+    }
+}
 
 /// A token bucket: `capacity` at most in a burst, refilled at `per_sec`.
 #[derive(Debug)]

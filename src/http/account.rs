@@ -160,11 +160,11 @@ pub(super) async fn shortfall(
 }
 
 /// A token from `client`'s top-up bucket, then from everyone's: a client over its own limit
-/// takes nothing from the others. This host (loopback: a local proxy not named in
-/// `trusted_proxies`) has no bucket of its own.
+/// takes nothing from the others. This host ([`crate::limits::is_this_host`]) has no bucket
+/// of its own.
 fn take_top_up(api: &ApiConfig, client: IpAddr) -> bool {
     let now = Instant::now();
-    (client.is_loopback() || api.topups_per_client.try_take(client, now))
+    (crate::limits::is_this_host(client) || api.topups_per_client.try_take(client, now))
         && api.topups.try_take_at(now)
 }
 

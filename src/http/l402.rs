@@ -96,7 +96,7 @@ fn derive_key(root_key: &[u8], purpose: &[u8]) -> [u8; 32] {
     Hmac::<sha256::Hash>::from_engine(engine).to_byte_array()
 }
 
-/// One token bucket per client address (see [`client_key`]).
+/// One token bucket per client address (see [`crate::limits::address_key`]).
 pub(super) struct PerClient(Buckets<IpAddr>);
 
 impl PerClient {
@@ -106,21 +106,7 @@ impl PerClient {
     }
 
     pub(super) fn try_take(&self, client: IpAddr, now: Instant) -> bool {
-        self.0.try_take(client_key(client), now)
-    }
-}
-
-/// The bucket a client address counts against: IPv4 as it is (also when mapped into IPv6),
-/// IPv6 by its /64.
-fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
-        },
+        self.0.try_take(crate::limits::address_key(client), now)
     }
 }
 
@@ -551,7 +537,7 @@ mod tests {
         assert!(limits.try_take(other, now), "another /64 has its own");
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
         assert_eq!(
-            client_key(mapped),
+            crate::limits::address_key(mapped),
             "192.0.2.1".parse::<IpAddr>().expect("ip")
         );
     }

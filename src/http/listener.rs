@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::limits::{address_key, is_this_host};
 
 /// The limits, from `[http]`.
 #[derive(Debug, Clone)]
@@ -150,7 +152,7 @@ impl GuardedListener {
     /// Count a connection from `ip`, unless its address already has its most.
     fn admit(&self, ip: IpAddr) -> Option<PeerCount> {
         let key = address_key(ip);
-        if is_this_host(key) || self.limits.exempt.iter().any(|e| address_key(*e) == key) {
+        if is_this_host(ip) || self.limits.exempt.iter().any(|e| address_key(*e) == key) {
             return Some(PeerCount { ip: None });
         }
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,23 +165,6 @@ impl GuardedListener {
             ip: Some((key, self.per_ip.clone())),
         })
     }
-}
-
-/// The address a connection counts against: IPv4 as it is (also when mapped into IPv6), IPv6
-/// by its /64 (one host is given a whole /64).
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        },
-    }
-}
-
-/// `127.0.0.1` or `::1` (as [`address_key`] reads them).
-fn is_this_host(key: IpAddr) -> bool {
-    key == IpAddr::V4(Ipv4Addr::LOCALHOST) || key == address_key(Ipv6Addr::LOCALHOST.into())
 }
 
 /// Takes one connection off its address's count when dropped.

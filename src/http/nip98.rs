@@ -14,7 +14,7 @@
 //! need two distinct events: add any tag (a `nonce`) to the second.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 
 use base64::Engine;
@@ -127,8 +127,7 @@ impl Verifier {
     /// The most live ids one client address may hold: an eighth of the cache. Keys cost
     /// nothing, so without a share one address signing hundreds of requests a second with
     /// fresh keys filled the cache, and every NIP-98 caller got 429 until it drained. This
-    /// host (loopback: a local proxy not named in `trusted_proxies`, a benchmark) has no share
-    /// of its own.
+    /// host ([`crate::limits::is_this_host`]) has no share of its own.
     fn client_share(&self) -> usize {
         (self.capacity / 8).max(1)
     }
@@ -219,7 +218,8 @@ impl Verifier {
             // Every id held could still be replayed: refuse rather than forget one.
             return Err(AuthError::Busy);
         }
-        let by = shared_client(client);
+        // The address whose share this counts against; this host has none.
+        let by = (!crate::limits::is_this_host(client)).then(|| crate::limits::address_key(client));
         if let Some(by) = by {
             let count = per_client.entry(by).or_default();
             if *count >= self.client_share() {
@@ -232,19 +232,6 @@ impl Verifier {
         by_expiry.push_back((now + 2 * self.window_secs + 1, id, by));
         Ok(())
     }
-}
-
-/// The address whose share `client` counts against: IPv4 as it is (also mapped into IPv6),
-/// IPv6 by its /64; `None` for this host.
-fn shared_client(client: IpAddr) -> Option<IpAddr> {
-    let client = match client {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        },
-        v4 => v4,
-    };
-    (!client.is_loopback()).then_some(client)
 }
 
 fn decode(header: &str) -> Result<Event, AuthError> {
