@@ -159,7 +159,7 @@ impl Pipeline {
         };
         if let Some(hash) = hash {
             // Boxed: booking a zap can give up a continuation in turn (an underpaid one).
-            if Box::pin(self.zap_may_have_paid(hash)).await {
+            if Box::pin(self.zap_may_have_paid(id, hash)).await {
                 return;
             }
         }

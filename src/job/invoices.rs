@@ -11,7 +11,7 @@ use super::holds::post;
 use super::record::Job;
 use super::state::JobState;
 use crate::ledger::{self, Entry, EntryKind};
-use crate::store::{be_u64, Tree, Tx, TxError};
+use crate::store::{be_u64, job_zap_key, open_payment_key, Tree, Tx, TxError, TxFailure};
 use crate::wallet::{Invoice, PaymentHash};
 
 /// An invoice we issued and what it pays for. A payment hash pays for one thing once: the
@@ -73,8 +73,44 @@ impl PaymentRecord {
     }
 }
 
+impl PaymentRecord {
+    /// Whether only a credential spends this payment: an L402 or HTTP `Payment` challenge's
+    /// invoice, paid into its own token account. Presenting the credential (which holds the
+    /// preimage) makes us look the payment up, so the reconciler need not: it looks such an
+    /// invoice up once, [`CHALLENGE_LATE_SECS`] past its expiry, for the books, and closes it
+    /// then if unpaid. Anyone can ask for a challenge, so an invoice looked up on every pass
+    /// and for `late_lookup_days` after would let them buy wallet calls by the thousand.
+    pub fn spent_by_credential(&self) -> bool {
+        matches!(self.account, Account::Token(_))
+            && self.job.is_none()
+            && self.zap_request.is_none()
+    }
+}
+
+/// How long past its expiry a challenge's invoice is looked up (once), and closed if unpaid;
+/// an HTLC accepted just before the expiry has settled by then. A payment that still lands
+/// later is booked when its hint arrives or its credential is presented.
+pub const CHALLENGE_LATE_SECS: u64 = 60;
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// Inside a transaction: `hash`, stored as `record`, is open: the reconciler looks it up from
+/// `record.next_lookup_at`.
+pub(super) fn index_open(
+    tx: &Tx<'_>,
+    hash: &PaymentHash,
+    record: &PaymentRecord,
+) -> Result<(), TxFailure> {
+    let key = open_payment_key(record.next_lookup_at, &hash.0);
+    tx.put_raw(Tree::OpenPayments, &key, &[])
+}
+
+/// Inside a transaction: `hash`, stored as `record` until now, is no longer open.
+fn unindex_open(tx: &Tx<'_>, hash: &PaymentHash, record: &PaymentRecord) -> Result<(), TxFailure> {
+    let key = open_payment_key(record.next_lookup_at, &hash.0);
+    tx.remove(Tree::OpenPayments, &key)
 }
 
 /// What a confirmed payment did.
@@ -204,6 +240,19 @@ fn continue_paid(
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }
 
+/// The open payment an [`Tree::OpenPayments`] key names, if its record is still open.
+fn open_record(
+    r: &crate::store::Reader<'_>,
+    key: &[u8],
+) -> Result<Option<(PaymentHash, PaymentRecord)>, crate::store::StoreError> {
+    let Some(hash) = key.get(8..).and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
+        return Ok(None);
+    };
+    Ok(r.get::<PaymentRecord>(Tree::Payments, &hash)?
+        .filter(|record| !record.consumed && !record.closed)
+        .map(|record| (PaymentHash(hash), record)))
+}
+
 /// `meta` keys of zaps booked whose receipt is owed: this prefix, then the payment hash.
 const ZAP_RECEIPT_PREFIX: &[u8] = b"zap_receipt:";
 
@@ -241,7 +290,10 @@ impl Book {
                 }
                 tx.put(Tree::Payments, &hash.0, &record)?;
                 if !record.consumed && !record.closed {
-                    tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
+                    index_open(tx, &hash, &record)?;
+                }
+                if let (Some(job), Some(_)) = (record.job, &record.zap_request) {
+                    tx.put_raw(Tree::JobZaps, &job_zap_key(job.as_bytes(), &hash.0), &[])?;
                 }
                 Ok(())
             })
@@ -256,22 +308,82 @@ impl Book {
             .await
     }
 
-    /// Payment hashes issued and neither consumed nor closed (for the reconciler), expired ones
-    /// included: some wallets (LNbits) still accept an expired invoice, and that money must be
-    /// credited, not lost. Read from the `open_payments` index.
+    /// Every payment hash issued and neither consumed nor closed, expired ones included: some
+    /// wallets (LNbits) still accept an expired invoice, and that money must be credited, not
+    /// lost. Reads the whole `open_payments` index: for the admin and tests; a reconcile pass
+    /// reads only what is due ([`Book::due_payments`]).
     pub async fn open_payments(&self) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
         self.store()
             .read(|r| {
                 let mut open = Vec::new();
                 for key in r.keys(Tree::OpenPayments) {
-                    let Ok(bytes) = <[u8; 32]>::try_from(key?.as_slice()) else {
+                    if let Some(found) = open_record(r, &key?)? {
+                        open.push(found);
+                    }
+                }
+                Ok(open)
+            })
+            .await
+    }
+
+    /// The open payments due a lookup at `now`, in the order they fell due: every one whose
+    /// invoice has not expired (a customer may be paying it right now), and at most `late` of
+    /// those past expiry, so a pass asks the wallet a bounded number of times however many
+    /// invoices went unpaid; the rest wait for the next pass. An invoice is deferred only once
+    /// it has expired, so every unexpired one is here (the open-invoice slots are recounted
+    /// from them).
+    pub async fn due_payments(
+        &self,
+        now: u64,
+        late: usize,
+    ) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
+        self.store()
+            .read(move |r| {
+                let (mut due, mut late_taken) = (Vec::new(), 0usize);
+                let last = open_payment_key(now, &[0xff; 32]);
+                for key in r.keys_in(Tree::OpenPayments, ..=last) {
+                    let key = key?;
+                    let deferred = key.get(..8).and_then(be_u64).unwrap_or(0) > 0;
+                    if late_taken >= late && deferred {
+                        // Only deferred (so expired) invoices from here on.
+                        break;
+                    }
+                    let Some((hash, record)) = open_record(r, &key)? else {
                         continue;
                     };
-                    let Some(record) = r.get::<PaymentRecord>(Tree::Payments, &bytes)? else {
+                    if record.expires_at < now {
+                        if late_taken >= late {
+                            continue;
+                        }
+                        late_taken += 1;
+                    }
+                    due.push((hash, record));
+                }
+                Ok(due)
+            })
+            .await
+    }
+
+    /// The zap invoices of `job` still open.
+    pub async fn open_zaps_of(
+        &self,
+        job: &JobId,
+    ) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
+        let job = *job;
+        self.store()
+            .read(move |r| {
+                let mut open = Vec::new();
+                for key in r.keys_with_prefix_rev(Tree::JobZaps, job.as_bytes()) {
+                    let key = key?;
+                    let Some(hash) = key.get(32..).and_then(|h| <[u8; 32]>::try_from(h).ok())
+                    else {
                         continue;
                     };
-                    if !record.consumed && !record.closed {
-                        open.push((PaymentHash(bytes), record));
+                    match r.get::<PaymentRecord>(Tree::Payments, &hash)? {
+                        Some(record) if !record.consumed && !record.closed => {
+                            open.push((PaymentHash(hash), record));
+                        }
+                        _ => {}
                     }
                 }
                 Ok(open)
@@ -285,7 +397,12 @@ impl Book {
         self.store()
             .apply(move |tx| {
                 if let Some(mut record) = tx.get::<PaymentRecord>(Tree::Payments, &hash.0)? {
+                    if record.consumed || record.closed {
+                        return Ok(());
+                    }
+                    unindex_open(tx, &hash, &record)?;
                     record.next_lookup_at = at;
+                    index_open(tx, &hash, &record)?;
                     tx.put(Tree::Payments, &hash.0, &record)?;
                 }
                 Ok(())
@@ -310,9 +427,9 @@ impl Book {
                 if record.consumed || record.closed || record.expires_at >= horizon {
                     return Ok(false);
                 }
+                unindex_open(tx, &hash, &record)?;
                 record.closed = true;
                 tx.put(Tree::Payments, &hash.0, &record)?;
-                tx.remove(Tree::OpenPayments, &hash.0)?;
                 Ok(true)
             })
             .await
@@ -342,8 +459,8 @@ impl Book {
                 if record.consumed {
                     return Ok(PaymentOutcome::AlreadyConsumed);
                 }
+                unindex_open(tx, &hash, &record)?;
                 record.consumed = true;
-                tx.remove(Tree::OpenPayments, &hash.0)?;
                 if record.zap_request.is_some() {
                     // Its receipt is owed from this write on (see `zap_receipts_due`).
                     tx.put_raw(Tree::Meta, &zap_receipt_key(&hash), &at.to_be_bytes())?;

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::book::{abort, BookError};
-use super::invoices::PaymentRecord;
+use super::invoices::{PaymentRecord, CHALLENGE_LATE_SECS};
 use super::pipeline::{unix_now, Pipeline};
 use crate::l402::{self, Grant, Identifier, Macaroon};
 use crate::ledger::{self, Account};
@@ -138,7 +138,11 @@ impl Pipeline {
         let hash = invoice.payment_hash;
         let id = Identifier::new(hash);
         let macaroon = l402::mint(root_key, &id, &grant);
-        let record = PaymentRecord::issued(None, Account::Token(hash), &invoice, None);
+        let record = PaymentRecord {
+            // Its credential looks it up; the reconciler only once, past expiry.
+            next_lookup_at: invoice.expires_at + CHALLENGE_LATE_SECS + 1,
+            ..PaymentRecord::issued(None, Account::Token(hash), &invoice, None)
+        };
         let token = TokenRecord {
             token_id: hex::encode(id.token_id),
             amount_msat: invoice.amount_msat,
@@ -332,7 +336,7 @@ impl super::Book {
                     return Err(abort(BookError::PaymentHashReused(hash)));
                 }
                 tx.put(Tree::Payments, &hash.0, &record)?;
-                tx.put_raw(Tree::OpenPayments, &hash.0, &[])?;
+                super::invoices::index_open(tx, &hash, &record)?;
                 tx.put(Tree::L402Tokens, &hash.0, &token)?;
                 for payment in &payment {
                     tx.put(

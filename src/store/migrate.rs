@@ -1,8 +1,8 @@
 //! Schema migrations, run on open before the writer starts.
 
 use super::{
-    account_entry_key, be_u64, decode, job_key, StoreError, Tree, Trees, ENTRY_SEQUENCE,
-    META_SCHEMA_KEY, SCHEMA_VERSION,
+    account_entry_key, be_u64, decode, job_key, job_zap_key, open_payment_key, StoreError, Tree,
+    Trees, ENTRY_SEQUENCE, META_SCHEMA_KEY, SCHEMA_VERSION,
 };
 
 /// Bring a store written by an older schema up to [`SCHEMA_VERSION`], before the writer starts.
@@ -28,11 +28,15 @@ pub(super) fn migrate(trees: &Trees) -> Result<(), StoreError> {
         // 5 -> 6 adds HTTP jobs, token accounts and `l402_tokens`, 6 -> 7 `payouts`,
         // `account_settings` and the payout entry kinds, 7 -> 8 `mpp_challenges`: nothing is
         // rewritten (nor is anything for 9 -> 10, which adds `trust`).
-        5..=9 => {}
+        5..=10 => {}
         found => return Err(StoreError::Schema { found }),
     }
     if found < 9 {
         key_jobs_by_time(trees)?;
+    }
+    if found < 11 {
+        key_open_payments_by_due(trees)?;
+        index_zaps_by_job(trees)?;
     }
     if found != SCHEMA_VERSION {
         tracing::info!(from = found, to = SCHEMA_VERSION, "store migrated");
@@ -64,6 +68,65 @@ fn index_open_payments(trees: &Trees) -> Result<(), StoreError> {
         }
     }
     tracing::info!(indexed, "store migrated to schema 2 (open payments index)");
+    Ok(())
+}
+
+/// Migration 10 -> 11: key every open payment by when it is next due a lookup
+/// ([`open_payment_key`]). Each is written under its new key before its old one is removed, so
+/// a migration cut short resumes where it stopped.
+fn key_open_payments_by_due(trees: &Trees) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Due {
+        #[serde(default)]
+        next_lookup_at: u64,
+    }
+    let open = &trees.trees[Tree::OpenPayments as usize];
+    let payments = &trees.trees[Tree::Payments as usize];
+    let mut old = Vec::new();
+    for key in open.iter().keys() {
+        if let Ok(hash) = <[u8; 32]>::try_from(key?.as_ref()) {
+            old.push(hash);
+        }
+    }
+    for hash in &old {
+        if let Some(raw) = payments.get(hash)? {
+            let due: Due = decode("payments", &raw)?;
+            open.insert(open_payment_key(due.next_lookup_at, hash), &[] as &[u8])?;
+        }
+        open.remove(hash)?;
+    }
+    tracing::info!(
+        rekeyed = old.len(),
+        "store migrated to schema 11 (open payments by due time)"
+    );
+    Ok(())
+}
+
+/// Migration 10 -> 11: index every zap invoice of a job under the job.
+fn index_zaps_by_job(trees: &Trees) -> Result<(), StoreError> {
+    use hex::FromHex;
+
+    #[derive(serde::Deserialize)]
+    struct Zap {
+        /// The job id, hex.
+        job: Option<String>,
+        zap_request: Option<serde::de::IgnoredAny>,
+    }
+    let index = &trees.trees[Tree::JobZaps as usize];
+    let mut indexed = 0usize;
+    for item in trees.trees[Tree::Payments as usize].iter() {
+        let (hash, raw) = item?;
+        let zap: Zap = decode("payments", &raw)?;
+        let job = zap.job.and_then(|hex| <[u8; 32]>::from_hex(&hex).ok());
+        let (Some(job), Some(_), Ok(hash)) =
+            (job, zap.zap_request, <[u8; 32]>::try_from(hash.as_ref()))
+        else {
+            continue;
+        };
+        index.insert(job_zap_key(&job, &hash), &[] as &[u8])?;
+        indexed += 1;
+    }
+    tracing::info!(indexed, "store migrated to schema 11 (zaps by job)");
     Ok(())
 }
 

@@ -53,7 +53,10 @@ use writer::{Command, Status, Write};
 /// 10: `trust`, each npub's standing (what it paid, the operator's setting, its last label),
 ///    and `receivables` with the `debt` and `debt_repaid` entry kinds (pay-after). Nothing is
 ///    rewritten.
-pub const SCHEMA_VERSION: u64 = 10;
+/// 11: `open_payments` keyed by when each is next due a lookup ([`open_payment_key`]), so a
+///    reconcile pass reads what is due, not every invoice still open; `job_zaps`, the zap
+///    invoices of each job. Both rebuilt from `payments` on upgrade.
+pub const SCHEMA_VERSION: u64 = 11;
 
 const META_SCHEMA_KEY: &[u8] = b"schema_version";
 /// The counter behind ledger entry keys.
@@ -76,8 +79,13 @@ pub enum Tree {
     /// Invoices we issued, by payment hash: which job each pays, and whether it was consumed.
     Payments,
     /// Index of the payment hashes the reconciler still looks up (neither consumed nor closed),
-    /// kept in the same transactions as `payments`, so a pass costs O(open), not O(history).
+    /// by when each is next due ([`open_payment_key`]), kept in the same transactions as
+    /// `payments`: a pass reads what is due, not every invoice open (or ever issued).
     OpenPayments,
+    /// Index of zap invoices by the job they pay: key `job id (32) || payment hash (32)`, empty
+    /// value, written with the zap's record. A job that expires asks only its own zaps whether
+    /// one paid it.
+    JobZaps,
     /// Ledger balances by account.
     Accounts,
     /// Ledger entries by sequence number.
@@ -114,11 +122,12 @@ pub enum Tree {
 
 impl Tree {
     /// Every tree, in index order.
-    pub const ALL: [Tree; 17] = [
+    pub const ALL: [Tree; 18] = [
         Self::Jobs,
         Self::JobKeys,
         Self::Payments,
         Self::OpenPayments,
+        Self::JobZaps,
         Self::Accounts,
         Self::Entries,
         Self::AccountEntries,
@@ -141,6 +150,7 @@ impl Tree {
             Self::JobKeys => "job_keys",
             Self::Payments => "payments",
             Self::OpenPayments => "open_payments",
+            Self::JobZaps => "job_zaps",
             Self::Accounts => "accounts",
             Self::Entries => "entries",
             Self::AccountEntries => "account_entries",
@@ -540,9 +550,28 @@ pub fn be_u64(raw: &[u8]) -> Option<u64> {
 /// The [`Tree::Jobs`] key of the job `id` received at `received_at` (unix seconds): 8 bytes big
 /// endian, then the 32-byte id.
 pub fn job_key(received_at: u64, id: &[u8; 32]) -> [u8; 40] {
+    time_key(received_at, id)
+}
+
+/// The [`Tree::OpenPayments`] key of the payment hash `hash` next due a lookup at `due` (unix
+/// seconds; 0: every pass): 8 bytes big endian, then the hash. In due order, so a pass reads
+/// the keys up to now and stops.
+pub fn open_payment_key(due: u64, hash: &[u8; 32]) -> [u8; 40] {
+    time_key(due, hash)
+}
+
+fn time_key(at: u64, id: &[u8; 32]) -> [u8; 40] {
     let mut key = [0u8; 40];
-    key[..8].copy_from_slice(&received_at.to_be_bytes());
+    key[..8].copy_from_slice(&at.to_be_bytes());
     key[8..].copy_from_slice(id);
+    key
+}
+
+/// The [`Tree::JobZaps`] key of the zap invoice `hash` of the job `job`.
+pub fn job_zap_key(job: &[u8; 32], hash: &[u8; 32]) -> [u8; 64] {
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(job);
+    key[32..].copy_from_slice(hash);
     key
 }
 

@@ -192,6 +192,18 @@ impl Reader<'_> {
         self.tree(tree).iter().keys().map(|key| Ok(key?.to_vec()))
     }
 
+    /// The keys of `tree` in `range`, in order.
+    pub fn keys_in<K: AsRef<[u8]>>(
+        &self,
+        tree: Tree,
+        range: impl std::ops::RangeBounds<K>,
+    ) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
+        self.tree(tree)
+            .range(range)
+            .keys()
+            .map(|key| Ok(key?.to_vec()))
+    }
+
     /// Every (key, raw value) of `tree`, in key order.
     pub fn scan_raw(
         &self,

@@ -285,7 +285,7 @@ impl Book {
                 };
                 tx.put_raw(Tree::Feedback, feedback_id.as_bytes(), job.id.as_bytes())?;
                 tx.put(Tree::Payments, &invoice.payment_hash.0, &record)?;
-                tx.put_raw(Tree::OpenPayments, &invoice.payment_hash.0, &[])?;
+                super::invoices::index_open(tx, &invoice.payment_hash, &record)?;
                 put_job(tx, &job)?;
                 Ok(job)
             })

@@ -6,8 +6,6 @@ use crate::ledger::Account;
 
 use crate::job::invoices::PaymentOutcome;
 
-const LATE_LOOKUP_SECS: u64 = 30 * 24 * 60 * 60;
-
 use super::*;
 
 pub(crate) fn book() -> Book {
@@ -104,74 +102,6 @@ pub(crate) fn invoice(hash: u8, msat: u64) -> JobInvoice {
         amount_msat: msat,
         expires_at: now() + 600,
     }
-}
-
-#[tokio::test]
-async fn old_unpaid_invoices_stay_open_until_a_lookup_closes_them() {
-    let book = book();
-    let record = |expires_at| PaymentRecord {
-        expires_at,
-        ..record(None, Keys::generate().public_key(), 1_000)
-    };
-    let long_ago = now() - LATE_LOOKUP_SECS - 60;
-    let (old, recent) = (PaymentHash([1; 32]), PaymentHash([2; 32]));
-    book.register_invoice(&old, record(long_ago))
-        .await
-        .expect("old");
-    book.register_invoice(&recent, record(now() - 60))
-        .await
-        .expect("recent");
-    // However long dvmd or the wallet was away, both are still looked up.
-    let open: Vec<_> = book
-        .open_payments()
-        .await
-        .expect("open")
-        .into_iter()
-        .map(|(hash, _)| hash)
-        .collect();
-    assert!(open.contains(&old) && open.contains(&recent));
-    // A lookup that says "unpaid" closes only the one past the grace period.
-    assert!(book
-        .close_payment(&old, LATE_LOOKUP_SECS)
-        .await
-        .expect("close"));
-    assert!(!book
-        .close_payment(&recent, LATE_LOOKUP_SECS)
-        .await
-        .expect("close"));
-    let open: Vec<_> = book
-        .open_payments()
-        .await
-        .expect("open")
-        .into_iter()
-        .map(|(hash, _)| hash)
-        .collect();
-    assert_eq!(open, vec![recent]);
-    // A consumed record is never closed.
-    let paid = PaymentHash([3; 32]);
-    book.register_invoice(&paid, record(long_ago))
-        .await
-        .expect("paid");
-    book.confirm_payment(&paid, 1_000).await.expect("booked");
-    assert!(
-        book.open_payments()
-            .await
-            .expect("open")
-            .iter()
-            .all(|(hash, _)| *hash != paid),
-        "a booked payment leaves the open index"
-    );
-    assert!(!book
-        .close_payment(&paid, LATE_LOOKUP_SECS)
-        .await
-        .expect("close"));
-    assert!(
-        book.payment(&paid)
-            .await
-            .expect("read")
-            .expect("record")
-            .consumed
-    );
 }
 
 #[tokio::test]
@@ -503,5 +433,6 @@ async fn a_quote_is_stored_with_the_write_that_follows_it() {
 
 mod continuation;
 mod debt;
+mod lookups;
 
 pub(crate) use debt::{owe, owed};

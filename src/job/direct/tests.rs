@@ -22,7 +22,7 @@ use crate::wallet::dev::DevWallet;
 
 /// A dev pipeline on a temporary store, and the queue its workers would read (no worker
 /// runs: the test reads the queue itself).
-async fn pipeline() -> (Pipeline, crate::job::WorkQueue) {
+pub(crate) async fn pipeline() -> (Pipeline, crate::job::WorkQueue) {
     pipeline_on(Arc::new(InstantBackend::new("hello"))).await
 }
 

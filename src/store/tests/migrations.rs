@@ -40,7 +40,11 @@ fn a_version_1_store_is_migrated() {
     let indexed: Vec<Vec<u8>> = store
         .read_blocking(|r| r.keys(Tree::OpenPayments).collect())
         .expect("keys");
-    assert_eq!(indexed, vec![vec![1u8; 32]], "only the open record");
+    assert_eq!(
+        indexed,
+        vec![super::open_payment_key(0, &[1u8; 32]).to_vec()],
+        "only the open record, due at once"
+    );
     let (version, sequence) = store
         .read_blocking(|r| {
             Ok::<_, StoreError>((
@@ -152,6 +156,67 @@ fn a_version_6_store_opens_as_current_with_its_jobs_and_accounts_as_they_were() 
 #[test]
 fn a_version_8_store_opens_as_current_with_its_jobs_and_accounts_as_they_were() {
     old_store_opens_as_current(8);
+}
+
+#[test]
+fn a_version_10_store_gets_its_open_payments_keyed_by_due_time_and_zaps_by_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = [7u8; 32];
+    {
+        // Schema 10: open payments keyed by hash alone, one deferred, one a zap of a job; a
+        // migration cut short had already rekeyed the third.
+        let db = raw_db(dir.path());
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert(META_SCHEMA_KEY, &10u64.to_be_bytes())
+            .expect("version");
+        let payments = db.open_tree("payments").expect("payments");
+        let open = db.open_tree("open_payments").expect("open");
+        let records = [
+            serde_json::json!({ "consumed": false }),
+            serde_json::json!({ "consumed": false, "next_lookup_at": 5_000 }),
+            serde_json::json!({ "consumed": false, "next_lookup_at": 9,
+                "job": hex::encode(job), "zap_request": "{}" }),
+            // Booked, a zap of the same job: indexed under the job all the same.
+            serde_json::json!({ "consumed": true, "job": hex::encode(job), "zap_request": "{}" }),
+        ];
+        for (n, record) in records.iter().enumerate() {
+            let hash = [n as u8 + 1; 32];
+            payments
+                .insert(hash, serde_json::to_vec(record).expect("json"))
+                .expect("payment");
+            if n < 2 {
+                open.insert(hash, &[] as &[u8]).expect("open");
+            }
+        }
+        open.insert(super::open_payment_key(9, &[3; 32]), &[] as &[u8])
+            .expect("rekeyed");
+        db.flush().expect("flush");
+    }
+    let store = super::open_when_released(dir.path()).expect("open");
+    let (open, zaps): (Vec<Vec<u8>>, Vec<Vec<u8>>) = store
+        .read_blocking(|r| {
+            Ok::<_, StoreError>((
+                r.keys(Tree::OpenPayments).collect::<Result<_, _>>()?,
+                r.keys(Tree::JobZaps).collect::<Result<_, _>>()?,
+            ))
+        })
+        .expect("keys");
+    assert_eq!(
+        open,
+        vec![
+            super::open_payment_key(0, &[1; 32]).to_vec(),
+            super::open_payment_key(9, &[3; 32]).to_vec(),
+            super::open_payment_key(5_000, &[2; 32]).to_vec(),
+        ],
+        "each open payment once, by when it is due"
+    );
+    assert_eq!(
+        zaps,
+        vec![
+            super::job_zap_key(&job, &[3; 32]).to_vec(),
+            super::job_zap_key(&job, &[4; 32]).to_vec()
+        ]
+    );
 }
 
 fn old_store_opens_as_current(from: u64) {

@@ -28,6 +28,12 @@ pub const RECONCILE_LOOKUPS_IN_FLIGHT: usize = 8;
 /// The longest wait between two lookups of an invoice past expiry.
 const LATE_LOOKUP_EVERY: u64 = 24 * 60 * 60;
 
+/// Lookups of invoices past expiry one reconcile pass makes at most (those not yet expired are
+/// all looked up). However many invoices went unpaid (each was asked for by someone, and a
+/// flood of fresh keys can ask for many), a pass asks the wallet a bounded number of times;
+/// the rest wait, oldest first, for the next pass. A hint books a payment at any time.
+pub const LATE_LOOKUPS_PER_PASS: usize = 1000;
+
 impl Pipeline {
     /// Follow the wallet's settlement hints until `cancel` fires.
     pub async fn watch_settlements(self, cancel: CancellationToken) {
@@ -121,19 +127,24 @@ impl Pipeline {
         }
     }
 
-    /// One pass over the open invoices: every unexpired one, and those past expiry whose
-    /// backoff is over (see [`Pipeline::check_payment`]).
+    /// One pass over the open invoices that are due: every unexpired one, and those past
+    /// expiry whose backoff is over (see [`Pipeline::not_paid`]), at most
+    /// [`LATE_LOOKUPS_PER_PASS`] of these.
     pub async fn reconcile_once(&self) {
-        let open = match self.inner.book.open_payments().await {
-            Ok(open) => open,
+        let now = super::pipeline::unix_now();
+        let due = match self
+            .inner
+            .book
+            .due_payments(now, LATE_LOOKUPS_PER_PASS)
+            .await
+        {
+            Ok(due) => due,
             Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
         };
-        let now = super::pipeline::unix_now();
-        self.recount_open_invoices(&open, now);
+        self.recount_open_invoices(&due, now);
         // A few lookups at a time: a pass over many open invoices does not wait on each in
         // turn, and never has more than this many wallet calls in flight.
-        futures::stream::iter(open)
-            .filter(|(_, record)| std::future::ready(record.next_lookup_at <= now))
+        futures::stream::iter(due)
             .for_each_concurrent(RECONCILE_LOOKUPS_IN_FLIGHT, |(hash, _)| async move {
                 self.check_payment(&hash).await;
             })
@@ -182,8 +193,11 @@ impl Pipeline {
     /// The wallet just said `hash` is not paid (pending, expired or unknown to it). Past the
     /// invoice's expiry plus `unpaid_grace_secs` its job expires, whatever the wallet calls
     /// it; the hash is still looked up, with a backoff that grows with its age up to once a
-    /// day, until `late_lookup_secs` after expiry, when this answer closes it. Only a lookup
-    /// that answered closes a record, never the clock alone, and a hint books it at any time.
+    /// day, until `late_lookup_secs` after expiry (a challenge's, which its credential looks
+    /// up: [`CHALLENGE_LATE_SECS`]), when this answer closes it. Only a lookup that answered
+    /// closes a record, never the clock alone, and a hint books it at any time.
+    ///
+    /// [`CHALLENGE_LATE_SECS`]: super::invoices::CHALLENGE_LATE_SECS
     async fn not_paid(&self, hash: &PaymentHash, record: &super::PaymentRecord) {
         let config = &self.inner.config;
         let now = super::pipeline::unix_now();
@@ -200,12 +214,12 @@ impl Pipeline {
                 self.expire_unless_zapped(job, hash).await;
             }
         }
-        match self
-            .inner
-            .book
-            .close_payment(hash, config.late_lookup_secs)
-            .await
-        {
+        let late = if record.spent_by_credential() {
+            super::invoices::CHALLENGE_LATE_SECS
+        } else {
+            config.late_lookup_secs
+        };
+        match self.inner.book.close_payment(hash, late).await {
             Ok(true) => {
                 return tracing::info!(payment_hash = %hash, "invoice still unpaid long after expiry; no longer looked up")
             }
@@ -232,8 +246,8 @@ impl Pipeline {
     /// `false`, so a zap paid in time whose news was lost (a restart, a missed hint) makes the
     /// job run on rather than be credited. A store or wallet error counts as "may have": the
     /// next pass decides.
-    pub(super) async fn zap_may_have_paid(&self, hash: &PaymentHash) -> bool {
-        self.zaps_may_have_paid(|_, record| record.continues == Some(*hash))
+    pub(super) async fn zap_may_have_paid(&self, job: &JobId, hash: &PaymentHash) -> bool {
+        self.zaps_may_have_paid(job, |_, record| record.continues == Some(*hash))
             .await
     }
 
@@ -242,24 +256,21 @@ impl Pipeline {
     /// was lost (a missed hint, the daemon down across the invoice's expiry) then pays the job,
     /// rather than being credited while the customer is told to post again.
     async fn expire_unless_zapped(&self, job: &JobId, hash: &PaymentHash) {
-        let zapped = self
-            .zaps_may_have_paid(|zap, record| {
-                zap != hash && record.job == Some(*job) && record.zap_request.is_some()
-            })
-            .await;
+        let zapped = self.zaps_may_have_paid(job, |zap, _| zap != hash).await;
         if !zapped {
             self.expire(job).await;
         }
     }
 
-    /// Look up every open zap `stands_in` picks, booking one found paid; whether one may have
-    /// paid (found paid, or not looked up: an error).
+    /// Look up every open zap of `job` that `stands_in` picks, booking one found paid; whether
+    /// one may have paid (found paid, or not looked up: an error).
     async fn zaps_may_have_paid(
         &self,
+        job: &JobId,
         stands_in: impl Fn(&PaymentHash, &super::PaymentRecord) -> bool,
     ) -> bool {
         let inner = &self.inner;
-        let open = match inner.book.open_payments().await {
+        let open = match inner.book.open_zaps_of(job).await {
             Ok(open) => open,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list open invoices");
@@ -444,3 +455,6 @@ impl Pipeline {
         self.send_feedback(job, feedback, FEEDBACK_ATTEMPTS).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

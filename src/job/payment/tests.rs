@@ -1,0 +1,181 @@
+//! The reconciler on a real pipeline, store and dev wallet: how many times a pass asks the
+//! wallet, whatever was left unpaid.
+
+use nostr_sdk::Keys;
+
+use super::LATE_LOOKUPS_PER_PASS;
+use crate::job::book::tests::record;
+use crate::job::direct::tests::pipeline;
+use crate::job::invoices::{index_open, CHALLENGE_LATE_SECS};
+use crate::job::pipeline::unix_now;
+use crate::job::tokens::{PaymentScheme, TokenRecord};
+use crate::job::{BookError, PaymentRecord, Pipeline};
+use crate::l402::Grant;
+use crate::ledger::Account;
+use crate::store::{Tree, TxError};
+use crate::wallet::PaymentHash;
+
+fn lookups(pipeline: &Pipeline) -> u64 {
+    pipeline.inner.metrics.wallet_lookups()
+}
+
+/// Two days after their expiry, `count` top-up invoices nobody paid were never looked up (dvmd
+/// was down, or a flood of them came due at once). A pass asks the wallet about
+/// [`LATE_LOOKUPS_PER_PASS`] of them and defers each it asked about; the next pass takes the
+/// rest. Before, a pass looked up every one due, and read every open invoice to find them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_asks_the_wallet_about_a_bounded_number_of_late_invoices() {
+    let (pipeline, _queue) = pipeline().await;
+    let count = LATE_LOOKUPS_PER_PASS + 5;
+    let expired_at = unix_now() - 2 * 86_400;
+    pipeline
+        .book()
+        .store()
+        .apply(move |tx| {
+            let account = Account::from(Keys::generate().public_key());
+            for n in 0..count {
+                let mut hash = [0u8; 32];
+                hash[..8].copy_from_slice(&(n as u64).to_be_bytes());
+                let record = PaymentRecord {
+                    expires_at: expired_at,
+                    ..record(None, account, 1_000)
+                };
+                tx.put(Tree::Payments, &hash, &record)?;
+                index_open(tx, &PaymentHash(hash), &record)?;
+            }
+            Ok::<_, TxError<BookError>>(())
+        })
+        .await
+        .expect("invoices");
+    let before = lookups(&pipeline);
+    pipeline.reconcile_once().await;
+    assert_eq!(
+        lookups(&pipeline) - before,
+        LATE_LOOKUPS_PER_PASS as u64,
+        "one pass, a bounded number of late lookups"
+    );
+    pipeline.reconcile_once().await;
+    assert_eq!(
+        lookups(&pipeline) - before,
+        count as u64,
+        "the rest on the next pass"
+    );
+    pipeline.reconcile_once().await;
+    assert_eq!(
+        lookups(&pipeline) - before,
+        count as u64,
+        "each deferred once looked up"
+    );
+    let open = pipeline.book().open_payments().await.expect("open");
+    assert_eq!(open.len(), count, "none closed: they are not that old");
+    assert!(open.iter().all(|(_, r)| r.next_lookup_at > unix_now()));
+}
+
+/// Anyone can ask for an L402 challenge, so its invoice must not cost a wallet call on every
+/// pass: its credential (which holds the preimage) makes us look it up, and the reconciler
+/// looks it up once, past its expiry, for the books, and closes it then if unpaid. A top-up
+/// (which nobody presents anything for) is looked up on every pass while it can be paid, and
+/// stays open to late lookups after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_is_looked_up_once_past_its_expiry_and_then_closed() {
+    let (pipeline, _queue) = pipeline().await;
+    let now = unix_now();
+    let scheme = PaymentScheme {
+        key: &[1; 32],
+        realm: "test",
+    };
+    let grant = Grant {
+        valid_until: now + 3_600,
+        model: "test".to_owned(),
+        budget_msat: 100_000,
+    };
+    let challenge = pipeline
+        .l402_challenge(&[2; 32], scheme, 5_000, grant)
+        .await
+        .expect("challenge");
+    let hash = challenge.invoice.payment_hash;
+    let stored = pipeline
+        .book()
+        .payment(&hash)
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert!(stored.spent_by_credential());
+    assert_eq!(
+        stored.next_lookup_at,
+        challenge.invoice.expires_at + CHALLENGE_LATE_SECS + 1
+    );
+    let customer = Account::from(Keys::generate().public_key());
+    let top_up = pipeline
+        .top_up_invoice(customer, 5_000, 1_000_000)
+        .await
+        .expect("top-up")
+        .payment_hash;
+    let before = lookups(&pipeline);
+    pipeline.reconcile_once().await;
+    pipeline.reconcile_once().await;
+    assert_eq!(
+        lookups(&pipeline) - before,
+        2,
+        "the top-up on each pass, the challenge on neither"
+    );
+
+    // A challenge and a top-up that expired unpaid a little longer ago than that.
+    let expired = now - CHALLENGE_LATE_SECS - 10;
+    let (old_challenge, old_top_up) = (PaymentHash([0xc1; 32]), PaymentHash([0xc2; 32]));
+    let record = PaymentRecord {
+        expires_at: expired,
+        next_lookup_at: expired + CHALLENGE_LATE_SECS + 1,
+        ..record(None, Account::Token(old_challenge), 5_000)
+    };
+    let token = TokenRecord {
+        token_id: "00".repeat(32),
+        amount_msat: 5_000,
+        valid_until: now,
+        model: "test".to_owned(),
+        budget_msat: 5_000,
+        issued_at: expired - 600,
+    };
+    pipeline
+        .book()
+        .register_token(&old_challenge, record, token, vec![])
+        .await
+        .expect("challenge");
+    let top_up_record = PaymentRecord {
+        expires_at: expired,
+        ..crate::job::book::tests::record(None, customer, 5_000)
+    };
+    pipeline
+        .book()
+        .register_invoice(&old_top_up, top_up_record)
+        .await
+        .expect("old top-up");
+    let before = lookups(&pipeline);
+    pipeline.reconcile_once().await;
+    assert_eq!(
+        lookups(&pipeline) - before,
+        3,
+        "both old ones and the top-up"
+    );
+    let open: Vec<_> = pipeline
+        .book()
+        .open_payments()
+        .await
+        .expect("open")
+        .into_iter()
+        .map(|(hash, _)| hash)
+        .collect();
+    assert!(!open.contains(&old_challenge), "closed at its one lookup");
+    assert!(open.contains(&old_top_up), "still looked up, later");
+    assert!(open.contains(&top_up) && open.contains(&hash));
+    assert!(
+        pipeline
+            .book()
+            .payment(&old_challenge)
+            .await
+            .expect("read")
+            .expect("kept")
+            .closed,
+        "closed, not forgotten: a hint or its credential still books a late payment"
+    );
+}
