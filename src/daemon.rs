@@ -132,7 +132,9 @@ impl Daemon {
         };
         tracing::info!(pubkey = %keys.public_key(), data_dir = %config.data_dir.display(), dev = config.dev, "starting");
 
-        let (wallet, dev_wallet) = crate::wallet::open(&config.wallet, &store).await?;
+        let webhook_key = identity::webhook_key(&keys);
+        let choice = config.wallet.clone().with_webhook_key(&webhook_key);
+        let (wallet, dev_wallet) = crate::wallet::open(&choice, &store).await?;
         let wallet = match parts.wrap_wallet {
             Some(wrap) => wrap(wallet),
             None => wallet,
@@ -277,6 +279,7 @@ impl Daemon {
             store: store.clone(),
             relay: relay_stats,
             wallet: wallet.clone(),
+            webhook_key,
             dev_wallet: if config.dev { dev_wallet.clone() } else { None },
             pubkey: keys.public_key().to_hex(),
             pipeline: Some(pipeline.clone()),

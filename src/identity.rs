@@ -91,6 +91,18 @@ pub fn load(data_dir: &Path) -> Result<Keys, IdentityError> {
     Ok(Keys::new(secret))
 }
 
+/// The key the wallet's webhooks must carry (`/hooks/wallet?key=...`): 32 hex digits derived
+/// from the service's secret key, so it is the same across restarts (invoices issued before one
+/// still carry it) and needs no file of its own. dvmd adds it to the webhook URL it gives the
+/// wallet with each invoice; a post without it is refused before it can become a hint.
+pub fn webhook_key(keys: &Keys) -> String {
+    use bitcoin::hashes::{sha256, Hash, HashEngine, Hmac, HmacEngine};
+    let mut engine = HmacEngine::<sha256::Hash>::new(keys.secret_key().as_secret_bytes());
+    engine.input(b"dvmd wallet webhook");
+    let mac = Hmac::<sha256::Hash>::from_engine(engine).to_byte_array();
+    hex::encode(&mac[..16])
+}
+
 /// The L402 root key in `data_dir` (32 bytes), created on first use. Losing it invalidates
 /// every token issued (their value stays on the ledger, unspendable without a credential).
 pub fn l402_root_key(data_dir: &Path) -> Result<[u8; 32], IdentityError> {
@@ -238,5 +250,15 @@ mod tests {
             load(&dir.path().join("none")),
             Err(IdentityError::Missing(_))
         ));
+    }
+
+    #[test]
+    fn the_webhook_key_is_the_identitys_own_and_the_same_every_time() {
+        let keys = nostr_sdk::Keys::generate();
+        let key = super::webhook_key(&keys);
+        assert_eq!(key.len(), 32);
+        assert!(key.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(key, super::webhook_key(&keys));
+        assert_ne!(key, super::webhook_key(&nostr_sdk::Keys::generate()));
     }
 }

@@ -168,6 +168,7 @@ pub struct Metrics {
     completion_tokens: AtomicU64,
     publish_failures: AtomicU64,
     settlement_hints: AtomicU64,
+    webhooks_refused: AtomicU64,
     wallet_lookups: AtomicU64,
     /// Wallet-confirmed payment to `processing` feedback sent.
     pub settlement_to_processing: Histogram,
@@ -254,6 +255,16 @@ impl Metrics {
     /// The wallet hinted that a payment hash may be paid.
     pub fn settlement_hint(&self) {
         self.settlement_hints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A wallet webhook came without the right key.
+    pub fn webhook_refused(&self) {
+        self.webhooks_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Wallet webhooks refused so far.
+    pub fn webhooks_refused(&self) -> u64 {
+        self.webhooks_refused.load(Ordering::Relaxed)
     }
 
     /// Settlement hints received so far.
@@ -477,6 +488,12 @@ impl Metrics {
             "dvmd_settlement_hints_total",
             "Settlement hints from the wallet (webhooks, websockets); each is checked by lookup.",
             self.settlement_hints.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dvmd_webhooks_refused_total",
+            "Posts to /hooks/wallet without the key dvmd gave the wallet; refused, no hint.",
+            self.webhooks_refused.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

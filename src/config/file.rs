@@ -458,6 +458,7 @@ pub struct LnbitsSection {
     /// File holding the admin key.
     pub admin_key_file: Option<PathBuf>,
     /// URL LNbits posts invoice webhooks to (dvmd's `/hooks/wallet`), if LNbits can reach it.
+    /// dvmd adds the webhook key (`?key=...`, [`crate::identity::webhook_key`]) to it.
     pub webhook_url: Option<String>,
     /// Follow the LNbits websocket for settlement hints.
     pub websocket: bool,

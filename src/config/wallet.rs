@@ -19,6 +19,39 @@ pub enum WalletChoice {
     Nwc(NwcConfig),
 }
 
+impl WalletChoice {
+    /// The same wallet, its webhook URL (if any) carrying `key` as the query parameter `key`,
+    /// which `/hooks/wallet` requires.
+    pub fn with_webhook_key(mut self, key: &str) -> Self {
+        if let Self::Lnbits(lnbits) = &mut self {
+            if let Some(url) = &lnbits.webhook_url {
+                lnbits.webhook_url = Some(keyed_url(url, key));
+            }
+        }
+        self
+    }
+}
+
+/// `url` with the query parameter `key` appended (any `key` it had dropped).
+fn keyed_url(url: &str, key: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        // Checked when the config was read; left as it is, webhooks are refused and the
+        // reconciler finds the payments.
+        return url.to_owned();
+    };
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(name, _)| name != "key")
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect();
+    parsed
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("key", key);
+    parsed.into()
+}
+
 /// A secret from a file (preferred when both are set) or an environment variable.
 fn secret(
     what: &str,
@@ -77,4 +110,24 @@ pub(super) fn choice(section: &WalletSection) -> Result<WalletChoice, ConfigErro
         }
     };
     Ok(wallet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keyed_url;
+
+    #[test]
+    fn the_webhook_url_carries_the_key_once() {
+        assert_eq!(
+            keyed_url("http://127.0.0.1:8080/hooks/wallet", "k1"),
+            "http://127.0.0.1:8080/hooks/wallet?key=k1"
+        );
+        assert_eq!(
+            keyed_url(
+                "https://dvm.example.com/hooks/wallet?via=lnbits&key=old",
+                "k2"
+            ),
+            "https://dvm.example.com/hooks/wallet?via=lnbits&key=k2"
+        );
+    }
 }

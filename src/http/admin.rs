@@ -46,7 +46,7 @@ pub(super) fn check(
 
 /// Whether two secrets are equal, compared in constant time (over their hashes, so the length
 /// does not show either).
-fn same_secret(a: &str, b: &str) -> bool {
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
     use bitcoin::hashes::{sha256, Hash};
     let (a, b) = (
         sha256::Hash::hash(a.as_bytes()),

@@ -19,7 +19,7 @@ pub mod withdraw;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -46,6 +46,8 @@ pub struct HttpState {
     pub relay: Option<crate::relay::embedded::RelayStats>,
     /// The wallet, for settlement webhooks.
     pub wallet: Arc<dyn Wallet>,
+    /// The key a settlement webhook must carry ([`crate::identity::webhook_key`]).
+    pub webhook_key: String,
     /// The dev wallet, only in dev mode (enables `/dev/pay`).
     pub dev_wallet: Option<Arc<DevWallet>>,
     /// Our public key (hex), reported by `/healthz` and LNURL (`nostrPubkey`).
@@ -117,15 +119,39 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-/// A wallet webhook: only a hint. The pipeline confirms with the wallet before anything moves,
-/// so this endpoint needs no authentication; it answers 200 either way so a sender does not
-/// learn which hashes exist.
-async fn wallet_hook(State(state): State<HttpState>, body: axum::body::Bytes) -> impl IntoResponse {
+/// The query of a wallet webhook.
+#[derive(Deserialize)]
+struct HookQuery {
+    key: Option<String>,
+}
+
+/// A wallet webhook: only a hint. The pipeline confirms with the wallet before anything moves;
+/// still, a post must carry the key dvmd gave the wallet with the URL, or anyone could fill the
+/// hint channel until it lags, and each lag starts a reconcile pass (a lookup of every unpaid
+/// invoice). With the key it answers 200 whatever the body, so a sender does not learn which
+/// hashes exist.
+async fn wallet_hook(
+    State(state): State<HttpState>,
+    Query(query): Query<HookQuery>,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    let keyed = query
+        .key
+        .as_deref()
+        .is_some_and(|key| admin::same_secret(key, &state.webhook_key));
+    if !keyed {
+        state.metrics.webhook_refused();
+        tracing::debug!("wallet webhook without the right key; refused");
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "this webhook URL needs the key dvmd gave the wallet" })),
+        );
+    }
     match state.wallet.webhook_hint(&body) {
         Some(hash) => tracing::debug!(payment_hash = %hash, "wallet webhook hint"),
         None => tracing::debug!(bytes = body.len(), "wallet webhook without a payment hash"),
     }
-    Json(json!({ "ok": true }))
+    (StatusCode::OK, Json(json!({ "ok": true })))
 }
 
 #[derive(Deserialize)]

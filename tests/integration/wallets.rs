@@ -363,22 +363,40 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
     let hash = bolt11::decode(&bolt11).expect("decode").payment_hash;
 
     // Forged "paid" pushes: a webhook for the unpaid invoice and for an unknown hash, and a
-    // message pushed into the unauthenticated LNbits websocket. Each is only a hint.
+    // message pushed into the LNbits websocket. A webhook without the key dvmd gives LNbits
+    // with each invoice is refused before it becomes a hint; with it (as if LNbits itself
+    // lied), each is only a hint.
     let http = reqwest::Client::new();
     let hints = || daemon.pipeline().metrics().settlement_hints();
+    let hook = format!("{}/hooks/wallet", ready.http_url);
+    let key = dvmd::identity::webhook_key(&dvmd::identity::load(data.path()).expect("keys"));
+    let keyed = format!("{hook}?key={key}");
     let hints_before = hints();
-    for body in [
+    let forged = [
         serde_json::json!({ "payment_hash": hash.to_hex(), "status": "success", "paid": true }),
         serde_json::json!({ "payment_hash": "ab".repeat(32), "status": "success" }),
-    ] {
-        let sent = http
-            .post(format!("{}/hooks/wallet", ready.http_url))
-            .json(&body)
-            .send()
-            .await
-            .expect("hook");
+    ];
+    for url in [hook.clone(), format!("{hook}?key={}", "0".repeat(32))] {
+        let sent = http.post(&url).json(&forged[0]).send().await.expect("hook");
+        assert_eq!(sent.status(), reqwest::StatusCode::UNAUTHORIZED, "{url}");
+    }
+    assert_eq!(daemon.pipeline().metrics().webhooks_refused(), 2);
+    for body in &forged {
+        let sent = http.post(&keyed).json(body).send().await.expect("hook");
         assert!(sent.status().is_success());
     }
+    for _ in 0..100 {
+        if hints() >= hints_before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hints(),
+        hints_before + 2,
+        "only the keyed webhooks became hints"
+    );
     // LNbits lets anyone push any text to a wallet's websocket listeners, unauthenticated:
     // `GET /api/v1/ws/{item_id}/{data}`. Push a fake "paid" for our invoice.
     let push = serde_json::json!({ "wallet_balance": 999, "payment": { "payment_hash": hash.to_hex(), "status": "success", "amount": quote } });
@@ -430,12 +448,7 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
     let flood = 200;
     let (hints_before, lookups_before) = (hints(), daemon.pipeline().metrics().wallet_lookups());
     let body = serde_json::json!({ "payment_hash": hash.to_hex(), "status": "success" });
-    futures::future::join_all((0..flood).map(|_| {
-        http.post(format!("{}/hooks/wallet", ready.http_url))
-            .json(&body)
-            .send()
-    }))
-    .await;
+    futures::future::join_all((0..flood).map(|_| http.post(&keyed).json(&body).send())).await;
     for _ in 0..200 {
         if hints() >= hints_before + flood {
             break;
@@ -470,7 +483,7 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
     // LNbits posts internal-payment webhooks twice, double-encoded: replay that, twice more.
     let replay = serde_json::to_string(&paid.to_string()).expect("double-encode");
     for _ in 0..2 {
-        http.post(format!("{}/hooks/wallet", ready.http_url))
+        http.post(&keyed)
             .body(replay.clone())
             .send()
             .await
@@ -491,6 +504,53 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
         quote,
         "the money is in the service's wallet"
     );
+}
+
+/// LNbits posts its webhook to the URL dvmd gave it, key included, and the job runs on that
+/// hint alone: no websocket, and no reconcile pass until long after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lnbits_webhooks_reach_dvmd_with_their_key() {
+    let lnbits = Lnbits::start().await;
+    let service = lnbits.create_wallet("dvmd").await;
+    let customer = lnbits.create_wallet("customer").await;
+    lnbits.fund(&customer, 10_000).await;
+    let data = harness::data_dir();
+    let http_listen = format!("127.0.0.1:{}", harness::free_port());
+    let key = data.path().join("lnbits.inkey");
+    std::fs::write(&key, &service.inkey).expect("write key");
+    let config = harness::dev_config_at(data.path(), &http_listen, |file| {
+        file.wallet.backend = "lnbits".into();
+        file.wallet.lnbits.url = lnbits.url.clone();
+        file.wallet.lnbits.invoice_key_env = None;
+        file.wallet.lnbits.invoice_key_file = Some(key);
+        file.wallet.lnbits.websocket = false;
+        file.wallet.lnbits.webhook_url = Some(format!("http://{http_listen}/hooks/wallet"));
+        file.wallet.reconcile_interval_secs = 3600;
+    });
+    let backend = Arc::new(dvmd::infer::instant::InstantBackend::new(
+        "hinted by webhook",
+    ));
+    let daemon = harness::start(config, Some(backend)).await;
+    let ready = daemon.ready().clone();
+    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
+    let request = alice
+        .post(customer::text_request(
+            "Hello",
+            &[("max_tokens", "8")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    lnbits.pay(&customer, &bolt11).await;
+    let result = harness::result(&mut alice, &request.id).await;
+    assert_eq!(result.content, "hinted by webhook");
+    let metrics = daemon.pipeline().metrics();
+    assert!(metrics.settlement_hints() >= 1, "the webhook was the hint");
+    assert_eq!(metrics.webhooks_refused(), 0, "LNbits sent the key");
+    alice.shutdown().await;
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
