@@ -23,7 +23,7 @@ use axum::extract::ConnectInfo;
 
 use super::api::{parts, OpenAiError, ReadBody};
 use super::l402::{caller, owner};
-use super::open::open;
+use super::open::{admit, open, Admitted};
 use super::HttpState;
 use crate::job::{Door, Job, JobId};
 use crate::nip90::{InputType, JobInput, TextGeneration};
@@ -58,12 +58,11 @@ pub(super) async fn create(
     headers: HeaderMap,
     ReadBody(body): ReadBody,
 ) -> Result<Response, OpenAiError> {
-    let (api, pipeline) = parts(&state)?;
-    let who = caller(api, peer, &method, &uri, &headers, &body)?;
-    if let Some(answered) = super::session::action(&state, &who).await {
-        return answered;
-    }
-    super::l402::refuse_blocked(pipeline, &who)?;
+    let who = match admit(&state, peer, &method, &uri, &headers, &body).await? {
+        Admitted::Call(who) => who,
+        Admitted::Answered(response) => return Ok(response),
+    };
+    let (_, pipeline) = parts(&state)?;
     let new: NewJob = serde_json::from_slice(&body).map_err(|e| {
         OpenAiError::invalid(format!(
             "expected {{\"kind\", \"inputs\": [{{\"value\", \"type\"}}], \"params\": {{}}, \"bid_msat\"}}: {e}"

@@ -3,17 +3,48 @@
 //! the quote reserved before any answer (see [`crate::job::direct`]), and the refusals as the
 //! API says them (a 402 with a top-up invoice or a challenge, 401, 409 for a call that ran).
 
-use axum::http::{header, HeaderValue, StatusCode};
+use std::net::SocketAddr;
+
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 
 use super::account::shortfall;
 use super::api::{parts, OpenAiError};
-use super::l402::{challenge, payment_account, refuse_payment, token_account, Caller, Who};
+use super::l402::{
+    caller, challenge, payment_account, refuse_blocked, refuse_payment, token_account, Caller, Who,
+};
 use super::HttpState;
 use crate::job::direct::{HttpPayer, LiveSink, OpenError};
 use crate::job::{Door, Job, JobId};
 use crate::ledger::Account;
 use crate::nip90::{RequestError, TextGeneration};
+
+/// Who calls a door that runs a job, and whether the call goes on.
+pub(super) enum Admitted {
+    /// The caller, not blocked: price the call and [`open`] it.
+    Call(Caller),
+    /// An HTTP `Payment` session's `topUp` or `close`, answered already (it runs no job).
+    Answered(Response),
+}
+
+/// The preamble every door that runs a job shares, in this order: the credential read (a bad
+/// one refused), a session's `topUp` or `close` answered, a blocked npub refused.
+pub(super) async fn admit(
+    state: &HttpState,
+    peer: SocketAddr,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Admitted, OpenAiError> {
+    let (api, pipeline) = parts(state)?;
+    let who = caller(api, peer, method, uri, headers, body)?;
+    if let Some(answered) = super::session::action(state, &who).await {
+        return answered.map(Admitted::Answered);
+    }
+    refuse_blocked(pipeline, &who)?;
+    Ok(Admitted::Call(who))
+}
 
 /// `Payment-Receipt` on an answer an HTTP `Payment` credential paid for; such an answer is for
 /// that payer only (`Cache-Control: private`, as the draft requires).

@@ -27,8 +27,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::api::{parts, OpenAiError, ReadBody};
-use super::l402::caller;
-use super::open::{add_receipt, open, Opened};
+use super::open::{add_receipt, admit, open, Admitted, Opened};
 use super::HttpState;
 use crate::infer::FinishReason;
 use crate::job::direct::{live_channel, Finished, LiveEvent};
@@ -46,12 +45,11 @@ pub(super) async fn completions(
     headers: HeaderMap,
     ReadBody(body): ReadBody,
 ) -> Result<Response, OpenAiError> {
-    let (api, pipeline) = parts(&state)?;
-    let who = caller(api, peer, &method, &uri, &headers, &body)?;
-    if let Some(answered) = super::session::action(&state, &who).await {
-        return answered;
-    }
-    super::l402::refuse_blocked(pipeline, &who)?;
+    let who = match admit(&state, peer, &method, &uri, &headers, &body).await? {
+        Admitted::Call(who) => who,
+        Admitted::Answered(response) => return Ok(response),
+    };
+    let (_, pipeline) = parts(&state)?;
     let request: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| OpenAiError::invalid(format!("not a chat completion request: {e}")))?;
     let stream = request.stream;
