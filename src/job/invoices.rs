@@ -108,7 +108,11 @@ pub(super) fn index_open(
 }
 
 /// Inside a transaction: `hash`, stored as `record` until now, is no longer open.
-fn unindex_open(tx: &Tx<'_>, hash: &PaymentHash, record: &PaymentRecord) -> Result<(), TxFailure> {
+pub(super) fn unindex_open(
+    tx: &Tx<'_>,
+    hash: &PaymentHash,
+    record: &PaymentRecord,
+) -> Result<(), TxFailure> {
     let key = open_payment_key(record.next_lookup_at, &hash.0);
     tx.remove(Tree::OpenPayments, &key)
 }

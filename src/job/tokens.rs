@@ -229,19 +229,23 @@ impl Pipeline {
         if stored.challenge != credential.challenge {
             return Err(mpp::Refusal::UnknownChallenge.into());
         }
+        let hash = stored.payment_hash;
+        if credential.payment_hash() != hash {
+            return Err(mpp::Refusal::InvalidPreimage.into());
+        }
+        // Booked before any refusal: the preimage shows the invoice was paid, and the
+        // reconciler stops looking a challenge up a minute past its expiry, so a payment that
+        // came late (LNbits takes expired invoices) is found here, and stays on the token's
+        // account for the L402 credential of the same 402.
+        let booked = self
+            .confirm_booked(&hash, book.payment(&hash).await?)
+            .await?;
         // A used one goes on to the open, which finds the job it paid for (a call made again
         // with its Idempotency-Key), or refuses it as used.
         if spend && stored.used_at.is_none() && unix_now() >= stored.expires_at {
             return Err(mpp::Refusal::Expired(stored.challenge.expires).into());
         }
-        let hash = stored.payment_hash;
-        if credential.payment_hash() != hash {
-            return Err(mpp::Refusal::InvalidPreimage.into());
-        }
-        if !self
-            .confirm_booked(&hash, book.payment(&hash).await?)
-            .await?
-        {
+        if !booked {
             return Err(mpp::Refusal::Unpaid.into());
         }
         Ok((Account::Token(hash), hash))

@@ -179,3 +179,86 @@ async fn a_challenge_is_looked_up_once_past_its_expiry_and_then_closed() {
         "closed, not forgotten: a hint or its credential still books a late payment"
     );
 }
+
+/// A challenge paid whose news was lost (no hint came) and whose record the reconciler closed
+/// (its one lookup answered before the payment settled): the HTTP `Payment` credential
+/// presented after the challenge expired is refused as expired, but its payment is booked
+/// first, onto the token's account, where the L402 credential of the same 402 can spend or
+/// withdraw it. Before, the expiry was refused before any lookup, and with the record closed
+/// nothing would ever have looked it up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_payment_credential_books_its_payment_before_it_is_refused_as_expired() {
+    let (pipeline, _queue) = pipeline().await;
+    let now = unix_now();
+    let scheme = PaymentScheme {
+        key: &[1; 32],
+        realm: "test",
+    };
+    let grant = Grant {
+        valid_until: now + 3_600,
+        model: "test".to_owned(),
+        budget_msat: 100_000,
+    };
+    let challenge = pipeline
+        .l402_challenge(&[2; 32], scheme, 5_000, grant)
+        .await
+        .expect("challenge");
+    let hash = challenge.invoice.payment_hash;
+    // Paid through the wallet, with no one following its hints.
+    let wallet = crate::wallet::dev::DevWallet::open(pipeline.book().store().clone())
+        .await
+        .expect("the same dev wallet");
+    let preimage = wallet
+        .settle(&challenge.invoice.bolt11)
+        .await
+        .expect("paid");
+    // Time passes: the challenge and its invoice expire, and the record is closed.
+    let charge = challenge.payment.expect("a charge challenge");
+    let (id, expired) = (charge.id.clone(), now - CHALLENGE_LATE_SECS - 10);
+    pipeline
+        .book()
+        .store()
+        .apply(move |tx| {
+            let mut stored: crate::job::tokens::PaymentChallengeRecord = tx
+                .get(Tree::MppChallenges, id.as_bytes())?
+                .expect("stored challenge");
+            stored.expires_at = expired;
+            tx.put(Tree::MppChallenges, id.as_bytes(), &stored)?;
+            let mut record: PaymentRecord = tx.get(Tree::Payments, &hash.0)?.expect("record");
+            crate::job::invoices::unindex_open(tx, &hash, &record)?;
+            record.expires_at = expired;
+            tx.put(Tree::Payments, &hash.0, &record)?;
+            index_open(tx, &hash, &record)?;
+            Ok::<_, TxError<BookError>>(())
+        })
+        .await
+        .expect("expired");
+    assert!(pipeline
+        .book()
+        .close_payment(&hash, CHALLENGE_LATE_SECS)
+        .await
+        .expect("closed"));
+    let credential = crate::mpp::Credential {
+        challenge: charge,
+        preimage,
+        action: crate::mpp::Action::Charge,
+    };
+    let refused = pipeline.payment_account(&credential, true).await;
+    assert!(
+        matches!(
+            refused,
+            Err(crate::job::tokens::PaymentRefusal::Credential(
+                crate::mpp::Refusal::Expired(_)
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        pipeline
+            .balance_of(Account::Token(hash))
+            .await
+            .expect("balance"),
+        5_000,
+        "booked onto the token's account all the same"
+    );
+}

@@ -192,10 +192,12 @@ impl Pipeline {
         if credential.payment_hash() != stored.payment_hash {
             return Err(Refusal::InvalidPreimage.into());
         }
+        // Booked before any refusal (see `Pipeline::payment_account`).
+        let booked = self.payment_booked(&stored.payment_hash).await?;
         if stored.used_at.is_none() && unix_now() >= stored.expires_at {
             return Err(Refusal::ChallengeExpired(stored.challenge.expires).into());
         }
-        if !self.payment_booked(&stored.payment_hash).await? {
+        if !booked {
             return Err(Refusal::Unpaid.into());
         }
         Ok(stored)
