@@ -330,12 +330,12 @@ impl Book {
             .await
     }
 
-    /// The open payments due a lookup at `now`, in the order they fell due: every one whose
-    /// invoice has not expired (a customer may be paying it right now), and at most `late` of
-    /// those past expiry, so a pass asks the wallet a bounded number of times however many
-    /// invoices went unpaid; the rest wait for the next pass. An invoice is deferred only once
-    /// it has expired, so every unexpired one is here (the open-invoice slots are recounted
-    /// from them).
+    /// The open payments due a lookup at `now`: every one whose invoice has not expired (a
+    /// customer may be paying it right now), then at most `late` of those past expiry, the
+    /// longest due first, so a pass asks the wallet a bounded number of times however many
+    /// invoices went unpaid, and the rest wait their turn. An invoice is deferred only once it
+    /// has expired, so every unexpired one is here (the open-invoice slots are recounted from
+    /// them); an expired one not looked up since it was issued is due since its expiry.
     pub async fn due_payments(
         &self,
         now: u64,
@@ -343,26 +343,36 @@ impl Book {
     ) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
         self.store()
             .read(move |r| {
-                let (mut due, mut late_taken) = (Vec::new(), 0usize);
-                let last = open_payment_key(now, &[0xff; 32]);
-                for key in r.keys_in(Tree::OpenPayments, ..=last) {
-                    let key = key?;
-                    let deferred = key.get(..8).and_then(be_u64).unwrap_or(0) > 0;
-                    if late_taken >= late && deferred {
-                        // Only deferred (so expired) invoices from here on.
-                        break;
-                    }
-                    let Some((hash, record)) = open_record(r, &key)? else {
+                let mut due = Vec::new();
+                let mut overdue: Vec<(u64, PaymentHash, PaymentRecord)> = Vec::new();
+                // Not looked up since issued (due 0): the unexpired, and those expired since.
+                let deferred = open_payment_key(1, &[0; 32]);
+                for key in r.keys_in(Tree::OpenPayments, ..deferred) {
+                    let Some((hash, record)) = open_record(r, &key?)? else {
                         continue;
                     };
                     if record.expires_at < now {
-                        if late_taken >= late {
-                            continue;
-                        }
-                        late_taken += 1;
+                        overdue.push((record.expires_at, hash, record));
+                    } else {
+                        due.push((hash, record));
                     }
-                    due.push((hash, record));
                 }
+                // Deferred, in the order they fall due: no more than `late` can be taken.
+                let last = open_payment_key(now, &[0xff; 32]);
+                for key in r.keys_in(Tree::OpenPayments, deferred..=last).take(late) {
+                    let key = key?;
+                    let at = key.get(..8).and_then(be_u64).unwrap_or(0);
+                    if let Some((hash, record)) = open_record(r, &key)? {
+                        overdue.push((at, hash, record));
+                    }
+                }
+                overdue.sort_unstable_by_key(|(at, hash, _)| (*at, hash.0));
+                due.extend(
+                    overdue
+                        .into_iter()
+                        .take(late)
+                        .map(|(_, hash, record)| (hash, record)),
+                );
                 Ok(due)
             })
             .await
