@@ -257,9 +257,9 @@ impl Metrics {
         self.settlement_hints.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A wallet webhook came without the right key.
-    pub fn webhook_refused(&self) {
-        self.webhooks_refused.fetch_add(1, Ordering::Relaxed);
+    /// A wallet webhook came without the right key; how many have, this one included.
+    pub fn webhook_refused(&self) -> u64 {
+        self.webhooks_refused.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Wallet webhooks refused so far.

@@ -35,8 +35,7 @@ impl WalletChoice {
 /// `url` with the query parameter `key` appended (any `key` it had dropped).
 fn keyed_url(url: &str, key: &str) -> String {
     let Ok(mut parsed) = reqwest::Url::parse(url) else {
-        // Checked when the config was read; left as it is, webhooks are refused and the
-        // reconciler finds the payments.
+        // `choice` refuses such a URL when the config is read.
         return url.to_owned();
     };
     let kept: Vec<(String, String)> = parsed
@@ -86,6 +85,16 @@ pub(super) fn choice(section: &WalletSection) -> Result<WalletChoice, ConfigErro
                 &lnbits.admin_key_env,
                 &lnbits.admin_key_file,
             )?;
+            if let Some(url) = &lnbits.webhook_url {
+                match reqwest::Url::parse(url) {
+                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                    _ => {
+                        return Err(invalid(format!(
+                            "wallet.lnbits.webhook_url: `{url}` is not an http(s) URL"
+                        )))
+                    }
+                }
+            }
             WalletChoice::Lnbits(LnbitsConfig {
                 url: lnbits.url.clone(),
                 invoice_key,
@@ -114,7 +123,42 @@ pub(super) fn choice(section: &WalletSection) -> Result<WalletChoice, ConfigErro
 
 #[cfg(test)]
 mod tests {
-    use super::keyed_url;
+    use super::{choice, keyed_url, WalletChoice};
+    use crate::config::WalletSection;
+
+    #[test]
+    fn a_webhook_url_that_is_no_url_is_refused_when_the_config_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("inkey");
+        std::fs::write(&key, "inkey").expect("key");
+        let section = |url: &str| {
+            let mut section = WalletSection {
+                backend: "lnbits".to_owned(),
+                ..WalletSection::default()
+            };
+            section.lnbits.invoice_key_env = None;
+            section.lnbits.invoice_key_file = Some(key.clone());
+            section.lnbits.webhook_url = Some(url.to_owned());
+            section
+        };
+        for bad in ["127.0.0.1:8080/hooks/wallet", "ftp://host/hooks/wallet"] {
+            let refused = choice(&section(bad));
+            assert!(
+                refused.as_ref().is_err_and(|e| e.to_string().contains(bad)),
+                "{bad}: {:?}",
+                refused.map(|_| ())
+            );
+        }
+        let Ok(WalletChoice::Lnbits(lnbits)) =
+            choice(&section("http://127.0.0.1:8080/hooks/wallet")).map(|c| c.with_webhook_key("k"))
+        else {
+            panic!("an LNbits wallet");
+        };
+        assert_eq!(
+            lnbits.webhook_url.as_deref(),
+            Some("http://127.0.0.1:8080/hooks/wallet?key=k")
+        );
+    }
 
     #[test]
     fn the_webhook_url_carries_the_key_once() {

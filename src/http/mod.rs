@@ -140,8 +140,14 @@ async fn wallet_hook(
         .as_deref()
         .is_some_and(|key| admin::same_secret(key, &state.webhook_key));
     if !keyed {
-        state.metrics.webhook_refused();
-        tracing::debug!("wallet webhook without the right key; refused");
+        let refused = state.metrics.webhook_refused();
+        // Loud at first (a wallet configured by hand with the bare URL), then ever more rarely.
+        if refused.is_power_of_two() {
+            tracing::warn!(
+                refused,
+                "wallet webhook without the key dvmd put in the URL it gave the wallet; refused (the reconciler still finds every payment)"
+            );
+        }
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({ "error": "this webhook URL needs the key dvmd gave the wallet" })),
