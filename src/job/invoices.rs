@@ -336,10 +336,15 @@ impl Book {
     /// invoices went unpaid, and the rest wait their turn. An invoice is deferred only once it
     /// has expired, so every unexpired one is here (the open-invoice slots are recounted from
     /// them); an expired one not looked up since it was issued is due since its expiry.
+    ///
+    /// With `challenges_until`, also every challenge's invoice due by then, which its credential
+    /// or a hint would otherwise book (see [`PaymentRecord::spent_by_credential`]): for a pass
+    /// after hints may have been lost.
     pub async fn due_payments(
         &self,
         now: u64,
         late: usize,
+        challenges_until: Option<u64>,
     ) -> Result<Vec<(PaymentHash, PaymentRecord)>, BookError> {
         self.store()
             .read(move |r| {
@@ -373,6 +378,16 @@ impl Book {
                         .take(late)
                         .map(|(_, hash, record)| (hash, record)),
                 );
+                if let Some(until) = challenges_until {
+                    use std::ops::Bound::{Excluded, Included};
+                    let until = open_payment_key(until, &[0xff; 32]);
+                    for key in r.keys_in(Tree::OpenPayments, (Excluded(last), Included(until))) {
+                        match open_record(r, &key?)? {
+                            Some(found) if found.1.spent_by_credential() => due.push(found),
+                            _ => {}
+                        }
+                    }
+                }
                 Ok(due)
             })
             .await

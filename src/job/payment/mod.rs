@@ -62,7 +62,7 @@ impl Pipeline {
                     tracing::warn!(missed, "settlement hints lagged; reconciling now");
                     let pipeline = self.clone();
                     self.inner.tasks.spawn(async move {
-                        pipeline.reconcile_once().await;
+                        pipeline.reconcile_after_gap().await;
                         pipeline
                             .inner
                             .lag_pass
@@ -112,8 +112,14 @@ impl Pipeline {
     /// Look up every open invoice every `reconcile_interval_secs` until `cancel` fires.
     pub async fn reconcile(self, cancel: CancellationToken) {
         let every = Duration::from_secs(self.inner.config.reconcile_interval_secs.max(1));
+        // The hints of a payment made while dvmd was down are gone.
+        let mut after_gap = true;
         loop {
-            self.reconcile_once().await;
+            if std::mem::take(&mut after_gap) {
+                self.reconcile_after_gap().await;
+            } else {
+                self.reconcile_once().await;
+            }
             // Payouts in flight, too (first on start: the recovery of a payout interrupted
             // between its booking and the wallet's answer).
             self.reconcile_payouts().await;
@@ -131,11 +137,26 @@ impl Pipeline {
     /// expiry whose backoff is over (see [`Pipeline::not_paid`]), at most
     /// [`LATE_LOOKUPS_PER_PASS`] of these.
     pub async fn reconcile_once(&self) {
+        self.pass(false).await
+    }
+
+    /// [`Pipeline::reconcile_once`] after settlement hints may have been lost (at start, and
+    /// when they lagged): every challenge's invoice that can still be paid as well, which a
+    /// regular pass leaves to its credential and to one lookup past its expiry. So the books
+    /// hold a payment whose hint was lost within a pass, not only once its credential comes.
+    pub async fn reconcile_after_gap(&self) {
+        self.pass(true).await
+    }
+
+    async fn pass(&self, challenges: bool) {
         let now = super::pipeline::unix_now();
+        let until = challenges.then(|| {
+            now + self.inner.config.invoice_expiry_secs + super::invoices::CHALLENGE_LATE_SECS + 1
+        });
         let due = match self
             .inner
             .book
-            .due_payments(now, LATE_LOOKUPS_PER_PASS)
+            .due_payments(now, LATE_LOOKUPS_PER_PASS, until)
             .await
         {
             Ok(due) => due,

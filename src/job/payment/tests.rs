@@ -119,6 +119,15 @@ async fn a_challenge_is_looked_up_once_past_its_expiry_and_then_closed() {
         2,
         "the top-up on each pass, the challenge on neither"
     );
+    // After a gap in the hints (a start, a lag), a pass asks about the challenge too: the books
+    // then hold a payment whose hint was lost, before its credential comes.
+    let before = lookups(&pipeline);
+    pipeline.reconcile_after_gap().await;
+    assert_eq!(
+        lookups(&pipeline) - before,
+        2,
+        "the top-up and the challenge"
+    );
 
     // A challenge and a top-up that expired unpaid a little longer ago than that.
     let expired = now - CHALLENGE_LATE_SECS - 10;

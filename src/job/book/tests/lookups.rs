@@ -118,14 +118,14 @@ async fn a_pass_reads_what_is_due_and_never_leaves_an_unexpired_invoice_behind()
 
     // Everything due, with room for every late one: all but tomorrow's, the unexpired first,
     // then the late ones in the order they fell due.
-    let due = hashes(&book.due_payments(t, 100).await.expect("due"));
+    let due = hashes(&book.due_payments(t, 100, None).await.expect("due"));
     let mut expected = vec![unexpired[0], unexpired[1], earlier];
     expected.extend((1..=5u8).map(|n| PaymentHash([n; 32])));
     assert_eq!(due, expected);
 
     // Room for two late lookups: both unexpired invoices, and the two late ones due longest
     // (however many never-deferred ones sort before a deferred one by key).
-    let due = hashes(&book.due_payments(t, 2).await.expect("due"));
+    let due = hashes(&book.due_payments(t, 2, None).await.expect("due"));
     assert_eq!(
         due,
         vec![unexpired[0], unexpired[1], earlier, PaymentHash([1; 32])]
@@ -134,7 +134,7 @@ async fn a_pass_reads_what_is_due_and_never_leaves_an_unexpired_invoice_behind()
     // late one had its turn.
     let mut seen = Vec::new();
     for _ in 0..5 {
-        let due = book.due_payments(t, 2).await.expect("due");
+        let due = book.due_payments(t, 2, None).await.expect("due");
         for (hash, record) in &due {
             if record.expires_at < t {
                 book.defer_lookup(hash, t + 600).await.expect("defer");
@@ -147,8 +147,18 @@ async fn a_pass_reads_what_is_due_and_never_leaves_an_unexpired_invoice_behind()
     let mut late: Vec<_> = (1..=6u8).map(|n| PaymentHash([n; 32])).collect();
     late.sort_by_key(|hash| hash.0);
     assert_eq!(seen, late, "each late invoice looked up once");
+    // A pass after a gap in the hints adds challenges due later, nothing else.
+    assert!(!hashes(
+        &book
+            .due_payments(t, 100, Some(t + 2 * 86_400))
+            .await
+            .expect("due")
+    )
+    .contains(&tomorrow));
     // Tomorrow's falls due tomorrow.
-    assert!(hashes(&book.due_payments(t + 86_400, 100).await.expect("due")).contains(&tomorrow));
+    assert!(
+        hashes(&book.due_payments(t + 86_400, 100, None).await.expect("due")).contains(&tomorrow)
+    );
 }
 
 #[tokio::test]
@@ -174,12 +184,12 @@ async fn a_deferred_or_closed_invoice_is_found_by_its_new_due_time_or_not_at_all
         "one index entry, under the last due time"
     );
     assert!(book
-        .due_payments(t + 1_199, 10)
+        .due_payments(t + 1_199, 10, None)
         .await
         .expect("due")
         .is_empty());
     assert_eq!(
-        hashes(&book.due_payments(t + 1_200, 10).await.expect("due")),
+        hashes(&book.due_payments(t + 1_200, 10, None).await.expect("due")),
         vec![hash]
     );
     // Closing (or booking) takes it out of the index, wherever it was due.
