@@ -3,7 +3,8 @@
 //! paid from the npub's balance, with a 402 and a top-up invoice when it is short; a stream the
 //! client drops, charged for what was generated; `/v1/jobs` created, read by its owner only, and
 //! refused without a trace; calls racing for one balance; and a restart, after which a
-//! `/v1/jobs` job resumes and a chat completion's hold is released.
+//! `/v1/jobs` job resumes and a chat completion's hold is released; and a client that opens a
+//! stream and reads nothing, which holds no worker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -308,6 +309,101 @@ async fn a_stream_the_client_drops_is_stopped_and_charged_for_what_was_generated
         quote.div_ceil(1000) * 1000 - charge
     );
     harness::ledger_ok(store);
+    daemon.stop().await;
+}
+
+/// Every word at once, each 8 KB: a generation far faster than a client that reads nothing
+/// takes it.
+struct Gush;
+
+#[async_trait::async_trait]
+impl Backend for Gush {
+    fn name(&self) -> &str {
+        "gush"
+    }
+
+    async fn count_prompt_tokens(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Option<u32>, InferError> {
+        Trickle.count_prompt_tokens(request).await
+    }
+
+    async fn generate(
+        &self,
+        request: GenerateRequest,
+        max_tokens: u32,
+    ) -> Result<GenerateStream, InferError> {
+        let prompt_tokens = self.count_prompt_tokens(&request).await?.unwrap_or(0);
+        // 8 KB a word: the answer outgrows what the connection's buffers (hyper's, the
+        // kernel's) and a queue of a few hundred pieces could hold together.
+        let words = (0..max_tokens).map(|n| Ok(GenerateEvent::Text(format!("{n:0>8191} "))));
+        let done = GenerateEvent::Done {
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens: max_tokens,
+            },
+            finish: FinishReason::Length,
+        };
+        Ok(futures::stream::iter(words.chain([Ok(done)])).boxed())
+    }
+}
+
+/// A client opens a stream and then reads nothing, its connection open (a receive window of a
+/// few KB). The one worker must not wait on it: it generates the whole answer into the call's
+/// own queue, the job settles charged for what was generated, and another customer's call
+/// runs meanwhile. Before, the worker waited on a queue of 256 pieces once the socket was full,
+/// and every job, relay jobs too, stopped until `job_timeout_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_holds_no_worker() {
+    use tokio::io::AsyncWriteExt;
+    let (_data, daemon) = start(Some(Arc::new(Gush))).await;
+    let http = daemon.ready().http_url.clone();
+    let keys = Keys::generate();
+    let tokens = 1_000;
+    let body = chat(tokens, true);
+    let quote = quote_of(&http, &body).await;
+    harness::http_top_up(&daemon, &keys, quote.div_ceil(1000) * 1000).await;
+
+    // By hand, on a socket with a small receive buffer: nothing is ever read from it.
+    let url = format!("{http}/v1/chat/completions");
+    let text = body.to_string();
+    let header = harness::nip98_with_nonce(&keys, &url, "post", Some(&text));
+    let address: std::net::SocketAddr =
+        http.trim_start_matches("http://").parse().expect("address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer");
+    let mut silent = socket.connect(address).await.expect("connect");
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {address}\r\nAuthorization: {header}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    );
+    silent.write_all(request.as_bytes()).await.expect("request");
+
+    // Another customer's call is answered while that connection sits there.
+    let other = Keys::generate();
+    let small = chat(8, false);
+    let small_quote = quote_of(&http, &small).await;
+    harness::http_top_up(&daemon, &other, small_quote.div_ceil(1000) * 1000).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(60),
+        signed(&other, reqwest::Method::POST, &url, Some(&small)),
+    )
+    .await
+    .expect("a call while a stream goes unread (the worker waited on the reader)");
+    assert_eq!(answered.0, 200, "{}", answered.1);
+
+    // The unread answer was generated in full and is charged as generated.
+    let job = http_jobs(&daemon)
+        .into_iter()
+        .find(|job| job.customer == dvmd::ledger::Account::from(keys.public_key()))
+        .expect("the unread call's job");
+    let job = wait_settled(&daemon, &job.id).await;
+    assert_eq!(job.usage.expect("usage").completion_tokens, tokens);
+    let charge = job.charge_msat.expect("charged");
+    assert!(charge > 0 && charge <= quote, "{charge} of {quote}");
+    drop(silent);
+    harness::ledger_ok(daemon.pipeline().book().store());
     daemon.stop().await;
 }
 
