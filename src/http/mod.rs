@@ -145,7 +145,7 @@ async fn wallet_hook(
         if refused.is_power_of_two() {
             tracing::warn!(
                 refused,
-                "wallet webhook without the key dvmd put in the URL it gave the wallet; refused (the reconciler still finds every payment)"
+                "wallet webhook without the key dvmd put in the URL it gave the wallet; refused (payments are still found by the reconciler, or by their credential)"
             );
         }
         return (

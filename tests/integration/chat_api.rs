@@ -312,7 +312,7 @@ async fn a_stream_the_client_drops_is_stopped_and_charged_for_what_was_generated
     daemon.stop().await;
 }
 
-/// Every word at once, each 8 KB: a generation far faster than a client that reads nothing
+/// Every word at once, each 16 KB: a generation far faster than a client that reads nothing
 /// takes it.
 struct Gush;
 
@@ -335,9 +335,10 @@ impl Backend for Gush {
         max_tokens: u32,
     ) -> Result<GenerateStream, InferError> {
         let prompt_tokens = self.count_prompt_tokens(&request).await?.unwrap_or(0);
-        // 8 KB a word: the answer outgrows what the connection's buffers (hyper's, the
-        // kernel's) and a queue of a few hundred pieces could hold together.
-        let words = (0..max_tokens).map(|n| Ok(GenerateEvent::Text(format!("{n:0>8191} "))));
+        // 16 KB a word, 16 MB in all: more than the connection's buffers (hyper's, about
+        // 400 KB, and the kernel's send buffer, at most `net.ipv4.tcp_wmem`'s 4 MB by default)
+        // and a queue of 256 pieces (4 MB) hold together. With 2 MB, the old queue passed.
+        let words = (0..max_tokens).map(|n| Ok(GenerateEvent::Text(format!("{n:0>16383} "))));
         let done = GenerateEvent::Done {
             usage: Usage {
                 prompt_tokens,
@@ -379,6 +380,21 @@ async fn a_client_that_reads_nothing_holds_no_worker() {
         text.len()
     );
     silent.write_all(request.as_bytes()).await.expect("request");
+    // Its job holds the worker before the other call is made.
+    let mine = |job: &Job| job.customer == dvmd::ledger::Account::from(keys.public_key());
+    for _ in 0..500 {
+        if http_jobs(&daemon)
+            .iter()
+            .any(|job| mine(job) && job.state != JobState::Received)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        http_jobs(&daemon).iter().any(mine),
+        "the unread call opened its job"
+    );
 
     // Another customer's call is answered while that connection sits there.
     let other = Keys::generate();
@@ -396,7 +412,7 @@ async fn a_client_that_reads_nothing_holds_no_worker() {
     // The unread answer was generated in full and is charged as generated.
     let job = http_jobs(&daemon)
         .into_iter()
-        .find(|job| job.customer == dvmd::ledger::Account::from(keys.public_key()))
+        .find(mine)
         .expect("the unread call's job");
     let job = wait_settled(&daemon, &job.id).await;
     assert_eq!(job.usage.expect("usage").completion_tokens, tokens);

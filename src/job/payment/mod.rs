@@ -112,11 +112,13 @@ impl Pipeline {
     /// Look up every open invoice every `reconcile_interval_secs` until `cancel` fires.
     pub async fn reconcile(self, cancel: CancellationToken) {
         let every = Duration::from_secs(self.inner.config.reconcile_interval_secs.max(1));
-        // The hints of a payment made while dvmd was down are gone.
+        // The hints of a payment made while dvmd was down are gone. Until a pass after the gap
+        // heard from the wallet on every invoice (it may start before the wallet is reachable),
+        // the next pass is one too.
         let mut after_gap = true;
         loop {
-            if std::mem::take(&mut after_gap) {
-                self.reconcile_after_gap().await;
+            if after_gap {
+                after_gap = !self.reconcile_after_gap().await;
             } else {
                 self.reconcile_once().await;
             }
@@ -137,21 +139,28 @@ impl Pipeline {
     /// expiry whose backoff is over (see [`Pipeline::not_paid`]), at most
     /// [`LATE_LOOKUPS_PER_PASS`] of these.
     pub async fn reconcile_once(&self) {
-        self.pass(false).await
+        self.pass(false).await;
     }
 
     /// [`Pipeline::reconcile_once`] after settlement hints may have been lost (at start, and
     /// when they lagged): every challenge's invoice that can still be paid as well, which a
     /// regular pass leaves to its credential and to one lookup past its expiry. So the books
     /// hold a payment whose hint was lost within a pass, not only once its credential comes.
-    pub async fn reconcile_after_gap(&self) {
+    /// Whether the wallet answered every lookup.
+    pub async fn reconcile_after_gap(&self) -> bool {
         self.pass(true).await
     }
 
-    async fn pass(&self, challenges: bool) {
+    /// One pass; whether the wallet answered every lookup it made.
+    async fn pass(&self, challenges: bool) -> bool {
         let now = super::pipeline::unix_now();
+        // A challenge is due a minute past its invoice's expiry: those issued under the
+        // configured expiry, or a longer one from before a restart, or a wallet's own default
+        // (an hour for BOLT11).
         let until = challenges.then(|| {
-            now + self.inner.config.invoice_expiry_secs + super::invoices::CHALLENGE_LATE_SECS + 1
+            now + self.inner.config.invoice_expiry_secs.max(3_600)
+                + super::invoices::CHALLENGE_LATE_SECS
+                + 1
         });
         let due = match self
             .inner
@@ -160,35 +169,49 @@ impl Pipeline {
             .await
         {
             Ok(due) => due,
-            Err(e) => return tracing::error!(error = %e, "cannot list open invoices"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list open invoices");
+                return false;
+            }
         };
         self.recount_open_invoices(&due, now);
         // A few lookups at a time: a pass over many open invoices does not wait on each in
         // turn, and never has more than this many wallet calls in flight.
+        let answered = std::sync::atomic::AtomicBool::new(true);
         futures::stream::iter(due)
-            .for_each_concurrent(RECONCILE_LOOKUPS_IN_FLIGHT, |(hash, _)| async move {
-                self.check_payment(&hash).await;
+            .for_each_concurrent(RECONCILE_LOOKUPS_IN_FLIGHT, |(hash, _)| {
+                let answered = &answered;
+                async move {
+                    if !self.check_payment(&hash).await {
+                        answered.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
             })
             .await;
+        answered.into_inner()
     }
 
-    /// Ask our wallet about `hash` and book what it says.
-    pub async fn check_payment(&self, hash: &PaymentHash) {
+    /// Ask our wallet about `hash` and book what it says; `false` when the store or the wallet
+    /// could not answer.
+    pub async fn check_payment(&self, hash: &PaymentHash) -> bool {
         let inner = &self.inner;
         let record = match inner.book.payment(hash).await {
             Ok(Some(record)) if !record.consumed => record,
             Ok(_) => {
-                return tracing::debug!(payment_hash = %hash, "hint for an unknown or consumed payment hash")
+                tracing::debug!(payment_hash = %hash, "hint for an unknown or consumed payment hash");
+                return true;
             }
             Err(e) => {
-                return tracing::error!(payment_hash = %hash, error = %e, "cannot read payment")
+                tracing::error!(payment_hash = %hash, error = %e, "cannot read payment");
+                return false;
             }
         };
         inner.metrics.wallet_lookup();
         let status = match inner.wallet.lookup(hash).await {
             Ok(status) => status,
             Err(e) => {
-                return tracing::warn!(payment_hash = %hash, error = %e, "wallet lookup failed; the reconciler retries")
+                tracing::warn!(payment_hash = %hash, error = %e, "wallet lookup failed; the reconciler retries");
+                return false;
             }
         };
         match status {
@@ -209,6 +232,7 @@ impl Pipeline {
                 self.not_paid(hash, &record).await;
             }
         }
+        true
     }
 
     /// The wallet just said `hash` is not paid (pending, expired or unknown to it). Past the
