@@ -319,6 +319,23 @@ pub async fn dev_pay(http_url: &str, bolt11: &str) -> String {
 }
 
 /// Wait for `payment-required` about `job`; returns (msat, bolt11). Panics on anything else.
+/// A new customer on `relay_url` posts "Hello" (8 tokens) and gets its `payment-required`
+/// feedback: the customer, the request, the quote (msat) and the invoice.
+pub async fn hello_job(relay_url: &str) -> (Customer, Event, u64, String) {
+    let mut customer = Customer::connect(relay_url).await.expect("connect");
+    let request = customer
+        .post(dvmd::customer::text_request(
+            "Hello",
+            &[("max_tokens", "8")],
+            None,
+            None,
+        ))
+        .await
+        .expect("post");
+    let (quote, bolt11) = invoice(&mut customer, &request.id).await;
+    (customer, request, quote, bolt11)
+}
+
 pub async fn invoice(customer: &mut Customer, job: &EventId) -> (u64, String) {
     match customer
         .wait_for(job, REPLY_TIMEOUT, |r| {

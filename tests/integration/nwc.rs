@@ -7,7 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dvmd::customer::{self, Customer};
 use dvmd::job::JobState;
 use dvmd::relay::EmbeddedRelay;
 use dvmd::wallet::nwc::{NwcConfig, NwcWallet};
@@ -112,17 +111,7 @@ async fn paid_job_through_nwc() {
     let backend = Arc::new(dvmd::infer::instant::InstantBackend::new("paid over NWC"));
     let daemon = harness::start(config, Some(backend)).await;
     let ready = daemon.ready().clone();
-    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
-    let request = alice
-        .post(customer::text_request(
-            "Hello",
-            &[("max_tokens", "8")],
-            None,
-            None,
-        ))
-        .await
-        .expect("post");
-    let (quote, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    let (mut alice, request, quote, bolt11) = harness::hello_job(&ready.relay_url).await;
     lnbits.pay(&customer, &bolt11).await;
     let result = harness::result(&mut alice, &request.id).await;
     assert_eq!(result.content, "paid over NWC");

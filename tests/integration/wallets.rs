@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::hashes::{sha256, Hash};
-use dvmd::customer::{self, Customer};
+use dvmd::customer;
 use dvmd::job::JobState;
 use dvmd::store::Store;
 use dvmd::wallet::dev::DevWallet;
@@ -319,9 +319,20 @@ async fn daemon_on_lnbits(
     account: &LnbitsAccount,
     edit: impl FnOnce(&mut dvmd::config::FileConfig),
 ) -> dvmd::daemon::Daemon {
+    daemon_on_lnbits_at(data, "127.0.0.1:0", lnbits, account, edit).await
+}
+
+/// [`daemon_on_lnbits`] with the HTTP door on `http_listen`.
+async fn daemon_on_lnbits_at(
+    data: &std::path::Path,
+    http_listen: &str,
+    lnbits: &Lnbits,
+    account: &LnbitsAccount,
+    edit: impl FnOnce(&mut dvmd::config::FileConfig),
+) -> dvmd::daemon::Daemon {
     let key = data.join("lnbits.inkey");
     std::fs::write(&key, &account.inkey).expect("write key");
-    let config = harness::dev_config(data, |file| {
+    let config = harness::dev_config_at(data, http_listen, |file| {
         file.wallet.backend = "lnbits".into();
         file.wallet.lnbits.url = lnbits.url.clone();
         file.wallet.lnbits.invoice_key_env = None;
@@ -347,17 +358,7 @@ async fn paid_job_on_lnbits_with_forged_and_repeated_hints() {
     })
     .await;
     let ready = daemon.ready().clone();
-    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
-    let request = alice
-        .post(customer::text_request(
-            "Hello",
-            &[("max_tokens", "8")],
-            None,
-            None,
-        ))
-        .await
-        .expect("post");
-    let (quote, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    let (mut alice, request, quote, bolt11) = harness::hello_job(&ready.relay_url).await;
     assert!(bolt11.starts_with("lnbc"), "an LNbits invoice: {bolt11}");
     assert_eq!(quote % 1000, 0, "LNbits invoices are whole sats: {quote}");
     let hash = bolt11::decode(&bolt11).expect("decode").payment_hash;
@@ -516,36 +517,18 @@ async fn lnbits_webhooks_reach_dvmd_with_their_key() {
     lnbits.fund(&customer, 10_000).await;
     let data = harness::data_dir();
     let http_listen = format!("127.0.0.1:{}", harness::free_port());
-    let key = data.path().join("lnbits.inkey");
-    std::fs::write(&key, &service.inkey).expect("write key");
-    let config = harness::dev_config_at(data.path(), &http_listen, |file| {
-        file.wallet.backend = "lnbits".into();
-        file.wallet.lnbits.url = lnbits.url.clone();
-        file.wallet.lnbits.invoice_key_env = None;
-        file.wallet.lnbits.invoice_key_file = Some(key);
+    let webhook = format!("http://{http_listen}/hooks/wallet");
+    let daemon = daemon_on_lnbits_at(data.path(), &http_listen, &lnbits, &service, |file| {
         file.wallet.lnbits.websocket = false;
-        file.wallet.lnbits.webhook_url = Some(format!("http://{http_listen}/hooks/wallet"));
+        file.wallet.lnbits.webhook_url = Some(webhook);
         file.wallet.reconcile_interval_secs = 3600;
-    });
-    let backend = Arc::new(dvmd::infer::instant::InstantBackend::new(
-        "hinted by webhook",
-    ));
-    let daemon = harness::start(config, Some(backend)).await;
+    })
+    .await;
     let ready = daemon.ready().clone();
-    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
-    let request = alice
-        .post(customer::text_request(
-            "Hello",
-            &[("max_tokens", "8")],
-            None,
-            None,
-        ))
-        .await
-        .expect("post");
-    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    let (mut alice, request, _, bolt11) = harness::hello_job(&ready.relay_url).await;
     lnbits.pay(&customer, &bolt11).await;
     let result = harness::result(&mut alice, &request.id).await;
-    assert_eq!(result.content, "hinted by webhook");
+    assert_eq!(result.content, "paid through LNbits");
     let metrics = daemon.pipeline().metrics();
     assert!(metrics.settlement_hints() >= 1, "the webhook was the hint");
     assert_eq!(metrics.webhooks_refused(), 0, "LNbits sent the key");
@@ -567,17 +550,7 @@ async fn lnbits_going_away_loses_nothing() {
     })
     .await;
     let ready = daemon.ready().clone();
-    let mut alice = Customer::connect(&ready.relay_url).await.expect("connect");
-    let request = alice
-        .post(customer::text_request(
-            "Hello",
-            &[("max_tokens", "8")],
-            None,
-            None,
-        ))
-        .await
-        .expect("post");
-    let (_, bolt11) = harness::invoice(&mut alice, &request.id).await;
+    let (mut alice, request, _, bolt11) = harness::hello_job(&ready.relay_url).await;
     lnbits.pay(&customer, &bolt11).await;
 
     // LNbits goes away before dvmd heard of the payment: lookups fail, the job waits.

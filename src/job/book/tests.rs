@@ -433,6 +433,6 @@ async fn a_quote_is_stored_with_the_write_that_follows_it() {
 
 mod continuation;
 mod debt;
-mod lookups;
+pub(crate) mod lookups;
 
 pub(crate) use debt::{owe, owed};

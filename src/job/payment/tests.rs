@@ -19,6 +19,23 @@ fn lookups(pipeline: &Pipeline) -> u64 {
     pipeline.inner.metrics.wallet_lookups()
 }
 
+/// An L402 challenge (with its HTTP `Payment` ones) for 5,000 msat, minted at `now`.
+async fn challenge(pipeline: &Pipeline, now: u64) -> crate::job::tokens::Challenge {
+    let scheme = PaymentScheme {
+        key: &[1; 32],
+        realm: "test",
+    };
+    let grant = Grant {
+        valid_until: now + 3_600,
+        model: "test".to_owned(),
+        budget_msat: 100_000,
+    };
+    pipeline
+        .l402_challenge(&[2; 32], scheme, 5_000, grant)
+        .await
+        .expect("challenge")
+}
+
 /// Two days after their expiry, `count` top-up invoices nobody paid were never looked up (dvmd
 /// was down, or a flood of them came due at once). A pass asks the wallet about
 /// [`LATE_LOOKUPS_PER_PASS`] of them and defers each it asked about; the next pass takes the
@@ -80,19 +97,7 @@ async fn a_pass_asks_the_wallet_about_a_bounded_number_of_late_invoices() {
 async fn a_challenge_is_looked_up_once_past_its_expiry_and_then_closed() {
     let (pipeline, _queue) = pipeline().await;
     let now = unix_now();
-    let scheme = PaymentScheme {
-        key: &[1; 32],
-        realm: "test",
-    };
-    let grant = Grant {
-        valid_until: now + 3_600,
-        model: "test".to_owned(),
-        budget_msat: 100_000,
-    };
-    let challenge = pipeline
-        .l402_challenge(&[2; 32], scheme, 5_000, grant)
-        .await
-        .expect("challenge");
+    let challenge = challenge(&pipeline, now).await;
     let hash = challenge.invoice.payment_hash;
     let stored = pipeline
         .book()
@@ -166,14 +171,7 @@ async fn a_challenge_is_looked_up_once_past_its_expiry_and_then_closed() {
         3,
         "both old ones and the top-up"
     );
-    let open: Vec<_> = pipeline
-        .book()
-        .open_payments()
-        .await
-        .expect("open")
-        .into_iter()
-        .map(|(hash, _)| hash)
-        .collect();
+    let open = crate::job::book::tests::lookups::open_hashes(pipeline.book()).await;
     assert!(!open.contains(&old_challenge), "closed at its one lookup");
     assert!(open.contains(&old_top_up), "still looked up, later");
     assert!(open.contains(&top_up) && open.contains(&hash));
@@ -199,19 +197,7 @@ async fn a_challenge_is_looked_up_once_past_its_expiry_and_then_closed() {
 async fn a_late_payment_credential_books_its_payment_before_it_is_refused_as_expired() {
     let (pipeline, _queue) = pipeline().await;
     let now = unix_now();
-    let scheme = PaymentScheme {
-        key: &[1; 32],
-        realm: "test",
-    };
-    let grant = Grant {
-        valid_until: now + 3_600,
-        model: "test".to_owned(),
-        budget_msat: 100_000,
-    };
-    let challenge = pipeline
-        .l402_challenge(&[2; 32], scheme, 5_000, grant)
-        .await
-        .expect("challenge");
+    let challenge = challenge(&pipeline, now).await;
     let hash = challenge.invoice.payment_hash;
     // Paid through the wallet, with no one following its hints.
     let wallet = crate::wallet::dev::DevWallet::open(pipeline.book().store().clone())

@@ -11,6 +11,11 @@ fn hashes(found: &[(PaymentHash, PaymentRecord)]) -> Vec<PaymentHash> {
     found.iter().map(|(hash, _)| *hash).collect()
 }
 
+/// The payment hashes still open, for the reconciler.
+pub(crate) async fn open_hashes(book: &Book) -> Vec<PaymentHash> {
+    hashes(&book.open_payments().await.expect("open"))
+}
+
 #[tokio::test]
 async fn old_unpaid_invoices_stay_open_until_a_lookup_closes_them() {
     let book = book();
@@ -27,13 +32,7 @@ async fn old_unpaid_invoices_stay_open_until_a_lookup_closes_them() {
         .await
         .expect("recent");
     // However long dvmd or the wallet was away, both are still looked up.
-    let open: Vec<_> = book
-        .open_payments()
-        .await
-        .expect("open")
-        .into_iter()
-        .map(|(hash, _)| hash)
-        .collect();
+    let open = open_hashes(&book).await;
     assert!(open.contains(&old) && open.contains(&recent));
     // A lookup that says "unpaid" closes only the one past the grace period.
     assert!(book
@@ -44,13 +43,7 @@ async fn old_unpaid_invoices_stay_open_until_a_lookup_closes_them() {
         .close_payment(&recent, LATE_LOOKUP_SECS)
         .await
         .expect("close"));
-    let open: Vec<_> = book
-        .open_payments()
-        .await
-        .expect("open")
-        .into_iter()
-        .map(|(hash, _)| hash)
-        .collect();
+    let open = open_hashes(&book).await;
     assert_eq!(open, vec![recent]);
     // A consumed record is never closed.
     let paid = PaymentHash([3; 32]);
