@@ -244,12 +244,14 @@ fn continue_paid(
     Ok(PaymentOutcome::Paid(Box::new(job)))
 }
 
-/// The open payment an [`Tree::OpenPayments`] key names, if its record is still open.
+/// The payment an index key names by its last 32 bytes ([`Tree::OpenPayments`],
+/// [`Tree::JobZaps`]), if its record is still open.
 fn open_record(
     r: &crate::store::Reader<'_>,
     key: &[u8],
 ) -> Result<Option<(PaymentHash, PaymentRecord)>, crate::store::StoreError> {
-    let Some(hash) = key.get(8..).and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
+    let tail = key.len().saturating_sub(32);
+    let Ok(hash) = <[u8; 32]>::try_from(&key[tail..]) else {
         return Ok(None);
     };
     Ok(r.get::<PaymentRecord>(Tree::Payments, &hash)?
@@ -403,17 +405,7 @@ impl Book {
             .read(move |r| {
                 let mut open = Vec::new();
                 for key in r.keys_with_prefix_rev(Tree::JobZaps, job.as_bytes()) {
-                    let key = key?;
-                    let Some(hash) = key.get(32..).and_then(|h| <[u8; 32]>::try_from(h).ok())
-                    else {
-                        continue;
-                    };
-                    match r.get::<PaymentRecord>(Tree::Payments, &hash)? {
-                        Some(record) if !record.consumed && !record.closed => {
-                            open.push((PaymentHash(hash), record));
-                        }
-                        _ => {}
-                    }
+                    open.extend(open_record(r, &key?)?);
                 }
                 Ok(open)
             })
